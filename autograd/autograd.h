@@ -1,0 +1,228 @@
+// autograd/autograd.h: the public API of molt's tensor and automatic-differentiation engine.
+//
+// Execution is eager: every op builder checks its operands, allocates its result from the
+// context's activation arena, runs the kernel at once and, when grad mode is on and some
+// input requires a gradient, records a node on the tape. ag_backward() walks the tape in
+// reverse, accumulates into each tensor's `grad` and releases what the nodes saved.
+// With grad mode off nothing is recorded and nothing is allocated for backward.
+//
+// Not here: quantized weights, the model, adapters (those build on this API).
+#ifndef MOLT_AUTOGRAD_H
+#define MOLT_AUTOGRAD_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../common/err.h"
+
+#define AG_MAX_DIMS 4
+
+typedef enum { AG_F32, AG_F64, AG_BF16, AG_F16, AG_I32, AG_DTYPE_COUNT } ag_dtype;
+typedef enum { AG_CPU, AG_CUDA, AG_DEVICE_COUNT } ag_device;
+
+const char *ag_dtype_name(ag_dtype dt);
+size_t ag_dtype_size(ag_dtype dt);
+
+// ---------------------------------------------------------------------------------------
+// Arenas: bump allocators by lifetime (weights, params, per-step activations, KV pages).
+// Memory is handed out in 64-byte aligned pieces from chunks; reset keeps the first chunk.
+typedef struct ag_arena_chunk ag_arena_chunk;
+typedef struct {
+    const char *name;      // for messages ("activations", "params", ...)
+    ag_arena_chunk *head;  // newest chunk first
+    size_t chunk_bytes;    // default chunk size
+    size_t used;           // bytes handed out since the last reset
+    size_t peak;           // high-water mark of `used`
+    size_t reserved;       // bytes held in chunks
+} ag_arena;
+
+void ag_arena_init(ag_arena *a, const char *name, size_t chunk_bytes);
+void *ag_arena_alloc(ag_arena *a, size_t bytes); // NULL and an error message on failure
+void ag_arena_reset(ag_arena *a);
+void ag_arena_free(ag_arena *a);
+
+// ---------------------------------------------------------------------------------------
+// Tensors: contiguous, row-major, up to 4 dims. Data and struct live in `arena`.
+typedef struct ag_tensor {
+    ag_dtype dtype;
+    ag_device device;
+    int ndim;
+    int64_t shape[AG_MAX_DIMS];
+    int64_t numel;
+    void *data;
+    struct ag_tensor *grad; // same shape and dtype; NULL until backward writes it
+    bool requires_grad;     // leaf set by the user, or produced by a recorded op
+    ag_arena *arena;        // where data and grad come from
+    char name[32];          // optional, for messages
+} ag_tensor;
+
+// New zero-filled tensor in arena `a`; NULL (with message) on bad shape or no memory.
+ag_tensor *ag_tensor_new(ag_arena *a, ag_dtype dt, int ndim, const int64_t *shape);
+ag_tensor *ag_tensor_new2(ag_arena *a, ag_dtype dt, int64_t d0, int64_t d1);
+ag_tensor *ag_tensor_new1(ag_arena *a, ag_dtype dt, int64_t d0);
+void ag_tensor_set_name(ag_tensor *t, const char *name);
+// "[2, 3, 4] f32" into buf; returns buf (for messages).
+const char *ag_shape_str(const ag_tensor *t, char *buf, size_t cap);
+bool ag_same_shape(const ag_tensor *a, const ag_tensor *b);
+// Element access for tests and slow paths (converts through double).
+double ag_get(const ag_tensor *t, int64_t i);
+void ag_set(ag_tensor *t, int64_t i, double v);
+// Allocates t->grad (zeroed) if missing; returns it or NULL.
+ag_tensor *ag_grad_ensure(ag_tensor *t);
+void ag_grad_zero(ag_tensor *t);
+
+// bf16 <-> f32 (round to nearest even, NaN kept quiet).
+uint16_t ag_f32_to_bf16(float f);
+float ag_bf16_to_f32(uint16_t b);
+
+// ---------------------------------------------------------------------------------------
+// Seeded random numbers (splitmix64-seeded xoshiro256**): used by init and dropout.
+typedef struct {
+    uint64_t s[4];
+} ag_rng;
+void ag_rng_seed(ag_rng *r, uint64_t seed);
+uint64_t ag_rng_next(ag_rng *r);
+double ag_rng_uniform(ag_rng *r); // [0, 1)
+double ag_rng_normal(ag_rng *r);  // N(0, 1)
+void ag_fill_uniform(ag_tensor *t, ag_rng *r, double lo, double hi);
+void ag_fill_normal(ag_tensor *t, ag_rng *r, double mean, double std);
+
+// ---------------------------------------------------------------------------------------
+// Context: grad mode, the tape and the activation arena.
+typedef struct ag_node ag_node;
+typedef struct {
+    bool grad_mode;      // record nodes (training) or not (inference)
+    ag_arena act;        // activations and their grads; reset by ag_ctx_step_reset
+    ag_node **tape;      // recorded nodes in execution order
+    int n_tape, cap_tape;
+    size_t saved_bytes;  // bytes currently held by nodes for backward
+    size_t saved_peak;
+} ag_ctx;
+
+molt_status ag_ctx_init(ag_ctx *c);
+void ag_ctx_free(ag_ctx *c);
+void ag_ctx_set_grad(ag_ctx *c, bool on);
+// Drops the tape (releasing saved state) and resets the activation arena.
+void ag_ctx_step_reset(ag_ctx *c);
+// Seeds loss->grad with 1 (loss must have one element) and runs the tape backward.
+molt_status ag_backward(ag_ctx *c, ag_tensor *loss);
+
+// Kernel selection: reference kernels (plain loops, the ground truth) or optimized ones
+// (BLAS, OpenMP). Tests compare the two.
+void ag_set_reference_kernels(bool on);
+bool ag_reference_kernels(void);
+
+// ---------------------------------------------------------------------------------------
+// Ops. Every builder returns the result, or NULL with an error message naming the op and
+// the offending shapes/dtypes. Float ops take F32 or F64 operands (all the same dtype);
+// BF16/F16 tensors go through ag_cast first. Integer operands (ids, segments) are I32.
+
+// Elementwise and shape.
+ag_tensor *ag_add(ag_ctx *c, ag_tensor *a, ag_tensor *b);     // same shape
+ag_tensor *ag_mul(ag_ctx *c, ag_tensor *a, ag_tensor *b);     // same shape
+ag_tensor *ag_scale(ag_ctx *c, ag_tensor *a, double s);
+ag_tensor *ag_sum(ag_ctx *c, ag_tensor *a);                   // all elements -> [1]
+ag_tensor *ag_cast(ag_ctx *c, ag_tensor *a, ag_dtype to);     // F32/F64/BF16/F16
+ag_tensor *ag_reshape(ag_ctx *c, ag_tensor *a, int ndim, const int64_t *shape);
+ag_tensor *ag_transpose(ag_ctx *c, ag_tensor *a, int d0, int d1);
+// a[..., start:start+len, ...] along `dim`.
+ag_tensor *ag_slice(ag_ctx *c, ag_tensor *a, int dim, int64_t start, int64_t len);
+// Splits along `dim` into n pieces of sizes[i] (summing to the dim); outs[i] receives each.
+molt_status ag_split(ag_ctx *c, ag_tensor *a, int dim, int n, const int64_t *sizes,
+                     ag_tensor **outs);
+ag_tensor *ag_concat(ag_ctx *c, int n, ag_tensor *const *xs, int dim);
+// Repeats a size-1 dimension `dim` n times (backward sums over it).
+ag_tensor *ag_expand(ag_ctx *c, ag_tensor *a, int dim, int64_t n);
+// Inverted dropout: zeroes with probability p, scales survivors by 1/(1-p). The mask comes
+// from rng (advanced by one draw per call) and is regenerated, not stored, for backward.
+ag_tensor *ag_dropout(ag_ctx *c, ag_tensor *a, double p, ag_rng *rng);
+
+// Neural-network ops.
+ag_tensor *ag_embedding(ag_ctx *c, ag_tensor *table /* [V, C] */, ag_tensor *ids /* I32 [T] */);
+// y = x W^T, x [..., in], W [out, in] -> [..., out]. W may be frozen (no grad for W) while
+// x still receives dx = dy W.
+ag_tensor *ag_linear(ag_ctx *c, ag_tensor *x, ag_tensor *w);
+// y = x * rsqrt(mean(x^2, last dim) + eps) * w, w [C].
+ag_tensor *ag_rmsnorm(ag_ctx *c, ag_tensor *x, ag_tensor *w, double eps);
+ag_tensor *ag_softmax(ag_ctx *c, ag_tensor *x);               // over the last dim
+ag_tensor *ag_swiglu(ag_ctx *c, ag_tensor *gate, ag_tensor *up); // silu(gate) * up
+
+// Rotary embedding tables: inverse frequencies for the rotary dims (YaRN-corrected when the
+// config asks for it) and the cos/sin attention factor.
+typedef struct {
+    int rot_dim;            // rotary dims (even); the table holds rot_dim/2 frequencies
+    double inv_freq[256];   // [rot_dim/2]
+    double attn_factor;     // multiplies cos and sin (YaRN mscale ratio; 1 when unused)
+} ag_rope_table;
+typedef struct {
+    double theta;                 // rope base
+    int rot_dim;                  // qk_rope_head_dim
+    bool yarn;                    // rope_type "yarn"
+    double factor;                // YaRN scaling factor
+    double original_max_pos;      // original_max_position_embeddings
+    double beta_fast, beta_slow;
+    double mscale, mscale_all_dim;
+} ag_rope_config;
+molt_status ag_rope_table_init(ag_rope_table *t, const ag_rope_config *cfg);
+// YaRN get_mscale(scale, m) = 0.1 m ln(scale) + 1 for scale > 1, else 1.
+double ag_yarn_mscale(double scale, double m);
+// Rotates dims [start, start + table->rot_dim) of the last dim of x ([T, ..., D], T the
+// first dim) at positions pos (I32 [T]). Input pairs are interleaved (x[2i], x[2i+1]); the
+// output slice is de-interleaved: first half the rotated evens, second half the odds.
+ag_tensor *ag_rope(ag_ctx *c, ag_tensor *x, ag_tensor *pos, const ag_rope_table *table,
+                   int start);
+
+// Causal attention over packed sequences. q, k [T, H, Dqk], v [T, H, Dv] -> [T, H, Dv].
+// Token t attends to s <= t with seg[s] == seg[t]. Score = scale * qtemp[t] * q_t . k_s;
+// qtemp (F32/F64 [T], may be NULL for 1) is the per-position query temperature, not
+// differentiated. Nothing of size T x T is kept for backward.
+ag_tensor *ag_attention(ag_ctx *c, ag_tensor *q, ag_tensor *k, ag_tensor *v,
+                        ag_tensor *seg /* I32 [T] */, ag_tensor *qtemp, double scale);
+
+// MoE router. logits [T, E] -> weights [T, k] (differentiable), *idx = I32 [T, k].
+// softmax over E; with n_group > 1 keep the topk_group groups with the largest sum of their
+// top-2 scores; top-k of the kept scores; weights = chosen scores, divided by their
+// sum + 1e-20 when norm_topk_prob, times scaling.
+typedef struct {
+    int top_k, n_group, topk_group;
+    bool norm_topk_prob;
+    double scaling;
+} ag_router_config;
+ag_tensor *ag_moe_router(ag_ctx *c, ag_tensor *logits, const ag_router_config *cfg,
+                         ag_tensor **idx);
+// Routed experts with frozen weights. x [T, H], weights [T, k], idx I32 [T, k],
+// w_gate_up [E, 2I, H] (gate rows first), w_down [E, H, I] -> [T, H] = sum_j weights[t,j] *
+// down_e(silu(gate_e x) * up_e x). Gradients reach x and weights.
+ag_tensor *ag_moe_experts(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,
+                          ag_tensor *w_gate_up, ag_tensor *w_down);
+
+// Mean cross-entropy of softmax(h W^T) against targets over tokens with mask[t] != 0,
+// computed in vocabulary chunks of `chunk` columns: the [T, V] logits are never held.
+// h [T, C], w [V, C], targets I32 [T], mask F32/F64 [T] (weights; NULL = all ones) -> [1].
+ag_tensor *ag_cross_entropy_linear(ag_ctx *c, ag_tensor *h, ag_tensor *w, ag_tensor *targets,
+                                   ag_tensor *mask, int64_t chunk);
+
+// ---------------------------------------------------------------------------------------
+// Devices (CPU always; CUDA when compiled in and a GPU is visible).
+typedef struct {
+    int cuda_compiled;   // 1 when built with CUDA
+    int cuda_devices;    // visible GPUs (0 when none or not compiled)
+    char cuda_error[128];// why none are visible, when cuda_compiled
+} ag_device_info;
+void ag_device_query(ag_device_info *info);
+// One-line description of device i ("NVIDIA H100 80GB HBM3, sm_90, 79.1 GiB").
+molt_status ag_cuda_describe(int i, char *buf, size_t cap);
+// Copies t to a new tensor on `dev` (allocated outside arenas; free with ag_device_tensor_free).
+ag_tensor *ag_to_device(ag_tensor *t, ag_device dev);
+void ag_device_tensor_free(ag_tensor *t);
+// Elementwise y = a + b on whatever device a and b live on (both the same); y same device.
+molt_status ag_device_add(ag_tensor *y, const ag_tensor *a, const ag_tensor *b);
+
+// ---------------------------------------------------------------------------------------
+// Command-line entry points served by this module (called from molt.c). Return the process
+// exit status; errors are printed to stderr.
+int ag_cmd_info(int argc, char **argv);      // molt info
+int ag_cmd_bench_ops(int argc, char **argv); // molt bench ops
+
+#endif

@@ -1,0 +1,99 @@
+// common/err.c: the per-thread error message and the allocation hook behind molt_malloc.
+#include "err.h"
+
+#include <stdarg.h>
+#include <string.h>
+
+#define ERR_MSG_CAP 2048
+
+static _Thread_local char err_msg[ERR_MSG_CAP];
+static _Thread_local long alloc_fail_countdown = -1;
+static _Thread_local unsigned long alloc_count;
+
+static const char *const status_names[] = {
+    "ok", "bad argument", "out of memory", "i/o error", "format error",
+    "device error", "unsupported", "internal error",
+};
+_Static_assert(sizeof(status_names) / sizeof(status_names[0]) == MOLT_STATUS_COUNT,
+               "status_names must name every molt_status");
+
+molt_status molt_err(molt_status st, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err_msg, sizeof err_msg, fmt, ap);
+    va_end(ap);
+    return st;
+}
+
+molt_status molt_err_wrap(molt_status st, const char *fmt, ...) {
+    char old[ERR_MSG_CAP];
+    memcpy(old, err_msg, sizeof old);
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(err_msg, sizeof err_msg, fmt, ap);
+    va_end(ap);
+    if (n >= 0 && (size_t)n < sizeof err_msg && old[0])
+        snprintf(err_msg + n, sizeof err_msg - (size_t)n, ": %s", old);
+    return st;
+}
+
+const char *molt_err_msg(void) { return err_msg; }
+void molt_err_clear(void) { err_msg[0] = 0; }
+
+const char *molt_status_name(molt_status st) {
+    if ((int)st < 0 || st >= MOLT_STATUS_COUNT)
+        return "unknown status";
+    return status_names[st];
+}
+
+// Returns 1 when an injected failure is due for this allocation.
+static int alloc_should_fail(void) {
+    if (alloc_fail_countdown < 0)
+        return 0;
+    if (alloc_fail_countdown == 0) {
+        alloc_fail_countdown = -1;
+        return 1;
+    }
+    alloc_fail_countdown--;
+    return 0;
+}
+
+void *molt_malloc(size_t n) {
+    if (alloc_should_fail())
+        return NULL;
+    void *p = malloc(n ? n : 1);
+    if (p)
+        alloc_count++;
+    return p;
+}
+
+void *molt_calloc(size_t count, size_t size) {
+    if (alloc_should_fail())
+        return NULL;
+    void *p = calloc(count ? count : 1, size ? size : 1);
+    if (p)
+        alloc_count++;
+    return p;
+}
+
+void *molt_realloc(void *p, size_t n) {
+    if (alloc_should_fail())
+        return NULL;
+    void *q = realloc(p, n ? n : 1);
+    if (q)
+        alloc_count++;
+    return q;
+}
+
+void molt_free(void *p) { free(p); }
+
+char *molt_strdup(const char *s) {
+    size_t n = strlen(s) + 1;
+    char *d = molt_malloc(n);
+    if (d)
+        memcpy(d, s, n);
+    return d;
+}
+
+void molt_alloc_fail_after(long n) { alloc_fail_countdown = n; }
+unsigned long molt_alloc_count(void) { return alloc_count; }

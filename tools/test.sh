@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs dependencies, builds molt, runs the whole test suite, then rebuilds the unit
+# tests with AddressSanitizer + UndefinedBehaviorSanitizer and runs them again.
+# The exit status is the verdict.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+jobs=$(nproc 2>/dev/null || echo 2)
+start=$(date +%s)
+
+tools/setup.sh
+
+echo "== build (Release, warnings are errors)"
+cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOLT_WERROR=ON >build-configure.log 2>&1 \
+    || { cat build-configure.log; exit 1; }
+cmake --build build -j"$jobs"
+
+echo "== test suite"
+(cd build && ctest --output-on-failure -j"$jobs" --timeout 1500)
+
+echo "== sanitizer build (ASan + UBSan)"
+cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DMOLT_WERROR=ON -DMOLT_SANITIZE=ON \
+    -DMOLT_CUDA=OFF >build-asan-configure.log 2>&1 || { cat build-asan-configure.log; exit 1; }
+cmake --build build-asan -j"$jobs"
+
+echo "== test suite under sanitizers"
+# Check forks each test; LeakSanitizer runs in the children too.
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+(cd build-asan && MOLT_SANITIZED=1 ctest --output-on-failure -j"$jobs" --timeout 3000)
+
+echo "== all tests passed in $(( $(date +%s) - start ))s"
