@@ -1,4 +1,39 @@
-// data/tokenizer.h: PLACEHOLDER until the tokenizer lands.
+// data/tokenizer.h: byte-level BPE tokenizers: Mistral's Tekken (tekken.json) and Hugging
+// Face tokenizer.json (BPE model). Plain text never yields special tokens; the chat layer
+// inserts those by id, looked up by name with tok_special().
 #ifndef MOLT_DATA_TOKENIZER_H
 #define MOLT_DATA_TOKENIZER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../common/err.h"
+
+typedef struct tok_tokenizer tok_tokenizer;
+
+// A growable id list (grown with molt_realloc; free with tok_ids_free).
+typedef struct {
+    int32_t *ids;
+    size_t n, cap;
+} tok_ids;
+void tok_ids_free(tok_ids *v);
+molt_status tok_ids_push(tok_ids *v, int32_t id);
+
+// Loads tekken.json or tokenizer.json (detected from the content). Errors name the file
+// and the field at fault.
+molt_status tok_load(const char *path, tok_tokenizer **out);
+void tok_free(tok_tokenizer *t);
+
+// Appends the ids of plain text (any bytes; invalid UTF-8 is encoded byte by byte).
+molt_status tok_encode(const tok_tokenizer *t, const char *text, size_t len, tok_ids *out);
+// Appends the bytes of ids to *buf (NUL-terminated, length in *len; *buf grown with
+// molt_realloc). Special tokens are written as their names ("[INST]").
+molt_status tok_decode(const tok_tokenizer *t, const int32_t *ids, size_t n, char **buf,
+                       size_t *len);
+// Id of the special token with this name ("<s>", "[INST]"), or -1 when absent.
+int32_t tok_special(const tok_tokenizer *t, const char *name);
+// Vocabulary size (ids are in [0, size)), and which format was loaded.
+size_t tok_vocab_size(const tok_tokenizer *t);
+const char *tok_kind(const tok_tokenizer *t); // "tekken" or "tokenizer.json"
+
 #endif

@@ -1,6 +1,7 @@
 // autograd/cpu/k_all.h: includes each kernel group's prototypes (no include guards: read
 // once per element type by cpu/kernels.h).
 #include "k_elem.h"
+#include "k_nn.h"
 #include "k_linear.h"
 #include "k_rope.h"
 #include "k_attention.h"
