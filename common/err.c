@@ -32,8 +32,14 @@ molt_status molt_err_wrap(molt_status st, const char *fmt, ...) {
     va_start(ap, fmt);
     int n = vsnprintf(err_msg, sizeof err_msg, fmt, ap);
     va_end(ap);
-    if (n >= 0 && (size_t)n < sizeof err_msg && old[0])
-        snprintf(err_msg + n, sizeof err_msg - (size_t)n, ": %s", old);
+    // append ": <old message>", truncated to fit
+    size_t at = n < 0 ? 0 : (size_t)n;
+    for (size_t i = 0; old[0] && i < 2 && at + 1 < sizeof err_msg; i++)
+        err_msg[at++] = ": "[i];
+    for (size_t i = 0; old[0] && old[i] && at + 1 < sizeof err_msg; i++)
+        err_msg[at++] = old[i];
+    if (at < sizeof err_msg)
+        err_msg[at] = 0;
     return st;
 }
 

@@ -60,6 +60,10 @@ extern "C" int molt_cuda_d2h(void *dst, const void *src, size_t bytes, char *err
     return report(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost), err, cap);
 }
 
+extern "C" int molt_cuda_d2d(void *dst, const void *src, size_t bytes, char *err, size_t cap) {
+    return report(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice), err, cap);
+}
+
 __global__ static void add_f32_kernel(float *y, const float *a, const float *b, size_t n) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     size_t stride = (size_t)gridDim.x * blockDim.x;

@@ -19,6 +19,7 @@ int molt_cuda_malloc(void **p, size_t bytes, char *err, size_t cap);
 int molt_cuda_free(void *p);
 int molt_cuda_h2d(void *dst, const void *src, size_t bytes, char *err, size_t cap);
 int molt_cuda_d2h(void *dst, const void *src, size_t bytes, char *err, size_t cap);
+int molt_cuda_d2d(void *dst, const void *src, size_t bytes, char *err, size_t cap);
 // y = a + b over n floats on the current device; synchronizes before returning.
 int molt_cuda_add_f32(float *y, const float *a, const float *b, size_t n, char *err, size_t cap);
 // Versions of cuDNN and NCCL linked in (0 when not linked).

@@ -1,0 +1,70 @@
+// autograd/info.c: `molt info`: version, build features and the devices visible.
+#include "autograd.h"
+
+#include <cblas.h>
+#include <omp.h>
+#include <stdio.h>
+#include <string.h>
+
+#ifdef MOLT_HAVE_CUDA
+#include "cuda/cuda_backend.h"
+#endif
+
+static void print_cuda(void) {
+#ifdef MOLT_HAVE_CUDA
+    int rt = 0, cublas = 0;
+    molt_cuda_runtime_version(&rt);
+    molt_cuda_cublas_version(&cublas);
+    printf("  CUDA:      compiled in (sm_90), runtime %d.%d\n", rt / 1000, (rt % 1000) / 10);
+    printf("  cuBLAS:    compiled in (built for CUDA %d.%d)\n", cublas / 1000,
+           (cublas % 1000) / 10);
+    int cudnn = molt_cuda_cudnn_version(), nccl = molt_cuda_nccl_version();
+    if (cudnn)
+        printf("  cuDNN:     compiled in, %d.%d.%d\n", cudnn / 10000, (cudnn % 10000) / 100,
+               cudnn % 100);
+    else
+        printf("  cuDNN:     no\n");
+    if (nccl)
+        printf("  NCCL:      compiled in, %d.%d.%d\n", nccl / 10000, (nccl % 10000) / 100,
+               nccl % 100);
+    else
+        printf("  NCCL:      no\n");
+#else
+    printf("  CUDA:      no (built without nvcc)\n  cuBLAS:    no\n  cuDNN:     no\n"
+           "  NCCL:      no\n");
+#endif
+}
+
+int ag_cmd_info(int argc, char **argv) {
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            printf("usage: molt info\n\nPrints the version, the features compiled into this "
+                   "build and the devices visible.\n");
+            return 0;
+        }
+        fprintf(stderr, "molt info: unknown option '%s'\n", argv[i]);
+        return 2;
+    }
+    printf("molt %s\n", MOLT_VERSION);
+    printf("build:\n");
+    printf("  BLAS:      %s\n", openblas_get_config());
+    printf("  OpenMP:    yes, %d threads\n", omp_get_max_threads());
+    print_cuda();
+    printf("  MPI:       no (not built yet)\n");
+    printf("devices:\n");
+    printf("  cpu:       %d threads\n", omp_get_num_procs());
+    ag_device_info info;
+    ag_device_query(&info);
+    if (!info.cuda_compiled)
+        printf("  cuda:      none (built without CUDA)\n");
+    else if (info.cuda_devices == 0)
+        printf("  cuda:      none visible (%s)\n", info.cuda_error[0] ? info.cuda_error : "0");
+    for (int i = 0; i < info.cuda_devices; i++) {
+        char d[256];
+        if (ag_cuda_describe(i, d, sizeof d) == MOLT_OK)
+            printf("  cuda:%d:    %s\n", i, d);
+        else
+            printf("  cuda:%d:    %s\n", i, molt_err_msg());
+    }
+    return 0;
+}
