@@ -1,9 +1,365 @@
-// autograd/ops_linear.c: PLACEHOLDER until the linear/rmsnorm/cross-entropy group lands.
+// autograd/ops_linear.c: linear (y = x W^T), RMSNorm and the fused linear + cross-entropy
+// loss: builders with their operand checks, and backward rules. The kernels are in
+// cpu/k_linear.c and cpu/k_ce.c. Not here: bias terms, quantized weights (their own op),
+// softmax on its own (ops_shape.c).
 #include "internal.h"
-#define NOT_YET(name) molt_err(MOLT_EUNSUPPORTED, "%s: not implemented yet", name)
-ag_tensor *ag_linear(ag_ctx *c, ag_tensor *x, ag_tensor *w) { (void)c; (void)x; (void)w; NOT_YET("linear"); return NULL; }
-ag_tensor *ag_rmsnorm(ag_ctx *c, ag_tensor *x, ag_tensor *w, double e) { (void)c; (void)x; (void)w; (void)e; NOT_YET("rmsnorm"); return NULL; }
-ag_tensor *ag_cross_entropy_linear(ag_ctx *c, ag_tensor *h, ag_tensor *w, ag_tensor *t, ag_tensor *m, int64_t ch) { (void)c; (void)h; (void)w; (void)t; (void)m; (void)ch; NOT_YET("cross_entropy_linear"); return NULL; }
-molt_status ag_backward_linear(ag_ctx *c, ag_node *n) { (void)c; (void)n; return NOT_YET("linear"); }
-molt_status ag_backward_rmsnorm(ag_ctx *c, ag_node *n) { (void)c; (void)n; return NOT_YET("rmsnorm"); }
-molt_status ag_backward_ce_linear(ag_ctx *c, ag_node *n) { (void)c; (void)n; return NOT_YET("ce"); }
+#include "cpu/kernels.h"
+
+#include <limits.h>
+#include <math.h>
+#include <string.h>
+
+// BLAS indexes with int: larger operands are refused up front rather than truncated.
+static molt_status check_blas_size(const char *op, const char *what, int64_t n) {
+    if (n <= INT_MAX)
+        return MOLT_OK;
+    return molt_err(MOLT_EARG, "%s: %s is %lld, more than BLAS can index (%d)", op, what,
+                    (long long)n, INT_MAX);
+}
+
+// ---- linear -----------------------------------------------------------------------------
+
+static molt_status linear_check(const ag_tensor *x, const ag_tensor *w) {
+    MOLT_TRY(ag_check_cpu_float("linear", "x", x));
+    MOLT_TRY(ag_check_cpu_float("linear", "w", w));
+    MOLT_TRY(ag_check_same_dtype("linear", "x", x, "w", w));
+    MOLT_TRY(ag_check_ndim("linear", "w", w, 2, 2));
+    if (ag_cols(x) != w->shape[1]) {
+        char bx[80], bw[80];
+        return molt_err(MOLT_EARG, "linear: x %s does not match w %s: x's last dim must equal "
+                        "w's dim 1 (in features)", ag_shape_str(x, bx, sizeof bx),
+                        ag_shape_str(w, bw, sizeof bw));
+    }
+    MOLT_TRY(check_blas_size("linear", "the row count of x", ag_rows(x)));
+    MOLT_TRY(check_blas_size("linear", "in features", w->shape[1]));
+    return check_blas_size("linear", "out features", w->shape[0]);
+}
+
+// Contract in autograd.h. Nothing is saved: backward reads x and w themselves.
+ag_tensor *ag_linear(ag_ctx *c, ag_tensor *x, ag_tensor *w) {
+    if (linear_check(x, w) != MOLT_OK)
+        return NULL;
+    int64_t shape[AG_MAX_DIMS], T = ag_rows(x), in = w->shape[1], out = w->shape[0];
+    memcpy(shape, x->shape, sizeof shape);
+    shape[x->ndim - 1] = out;
+    ag_tensor *y = ag_out_new(c, x->dtype, x->ndim, shape);
+    if (!y)
+        return NULL;
+    bool ref = ag_reference_kernels();
+    if (x->dtype == AG_F32)
+        (ref ? linear_fwd_ref_f32 : linear_fwd_f32)(y->data, x->data, w->data, T, in, out);
+    else
+        (ref ? linear_fwd_ref_f64 : linear_fwd_f64)(y->data, x->data, w->data, T, in, out);
+    ag_tensor *ins[2] = {x, w};
+    if (ag_should_record(c, 2, ins) && !ag_record(c, AG_OP_LINEAR, y, 2, ins))
+        return NULL;
+    return y;
+}
+
+// dx += dy W whenever x requires grad (also with W frozen); dW += dy^T x only when W does.
+molt_status ag_backward_linear(ag_ctx *c, ag_node *n) {
+    (void)c;
+    ag_tensor *x = n->in[0], *w = n->in[1], *dy = n->out->grad;
+    molt_status st = MOLT_OK;
+    ag_tensor *dx = ag_grad_of(x, &st);
+    if (st != MOLT_OK)
+        return st;
+    ag_tensor *dw = ag_grad_of(w, &st);
+    if (st != MOLT_OK)
+        return st;
+    int64_t T = ag_rows(x), in = w->shape[1], out = w->shape[0];
+    bool ref = ag_reference_kernels(), f32 = x->dtype == AG_F32;
+    if (dx && f32)
+        (ref ? linear_bwd_x_ref_f32 : linear_bwd_x_f32)(dx->data, dy->data, w->data, T, in, out);
+    else if (dx)
+        (ref ? linear_bwd_x_ref_f64 : linear_bwd_x_f64)(dx->data, dy->data, w->data, T, in, out);
+    if (dw && f32)
+        (ref ? linear_bwd_w_ref_f32 : linear_bwd_w_f32)(dw->data, dy->data, x->data, T, in, out);
+    else if (dw)
+        (ref ? linear_bwd_w_ref_f64 : linear_bwd_w_f64)(dw->data, dy->data, x->data, T, in, out);
+    return MOLT_OK;
+}
+
+// ---- RMSNorm ----------------------------------------------------------------------------
+
+static molt_status rmsnorm_check(const ag_tensor *x, const ag_tensor *w, double eps) {
+    MOLT_TRY(ag_check_cpu_float("rmsnorm", "x", x));
+    MOLT_TRY(ag_check_cpu_float("rmsnorm", "w", w));
+    MOLT_TRY(ag_check_same_dtype("rmsnorm", "x", x, "w", w));
+    if (w->ndim != 1 || w->shape[0] != ag_cols(x)) {
+        char bx[80], bw[80];
+        return molt_err(MOLT_EARG, "rmsnorm: w %s does not match x %s: w must be [%lld], the "
+                        "size of x's last dim", ag_shape_str(w, bw, sizeof bw),
+                        ag_shape_str(x, bx, sizeof bx), (long long)ag_cols(x));
+    }
+    if (!isfinite(eps) || eps < 0)
+        return molt_err(MOLT_EARG, "rmsnorm: eps must be finite and >= 0, got %g", eps);
+    return MOLT_OK;
+}
+
+// Contract in autograd.h. When recorded, the node keeps the per-row rstd (rows x element
+// size bytes); the mean of squares is accumulated in double (see cpu/k_linear.c).
+ag_tensor *ag_rmsnorm(ag_ctx *c, ag_tensor *x, ag_tensor *w, double eps) {
+    if (rmsnorm_check(x, w, eps) != MOLT_OK)
+        return NULL;
+    ag_tensor *y = ag_out_new(c, x->dtype, x->ndim, x->shape);
+    if (!y)
+        return NULL;
+    int64_t T = ag_rows(x), C = ag_cols(x);
+    void *rstd = NULL;
+    ag_tensor *ins[2] = {x, w};
+    if (ag_should_record(c, 2, ins)) {
+        ag_node *n = ag_record(c, AG_OP_RMSNORM, y, 2, ins);
+        if (!n || !(rstd = ag_node_save(c, n, (size_t)T * ag_dtype_size(x->dtype))))
+            return NULL;
+        n->f[0] = eps;
+    }
+    bool ref = ag_reference_kernels();
+    if (x->dtype == AG_F32)
+        (ref ? rmsnorm_fwd_ref_f32 : rmsnorm_fwd_f32)(y->data, rstd, x->data, w->data, T, C, eps);
+    else
+        (ref ? rmsnorm_fwd_ref_f64 : rmsnorm_fwd_f64)(y->data, rstd, x->data, w->data, T, C, eps);
+    return y;
+}
+
+molt_status ag_backward_rmsnorm(ag_ctx *c, ag_node *n) {
+    (void)c;
+    ag_tensor *x = n->in[0], *w = n->in[1], *dy = n->out->grad;
+    if (!n->saved)
+        return molt_err(MOLT_EINTERNAL, "rmsnorm: backward found no saved rstd");
+    molt_status st = MOLT_OK;
+    ag_tensor *dx = ag_grad_of(x, &st);
+    if (st != MOLT_OK)
+        return st;
+    ag_tensor *dw = ag_grad_of(w, &st);
+    if (st != MOLT_OK)
+        return st;
+    void *pdx = dx ? dx->data : NULL, *pdw = dw ? dw->data : NULL;
+    int64_t T = ag_rows(x), C = ag_cols(x);
+    bool ref = ag_reference_kernels();
+    if (x->dtype == AG_F32)
+        (ref ? rmsnorm_bwd_ref_f32 : rmsnorm_bwd_f32)(pdx, pdw, dy->data, x->data, w->data,
+                                                      n->saved, T, C);
+    else
+        (ref ? rmsnorm_bwd_ref_f64 : rmsnorm_bwd_f64)(pdx, pdw, dy->data, x->data, w->data,
+                                                      n->saved, T, C);
+    return MOLT_OK;
+}
+
+// ---- fused linear + cross-entropy -------------------------------------------------------
+// loss = sum_t mask_t (lse_t - z[t, target_t]) / sum_t mask_t with z = h w^T and lse_t the
+// logsumexp of row t; 0 (with zero gradients) when the mask sums to 0. The node keeps only
+// lse (T doubles) and the mask sum: backward recomputes the logits chunk by chunk.
+
+#define CE "cross_entropy_linear"
+// Elements of scratch per optimized call (h tile, dh tile, logits block): the token tile is
+// sized so that tile x (2C + chunk) stays near this.
+#define CE_SCRATCH_ELEMS ((int64_t)1 << 22)
+
+static molt_status ce_check_shapes(const ag_tensor *h, const ag_tensor *w,
+                                   const ag_tensor *targets, const ag_tensor *mask) {
+    char bh[80], bo[80];
+    MOLT_TRY(ag_check_cpu_float(CE, "h", h));
+    MOLT_TRY(ag_check_cpu_float(CE, "w", w));
+    MOLT_TRY(ag_check_same_dtype(CE, "h", h, "w", w));
+    MOLT_TRY(ag_check_ndim(CE, "h", h, 2, 2));
+    MOLT_TRY(ag_check_ndim(CE, "w", w, 2, 2));
+    if (h->shape[1] != w->shape[1])
+        return molt_err(MOLT_EARG, CE ": h %s and w %s differ in hidden size (dim 1)",
+                        ag_shape_str(h, bh, sizeof bh), ag_shape_str(w, bo, sizeof bo));
+    MOLT_TRY(ag_check_i32(CE, "targets", targets));
+    if (targets->ndim != 1 || targets->shape[0] != h->shape[0])
+        return molt_err(MOLT_EARG, CE ": targets %s must be [%lld], one per row of h %s",
+                        ag_shape_str(targets, bo, sizeof bo), (long long)h->shape[0],
+                        ag_shape_str(h, bh, sizeof bh));
+    if (!mask)
+        return MOLT_OK;
+    MOLT_TRY(ag_check_cpu_float(CE, "mask", mask));
+    MOLT_TRY(ag_check_same_dtype(CE, "h", h, "mask", mask));
+    if (mask->ndim != 1 || mask->shape[0] != h->shape[0])
+        return molt_err(MOLT_EARG, CE ": mask %s must be [%lld], one per row of h %s",
+                        ag_shape_str(mask, bo, sizeof bo), (long long)h->shape[0],
+                        ag_shape_str(h, bh, sizeof bh));
+    if (mask->requires_grad)
+        return molt_err(MOLT_EARG, CE ": mask requires grad, but the loss is not "
+                        "differentiated with respect to its weights");
+    return MOLT_OK;
+}
+
+static molt_status ce_check_values(const ag_tensor *w, const ag_tensor *targets,
+                                   const ag_tensor *mask) {
+    const int32_t *tg = targets->data;
+    int64_t V = w->shape[0];
+    for (int64_t t = 0; t < targets->numel; t++)
+        if (tg[t] < 0 || tg[t] >= V)
+            return molt_err(MOLT_EARG, CE ": targets[%lld] = %d is outside the vocabulary "
+                            "[0, %lld)", (long long)t, (int)tg[t], (long long)V);
+    for (int64_t t = 0; mask && t < mask->numel; t++) {
+        double m = ag_get(mask, t);
+        if (!isfinite(m) || m < 0)
+            return molt_err(MOLT_EARG, CE ": mask[%lld] = %g must be finite and >= 0",
+                            (long long)t, m);
+    }
+    return MOLT_OK;
+}
+
+static molt_status ce_check(const ag_tensor *h, const ag_tensor *w, const ag_tensor *targets,
+                            const ag_tensor *mask, int64_t chunk) {
+    MOLT_TRY(ce_check_shapes(h, w, targets, mask));
+    if (chunk < 1)
+        return molt_err(MOLT_EARG, CE ": chunk must be >= 1, got %lld", (long long)chunk);
+    MOLT_TRY(check_blas_size(CE, "the token count", h->shape[0]));
+    MOLT_TRY(check_blas_size(CE, "the hidden size", h->shape[1]));
+    MOLT_TRY(check_blas_size(CE, "the vocabulary size", w->shape[0]));
+    return ce_check_values(w, targets, mask);
+}
+
+static double mask_at(const ag_tensor *mask, int64_t t) {
+    return mask ? ag_get(mask, t) : 1.0;
+}
+
+// Sizes, counted tokens and scratch of one kernel call. The reference kernels need only
+// the sizes; the optimized ones get the tokens with a nonzero mask and a workspace.
+typedef struct {
+    ce_dims d;
+    int64_t *rows;
+    void *work;
+} ce_plan;
+
+static void ce_plan_free(ce_plan *p) {
+    molt_free(p->rows);
+    molt_free(p->work);
+    p->rows = NULL;
+    p->work = NULL;
+}
+
+static molt_status ce_plan_init(ce_plan *p, const ag_tensor *h, const ag_tensor *w,
+                                const ag_tensor *mask, int64_t chunk, bool ref) {
+    memset(p, 0, sizeof *p);
+    int64_t T = h->shape[0], C = h->shape[1], V = w->shape[0];
+    p->d = (ce_dims){.T = T, .C = C, .V = V, .chunk = chunk < V ? chunk : V, .tile = 1};
+    if (ref)
+        return MOLT_OK;
+    p->rows = molt_malloc((size_t)T * sizeof *p->rows);
+    if (!p->rows)
+        return molt_err(MOLT_ENOMEM, CE ": out of memory listing %lld tokens", (long long)T);
+    for (int64_t t = 0; t < T; t++)
+        if (mask_at(mask, t) != 0)
+            p->rows[p->d.n_rows++] = t;
+    p->d.rows = p->rows;
+    if (p->d.n_rows == 0)
+        return MOLT_OK;
+    int64_t tile = CE_SCRATCH_ELEMS / (2 * C + p->d.chunk);
+    p->d.tile = tile < 1 ? 1 : tile > p->d.n_rows ? p->d.n_rows : tile;
+    size_t bytes = h->dtype == AG_F32 ? ce_work_bytes_f32(&p->d) : ce_work_bytes_f64(&p->d);
+    p->work = molt_malloc(bytes);
+    if (!p->work) {
+        ce_plan_free(p);
+        return molt_err(MOLT_ENOMEM, CE ": out of memory for %zu bytes of scratch", bytes);
+    }
+    return MOLT_OK;
+}
+
+// lse (T) of every counted token and the loss.
+static molt_status ce_forward(const ag_tensor *h, const ag_tensor *w, const ag_tensor *targets,
+                              const ag_tensor *mask, int64_t chunk, double msum, double *lse,
+                              double *loss) {
+    int64_t T = h->shape[0];
+    bool ref = ag_reference_kernels();
+    ce_plan p;
+    MOLT_TRY(ce_plan_init(&p, h, w, mask, chunk, ref));
+    double *zt = molt_calloc((size_t)T, sizeof *zt);
+    if (!zt) {
+        ce_plan_free(&p);
+        return molt_err(MOLT_ENOMEM, CE ": out of memory for %lld target logits", (long long)T);
+    }
+    if (h->dtype == AG_F32) {
+        if (ref) ce_fwd_ref_f32(lse, zt, h->data, w->data, targets->data, &p.d);
+        else ce_fwd_f32(lse, zt, p.work, h->data, w->data, targets->data, &p.d);
+    } else {
+        if (ref) ce_fwd_ref_f64(lse, zt, h->data, w->data, targets->data, &p.d);
+        else ce_fwd_f64(lse, zt, p.work, h->data, w->data, targets->data, &p.d);
+    }
+    double acc = 0;
+    for (int64_t t = 0; t < T; t++) {
+        double m = mask_at(mask, t);
+        if (m != 0)
+            acc += m * (lse[t] - zt[t]);
+    }
+    *loss = msum > 0 ? acc / msum : 0.0;
+    molt_free(zt);
+    ce_plan_free(&p);
+    return MOLT_OK;
+}
+
+// Contract in autograd.h. mask has h's dtype, its weights must be finite and >= 0 and it
+// must not require grad; every target (masked or not) must lie in [0, V). chunk larger
+// than V means one chunk. When recorded, the node
+// saves T doubles (the per-token logsumexp), nothing that grows with V.
+ag_tensor *ag_cross_entropy_linear(ag_ctx *c, ag_tensor *h, ag_tensor *w, ag_tensor *targets,
+                                   ag_tensor *mask, int64_t chunk) {
+    if (ce_check(h, w, targets, mask, chunk) != MOLT_OK)
+        return NULL;
+    int64_t T = h->shape[0], one = 1;
+    double msum = 0;
+    for (int64_t t = 0; t < T; t++)
+        msum += mask_at(mask, t);
+    double *lse = molt_calloc((size_t)T, sizeof *lse), loss = 0;
+    if (!lse) {
+        molt_err(MOLT_ENOMEM, CE ": out of memory for %lld logsumexps", (long long)T);
+        return NULL;
+    }
+    ag_tensor *y = NULL;
+    if (ce_forward(h, w, targets, mask, chunk, msum, lse, &loss) == MOLT_OK)
+        y = ag_out_new(c, h->dtype, 1, &one);
+    ag_tensor *ins[4] = {h, w, targets, mask};
+    if (y && ag_should_record(c, 4, ins)) {
+        ag_node *n = ag_record(c, AG_OP_CE_LINEAR, y, 4, ins);
+        void *saved = n ? ag_node_save(c, n, (size_t)T * sizeof *lse) : NULL;
+        if (saved) {
+            memcpy(saved, lse, (size_t)T * sizeof *lse);
+            n->f[0] = msum;
+            n->i[0] = chunk;
+        } else {
+            y = NULL;
+        }
+    }
+    molt_free(lse);
+    if (y)
+        ag_set(y, 0, loss);
+    return y;
+}
+
+molt_status ag_backward_ce_linear(ag_ctx *c, ag_node *n) {
+    (void)c;
+    ag_tensor *h = n->in[0], *w = n->in[1], *targets = n->in[2], *mask = n->in[3];
+    if (!n->saved)
+        return molt_err(MOLT_EINTERNAL, CE ": backward found no saved logsumexp");
+    molt_status st = MOLT_OK;
+    ag_tensor *dh = ag_grad_of(h, &st);
+    if (st != MOLT_OK)
+        return st;
+    ag_tensor *dw = ag_grad_of(w, &st);
+    if (st != MOLT_OK)
+        return st;
+    double msum = n->f[0];
+    if (msum == 0 || (!dh && !dw))
+        return MOLT_OK; // the loss is the constant 0: zero gradients
+    double scale = ag_get(n->out->grad, 0) / msum;
+    bool ref = ag_reference_kernels();
+    ce_plan p;
+    MOLT_TRY(ce_plan_init(&p, h, w, mask, n->i[0], ref));
+    void *pdh = dh ? dh->data : NULL, *pdw = dw ? dw->data : NULL;
+    const void *pm = mask ? mask->data : NULL;
+    const int32_t *tg = targets->data;
+    const double *lse = n->saved;
+    if (h->dtype == AG_F32) {
+        if (ref) ce_bwd_ref_f32(pdh, pdw, h->data, w->data, tg, pm, scale, lse, &p.d);
+        else ce_bwd_f32(pdh, pdw, p.work, h->data, w->data, tg, pm, scale, lse, &p.d);
+    } else {
+        if (ref) ce_bwd_ref_f64(pdh, pdw, h->data, w->data, tg, pm, scale, lse, &p.d);
+        else ce_bwd_f64(pdh, pdw, p.work, h->data, w->data, tg, pm, scale, lse, &p.d);
+    }
+    ce_plan_free(&p);
+    return MOLT_OK;
+}

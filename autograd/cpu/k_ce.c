@@ -1,0 +1,205 @@
+// autograd/cpu/k_ce.c: fused linear + cross-entropy kernels, compiled once per element
+// type. The reference kernels walk token by token and column by column with an online
+// logsumexp (dot products and the running sum in double). The optimized ones work on tiles
+// of counted tokens and chunks of vocabulary columns: one GEMM yields a tile x chunk block
+// of logits, OpenMP threads fold it into per-token running max/sum, and backward turns the
+// recomputed block into softmax - onehot for two more GEMMs. Not here: operand checks, the
+// loss itself and the choice of tile (ops_linear.c).
+#include "real.h"
+#include "k_ce.h"
+
+#include <cblas.h>
+#include <stdbool.h>
+#include <string.h>
+
+// Logit blocks smaller than this are processed on one thread: forking a team costs more
+// than the work, and far more when the cores are busy with other processes.
+#define CE_PAR_MIN 16384
+
+static double dot_ref(const real *a, const real *b, int64_t n) {
+    double acc = 0;
+    for (int64_t i = 0; i < n; i++)
+        acc += (double)a[i] * b[i];
+    return acc;
+}
+
+void K(ce_fwd_ref)(double *lse, double *zt, const real *h, const real *w,
+                   const int32_t *targets, const ce_dims *d) {
+    for (int64_t t = 0; t < d->T; t++) {
+        double m = -INFINITY, s = 0;
+        for (int64_t v = 0; v < d->V; v++) {
+            double z = dot_ref(h + t * d->C, w + v * d->C, d->C);
+            if (v == targets[t])
+                zt[t] = z;
+            // running max: rescale the sum whenever the max moves
+            if (z > m) {
+                s = s * exp(m - z) + 1;
+                m = z;
+            } else {
+                s += exp(z - m);
+            }
+        }
+        lse[t] = m + log(s);
+    }
+}
+
+void K(ce_bwd_ref)(real *dh, real *dw, const real *h, const real *w, const int32_t *targets,
+                   const real *mask, double scale, const double *lse, const ce_dims *d) {
+    int64_t C = d->C;
+    for (int64_t t = 0; t < d->T; t++) {
+        double coef = scale * (mask ? (double)mask[t] : 1.0);
+        if (coef == 0)
+            continue;
+        for (int64_t v = 0; v < d->V; v++) {
+            double z = dot_ref(h + t * C, w + v * C, C);
+            double g = coef * (exp(z - lse[t]) - (v == targets[t] ? 1.0 : 0.0));
+            if (dh)
+                for (int64_t c = 0; c < C; c++)
+                    dh[t * C + c] += (real)(g * w[v * C + c]);
+            if (dw)
+                for (int64_t c = 0; c < C; c++)
+                    dw[v * C + c] += (real)(g * h[t * C + c]);
+        }
+    }
+}
+
+// ---- optimized --------------------------------------------------------------------------
+// Workspace layout: running max and sum (tile doubles each), then the gathered rows of h
+// (tile x C), a tile of dh (tile x C) and a block of logits (tile x chunk).
+typedef struct {
+    double *m, *s;
+    real *hbuf, *dhbuf, *zbuf;
+} ce_work;
+
+static ce_work work_split(void *work, const ce_dims *d) {
+    ce_work k;
+    k.m = work;
+    k.s = k.m + d->tile;
+    k.hbuf = (real *)(k.s + d->tile);
+    k.dhbuf = k.hbuf + d->tile * d->C;
+    k.zbuf = k.dhbuf + d->tile * d->C;
+    return k;
+}
+
+size_t K(ce_work_bytes)(const ce_dims *d) {
+    return (size_t)d->tile * (2 * sizeof(double) + (size_t)(2 * d->C + d->chunk) * sizeof(real));
+}
+
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Rows are ascending and distinct, so first..last spans n tokens exactly when they are
+// consecutive; then the tile is used in place instead of copied.
+static bool rows_consecutive(const int64_t *rows, int64_t n) {
+    return rows[n - 1] - rows[0] == n - 1;
+}
+
+// The (n, C) matrix of rows `rows` of h: in place when consecutive, else gathered into buf.
+static const real *gather_rows(real *buf, const real *h, const int64_t *rows, int64_t n,
+                               int64_t C) {
+    if (rows_consecutive(rows, n))
+        return h + rows[0] * C;
+    for (int64_t i = 0; i < n; i++)
+        memcpy(buf + i * C, h + rows[i] * C, (size_t)C * sizeof(real));
+    return buf;
+}
+
+// Folds n logits into a running (max m, sum s of exp(z - m)).
+static void fold_chunk(double *m, double *s, const real *z, int64_t n) {
+    real mx = z[0];
+    for (int64_t j = 1; j < n; j++)
+        if (z[j] > mx)
+            mx = z[j];
+    if (mx > *m) {
+        *s *= exp(*m - mx);
+        *m = mx;
+    }
+    real mr = (real)*m; // exact: m is always one of the logits (or -inf)
+    double acc = 0;
+    for (int64_t j = 0; j < n; j++)
+        acc += R_EXP(z[j] - mr);
+    *s += acc;
+}
+
+// Logits block z (nt, nv) = hb (nt, C) . w[v0 : v0 + nv] (nv, C)^T.
+static void logits_block(real *z, const real *hb, const real *w, int64_t nt, int64_t v0,
+                         int64_t nv, int64_t C) {
+    R_GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nt, (int)nv, (int)C, 1, hb, (int)C,
+           w + v0 * C, (int)C, 0, z, (int)nv);
+}
+
+void K(ce_fwd)(double *lse, double *zt, void *work, const real *h, const real *w,
+               const int32_t *targets, const ce_dims *d) {
+    ce_work k = work_split(work, d);
+    for (int64_t i0 = 0; i0 < d->n_rows; i0 += d->tile) {
+        int64_t nt = min64(d->tile, d->n_rows - i0);
+        const int64_t *rows = d->rows + i0;
+        const real *hb = gather_rows(k.hbuf, h, rows, nt, d->C);
+        for (int64_t i = 0; i < nt; i++) {
+            k.m[i] = -INFINITY;
+            k.s[i] = 0;
+        }
+        for (int64_t v0 = 0; v0 < d->V; v0 += d->chunk) {
+            int64_t nv = min64(d->chunk, d->V - v0);
+            logits_block(k.zbuf, hb, w, nt, v0, nv, d->C);
+#pragma omp parallel for schedule(static) if (nt * nv >= CE_PAR_MIN)
+            for (int64_t i = 0; i < nt; i++) {
+                const real *z = k.zbuf + i * nv;
+                fold_chunk(&k.m[i], &k.s[i], z, nv);
+                int64_t tg = targets[rows[i]] - v0;
+                if (tg >= 0 && tg < nv)
+                    zt[rows[i]] = z[tg];
+            }
+        }
+        for (int64_t i = 0; i < nt; i++)
+            lse[rows[i]] = k.m[i] + log(k.s[i]);
+    }
+}
+
+// z (nt, nv) becomes coef_t * (softmax - onehot) for the chunk starting at v0.
+static void dlogits_block(real *z, const int64_t *rows, int64_t nt, int64_t v0, int64_t nv,
+                          const int32_t *targets, const real *mask, double scale,
+                          const double *lse) {
+#pragma omp parallel for schedule(static) if (nt * nv >= CE_PAR_MIN)
+    for (int64_t i = 0; i < nt; i++) {
+        int64_t t = rows[i];
+        real coef = (real)(scale * (mask ? (double)mask[t] : 1.0));
+        real *zr = z + i * nv;
+        for (int64_t j = 0; j < nv; j++)
+            zr[j] = coef * R_EXP((real)((double)zr[j] - lse[t]));
+        int64_t tg = targets[t] - v0;
+        if (tg >= 0 && tg < nv)
+            zr[tg] -= coef;
+    }
+}
+
+void K(ce_bwd)(real *dh, real *dw, void *work, const real *h, const real *w,
+               const int32_t *targets, const real *mask, double scale, const double *lse,
+               const ce_dims *d) {
+    ce_work k = work_split(work, d);
+    int C = (int)d->C;
+    for (int64_t i0 = 0; i0 < d->n_rows; i0 += d->tile) {
+        int64_t nt = min64(d->tile, d->n_rows - i0);
+        const int64_t *rows = d->rows + i0;
+        const real *hb = gather_rows(k.hbuf, h, rows, nt, d->C);
+        // dh of consecutive tokens is accumulated in place, else in dhbuf and scattered
+        bool direct = rows_consecutive(rows, nt);
+        real *dhb = direct && dh ? dh + rows[0] * d->C : k.dhbuf;
+        if (dh && !direct)
+            memset(dhb, 0, (size_t)(nt * d->C) * sizeof(real));
+        for (int64_t v0 = 0; v0 < d->V; v0 += d->chunk) {
+            int64_t nv = min64(d->chunk, d->V - v0);
+            logits_block(k.zbuf, hb, w, nt, v0, nv, d->C);
+            dlogits_block(k.zbuf, rows, nt, v0, nv, targets, mask, scale, lse);
+            if (dh) // dhb (nt, C) += dz (nt, nv) . w_chunk (nv, C)
+                R_GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)nt, C, (int)nv, 1,
+                       k.zbuf, (int)nv, w + v0 * d->C, C, 1, dhb, C);
+            if (dw) // dw_chunk (nv, C) += dz^T (nv, nt) . hb (nt, C)
+                R_GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, (int)nv, C, (int)nt, 1,
+                       k.zbuf, (int)nv, hb, C, 1, dw + v0 * d->C, C);
+        }
+        if (dh && !direct)
+            for (int64_t i = 0; i < nt; i++)
+                for (int64_t c = 0; c < d->C; c++)
+                    dh[rows[i] * d->C + c] += dhb[i * d->C + c];
+    }
+}
