@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# tests/cli_bench_ops.sh: `molt bench ops --quick` prints a fwd and a bwd row for every linear
+# and attention size, each with positive timings and rates; bad options are refused.
+set -u
+molt="$1"
+fail() { echo "FAIL: $*"; exit 1; }
+
+out=$("$molt" bench ops --quick --repeat 2 --threads 2) || fail "molt bench ops --quick exited $?"
+grep -q "vs_sgemm" <<<"$out" || fail "no table header: $out"
+grep -q "K = H\*(Dqk+Dv)/2" <<<"$out" || fail "attention baseline not explained: $out"
+for op in linear attention; do
+    for pass in fwd bwd; do
+        n=$(awk -v op="$op" -v pass="$pass" '$1 == op && $3 == pass' <<<"$out" | wc -l)
+        [ "$n" -eq 2 ] || fail "expected 2 '$op $pass' rows, got $n: $out"
+    done
+done
+# columns: op shape pass ms GFLOP/s sgemm_GFLOP/s vs_sgemm, all numbers > 0
+bad=$(awk '($1 == "linear" || $1 == "attention") {
+    for (i = 4; i <= 7; i++) if (!($i ~ /^[0-9.]+$/) || $i + 0 <= 0) print }' <<<"$out")
+[ -z "$bad" ] || fail "non-positive or missing numbers: $bad"
+grep -q "2 threads" <<<"$out" || fail "--threads 2 not reported: $out"
+
+"$molt" bench ops --bogus 2>/dev/null && fail "unknown option accepted"
+"$molt" bench ops --threads 0 2>err.txt && fail "--threads 0 accepted"
+grep -q "expects an integer in 1..1024, got '0'" err.txt || fail "no message for --threads 0"
+"$molt" bench ops --repeat 2>/dev/null && fail "--repeat without a value accepted"
+"$molt" bench ops --help | grep -q -- "--quick" || fail "--help does not describe --quick"
+rm -f err.txt
+echo "1 passed, 0 failed"
