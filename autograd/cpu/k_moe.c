@@ -3,6 +3,7 @@
 // choice between kernels (ops_moe.c), the router's logits GEMM (an ordinary linear).
 #include "real.h"
 #include "k_moe.h"
+#include "k_nn.h"
 
 #include <cblas.h>
 // OpenBLAS's cblas.h includes complex.h; its `I` would clash with the intermediate size.
@@ -13,21 +14,6 @@
 
 // Marks a kept group in gscore. Sums of probabilities are >= 0 (or NaN), never -1.
 #define GROUP_KEPT ((real)-1)
-
-static void softmax_row(real *p, const real *l, int64_t E) {
-    real m = l[0];
-    for (int64_t e = 1; e < E; e++)
-        if (l[e] > m)
-            m = l[e];
-    real s = 0;
-    for (int64_t e = 0; e < E; e++) {
-        p[e] = R_EXP(l[e] - m);
-        s += p[e];
-    }
-    real inv = 1 / s;
-    for (int64_t e = 0; e < E; e++)
-        p[e] *= inv;
-}
 
 // Score of each group = sum of its two largest probs (its only prob for groups of one);
 // then the topk_group best groups are marked GROUP_KEPT. Picking by repeated scans with a
@@ -82,7 +68,7 @@ static void pick_experts(int32_t *idx, const real *p, const real *gs, int64_t E,
 
 static void router_row(real *w, int32_t *idx, real *p, real *gs, const real *l, int64_t E,
                        int64_t k, int64_t n_group, int64_t topk_group, int norm, real scaling) {
-    softmax_row(p, l, E);
+    K(softmax_row)(p, l, E);
     int limit = topk_group < n_group;
     if (limit)
         keep_groups(gs, p, E, n_group, topk_group);

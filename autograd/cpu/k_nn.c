@@ -30,7 +30,7 @@ void K(strided_acc)(real *g, const int64_t *gs, const real *dy, const int64_t *d
 // ---- softmax ---------------------------------------------------------------------------
 
 // The sums run in double for both element types: a row may be a whole vocabulary.
-static void softmax_row(real *y, const real *x, int64_t n) {
+void K(softmax_row)(real *y, const real *x, int64_t n) {
     real m = x[0];
     for (int64_t j = 1; j < n; j++)
         if (x[j] > m)
@@ -56,13 +56,13 @@ static void softmax_bwd_row(real *dx, const real *y, const real *dy, int64_t n) 
 
 void K(softmax_fwd_ref)(real *y, const real *x, int64_t rows, int64_t cols) {
     for (int64_t r = 0; r < rows; r++)
-        softmax_row(y + r * cols, x + r * cols, cols);
+        K(softmax_row)(y + r * cols, x + r * cols, cols);
 }
 
 void K(softmax_fwd)(real *y, const real *x, int64_t rows, int64_t cols) {
 #pragma omp parallel for schedule(static) if (rows > 1 && rows * cols >= PAR_MIN)
     for (int64_t r = 0; r < rows; r++)
-        softmax_row(y + r * cols, x + r * cols, cols);
+        K(softmax_row)(y + r * cols, x + r * cols, cols);
 }
 
 void K(softmax_bwd_ref)(real *dx, const real *y, const real *dy, int64_t rows, int64_t cols) {

@@ -41,3 +41,5 @@ void K(embedding_bwd)(real *dtable, const real *dy, const int32_t *ids, int64_t 
 // backward pass regenerates exactly the forward mask without storing it.
 void K(dropout_fwd)(real *y, const real *x, uint64_t seed, double p, int64_t n); // y, x (n)
 void K(dropout_bwd)(real *dx, const real *dy, uint64_t seed, double p, int64_t n); // dx += (n)
+// One stable softmax row: y = exp(x - max) / sum, the sum accumulated in double.
+void K(softmax_row)(real *y, const real *x, int64_t n);                   // y, x (n)
