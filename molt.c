@@ -5,6 +5,7 @@
 
 #include "autograd/autograd.h"
 #include "data/data.h"
+#include "model/model.h"
 
 typedef int (*cmd_fn)(int argc, char **argv);
 typedef struct {
@@ -19,6 +20,8 @@ static const command commands[] = {
     {"info", ag_cmd_info, "version, build features and visible devices"},
     {"tokenize", data_cmd_tokenize, "encode text or JSONL records to token ids"},
     {"data", data_cmd_data, "inspect or render an instruction dataset"},
+    {"init-model", mdl_cmd_init_model, "write a random model from a preset (HF layout)"},
+    {"forward", mdl_cmd_forward, "logits of token sequences into a safetensors file"},
     {"bench", cmd_bench, "benchmarks: ops, tokenize"},
 };
 

@@ -2,8 +2,11 @@
 // checkpoints (`st_`) and the Mistral Small 4 configuration (`mcfg_`).
 //
 // A safetensors reader memory-maps its files, validates every header entry against the
-// file before any tensor is handed out, and exposes the tensors by name. Nothing here
-// builds layers, quantizes weights or knows HF-vs-Mistral tensor names: those build on it.
+// file before any tensor is handed out, and exposes the tensors by name. The model proper
+// (`mdl_`) builds on both: weights by HF or Mistral names (model/weights.c, model/save.c),
+// the Mistral 4 forward pass on autograd ops (model/forward.c), random initialization
+// (model/init_model.c) and the `molt init-model` / `molt forward` commands (model/cli.c).
+// Not here: quantized weights, LoRA adapters themselves, KV caches, sampling.
 #ifndef MOLT_MODEL_H
 #define MOLT_MODEL_H
 
@@ -155,5 +158,196 @@ molt_status mcfg_load(const char *path, mcfg *cfg);
 molt_status mcfg_parse(const char *text, size_t len, const char *label, mcfg *cfg);
 // The rotary-embedding settings of the attention layers.
 void mcfg_rope_config(const mcfg *cfg, ag_rope_config *out);
+
+// ---------------------------------------------------------------------------------------
+// The Mistral 4 model (`mdl_`). Dimension names follow mcfg: H hidden, L layers, NH heads,
+// RQ q_lora_rank, RKV kv_lora_rank, DN qk_nope_head_dim, DR qk_rope_head_dim,
+// DQK = DN + DR, DV v_head_dim, E routed experts, I moe_intermediate_size,
+// IS = I * n_shared_experts, IM intermediate_size (dense layers), V vocab.
+// Every weight is a frozen F32 ag_tensor in the model's weights arena, whatever the file
+// held (F32, F16, BF16, or F8_E4M3 times its per-tensor scale).
+
+// One linear map y = x W^T (+ LoRA). Every projection of the model goes through
+// mdl_linear() with one of these, so adapters and quantized weights plug in at one place.
+typedef struct {
+    ag_tensor *w;      // [out, in] frozen base weight; NULL when the module is absent
+    ag_tensor *lora_a; // [r, in] or NULL (no adapter)
+    ag_tensor *lora_b; // [out, r] or NULL
+    double lora_scale; // alpha / r (or alpha / sqrt(r) with rsLoRA)
+} mdl_lin;
+
+// SwiGLU MLP: down(silu(gate(x)) * up(x)). Dense layers (IM) and the shared expert (IS).
+typedef struct {
+    mdl_lin gate; // [IM or IS, H]
+    mdl_lin up;   // [IM or IS, H]
+    mdl_lin down; // [H, IM or IS]
+} mdl_mlp;
+
+typedef struct {
+    bool moe;               // layer >= first_k_dense_replace: routed experts, else dense MLP
+    ag_tensor *attn_norm;   // input_layernorm [H]
+    mdl_lin q_a;            // q_a_proj [RQ, H] (w NULL when q_lora_rank is null)
+    ag_tensor *q_a_norm;    // q_a_layernorm [RQ] (NULL when q_lora_rank is null)
+    mdl_lin q_b;            // q_b_proj [NH*DQK, RQ] (w NULL when q_lora_rank is null)
+    mdl_lin q;              // q_proj [NH*DQK, H] (w NULL unless q_lora_rank is null)
+    mdl_lin kv_a;           // kv_a_proj_with_mqa [RKV + DR, H]
+    ag_tensor *kv_a_norm;   // kv_a_layernorm [RKV]
+    mdl_lin kv_b;           // kv_b_proj [NH*(DN+DV), RKV]; per head DN k_nope rows, DV v rows
+    mdl_lin o;              // o_proj [H, NH*DV]
+    ag_tensor *mlp_norm;    // post_attention_layernorm [H]
+    mdl_mlp dense;          // dense layers only (w NULL in MoE layers)
+    mdl_lin router;         // mlp.gate [E, H] (MoE layers)
+    ag_tensor *gate_up;     // experts [E, 2I, H], gate rows first then up (MoE layers)
+    ag_tensor *down;        // experts [E, H, I] (MoE layers)
+    mdl_mlp shared;         // shared expert (w NULL when n_shared_experts is 0 or dense)
+} mdl_layer;
+
+// How tensors are named and laid out in a checkpoint.
+typedef enum {
+    MDL_LAYOUT_HF,            // HF names, fused experts gate_up_proj [E,2I,H] / down_proj
+    MDL_LAYOUT_HF_PER_EXPERT, // HF names, mlp.experts.N.{gate,up,down}_proj.weight
+    MDL_LAYOUT_MISTRAL,       // Mistral consolidated names (layers.N.attention.wq_a, ...)
+    MDL_LAYOUT_COUNT
+} mdl_layout;
+
+typedef struct {
+    mcfg cfg;
+    ag_arena arena;         // holds every weight below
+    ag_tensor *embed;       // embed_tokens [V, H]
+    mdl_layer *layers;      // [L]
+    ag_tensor *norm;        // final norm [H]
+    mdl_lin lm_head;        // [V, H] (w is embed when tie_word_embeddings)
+    ag_rope_table rope;     // YaRN frequencies of the DR rotary dims (outlives every tape)
+    ag_router_config router;
+    double attn_scale;      // DQK^-0.5 times the YaRN mscale(factor, mscale_all_dim)^2
+    mdl_layout layout;      // what the checkpoint used (loaded models)
+    bool wrapped;           // HF names had the model.language_model. prefix
+} mdl_model;
+
+// Token batch: one or more packed sequences of T tokens in all.
+typedef struct {
+    ag_tensor *ids;     // I32 [T] token ids in [0, V)
+    ag_tensor *pos;     // I32 [T] absolute positions (restart at 0 for each packed sequence)
+    ag_tensor *seg;     // I32 [T] segment ids: token t attends to s <= t with seg[s] == seg[t]
+    ag_tensor *targets; // I32 [T] next-token ids for the loss; NULL: logits are wanted
+    ag_tensor *mask;    // F32 [T] loss weight per token (NULL = all ones); loss only
+} mdl_batch;
+
+// Per-batch attention inputs shared by all layers (see mdl_attn_inputs).
+typedef struct {
+    ag_tensor *pos;   // I32 [T]
+    ag_tensor *seg;   // I32 [T]
+    ag_tensor *qtemp; // F32 [T] llama-4 query temperature, or NULL when its beta is 0
+} mdl_attn_in;
+
+// Allocates zeroed weights for cfg in m->arena and sets up the rope table, attention
+// scale and router settings. mdl_load and mdl_init_random start here. On failure m is
+// freed (safe to mdl_free again).
+molt_status mdl_create(mdl_model *m, const mcfg *cfg);
+// Reads dir/config.json and the weights: dir/model.safetensors.index.json (sharded),
+// dir/model.safetensors, or dir/consolidated.safetensors (Mistral names). The layout is
+// detected from the names (HF "model." or "model.language_model." prefix; fused or
+// per-expert experts, per layer; Mistral consolidated). F32/F16/BF16/F8_E4M3 tensors are
+// converted to F32; an FP8 tensor needs its per-tensor scale (`weight_scale_inv`,
+// `qscale_weight`; [E,1,1] for fused experts), which multiplies. Activation scales and the
+// vision tower of a wrapper are ignored. MOLT_EFORMAT names a missing tensor, an unexpected
+// one, or a shape mismatch (expected vs got); MOLT_EUNSUPPORTED an unsupported dtype.
+molt_status mdl_load(const char *dir, mdl_model *m);
+// Loads the weights of an already created model from an open reader (same rules).
+molt_status mdl_load_weights(mdl_model *m, const st_reader *r);
+void mdl_free(mdl_model *m); // zeroes m; a zeroed model is fine
+
+typedef enum { MDL_SAVE_F32, MDL_SAVE_BF16, MDL_SAVE_FP8 } mdl_save_dtype;
+typedef struct {
+    mdl_layout layout;
+    mdl_save_dtype dtype; // FP8: E4M3 with one F32 scale per tensor (per expert when
+                          // fused); lm_head, embeddings, norms and router stay BF16
+    bool wrapped;         // HF names under model.language_model.
+} mdl_save_opts;
+// Writes the weights to one safetensors file at `path` (metadata format=pt). Deterministic.
+molt_status mdl_save(const mdl_model *m, const char *path, const mdl_save_opts *o);
+// Fills the weights like transformers' _init_weights: every matrix (embeddings, linears,
+// router, experts) normal(0, std), norms 1, the pad_token_id row of embed_tokens 0. Seeded
+// and deterministic (one ag_rng stream in a fixed tensor order).
+molt_status mdl_init_random(mdl_model *m, uint64_t seed, double std);
+// Total number of parameters (lm_head not counted again when tied).
+int64_t mdl_param_count(const mcfg *cfg);
+
+// ---- forward ------------------------------------------------------------------------
+// All builders run eagerly on the context (autograd.h): with grad mode on and adapter
+// tensors requiring grad, the graph is recorded for backward; base weights never get
+// gradients. They return NULL (or a status) with the autograd error message on failure.
+//
+// Whole batches: mdl_forward (logits or loss), or mdl_hidden + mdl_logits on chosen rows.
+// Step by step (what mdl_hidden does): a = mdl_attn_inputs; h = mdl_embed; for each layer
+// h = mdl_layer_forward(h, a); then RMSNorm with m->norm. A layer is
+//   x = rmsnorm(h, attn_norm); h += mdl_attention(x) ; h += mdl_ffn(rmsnorm(h, mlp_norm))
+// and mdl_attention is mdl_attn_query + mdl_attn_latent + mdl_attn_expand + ag_attention
+// (qtemp, m->attn_scale) + mdl_attn_out. Cached decoding keeps the outputs of
+// mdl_attn_latent (RKV + DR numbers per token and layer), expands the cached rows with
+// mdl_attn_expand and attends the new queries to them.
+
+// y = x W^T + lora_scale * (x A^T) B^T; x [..., in] -> [..., out].
+ag_tensor *mdl_linear(ag_ctx *c, ag_tensor *x, const mdl_lin *lin);
+// Checks the batch (shapes, dtypes, id and position ranges) and builds the per-batch
+// attention inputs (the query temperature from the positions).
+molt_status mdl_attn_inputs(ag_ctx *c, const mdl_model *m, const mdl_batch *b,
+                            mdl_attn_in *out);
+ag_tensor *mdl_embed(ag_ctx *c, const mdl_model *m, ag_tensor *ids); // -> [T, H]
+
+// Attention sub-steps of layer l (x is the normalized input [T, H]), for a KV cache:
+// query [T, NH, DQK] with RoPE applied to its last DR dims (temperature not applied:
+// ag_attention takes qtemp).
+ag_tensor *mdl_attn_query(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x, ag_tensor *pos);
+// The cached latent: *latent = kv_a_layernorm(ckv[:, :RKV]) [T, RKV] and *k_rot = rotated
+// ckv[:, RKV:] [T, DR] (one head shared by all heads).
+molt_status mdl_attn_latent(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x, ag_tensor *pos,
+                            ag_tensor **latent, ag_tensor **k_rot);
+// Expands S cached latents to keys [S, NH, DQK] = cat(k_nope, k_rot) and values [S, NH, DV].
+molt_status mdl_attn_expand(ag_ctx *c, const mdl_model *m, int l, ag_tensor *latent,
+                            ag_tensor *k_rot, ag_tensor **key, ag_tensor **value);
+// o_proj of the attention output [T, NH, DV] -> [T, H].
+ag_tensor *mdl_attn_out(ag_ctx *c, const mdl_model *m, int l, ag_tensor *att);
+// Whole attention of layer l without a cache (x normalized) -> [T, H].
+ag_tensor *mdl_attention(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x,
+                         const mdl_attn_in *a);
+// Feed-forward of layer l (x normalized): dense MLP, or routed experts + shared expert.
+ag_tensor *mdl_ffn(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x);
+// One decoder layer: h + attn(norm(h)), then + ffn(norm(.)). h [T, H] -> [T, H].
+ag_tensor *mdl_layer_forward(ag_ctx *c, const mdl_model *m, int l, ag_tensor *h,
+                             const mdl_attn_in *a);
+// Embedding, all layers and the final norm: *hidden = [T, H] ready for the lm_head.
+molt_status mdl_hidden(ag_ctx *c, const mdl_model *m, const mdl_batch *b, ag_tensor **hidden);
+ag_tensor *mdl_logits(ag_ctx *c, const mdl_model *m, ag_tensor *hidden); // [T, H] -> [T, V]
+// Whole model: *out = logits [T, V] when b->targets is NULL, else the mean masked
+// cross-entropy [1] (fused with the lm_head, vocabulary in chunks: logits never held).
+molt_status mdl_forward(ag_ctx *c, const mdl_model *m, const mdl_batch *b, ag_tensor **out);
+// Greedy decoding by full recomputation (the reference for cached decoding): appends n
+// argmax tokens to prompt[0..n_prompt) (positions from 0, one segment) into out[0..n).
+// Stops early after an eos token when stop_at_eos; returns the count in *n_out. Resets the
+// context's activations (ag_ctx_step_reset) at every step.
+molt_status mdl_greedy(ag_ctx *c, const mdl_model *m, const int32_t *prompt, int n_prompt,
+                       int n, bool stop_at_eos, int32_t *out, int *n_out);
+
+// ---- presets and commands -----------------------------------------------------------
+// Finds configs/models/NAME.json (NAME may also be a path to a .json file): searched in
+// $MOLT_PRESET_DIR, $MOLT_SOURCE_DIR/configs/models, then configs/models beside or above
+// the molt executable, then ./configs/models. path gets the file; MOLT_EIO lists the places.
+molt_status mdl_preset_find(const char *name, char *path, size_t cap);
+typedef struct {
+    const char *preset;    // preset name or .json path
+    const char *out_dir;   // created when missing
+    uint64_t seed;
+    mdl_save_opts save;    // dtype and layout of the written weights
+    const char *tokenizer; // tokenizer file to copy; NULL = tekken.json found beside presets
+    bool no_tokenizer;     // write no tokenizer
+    double max_gb;         // refuse models whose F32 weights exceed this (0 = 16)
+} mdl_init_opts;
+// Writes out_dir/config.json (the preset, with dtype set), the weights
+// (model.safetensors, or consolidated.safetensors for the Mistral layout) and tekken.json.
+molt_status mdl_init_model(const mdl_init_opts *o);
+
+int mdl_cmd_init_model(int argc, char **argv); // molt init-model
+int mdl_cmd_forward(int argc, char **argv);    // molt forward
 
 #endif

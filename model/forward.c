@@ -1,0 +1,312 @@
+// model/forward.c: the Mistral 4 forward pass assembled from autograd ops, exactly the
+// order of SPECS.md sections 2 and 3 (transformers' modeling_mistral4): MLA attention with
+// the low-rank query path, the shared rotary key, interleaved RoPE with YaRN frequencies,
+// the llama-4 query temperature and the YaRN-scaled softmax; routed experts with the
+// softmax router plus the shared expert; dense layers below first_k_dense_replace; final
+// norm and the untied lm_head. The same code serves training (grad mode on) and inference.
+// The steps are exported one by one so a KV cache can reuse them. Not here: the cache,
+// sampling, adapters' storage, quantized weights.
+#include "model.h"
+
+#include <math.h>
+#include <string.h>
+
+// Loss chunk over the vocabulary: bounds the [T, chunk] scratch of the fused loss.
+#define MDL_CE_CHUNK 8192
+
+ag_tensor *mdl_linear(ag_ctx *c, ag_tensor *x, const mdl_lin *lin) {
+    if (!lin || !lin->w) {
+        molt_err(MOLT_EARG, "mdl_linear: no weight");
+        return NULL;
+    }
+    ag_tensor *y = ag_linear(c, x, lin->w);
+    if (!y || !lin->lora_a)
+        return y;
+    if (!lin->lora_b) {
+        molt_err(MOLT_EARG, "mdl_linear: lora_a without lora_b");
+        return NULL;
+    }
+    ag_tensor *d = ag_linear(c, ag_linear(c, x, lin->lora_a), lin->lora_b);
+    return d ? ag_add(c, y, ag_scale(c, d, lin->lora_scale)) : NULL;
+}
+
+// ---------------------------------------------------------------------------------------
+// Batch checks and per-batch inputs
+
+static molt_status check_i32_vec(const char *what, const ag_tensor *t, int64_t T) {
+    if (!t || t->dtype != AG_I32 || t->ndim != 1 || t->shape[0] != T) {
+        char b[80];
+        return molt_err(MOLT_EARG, "model batch: %s is %s, expected I32 [%lld]", what,
+                        t ? ag_shape_str(t, b, sizeof b) : "NULL", (long long)T);
+    }
+    return MOLT_OK;
+}
+
+static molt_status check_batch(const mdl_model *m, const mdl_batch *b) {
+    if (!b || !b->ids)
+        return molt_err(MOLT_EARG, "model batch: ids is NULL");
+    int64_t T = b->ids->numel;
+    if (T < 1)
+        return molt_err(MOLT_EARG, "model batch: no tokens");
+    MOLT_TRY(check_i32_vec("ids", b->ids, T));
+    MOLT_TRY(check_i32_vec("pos", b->pos, T));
+    MOLT_TRY(check_i32_vec("seg", b->seg, T));
+    const int32_t *id = b->ids->data, *p = b->pos->data;
+    for (int64_t t = 0; t < T; t++) {
+        if (id[t] < 0 || id[t] >= m->cfg.vocab_size)
+            return molt_err(MOLT_EARG, "model batch: ids[%lld] = %d is outside the vocabulary "
+                            "[0, %d)", (long long)t, (int)id[t], m->cfg.vocab_size);
+        if (p[t] < 0)
+            return molt_err(MOLT_EARG, "model batch: pos[%lld] = %d is negative", (long long)t,
+                            (int)p[t]);
+    }
+    if (b->targets)
+        MOLT_TRY(check_i32_vec("targets", b->targets, T));
+    if (b->mask && (b->mask->dtype != AG_F32 || b->mask->ndim != 1 || b->mask->shape[0] != T))
+        return molt_err(MOLT_EARG, "model batch: mask must be F32 [%lld]", (long long)T);
+    return MOLT_OK;
+}
+
+molt_status mdl_attn_inputs(ag_ctx *c, const mdl_model *m, const mdl_batch *b,
+                            mdl_attn_in *out) {
+    MOLT_TRY(check_batch(m, b));
+    *out = (mdl_attn_in){.pos = b->pos, .seg = b->seg};
+    double beta = m->cfg.rope.llama_4_scaling_beta;
+    double orig = m->cfg.rope.original_max_position_embeddings;
+    if (beta == 0 || !(orig > 0))
+        return MOLT_OK;
+    int64_t T = b->pos->numel;
+    ag_tensor *qt = ag_tensor_new1(&c->act, AG_F32, T);
+    if (!qt)
+        return molt_err_wrap(MOLT_ENOMEM, "query temperature");
+    const int32_t *p = b->pos->data;
+    float *q = qt->data;
+    // 1 + beta ln(1 + floor(pos / orig)), in f32 like the reference
+    for (int64_t t = 0; t < T; t++) {
+        float f = floorf((float)p[t] / (float)orig);
+        q[t] = 1.0f + (float)beta * logf(1.0f + f);
+    }
+    out->qtemp = qt;
+    return MOLT_OK;
+}
+
+ag_tensor *mdl_embed(ag_ctx *c, const mdl_model *m, ag_tensor *ids) {
+    return ag_embedding(c, m->embed, ids);
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention
+
+static const mdl_layer *layer_at(const mdl_model *m, int l) {
+    if (l < 0 || l >= m->cfg.num_hidden_layers) {
+        molt_err(MOLT_EARG, "model: layer %d out of range [0, %d)", l, m->cfg.num_hidden_layers);
+        return NULL;
+    }
+    return &m->layers[l];
+}
+
+ag_tensor *mdl_attn_query(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x, ag_tensor *pos) {
+    const mdl_layer *y = layer_at(m, l);
+    if (!y || !x)
+        return NULL;
+    const mcfg *cf = &m->cfg;
+    ag_tensor *q;
+    if (y->q_a.w) {
+        ag_tensor *qa = ag_rmsnorm(c, mdl_linear(c, x, &y->q_a), y->q_a_norm, cf->rms_norm_eps);
+        q = mdl_linear(c, qa, &y->q_b);
+    } else
+        q = mdl_linear(c, x, &y->q);
+    if (!q)
+        return NULL;
+    int64_t dqk = cf->qk_nope_head_dim + cf->qk_rope_head_dim;
+    q = ag_reshape(c, q, 3, (int64_t[]){x->shape[0], cf->num_attention_heads, dqk});
+    // the rotary part is the last DR dims of each head: rotated in place in the copy
+    return q ? ag_rope(c, q, pos, &m->rope, cf->qk_nope_head_dim) : NULL;
+}
+
+molt_status mdl_attn_latent(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x, ag_tensor *pos,
+                            ag_tensor **latent, ag_tensor **k_rot) {
+    const mdl_layer *y = layer_at(m, l);
+    if (!y)
+        return MOLT_EARG;
+    const mcfg *cf = &m->cfg;
+    ag_tensor *ckv = mdl_linear(c, x, &y->kv_a), *parts[2];
+    // rotating the whole row's tail first is the same as splitting first
+    ckv = ckv ? ag_rope(c, ckv, pos, &m->rope, cf->kv_lora_rank) : NULL;
+    if (!ckv)
+        return MOLT_EARG;
+    int64_t sizes[2] = {cf->kv_lora_rank, cf->qk_rope_head_dim};
+    MOLT_TRY(ag_split(c, ckv, 1, 2, sizes, parts));
+    *latent = ag_rmsnorm(c, parts[0], y->kv_a_norm, cf->rms_norm_eps);
+    *k_rot = parts[1];
+    return *latent ? MOLT_OK : MOLT_EARG;
+}
+
+molt_status mdl_attn_expand(ag_ctx *c, const mdl_model *m, int l, ag_tensor *latent,
+                            ag_tensor *k_rot, ag_tensor **key, ag_tensor **value) {
+    const mdl_layer *y = layer_at(m, l);
+    if (!y || !latent || !k_rot)
+        return MOLT_EARG;
+    const mcfg *cf = &m->cfg;
+    int64_t S = latent->shape[0], NH = cf->num_attention_heads, DN = cf->qk_nope_head_dim;
+    ag_tensor *kv = mdl_linear(c, latent, &y->kv_b), *kvp[2];
+    kv = kv ? ag_reshape(c, kv, 3, (int64_t[]){S, NH, DN + cf->v_head_dim}) : NULL;
+    if (!kv)
+        return MOLT_EARG;
+    // per head: DN rows of k_nope, then DV rows of the value
+    MOLT_TRY(ag_split(c, kv, 2, 2, (int64_t[]){DN, cf->v_head_dim}, kvp));
+    ag_tensor *kr = ag_reshape(c, k_rot, 3, (int64_t[]){S, 1, cf->qk_rope_head_dim});
+    ag_tensor *kparts[2] = {kvp[0], kr ? ag_expand(c, kr, 1, NH) : NULL};
+    *key = kparts[1] ? ag_concat(c, 2, kparts, 2) : NULL;
+    *value = kvp[1];
+    return *key ? MOLT_OK : MOLT_EARG;
+}
+
+ag_tensor *mdl_attn_out(ag_ctx *c, const mdl_model *m, int l, ag_tensor *att) {
+    const mdl_layer *y = layer_at(m, l);
+    if (!y || !att)
+        return NULL;
+    int64_t hv = (int64_t)m->cfg.num_attention_heads * m->cfg.v_head_dim;
+    ag_tensor *flat = ag_reshape(c, att, 2, (int64_t[]){att->shape[0], hv});
+    return flat ? mdl_linear(c, flat, &y->o) : NULL;
+}
+
+ag_tensor *mdl_attention(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x,
+                         const mdl_attn_in *a) {
+    ag_tensor *query = mdl_attn_query(c, m, l, x, a->pos), *latent, *k_rot, *key, *value;
+    if (!query || mdl_attn_latent(c, m, l, x, a->pos, &latent, &k_rot) != MOLT_OK ||
+        mdl_attn_expand(c, m, l, latent, k_rot, &key, &value) != MOLT_OK)
+        return NULL;
+    ag_tensor *att = ag_attention(c, query, key, value, a->seg, a->qtemp, m->attn_scale);
+    return mdl_attn_out(c, m, l, att);
+}
+
+// ---------------------------------------------------------------------------------------
+// Feed-forward
+
+static ag_tensor *mlp(ag_ctx *c, const mdl_mlp *p, ag_tensor *x) {
+    ag_tensor *act = ag_swiglu(c, mdl_linear(c, x, &p->gate), mdl_linear(c, x, &p->up));
+    return act ? mdl_linear(c, act, &p->down) : NULL;
+}
+
+ag_tensor *mdl_ffn(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x) {
+    const mdl_layer *y = layer_at(m, l);
+    if (!y || !x)
+        return NULL;
+    if (!y->moe)
+        return mlp(c, &y->dense, x);
+    ag_tensor *idx = NULL, *logits = mdl_linear(c, x, &y->router);
+    ag_tensor *w = logits ? ag_moe_router(c, logits, &m->router, &idx) : NULL;
+    ag_tensor *routed = w ? ag_moe_experts(c, x, w, idx, y->gate_up, y->down) : NULL;
+    if (!routed || !y->shared.gate.w)
+        return routed;
+    ag_tensor *shared = mlp(c, &y->shared, x);
+    return shared ? ag_add(c, routed, shared) : NULL;
+}
+
+ag_tensor *mdl_layer_forward(ag_ctx *c, const mdl_model *m, int l, ag_tensor *h,
+                             const mdl_attn_in *a) {
+    const mdl_layer *y = layer_at(m, l);
+    if (!y || !h)
+        return NULL;
+    double eps = m->cfg.rms_norm_eps;
+    ag_tensor *att = mdl_attention(c, m, l, ag_rmsnorm(c, h, y->attn_norm, eps), a);
+    h = att ? ag_add(c, h, att) : NULL;
+    ag_tensor *f = h ? mdl_ffn(c, m, l, ag_rmsnorm(c, h, y->mlp_norm, eps)) : NULL;
+    return f ? ag_add(c, h, f) : NULL;
+}
+
+// ---------------------------------------------------------------------------------------
+// Whole model
+
+molt_status mdl_hidden(ag_ctx *c, const mdl_model *m, const mdl_batch *b, ag_tensor **hidden) {
+    mdl_attn_in a;
+    MOLT_TRY(mdl_attn_inputs(c, m, b, &a));
+    ag_tensor *h = mdl_embed(c, m, b->ids);
+    for (int l = 0; h && l < m->cfg.num_hidden_layers; l++)
+        h = mdl_layer_forward(c, m, l, h, &a);
+    *hidden = h ? ag_rmsnorm(c, h, m->norm, m->cfg.rms_norm_eps) : NULL;
+    if (!*hidden)
+        return molt_err_wrap(MOLT_EARG, "model forward");
+    return MOLT_OK;
+}
+
+ag_tensor *mdl_logits(ag_ctx *c, const mdl_model *m, ag_tensor *hidden) {
+    return mdl_linear(c, hidden, &m->lm_head);
+}
+
+molt_status mdl_forward(ag_ctx *c, const mdl_model *m, const mdl_batch *b, ag_tensor **out) {
+    ag_tensor *h;
+    *out = NULL;
+    MOLT_TRY(mdl_hidden(c, m, b, &h));
+    if (!b->targets)
+        *out = mdl_logits(c, m, h);
+    else if (m->lm_head.lora_a)
+        return molt_err(MOLT_EUNSUPPORTED, "model forward: the fused loss does not take a LoRA "
+                        "on lm_head");
+    else
+        *out = ag_cross_entropy_linear(c, h, m->lm_head.w, b->targets, b->mask, MDL_CE_CHUNK);
+    return *out ? MOLT_OK : molt_err_wrap(MOLT_EARG, "model forward");
+}
+
+// Argmax of the last row of the logits of prompt + generated tokens.
+static molt_status next_token(ag_ctx *c, const mdl_model *m, const int32_t *ids, int T,
+                              int32_t *tok) {
+    ag_tensor *ti = ag_tensor_new1(&c->act, AG_I32, T), *tp = ag_tensor_new1(&c->act, AG_I32, T);
+    ag_tensor *ts = ag_tensor_new1(&c->act, AG_I32, T);
+    if (!ti || !tp || !ts)
+        return molt_err_wrap(MOLT_ENOMEM, "greedy decoding");
+    memcpy(ti->data, ids, (size_t)T * sizeof *ids);
+    for (int t = 0; t < T; t++)
+        ((int32_t *)tp->data)[t] = t;
+    mdl_batch b = {.ids = ti, .pos = tp, .seg = ts};
+    ag_tensor *h;
+    MOLT_TRY(mdl_hidden(c, m, &b, &h));
+    ag_tensor *last = ag_slice(c, h, 0, T - 1, 1);
+    ag_tensor *lg = last ? mdl_logits(c, m, last) : NULL;
+    if (!lg)
+        return molt_err_wrap(MOLT_EARG, "greedy decoding");
+    const float *v = lg->data;
+    int32_t best = 0;
+    for (int64_t j = 1; j < lg->numel; j++)
+        if (v[j] > v[best]) // first maximum on ties, like torch.argmax
+            best = (int32_t)j;
+    *tok = best;
+    return MOLT_OK;
+}
+
+static bool is_eos(const mcfg *cf, int32_t t) {
+    for (int i = 0; i < cf->n_eos; i++)
+        if (cf->eos_token_ids[i] == t)
+            return true;
+    return false;
+}
+
+molt_status mdl_greedy(ag_ctx *c, const mdl_model *m, const int32_t *prompt, int n_prompt,
+                       int n, bool stop_at_eos, int32_t *out, int *n_out) {
+    *n_out = 0;
+    if (n_prompt < 1 || n < 0)
+        return molt_err(MOLT_EARG, "greedy decoding: %d prompt tokens, %d to generate", n_prompt,
+                        n);
+    int32_t *ids = molt_malloc((size_t)(n_prompt + n + 1) * sizeof *ids);
+    if (!ids)
+        return molt_err(MOLT_ENOMEM, "greedy decoding: out of memory");
+    memcpy(ids, prompt, (size_t)n_prompt * sizeof *ids);
+    molt_status st = MOLT_OK;
+    bool grad = c->grad_mode;
+    ag_ctx_set_grad(c, false);
+    for (int i = 0; st == MOLT_OK && i < n; i++) {
+        ag_ctx_step_reset(c);
+        st = next_token(c, m, ids, n_prompt + i, &ids[n_prompt + i]);
+        if (st != MOLT_OK)
+            break;
+        out[i] = ids[n_prompt + i];
+        *n_out = i + 1;
+        if (stop_at_eos && is_eos(&m->cfg, out[i]))
+            break;
+    }
+    ag_ctx_step_reset(c);
+    ag_ctx_set_grad(c, grad);
+    molt_free(ids);
+    return st;
+}

@@ -1,0 +1,43 @@
+// model/mdl_internal.h: what the model's source files share and nobody else sees: the one
+// list of every weight with its HF and Mistral names, used by the loader (weights.c), the
+// writer (save.c) and random initialization (init_model.c), so all three agree on names,
+// shapes and order. Not a public API: include model.h from outside model/.
+#ifndef MOLT_MODEL_INTERNAL_H
+#define MOLT_MODEL_INTERNAL_H
+
+#include "model.h"
+
+typedef enum {
+    W_EMBED,   // embed_tokens [V, H]
+    W_HEAD,    // lm_head [V, H] (HF name without the model prefix)
+    W_NORM,    // RMSNorm weights [n]
+    W_LINEAR,  // projection [out, in]
+    W_ROUTER,  // mlp.gate [E, H]
+    W_GATE_UP, // experts [E, 2I, H]
+    W_DOWN,    // experts [E, H, I]
+} w_kind;
+
+typedef struct {
+    ag_tensor *t;        // the model's tensor (shape is the expected shape)
+    w_kind kind;
+    int layer;           // -1 for embed_tokens, norm, lm_head
+    const char *hf;      // HF name after "<prefix>layers.N." or "<prefix>"
+    const char *mistral; // Mistral consolidated name after "layers.N." (or whole)
+} w_entry;
+
+// Every weight of m in a fixed order (embeddings, layers 0..L-1 field by field, final
+// norm, lm_head; absent modules skipped; a tied lm_head skipped). Returns the count; writes
+// at most cap entries (out may be NULL to count).
+int mdl_weight_list(const mdl_model *m, w_entry *out, int cap);
+
+// Full tensor name of entry e in a layout. For experts in the per-expert layouts, `expert`
+// and `part` (0 gate/w1, 1 up/w3 for W_GATE_UP; 0 for W_DOWN) select one matrix; otherwise
+// they are ignored. `wrapped` selects the model.language_model. prefix (HF layouts).
+void mdl_weight_name(const w_entry *e, mdl_layout layout, bool wrapped, int expert, int part,
+                     char *buf, size_t cap);
+
+// The HF per-tensor FP8 scale suffix and the Mistral one.
+#define MDL_HF_SCALE "_scale_inv"    // appended to "<...>.weight" and fused expert names
+#define MDL_MISTRAL_SCALE "qscale_weight"
+
+#endif
