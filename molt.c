@@ -27,6 +27,7 @@ static const command commands[] = {
 
 static const command bench_commands[] = {
     {"ops", ag_cmd_bench_ops, "linear and attention forward+backward vs OpenBLAS sgemm"},
+    {"quant", ag_cmd_bench_quant, "quantized weights: bits/param, fused NF4/INT8 linear vs sgemm"},
     {"tokenize", data_cmd_bench_tokenize, "tokenizer and data pipeline throughput"},
 };
 

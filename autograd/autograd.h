@@ -220,6 +220,89 @@ void ag_device_tensor_free(ag_tensor *t);
 molt_status ag_device_add(ag_tensor *y, const ag_tensor *a, const ag_tensor *b);
 
 // ---------------------------------------------------------------------------------------
+// Frozen quantized weights (autograd/quant.c, ops_qlinear.c). A qweight is only ever the
+// weight operand of ag_linear_q / ag_moe_experts_q: it has no gradient, but gradients flow
+// through it to the activations. Storage is owned by the struct (molt_malloc) and released
+// by ag_qweight_free; kernels dequantize it tile by tile and never hold the whole matrix.
+typedef enum {
+    AG_Q_F32,  // plain floats
+    AG_Q_BF16, // bf16 bits
+    AG_Q_INT8, // int8, symmetric, one fp32 scale per output row: w = q * scale[row]
+    AG_Q_FP8,  // E4M3 bytes times an fp32 scale per matrix (as loaded) or per output row
+    AG_Q_NF4,  // bitsandbytes NF4: blocks of 64, optionally double-quantized absmax
+    AG_Q_FORMAT_COUNT
+} ag_qformat;
+
+#define AG_NF4_BLOCK 64     // values per NF4 block (one absmax each)
+#define AG_NF4_DQ_BLOCK 256 // absmax values per second-level block (double quantization)
+
+typedef struct {
+    bool nf4_double_quant; // NF4: quantize the absmax to 8 bits (bitsandbytes
+                           // compress_statistics); default true
+    bool fp8_per_row;      // FP8 from F32: one scale per output row (default true) or one
+                           // per matrix
+} ag_qopts;
+
+typedef struct {
+    ag_qformat format;
+    int ndim;                // 2: [out, in]; 3: [E, out, in], E matrices (experts)
+    int64_t shape[3];
+    int64_t n_mat, rows, cols; // E (1 for 2-D), out, in
+    int64_t numel;             // n_mat * rows * cols
+    bool fp8_per_row;          // FP8: scale has n_mat * rows entries, else n_mat
+    bool nf4_double_quant;     // NF4: absmax is stored as absmax_q/absmax_scale/offset
+    // Storage (row-major over the flattened [E, out, in] weight; unused pointers are NULL):
+    void *data;                // F32 float[numel], BF16 uint16[numel], INT8 int8[numel],
+                               // FP8 uint8[numel], NF4 uint8[(numel + 1) / 2] with the
+                               // first value of each pair in the high nibble
+    float *scale;              // INT8 [n_mat * rows]; FP8 [n_mat] or [n_mat * rows];
+                               // NF4 without double quantization: absmax [n_blocks]
+    uint8_t *absmax_q;         // NF4 + DQ: [n_blocks] codes of the signed dynamic map
+    float *absmax_scale;       // NF4 + DQ: [n_blocks2] second-level (fp32) scales
+    float absmax_offset;       // NF4 + DQ: mean of the absmax, added back on dequantization
+    int64_t n_blocks;          // NF4: ceil(numel / 64)
+    int64_t n_blocks2;         // NF4 + DQ: ceil(n_blocks / 256)
+    size_t bytes;              // bytes of all storage above
+    void *mem;                 // the single allocation behind the storage pointers
+} ag_qweight;
+
+// Defaults: NF4 double quantization on, FP8 per-row scales.
+ag_qopts ag_qopts_default(void);
+// Allocates zeroed storage for a qweight of `format` and shape (ndim 2 or 3); a loader fills
+// it and then calls ag_qweight_check. On error *q is left empty (safe to free).
+molt_status ag_qweight_alloc(ag_qweight *q, ag_qformat format, int ndim, const int64_t *shape,
+                             const ag_qopts *opts);
+// Quantizes an F32 CPU tensor [out, in] or [E, out, in] (finite values) to `format`
+// (opts NULL = defaults). NF4 follows bitsandbytes' quantize_4bit (nf4, blocksize 64,
+// compress_statistics = nf4_double_quant) bit for bit; INT8 rounds w * 127 / absmax(row) to
+// nearest even; FP8 rounds w / scale to nearest even E4M3 with scale = absmax / 448.
+molt_status ag_qweight_quantize(ag_qweight *q, const ag_tensor *w, ag_qformat format,
+                                const ag_qopts *opts);
+// Wraps E4M3 bytes as loaded from a checkpoint (copied, never re-quantized) with one scale
+// per matrix that multiplies (real = fp8 * scales[e]); ndim 2 or 3 as above.
+molt_status ag_qweight_from_fp8(ag_qweight *q, const uint8_t *e4m3, int ndim,
+                                const int64_t *shape, const float *scales);
+// Validates a qweight (format, shape, storage sizes, finite scales, no FP8 NaN codes).
+molt_status ag_qweight_check(const ag_qweight *q);
+// The F32 tensor the qweight stands for (shape [out, in] or [E, out, in]) in arena a.
+ag_tensor *ag_qweight_dequantize(ag_arena *a, const ag_qweight *q);
+void ag_qweight_free(ag_qweight *q);
+// Storage bits per parameter (8 * bytes / numel).
+double ag_qweight_bits_per_param(const ag_qweight *q);
+const char *ag_qformat_name(ag_qformat f);
+
+// y = x W^T with W a 2-D qweight [out, in]: x [..., in] (F32 or F64) -> [..., out]. Recorded
+// only when x requires grad; backward gives dx = dy W (W gets no gradient). The node keeps a
+// pointer to w, which must outlive the tape.
+ag_tensor *ag_linear_q(ag_ctx *c, ag_tensor *x, const ag_qweight *w);
+// ag_moe_experts with quantized experts: gate_up [E, 2I, H] (gate rows first) and down
+// [E, H, I] qweights (3-D, one matrix per expert); gradients reach x and weights.
+ag_tensor *ag_moe_experts_q(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,
+                            const ag_qweight *gate_up, const ag_qweight *down);
+
+int ag_cmd_bench_quant(int argc, char **argv); // molt bench quant
+
+// ---------------------------------------------------------------------------------------
 // Command-line entry points served by this module (called from molt.c). Return the process
 // exit status; errors are printed to stderr.
 int ag_cmd_info(int argc, char **argv);      // molt info

@@ -7,3 +7,4 @@
 #include "k_attention.h"
 #include "k_moe.h"
 #include "k_ce.h"
+#include "k_quant.h"

@@ -1,0 +1,260 @@
+// autograd/ops_qlinear.c: linear and routed experts whose weights are frozen quantized
+// matrices (ag_qweight): builders with their operand checks, and backward rules. A qweight
+// never gets a gradient; the activations (and routing weights) do. The kernels are in
+// cpu/k_quant.c; the formats in quant.c. Not here: bias terms, LoRA (built on top of these
+// by the model), quantizing activations.
+#include "quant_internal.h"
+
+#include <limits.h>
+#include <omp.h>
+#include <string.h>
+
+#define LINQ "linear_q"
+#define EXPQ "moe_experts_q"
+
+// BLAS indexes with int: larger operands are refused up front rather than truncated.
+static molt_status check_int(const char *op, const char *what, int64_t n) {
+    if (n <= INT_MAX)
+        return MOLT_OK;
+    return molt_err(MOLT_EARG, "%s: %s is %lld, more than BLAS can index (%d)", op, what,
+                    (long long)n, INT_MAX);
+}
+
+// Scratch for the optimized kernels (NULL with a message on no memory).
+static void *scratch(const char *op, size_t bytes) {
+    void *p = molt_malloc(bytes ? bytes : 1);
+    if (!p)
+        molt_err(MOLT_ENOMEM, "%s: out of memory for %zu bytes of scratch", op, bytes);
+    return p;
+}
+
+// ---- linear ---------------------------------------------------------------------------------
+
+static molt_status linear_q_check(const ag_tensor *x, const ag_qweight *w) {
+    MOLT_TRY(ag_check_cpu_float(LINQ, "x", x));
+    MOLT_TRY(ag_qweight_check_operand(LINQ, "w", w));
+    char bx[80], bw[96];
+    if (w->ndim != 2)
+        return molt_err(MOLT_EARG, LINQ ": w %s is a stack of %lld matrices; a linear takes "
+                        "one [out, in] matrix (experts go through ag_moe_experts_q)",
+                        ag_qweight_str(w, bw, sizeof bw), (long long)w->n_mat);
+    if (ag_cols(x) != w->cols)
+        return molt_err(MOLT_EARG, LINQ ": x %s does not match w %s: x's last dim must equal "
+                        "w's dim 1 (in features)", ag_shape_str(x, bx, sizeof bx),
+                        ag_qweight_str(w, bw, sizeof bw));
+    MOLT_TRY(check_int(LINQ, "the row count of x", ag_rows(x)));
+    MOLT_TRY(check_int(LINQ, "in features", w->cols));
+    return check_int(LINQ, "out features", w->rows);
+}
+
+static molt_status linear_q_fwd(ag_tensor *y, const ag_tensor *x, const ag_qweight *w) {
+    kq_weight v;
+    ag_qweight_view(&v, w);
+    int64_t T = ag_rows(x);
+    bool f32 = x->dtype == AG_F32;
+    if (ag_reference_kernels()) {
+        if (f32) qlinear_fwd_ref_f32(y->data, x->data, &v, 0, T);
+        else qlinear_fwd_ref_f64(y->data, x->data, &v, 0, T);
+        return MOLT_OK;
+    }
+    int nt = omp_get_max_threads();
+    void *ws = scratch(LINQ, f32 ? qlinear_ws_bytes_f32(&v, T, nt) : qlinear_ws_bytes_f64(&v, T, nt));
+    if (!ws)
+        return MOLT_ENOMEM;
+    if (f32) qlinear_fwd_f32(y->data, x->data, &v, 0, T, nt, ws);
+    else qlinear_fwd_f64(y->data, x->data, &v, 0, T, nt, ws);
+    molt_free(ws);
+    return MOLT_OK;
+}
+
+// Contract in autograd.h. Nothing is saved: backward reads x's shape and w itself.
+ag_tensor *ag_linear_q(ag_ctx *c, ag_tensor *x, const ag_qweight *w) {
+    if (linear_q_check(x, w) != MOLT_OK)
+        return NULL;
+    int64_t shape[AG_MAX_DIMS];
+    memcpy(shape, x->shape, sizeof shape);
+    shape[x->ndim - 1] = w->rows;
+    ag_tensor *y = ag_out_new(c, x->dtype, x->ndim, shape);
+    if (!y || linear_q_fwd(y, x, w) != MOLT_OK)
+        return NULL;
+    if (ag_should_record(c, 1, &x)) {
+        ag_node *n = ag_record(c, AG_OP_LINEAR_Q, y, 1, &x);
+        if (!n)
+            return NULL;
+        n->ptr = w;
+    }
+    return y;
+}
+
+// dx += dy W (W is frozen: no gradient for it).
+molt_status ag_backward_linear_q(ag_ctx *c, ag_node *n) {
+    (void)c;
+    molt_status st = MOLT_OK;
+    ag_tensor *x = n->in[0], *dx = ag_grad_of(x, &st), *dy = n->out->grad;
+    const ag_qweight *w = n->ptr;
+    if (!dx)
+        return st;
+    if (!w)
+        return molt_err(MOLT_EINTERNAL, LINQ ": node lost its weight");
+    kq_weight v;
+    ag_qweight_view(&v, w);
+    int64_t T = ag_rows(x);
+    bool f32 = x->dtype == AG_F32;
+    if (ag_reference_kernels()) {
+        if (f32) qlinear_bwd_x_ref_f32(dx->data, dy->data, &v, 0, T);
+        else qlinear_bwd_x_ref_f64(dx->data, dy->data, &v, 0, T);
+        return MOLT_OK;
+    }
+    int nt = omp_get_max_threads();
+    void *ws = scratch(LINQ, f32 ? qlinear_ws_bytes_f32(&v, T, nt) : qlinear_ws_bytes_f64(&v, T, nt));
+    if (!ws)
+        return MOLT_ENOMEM;
+    if (f32) qlinear_bwd_x_f32(dx->data, dy->data, &v, 0, T, nt, ws);
+    else qlinear_bwd_x_f64(dx->data, dy->data, &v, 0, T, nt, ws);
+    molt_free(ws);
+    return MOLT_OK;
+}
+
+// ---- routed experts -------------------------------------------------------------------------
+
+static molt_status experts_q_shapes(const ag_tensor *x, const ag_tensor *w,
+                                    const ag_tensor *idx, const ag_qweight *gu,
+                                    const ag_qweight *down) {
+    char b0[96], b1[96];
+    int64_t T = x->shape[0], H = x->shape[1];
+    if (w->shape[0] != T)
+        return molt_err(MOLT_EARG, EXPQ ": weights %s and x %s differ in tokens",
+                        ag_shape_str(w, b0, sizeof b0), ag_shape_str(x, b1, sizeof b1));
+    if (!ag_same_shape(idx, w))
+        return molt_err(MOLT_EARG, EXPQ ": idx %s and weights %s differ in shape",
+                        ag_shape_str(idx, b0, sizeof b0), ag_shape_str(w, b1, sizeof b1));
+    if (gu->ndim != 3 || gu->cols != H || gu->rows % 2 != 0)
+        return molt_err(MOLT_EARG, EXPQ ": gate_up is %s, expected [E, 2I, %lld] for x %s",
+                        ag_qweight_str(gu, b0, sizeof b0), (long long)H,
+                        ag_shape_str(x, b1, sizeof b1));
+    int64_t E = gu->n_mat, I = gu->rows / 2;
+    if (down->ndim != 3 || down->n_mat != E || down->rows != H || down->cols != I)
+        return molt_err(MOLT_EARG, EXPQ ": down is %s, expected [%lld, %lld, %lld] (E, H, I "
+                        "from gate_up and x)", ag_qweight_str(down, b0, sizeof b0),
+                        (long long)E, (long long)H, (long long)I);
+    return MOLT_OK;
+}
+
+static molt_status experts_q_check(const ag_tensor *x, const ag_tensor *w, const ag_tensor *idx,
+                                   const ag_qweight *gu, const ag_qweight *down) {
+    MOLT_TRY(ag_check_cpu_float(EXPQ, "x", x));
+    MOLT_TRY(ag_check_cpu_float(EXPQ, "weights", w));
+    MOLT_TRY(ag_check_i32(EXPQ, "idx", idx));
+    MOLT_TRY(ag_check_same_dtype(EXPQ, "x", x, "weights", w));
+    MOLT_TRY(ag_check_ndim(EXPQ, "x", x, 2, 2));
+    MOLT_TRY(ag_check_ndim(EXPQ, "weights", w, 2, 2));
+    MOLT_TRY(ag_check_ndim(EXPQ, "idx", idx, 2, 2));
+    MOLT_TRY(ag_qweight_check_operand(EXPQ, "gate_up", gu));
+    MOLT_TRY(ag_qweight_check_operand(EXPQ, "down", down));
+    MOLT_TRY(experts_q_shapes(x, w, idx, gu, down));
+    MOLT_TRY(check_int(EXPQ, "the slot count T*k", idx->numel));
+    MOLT_TRY(check_int(EXPQ, "the expert count", gu->n_mat));
+    MOLT_TRY(check_int(EXPQ, "2I", gu->rows));
+    MOLT_TRY(check_int(EXPQ, "H", gu->cols));
+    const int32_t *ix = idx->data;
+    int64_t k = idx->shape[1];
+    for (int64_t s = 0; s < idx->numel; s++)
+        if (ix[s] < 0 || ix[s] >= gu->n_mat)
+            return molt_err(MOLT_EARG, EXPQ ": idx[t=%lld, j=%lld] = %d is out of range "
+                            "[0, %lld)", (long long)(s / k), (long long)(s % k), ix[s],
+                            (long long)gu->n_mat);
+    return MOLT_OK;
+}
+
+typedef struct {
+    kq_weight gu, down;
+    int64_t T, k;
+    int nt;
+    void *ws; // optimized kernels only
+} experts_run;
+
+static molt_status experts_run_init(experts_run *r, const ag_tensor *idx, const ag_qweight *gu,
+                                    const ag_qweight *down, ag_dtype dt) {
+    ag_qweight_view(&r->gu, gu);
+    ag_qweight_view(&r->down, down);
+    r->T = idx->shape[0];
+    r->k = idx->shape[1];
+    r->nt = omp_get_max_threads();
+    r->ws = NULL;
+    if (ag_reference_kernels())
+        return MOLT_OK;
+    size_t bytes = dt == AG_F32 ? qmoe_ws_bytes_f32(&r->gu, &r->down, r->T, r->k, r->nt)
+                                : qmoe_ws_bytes_f64(&r->gu, &r->down, r->T, r->k, r->nt);
+    r->ws = scratch(EXPQ, bytes);
+    return r->ws ? MOLT_OK : MOLT_ENOMEM;
+}
+
+static molt_status experts_q_fwd(ag_tensor *y, const ag_tensor *x, const ag_tensor *w,
+                                 const ag_tensor *idx, const ag_qweight *gu,
+                                 const ag_qweight *down) {
+    experts_run r;
+    MOLT_TRY(experts_run_init(&r, idx, gu, down, x->dtype));
+    bool f32 = x->dtype == AG_F32;
+    if (!r.ws && f32)
+        qmoe_fwd_ref_f32(y->data, x->data, w->data, idx->data, &r.gu, &r.down, r.T, r.k);
+    else if (!r.ws)
+        qmoe_fwd_ref_f64(y->data, x->data, w->data, idx->data, &r.gu, &r.down, r.T, r.k);
+    else if (f32)
+        qmoe_fwd_f32(y->data, x->data, w->data, idx->data, &r.gu, &r.down, r.T, r.k, r.nt, r.ws);
+    else
+        qmoe_fwd_f64(y->data, x->data, w->data, idx->data, &r.gu, &r.down, r.T, r.k, r.nt, r.ws);
+    molt_free(r.ws);
+    return MOLT_OK;
+}
+
+// Contract in autograd.h. idx values must lie in [0, E); duplicates within a row add up.
+// The node saves the two qweight pointers (16 bytes); both must outlive the tape.
+ag_tensor *ag_moe_experts_q(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,
+                            const ag_qweight *gate_up, const ag_qweight *down) {
+    if (experts_q_check(x, weights, idx, gate_up, down) != MOLT_OK)
+        return NULL;
+    ag_tensor *y = ag_out_new(c, x->dtype, 2, x->shape);
+    if (!y || experts_q_fwd(y, x, weights, idx, gate_up, down) != MOLT_OK)
+        return NULL;
+    ag_tensor *ins[3] = {x, weights, idx};
+    if (ag_should_record(c, 3, ins)) {
+        ag_node *n = ag_record(c, AG_OP_MOE_EXPERTS_Q, y, 3, ins);
+        const ag_qweight **saved = n ? ag_node_save(c, n, 2 * sizeof *saved) : NULL;
+        if (!saved)
+            return NULL;
+        saved[0] = gate_up;
+        saved[1] = down;
+    }
+    return y;
+}
+
+molt_status ag_backward_moe_experts_q(ag_ctx *c, ag_node *n) {
+    (void)c;
+    molt_status st = MOLT_OK;
+    ag_tensor *x = n->in[0], *w = n->in[1], *idx = n->in[2];
+    ag_tensor *gx = ag_grad_of(x, &st), *gw = st == MOLT_OK ? ag_grad_of(w, &st) : NULL;
+    if (st != MOLT_OK || (!gx && !gw))
+        return st;
+    const ag_qweight *const *qw = n->saved;
+    if (!qw)
+        return molt_err(MOLT_EINTERNAL, EXPQ ": node lost its weights");
+    experts_run r;
+    MOLT_TRY(experts_run_init(&r, idx, qw[0], qw[1], x->dtype));
+    const ag_tensor *dy = n->out->grad;
+    void *dxp = gx ? gx->data : NULL, *dwp = gw ? gw->data : NULL;
+    bool f32 = x->dtype == AG_F32;
+    if (!r.ws && f32)
+        qmoe_bwd_ref_f32(dxp, dwp, dy->data, x->data, w->data, idx->data, &r.gu, &r.down, r.T,
+                         r.k);
+    else if (!r.ws)
+        qmoe_bwd_ref_f64(dxp, dwp, dy->data, x->data, w->data, idx->data, &r.gu, &r.down, r.T,
+                         r.k);
+    else if (f32)
+        qmoe_bwd_f32(dxp, dwp, dy->data, x->data, w->data, idx->data, &r.gu, &r.down, r.T, r.k,
+                     r.nt, r.ws);
+    else
+        qmoe_bwd_f64(dxp, dwp, dy->data, x->data, w->data, idx->data, &r.gu, &r.down, r.T, r.k,
+                     r.nt, r.ws);
+    molt_free(r.ws);
+    return MOLT_OK;
+}
