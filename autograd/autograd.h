@@ -197,6 +197,27 @@ ag_tensor *ag_moe_router(ag_ctx *c, ag_tensor *logits, const ag_router_config *c
 ag_tensor *ag_moe_experts(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,
                           ag_tensor *w_gate_up, ag_tensor *w_down);
 
+// ---- LoRA on routed experts (autograd/ops_moe_lora.c) ----
+// Adapters on the 3D expert stacks in PEFT's target_parameters layout: for a stack W
+// [E, out, in], A is [r*E, in] (rows e*r..e*r+r-1 are expert e's) and B is [out, r*E]
+// (column k*E + e is expert e's rank k); expert e uses W[e] + scale * B_e A_e. A pair may be
+// left NULL (both matrices) for no adapter on that stack. No dropout (PEFT has none there).
+typedef struct {
+    ag_tensor *a_gate_up; // [r*E, H] or NULL
+    ag_tensor *b_gate_up; // [2I, r*E]
+    ag_tensor *a_down;    // [r*E, I] or NULL
+    ag_tensor *b_down;    // [H, r*E]
+    int r;                // rank per expert
+    double scale;         // lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA
+} ag_expert_lora;
+// ag_moe_experts with the adapters applied (never merged: the optimized kernel uses the
+// low-rank products). Gradients reach x, weights and every LoRA matrix that requires grad;
+// w_gate_up and w_down stay frozen. LoRA matrices share x's dtype.
+ag_tensor *ag_moe_experts_lora(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,
+                               ag_tensor *w_gate_up, ag_tensor *w_down,
+                               const ag_expert_lora *lora);
+// ---- end LoRA on routed experts ----
+
 // Mean cross-entropy of softmax(h W^T) against targets over tokens with mask[t] != 0,
 // computed in vocabulary chunks of `chunk` columns: the [T, V] logits are never held.
 // h [T, C], w [V, C], targets I32 [T], mask F32/F64 [T] (weights; NULL = all ones) -> [1].

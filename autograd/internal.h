@@ -33,9 +33,10 @@ typedef enum {
     AG_OP_CE_LINEAR,
     AG_OP_LINEAR_Q,
     AG_OP_MOE_EXPERTS_Q,
+    AG_OP_MOE_EXPERTS_LORA,
     AG_OP_COUNT
 } ag_op;
-#define AG_OP_COUNT_EXPECTED 23
+#define AG_OP_COUNT_EXPECTED 24
 
 // A recorded op. Attributes go in f[]/i[]/ptr; state kept for backward in `saved`
 // (allocated by ag_node_save, released right after the node's backward runs or when the
@@ -107,5 +108,6 @@ molt_status ag_backward_moe_experts(ag_ctx *c, ag_node *n);
 molt_status ag_backward_ce_linear(ag_ctx *c, ag_node *n);
 molt_status ag_backward_linear_q(ag_ctx *c, ag_node *n);
 molt_status ag_backward_moe_experts_q(ag_ctx *c, ag_node *n);
+molt_status ag_backward_moe_experts_lora(ag_ctx *c, ag_node *n);
 
 #endif

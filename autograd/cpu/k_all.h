@@ -8,3 +8,4 @@
 #include "k_moe.h"
 #include "k_ce.h"
 #include "k_quant.h"
+#include "k_moe_lora.h"

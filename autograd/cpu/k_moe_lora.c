@@ -1,0 +1,358 @@
+// autograd/cpu/k_moe_lora.c: routed-expert kernels with LoRA on the 3D expert weights:
+// reference helpers that materialize the merged weights (the ground truth, used with the
+// reference expert kernels of k_moe.c) and the optimized path that applies each expert's
+// adapter as two thin GEMMs per block of rows. Not here: operand checks, kernel choice and
+// the reference composition (ops_moe_lora.c), the frozen-expert kernels (k_moe.c).
+#include "real.h"
+#include "k_moe_lora.h"
+
+#include <cblas.h>
+// OpenBLAS's cblas.h includes complex.h; its `I` would clash with the intermediate size.
+#undef I
+#include <string.h>
+
+static real sigmoid(real v) { return 1 / (1 + R_EXP(-v)); }
+
+// Element (o, k) of B_e, expert e's [O, r] factor inside B [O, r*E].
+#define B_AT(b, o, k, e, r, E) ((b)[(o) * (r) * (E) + (k) * (E) + (e)])
+
+// ---- reference -------------------------------------------------------------------------
+
+void K(moe_lora_merge)(real *w_eff, const real *w, const real *a, const real *b, int64_t E,
+                       int64_t O, int64_t In, int64_t r, real s) {
+    memcpy(w_eff, w, (size_t)(E * O * In) * sizeof(real));
+    if (!a)
+        return;
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t o = 0; o < O; o++)
+            for (int64_t kk = 0; kk < r; kk++) {
+                real bv = s * B_AT(b, o, kk, e, r, E);
+                const real *arow = a + (e * r + kk) * In;
+                real *wrow = w_eff + (e * O + o) * In;
+                for (int64_t i = 0; i < In; i++)
+                    wrow[i] += bv * arow[i];
+            }
+}
+
+void K(moe_experts_dweight_ref)(real *dw_gu, real *dw_d, const real *dy, const real *x,
+                                const real *w, const int32_t *idx, const real *wgu,
+                                const real *wd, int64_t T, int64_t k, int64_t H, int64_t I) {
+    for (int64_t t = 0; t < T; t++) {
+        const real *xt = x + t * H, *dyt = dy + t * H;
+        for (int64_t j = 0; j < k; j++) {
+            int64_t e = idx[t * k + j];
+            const real *gate = wgu + e * 2 * I * H, *up = gate + I * H, *down = wd + e * H * I;
+            real *dgate = dw_gu + e * 2 * I * H, *dup = dgate + I * H, *ddown = dw_d + e * H * I;
+            real wt = w[t * k + j];
+            for (int64_t i = 0; i < I; i++) {
+                real g = 0, u = 0, q = 0;
+                for (int64_t h = 0; h < H; h++) {
+                    g += gate[i * H + h] * xt[h];
+                    u += up[i * H + h] * xt[h];
+                    q += down[h * I + i] * dyt[h];
+                }
+                real sg = sigmoid(g), act = g * sg, z = wt * act * u;
+                real dg = wt * q * u * sg * (1 + g * (1 - sg)), du = wt * q * act;
+                for (int64_t h = 0; h < H; h++) {
+                    ddown[h * I + i] += dyt[h] * z;
+                    dgate[i * H + h] += dg * xt[h];
+                    dup[i * H + h] += du * xt[h];
+                }
+            }
+        }
+    }
+}
+
+void K(moe_lora_grad_from_dense)(real *da, real *db, const real *dw, const real *a,
+                                 const real *b, int64_t E, int64_t O, int64_t In, int64_t r,
+                                 real s) {
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t kk = 0; kk < r; kk++) {
+            const real *arow = a + (e * r + kk) * In;
+            for (int64_t o = 0; o < O; o++) {
+                const real *dwrow = dw + (e * O + o) * In;
+                real bv = B_AT(b, o, kk, e, r, E), acc = 0;
+                for (int64_t i = 0; i < In; i++) {
+                    acc += dwrow[i] * arow[i];
+                    if (da)
+                        da[(e * r + kk) * In + i] += s * bv * dwrow[i];
+                }
+                if (db)
+                    B_AT(db, o, kk, e, r, E) += s * acc;
+            }
+        }
+}
+
+// ---- optimized -----------------------------------------------------------------------------
+// Same scheme as the frozen-expert kernels of k_moe.c (slots counting-sorted by expert, blocks
+// of up to ROWS rows, serial blocks with BLAS threading each GEMM, results added straight
+// into the tokens' rows). The adapter adds, per block, U = X A_e^T (nb x r) and
+// G += s U B_e^T. B_e's columns are strided by E inside B, which BLAS cannot address, so both
+// B matrices are first repacked per expert into contiguous [E][O][r] stacks (and their
+// gradients accumulated in that layout, then added back).
+
+#define ROWS 256
+
+typedef struct {
+    int64_t *off;  // (E + 1) first sorted position of each expert
+    int64_t *cur;  // (E) fill cursor while sorting
+    int32_t *perm; // (T*k) slot t*k + j at each sorted position
+    real *bgu;     // (E, 2I, r) B_gu repacked, then (E, 2I, r) its gradient
+    real *bd;      // (E, H, r) B_d repacked, then (E, H, r) its gradient
+    real *buf;     // (ROWS * (3H + 4I + 4r)) block buffers
+} lora_ws;
+
+static size_t round64(size_t b) { return (b + 63) & ~(size_t)63; }
+
+static void *carve(unsigned char **p, size_t bytes) {
+    void *r = *p;
+    *p += round64(bytes);
+    return r;
+}
+
+static size_t packed_reals(int64_t E, int64_t O, int64_t r) { return (size_t)(2 * E * O * r); }
+static size_t buf_reals(int64_t H, int64_t I, int64_t r) {
+    return (size_t)(ROWS * (3 * H + 4 * I + 4 * r));
+}
+
+static lora_ws ws_layout(void *base, int64_t T, int64_t k, int64_t E, int64_t H, int64_t I,
+                         int64_t r) {
+    unsigned char *p = base;
+    lora_ws w;
+    w.off = carve(&p, (size_t)(E + 1) * sizeof(int64_t));
+    w.cur = carve(&p, (size_t)E * sizeof(int64_t));
+    w.perm = carve(&p, (size_t)(T * k) * sizeof(int32_t));
+    w.bgu = carve(&p, packed_reals(E, 2 * I, r) * sizeof(real));
+    w.bd = carve(&p, packed_reals(E, H, r) * sizeof(real));
+    w.buf = carve(&p, buf_reals(H, I, r) * sizeof(real));
+    return w;
+}
+
+size_t K(moe_experts_lora_ws_bytes)(int64_t T, int64_t k, int64_t E, int64_t H, int64_t I,
+                                    int64_t r) {
+    return round64((size_t)(E + 1) * sizeof(int64_t)) + round64((size_t)E * sizeof(int64_t)) +
+           round64((size_t)(T * k) * sizeof(int32_t)) +
+           round64(packed_reals(E, 2 * I, r) * sizeof(real)) +
+           round64(packed_reals(E, H, r) * sizeof(real)) +
+           round64(buf_reals(H, I, r) * sizeof(real));
+}
+
+// Stable counting sort of the slots by expert.
+static void dispatch(lora_ws *w, const int32_t *idx, int64_t n, int64_t E) {
+    memset(w->off, 0, (size_t)(E + 1) * sizeof(int64_t));
+    for (int64_t s = 0; s < n; s++)
+        w->off[idx[s] + 1]++;
+    for (int64_t e = 0; e < E; e++) {
+        w->off[e + 1] += w->off[e];
+        w->cur[e] = w->off[e];
+    }
+    for (int64_t s = 0; s < n; s++)
+        w->perm[w->cur[idx[s]]++] = (int32_t)s;
+}
+
+// packed (E, O, r) <- B (O, r*E)
+static void pack_b(real *packed, const real *b, int64_t E, int64_t O, int64_t r) {
+    for (int64_t o = 0; o < O; o++)
+        for (int64_t kk = 0; kk < r; kk++)
+            for (int64_t e = 0; e < E; e++)
+                packed[(e * O + o) * r + kk] = B_AT(b, o, kk, e, r, E);
+}
+
+// dB (O, r*E) += packed (E, O, r)
+static void unpack_add_b(real *db, const real *packed, int64_t E, int64_t O, int64_t r) {
+    for (int64_t o = 0; o < O; o++)
+        for (int64_t kk = 0; kk < r; kk++)
+            for (int64_t e = 0; e < E; e++)
+                B_AT(db, o, kk, e, r, E) += packed[(e * O + o) * r + kk];
+}
+
+static void gather(real *dst, const real *src, const int32_t *perm, int64_t nb, int64_t k,
+                   int64_t H) {
+    for (int64_t rr = 0; rr < nb; rr++)
+        memcpy(dst + rr * H, src + (perm[rr] / k) * H, (size_t)H * sizeof(real));
+}
+
+static void scatter_add(real *dst, const real *src, const int32_t *perm, int64_t nb, int64_t k,
+                        int64_t H) {
+    for (int64_t rr = 0; rr < nb; rr++) {
+        real *d = dst + (perm[rr] / k) * H;
+        for (int64_t h = 0; h < H; h++)
+            d[h] += src[rr * H + h];
+    }
+}
+
+// C (m, n) = beta C + alpha op(A) op(B), row-major, op = transpose when ta/tb.
+static void gemm(int ta, int tb, int64_t m, int64_t n, int64_t kd, real alpha, const real *a,
+                 int64_t lda, const real *b, int64_t ldb, real beta, real *c, int64_t ldc) {
+    R_GEMM(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+           (int)m, (int)n, (int)kd, alpha, a, (int)lda, b, (int)ldb, beta, c, (int)ldc);
+}
+
+// Z (nb, I) <- weight * silu(gate) * up from the pre-activations G (nb, 2I).
+static void swiglu_rows(real *Z, const real *G, const real *w, const int32_t *perm, int64_t nb,
+                        int64_t I) {
+    for (int64_t rr = 0; rr < nb; rr++) {
+        real wt = w[perm[rr]];
+        const real *g = G + rr * 2 * I;
+        for (int64_t i = 0; i < I; i++)
+            Z[rr * I + i] = wt * g[i] * sigmoid(g[i]) * g[I + i];
+    }
+}
+
+// G (nb, 2I) <- d pre-activations in place, given Q = dL/dZ; dw += q . silu(gate) * up.
+static void swiglu_back_rows(real *G, const real *Q, real *dw, const real *w,
+                             const int32_t *perm, int64_t nb, int64_t I) {
+    for (int64_t rr = 0; rr < nb; rr++) {
+        real wt = w[perm[rr]], dws = 0, *g = G + rr * 2 * I;
+        for (int64_t i = 0; i < I; i++) {
+            real gv = g[i], u = g[I + i], q = Q[rr * I + i], sg = sigmoid(gv), act = gv * sg;
+            dws += q * act * u;
+            g[i] = wt * q * u * sg * (1 + gv * (1 - sg));
+            g[I + i] = wt * q * act;
+        }
+        if (dw)
+            dw[perm[rr]] += dws;
+    }
+}
+
+// One expert's block: sizes and the expert's slices of every operand.
+typedef struct {
+    int64_t nb, H, I, r;
+    real s;
+    const real *wgu, *wd;   // (2I, H), (H, I)
+    const real *agu, *ad;   // (r, H), (r, I) or NULL without that LoRA
+    const real *bgu, *bd;   // packed (2I, r), (H, r)
+} blk;
+
+static blk block_of(const lora_ws *m, const K(moe_lora) *l, const real *wgu, const real *wd,
+                    int64_t e, int64_t nb, int64_t H, int64_t I) {
+    int64_t r = l->r;
+    blk b = {nb, H, I, r, l->s, wgu + e * 2 * I * H, wd + e * H * I, NULL, NULL,
+             m->bgu + e * 2 * I * r, m->bd + e * H * r};
+    if (l->a_gu)
+        b.agu = l->a_gu + e * r * H;
+    if (l->a_d)
+        b.ad = l->a_d + e * r * I;
+    return b;
+}
+
+// G (nb, 2I) = X W_gu^T + s (X A^T) B^T, keeping U = X A^T (nb, r).
+static void gate_up_rows(real *G, real *U, const real *X, const blk *b) {
+    int64_t I2 = 2 * b->I;
+    gemm(0, 1, b->nb, I2, b->H, 1, X, b->H, b->wgu, b->H, 0, G, I2);
+    if (!b->agu)
+        return;
+    gemm(0, 1, b->nb, b->r, b->H, 1, X, b->H, b->agu, b->H, 0, U, b->r);
+    gemm(0, 1, b->nb, I2, b->r, b->s, U, b->r, b->bgu, b->r, 1, G, I2);
+}
+
+void K(moe_experts_lora_fwd)(real *y, const real *x, const real *w, const int32_t *idx,
+                             const real *wgu, const real *wd, const K(moe_lora) *lora,
+                             int64_t T, int64_t k, int64_t E, int64_t H, int64_t I, void *ws) {
+    int64_t r = lora->r;
+    lora_ws m = ws_layout(ws, T, k, E, H, I, r);
+    dispatch(&m, idx, T * k, E);
+    if (lora->a_gu)
+        pack_b(m.bgu, lora->b_gu, E, 2 * I, r);
+    if (lora->a_d)
+        pack_b(m.bd, lora->b_d, E, H, r);
+    real *X = m.buf, *O = X + ROWS * H, *G = O + ROWS * H, *Z = G + ROWS * 2 * I;
+    real *U = Z + ROWS * I, *V = U + ROWS * r;
+    memset(y, 0, (size_t)(T * H) * sizeof(real));
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t r0 = m.off[e]; r0 < m.off[e + 1]; r0 += ROWS) {
+            int64_t nb = m.off[e + 1] - r0 < ROWS ? m.off[e + 1] - r0 : ROWS;
+            blk b = block_of(&m, lora, wgu, wd, e, nb, H, I);
+            gather(X, x, m.perm + r0, nb, k, H);
+            gate_up_rows(G, U, X, &b);
+            swiglu_rows(Z, G, w, m.perm + r0, nb, I);
+            gemm(0, 1, nb, H, I, 1, Z, I, b.wd, I, 0, O, H);
+            if (b.ad) {
+                gemm(0, 1, nb, r, I, 1, Z, I, b.ad, I, 0, V, r);
+                gemm(0, 1, nb, H, r, b.s, V, r, b.bd, r, 1, O, H);
+            }
+            scatter_add(y, O, m.perm + r0, nb, k, H);
+        }
+}
+
+// Q (nb, I) = dL/dZ = DY W_d + s (DY B_d) A_d, and the down LoRA gradients:
+// dB_d += s DY^T (Z A_d^T), dA_d += s (DY B_d)^T Z. P (nb, r) and V (nb, r) are scratch.
+static void down_back(real *Q, real *P, real *V, real *dbd, real *dad, const real *DY,
+                      const real *Z, const blk *b) {
+    int64_t nb = b->nb, H = b->H, I = b->I, r = b->r;
+    gemm(0, 0, nb, I, H, 1, DY, H, b->wd, I, 0, Q, I);
+    if (!b->ad)
+        return;
+    gemm(0, 0, nb, r, H, 1, DY, H, b->bd, r, 0, P, r);
+    if (dbd) {
+        gemm(0, 1, nb, r, I, 1, Z, I, b->ad, I, 0, V, r);
+        gemm(1, 0, H, r, nb, b->s, DY, H, V, r, 1, dbd, r);
+    }
+    if (dad)
+        gemm(1, 0, r, I, nb, b->s, P, r, Z, I, 1, dad, I);
+    gemm(0, 0, nb, I, r, b->s, P, r, b->ad, I, 1, Q, I);
+}
+
+// From DH = dL/dG (nb, 2I): the gate/up LoRA gradients dB_gu += s DH^T U,
+// dA_gu += s (DH B_gu)^T X, and DX (nb, H) = DH W_gu + s (DH B_gu) A_gu when DX is given.
+// Returns whether DX was written.
+static int gate_up_back(real *DX, real *P, real *dbgu, real *dagu, const real *DH,
+                        const real *U, const real *X, const blk *b) {
+    int64_t nb = b->nb, H = b->H, I2 = 2 * b->I, r = b->r;
+    if (b->agu && dbgu)
+        gemm(1, 0, I2, r, nb, b->s, DH, I2, U, r, 1, dbgu, r);
+    int lora_dx = b->agu && (DX || dagu);
+    if (lora_dx)
+        gemm(0, 0, nb, r, I2, 1, DH, I2, b->bgu, r, 0, P, r);
+    if (b->agu && dagu)
+        gemm(1, 0, r, H, nb, b->s, P, r, X, H, 1, dagu, H);
+    if (!DX)
+        return 0;
+    gemm(0, 0, nb, H, I2, 1, DH, I2, b->wgu, H, 0, DX, H);
+    if (b->agu)
+        gemm(0, 0, nb, H, r, b->s, P, r, b->agu, H, 1, DX, H);
+    return 1;
+}
+
+void K(moe_experts_lora_bwd)(real *dx, real *dw, const K(moe_lora_grad) *g, const real *dy,
+                             const real *x, const real *w, const int32_t *idx, const real *wgu,
+                             const real *wd, const K(moe_lora) *lora, int64_t T, int64_t k,
+                             int64_t E, int64_t H, int64_t I, void *ws) {
+    int64_t r = lora->r;
+    lora_ws m = ws_layout(ws, T, k, E, H, I, r);
+    dispatch(&m, idx, T * k, E);
+    // packed B, then its gradient right after it in the same stack
+    real *dbgu = lora->a_gu && g->b_gu ? m.bgu + E * 2 * I * r : NULL;
+    real *dbd = lora->a_d && g->b_d ? m.bd + E * H * r : NULL;
+    if (lora->a_gu)
+        pack_b(m.bgu, lora->b_gu, E, 2 * I, r);
+    if (lora->a_d)
+        pack_b(m.bd, lora->b_d, E, H, r);
+    if (dbgu)
+        memset(dbgu, 0, (size_t)(E * 2 * I * r) * sizeof(real));
+    if (dbd)
+        memset(dbd, 0, (size_t)(E * H * r) * sizeof(real));
+    real *X = m.buf, *DY = X + ROWS * H, *DX = DY + ROWS * H, *G = DX + ROWS * H;
+    real *Z = G + ROWS * 2 * I, *Q = Z + ROWS * I, *U = Q + ROWS * I, *V = U + ROWS * r;
+    real *P = V + ROWS * r;
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t r0 = m.off[e]; r0 < m.off[e + 1]; r0 += ROWS) {
+            int64_t nb = m.off[e + 1] - r0 < ROWS ? m.off[e + 1] - r0 : ROWS;
+            blk b = block_of(&m, lora, wgu, wd, e, nb, H, I);
+            gather(X, x, m.perm + r0, nb, k, H);
+            gather(DY, dy, m.perm + r0, nb, k, H);
+            // activations are recomputed rather than saved by the forward
+            gate_up_rows(G, U, X, &b);
+            swiglu_rows(Z, G, w, m.perm + r0, nb, I);
+            down_back(Q, P, V, dbd ? dbd + e * H * r : NULL,
+                      g->a_d ? g->a_d + e * r * I : NULL, DY, Z, &b);
+            swiglu_back_rows(G, Q, dw, w, m.perm + r0, nb, I);
+            if (gate_up_back(dx ? DX : NULL, P, dbgu ? dbgu + e * 2 * I * r : NULL,
+                             g->a_gu ? g->a_gu + e * r * H : NULL, G, U, X, &b))
+                scatter_add(dx, DX, m.perm + r0, nb, k, H);
+        }
+    if (dbgu)
+        unpack_add_b(g->b_gu, dbgu, E, 2 * I, r);
+    if (dbd)
+        unpack_add_b(g->b_d, dbd, E, H, r);
+}
