@@ -6,7 +6,8 @@
 // reverse, accumulates into each tensor's `grad` and releases what the nodes saved.
 // With grad mode off nothing is recorded and nothing is allocated for backward.
 //
-// Not here: quantized weights, the model, adapters (those build on this API).
+// Frozen quantized weights (qweights) live here too, as the weight operand of the linear and
+// expert ops. Not here: the model, adapters, training (those build on this API).
 #ifndef MOLT_AUTOGRAD_H
 #define MOLT_AUTOGRAD_H
 
