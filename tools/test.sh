@@ -29,4 +29,11 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 (cd build-asan && MOLT_SANITIZED=1 ctest --output-on-failure -j"$jobs" --timeout 3000)
 
+echo "== fuzzing the checkpoint parsers (clang + libFuzzer, bounded time)"
+CC=clang cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOLT_FUZZ=ON -DMOLT_CUDA=OFF \
+    >build-fuzz-configure.log 2>&1 || { cat build-fuzz-configure.log; exit 1; }
+fuzz_targets=$(cd tests/fuzz && ls fuzz_*.c | sed 's/\.c$//')
+cmake --build build-fuzz -j"$jobs" --target $fuzz_targets
+(cd build-fuzz && ctest --output-on-failure -R '^fuzz_')
+
 echo "== all tests passed in $(( $(date +%s) - start ))s"
