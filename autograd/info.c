@@ -14,10 +14,12 @@ static void print_cuda(void) {
 #ifdef MOLT_HAVE_CUDA
     int rt = 0, cublas = 0;
     molt_cuda_runtime_version(&rt);
-    molt_cuda_cublas_version(&cublas);
     printf("  CUDA:      compiled in (sm_90), runtime %d.%d\n", rt / 1000, (rt % 1000) / 10);
-    printf("  cuBLAS:    compiled in (built for CUDA %d.%d)\n", cublas / 1000,
-           (cublas % 1000) / 10);
+    if (molt_cuda_cublas_version(&cublas) == 0)
+        printf("  cuBLAS:    compiled in, loaded on first use, %d.%d.%d\n", cublas / 10000,
+               (cublas % 10000) / 100, cublas % 100);
+    else
+        printf("  cuBLAS:    compiled in, but libcublas.so could not be loaded\n");
     int cudnn = molt_cuda_cudnn_version(), nccl = molt_cuda_nccl_version();
     if (cudnn)
         printf("  cuDNN:     compiled in, %d.%d.%d\n", cudnn / 10000, (cudnn % 10000) / 100,

@@ -2,8 +2,8 @@
 // kernel. Kernels for the ops come later, each tested against its CPU reference kernel.
 #include "cuda_backend.h"
 
-#include <cublas_v2.h>
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 #include <stdio.h>
 #ifdef MOLT_HAVE_CUDNN
 #include <cudnn.h>
@@ -41,8 +41,26 @@ extern "C" int molt_cuda_device_props(int dev, char *name, size_t name_cap, int 
 
 extern "C" int molt_cuda_runtime_version(int *v) { return (int)cudaRuntimeGetVersion(v); }
 
+// cuBLAS is opened on first use rather than linked: linking it maps cuBLASLt and costs
+// about 150 MB of resident memory in every molt process, GPU or not.
+static void *cublas_handle(void) {
+    static void *h;
+    if (!h)
+        h = dlopen("libcublas.so." CUBLAS_SONAME_MAJOR, RTLD_NOW | RTLD_LOCAL);
+    return h;
+}
+
 extern "C" int molt_cuda_cublas_version(int *v) {
-    *v = (int)cublasGetCudartVersion(); // the CUDA runtime cuBLAS was built against
+    *v = 0;
+    void *h = cublas_handle();
+    if (!h)
+        return 1;
+    typedef int (*get_property_fn)(int, int *); // cublasGetProperty(libraryPropertyType, int*)
+    get_property_fn get = (get_property_fn)dlsym(h, "cublasGetProperty");
+    int major = 0, minor = 0, patch = 0;
+    if (!get || get(0, &major) || get(1, &minor) || get(2, &patch))
+        return 1;
+    *v = major * 10000 + minor * 100 + patch;
     return 0;
 }
 

@@ -14,6 +14,7 @@ int molt_cuda_device_count(int *n, char *err, size_t cap);
 int molt_cuda_device_props(int dev, char *name, size_t name_cap, int *sm_major,
                            int *sm_minor, size_t *total_mem, char *err, size_t cap);
 int molt_cuda_runtime_version(int *v);
+// cuBLAS version as major*10000 + minor*100 + patch; non-zero when it cannot be loaded.
 int molt_cuda_cublas_version(int *v);
 int molt_cuda_malloc(void **p, size_t bytes, char *err, size_t cap);
 int molt_cuda_free(void *p);
