@@ -5,6 +5,7 @@
 
 #include "autograd/autograd.h"
 #include "data/data.h"
+#include "infer/infer.h"
 #include "model/model.h"
 
 typedef int (*cmd_fn)(int argc, char **argv);
@@ -22,6 +23,7 @@ static const command commands[] = {
     {"data", data_cmd_data, "inspect or render an instruction dataset"},
     {"init-model", mdl_cmd_init_model, "write a random model from a preset (HF layout)"},
     {"forward", mdl_cmd_forward, "logits of token sequences into a safetensors file"},
+    {"generate", inf_cmd_generate, "generate text from a prompt (KV cache, sampling)"},
     {"bench", cmd_bench, "benchmarks: ops, tokenize"},
 };
 
@@ -29,6 +31,7 @@ static const command bench_commands[] = {
     {"ops", ag_cmd_bench_ops, "linear and attention forward+backward vs OpenBLAS sgemm"},
     {"quant", ag_cmd_bench_quant, "quantized weights: bits/param, fused NF4/INT8 linear vs sgemm"},
     {"tokenize", data_cmd_bench_tokenize, "tokenizer and data pipeline throughput"},
+    {"generate", inf_cmd_bench_generate, "load time, memory, prefill/decode tok/s (KV cache)"},
 };
 
 static void usage(FILE *f, const char *prog, const command *cmds, size_t n) {
