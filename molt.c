@@ -5,6 +5,7 @@
 
 #include "autograd/autograd.h"
 #include "data/data.h"
+#include "adapters/adapters.h"
 #include "infer/infer.h"
 #include "model/model.h"
 
@@ -23,13 +24,17 @@ static const command commands[] = {
     {"data", data_cmd_data, "inspect or render an instruction dataset"},
     {"init-model", mdl_cmd_init_model, "write a random model from a preset (HF layout)"},
     {"forward", mdl_cmd_forward, "logits of token sequences into a safetensors file"},
+    {"quantize", mdl_cmd_quantize, "write a pre-quantized checkpoint (nf4, int8, fp8, bf16)"},
     {"generate", inf_cmd_generate, "generate text from a prompt (KV cache, sampling)"},
+    {"export", lora_cmd_export, "adapter to a PEFT directory or a molt adapter file"},
+    {"merge", lora_cmd_merge, "adapter merged into the base weights (HF layout)"},
     {"bench", cmd_bench, "benchmarks: ops, tokenize"},
 };
 
 static const command bench_commands[] = {
     {"ops", ag_cmd_bench_ops, "linear and attention forward+backward vs OpenBLAS sgemm"},
     {"quant", ag_cmd_bench_quant, "quantized weights: bits/param, fused NF4/INT8 linear vs sgemm"},
+    {"quant-model", mdl_cmd_bench_quant_model, "quantized model: size, logit error, load time"},
     {"tokenize", data_cmd_bench_tokenize, "tokenizer and data pipeline throughput"},
     {"generate", inf_cmd_bench_generate, "load time, memory, prefill/decode tok/s (KV cache)"},
 };

@@ -147,9 +147,11 @@ int mdl_cmd_init_model(int argc, char **argv) {
 
 static const char fwd_usage[] =
     "usage: molt forward --model DIR --tokens FILE --out FILE.safetensors [--adapter A]\n"
+    "                    [--base-quant SPEC]\n"
     "Runs the model on each line of FILE (token ids separated by spaces or commas; blank\n"
     "lines are skipped) from position 0 and writes its F32 logits [T, V] as tensor\n"
-    "logits.N, N counting the sequences from 0.\n";
+    "logits.N, N counting the sequences from 0. --base-quant (see molt quantize --help)\n"
+    "quantizes the projections on load, e.g. nf4 or nf4,attention=bf16.\n";
 
 typedef struct {
     int32_t *ids; // all sequences back to back
@@ -289,6 +291,8 @@ static molt_status forward_all(const mdl_model *m, const seqs *s, const char *ou
 
 int mdl_cmd_forward(int argc, char **argv) {
     const char *model = NULL, *tokens = NULL, *out = NULL, *cmd = "molt forward";
+    mdl_qspec qspec;
+    bool quant = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
@@ -296,7 +300,7 @@ int mdl_cmd_forward(int argc, char **argv) {
             return 0;
         }
         bool known = !strcmp(a, "--model") || !strcmp(a, "--tokens") || !strcmp(a, "--out") ||
-                     !strcmp(a, "--adapter");
+                     !strcmp(a, "--adapter") || !strcmp(a, "--base-quant");
         if (!known) {
             fprintf(stderr, "%s: unknown option '%s'\n%s", cmd, a, fwd_usage);
             return 2;
@@ -308,6 +312,14 @@ int mdl_cmd_forward(int argc, char **argv) {
                     "model only)\n", cmd);
             return 2;
         }
+        if (strcmp(a, "--base-quant") == 0) {
+            if (mdl_qspec_parse(v, &qspec) != MOLT_OK) {
+                fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
+                return 2;
+            }
+            quant = true;
+            continue;
+        }
         *(strcmp(a, "--model") == 0 ? &model : strcmp(a, "--tokens") == 0 ? &tokens : &out) = v;
     }
     if (!model || !tokens || !out) {
@@ -315,7 +327,7 @@ int mdl_cmd_forward(int argc, char **argv) {
         return 2;
     }
     mdl_model m;
-    if (mdl_load(model, &m) != MOLT_OK) {
+    if (mdl_load_quant(model, quant ? &qspec : NULL, &m) != MOLT_OK) {
         fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
         return 1;
     }

@@ -117,8 +117,15 @@ static ag_tensor *cached_expanded(ag_ctx *c, const mdl_model *m, int l, const md
 // kv_b_proj's weight with its LoRA merged in (W + s B A) when it has one, so the absorbed
 // form sees the same map as mdl_linear; the base weight itself otherwise.
 static const float *kv_b_weight(ag_ctx *c, const mdl_lin *lin) {
+    const float *base = lin->w->data;
+    if (lin->qw) { // quantized base (w has no data): dequantized for this step
+        ag_tensor *d = ag_qweight_dequantize(&c->act, lin->qw);
+        if (!d)
+            return NULL;
+        base = d->data;
+    }
     if (!lin->lora_a)
-        return lin->w->data;
+        return base;
     const ag_tensor *a = lin->lora_a, *b = lin->lora_b;
     if (!b || a->dtype != AG_F32 || b->dtype != AG_F32) {
         molt_err(MOLT_EARG, "cached attention: kv_b_proj LoRA must be an F32 lora_a/lora_b pair");
@@ -128,7 +135,7 @@ static const float *kv_b_weight(ag_ctx *c, const mdl_lin *lin) {
     float *w = ag_arena_alloc(&c->act, (size_t)(out * in) * sizeof *w);
     if (!w)
         return NULL;
-    const float *w0 = lin->w->data, *pa = a->data, *pb = b->data;
+    const float *w0 = base, *pa = a->data, *pb = b->data;
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < out; o++)
         for (int64_t k = 0; k < in; k++) {

@@ -4,8 +4,9 @@
 // the llama-4 query temperature and the YaRN-scaled softmax; routed experts with the
 // softmax router plus the shared expert; dense layers below first_k_dense_replace; final
 // norm and the untied lm_head. The same code serves training (grad mode on) and inference.
-// The steps are exported one by one so a KV cache can reuse them. Not here: the cache,
-// sampling, adapters' storage, quantized weights.
+// The steps are exported one by one so a KV cache can reuse them. Quantized base weights
+// (mdl_lin.qw, the layer's expert qweights) go through ag_linear_q / ag_moe_experts_q. Not
+// here: the cache, sampling, adapters' storage, the quantized formats and their loading.
 #include "model.h"
 
 #include <math.h>
@@ -15,11 +16,12 @@
 #define MDL_CE_CHUNK 8192
 
 ag_tensor *mdl_linear(ag_ctx *c, ag_tensor *x, const mdl_lin *lin) {
-    if (!lin || !lin->w) {
+    if (!lin || (!lin->w && !lin->qw)) {
         molt_err(MOLT_EARG, "mdl_linear: no weight");
         return NULL;
     }
-    ag_tensor *y = ag_linear(c, x, lin->w);
+    // a quantized base: the adapter below still sees the un-quantized activations x
+    ag_tensor *y = lin->qw ? ag_linear_q(c, x, lin->qw) : ag_linear(c, x, lin->w);
     if (!y || !lin->lora_a)
         return y;
     if (!lin->lora_b) {
@@ -197,7 +199,16 @@ ag_tensor *mdl_ffn(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x) {
         return mlp(c, &y->dense, x);
     ag_tensor *idx = NULL, *logits = mdl_linear(c, x, &y->router);
     ag_tensor *w = logits ? ag_moe_router(c, logits, &m->router, &idx) : NULL;
-    ag_tensor *routed = w ? ag_moe_experts(c, x, w, idx, y->gate_up, y->down) : NULL;
+    const ag_expert_lora *el = &y->experts_lora;
+    bool elora = el->a_gate_up || el->a_down;
+    if (elora && y->gate_up_q) {
+        molt_err(MOLT_EUNSUPPORTED, "model layer %d: LoRA on quantized routed experts", l);
+        return NULL;
+    }
+    ag_tensor *routed = !w      ? NULL
+                        : elora ? ag_moe_experts_lora(c, x, w, idx, y->gate_up, y->down, el)
+                        : y->gate_up_q ? ag_moe_experts_q(c, x, w, idx, y->gate_up_q, y->down_q)
+                                : ag_moe_experts(c, x, w, idx, y->gate_up, y->down);
     if (!routed || !y->shared.gate.w)
         return routed;
     ag_tensor *shared = mlp(c, &y->shared, x);
@@ -244,6 +255,9 @@ molt_status mdl_forward(ag_ctx *c, const mdl_model *m, const mdl_batch *b, ag_te
     else if (m->lm_head.lora_a)
         return molt_err(MOLT_EUNSUPPORTED, "model forward: the fused loss does not take a LoRA "
                         "on lm_head");
+    else if (m->lm_head.qw)
+        return molt_err(MOLT_EUNSUPPORTED, "model forward: the fused loss needs an unquantized "
+                        "lm_head (quantize it only for inference)");
     else
         *out = ag_cross_entropy_linear(c, h, m->lm_head.w, b->targets, b->mask, MDL_CE_CHUNK);
     return *out ? MOLT_OK : molt_err_wrap(MOLT_EARG, "model forward");

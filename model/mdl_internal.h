@@ -36,6 +36,31 @@ int mdl_weight_list(const mdl_model *m, w_entry *out, int cap);
 void mdl_weight_name(const w_entry *e, mdl_layout layout, bool wrapped, int expert, int part,
                      char *buf, size_t cap);
 
+// Loading tensor by tensor (weights.c), for loaders that place some weights themselves
+// (quantized ones): an open checkpoint, the layout detected from its names and the record
+// of which file tensors were consumed.
+typedef struct mdl_loader mdl_loader;
+molt_status mdl_loader_new(const st_reader *r, mdl_loader **out);
+void mdl_loader_free(mdl_loader *ld);
+// Loads entry e (F32 data at e->t->data) by the mdl_load rules, marking its tensors used.
+molt_status mdl_loader_entry(mdl_loader *ld, const w_entry *e);
+// The file tensor `name`, marked used; NULL when absent.
+const st_tensor *mdl_loader_take(mdl_loader *ld, const char *name);
+// After mdl_loader_entry(e): when e's file tensors are F8_E4M3, copies their codes into
+// codes[numel] and each row's scale into row_scale[n_mat * out] and sets *is_fp8.
+molt_status mdl_loader_fp8(mdl_loader *ld, const w_entry *e, uint8_t *codes, float *row_scale,
+                           bool *is_fp8);
+// Tied lm_head copy, the unused-tensor check, m->layout and m->wrapped.
+molt_status mdl_loader_finish(mdl_loader *ld, mdl_model *m);
+const char *mdl_loader_label(const mdl_loader *ld);
+mdl_layout mdl_loader_layout(const mdl_loader *ld);
+bool mdl_loader_wrapped(const mdl_loader *ld);
+// Opens dir's weights (sharded index, model.safetensors or consolidated.safetensors).
+molt_status mdl_open_weights(const char *dir, st_reader **r);
+// mdl_create with shapes_only: projections, router, experts and an untied lm_head get
+// shape-only tensors (data NULL) for the caller to fill or replace by qweights.
+molt_status mdl_create_ex(mdl_model *m, const mcfg *cfg, bool shapes_only);
+
 // The HF per-tensor FP8 scale suffix and the Mistral one.
 #define MDL_HF_SCALE "_scale_inv"    // appended to "<...>.weight" and fused expert names
 #define MDL_MISTRAL_SCALE "qscale_weight"

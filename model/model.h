@@ -6,7 +6,8 @@
 // (`mdl_`) builds on both: weights by HF or Mistral names (model/weights.c, model/save.c),
 // the Mistral 4 forward pass on autograd ops (model/forward.c), random initialization
 // (model/init_model.c) and the `molt init-model` / `molt forward` commands (model/cli.c).
-// Not here: quantized weights, LoRA adapters themselves, KV caches, sampling.
+// Not here: the quantized formats themselves (autograd), LoRA adapters themselves, KV
+// caches, sampling.
 #ifndef MOLT_MODEL_H
 #define MOLT_MODEL_H
 
@@ -165,7 +166,9 @@ void mcfg_rope_config(const mcfg *cfg, ag_rope_config *out);
 // DQK = DN + DR, DV v_head_dim, E routed experts, I moe_intermediate_size,
 // IS = I * n_shared_experts, IM intermediate_size (dense layers), V vocab.
 // Every weight is a frozen F32 ag_tensor in the model's weights arena, whatever the file
-// held (F32, F16, BF16, or F8_E4M3 times its per-tensor scale).
+// held (F32, F16, BF16, or F8_E4M3 times its per-tensor scale), except in a model loaded by
+// mdl_load_quant: there a quantized projection keeps a shape-only tensor (data NULL) and
+// its mdl_lin.qw (or the layer's gate_up_q/down_q) holds the weight.
 
 // One linear map y = x W^T (+ LoRA). Every projection of the model goes through
 // mdl_linear() with one of these, so adapters and quantized weights plug in at one place.
@@ -174,6 +177,8 @@ typedef struct {
     ag_tensor *lora_a; // [r, in] or NULL (no adapter)
     ag_tensor *lora_b; // [out, r] or NULL
     double lora_scale; // alpha / r (or alpha / sqrt(r) with rsLoRA)
+    const ag_qweight *qw; // quantized base weight (model/quant_model.c) or NULL; when set,
+                          // w is a shape-only tensor (data NULL) and qw is used instead
 } mdl_lin;
 
 // SwiGLU MLP: down(silu(gate(x)) * up(x)). Dense layers (IM) and the shared expert (IS).
@@ -199,7 +204,10 @@ typedef struct {
     mdl_lin router;         // mlp.gate [E, H] (MoE layers)
     ag_tensor *gate_up;     // experts [E, 2I, H], gate rows first then up (MoE layers)
     ag_tensor *down;        // experts [E, H, I] (MoE layers)
+    ag_expert_lora experts_lora; // LoRA on the routed experts (a_* NULL for none)
     mdl_mlp shared;         // shared expert (w NULL when n_shared_experts is 0 or dense)
+    const ag_qweight *gate_up_q, *down_q; // quantized experts or NULL (then gate_up/down
+                                          // are shape-only tensors)
 } mdl_layer;
 
 // How tensors are named and laid out in a checkpoint.
@@ -222,6 +230,9 @@ typedef struct {
     double attn_scale;      // DQK^-0.5 times the YaRN mscale(factor, mscale_all_dim)^2
     mdl_layout layout;      // what the checkpoint used (loaded models)
     bool wrapped;           // HF names had the model.language_model. prefix
+    ag_qweight *qw;         // [n_qw] storage of every quantized weight (owned), or NULL
+    int n_qw;
+    bool shapes_only;       // while creating: projections/experts get no data (quant load)
 } mdl_model;
 
 // Token batch: one or more packed sequences of T tokens in all.
@@ -346,6 +357,42 @@ typedef struct {
 // Writes out_dir/config.json (the preset, with dtype set), the weights
 // (model.safetensors, or consolidated.safetensors for the Mistral layout) and tekken.json.
 molt_status mdl_init_model(const mdl_init_opts *o);
+
+// ---- quantized base weights (model/quant_model.c, model/quant_io.c) -----------------
+// Every frozen projection can be held as a qweight (autograd.h), chosen per module group.
+// Embeddings and norms always stay F32. A group in AG_Q_F32 keeps a plain F32 tensor.
+typedef enum {
+    MDL_QG_ATTENTION, // q_a/q_b/q, kv_a, kv_b, o projections
+    MDL_QG_ROUTER,    // mlp.gate (default f32: routing decisions are sensitive)
+    MDL_QG_SHARED,    // shared expert gate/up/down
+    MDL_QG_EXPERTS,   // routed experts, one quantized matrix per expert
+    MDL_QG_DENSE,     // dense-layer MLP
+    MDL_QG_LM_HEAD,   // untied lm_head (default f32; a quantized one is inference only)
+    MDL_QG_COUNT
+} mdl_qgroup;
+typedef struct {
+    ag_qformat format[MDL_QG_COUNT];
+    bool nf4_double_quant; // default true
+} mdl_qspec;
+const char *mdl_qgroup_name(mdl_qgroup g); // "attention", "router", ...
+// Parses "FORMAT[,GROUP=FORMAT...]" (formats nf4 int8 fp8 bf16 f32; groups attention router
+// shared_experts experts dense_mlp lm_head). FORMAT sets every group but router and lm_head,
+// which stay f32 unless named. MOLT_EARG names the bad word.
+molt_status mdl_qspec_parse(const char *text, mdl_qspec *out);
+// The canonical text of a spec ("attention=nf4,router=f32,...") into buf; returns buf.
+const char *mdl_qspec_str(const mdl_qspec *q, char *buf, size_t cap);
+// Loads dir like mdl_load, quantizing tensor by tensor as it reads (F32 copies never held
+// all at once; an FP8 source with format fp8 is kept as loaded). A pre-quantized checkpoint
+// (written by mdl_save_quant) loads its stored state as is and `spec` is ignored; spec NULL
+// with a plain checkpoint loads it unquantized. MOLT_EFORMAT names a corrupt tensor/field.
+molt_status mdl_load_quant(const char *dir, const mdl_qspec *spec, mdl_model *m);
+// Writes a pre-quantized checkpoint (HF names; NF4 state stored beside each weight in
+// bitsandbytes' quant_state convention, INT8 with .SCB, FP8 with _scale_inv) to path.
+molt_status mdl_save_quant(const mdl_model *m, const char *path);
+// Bytes held by the weights: F32 tensors with data plus every qweight's storage.
+size_t mdl_weight_bytes(const mdl_model *m);
+int mdl_cmd_quantize(int argc, char **argv);         // molt quantize
+int mdl_cmd_bench_quant_model(int argc, char **argv); // molt bench quant-model
 
 int mdl_cmd_init_model(int argc, char **argv); // molt init-model
 int mdl_cmd_forward(int argc, char **argv);    // molt forward

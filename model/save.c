@@ -196,6 +196,9 @@ molt_status mdl_save(const mdl_model *m, const char *path, const mdl_save_opts *
     mdl_weight_list(m, list, n);
     saver s = {.o = o};
     molt_status st = MOLT_OK;
+    if (m->n_qw > 0) // shape-only tensors stand for the qweights
+        st = molt_err(MOLT_EUNSUPPORTED, "mdl_save: the model has quantized weights (write it "
+                      "with mdl_save_quant)");
     for (int i = 0; st == MOLT_OK && i < n; i++)
         st = put_entry(&s, &list[i]);
     const st_meta meta[] = {{"format", "pt"}};

@@ -14,7 +14,20 @@
 // Allocation
 
 static ag_tensor *wnew(mdl_model *m, int ndim, const int64_t *shape) {
-    return ag_tensor_new(&m->arena, AG_F32, ndim, shape);
+    if (!m->shapes_only || ndim < 2)
+        return ag_tensor_new(&m->arena, AG_F32, ndim, shape);
+    // a quantizing loader decides later whether this matrix gets F32 data or a qweight
+    ag_tensor *t = ag_arena_alloc(&m->arena, sizeof *t);
+    if (!t)
+        return NULL;
+    memset(t, 0, sizeof *t);
+    t->dtype = AG_F32;
+    t->ndim = ndim;
+    t->numel = 1;
+    for (int d = 0; d < ndim; d++)
+        t->numel *= (t->shape[d] = shape[d]);
+    t->arena = &m->arena;
+    return t;
 }
 
 #define W1(n) wnew(m, 1, (int64_t[]){n})
@@ -89,7 +102,9 @@ static molt_status derived_init(mdl_model *m) {
     return MOLT_OK;
 }
 
-molt_status mdl_create(mdl_model *m, const mcfg *cfg) {
+molt_status mdl_create(mdl_model *m, const mcfg *cfg) { return mdl_create_ex(m, cfg, false); }
+
+molt_status mdl_create_ex(mdl_model *m, const mcfg *cfg, bool shapes_only) {
     memset(m, 0, sizeof *m);
     m->cfg = *cfg;
     ag_arena_init(&m->arena, "weights", 64u << 20);
@@ -102,11 +117,13 @@ molt_status mdl_create(mdl_model *m, const mcfg *cfg) {
     m->layers = molt_calloc((size_t)c->num_hidden_layers, sizeof *m->layers);
     bool ok = m->layers != NULL;
     ok = ok && (m->embed = W2(c->vocab_size, c->hidden_size)) != NULL;
+    m->shapes_only = shapes_only; // the embeddings always hold data
     for (int l = 0; ok && l < c->num_hidden_layers; l++)
         ok = layer_alloc(m, l);
     ok = ok && (m->norm = W1(c->hidden_size)) != NULL;
     if (ok)
         m->lm_head.w = c->tie_word_embeddings ? m->embed : W2(c->vocab_size, c->hidden_size);
+    m->shapes_only = false;
     if (!ok || !m->lm_head.w) {
         mdl_free(m);
         return molt_err_wrap(MOLT_ENOMEM, "model weights (%lld parameters)",
@@ -119,6 +136,9 @@ void mdl_free(mdl_model *m) {
     if (!m)
         return;
     molt_free(m->layers);
+    for (int i = 0; i < m->n_qw; i++)
+        ag_qweight_free(&m->qw[i]);
+    molt_free(m->qw);
     ag_arena_free(&m->arena);
     memset(m, 0, sizeof *m);
 }
@@ -237,13 +257,15 @@ void mdl_weight_name(const w_entry *e, mdl_layout layout, bool wrapped, int expe
 
 #define NAME_CAP 256
 
-typedef struct {
+struct mdl_loader {
     const st_reader *r;
     bool *used;         // [st_count(r)]
     mdl_layout layout;  // HF (fused or per-expert decided per layer) or Mistral
     bool wrapped;
     const char *label;  // file named in messages
-} loader;
+    bool per_expert;    // some layer had one matrix per expert
+};
+typedef struct mdl_loader loader;
 
 // Index of `name` in the reader (sorted by name), or -1.
 static int find(const loader *ld, const char *name) {
@@ -493,32 +515,127 @@ static void detect_layout(loader *ld) {
         ld->wrapped = true;
 }
 
+molt_status mdl_loader_new(const st_reader *r, mdl_loader **out) {
+    *out = NULL;
+    loader *ld = molt_calloc(1, sizeof *ld);
+    if (ld)
+        ld->used = molt_calloc((size_t)st_count(r) + 1, sizeof(bool));
+    if (!ld || !ld->used) {
+        molt_free(ld);
+        return molt_err(MOLT_ENOMEM, "loading weights: out of memory");
+    }
+    ld->r = r;
+    ld->label = st_shard_count(r) > 0 ? st_shard_path(r, 0) : "checkpoint";
+    detect_layout(ld);
+    *out = ld;
+    return MOLT_OK;
+}
+
+void mdl_loader_free(mdl_loader *ld) {
+    if (ld)
+        molt_free(ld->used);
+    molt_free(ld);
+}
+
+molt_status mdl_loader_entry(mdl_loader *ld, const w_entry *e) {
+    return load_entry(ld, e, &ld->per_expert);
+}
+
+const char *mdl_loader_label(const mdl_loader *ld) { return ld->label; }
+mdl_layout mdl_loader_layout(const mdl_loader *ld) { return ld->layout; }
+bool mdl_loader_wrapped(const mdl_loader *ld) { return ld->wrapped; }
+
+const st_tensor *mdl_loader_take(mdl_loader *ld, const char *name) {
+    int i = find(ld, name);
+    if (i < 0)
+        return NULL;
+    ld->used[i] = true;
+    return st_at(ld->r, i);
+}
+
+// Raw E4M3 codes of one file tensor (already validated by load_entry) into dst, and its
+// per-tensor scale into one scale per row of its `rows` rows.
+static molt_status fp8_part(loader *ld, const char *name, int64_t rows, int64_t per_row,
+                            uint8_t *dst, float *row_scale, bool *is_fp8) {
+    int i = find(ld, name);
+    const st_tensor *t = i >= 0 ? st_at(ld->r, i) : NULL;
+    if (!t || t->dtype != ST_F8_E4M3) {
+        *is_fp8 = false;
+        return MOLT_OK;
+    }
+    double s;
+    MOLT_TRY(read_scales(ld, name, t, &s, 1));
+    memcpy(dst, t->data, (size_t)(rows * per_row));
+    for (int64_t r = 0; r < rows; r++)
+        row_scale[r] = (float)s;
+    return MOLT_OK;
+}
+
+molt_status mdl_loader_fp8(mdl_loader *ld, const w_entry *e, uint8_t *codes, float *row_scale,
+                           bool *is_fp8) {
+    char name[NAME_CAP];
+    const ag_tensor *w = e->t;
+    bool experts = e->kind == W_GATE_UP || e->kind == W_DOWN;
+    int64_t n_mat = experts ? w->shape[0] : 1, R = w->shape[w->ndim - 2];
+    int64_t C = w->shape[w->ndim - 1];
+    *is_fp8 = true;
+    mdl_weight_name(e, ld->layout == MDL_LAYOUT_MISTRAL ? ld->layout : MDL_LAYOUT_HF,
+                    ld->wrapped, 0, 0, name, sizeof name);
+    int i = find(ld, name);
+    if (!experts || (ld->layout != MDL_LAYOUT_MISTRAL && i >= 0)) {
+        const st_tensor *t = i >= 0 ? st_at(ld->r, i) : NULL;
+        if (!t || t->dtype != ST_F8_E4M3) {
+            *is_fp8 = false;
+            return MOLT_OK;
+        }
+        double *s = molt_malloc((size_t)n_mat * sizeof *s);
+        if (!s)
+            return molt_err(MOLT_ENOMEM, "%s: out of memory", name);
+        molt_status st = read_scales(ld, name, t, s, n_mat);
+        for (int64_t m = 0; st == MOLT_OK && m < n_mat; m++)
+            for (int64_t r = 0; r < R; r++)
+                row_scale[m * R + r] = (float)s[m];
+        molt_free(s);
+        if (st == MOLT_OK)
+            memcpy(codes, t->data, (size_t)w->numel);
+        return st;
+    }
+    mdl_layout lay = ld->layout == MDL_LAYOUT_MISTRAL ? ld->layout : MDL_LAYOUT_HF_PER_EXPERT;
+    int parts = e->kind == W_GATE_UP ? 2 : 1;
+    int64_t rows = R / parts;
+    for (int64_t x = 0; *is_fp8 && x < n_mat; x++)
+        for (int p = 0; *is_fp8 && p < parts; p++) {
+            mdl_weight_name(e, lay, ld->wrapped, (int)x, p, name, sizeof name);
+            int64_t r0 = x * R + p * rows;
+            MOLT_TRY(fp8_part(ld, name, rows, C, codes + r0 * C, row_scale + r0, is_fp8));
+        }
+    return MOLT_OK;
+}
+
+molt_status mdl_loader_finish(mdl_loader *ld, mdl_model *m) {
+    if (m->lm_head.w == m->embed) // tied: a saved copy is allowed
+        take_optional(ld, ld->layout == MDL_LAYOUT_MISTRAL ? "output.weight" : "lm_head.weight");
+    MOLT_TRY(check_unused(ld));
+    m->layout = ld->layout == MDL_LAYOUT_HF && ld->per_expert ? MDL_LAYOUT_HF_PER_EXPERT
+                                                              : ld->layout;
+    m->wrapped = ld->wrapped;
+    return MOLT_OK;
+}
+
 molt_status mdl_load_weights(mdl_model *m, const st_reader *r) {
-    int n = mdl_weight_list(m, NULL, 0), nt = st_count(r);
+    int n = mdl_weight_list(m, NULL, 0);
     w_entry *list = molt_malloc((size_t)n * sizeof *list);
-    loader ld = {.r = r, .used = molt_calloc((size_t)nt + 1, sizeof(bool)),
-                 .label = st_shard_count(r) > 0 ? st_shard_path(r, 0) : "checkpoint"};
-    molt_status st = MOLT_OK;
-    if (!list || !ld.used)
-        st = molt_err(MOLT_ENOMEM, "loading weights: out of memory");
-    bool per_expert = false;
-    if (st == MOLT_OK) {
-        mdl_weight_list(m, list, n);
-        detect_layout(&ld);
-    }
-    for (int i = 0; st == MOLT_OK && i < n; i++)
-        st = load_entry(&ld, &list[i], &per_expert);
-    if (st == MOLT_OK && m->lm_head.w == m->embed) // tied: a saved copy is allowed
-        take_optional(&ld, ld.layout == MDL_LAYOUT_MISTRAL ? "output.weight" : "lm_head.weight");
+    mdl_loader *ld = NULL;
+    molt_status st = list ? mdl_loader_new(r, &ld)
+                          : molt_err(MOLT_ENOMEM, "loading weights: out of memory");
     if (st == MOLT_OK)
-        st = check_unused(&ld);
-    if (st == MOLT_OK) {
-        m->layout = ld.layout == MDL_LAYOUT_HF && per_expert ? MDL_LAYOUT_HF_PER_EXPERT
-                                                             : ld.layout;
-        m->wrapped = ld.wrapped;
-    }
+        mdl_weight_list(m, list, n);
+    for (int i = 0; st == MOLT_OK && i < n; i++)
+        st = mdl_loader_entry(ld, &list[i]);
+    if (st == MOLT_OK)
+        st = mdl_loader_finish(ld, m);
+    mdl_loader_free(ld);
     molt_free(list);
-    molt_free(ld.used);
     return st;
 }
 
@@ -528,7 +645,7 @@ static bool file_exists(const char *path) {
 }
 
 // Opens the weights of dir: sharded index, single HF file, or Mistral's consolidated file.
-static molt_status open_weights(const char *dir, st_reader **r) {
+molt_status mdl_open_weights(const char *dir, st_reader **r) {
     static const char *const names[] = {"model.safetensors.index.json", "model.safetensors",
                                         "consolidated.safetensors.index.json",
                                         "consolidated.safetensors"};
@@ -549,7 +666,7 @@ molt_status mdl_load(const char *dir, mdl_model *m) {
     snprintf(path, sizeof path, "%s/config.json", dir);
     MOLT_TRY(mcfg_load(path, &cfg));
     st_reader *r = NULL;
-    MOLT_TRY(open_weights(dir, &r));
+    MOLT_TRY(mdl_open_weights(dir, &r));
     molt_status st = mdl_create(m, &cfg);
     if (st == MOLT_OK)
         st = mdl_load_weights(m, r);

@@ -1,0 +1,167 @@
+// adapters/adapters.h: the public API of molt's adapters module: LoRA specifications
+// (targets, ranks, alphas, init), attaching LoRA matrices to a loaded mdl_model, counting
+// trainable parameters per module group, adapter files (molt's own and PEFT directories),
+// and merging an adapter into the base weights.
+//
+// Every adaptable module is a "unit" named by its Hugging Face path:
+//   model.layers.N.self_attn.{q_a_proj,q_b_proj,q_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj}
+//   model.layers.N.mlp.{gate_proj,up_proj,down_proj}            (dense layers)
+//   model.layers.N.mlp.shared_experts.{gate_proj,up_proj,down_proj}
+//   model.layers.N.mlp.gate                                     (router, optional)
+//   model.layers.N.mlp.experts.{gate_up_proj,down_proj}         (routed experts, 3-D)
+//   lm_head                                                     (optional)
+// A 2-D unit has A [r, in] and B [out, r]; a routed-expert unit holds PEFT's
+// target_parameters layout: A [r*E, in] (rows e*r..e*r+r-1 are expert e) and
+// B [out, r*E] (column k*E + e is expert e, rank k).
+//
+// Not here: the optimizer and checkpoints (train/), the adapter registry for serving.
+#ifndef MOLT_ADAPTERS_H
+#define MOLT_ADAPTERS_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "../autograd/autograd.h"
+#include "../common/err.h"
+#include "../model/model.h"
+
+// Module groups, for per-group rank/alpha and the parameter table.
+typedef enum {
+    LORA_GROUP_ATTN,    // self_attn projections
+    LORA_GROUP_DENSE,   // dense-layer MLP (layers below first_k_dense_replace)
+    LORA_GROUP_SHARED,  // shared experts
+    LORA_GROUP_EXPERTS, // routed experts (3-D parameters)
+    LORA_GROUP_ROUTER,  // mlp.gate
+    LORA_GROUP_LM_HEAD, // lm_head
+    LORA_GROUP_COUNT
+} lora_group;
+
+const char *lora_group_name(lora_group g); // "attn", "dense", "shared", "experts", ...
+
+typedef enum {
+    LORA_INIT_KAIMING,  // A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform_ with a=sqrt(5)), B = 0
+    LORA_INIT_GAUSSIAN, // A ~ N(0, 1/r), B = 0
+    LORA_INIT_ZERO,     // A = B = 0 (filled by a loader)
+} lora_init;
+
+#define LORA_MAX_TARGETS 32
+#define LORA_MAX_PATTERNS 32
+#define LORA_NAME_MAX 128
+
+// A rank_pattern / alpha_pattern entry: key matched like PEFT (the regex (.*\.)?(key)$ on
+// the unit's PEFT key), first match in order wins.
+typedef struct {
+    char key[LORA_NAME_MAX];
+    double value;
+} lora_pattern;
+
+typedef struct {
+    int r;             // default rank (> 0)
+    double alpha;      // default lora_alpha
+    double dropout;    // on the input of 2-D targets only (PEFT has none on parameters)
+    bool rslora;       // scale alpha / sqrt(r) instead of alpha / r
+    lora_init init;
+    uint64_t seed;
+    int n_targets;     // patterns: a unit matches when its path equals the pattern or ends
+                       // with "." + pattern; '*' is a glob over any characters
+    char targets[LORA_MAX_TARGETS][LORA_NAME_MAX];
+    int group_r[LORA_GROUP_COUNT];        // 0 = r
+    double group_alpha[LORA_GROUP_COUNT]; // 0 = alpha
+    int n_rank_pattern, n_alpha_pattern;  // override groups (PEFT semantics)
+    lora_pattern rank_pattern[LORA_MAX_PATTERNS];
+    lora_pattern alpha_pattern[LORA_MAX_PATTERNS];
+} lora_spec;
+
+// r 8, alpha 16, dropout 0, Kaiming init, seed 0, no targets.
+void lora_spec_default(lora_spec *s);
+// Parses a compact spec: comma-separated key=value among r, alpha, dropout, rslora (0/1),
+// init (kaiming|gaussian), seed, targets (patterns separated by '+'), r.GROUP, alpha.GROUP,
+// rank:KEY, alpha:KEY (PEFT rank/alpha patterns). Starts from the defaults. MOLT_EARG names
+// the offending item.
+molt_status lora_spec_parse(const char *text, lora_spec *s);
+// The compact form of s (round-trips through lora_spec_parse); MOLT_EARG when cap is short.
+molt_status lora_spec_format(const lora_spec *s, char *buf, size_t cap);
+// Whether pattern selects path (PEFT target_modules semantics plus '*' globs).
+bool lora_pattern_match(const char *pattern, const char *path);
+
+// One adapted unit.
+typedef struct {
+    char path[LORA_NAME_MAX]; // HF module path (routed experts: ...mlp.experts.gate_up_proj)
+    lora_group group;
+    int layer;                // -1 for lm_head
+    int r;
+    double alpha, scale;      // scale = alpha / r or alpha / sqrt(r)
+    int64_t in, out, n_exp;   // n_exp = E for routed experts, else 1
+    mdl_lin *lin;             // the model's linear for 2-D units (NULL for experts)
+    ag_tensor *base;          // the frozen base weight [out, in] or [E, out, in]
+    ag_tensor *a;             // [r * n_exp, in]
+    ag_tensor *b;             // [out, r * n_exp]
+} lora_unit;
+
+typedef struct {
+    lora_spec spec;
+    ag_arena params;          // A and B of every unit
+    int n_units;
+    lora_unit *units;         // [n_units], in model order
+    mdl_model *model;         // the model the 2-D units are wired into
+    int64_t group_params[LORA_GROUP_COUNT];
+    int64_t total_params;
+} lora_adapter;
+
+// Allocates A/B (F32, requires_grad) for every unit the spec's targets select, initializes
+// them (spec.init, spec.seed: one ag_rng stream over units in model order) and wires them
+// into the model: the lora_a/lora_b/lora_scale fields of the selected mdl_lin, and each MoE
+// layer's experts_lora. The expert op takes one rank and scale for both expert stacks of a
+// layer: with `for_forward` a layer whose gate_up_proj and down_proj differ there is refused
+// (MOLT_EUNSUPPORTED); without it (files, merging) such experts are kept but not wired.
+// Errors: a target pattern matching nothing, or a unit (routed experts included) ending with
+// zero parameters (MOLT_EARG); a model already carrying LoRA (MOLT_EARG). On failure nothing
+// stays attached and *out is zeroed.
+molt_status lora_attach(mdl_model *m, const lora_spec *spec, bool for_forward,
+                        lora_adapter *out);
+// Clears the LoRA fields of the model's linears and frees the adapter (NULL-safe).
+void lora_detach(lora_adapter *ad);
+// Fills every B with N(0, std) from one ag_rng stream seeded with seed (units in order):
+// a non-trivial adapter for tests, fixtures and demos.
+void lora_randomize_b(lora_adapter *ad, uint64_t seed, double std);
+// Prints the trainable parameters per group and the total.
+void lora_print_table(const lora_adapter *ad, FILE *f);
+// Number of trainable parameters in group g.
+int64_t lora_group_params(const lora_adapter *ad, lora_group g);
+// The unit with this path, or NULL.
+lora_unit *lora_find_unit(lora_adapter *ad, const char *path);
+
+// ---- files (adapters/peft.c) ----------------------------------------------------------
+// PEFT's tensor name of a unit's A or B (`base_model.model.<path>.lora_A.weight`; routed
+// experts under their module, with ".base_layer" for gate_up_proj when both expert
+// parameters are adapted, as PEFT nests its parameter wrappers).
+void lora_peft_tensor_name(const lora_adapter *ad, const lora_unit *u, bool b, char *buf,
+                           size_t cap);
+// Writes dir/adapter_config.json and dir/adapter_model.safetensors (F32) as PEFT does.
+// base_model may be NULL (written as null).
+molt_status lora_export_peft(const lora_adapter *ad, const char *dir, const char *base_model);
+// Reads a PEFT directory and attaches it to m (see lora_attach for for_forward).
+// MOLT_EFORMAT / MOLT_EUNSUPPORTED name the file and key: bad JSON, unsupported options
+// (use_dora, bias other than "none", modules_to_save, fan_in_fan_out, layers_to_transform),
+// tensors that match no unit, missing tensors, shape mismatches.
+molt_status lora_import_peft(mdl_model *m, const char *dir, bool for_forward,
+                             lora_adapter *out);
+// molt's adapter file: one safetensors file with PEFT's tensor names and the spec in its
+// metadata ("format": "molt-lora", "spec": lora_spec_format).
+molt_status lora_save(const lora_adapter *ad, const char *path);
+molt_status lora_load(mdl_model *m, const char *path, bool for_forward, lora_adapter *out);
+// Either: a directory holding adapter_config.json (PEFT) or a molt adapter file.
+molt_status lora_load_any(mdl_model *m, const char *path, bool for_forward,
+                          lora_adapter *out);
+
+// ---- merge (adapters/merge.c) ---------------------------------------------------------
+// Adds scale * B A into every adapted base weight (per expert for routed experts) and
+// detaches: the model then computes what model+adapter computed.
+molt_status lora_merge_into(lora_adapter *ad);
+
+// ---- commands (adapters/cli.c) --------------------------------------------------------
+int lora_cmd_export(int argc, char **argv); // molt export
+int lora_cmd_merge(int argc, char **argv);  // molt merge
+
+#endif

@@ -1,0 +1,206 @@
+// adapters/cli.c: `molt export` (an adapter file or PEFT directory to a PEFT directory or a
+// molt adapter file) and `molt merge` (an adapter folded into its base model, written in
+// Hugging Face layout). Exit status: 0 success, 1 failure, 2 bad usage. Not here: the
+// adapter logic itself (lora.c, peft.c, merge.c).
+#include "adapters.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#define PATH_CAP 4096
+
+static const char export_usage[] =
+    "usage: molt export --model DIR (--adapter SRC | --spec SPEC [--b-std X] [--b-seed N])\n"
+    "                   --out DEST [--format peft|molt] [--base-name NAME]\n"
+    "  SRC is a PEFT directory or a molt adapter file; the model supplies the shapes.\n"
+    "  --spec starts from a freshly initialized adapter (compact LoRA spec, e.g.\n"
+    "  r=8,alpha=16,targets=q_a_proj+o_proj); --b-std fills B with N(0, X) (default 0).\n"
+    "  peft (default) writes DEST/adapter_config.json and adapter_model.safetensors;\n"
+    "  molt writes one adapter file.\n";
+
+static const char merge_usage[] =
+    "usage: molt merge --model DIR --adapter A --out DIR2 [--dtype bf16|f32]\n"
+    "  A is a PEFT directory or a molt adapter file. DIR2 gets config.json and\n"
+    "  model.safetensors (Hugging Face layout) and a copy of DIR's tokenizer files.\n";
+
+typedef struct {
+    const char *model, *adapter, *out, *format, *base_name, *dtype, *checkpoint;
+    const char *spec, *b_std, *b_seed;
+} cli_opts;
+
+// Parses --key value pairs into o; returns 0, or 2 after printing the problem.
+static int parse(int argc, char **argv, cli_opts *o, const char *cmd, const char *usage) {
+    struct {
+        const char *flag;
+        const char **dst;
+    } known[] = {{"--model", &o->model},         {"--adapter", &o->adapter},
+                 {"--out", &o->out},             {"--format", &o->format},
+                 {"--base-name", &o->base_name}, {"--dtype", &o->dtype},
+                 {"--checkpoint", &o->checkpoint}, {"--spec", &o->spec},
+                 {"--b-std", &o->b_std},         {"--b-seed", &o->b_seed}};
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            fputs(usage, stdout);
+            return -1;
+        }
+        size_t k = 0;
+        while (k < sizeof known / sizeof *known && strcmp(argv[i], known[k].flag))
+            k++;
+        if (k == sizeof known / sizeof *known) {
+            fprintf(stderr, "%s: unknown option '%s'\n%s", cmd, argv[i], usage);
+            return 2;
+        }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "%s: %s needs a value\n", cmd, argv[i]);
+            return 2;
+        }
+        *known[k].dst = argv[++i];
+    }
+    return 0;
+}
+
+static int fail(const char *cmd) {
+    fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
+    return 1;
+}
+
+// The adapter to export: loaded from --adapter, or made from --spec (B from --b-std/--b-seed).
+static molt_status fresh_or_load(mdl_model *m, const cli_opts *o, lora_adapter *ad) {
+    if (o->adapter)
+        return lora_load_any(m, o->adapter, false, ad);
+    lora_spec spec;
+    MOLT_TRY(lora_spec_parse(o->spec, &spec));
+    char *end = NULL;
+    double std = o->b_std ? strtod(o->b_std, &end) : 0;
+    unsigned long long seed = o->b_seed ? strtoull(o->b_seed, &end, 10) : spec.seed + 1;
+    if (end && *end)
+        return molt_err(MOLT_EARG, "--b-std / --b-seed: bad number '%s'", end);
+    MOLT_TRY(lora_attach(m, &spec, false, ad));
+    if (std != 0)
+        lora_randomize_b(ad, seed, std);
+    return MOLT_OK;
+}
+
+int lora_cmd_export(int argc, char **argv) {
+    const char *cmd = "molt export";
+    cli_opts o = {0};
+    int rc = parse(argc, argv, &o, cmd, export_usage);
+    if (rc)
+        return rc < 0 ? 0 : rc;
+    if (o.checkpoint) {
+        fprintf(stderr, "%s: --checkpoint is not readable by this build; pass the adapter "
+                "file with --adapter\n", cmd);
+        return 1;
+    }
+    const char *fmt = o.format ? o.format : "peft";
+    bool one_src = !o.adapter != !o.spec;
+    if (!o.model || !o.out || !one_src || (strcmp(fmt, "peft") && strcmp(fmt, "molt"))) {
+        fprintf(stderr, "%s: --model, --out and one of --adapter, --spec are required; --format "
+                "is peft or molt\n%s", cmd, export_usage);
+        return 2;
+    }
+    mdl_model m = {0};
+    lora_adapter ad;
+    if (mdl_load(o.model, &m) != MOLT_OK)
+        return fail(cmd);
+    if (fresh_or_load(&m, &o, &ad) != MOLT_OK) {
+        mdl_free(&m);
+        return fail(cmd);
+    }
+    lora_print_table(&ad, stdout);
+    molt_status st = !strcmp(fmt, "peft") ? lora_export_peft(&ad, o.out, o.base_name)
+                                          : lora_save(&ad, o.out);
+    lora_detach(&ad);
+    mdl_free(&m);
+    if (st != MOLT_OK)
+        return fail(cmd);
+    printf("wrote %s (%s)\n", o.out, fmt);
+    return 0;
+}
+
+static molt_status copy_file(const char *from, const char *to) {
+    FILE *f = fopen(from, "rb");
+    if (!f)
+        return MOLT_OK; // optional file
+    FILE *g = fopen(to, "wb");
+    molt_status st = g ? MOLT_OK : molt_err(MOLT_EIO, "cannot write %s", to);
+    char buf[1 << 14];
+    size_t n;
+    while (st == MOLT_OK && (n = fread(buf, 1, sizeof buf, f)) > 0)
+        if (fwrite(buf, 1, n, g) != n)
+            st = molt_err(MOLT_EIO, "cannot write %s", to);
+    fclose(f);
+    if (g && fclose(g) != 0 && st == MOLT_OK)
+        st = molt_err(MOLT_EIO, "cannot write %s", to);
+    return st;
+}
+
+// config.json of the merged model: the base's, with its dtype set to the written one.
+static molt_status write_config(const char *model_dir, const char *out_dir, bool bf16) {
+    char from[PATH_CAP], to[PATH_CAP];
+    snprintf(from, sizeof from, "%s/config.json", model_dir);
+    snprintf(to, sizeof to, "%s/config.json", out_dir);
+    json_error_t je;
+    json_t *c = json_load_file(from, 0, &je);
+    if (!c)
+        return molt_err(MOLT_EFORMAT, "%s: %s", from, je.text);
+    json_t *tc = json_object_get(c, "text_config");
+    const char *dt = bf16 ? "bfloat16" : "float32";
+    json_object_set_new(c, "dtype", json_string(dt));
+    if (json_is_object(tc))
+        json_object_set_new(tc, "dtype", json_string(dt));
+    int rc = json_dump_file(c, to, JSON_INDENT(2));
+    json_decref(c);
+    return rc == 0 ? MOLT_OK : molt_err(MOLT_EIO, "cannot write %s", to);
+}
+
+static molt_status write_merged(const mdl_model *m, const cli_opts *o, bool bf16) {
+    if (mkdir(o->out, 0777) != 0 && errno != EEXIST)
+        return molt_err(MOLT_EIO, "cannot create %s", o->out);
+    MOLT_TRY(write_config(o->model, o->out, bf16));
+    static const char *tok[] = {"tekken.json", "tokenizer.json", "tokenizer_config.json",
+                                "generation_config.json"};
+    char from[PATH_CAP], to[PATH_CAP];
+    for (size_t i = 0; i < sizeof tok / sizeof *tok; i++) {
+        snprintf(from, sizeof from, "%s/%s", o->model, tok[i]);
+        snprintf(to, sizeof to, "%s/%s", o->out, tok[i]);
+        MOLT_TRY(copy_file(from, to));
+    }
+    mdl_save_opts so = {.layout = MDL_LAYOUT_HF, .dtype = bf16 ? MDL_SAVE_BF16 : MDL_SAVE_F32,
+                        .wrapped = m->wrapped};
+    snprintf(to, sizeof to, "%s/model.safetensors", o->out);
+    return mdl_save(m, to, &so);
+}
+
+int lora_cmd_merge(int argc, char **argv) {
+    const char *cmd = "molt merge";
+    cli_opts o = {0};
+    int rc = parse(argc, argv, &o, cmd, merge_usage);
+    if (rc)
+        return rc < 0 ? 0 : rc;
+    const char *dt = o.dtype ? o.dtype : "f32";
+    if (!o.model || !o.adapter || !o.out || (strcmp(dt, "f32") && strcmp(dt, "bf16"))) {
+        fprintf(stderr, "%s: --model, --adapter, --out are required; --dtype is bf16 or "
+                "f32\n%s", cmd, merge_usage);
+        return 2;
+    }
+    mdl_model m = {0};
+    lora_adapter ad;
+    if (mdl_load(o.model, &m) != MOLT_OK)
+        return fail(cmd);
+    molt_status st = lora_load_any(&m, o.adapter, false, &ad);
+    if (st == MOLT_OK) {
+        lora_print_table(&ad, stdout);
+        st = lora_merge_into(&ad);
+    }
+    if (st == MOLT_OK)
+        st = write_merged(&m, &o, !strcmp(dt, "bf16"));
+    mdl_free(&m);
+    if (st != MOLT_OK)
+        return fail(cmd);
+    printf("wrote %s/model.safetensors (%s)\n", o.out, dt);
+    return 0;
+}

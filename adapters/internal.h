@@ -1,0 +1,13 @@
+// adapters/internal.h: helpers shared by the files of the adapters module (not public).
+#ifndef MOLT_ADAPTERS_INTERNAL_H
+#define MOLT_ADAPTERS_INTERNAL_H
+
+#include "adapters.h"
+
+// Every adaptable unit of m in model order (A/B unset); *units is freed with molt_free.
+molt_status lora_list_units(mdl_model *m, lora_unit **units, int *n);
+// PEFT's key of a unit: the module path, or the parameter path for units PEFT adapts as
+// parameters (router weight, routed experts); rank/alpha patterns match it.
+void lora_peft_key(const lora_unit *u, char *buf, size_t cap);
+
+#endif
