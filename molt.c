@@ -8,6 +8,7 @@
 #include "adapters/adapters.h"
 #include "infer/infer.h"
 #include "model/model.h"
+#include "train/trainer.h"
 
 typedef int (*cmd_fn)(int argc, char **argv);
 typedef struct {
@@ -28,6 +29,7 @@ static const command commands[] = {
     {"generate", inf_cmd_generate, "generate text from a prompt (KV cache, sampling)"},
     {"export", lora_cmd_export, "adapter to a PEFT directory or a molt adapter file"},
     {"merge", lora_cmd_merge, "adapter merged into the base weights (HF layout)"},
+    {"train", trn_cmd_train, "train a LoRA adapter from a YAML config (resumable)"},
     {"bench", cmd_bench, "benchmarks: ops, tokenize"},
 };
 

@@ -1,0 +1,189 @@
+// tests/test_trainer.c: the `molt train` configuration: YAML keys land in the right fields
+// (nested sections, lists, flow lists, defaults for what is absent), --set overrides values
+// and lists, the adapter keys become a lora spec that parses back to the same settings,
+// every error names the key and FILE:LINE (or the --set item), unsupported settings are
+// refused, and the resolved YAML loads back to the same configuration.
+#include "harness/harness.h"
+#include "adapters/adapters.h"
+#include "train/trainer.h"
+
+#include <string.h>
+#include <unistd.h>
+
+static char g_path[64];
+
+// Writes text to a temporary YAML file; returns its path.
+static const char *yaml(const char *text) {
+    snprintf(g_path, sizeof g_path, "/tmp/molt_trcfg_XXXXXX");
+    int fd = mkstemp(g_path);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq((int)write(fd, text, strlen(text)), (int)strlen(text));
+    close(fd);
+    return g_path;
+}
+
+static const char *base_yaml =
+    "model:\n"
+    "  path: /m\n"
+    "adapter:\n"
+    "  r: 4\n"
+    "  alpha: 12\n"
+    "  targets: [q_a_proj, o_proj]\n"
+    "data:\n"
+    "  train:\n"
+    "    - a.jsonl\n"
+    "    - b.jsonl\n"
+    "  max_seq_len: 64\n"
+    "train:\n"
+    "  steps: 20\n"
+    "  grad_accum: 3\n"
+    "optim:\n"
+    "  lr: 0.002\n"
+    "schedule:\n"
+    "  kind: cosine\n"
+    "  warmup_steps: 4\n"
+    "output_dir: out\n";
+
+START_TEST(test_keys_and_defaults) {
+    trn_config c;
+    ck_assert_int_eq(trn_config_load(yaml(base_yaml), NULL, 0, &c), MOLT_OK);
+    unlink(g_path);
+    ck_assert_str_eq(c.model, "/m");
+    ck_assert_str_eq(c.quant, "none");
+    ck_assert_int_eq(c.n_train, 2);
+    ck_assert_str_eq(c.train_files[1], "b.jsonl");
+    ck_assert_int_eq(c.n_eval, 0);
+    ck_assert_int_eq(c.max_seq_len, 64);
+    ck_assert_int_eq((int)c.steps, 20);
+    ck_assert_int_eq(c.grad_accum, 3);
+    ck_assert_int_eq(c.batch_size, 1); // default
+    ck_assert(c.lr == 0.002);
+    ck_assert_int_eq(c.schedule, SCHED_COSINE);
+    ck_assert_int_eq((int)c.warmup_steps, 4);
+    ck_assert_str_eq(c.output_dir, "out");
+    opt_adamw_config d;
+    opt_adamw_defaults(&d);
+    ck_assert(c.adamw.beta1 == d.beta1 && c.adamw.beta2 == d.beta2 && c.adamw.eps == d.eps);
+    ck_assert(c.adamw.weight_decay == 0.0);
+    ck_assert(c.max_grad_norm == 1.0);
+    ck_assert(c.packing && c.shuffle && !c.activation_checkpointing);
+    lora_spec s;
+    ck_assert_int_eq(lora_spec_parse(c.adapter, &s), MOLT_OK);
+    ck_assert_int_eq(s.r, 4);
+    ck_assert(s.alpha == 12);
+    ck_assert_int_eq(s.n_targets, 2);
+    ck_assert_str_eq(s.targets[0], "q_a_proj");
+    ck_assert_str_eq(s.targets[1], "o_proj");
+}
+END_TEST
+
+START_TEST(test_set_overrides) {
+    char *sets[] = {"optim.lr=0.5", "data.train=x.jsonl,y.jsonl,z.jsonl", "model.quant=nf4",
+                    "adapter.r=16", "schedule.kind=linear", "data.packing=false"};
+    trn_config c;
+    ck_assert_int_eq(trn_config_load(yaml(base_yaml), sets, 6, &c), MOLT_OK);
+    unlink(g_path);
+    ck_assert(c.lr == 0.5);
+    ck_assert_int_eq(c.n_train, 3);
+    ck_assert_str_eq(c.train_files[2], "z.jsonl");
+    ck_assert_str_eq(c.quant, "nf4");
+    ck_assert_int_eq(c.schedule, SCHED_LINEAR);
+    ck_assert(!c.packing);
+    lora_spec s;
+    ck_assert_int_eq(lora_spec_parse(c.adapter, &s), MOLT_OK);
+    ck_assert_int_eq(s.r, 16);
+}
+END_TEST
+
+// Loads base_yaml with one line replaced (or the sets applied) and checks the message.
+static void expect_error(const char *from, const char *to, char **sets, int n_sets,
+                         const char *msg_fmt) {
+    char text[2048];
+    const char *at = strstr(base_yaml, from);
+    ck_assert_ptr_nonnull(at);
+    snprintf(text, sizeof text, "%.*s%s%s", (int)(at - base_yaml), base_yaml, to,
+             at + strlen(from));
+    trn_config c;
+    const char *p = yaml(text);
+    molt_status st = trn_config_load(p, sets, n_sets, &c);
+    ck_assert_int_ne(st, MOLT_OK);
+    char want[512];
+    snprintf(want, sizeof want, msg_fmt, p);
+    ck_assert_str_eq(molt_err_msg(), want);
+    unlink(p);
+}
+
+START_TEST(test_errors_name_key_and_line) {
+    expect_error("  max_seq_len: 64\n", "  max_seq_len: lots\n", NULL, 0,
+                 "config %s:11: key 'data.max_seq_len': expected a positive integer, got "
+                 "'lots'");
+    expect_error("  grad_accum: 3\n", "  grad_acum: 3\n", NULL, 0,
+                 "config %s:14: unknown key 'train.grad_acum' (run 'molt train --help' for "
+                 "the list)");
+    expect_error("  kind: cosine\n", "  kind: wavy\n", NULL, 0,
+                 "config %s:18: key 'schedule.kind': expected constant, linear or cosine, "
+                 "got 'wavy'");
+    expect_error("  lr: 0.002\n", "  lr: [1, 2]\n", NULL, 0,
+                 "config %s:16: key 'optim.lr' takes a single value");
+    expect_error("output_dir: out\n", "", NULL, 0, "config %s: key 'output_dir' is required");
+    char *bad_set[] = {"data.packing=maybe"};
+    expect_error("x", "x", bad_set, 1,
+                 "config --set data.packing=maybe: key 'data.packing': expected true or false, "
+                 "got 'maybe'");
+    char *unknown_set[] = {"optim.momentum=0.9"};
+    expect_error("x", "x", unknown_set, 1,
+                 "config --set optim.momentum=0.9: unknown key 'optim.momentum' (run 'molt "
+                 "train --help' for the list)");
+    char *no_eq[] = {"optim.lr"};
+    expect_error("x", "x", no_eq, 1, "config --set 'optim.lr': expected key=value");
+    char *ac[] = {"train.activation_checkpointing=true"};
+    expect_error("x", "x", ac, 1,
+                 "config %s: key 'train.activation_checkpointing': true is not supported yet "
+                 "(set it to false)");
+}
+END_TEST
+
+START_TEST(test_yaml_syntax_error_has_line) {
+    trn_config c;
+    const char *p = yaml("model:\n  path: /m\n   bad: [\n");
+    ck_assert_int_ne(trn_config_load(p, NULL, 0, &c), MOLT_OK);
+    char want[128];
+    snprintf(want, sizeof want, "config %s:", p);
+    ck_assert_ptr_nonnull(strstr(molt_err_msg(), want));
+    ck_assert_ptr_nonnull(strstr(molt_err_msg(), "YAML error"));
+    unlink(p);
+}
+END_TEST
+
+START_TEST(test_resolved_yaml_roundtrips) {
+    char *sets[] = {"data.eval=e1.jsonl,e 2#.jsonl", "train.seed=7", "checkpoint.every=5",
+                    "optim.weight_decay=0.1", "data.format=alpaca", "model.quant=nf4"};
+    trn_config a, b;
+    ck_assert_int_eq(trn_config_load(yaml(base_yaml), sets, 6, &a), MOLT_OK);
+    unlink(g_path);
+    char *text = trn_config_yaml(&a);
+    ck_assert_ptr_nonnull(text);
+    ck_assert_int_eq(trn_config_load(yaml(text), NULL, 0, &b), MOLT_OK);
+    unlink(g_path);
+    char *again = trn_config_yaml(&b);
+    ck_assert_str_eq(again, text);
+    ck_assert_str_eq(b.eval_files[1], "e 2#.jsonl");
+    ck_assert_int_eq((int)b.seed, 7);
+    ck_assert_str_eq(b.adapter, a.adapter);
+    ck_assert(b.adamw.weight_decay == 0.1);
+    molt_free(again);
+    molt_free(text);
+}
+END_TEST
+
+int main(void) {
+    Suite *s = suite_create("trainer");
+    TCase *tc = tcase_create("config");
+    tcase_add_test(tc, test_keys_and_defaults);
+    tcase_add_test(tc, test_set_overrides);
+    tcase_add_test(tc, test_errors_name_key_and_line);
+    tcase_add_test(tc, test_yaml_syntax_error_has_line);
+    tcase_add_test(tc, test_resolved_yaml_roundtrips);
+    suite_add_tcase(s, tc);
+    return harness_run(s);
+}

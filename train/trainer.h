@@ -1,0 +1,79 @@
+// train/trainer.h: the `molt train` pipeline: its YAML configuration (trn_config, parsed
+// in train/config.c with --set overrides), the training loop with checkpoints, exact resume,
+// evaluation and adapter export (train/trainer.c), and the command line (train/cli.c).
+//
+// Not here: the optimizer, schedules, checkpoint files and metrics log themselves (train.h),
+// the model, the adapters and the data pipeline (their modules).
+#ifndef MOLT_TRAINER_H
+#define MOLT_TRAINER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../common/err.h"
+#include "../data/data.h"
+#include "train.h"
+
+#define TRN_PATH_MAX 1024
+#define TRN_SPEC_MAX 2048
+
+// Every setting of a run, after defaults, the YAML file and --set overrides.
+typedef struct {
+    char model[TRN_PATH_MAX];     // model.path: base model directory (required)
+    char quant[256];              // model.quant: "none" or an mdl_qspec ("nf4", ...)
+    char tokenizer[TRN_PATH_MAX]; // model.tokenizer: "" = tekken.json/tokenizer.json in model
+    char adapter[TRN_SPEC_MAX];   // compact lora spec built from the adapter.* keys
+    int n_train, n_eval;
+    char train_files[DS_MAX_INPUTS][TRN_PATH_MAX]; // data.train
+    char eval_files[DS_MAX_INPUTS][TRN_PATH_MAX];  // data.eval
+    ds_format format;             // data.format
+    ds_on_bad on_bad;             // data.on_bad
+    int max_seq_len;              // data.max_seq_len
+    bool packing, shuffle;        // data.packing, data.shuffle
+    int batch_size, grad_accum;   // train.batch_size (rows), train.grad_accum
+    int64_t steps;                // train.steps (0: from train.epochs)
+    double epochs;                // train.epochs
+    uint64_t seed;                // train.seed (data order and adapter init)
+    bool activation_checkpointing; // train.activation_checkpointing (only false for now)
+    int log_every;                // train.log_every: plain progress lines
+    opt_adamw_config adamw;       // optim.beta1/beta2/eps/weight_decay
+    double lr, max_grad_norm;     // optim.lr, optim.max_grad_norm (<= 0: no clipping)
+    sched_kind schedule;          // schedule.kind
+    int64_t warmup_steps;         // schedule.warmup_steps
+    char output_dir[TRN_PATH_MAX];
+    int ckpt_every, keep_last;    // checkpoint.every (0: at the end only), keep_last
+    int eval_every, eval_max_batches; // eval.every (0: at the end only), eval.max_batches
+} trn_config;
+
+// Fills c with the defaults (the required paths empty).
+void trn_config_default(trn_config *c);
+// Reads the YAML file `path`, then applies each "key=value" of sets (n_sets of them; the
+// value is a YAML scalar, lists as comma-separated items). Errors are MOLT_EARG naming the
+// key and where it came from ("FILE:LINE" or "--set"): unknown keys, bad values, wrong YAML
+// structure, missing required keys.
+molt_status trn_config_load(const char *path, char *const *sets, int n_sets, trn_config *c);
+// The canonical YAML text of c (every key, nested by section) into a new string (molt_free).
+char *trn_config_yaml(const trn_config *c);
+
+// Options of one run that are not part of the configuration.
+typedef struct {
+    const char *resume;  // NULL: fresh (refused when checkpoints exist); "auto"; or a path
+    bool force;          // resume across a different base model or tokenizer
+    bool eval_only;      // evaluate (base, or base + eval_adapter) and exit
+    const char *eval_adapter; // adapter file or PEFT directory for eval_only (may be NULL)
+    bool quiet;          // no progress output
+} trn_run_opts;
+
+// Runs training (or evaluation) as configured. Writes output_dir/{config.resolved.yaml,
+// metrics.jsonl, checkpoints/, adapter/ (PEFT), adapter.safetensors (molt)}. Returns
+// MOLT_OK, or an error with its message; *interrupted is set when Ctrl-C stopped it after
+// a checkpoint.
+molt_status trn_run(const trn_config *c, const trn_run_opts *o, bool *interrupted);
+
+// The known keys with a line of help each, for --help.
+void trn_config_print_keys(FILE *f);
+
+int trn_cmd_train(int argc, char **argv); // molt train
+
+#endif
