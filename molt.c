@@ -24,7 +24,7 @@ static const command commands[] = {
     {"tokenize", data_cmd_tokenize, "encode text or JSONL records to token ids"},
     {"data", data_cmd_data, "inspect or render an instruction dataset"},
     {"init-model", mdl_cmd_init_model, "write a random model from a preset (HF layout)"},
-    {"forward", mdl_cmd_forward, "logits of token sequences into a safetensors file"},
+    {"forward", inf_cmd_forward, "logits of token sequences into a safetensors file"},
     {"quantize", mdl_cmd_quantize, "write a pre-quantized checkpoint (nf4, int8, fp8, bf16)"},
     {"generate", inf_cmd_generate, "generate text from a prompt (KV cache, sampling)"},
     {"export", lora_cmd_export, "adapter to a PEFT directory or a molt adapter file"},

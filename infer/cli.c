@@ -17,7 +17,7 @@ static const char gen_usage[] =
     "usage: molt generate --model DIR (--prompt TEXT | --prompt-file FILE) [--chat]\n"
     "                     [--max-tokens N] [--temperature T] [--top-p P] [--top-k K]\n"
     "                     [--seed S] [--attn absorbed|expanded] [--tokenizer FILE]\n"
-    "                     [--base-quant SPEC]\n"
+    "                     [--base-quant SPEC] [--adapter A]\n"
     "Generates text after the prompt and writes it to stdout as it is produced; a summary\n"
     "goes to stderr. Greedy unless --temperature > 0; then temperature -> top-k -> top-p ->\n"
     "one draw from a generator seeded by --seed (same seed, same text). Stops at an end of\n"
@@ -25,7 +25,8 @@ static const char gen_usage[] =
     "turn of the model's chat template; otherwise it is <s> followed by the plain text.\n"
     "--attn: how decode steps attend over the cache (default absorbed weights). The\n"
     "tokenizer is DIR/tekken.json or DIR/tokenizer.json unless --tokenizer names one.\n"
-    "--base-quant quantizes the projections on load (see molt quantize --help).\n";
+    "--base-quant quantizes the projections on load (see molt quantize --help).\n"
+    "--adapter applies a LoRA adapter: a PEFT directory or a molt adapter file.\n";
 
 static bool parse_int(const char *s, int lo, int *out) {
     char *end;
@@ -104,6 +105,7 @@ static molt_status read_file(const char *path, char **out, size_t *len) {
 typedef struct {
     const char *model, *prompt, *prompt_file, *tokenizer;
     const char *base_quant; // --base-quant spec or NULL
+    const char *adapter;    // --adapter path or NULL
     bool chat;
     inf_gen_opts g;
 } gen_args;
@@ -117,7 +119,7 @@ static int gen_option(int argc, char **argv, int *i, gen_args *a) {
     }
     static const char *const with_value[] = {
         "--model", "--prompt", "--prompt-file", "--tokenizer", "--max-tokens", "--temperature",
-        "--top-p", "--top-k",  "--seed",        "--attn",        "--base-quant"};
+        "--top-p", "--top-k",  "--seed",        "--attn",        "--base-quant", "--adapter"};
     bool known = false;
     for (size_t k = 0; k < sizeof with_value / sizeof *with_value; k++)
         known |= strcmp(o, with_value[k]) == 0;
@@ -152,6 +154,8 @@ static int gen_option(int argc, char **argv, int *i, gen_args *a) {
         ok = parse_seed(v, &s->seed);
     else if (strcmp(o, "--base-quant") == 0)
         a->base_quant = v; // checked when the model loads
+    else if (strcmp(o, "--adapter") == 0)
+        a->adapter = v; // loaded after the model
     else
         ok = parse_attn(v, &a->g.decode_mode);
     if (!ok) {
@@ -230,6 +234,9 @@ static molt_status run_generate(gen_args *a) {
         st = mdl_qspec_parse(a->base_quant, &qs);
     if (st == MOLT_OK)
         st = mdl_load_quant(a->model, a->base_quant ? &qs : NULL, &m);
+    void *adapter = NULL;
+    if (st == MOLT_OK && a->adapter)
+        st = inf_adapter_attach(&m, a->adapter, &adapter);
     if (st == MOLT_OK && (out = molt_malloc((size_t)(a->g.max_tokens + 1) * sizeof *out)) == NULL)
         st = molt_err(MOLT_ENOMEM, "out of memory");
     inf_gen_stats gs;
@@ -249,6 +256,7 @@ static molt_status run_generate(gen_args *a) {
                 gs.decode_s > 0 ? gs.n_gen / gs.decode_s : 0);
     }
     molt_free(out);
+    inf_adapter_detach(adapter);
     mdl_free(&m);
     tok_ids_free(&ids);
     tok_free(tok);

@@ -108,4 +108,10 @@ void inf_utf8_free(inf_utf8 *u);
 int inf_cmd_generate(int argc, char **argv);       // molt generate
 int inf_cmd_bench_generate(int argc, char **argv); // molt bench generate
 
+// Loads an adapter (PEFT directory or molt adapter file) onto m for inference; the handle
+// goes to inf_adapter_detach, which takes it off again.
+molt_status inf_adapter_attach(mdl_model *m, const char *path, void **handle);
+void inf_adapter_detach(void *handle);
+int inf_cmd_forward(int argc, char **argv); // molt forward (with --adapter)
+
 #endif

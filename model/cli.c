@@ -150,7 +150,8 @@ static const char fwd_usage[] =
     "                    [--base-quant SPEC]\n"
     "Runs the model on each line of FILE (token ids separated by spaces or commas; blank\n"
     "lines are skipped) from position 0 and writes its F32 logits [T, V] as tensor\n"
-    "logits.N, N counting the sequences from 0. --base-quant (see molt quantize --help)\n"
+    "logits.N, N counting the sequences from 0. --adapter: a PEFT directory or a molt\n"
+    "adapter file applied to the base. --base-quant (see molt quantize --help)\n"
     "quantizes the projections on load, e.g. nf4 or nf4,attention=bf16.\n";
 
 typedef struct {
@@ -289,8 +290,9 @@ static molt_status forward_all(const mdl_model *m, const seqs *s, const char *ou
     return st;
 }
 
-int mdl_cmd_forward(int argc, char **argv) {
-    const char *model = NULL, *tokens = NULL, *out = NULL, *cmd = "molt forward";
+int mdl_cmd_forward(int argc, char **argv, const mdl_adapter_hook *hook) {
+    const char *model = NULL, *tokens = NULL, *out = NULL, *adapter = NULL;
+    const char *cmd = "molt forward";
     mdl_qspec qspec;
     bool quant = false;
     for (int i = 1; i < argc; i++) {
@@ -308,9 +310,12 @@ int mdl_cmd_forward(int argc, char **argv) {
         if (!(v = opt_value(argc, argv, &i, cmd)))
             return 2;
         if (strcmp(a, "--adapter") == 0) {
-            fprintf(stderr, "%s: --adapter is not supported yet (the forward pass runs the base "
-                    "model only)\n", cmd);
-            return 2;
+            if (!hook) {
+                fprintf(stderr, "%s: --adapter is not available in this build\n", cmd);
+                return 2;
+            }
+            adapter = v;
+            continue;
         }
         if (strcmp(a, "--base-quant") == 0) {
             if (mdl_qspec_parse(v, &qspec) != MOLT_OK) {
@@ -331,6 +336,12 @@ int mdl_cmd_forward(int argc, char **argv) {
         fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
         return 1;
     }
+    void *handle = NULL;
+    if (adapter && hook->attach(&m, adapter, &handle) != MOLT_OK) {
+        fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
+        mdl_free(&m);
+        return 1;
+    }
     seqs s;
     molt_status st = read_tokens(tokens, m.cfg.vocab_size, &s);
     if (st == MOLT_OK)
@@ -341,6 +352,8 @@ int mdl_cmd_forward(int argc, char **argv) {
     else
         fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
     seqs_free(&s);
+    if (handle)
+        hook->detach(handle);
     mdl_free(&m);
     return st == MOLT_OK ? 0 : 1;
 }

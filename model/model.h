@@ -395,6 +395,14 @@ int mdl_cmd_quantize(int argc, char **argv);         // molt quantize
 int mdl_cmd_bench_quant_model(int argc, char **argv); // molt bench quant-model
 
 int mdl_cmd_init_model(int argc, char **argv); // molt init-model
-int mdl_cmd_forward(int argc, char **argv);    // molt forward
+// How `molt forward --adapter` attaches an adapter: provided by a module above model/ (the
+// adapters are not model's business), so model/ never depends on it. attach loads the
+// adapter at `path` onto m for inference and returns an opaque handle for detach.
+typedef struct {
+    molt_status (*attach)(mdl_model *m, const char *path, void **handle);
+    void (*detach)(void *handle);
+} mdl_adapter_hook;
+// molt forward; with hook NULL, --adapter is refused.
+int mdl_cmd_forward(int argc, char **argv, const mdl_adapter_hook *hook);
 
 #endif

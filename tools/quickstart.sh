@@ -47,12 +47,8 @@ else
 fi
 
 prompt="Spell out the digits: 3 1 4"
-if "$molt" generate --help 2>&1 | grep -q -- "--adapter"; then
-    echo "== generation without and with the adapter"
-    "$molt" generate --model out/quickstart/base --chat --prompt "$prompt" --max-tokens 12
-    "$molt" generate --model out/quickstart/base --chat --prompt "$prompt" --max-tokens 12 \
-        --adapter out/quickstart/run/adapter
-else
-    echo "(skipping generation: this build's 'molt generate' takes no --adapter yet)"
-fi
+echo "== generation (NF4 base) without and with the adapter: \"$prompt\""
+"$molt" generate --model out/quickstart/base --base-quant nf4 --chat --prompt "$prompt" --max-tokens 12
+"$molt" generate --model out/quickstart/base --base-quant nf4 --chat --prompt "$prompt" --max-tokens 12 \
+    --adapter out/quickstart/run/adapter
 echo "adapter: out/quickstart/run/adapter (PEFT) and out/quickstart/run/adapter.safetensors"
