@@ -106,8 +106,8 @@ run "$molt" init-model --preset tiny --out "$tmp/x" --tokenizer "$tmp/none.json"
 same "missing tokenizer: status" "$rc" 1
 
 run "$molt" forward --model "$tmp/a" --tokens "$tmp/tokens.txt" --out "$tmp/o" --adapter foo
-same "--adapter: status" "$rc" 2
-has "--adapter: message" "--adapter is not supported yet"
+same "--adapter missing: status" "$rc" 1
+has "--adapter missing: message" "molt forward: adapter foo: no such file or directory"
 run "$molt" forward --model "$tmp/a" --tokens "$tmp/tokens.txt"
 same "no --out: status" "$rc" 2
 printf '1 2\n3 abc 4\n' >"$tmp/badtok.txt"
