@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""Training throughput and peak memory: `molt train` against PyTorch + PEFT, same setup.
+
+One run trains the same LoRA configuration twice on CPU, each in its own process:
+  molt     `molt train --config FILE.yaml` (F32 base, no quantization)
+  pytorch  transformers + PEFT: the same base model, the same adapter (exported by molt
+           from the same spec, B = 0 as at the start of training), the same token rows,
+           AdamW with the same settings, torch.set_num_threads(THREADS)
+and prints tokens/s and peak RSS side by side with the ratio molt / PyTorch.
+
+Setup: `molt init-model --preset tiny --seed 1` (with the Tekken tokenizer); synthetic
+{"text": ...} records from a fixed seed, tokenized by `molt data render`; rows of SEQ_LEN
+tokens packed from whole examples: molt packs them itself (its order within a shuffle
+window may differ), the PyTorch side packs the same ids greedily in file order, positions
+from 0 in each example. Both sides compute every position of every row (PyTorch runs
+plain causal attention over a packed row, molt keeps examples apart with segments: the
+same amount of work), so throughput is counted as rows * SEQ_LEN * steps over
+the time of the training loop (model loading excluded on both sides; molt's loop time is
+the elapsed_s of its last metrics record). Peak RSS is the whole process (os.wait4), so
+the PyTorch figure includes the Python interpreter and the torch libraries.
+
+Run: /work/venv-ref/bin/python tools/bench/bench_train.py --molt build/molt [--threads 2]
+"""
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj",
+           "up_proj", "down_proj", "experts"]
+WORDS = ("the a of to and in is it that for on with as was by at be this from or an are "
+         "model expert layer token train adapter weight matrix gradient memory fast small "
+         "router attention value query key rank alpha batch step loss learning rate").split()
+
+
+def spec_of(a):
+    return f"r={a.rank},alpha={2 * a.rank},seed=1,targets={'+'.join(TARGETS)}"
+
+
+def write_data(path, n, seed):
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 70)))
+            f.write(json.dumps({"text": text}) + "\n")
+
+
+def pack_rows(examples, seq_len, pad):
+    """Greedy packing of whole examples into rows: ids, labels (-100 = no loss), positions
+    (from 0 in each example; padding continues the last one)."""
+    rows, cur = [], ([], [], [])
+
+    def close(row):
+        ids, labels, pos = row
+        n = seq_len - len(ids)
+        start = pos[-1] + 1 if pos else 0
+        rows.append((ids + [pad] * n, labels + [-100] * n, pos + list(range(start, start + n))))
+
+    for ex_ids, ex_mask in examples:
+        if cur[0] and len(cur[0]) + len(ex_ids) > seq_len:
+            close(cur)
+            cur = ([], [], [])
+        cur[0].extend(ex_ids)
+        # position t's label is token t+1 of the same example when that one is trained
+        cur[1].extend(ex_ids[t + 1] if ex_mask[t + 1] else -100 for t in range(len(ex_ids) - 1))
+        cur[1].append(-100)
+        cur[2].extend(range(len(ex_ids)))
+    if cur[0]:
+        close(cur)
+    return rows
+
+
+def torch_worker(a):
+    """The PyTorch side, in its own process: prints one JSON line."""
+    import resource
+
+    import torch
+    from peft import PeftModel
+    from transformers import Mistral4ForCausalLM
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    rows = json.loads(Path(a.rows).read_text())
+    base = Mistral4ForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, a.adapter, is_trainable=True)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    B, S = a.batch, a.seq_len
+    losses, t0 = [], time.perf_counter()
+    for step in range(a.steps):
+        batch = [rows[(step * B + i) % len(rows)] for i in range(B)]
+        ids = torch.tensor([r[0] for r in batch])
+        labels = torch.tensor([r[1] for r in batch])
+        pos = torch.tensor([r[2] for r in batch])
+        logits = model(input_ids=ids, position_ids=pos).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                                 ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    loop_s = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"loop_s": loop_s, "peak_rss_kb": rss, "first_loss": losses[0],
+                      "last_loss": losses[-1], "torch": torch.__version__}))
+
+
+def run_measured(cmd, env):
+    """Runs cmd; returns (stdout, stderr, peak RSS in KB) of that process alone."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        p = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=err, env=env)
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        o, e = out.read().decode(), err.read().decode()
+    if p.returncode != 0:
+        sys.exit(f"{cmd[0]} failed ({p.returncode}):\n{e[-3000:]}")
+    return o, e, ru.ru_maxrss
+
+
+def molt_config(a, work, data):
+    t = ", ".join(TARGETS)
+    return f"""model:
+  path: {work}/base
+  quant: none
+adapter:
+  r: {a.rank}
+  alpha: {2 * a.rank}
+  seed: 1
+  targets: [{t}]
+data:
+  train: {data}
+  format: text
+  max_seq_len: {a.seq_len}
+  packing: true
+  shuffle: false
+train:
+  batch_size: {a.batch}
+  grad_accum: 1
+  steps: {a.steps}
+  seed: 1
+  log_every: {a.steps}
+optim:
+  lr: {a.lr}
+  weight_decay: 0.0
+  max_grad_norm: 1.0
+schedule:
+  kind: constant
+  warmup_steps: 0
+output_dir: {work}/run
+checkpoint:
+  every: 0
+  keep_last: 1
+"""
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--molt", help="path to the molt binary")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=2, help="rows per step")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--records", type=int, default=600)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--adapter", help=argparse.SUPPRESS)
+    ap.add_argument("--rows", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        return torch_worker(a)
+    if not a.molt:
+        ap.error("--molt is required")
+    molt = Path(a.molt).resolve()
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), OPENBLAS_NUM_THREADS=str(a.threads),
+               MKL_NUM_THREADS=str(a.threads))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        subprocess.run([str(molt), "init-model", "--preset", "tiny", "--seed", "1", "--out",
+                        str(work / "base")], check=True, stdout=subprocess.DEVNULL)
+        data = work / "train.jsonl"
+        write_data(data, a.records, 3)
+        rendered = subprocess.run([str(molt), "data", "render", "--data", str(data),
+                                   "--tokenizer", str(work / "base" / "tekken.json"),
+                                   "--format", "text", "--max-seq-len", str(a.seq_len)],
+                                  check=True, capture_output=True, text=True).stdout
+        examples = [(r["ids"], r["mask"]) for r in map(json.loads, rendered.splitlines())]
+        cfg = json.loads((work / "base" / "config.json").read_text())
+        rows = pack_rows(examples, a.seq_len, cfg.get("pad_token_id") or 0)
+        if len(rows) < a.batch * a.steps:
+            sys.exit(f"{len(rows)} rows for {a.batch * a.steps} wanted: raise --records")
+        (work / "rows.json").write_text(json.dumps(rows))
+        subprocess.run([str(molt), "export", "--model", str(work / "base"), "--spec", spec_of(a),
+                        "--format", "peft", "--out", str(work / "adapter")], check=True,
+                       stdout=subprocess.DEVNULL)
+        (work / "train.yaml").write_text(molt_config(a, work, data))
+
+        _, _, molt_rss = run_measured([molt, "train", "--config", work / "train.yaml",
+                                       "--quiet"], env)
+        recs = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+        recs = [r for r in recs if "elapsed_s" in r and "tokens" in r]
+        molt_s = recs[-1]["elapsed_s"]
+        out, _, torch_rss = run_measured([sys.executable, __file__, "--worker", "--model",
+                                          work / "base", "--adapter", work / "adapter", "--rows",
+                                          work / "rows.json", "--threads", a.threads, "--steps",
+                                          a.steps, "--batch", a.batch, "--seq-len", a.seq_len,
+                                          "--lr", a.lr], env)
+        pt = json.loads(out.strip().splitlines()[-1])
+    row_tokens = a.batch * a.seq_len * a.steps
+    molt_tps, torch_tps = row_tokens / molt_s, row_tokens / pt["loop_s"]
+    load = os.getloadavg()
+    print(f"tiny preset, F32 base, LoRA r={a.rank} on {'+'.join(TARGETS)}; {a.steps} steps x "
+          f"{a.batch} rows x {a.seq_len} tokens; {a.threads} threads; load average "
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
+    print(f"{'':10}{'tokens/s':>12}{'peak RSS MB':>14}{'loss first -> last':>24}")
+    print(f"{'molt':10}{molt_tps:12.0f}{molt_rss / 1024:14.1f}"
+          f"{recs[0]['loss']:12.4f} -> {recs[-1]['loss']:.4f}")
+    print(f"{'pytorch':10}{torch_tps:12.0f}{torch_rss / 1024:14.1f}"
+          f"{pt['first_loss']:12.4f} -> {pt['last_loss']:.4f}")
+    print(f"{'ratio':10}{molt_tps / torch_tps:11.2f}x{molt_rss / torch_rss:13.2f}x"
+          f"   (molt / pytorch: throughput >= 1.5x and memory < 1x wanted)")
+    print(f"molt's own tokens/s (non-padding tokens): {recs[-1].get('tokens_per_s', 0):.0f}; "
+          f"torch {pt['torch']}")
+
+
+if __name__ == "__main__":
+    main()
