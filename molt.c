@@ -27,7 +27,7 @@ static const command commands[] = {
     {"forward", inf_cmd_forward, "logits of token sequences into a safetensors file"},
     {"quantize", mdl_cmd_quantize, "write a pre-quantized checkpoint (nf4, int8, fp8, bf16)"},
     {"generate", inf_cmd_generate, "generate text from a prompt (KV cache, sampling)"},
-    {"export", lora_cmd_export, "adapter to a PEFT directory or a molt adapter file"},
+    {"export", trn_cmd_export, "adapter (file, PEFT dir or checkpoint) to PEFT or molt"},
     {"merge", lora_cmd_merge, "adapter merged into the base weights (HF layout)"},
     {"train", trn_cmd_train, "train a LoRA adapter from a YAML config (resumable)"},
     {"bench", cmd_bench, "benchmarks: ops, tokenize"},
@@ -39,6 +39,7 @@ static const command bench_commands[] = {
     {"quant-model", mdl_cmd_bench_quant_model, "quantized model: size, logit error, load time"},
     {"tokenize", data_cmd_bench_tokenize, "tokenizer and data pipeline throughput"},
     {"generate", inf_cmd_bench_generate, "load time, memory, prefill/decode tok/s (KV cache)"},
+    {"ckpt", trn_cmd_bench_ckpt, "training checkpoint size and write/read time"},
 };
 
 static void usage(FILE *f, const char *prog, const command *cmds, size_t n) {

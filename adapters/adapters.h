@@ -107,12 +107,15 @@ typedef struct {
     mdl_model *model;         // the model the 2-D units are wired into
     int64_t group_params[LORA_GROUP_COUNT];
     int64_t total_params;
+    ag_rng *dropout_rng;      // owned: the LoRA-dropout stream of every 2-D unit (seeded
+                              // from spec.seed); its state belongs in training checkpoints
 } lora_adapter;
 
 // Allocates A/B (F32, requires_grad) for every unit the spec's targets select, initializes
 // them (spec.init, spec.seed: one ag_rng stream over units in model order) and wires them
 // into the model: the lora_a/lora_b/lora_scale fields of the selected mdl_lin, and each MoE
-// layer's experts_lora. The expert op takes one rank and scale for both expert stacks of a
+// layer's experts_lora. 2-D units other than the router also get spec.dropout and the
+// adapter's dropout_rng (routed experts and the router, adapted as parameters, get none). The expert op takes one rank and scale for both expert stacks of a
 // layer: with `for_forward` a layer whose gate_up_proj and down_proj differ there is refused
 // (MOLT_EUNSUPPORTED); without it (files, merging) such experts are kept but not wired.
 // Errors: a target pattern matching nothing, or a unit (routed experts included) ending with

@@ -12,6 +12,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+// Mixed into spec.seed for the dropout stream, keeping it apart from the init stream.
+#define LORA_DROPOUT_SEED_MIX 0x6c6f72612d64726fULL
+
 static const char *group_names[LORA_GROUP_COUNT] = {"attn",    "dense",  "shared",
                                                     "experts", "router", "lm_head"};
 
@@ -430,6 +433,11 @@ static molt_status wire(lora_adapter *ad, bool for_forward) {
             u->lin->lora_a = u->a;
             u->lin->lora_b = u->b;
             u->lin->lora_scale = u->scale;
+            // PEFT applies lora_dropout to nn.Linear inputs only, not to parameters
+            if (u->group != LORA_GROUP_ROUTER && ad->spec.dropout > 0) {
+                u->lin->lora_dropout = ad->spec.dropout;
+                u->lin->lora_rng = ad->dropout_rng;
+            }
         }
     }
     for (int l = 0; l < ad->model->cfg.num_hidden_layers; l++)
@@ -483,6 +491,8 @@ molt_status lora_attach(mdl_model *m, const lora_spec *spec, bool for_forward,
         return molt_err(MOLT_EARG, "lora: r = %d must be positive", spec->r);
     if (spec->n_targets < 1)
         return molt_err(MOLT_EARG, "lora: no target modules");
+    if (!(spec->dropout >= 0 && spec->dropout < 1))
+        return molt_err(MOLT_EARG, "lora: dropout = %g is outside [0, 1)", spec->dropout);
     if (model_has_lora(m))
         return molt_err(MOLT_EARG, "lora: the model already carries an adapter");
     unit_list all = {0};
@@ -499,6 +509,13 @@ molt_status lora_attach(mdl_model *m, const lora_spec *spec, bool for_forward,
         lora_detach(out);
         return st;
     }
+    out->dropout_rng = molt_malloc(sizeof *out->dropout_rng);
+    if (!out->dropout_rng) {
+        lora_detach(out);
+        return molt_err(MOLT_ENOMEM, "lora: out of memory");
+    }
+    // a stream of its own, so dropout draws never shift the init draws below
+    ag_rng_seed(out->dropout_rng, spec->seed ^ LORA_DROPOUT_SEED_MIX);
     ag_rng rng;
     ag_rng_seed(&rng, spec->seed);
     for (int i = 0; st == MOLT_OK && i < out->n_units; i++) {
@@ -525,7 +542,8 @@ void lora_detach(lora_adapter *ad) {
         mdl_lin *lin = ad->units[i].lin;
         if (lin && lin->lora_a == ad->units[i].a) {
             lin->lora_a = lin->lora_b = NULL;
-            lin->lora_scale = 0;
+            lin->lora_scale = lin->lora_dropout = 0;
+            lin->lora_rng = NULL;
         }
         int l = ad->units[i].layer;
         ag_expert_lora *el = l >= 0 && ad->model ? &ad->model->layers[l].experts_lora : NULL;
@@ -534,6 +552,7 @@ void lora_detach(lora_adapter *ad) {
             memset(el, 0, sizeof *el);
     }
     molt_free(ad->units);
+    molt_free(ad->dropout_rng);
     ag_arena_free(&ad->params);
     memset(ad, 0, sizeof *ad);
 }

@@ -225,6 +225,25 @@ ag_tensor *ag_moe_experts_lora(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_t
 ag_tensor *ag_cross_entropy_linear(ag_ctx *c, ag_tensor *h, ag_tensor *w, ag_tensor *targets,
                                    ag_tensor *mask, int64_t chunk);
 
+// ---- activation checkpointing (autograd/ops_checkpoint.c) ----
+// fn builds a sub-graph on c from inputs[0..n_in) (and whatever it captures through user)
+// and returns one new tensor it created, or NULL with a message.
+typedef ag_tensor *(*ag_checkpoint_fn)(ag_ctx *c, ag_tensor *const *inputs, void *user);
+#define AG_CKPT_MAX_RNG 8
+// y = fn(inputs) without keeping the sub-graph: with grad mode on, fn runs in a scratch
+// context that is dropped once y is copied out, and one node holding the inputs is recorded
+// (only when something inside required grad). Backward runs fn again with recording on and
+// backpropagates y's gradient into the inputs and every captured tensor that requires grad
+// (accumulating, as any op). Grad mode off: just fn(c, inputs, user).
+// Contract: user, the inputs and the rngs must outlive the tape, and fn must give the same
+// result from the same inputs and generator states. rngs[0..n_rng) are the generators fn
+// draws from (dropout): their states at the forward are put back for the recomputation and
+// restored afterwards. Nested checkpoints work. Errors: NULL with a "checkpoint: ..." message
+// (fn failing, or returning a tensor it did not create); the recomputation's errors come
+// back from ag_backward.
+ag_tensor *ag_checkpoint(ag_ctx *c, ag_checkpoint_fn fn, void *user, int n_in,
+                         ag_tensor *const *inputs, int n_rng, ag_rng *const *rngs);
+
 // ---------------------------------------------------------------------------------------
 // Devices (CPU always; CUDA when compiled in and a GPU is visible).
 typedef struct {

@@ -34,9 +34,10 @@ typedef enum {
     AG_OP_LINEAR_Q,
     AG_OP_MOE_EXPERTS_Q,
     AG_OP_MOE_EXPERTS_LORA,
+    AG_OP_CHECKPOINT,
     AG_OP_COUNT
 } ag_op;
-#define AG_OP_COUNT_EXPECTED 24
+#define AG_OP_COUNT_EXPECTED 25
 
 // A recorded op. Attributes go in f[]/i[]/ptr; state kept for backward in `saved`
 // (allocated by ag_node_save, released right after the node's backward runs or when the
@@ -109,5 +110,10 @@ molt_status ag_backward_ce_linear(ag_ctx *c, ag_node *n);
 molt_status ag_backward_linear_q(ag_ctx *c, ag_node *n);
 molt_status ag_backward_moe_experts_q(ag_ctx *c, ag_node *n);
 molt_status ag_backward_moe_experts_lora(ag_ctx *c, ag_node *n);
+molt_status ag_backward_checkpoint(ag_ctx *c, ag_node *n);
+
+// Runs c's tape backward from the grads already set on node outputs (no seeding), then
+// drops it. ag_backward seeds the loss and calls this; checkpoint recomputation too.
+molt_status ag_tape_backward(ag_ctx *c);
 
 #endif

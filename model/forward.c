@@ -28,7 +28,11 @@ ag_tensor *mdl_linear(ag_ctx *c, ag_tensor *x, const mdl_lin *lin) {
         molt_err(MOLT_EARG, "mdl_linear: lora_a without lora_b");
         return NULL;
     }
-    ag_tensor *d = ag_linear(c, ag_linear(c, x, lin->lora_a), lin->lora_b);
+    // LoRA dropout acts on the adapter's input only, and only while training
+    ag_tensor *xa = x;
+    if (c->grad_mode && lin->lora_rng && lin->lora_dropout > 0)
+        xa = ag_dropout(c, x, lin->lora_dropout, lin->lora_rng);
+    ag_tensor *d = ag_linear(c, ag_linear(c, xa, lin->lora_a), lin->lora_b);
     return d ? ag_add(c, y, ag_scale(c, d, lin->lora_scale)) : NULL;
 }
 
@@ -230,12 +234,70 @@ ag_tensor *mdl_layer_forward(ag_ctx *c, const mdl_model *m, int l, ag_tensor *h,
 // ---------------------------------------------------------------------------------------
 // Whole model
 
+// What a checkpointed layer needs to run again in backward; lives in the activation arena,
+// so it outlives the tape.
+typedef struct {
+    const mdl_model *m;
+    int l;
+    mdl_attn_in a;
+} layer_job;
+
+static ag_tensor *layer_job_run(ag_ctx *c, ag_tensor *const *in, void *user) {
+    const layer_job *j = user;
+    return mdl_layer_forward(c, j->m, j->l, in[0], &j->a);
+}
+
+// Adds lin's dropout stream to rngs[0..*n) unless already there; false when full.
+static bool add_rng(const mdl_lin *lin, ag_rng **rngs, int *n) {
+    if (!lin->lora_rng)
+        return true;
+    for (int i = 0; i < *n; i++)
+        if (rngs[i] == lin->lora_rng)
+            return true;
+    if (*n == AG_CKPT_MAX_RNG)
+        return false;
+    rngs[(*n)++] = lin->lora_rng;
+    return true;
+}
+
+// The distinct LoRA-dropout generators a layer draws from, for the recomputation to replay
+// (-1 when there are more than a checkpoint can hold).
+static int layer_rngs(const mdl_layer *y, ag_rng **rngs) {
+    const mdl_lin *lins[] = {&y->q_a, &y->q_b, &y->q, &y->kv_a, &y->kv_b, &y->o,
+                             &y->dense.gate, &y->dense.up, &y->dense.down, &y->router,
+                             &y->shared.gate, &y->shared.up, &y->shared.down};
+    int n = 0;
+    for (size_t i = 0; i < sizeof lins / sizeof lins[0]; i++)
+        if (!add_rng(lins[i], rngs, &n))
+            return -1;
+    return n;
+}
+
+// mdl_layer_forward under ag_checkpoint: only the layer's output is kept for backward.
+static ag_tensor *layer_checkpointed(ag_ctx *c, const mdl_model *m, int l, ag_tensor *h,
+                                     const mdl_attn_in *a) {
+    const mdl_layer *y = layer_at(m, l);
+    layer_job *j = y ? ag_arena_alloc(&c->act, sizeof *j) : NULL;
+    if (!j)
+        return NULL;
+    *j = (layer_job){.m = m, .l = l, .a = *a};
+    ag_rng *rngs[AG_CKPT_MAX_RNG];
+    int n_rng = layer_rngs(y, rngs);
+    if (n_rng < 0) {
+        molt_err(MOLT_EUNSUPPORTED, "model layer %d: more than %d LoRA-dropout generators to "
+                 "replay under activation checkpointing", l, AG_CKPT_MAX_RNG);
+        return NULL;
+    }
+    return ag_checkpoint(c, layer_job_run, j, 1, &h, n_rng, rngs);
+}
+
 molt_status mdl_hidden(ag_ctx *c, const mdl_model *m, const mdl_batch *b, ag_tensor **hidden) {
     mdl_attn_in a;
     MOLT_TRY(mdl_attn_inputs(c, m, b, &a));
     ag_tensor *h = mdl_embed(c, m, b->ids);
+    bool ckpt = m->checkpoint_layers && c->grad_mode;
     for (int l = 0; h && l < m->cfg.num_hidden_layers; l++)
-        h = mdl_layer_forward(c, m, l, h, &a);
+        h = ckpt ? layer_checkpointed(c, m, l, h, &a) : mdl_layer_forward(c, m, l, h, &a);
     *hidden = h ? ag_rmsnorm(c, h, m->norm, m->cfg.rms_norm_eps) : NULL;
     if (!*hidden)
         return molt_err_wrap(MOLT_EARG, "model forward");

@@ -179,6 +179,9 @@ typedef struct {
     double lora_scale; // alpha / r (or alpha / sqrt(r) with rsLoRA)
     const ag_qweight *qw; // quantized base weight (model/quant_model.c) or NULL; when set,
                           // w is a shape-only tensor (data NULL) and qw is used instead
+    double lora_dropout;  // dropout probability on the LoRA input x; used only in grad
+                          // mode (training) and only when lora_rng is set, never at inference
+    ag_rng *lora_rng;     // the adapter's dropout stream (owned by the adapter) or NULL
 } mdl_lin;
 
 // SwiGLU MLP: down(silu(gate(x)) * up(x)). Dense layers (IM) and the shared expert (IS).
@@ -233,6 +236,8 @@ typedef struct {
     ag_qweight *qw;         // [n_qw] storage of every quantized weight (owned), or NULL
     int n_qw;
     bool shapes_only;       // while creating: projections/experts get no data (quant load)
+    bool checkpoint_layers; // grad mode: wrap each decoder layer in ag_checkpoint (its
+                            // activations are recomputed in backward; same results)
 } mdl_model;
 
 // Token batch: one or more packed sequences of T tokens in all.

@@ -136,10 +136,10 @@ START_TEST(test_errors_name_key_and_line) {
                  "train --help' for the list)");
     char *no_eq[] = {"optim.lr"};
     expect_error("x", "x", no_eq, 1, "config --set 'optim.lr': expected key=value");
-    char *ac[] = {"train.activation_checkpointing=true"};
+    char *ac[] = {"train.activation_checkpointing=maybe"};
     expect_error("x", "x", ac, 1,
-                 "config %s: key 'train.activation_checkpointing': true is not supported yet "
-                 "(set it to false)");
+                 "config --set train.activation_checkpointing=maybe: key "
+                 "'train.activation_checkpointing': expected true or false, got 'maybe'");
 }
 END_TEST
 

@@ -375,12 +375,6 @@ static molt_status check_required(const cfg_all *a, const char *path) {
         return molt_err(MOLT_EARG, "config %s: set 'train.steps' or 'train.epochs'", path);
     if (c->lr <= 0)
         return molt_err(MOLT_EARG, "config %s: key 'optim.lr' must be > 0", path);
-    if (c->activation_checkpointing)
-        return molt_err(MOLT_EUNSUPPORTED, "config %s: key 'train.activation_checkpointing': "
-                        "true is not supported yet (set it to false)", path);
-    if (a->dropout > 0)
-        return molt_err(MOLT_EUNSUPPORTED, "config %s: key 'adapter.dropout': LoRA dropout "
-                        "is not supported by the trainer yet (set it to 0)", path);
     return MOLT_OK;
 }
 

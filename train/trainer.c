@@ -37,7 +37,6 @@ typedef struct {
     ds_loader *loader;
     ds_batch batch;
     ag_ctx ctx;
-    ag_rng rng;                     // for LoRA dropout once supported; checkpointed
     int64_t step, total_steps, tokens, tokens_run;
     double elapsed_prev;            // seconds trained before this run (resumed)
     ckpt_hashes hashes;
@@ -295,7 +294,9 @@ static molt_status fill_ckpt(trn *t, ckpt_state *s) {
     MOLT_TRY(ckpt_set_int(s, "sched.total_steps", t->sched.total_steps));
     MOLT_TRY(ckpt_set_int(s, "sched.warmup_steps", t->sched.warmup_steps));
     MOLT_TRY(ckpt_set_float(s, "sched.lr_max", t->sched.lr_max));
-    MOLT_TRY(ckpt_set_blob(s, "rng.dropout", t->rng.s, sizeof t->rng.s));
+    // the adapter's LoRA-dropout stream: exact resume replays the same masks
+    const ag_rng *drop = t->ad.dropout_rng;
+    MOLT_TRY(ckpt_set_blob(s, "rng.dropout", drop->s, sizeof drop->s));
     ds_cursor cur;
     uint8_t buf[DS_CURSOR_BYTES];
     ds_loader_cursor(t->loader, &cur);
@@ -394,9 +395,10 @@ static molt_status restore(trn *t, const ckpt_state *s, const char *file) {
     MOLT_TRY(ckpt_get_int(s, "sched.step", &t->sched.step));
     const ckpt_blob *rng = ckpt_get_blob(s, "rng.dropout");
     const ckpt_blob *cur = ckpt_get_blob(s, "data.cursor");
-    if (!rng || rng->len != sizeof t->rng.s || !cur)
+    ag_rng *drop = t->ad.dropout_rng;
+    if (!rng || rng->len != sizeof drop->s || !cur)
         return molt_err(MOLT_EFORMAT, "checkpoint %s: missing or bad rng/cursor state", file);
-    memcpy(t->rng.s, rng->data, sizeof t->rng.s);
+    memcpy(drop->s, rng->data, sizeof drop->s);
     ds_cursor c;
     MOLT_TRY(ds_cursor_load(&c, cur->data, cur->len));
     if (ds_loader_restore(t->loader, &c) != MOLT_OK)
@@ -559,8 +561,8 @@ static molt_status setup(trn *t) {
     MOLT_TRY(chat_template_new(t->tok, NULL, &t->ct));
     MOLT_TRY(compute_hashes(c, tok, &t->hashes));
     MOLT_TRY(load_model(t));
+    t->model.checkpoint_layers = c->activation_checkpointing;
     MOLT_TRY(ag_ctx_init(&t->ctx));
-    ag_rng_seed(&t->rng, c->seed ^ 0x5eedULL);
     return MOLT_OK;
 }
 

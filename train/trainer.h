@@ -35,7 +35,7 @@ typedef struct {
     int64_t steps;                // train.steps (0: from train.epochs)
     double epochs;                // train.epochs
     uint64_t seed;                // train.seed (data order and adapter init)
-    bool activation_checkpointing; // train.activation_checkpointing (only false for now)
+    bool activation_checkpointing; // train.activation_checkpointing: recompute each layer
     int log_every;                // train.log_every: plain progress lines
     opt_adamw_config adamw;       // optim.beta1/beta2/eps/weight_decay
     double lr, max_grad_norm;     // optim.lr, optim.max_grad_norm (<= 0: no clipping)
@@ -75,5 +75,8 @@ molt_status trn_run(const trn_config *c, const trn_run_opts *o, bool *interrupte
 void trn_config_print_keys(FILE *f);
 
 int trn_cmd_train(int argc, char **argv); // molt train
+// molt export: --checkpoint CKPT here (train/export.c), every other form is lora_cmd_export.
+int trn_cmd_export(int argc, char **argv);
+int trn_cmd_bench_ckpt(int argc, char **argv); // molt bench ckpt (train/bench.c)
 
 #endif

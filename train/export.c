@@ -1,0 +1,179 @@
+// train/export.c: `molt export --checkpoint CKPT`: the adapter held by a training
+// checkpoint (train/checkpoint.c) written as a PEFT directory or a molt adapter file. The
+// checkpoint's resolved configuration names the base model and the LoRA spec; the adapter
+// is rebuilt on that model (or on --model) and its A/B matrices are filled from the
+// checkpoint's "<unit>.lora_A" / ".lora_B" tensors. Every other form of `molt export` is
+// handed to lora_cmd_export (adapters/cli.c), which cannot read checkpoints because the
+// adapters module sits below train/.
+//
+// Not here: the checkpoint format (checkpoint.c), the adapter files (adapters/peft.c).
+#include "trainer.h"
+
+#include "../adapters/adapters.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static const char usage[] =
+    "usage: molt export --checkpoint CKPT --out DEST [--format peft|molt] [--model DIR]\n"
+    "                   [--base-name NAME]\n"
+    "  CKPT is a training checkpoint (output_dir/checkpoints/step-N.h5); its resolved\n"
+    "  configuration supplies the base model (unless --model) and the adapter spec.\n"
+    "  --base-name (default: the model path) goes into PEFT's base_model_name_or_path.\n"
+    "or, for adapter files:\n";
+
+typedef struct {
+    const char *checkpoint, *out, *format, *model, *base_name;
+} export_opts;
+
+// Parses the --checkpoint form; returns 0, or 2 after printing the problem.
+static int parse(int argc, char **argv, export_opts *o) {
+    struct {
+        const char *flag;
+        const char **dst;
+    } known[] = {{"--checkpoint", &o->checkpoint}, {"--out", &o->out},
+                 {"--format", &o->format},         {"--model", &o->model},
+                 {"--base-name", &o->base_name}};
+    size_t n_known = sizeof known / sizeof *known;
+    for (int i = 1; i < argc; i++) {
+        size_t k = 0;
+        while (k < n_known && strcmp(argv[i], known[k].flag))
+            k++;
+        if (k == n_known) {
+            fprintf(stderr, "molt export: option '%s' does not go with --checkpoint\n%s",
+                    argv[i], usage);
+            return 2;
+        }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "molt export: %s needs a value\n", argv[i]);
+            return 2;
+        }
+        *known[k].dst = argv[++i];
+    }
+    const char *fmt = o->format ? o->format : "peft";
+    if (!o->out || (strcmp(fmt, "peft") && strcmp(fmt, "molt"))) {
+        fprintf(stderr, "molt export: --checkpoint needs --out; --format is peft or molt\n%s",
+                usage);
+        return 2;
+    }
+    o->format = fmt;
+    return 0;
+}
+
+// The run's configuration from the checkpoint's "config.resolved" text, through a temporary
+// file because the configuration reader takes a path; model_override replaces model.path.
+static molt_status config_of(const ckpt_state *s, const char *file, const char *model_override,
+                             trn_config *c) {
+    const ckpt_blob *b = ckpt_get_blob(s, "config.resolved");
+    if (!b)
+        return molt_err(MOLT_EFORMAT, "checkpoint %s: no resolved configuration", file);
+    const char *dir = getenv("TMPDIR");
+    char tmp[TRN_PATH_MAX + 32];
+    snprintf(tmp, sizeof tmp, "%s/molt-export-XXXXXX", dir && *dir ? dir : "/tmp");
+    int fd = mkstemp(tmp);
+    if (fd < 0)
+        return molt_err(MOLT_EIO, "export: cannot create a temporary file in %s",
+                        dir && *dir ? dir : "/tmp");
+    FILE *f = fdopen(fd, "wb");
+    bool ok = f && fwrite(b->data, 1, b->len, f) == b->len;
+    ok = f && fclose(f) == 0 && ok;
+    if (!f)
+        close(fd);
+    molt_status st = ok ? MOLT_OK : molt_err(MOLT_EIO, "export: cannot write %s", tmp);
+    char set[TRN_PATH_MAX + 16];
+    char *sets[1] = {set};
+    if (model_override)
+        snprintf(set, sizeof set, "model.path=%s", model_override);
+    if (st == MOLT_OK && trn_config_load(tmp, sets, model_override ? 1 : 0, c) != MOLT_OK)
+        st = molt_err_wrap(MOLT_EFORMAT, "checkpoint %s: resolved configuration", file);
+    remove(tmp);
+    return st;
+}
+
+// Copies the checkpoint's tensor `name` into t (same element count, F32).
+static molt_status fill(const ckpt_state *s, const char *file, const char *name, ag_tensor *t) {
+    const ckpt_tensor *ct = ckpt_get_tensor(s, name);
+    if (!ct)
+        return molt_err(MOLT_EFORMAT, "checkpoint %s: no tensor '%s' (another adapter spec?)",
+                        file, name);
+    if (ct->numel != t->numel || t->dtype != AG_F32)
+        return molt_err(MOLT_EFORMAT, "checkpoint %s: tensor '%s' has %lld elements, the "
+                        "adapter %lld", file, name, (long long)ct->numel, (long long)t->numel);
+    memcpy(t->data, ct->data, (size_t)t->numel * sizeof(float));
+    return MOLT_OK;
+}
+
+// The adapter of checkpoint `file`, attached (not for forward) to *m, which is loaded here.
+static molt_status adapter_of(const ckpt_state *s, const char *file, const trn_config *c,
+                              mdl_model *m, lora_adapter *ad) {
+    lora_spec spec;
+    MOLT_TRY(lora_spec_parse(c->adapter, &spec));
+    MOLT_TRY(mdl_load(c->model, m));
+    MOLT_TRY(lora_attach(m, &spec, false, ad));
+    char name[CKPT_NAME_MAX];
+    molt_status st = MOLT_OK;
+    for (int i = 0; st == MOLT_OK && i < ad->n_units; i++) {
+        lora_unit *u = &ad->units[i];
+        snprintf(name, sizeof name, "%.100s.lora_A", u->path);
+        st = fill(s, file, name, u->a);
+        snprintf(name, sizeof name, "%.100s.lora_B", u->path);
+        if (st == MOLT_OK)
+            st = fill(s, file, name, u->b);
+    }
+    if (st != MOLT_OK)
+        lora_detach(ad);
+    return st;
+}
+
+static int export_checkpoint(const export_opts *o) {
+    trn_config *c = molt_malloc(sizeof *c);
+    if (!c) {
+        fprintf(stderr, "molt export: out of memory\n");
+        return 1;
+    }
+    ckpt_state s;
+    ckpt_state_init(&s);
+    mdl_model m = {0};
+    lora_adapter ad;
+    bool attached = false;
+    molt_status st = ckpt_read(o->checkpoint, &s);
+    if (st == MOLT_OK)
+        st = config_of(&s, o->checkpoint, o->model, c);
+    if (st == MOLT_OK)
+        attached = (st = adapter_of(&s, o->checkpoint, c, &m, &ad)) == MOLT_OK;
+    if (st == MOLT_OK) {
+        const char *base = o->base_name ? o->base_name : c->model;
+        st = !strcmp(o->format, "peft") ? lora_export_peft(&ad, o->out, base)
+                                        : lora_save(&ad, o->out);
+    }
+    if (st == MOLT_OK)
+        printf("wrote %s (%s) from %s (step %lld)\n", o->out, o->format, o->checkpoint,
+               (long long)s.step);
+    else
+        fprintf(stderr, "molt export: %s\n", molt_err_msg());
+    if (attached)
+        lora_detach(&ad);
+    mdl_free(&m);
+    ckpt_state_free(&s);
+    molt_free(c);
+    return st == MOLT_OK ? 0 : 1;
+}
+
+int trn_cmd_export(int argc, char **argv) {
+    bool from_ckpt = false, help = false;
+    for (int i = 1; i < argc; i++) {
+        from_ckpt = from_ckpt || !strcmp(argv[i], "--checkpoint");
+        help = help || !strcmp(argv[i], "--help") || !strcmp(argv[i], "-h");
+    }
+    if (help) {
+        fputs(usage, stdout);
+        return lora_cmd_export(argc, argv);
+    }
+    if (!from_ckpt)
+        return lora_cmd_export(argc, argv);
+    export_opts o = {0};
+    int rc = parse(argc, argv, &o);
+    return rc ? rc : export_checkpoint(&o);
+}
