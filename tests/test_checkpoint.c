@@ -60,9 +60,9 @@ static void build_state(ckpt_state *s, int64_t step, int seed) {
     ck_assert_ok(ckpt_set_string(s, "config.yaml", "lora:\n  r: 16\n  alpha: 32\n"));
     ckpt_hashes h;
     memset(&h, 0, sizeof h);
-    ckpt_sha256_hex("model", 5, h.model_config);
-    ckpt_sha256_hex("index", 5, h.weights_index);
-    ckpt_sha256_hex("tok", 3, h.tokenizer);
+    molt_sha256_hex("model", 5, h.model_config);
+    molt_sha256_hex("index", 5, h.weights_index);
+    molt_sha256_hex("tok", 3, h.tokenizer);
     ck_assert_ok(ckpt_set_hashes(s, &h));
 }
 
@@ -99,25 +99,25 @@ static void assert_same_state(const ckpt_state *a, const ckpt_state *b) {
 
 START_TEST(test_sha256_vectors) {
     char hex[65];
-    ckpt_sha256_hex("abc", 3, hex);
+    molt_sha256_hex("abc", 3, hex);
     ck_assert_str_eq(hex, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
-    ckpt_sha256_hex("", 0, hex);
+    molt_sha256_hex("", 0, hex);
     ck_assert_str_eq(hex, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
     const char *m = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
-    ckpt_sha256_hex(m, strlen(m), hex);
+    molt_sha256_hex(m, strlen(m), hex);
     ck_assert_str_eq(hex, "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
     // streaming in uneven pieces and hashing a file give the one-shot digest
     uint8_t data[300];
     for (int i = 0; i < 300; i++)
         data[i] = (uint8_t)(i * 7);
     char one[65], file_hex[65];
-    ckpt_sha256_hex(data, sizeof data, one);
-    ckpt_sha256 c;
-    ckpt_sha256_init(&c);
+    molt_sha256_hex(data, sizeof data, one);
+    molt_sha256 c;
+    molt_sha256_init(&c);
     for (size_t at = 0, k = 1; at < sizeof data; at += k, k = k * 3 % 71 + 1)
-        ckpt_sha256_update(&c, data + at, k < sizeof data - at ? k : sizeof data - at);
+        molt_sha256_update(&c, data + at, k < sizeof data - at ? k : sizeof data - at);
     uint8_t d[32];
-    ckpt_sha256_final(&c, d);
+    molt_sha256_final(&c, d);
     for (int i = 0; i < 32; i++)
         snprintf(hex + 2 * i, 3, "%02x", d[i]);
     ck_assert_str_eq(hex, one);
@@ -126,10 +126,10 @@ START_TEST(test_sha256_vectors) {
     FILE *f = fopen(path, "wb");
     fwrite(data, 1, sizeof data, f);
     fclose(f);
-    ck_assert_ok(ckpt_hash_file(path, file_hex));
+    ck_assert_ok(molt_sha256_file(path, file_hex));
     ck_assert_str_eq(file_hex, one);
     snprintf(path, sizeof path, "%s/missing", dir);
-    ck_assert_int_eq(ckpt_hash_file(path, file_hex), MOLT_EIO);
+    ck_assert_int_eq(molt_sha256_file(path, file_hex), MOLT_EIO);
     ck_assert_ptr_nonnull(strstr(molt_err_msg(), path));
     rm_rf(dir);
     molt_free(dir);
@@ -300,7 +300,7 @@ static void reseal(const char *path) {
     fseek(f, 0, SEEK_SET);
     ck_assert_uint_eq(fread(buf, 1, (size_t)size, f), (size_t)size);
     char hex[65], hdr[512] = {0};
-    ckpt_sha256_hex(buf + 512, (size_t)size - 512, hex);
+    molt_sha256_hex(buf + 512, (size_t)size - 512, hex);
     snprintf(hdr, sizeof hdr, "MOLTCKPT\nversion 1\nsize %ld\nsha256 %s\n", size, hex);
     fseek(f, 0, SEEK_SET);
     fwrite(hdr, 1, sizeof hdr, f);
@@ -406,15 +406,15 @@ START_TEST(test_hash_mismatch_and_force) {
     build_state(&s, 1, 0);
     ckpt_hashes cur;
     memset(&cur, 0, sizeof cur);
-    ckpt_sha256_hex("model", 5, cur.model_config);
-    ckpt_sha256_hex("index", 5, cur.weights_index);
-    ckpt_sha256_hex("tok", 3, cur.tokenizer);
+    molt_sha256_hex("model", 5, cur.model_config);
+    molt_sha256_hex("index", 5, cur.weights_index);
+    molt_sha256_hex("tok", 3, cur.tokenizer);
     char warn[1024];
     ck_assert_ok(ckpt_check_hashes(&s, "c.h5", &cur, false, warn, sizeof warn));
     ck_assert_str_eq(warn, "");
     char old_tok[65];
     memcpy(old_tok, cur.tokenizer, 65);
-    ckpt_sha256_hex("other tok", 9, cur.tokenizer);
+    molt_sha256_hex("other tok", 9, cur.tokenizer);
     char want[1024];
     snprintf(want, sizeof want,
              "checkpoint c.h5 was made for another base model or tokenizer: tokenizer hash "
@@ -422,7 +422,7 @@ START_TEST(test_hash_mismatch_and_force) {
              old_tok, cur.tokenizer);
     ck_assert_int_eq(ckpt_check_hashes(&s, "c.h5", &cur, false, NULL, 0), MOLT_EARG);
     ck_assert_str_eq(molt_err_msg(), want);
-    ckpt_sha256_hex("other model", 11, cur.model_config);
+    molt_sha256_hex("other model", 11, cur.model_config);
     ck_assert_int_eq(ckpt_check_hashes(&s, "c.h5", &cur, false, NULL, 0), MOLT_EARG);
     ck_assert_ptr_nonnull(strstr(molt_err_msg(), "base model config hash differs"));
     ck_assert_ptr_nonnull(strstr(molt_err_msg(), "; tokenizer hash differs"));

@@ -9,6 +9,7 @@
 // against a loss computed from the logits; LoRA on one projection (the mdl_linear hook).
 // Loading errors are in test_model_weights.c.
 #include "harness/harness.h"
+#include "common/sha256.h"
 #include "model/model.h"
 
 #include <math.h>
@@ -22,115 +23,13 @@
 #define N_SEQ 4
 #define N_GREEDY 20
 
-// ---- SHA-256 (FIPS 180-4), to check the regenerated weights ----------------------------
+// ---- checksums of the regenerated weights -----------------------------------------------
 
-typedef struct {
-    uint32_t h[8];
-    uint8_t buf[64];
-    uint64_t len;
-    size_t fill;
-} sha256_ctx;
-
-static const uint32_t sha_k[64] = {
-    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
-    0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
-    0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
-    0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
-    0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
-    0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
-    0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
-    0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
-    0xc67178f2};
-
-static uint32_t ror(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
-
-static void sha_block(sha256_ctx *c, const uint8_t *p) {
-    uint32_t w[64], v[8];
-    for (int i = 0; i < 16; i++)
-        w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 |
-               (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
-    for (int i = 16; i < 64; i++) {
-        uint32_t s0 = ror(w[i - 15], 7) ^ ror(w[i - 15], 18) ^ (w[i - 15] >> 3);
-        uint32_t s1 = ror(w[i - 2], 17) ^ ror(w[i - 2], 19) ^ (w[i - 2] >> 10);
-        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
-    }
-    memcpy(v, c->h, sizeof v);
-    for (int i = 0; i < 64; i++) {
-        uint32_t t1 = v[7] + (ror(v[4], 6) ^ ror(v[4], 11) ^ ror(v[4], 25)) +
-                      ((v[4] & v[5]) ^ (~v[4] & v[6])) + sha_k[i] + w[i];
-        uint32_t t2 = (ror(v[0], 2) ^ ror(v[0], 13) ^ ror(v[0], 22)) +
-                      ((v[0] & v[1]) ^ (v[0] & v[2]) ^ (v[1] & v[2]));
-        memmove(v + 1, v, 7 * sizeof *v);
-        v[4] += t1;
-        v[0] = t1 + t2;
-    }
-    for (int i = 0; i < 8; i++)
-        c->h[i] += v[i];
-}
-
-static void sha_init(sha256_ctx *c) {
-    static const uint32_t h0[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
-                                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
-    memcpy(c->h, h0, sizeof h0);
-    c->len = 0;
-    c->fill = 0;
-}
-
-static void sha_update(sha256_ctx *c, const uint8_t *p, size_t n) {
-    c->len += n;
-    while (n > 0) {
-        size_t k = 64 - c->fill < n ? 64 - c->fill : n;
-        memcpy(c->buf + c->fill, p, k);
-        c->fill += k;
-        p += k;
-        n -= k;
-        if (c->fill == 64) {
-            sha_block(c, c->buf);
-            c->fill = 0;
-        }
-    }
-}
-
-static void sha_hex(sha256_ctx *c, char out[65]) {
-    uint64_t bits = c->len * 8;
-    uint8_t pad[72] = {0x80};
-    size_t np = (c->fill < 56 ? 56 : 120) - c->fill;
-    for (int i = 0; i < 8; i++)
-        pad[np + i] = (uint8_t)(bits >> (56 - 8 * i));
-    sha_update(c, pad, np + 8);
-    for (int i = 0; i < 8; i++)
-        snprintf(out + 8 * i, 9, "%08x", c->h[i]);
-}
-
+// Hex SHA-256 of a file (common/sha256.c, checked against the FIPS vectors in
+// test_checkpoint.c); fails the test when the file cannot be read.
 static void sha_file(const char *path, char out[65]) {
-    FILE *f = fopen(path, "rb");
-    ck_assert_msg(f != NULL, "cannot open %s", path);
-    sha256_ctx c;
-    sha_init(&c);
-    static uint8_t buf[1 << 16];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, f)) > 0)
-        sha_update(&c, buf, n);
-    fclose(f);
-    sha_hex(&c, out);
+    ck_assert_ok(molt_sha256_file(path, out));
 }
-
-START_TEST(test_sha256_vectors) {
-    // FIPS 180-4 examples: "abc" and the two-block 448-bit message
-    const char *msg[2] = {"abc", "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"};
-    const char *want[2] = {"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
-                           "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"};
-    for (int i = 0; i < 2; i++) {
-        sha256_ctx c;
-        char hex[65];
-        sha_init(&c);
-        sha_update(&c, (const uint8_t *)msg[i], strlen(msg[i]));
-        sha_hex(&c, hex);
-        ck_assert_str_eq(hex, want[i]);
-    }
-}
-END_TEST
 
 // ---- fixture and regenerated models -----------------------------------------------------
 
@@ -621,7 +520,6 @@ static Suite *suite(void) {
     TCase *tc = tcase_create("forward");
     tcase_add_unchecked_fixture(tc, setup_all, teardown_all);
     tcase_set_timeout(tc, 600);
-    tcase_add_test(tc, test_sha256_vectors);
     tcase_add_test(tc, test_checksums);
     tcase_add_loop_test(tc, test_parity, 0, N_VARIANTS);
     tcase_add_test(tc, test_packed_batch);

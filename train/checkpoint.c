@@ -265,18 +265,18 @@ static molt_status write_hdf5(const char *path, const ckpt_state *s) {
 static molt_status hash_tail(FILE *f, long from, char hex[65], int64_t *n) {
     if (fseek(f, from, SEEK_SET) != 0)
         return molt_err(MOLT_EIO, "seek failed");
-    ckpt_sha256 c;
-    ckpt_sha256_init(&c);
+    molt_sha256 c;
+    molt_sha256_init(&c);
     uint8_t buf[1 << 15], d[32];
     size_t got;
     *n = 0;
     while ((got = fread(buf, 1, sizeof buf, f)) > 0) {
-        ckpt_sha256_update(&c, buf, got);
+        molt_sha256_update(&c, buf, got);
         *n += (int64_t)got;
     }
     if (ferror(f))
         return molt_err(MOLT_EIO, "read error");
-    ckpt_sha256_final(&c, d);
+    molt_sha256_final(&c, d);
     for (int i = 0; i < 32; i++)
         snprintf(hex + 2 * i, 3, "%02x", d[i]);
     return MOLT_OK;

@@ -193,16 +193,16 @@ molt_status ckpt_get_float(const ckpt_state *s, const char *name, double *v) {
 // Checksum: entries are hashed in name order so the digest does not depend on the order
 // they were set in or listed by HDF5. Numbers are hashed as little-endian bytes.
 
-static void feed_u64(ckpt_sha256 *c, uint64_t v) {
+static void feed_u64(molt_sha256 *c, uint64_t v) {
     uint8_t b[8];
     for (int i = 0; i < 8; i++)
         b[i] = (uint8_t)(v >> (8 * i));
-    ckpt_sha256_update(c, b, 8);
+    molt_sha256_update(c, b, 8);
 }
 
-static void feed_name(ckpt_sha256 *c, char tag, const char *name) {
-    ckpt_sha256_update(c, &tag, 1);
-    ckpt_sha256_update(c, name, strlen(name) + 1);
+static void feed_name(molt_sha256 *c, char tag, const char *name) {
+    molt_sha256_update(c, &tag, 1);
+    molt_sha256_update(c, name, strlen(name) + 1);
 }
 
 // Index of the entry that follows `prev` in strcmp order (prev NULL = the first), or -1.
@@ -219,10 +219,10 @@ static int next_by_name(const char *base, size_t stride, int n, const char *prev
     return best;
 }
 
-typedef void (*feed_fn)(ckpt_sha256 *c, const void *entry);
+typedef void (*feed_fn)(molt_sha256 *c, const void *entry);
 
 // Feeds the n entries of an array (element size stride) in name order.
-static void feed_sorted(ckpt_sha256 *c, const void *arr, size_t stride, int n, feed_fn feed) {
+static void feed_sorted(molt_sha256 *c, const void *arr, size_t stride, int n, feed_fn feed) {
     const char *base = arr, *prev = NULL;
     for (int i; (i = next_by_name(base, stride, n, prev)) >= 0;) {
         prev = base + (size_t)i * stride;
@@ -230,7 +230,7 @@ static void feed_sorted(ckpt_sha256 *c, const void *arr, size_t stride, int n, f
     }
 }
 
-static void feed_tensor(ckpt_sha256 *c, const void *entry) {
+static void feed_tensor(molt_sha256 *c, const void *entry) {
     const ckpt_tensor *t = entry;
     feed_name(c, 'T', t->name);
     feed_u64(c, (uint64_t)t->ndim);
@@ -240,17 +240,17 @@ static void feed_tensor(ckpt_sha256 *c, const void *entry) {
         uint32_t u;
         memcpy(&u, &t->data[i], 4);
         uint8_t b[4] = {(uint8_t)u, (uint8_t)(u >> 8), (uint8_t)(u >> 16), (uint8_t)(u >> 24)};
-        ckpt_sha256_update(c, b, 4);
+        molt_sha256_update(c, b, 4);
     }
 }
 
-static void feed_int(ckpt_sha256 *c, const void *entry) {
+static void feed_int(molt_sha256 *c, const void *entry) {
     const ckpt_scalar *e = entry;
     feed_name(c, 'I', e->name);
     feed_u64(c, (uint64_t)e->i);
 }
 
-static void feed_float(ckpt_sha256 *c, const void *entry) {
+static void feed_float(molt_sha256 *c, const void *entry) {
     const ckpt_scalar *e = entry;
     uint64_t u;
     memcpy(&u, &e->f, 8);
@@ -258,16 +258,16 @@ static void feed_float(ckpt_sha256 *c, const void *entry) {
     feed_u64(c, u);
 }
 
-static void feed_blob(ckpt_sha256 *c, const void *entry) {
+static void feed_blob(molt_sha256 *c, const void *entry) {
     const ckpt_blob *b = entry;
     feed_name(c, 'B', b->name);
     feed_u64(c, b->len);
-    ckpt_sha256_update(c, b->data, b->len);
+    molt_sha256_update(c, b->data, b->len);
 }
 
 void ckpt_state_digest(const ckpt_state *s, char hex[65]) {
-    ckpt_sha256 c;
-    ckpt_sha256_init(&c);
+    molt_sha256 c;
+    molt_sha256_init(&c);
     feed_u64(&c, CKPT_FORMAT_VERSION);
     feed_u64(&c, (uint64_t)s->step);
     feed_sorted(&c, s->tensors, sizeof *s->tensors, s->n_tensors, feed_tensor);
@@ -275,7 +275,7 @@ void ckpt_state_digest(const ckpt_state *s, char hex[65]) {
     feed_sorted(&c, s->floats, sizeof *s->floats, s->n_floats, feed_float);
     feed_sorted(&c, s->blobs, sizeof *s->blobs, s->n_blobs, feed_blob);
     uint8_t d[32];
-    ckpt_sha256_final(&c, d);
+    molt_sha256_final(&c, d);
     static const char digits[] = "0123456789abcdef";
     for (int i = 0; i < 32; i++) {
         hex[2 * i] = digits[d[i] >> 4];

@@ -15,6 +15,7 @@
 
 #include "../autograd/autograd.h"
 #include "../common/err.h"
+#include "../common/sha256.h"
 
 // ---------------------------------------------------------------------------------------
 // AdamW, the semantics of torch.optim.AdamW (decoupled weight decay, bias correction, fp32
@@ -89,21 +90,8 @@ double sched_lr(const sched_state *s);                   // lr_max * factor(s->s
 void sched_advance(sched_state *s);                      // s->step += 1
 
 // ---------------------------------------------------------------------------------------
-// SHA-256 (FIPS 180-4), used for the checkpoint checksum and for hashing the base model's
-// config, weights index and tokenizer.
-typedef struct {
-    uint32_t h[8];
-    uint64_t len;      // bytes fed so far
-    uint8_t buf[64];
-    size_t n_buf;
-} ckpt_sha256;
-void ckpt_sha256_init(ckpt_sha256 *c);
-void ckpt_sha256_update(ckpt_sha256 *c, const void *data, size_t len);
-void ckpt_sha256_final(ckpt_sha256 *c, uint8_t out[32]);
-// Lowercase hex of the digest of data: 64 characters and a NUL.
-void ckpt_sha256_hex(const void *data, size_t len, char hex[65]);
-// Hex SHA-256 of a file's bytes; MOLT_EIO naming the file when it cannot be read.
-molt_status ckpt_hash_file(const char *path, char hex[65]);
+// SHA-256 (common/sha256.h) hashes the checkpoint contents and ties a checkpoint to its
+// base model's config, weights index and tokenizer.
 
 // ---------------------------------------------------------------------------------------
 // Checkpoint contents: named float tensors (adapter parameters, AdamW moments), int64 and

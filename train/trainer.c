@@ -105,17 +105,17 @@ static molt_status compute_hashes(const trn_config *c, const char *tok_path, ckp
     char p[TRN_PATH_MAX + 64];
     memset(h, 0, sizeof *h);
     snprintf(p, sizeof p, "%s/config.json", c->model);
-    MOLT_TRY(ckpt_hash_file(p, h->model_config));
+    MOLT_TRY(molt_sha256_file(p, h->model_config));
     const char *w[] = {"model.safetensors.index.json", "model.safetensors",
                        "consolidated.safetensors"};
     for (int i = 0; i < 3; i++) {
         snprintf(p, sizeof p, "%s/%s", c->model, w[i]);
         if (file_exists(p)) {
-            MOLT_TRY(ckpt_hash_file(p, h->weights_index));
+            MOLT_TRY(molt_sha256_file(p, h->weights_index));
             break;
         }
     }
-    return ckpt_hash_file(tok_path, h->tokenizer);
+    return molt_sha256_file(tok_path, h->tokenizer);
 }
 
 static molt_status load_model(trn *t) {

@@ -1,9 +1,9 @@
-// train/sha256.c: SHA-256 (FIPS 180-4) for checkpoint checksums and for the hashes that tie
-// a checkpoint to its base model and tokenizer.
+// common/sha256.c: SHA-256 (FIPS 180-4): checkpoint checksums, the hashes that tie a
+// checkpoint to its base model and tokenizer, and test fixtures' model checksums.
 //
 // Not here: any other hash, HMAC, or hardware acceleration (checkpoints are hashed once per
 // save, and the model files once per run).
-#include "train.h"
+#include "sha256.h"
 
 #include <errno.h>
 #include <string.h>
@@ -59,7 +59,7 @@ static void compress(uint32_t h[8], const uint8_t blk[64]) {
     h[7] += k;
 }
 
-void ckpt_sha256_init(ckpt_sha256 *c) {
+void molt_sha256_init(molt_sha256 *c) {
     static const uint32_t h0[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
                                    0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
     memcpy(c->h, h0, sizeof h0);
@@ -67,7 +67,7 @@ void ckpt_sha256_init(ckpt_sha256 *c) {
     c->n_buf = 0;
 }
 
-void ckpt_sha256_update(ckpt_sha256 *c, const void *data, size_t len) {
+void molt_sha256_update(molt_sha256 *c, const void *data, size_t len) {
     const uint8_t *p = data;
     c->len += len;
     while (len > 0) {
@@ -88,14 +88,14 @@ void ckpt_sha256_update(ckpt_sha256 *c, const void *data, size_t len) {
     }
 }
 
-void ckpt_sha256_final(ckpt_sha256 *c, uint8_t out[32]) {
+void molt_sha256_final(molt_sha256 *c, uint8_t out[32]) {
     uint64_t bits = c->len * 8;
     uint8_t pad[72] = {0x80};
     // pad to 56 mod 64, then the 64-bit big-endian bit length
     size_t n_pad = (c->n_buf < 56 ? 56 : 120) - c->n_buf;
     for (int i = 0; i < 8; i++)
         pad[n_pad + (size_t)i] = (uint8_t)(bits >> (56 - 8 * i));
-    ckpt_sha256_update(c, pad, n_pad + 8);
+    molt_sha256_update(c, pad, n_pad + 8);
     for (int i = 0; i < 8; i++)
         for (int j = 0; j < 4; j++)
             out[4 * i + j] = (uint8_t)(c->h[i] >> (24 - 8 * j));
@@ -110,31 +110,31 @@ static void to_hex(const uint8_t d[32], char hex[65]) {
     hex[64] = '\0';
 }
 
-void ckpt_sha256_hex(const void *data, size_t len, char hex[65]) {
-    ckpt_sha256 c;
+void molt_sha256_hex(const void *data, size_t len, char hex[65]) {
+    molt_sha256 c;
     uint8_t d[32];
-    ckpt_sha256_init(&c);
-    ckpt_sha256_update(&c, data, len);
-    ckpt_sha256_final(&c, d);
+    molt_sha256_init(&c);
+    molt_sha256_update(&c, data, len);
+    molt_sha256_final(&c, d);
     to_hex(d, hex);
 }
 
-molt_status ckpt_hash_file(const char *path, char hex[65]) {
+molt_status molt_sha256_file(const char *path, char hex[65]) {
     FILE *f = fopen(path, "rb");
     if (!f)
         return molt_err(MOLT_EIO, "cannot open %s to hash it: %s", path, strerror(errno));
-    ckpt_sha256 c;
-    ckpt_sha256_init(&c);
+    molt_sha256 c;
+    molt_sha256_init(&c);
     uint8_t buf[1 << 16];
     size_t got;
     while ((got = fread(buf, 1, sizeof buf, f)) > 0)
-        ckpt_sha256_update(&c, buf, got);
+        molt_sha256_update(&c, buf, got);
     int bad = ferror(f);
     fclose(f);
     if (bad)
         return molt_err(MOLT_EIO, "read error while hashing %s", path);
     uint8_t d[32];
-    ckpt_sha256_final(&c, d);
+    molt_sha256_final(&c, d);
     to_hex(d, hex);
     return MOLT_OK;
 }
