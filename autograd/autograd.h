@@ -224,6 +224,13 @@ ag_tensor *ag_moe_experts_lora(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_t
 // h [T, C], w [V, C], targets I32 [T], mask F32/F64 [T] (weights; NULL = all ones) -> [1].
 ag_tensor *ag_cross_entropy_linear(ag_ctx *c, ag_tensor *h, ag_tensor *w, ag_tensor *targets,
                                    ag_tensor *mask, int64_t chunk);
+// The same loss over logits h W^T + h2 W2^T (a LoRA on the output projection: h2 =
+// scale * dropout(h) A^T, W2 = B), still chunked: no [T, V] logits, no merged weight.
+// h2 [T, r], w2 [V, r] of h's dtype, both or neither (neither = ag_cross_entropy_linear).
+// Gradients reach h, w, h2 and w2, whichever require grad.
+ag_tensor *ag_cross_entropy_linear2(ag_ctx *c, ag_tensor *h, ag_tensor *w, ag_tensor *h2,
+                                    ag_tensor *w2, ag_tensor *targets, ag_tensor *mask,
+                                    int64_t chunk);
 
 // ---- activation checkpointing (autograd/ops_checkpoint.c) ----
 // fn builds a sub-graph on c from inputs[0..n_in) (and whatever it captures through user)

@@ -149,7 +149,10 @@ molt_status ag_backward_rmsnorm(ag_ctx *c, ag_node *n) {
 // ---- fused linear + cross-entropy -------------------------------------------------------
 // loss = sum_t mask_t (lse_t - z[t, target_t]) / sum_t mask_t with z = h w^T and lse_t the
 // logsumexp of row t; 0 (with zero gradients) when the mask sums to 0. The node keeps only
-// lse (T doubles) and the mask sum: backward recomputes the logits chunk by chunk.
+// lse (T doubles) and the mask sum: backward recomputes the logits chunk by chunk. The
+// two-term form adds z += h2 w2^T (a LoRA on the output projection: h2 = s x A^T [T, r],
+// w2 = B [V, r]) inside the same chunks, so neither [T, V] logits nor a merged copy of w
+// ever exist. Both forms record one node with inputs {h, w, targets, mask, h2, w2}.
 
 #define CE "cross_entropy_linear"
 // Elements of scratch per optimized call (h tile, dh tile, logits block): the token tile is
@@ -203,9 +206,35 @@ static molt_status ce_check_values(const ag_tensor *w, const ag_tensor *targets,
     return MOLT_OK;
 }
 
-static molt_status ce_check(const ag_tensor *h, const ag_tensor *w, const ag_tensor *targets,
+// h2 [T, R] and w2 [V, R], both or neither, of h's dtype.
+static molt_status ce_check_lowrank(const ag_tensor *h, const ag_tensor *w,
+                                    const ag_tensor *h2, const ag_tensor *w2) {
+    if (!h2 && !w2)
+        return MOLT_OK;
+    if (!h2 || !w2)
+        return molt_err(MOLT_EARG, CE ": h2 and w2 come together (got only %s)",
+                        h2 ? "h2" : "w2");
+    char b1[80], b2[80], b3[80], b4[80];
+    MOLT_TRY(ag_check_cpu_float(CE, "h2", h2));
+    MOLT_TRY(ag_check_cpu_float(CE, "w2", w2));
+    MOLT_TRY(ag_check_same_dtype(CE, "h", h, "h2", h2));
+    MOLT_TRY(ag_check_same_dtype(CE, "h", h, "w2", w2));
+    MOLT_TRY(ag_check_ndim(CE, "h2", h2, 2, 2));
+    MOLT_TRY(ag_check_ndim(CE, "w2", w2, 2, 2));
+    if (h2->shape[0] != h->shape[0] || w2->shape[0] != w->shape[0] ||
+        h2->shape[1] != w2->shape[1] || h2->shape[1] < 1)
+        return molt_err(MOLT_EARG, CE ": h2 %s and w2 %s must be [T, r] and [V, r] with h %s "
+                        "and w %s", ag_shape_str(h2, b1, sizeof b1),
+                        ag_shape_str(w2, b2, sizeof b2), ag_shape_str(h, b3, sizeof b3),
+                        ag_shape_str(w, b4, sizeof b4));
+    return check_blas_size(CE, "the rank", h2->shape[1]);
+}
+
+static molt_status ce_check(const ag_tensor *h, const ag_tensor *w, const ag_tensor *h2,
+                            const ag_tensor *w2, const ag_tensor *targets,
                             const ag_tensor *mask, int64_t chunk) {
     MOLT_TRY(ce_check_shapes(h, w, targets, mask));
+    MOLT_TRY(ce_check_lowrank(h, w, h2, w2));
     if (chunk < 1)
         return molt_err(MOLT_EARG, CE ": chunk must be >= 1, got %lld", (long long)chunk);
     MOLT_TRY(check_blas_size(CE, "the token count", h->shape[0]));
@@ -222,6 +251,7 @@ static double mask_at(const ag_tensor *mask, int64_t t) {
 // the sizes; the optimized ones get the tokens with a nonzero mask and a workspace.
 typedef struct {
     ce_dims d;
+    ce_lowrank lr; // d.lr points here when the call has the low-rank term
     int64_t *rows;
     void *work;
 } ce_plan;
@@ -233,11 +263,17 @@ static void ce_plan_free(ce_plan *p) {
     p->work = NULL;
 }
 
+// h2/w2 NULL: no low-rank term; dh2/dw2 are only read by backward (NULL in forward).
 static molt_status ce_plan_init(ce_plan *p, const ag_tensor *h, const ag_tensor *w,
+                                const ag_tensor *h2, const ag_tensor *w2, void *dh2, void *dw2,
                                 const ag_tensor *mask, int64_t chunk, bool ref) {
     memset(p, 0, sizeof *p);
-    int64_t T = h->shape[0], C = h->shape[1], V = w->shape[0];
+    int64_t T = h->shape[0], C = h->shape[1], V = w->shape[0], R = h2 ? h2->shape[1] : 0;
     p->d = (ce_dims){.T = T, .C = C, .V = V, .chunk = chunk < V ? chunk : V, .tile = 1};
+    if (h2) {
+        p->lr = (ce_lowrank){.R = R, .h2 = h2->data, .w2 = w2->data, .dh2 = dh2, .dw2 = dw2};
+        p->d.lr = &p->lr;
+    }
     if (ref)
         return MOLT_OK;
     p->rows = molt_malloc((size_t)T * sizeof *p->rows);
@@ -249,7 +285,7 @@ static molt_status ce_plan_init(ce_plan *p, const ag_tensor *h, const ag_tensor 
     p->d.rows = p->rows;
     if (p->d.n_rows == 0)
         return MOLT_OK;
-    int64_t tile = CE_SCRATCH_ELEMS / (2 * C + p->d.chunk);
+    int64_t tile = CE_SCRATCH_ELEMS / (2 * C + 2 * R + p->d.chunk);
     p->d.tile = tile < 1 ? 1 : tile > p->d.n_rows ? p->d.n_rows : tile;
     size_t bytes = h->dtype == AG_F32 ? ce_work_bytes_f32(&p->d) : ce_work_bytes_f64(&p->d);
     p->work = molt_malloc(bytes);
@@ -261,13 +297,13 @@ static molt_status ce_plan_init(ce_plan *p, const ag_tensor *h, const ag_tensor 
 }
 
 // lse (T) of every counted token and the loss.
-static molt_status ce_forward(const ag_tensor *h, const ag_tensor *w, const ag_tensor *targets,
-                              const ag_tensor *mask, int64_t chunk, double msum, double *lse,
+static molt_status ce_forward(ag_tensor *const *in, int64_t chunk, double msum, double *lse,
                               double *loss) {
+    const ag_tensor *h = in[0], *w = in[1], *targets = in[2], *mask = in[3];
     int64_t T = h->shape[0];
     bool ref = ag_reference_kernels();
     ce_plan p;
-    MOLT_TRY(ce_plan_init(&p, h, w, mask, chunk, ref));
+    MOLT_TRY(ce_plan_init(&p, h, w, in[4], in[5], NULL, NULL, mask, chunk, ref));
     double *zt = molt_calloc((size_t)T, sizeof *zt);
     if (!zt) {
         ce_plan_free(&p);
@@ -298,7 +334,14 @@ static molt_status ce_forward(const ag_tensor *h, const ag_tensor *w, const ag_t
 // saves T doubles (the per-token logsumexp), nothing that grows with V.
 ag_tensor *ag_cross_entropy_linear(ag_ctx *c, ag_tensor *h, ag_tensor *w, ag_tensor *targets,
                                    ag_tensor *mask, int64_t chunk) {
-    if (ce_check(h, w, targets, mask, chunk) != MOLT_OK)
+    return ag_cross_entropy_linear2(c, h, w, NULL, NULL, targets, mask, chunk);
+}
+
+// Contract in autograd.h; as ag_cross_entropy_linear, with the saved state still T doubles.
+ag_tensor *ag_cross_entropy_linear2(ag_ctx *c, ag_tensor *h, ag_tensor *w, ag_tensor *h2,
+                                    ag_tensor *w2, ag_tensor *targets, ag_tensor *mask,
+                                    int64_t chunk) {
+    if (ce_check(h, w, h2, w2, targets, mask, chunk) != MOLT_OK)
         return NULL;
     int64_t T = h->shape[0], one = 1;
     double msum = 0;
@@ -309,12 +352,11 @@ ag_tensor *ag_cross_entropy_linear(ag_ctx *c, ag_tensor *h, ag_tensor *w, ag_ten
         molt_err(MOLT_ENOMEM, CE ": out of memory for %lld logsumexps", (long long)T);
         return NULL;
     }
-    ag_tensor *y = NULL;
-    if (ce_forward(h, w, targets, mask, chunk, msum, lse, &loss) == MOLT_OK)
+    ag_tensor *y = NULL, *ins[6] = {h, w, targets, mask, h2, w2};
+    if (ce_forward(ins, chunk, msum, lse, &loss) == MOLT_OK)
         y = ag_out_new(c, h->dtype, 1, &one);
-    ag_tensor *ins[4] = {h, w, targets, mask};
-    if (y && ag_should_record(c, 4, ins)) {
-        ag_node *n = ag_record(c, AG_OP_CE_LINEAR, y, 4, ins);
+    if (y && ag_should_record(c, 6, ins)) {
+        ag_node *n = ag_record(c, AG_OP_CE_LINEAR, y, 6, ins);
         void *saved = n ? ag_node_save(c, n, (size_t)T * sizeof *lse) : NULL;
         if (saved) {
             memcpy(saved, lse, (size_t)T * sizeof *lse);
@@ -342,13 +384,21 @@ molt_status ag_backward_ce_linear(ag_ctx *c, ag_node *n) {
     ag_tensor *dw = ag_grad_of(w, &st);
     if (st != MOLT_OK)
         return st;
+    ag_tensor *h2 = n->in[4], *w2 = n->in[5];
+    ag_tensor *dh2 = h2 ? ag_grad_of(h2, &st) : NULL;
+    if (st != MOLT_OK)
+        return st;
+    ag_tensor *dw2 = w2 ? ag_grad_of(w2, &st) : NULL;
+    if (st != MOLT_OK)
+        return st;
     double msum = n->f[0];
-    if (msum == 0 || (!dh && !dw))
+    if (msum == 0 || (!dh && !dw && !dh2 && !dw2))
         return MOLT_OK; // the loss is the constant 0: zero gradients
     double scale = ag_get(n->out->grad, 0) / msum;
     bool ref = ag_reference_kernels();
     ce_plan p;
-    MOLT_TRY(ce_plan_init(&p, h, w, mask, n->i[0], ref));
+    MOLT_TRY(ce_plan_init(&p, h, w, h2, w2, dh2 ? dh2->data : NULL, dw2 ? dw2->data : NULL,
+                          mask, n->i[0], ref));
     void *pdh = dh ? dh->data : NULL, *pdw = dw ? dw->data : NULL;
     const void *pm = mask ? mask->data : NULL;
     const int32_t *tg = targets->data;

@@ -308,20 +308,37 @@ ag_tensor *mdl_logits(ag_ctx *c, const mdl_model *m, ag_tensor *hidden) {
     return mdl_linear(c, hidden, &m->lm_head);
 }
 
+// The chunked loss over lm_head's logits; with a LoRA on lm_head its low-rank term
+// h2 = scale * dropout(h) A^T [T, r] against B [V, r] joins inside the chunks (the same
+// adapter arithmetic as mdl_linear, without [T, V] logits or a merged weight).
+static ag_tensor *fused_loss(ag_ctx *c, const mdl_lin *lin, ag_tensor *h, const mdl_batch *b) {
+    if (!lin->lora_a)
+        return ag_cross_entropy_linear(c, h, lin->w, b->targets, b->mask, MDL_CE_CHUNK);
+    if (!lin->lora_b) {
+        molt_err(MOLT_EARG, "mdl_linear: lora_a without lora_b");
+        return NULL;
+    }
+    ag_tensor *xa = h;
+    if (c->grad_mode && lin->lora_rng && lin->lora_dropout > 0)
+        xa = ag_dropout(c, h, lin->lora_dropout, lin->lora_rng);
+    ag_tensor *xr = xa ? ag_linear(c, xa, lin->lora_a) : NULL;
+    ag_tensor *h2 = xr ? ag_scale(c, xr, lin->lora_scale) : NULL;
+    return h2 ? ag_cross_entropy_linear2(c, h, lin->w, h2, lin->lora_b, b->targets, b->mask,
+                                         MDL_CE_CHUNK)
+              : NULL;
+}
+
 molt_status mdl_forward(ag_ctx *c, const mdl_model *m, const mdl_batch *b, ag_tensor **out) {
     ag_tensor *h;
     *out = NULL;
     MOLT_TRY(mdl_hidden(c, m, b, &h));
     if (!b->targets)
         *out = mdl_logits(c, m, h);
-    else if (m->lm_head.lora_a)
-        return molt_err(MOLT_EUNSUPPORTED, "model forward: the fused loss does not take a LoRA "
-                        "on lm_head");
     else if (m->lm_head.qw)
         return molt_err(MOLT_EUNSUPPORTED, "model forward: the fused loss needs an unquantized "
                         "lm_head (quantize it only for inference)");
     else
-        *out = ag_cross_entropy_linear(c, h, m->lm_head.w, b->targets, b->mask, MDL_CE_CHUNK);
+        *out = fused_loss(c, &m->lm_head, h, b);
     return *out ? MOLT_OK : molt_err_wrap(MOLT_EARG, "model forward");
 }
 

@@ -1,8 +1,8 @@
 // autograd/cpu/k_ce.c: fused linear + cross-entropy kernels, compiled once per element
 // type. The reference kernels walk token by token and column by column with an online
 // logsumexp (dot products and the running sum in double). The optimized ones work on tiles
-// of counted tokens and chunks of vocabulary columns: one GEMM yields a tile x chunk block
-// of logits, OpenMP threads fold it into per-token running max/sum, and backward turns the
+// of counted tokens and chunks of vocabulary columns: one GEMM (two with the low-rank term
+// of d->lr) yields a tile x chunk block of logits, OpenMP threads fold it into per-token running max/sum, and backward turns the
 // recomputed block into softmax - onehot for two more GEMMs. Not here: operand checks, the
 // loss itself and the choice of tile (ops_linear.c).
 #include "real.h"
@@ -23,12 +23,35 @@ static double dot_ref(const real *a, const real *b, int64_t n) {
     return acc;
 }
 
+// Logit z[t, v] in double, with the low-rank term when there is one.
+static double logit_ref(const real *h, const real *w, const ce_dims *d, int64_t t, int64_t v) {
+    double z = dot_ref(h + t * d->C, w + v * d->C, d->C);
+    if (d->lr) {
+        const real *h2 = d->lr->h2, *w2 = d->lr->w2;
+        z += dot_ref(h2 + t * d->lr->R, w2 + v * d->lr->R, d->lr->R);
+    }
+    return z;
+}
+
+// Low-rank part of the reference backward for logit gradient g at (t, v).
+static void lowrank_bwd_ref(const ce_dims *d, int64_t t, int64_t v, double g) {
+    int64_t R = d->lr->R;
+    const real *h2 = d->lr->h2, *w2 = d->lr->w2;
+    real *dh2 = d->lr->dh2, *dw2 = d->lr->dw2;
+    if (dh2)
+        for (int64_t k = 0; k < R; k++)
+            dh2[t * R + k] += (real)(g * w2[v * R + k]);
+    if (dw2)
+        for (int64_t k = 0; k < R; k++)
+            dw2[v * R + k] += (real)(g * h2[t * R + k]);
+}
+
 void K(ce_fwd_ref)(double *lse, double *zt, const real *h, const real *w,
                    const int32_t *targets, const ce_dims *d) {
     for (int64_t t = 0; t < d->T; t++) {
         double m = -INFINITY, s = 0;
         for (int64_t v = 0; v < d->V; v++) {
-            double z = dot_ref(h + t * d->C, w + v * d->C, d->C);
+            double z = logit_ref(h, w, d, t, v);
             if (v == targets[t])
                 zt[t] = z;
             // running max: rescale the sum whenever the max moves
@@ -51,8 +74,10 @@ void K(ce_bwd_ref)(real *dh, real *dw, const real *h, const real *w, const int32
         if (coef == 0)
             continue;
         for (int64_t v = 0; v < d->V; v++) {
-            double z = dot_ref(h + t * C, w + v * C, C);
+            double z = logit_ref(h, w, d, t, v);
             double g = coef * (exp(z - lse[t]) - (v == targets[t] ? 1.0 : 0.0));
+            if (d->lr)
+                lowrank_bwd_ref(d, t, v, g);
             if (dh)
                 for (int64_t c = 0; c < C; c++)
                     dh[t * C + c] += (real)(g * w[v * C + c]);
@@ -65,11 +90,14 @@ void K(ce_bwd_ref)(real *dh, real *dw, const real *h, const real *w, const int32
 
 // ---- optimized --------------------------------------------------------------------------
 // Workspace layout: running max and sum (tile doubles each), then the gathered rows of h
-// (tile x C), a tile of dh (tile x C) and a block of logits (tile x chunk).
+// (tile x C), a tile of dh (tile x C), a block of logits (tile x chunk) and, with the
+// low-rank term, gathered rows of h2 and a tile of dh2 (tile x R each).
 typedef struct {
     double *m, *s;
-    real *hbuf, *dhbuf, *zbuf;
+    real *hbuf, *dhbuf, *zbuf, *h2buf, *dh2buf;
 } ce_work;
+
+static int64_t rank_of(const ce_dims *d) { return d->lr ? d->lr->R : 0; }
 
 static ce_work work_split(void *work, const ce_dims *d) {
     ce_work k;
@@ -78,11 +106,14 @@ static ce_work work_split(void *work, const ce_dims *d) {
     k.hbuf = (real *)(k.s + d->tile);
     k.dhbuf = k.hbuf + d->tile * d->C;
     k.zbuf = k.dhbuf + d->tile * d->C;
+    k.h2buf = k.zbuf + d->tile * d->chunk;
+    k.dh2buf = k.h2buf + d->tile * rank_of(d);
     return k;
 }
 
 size_t K(ce_work_bytes)(const ce_dims *d) {
-    return (size_t)d->tile * (2 * sizeof(double) + (size_t)(2 * d->C + d->chunk) * sizeof(real));
+    size_t per_row = (size_t)(2 * d->C + d->chunk + 2 * rank_of(d)) * sizeof(real);
+    return (size_t)d->tile * (2 * sizeof(double) + per_row);
 }
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -120,11 +151,25 @@ static void fold_chunk(double *m, double *s, const real *z, int64_t n) {
     *s += acc;
 }
 
-// Logits block z (nt, nv) = hb (nt, C) . w[v0 : v0 + nv] (nv, C)^T.
-static void logits_block(real *z, const real *hb, const real *w, int64_t nt, int64_t v0,
-                         int64_t nv, int64_t C) {
-    R_GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nt, (int)nv, (int)C, 1, hb, (int)C,
-           w + v0 * C, (int)C, 0, z, (int)nv);
+// Logits block z (nt, nv) = hb (nt, C) . w[v0 : v0 + nv] (nv, C)^T, plus
+// h2b (nt, R) . w2[v0 : v0 + nv] (nv, R)^T when d has the low-rank term.
+static void logits_block(real *z, const real *hb, const real *w, const real *h2b,
+                         const ce_dims *d, int64_t nt, int64_t v0, int64_t nv) {
+    int C = (int)d->C;
+    R_GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nt, (int)nv, C, 1, hb, C,
+           w + v0 * d->C, C, 0, z, (int)nv);
+    if (!d->lr)
+        return;
+    const real *w2 = d->lr->w2;
+    int R = (int)d->lr->R;
+    R_GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nt, (int)nv, R, 1, h2b, R,
+           w2 + v0 * R, R, 1, z, (int)nv);
+}
+
+// Rows of h2 for the tile (NULL without the low-rank term).
+static const real *gather_h2(const ce_work *k, const ce_dims *d, const int64_t *rows,
+                             int64_t nt) {
+    return d->lr ? gather_rows(k->h2buf, d->lr->h2, rows, nt, d->lr->R) : NULL;
 }
 
 void K(ce_fwd)(double *lse, double *zt, void *work, const real *h, const real *w,
@@ -134,13 +179,14 @@ void K(ce_fwd)(double *lse, double *zt, void *work, const real *h, const real *w
         int64_t nt = min64(d->tile, d->n_rows - i0);
         const int64_t *rows = d->rows + i0;
         const real *hb = gather_rows(k.hbuf, h, rows, nt, d->C);
+        const real *h2b = gather_h2(&k, d, rows, nt);
         for (int64_t i = 0; i < nt; i++) {
             k.m[i] = -INFINITY;
             k.s[i] = 0;
         }
         for (int64_t v0 = 0; v0 < d->V; v0 += d->chunk) {
             int64_t nv = min64(d->chunk, d->V - v0);
-            logits_block(k.zbuf, hb, w, nt, v0, nv, d->C);
+            logits_block(k.zbuf, hb, w, h2b, d, nt, v0, nv);
 #pragma omp parallel for schedule(static) if (nt * nv >= CE_PAR_MIN)
             for (int64_t i = 0; i < nt; i++) {
                 const real *z = k.zbuf + i * nv;
@@ -172,34 +218,62 @@ static void dlogits_block(real *z, const int64_t *rows, int64_t nt, int64_t v0, 
     }
 }
 
+// Where a tile's gradient rows (n, width) accumulate: in place in g when the tile's tokens
+// are consecutive, else in the zeroed buffer buf (scattered back by scatter_rows).
+static real *grad_tile(real *g, real *buf, const int64_t *rows, int64_t n, int64_t width) {
+    if (rows_consecutive(rows, n))
+        return g + rows[0] * width;
+    memset(buf, 0, (size_t)(n * width) * sizeof(real));
+    return buf;
+}
+
+static void scatter_rows(real *g, const real *buf, const int64_t *rows, int64_t n,
+                         int64_t width) {
+    if (rows_consecutive(rows, n))
+        return; // accumulated in place
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t c = 0; c < width; c++)
+            g[rows[i] * width + c] += buf[i * width + c];
+}
+
+// dz (nt, nv) into the tile's dh (nt, C) and the chunk's dw (nv, C) (either may be NULL).
+static void grad_gemms(real *dhb, real *dw_chunk, const real *dz, const real *hb,
+                       const real *w_chunk, int64_t nt, int64_t nv, int64_t width) {
+    int C = (int)width;
+    if (dhb) // dhb (nt, C) += dz (nt, nv) . w_chunk (nv, C)
+        R_GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)nt, C, (int)nv, 1, dz, (int)nv,
+               w_chunk, C, 1, dhb, C);
+    if (dw_chunk) // dw_chunk (nv, C) += dz^T (nv, nt) . hb (nt, C)
+        R_GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, (int)nv, C, (int)nt, 1, dz, (int)nv,
+               hb, C, 1, dw_chunk, C);
+}
+
 void K(ce_bwd)(real *dh, real *dw, void *work, const real *h, const real *w,
                const int32_t *targets, const real *mask, double scale, const double *lse,
                const ce_dims *d) {
     ce_work k = work_split(work, d);
-    int C = (int)d->C;
+    int64_t C = d->C, R = rank_of(d);
+    real *dh2 = d->lr ? d->lr->dh2 : NULL, *dw2 = d->lr ? d->lr->dw2 : NULL;
+    const real *w2 = d->lr ? d->lr->w2 : NULL;
     for (int64_t i0 = 0; i0 < d->n_rows; i0 += d->tile) {
         int64_t nt = min64(d->tile, d->n_rows - i0);
         const int64_t *rows = d->rows + i0;
-        const real *hb = gather_rows(k.hbuf, h, rows, nt, d->C);
-        // dh of consecutive tokens is accumulated in place, else in dhbuf and scattered
-        bool direct = rows_consecutive(rows, nt);
-        real *dhb = direct && dh ? dh + rows[0] * d->C : k.dhbuf;
-        if (dh && !direct)
-            memset(dhb, 0, (size_t)(nt * d->C) * sizeof(real));
+        const real *hb = gather_rows(k.hbuf, h, rows, nt, C);
+        const real *h2b = gather_h2(&k, d, rows, nt);
+        real *dhb = dh ? grad_tile(dh, k.dhbuf, rows, nt, C) : NULL;
+        real *dh2b = dh2 ? grad_tile(dh2, k.dh2buf, rows, nt, R) : NULL;
         for (int64_t v0 = 0; v0 < d->V; v0 += d->chunk) {
             int64_t nv = min64(d->chunk, d->V - v0);
-            logits_block(k.zbuf, hb, w, nt, v0, nv, d->C);
+            logits_block(k.zbuf, hb, w, h2b, d, nt, v0, nv);
             dlogits_block(k.zbuf, rows, nt, v0, nv, targets, mask, scale, lse);
-            if (dh) // dhb (nt, C) += dz (nt, nv) . w_chunk (nv, C)
-                R_GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)nt, C, (int)nv, 1,
-                       k.zbuf, (int)nv, w + v0 * d->C, C, 1, dhb, C);
-            if (dw) // dw_chunk (nv, C) += dz^T (nv, nt) . hb (nt, C)
-                R_GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, (int)nv, C, (int)nt, 1,
-                       k.zbuf, (int)nv, hb, C, 1, dw + v0 * d->C, C);
+            grad_gemms(dhb, dw ? dw + v0 * C : NULL, k.zbuf, hb, w + v0 * C, nt, nv, C);
+            if (d->lr)
+                grad_gemms(dh2b, dw2 ? dw2 + v0 * R : NULL, k.zbuf, h2b, w2 + v0 * R, nt, nv,
+                           R);
         }
-        if (dh && !direct)
-            for (int64_t i = 0; i < nt; i++)
-                for (int64_t c = 0; c < d->C; c++)
-                    dh[rows[i] * d->C + c] += dhb[i * d->C + c];
+        if (dh)
+            scatter_rows(dh, dhb, rows, nt, C);
+        if (dh2)
+            scatter_rows(dh2, dh2b, rows, nt, R);
     }
 }

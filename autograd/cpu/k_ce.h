@@ -1,12 +1,23 @@
 // autograd/cpu/k_ce.h: kernels of the fused linear + cross-entropy loss (prototypes; no
 // include guard on purpose: read once per element type, except the guarded block of
-// type-independent declarations). Logits z[t, v] = h_t . w_v are produced a vocabulary chunk
-// at a time and folded into a running logsumexp; nothing of size T x V exists at any time.
+// type-independent declarations). Logits z[t, v] = h_t . w_v (+ h2_t . w2_v with the optional
+// low-rank term) are produced a vocabulary chunk at a time and folded into a running
+// logsumexp; nothing of size T x V exists at any time.
 // Operands are validated by ops_linear.c (targets in [0, V), 1 <= chunk <= V).
 #ifndef MOLT_CPU_K_CE_TYPES
 #define MOLT_CPU_K_CE_TYPES
 #include <stddef.h>
 #include <stdint.h>
+
+// Optional second, low-rank product of the logits (a LoRA on the output projection):
+// z[t, v] += h2_t . w2_v. Pointers are of the call's element type; the gradient pointers
+// may be NULL (that operand needs none) and are read by the backward kernels only.
+typedef struct {
+    int64_t R;          // rank, >= 1
+    const void *h2;     // (T, R)
+    const void *w2;     // (V, R)
+    void *dh2, *dw2;    // (T, R), (V, R) or NULL
+} ce_lowrank;
 
 // Sizes and the token list of one call, the same for both element types.
 typedef struct {
@@ -15,6 +26,7 @@ typedef struct {
     int64_t tile;        // tokens per GEMM tile (optimized kernels), >= 1
     const int64_t *rows; // (n_rows) the tokens that count (nonzero mask), ascending
     int64_t n_rows;
+    const ce_lowrank *lr; // NULL: logits are h w^T alone
 } ce_dims;
 #endif
 
