@@ -221,29 +221,33 @@ size_t K(moe_experts_ws_bytes)(int64_t T, int64_t k, int64_t E, int64_t H, int64
            round64((size_t)(T * k) * sizeof(int32_t)) + round64(buf_reals(H, I) * sizeof(real));
 }
 
-// Stable counting sort of the slots by expert.
 static void dispatch(moe_ws *w, const int32_t *idx, int64_t n, int64_t E) {
-    memset(w->off, 0, (size_t)(E + 1) * sizeof(int64_t));
+    K(moe_dispatch)(w->off, w->cur, w->perm, idx, n, E);
+}
+
+void K(moe_dispatch)(int64_t *off, int64_t *cur, int32_t *perm, const int32_t *idx, int64_t n,
+                     int64_t E) {
+    memset(off, 0, (size_t)(E + 1) * sizeof(int64_t));
     for (int64_t s = 0; s < n; s++)
-        w->off[idx[s] + 1]++;
+        off[idx[s] + 1]++;
     for (int64_t e = 0; e < E; e++) {
-        w->off[e + 1] += w->off[e];
-        w->cur[e] = w->off[e];
+        off[e + 1] += off[e];
+        cur[e] = off[e];
     }
     for (int64_t s = 0; s < n; s++) {
-        int64_t p = w->cur[idx[s]]++;
-        w->perm[p] = (int32_t)s;
+        int64_t p = cur[idx[s]]++;
+        perm[p] = (int32_t)s;
     }
 }
 
-static void gather(real *dst, const real *src, const int32_t *perm, int64_t nb, int64_t k,
+void K(moe_gather)(real *dst, const real *src, const int32_t *perm, int64_t nb, int64_t k,
                    int64_t H) {
     for (int64_t r = 0; r < nb; r++)
         memcpy(dst + r * H, src + (perm[r] / k) * H, (size_t)H * sizeof(real));
 }
 
 // Adds row r of src (nb, H) to the row of dst (T, H) of the token of slot perm[r].
-static void scatter_add(real *dst, const real *src, const int32_t *perm, int64_t nb, int64_t k,
+void K(moe_scatter_add)(real *dst, const real *src, const int32_t *perm, int64_t nb, int64_t k,
                         int64_t H) {
     for (int64_t r = 0; r < nb; r++) {
         real *d = dst + (perm[r] / k) * H;
@@ -276,13 +280,13 @@ void K(moe_experts_fwd)(real *y, const real *x, const real *w, const int32_t *id
     for (int64_t e = 0; e < E; e++)
         for (int64_t r0 = m.off[e]; r0 < m.off[e + 1]; r0 += ROWS) {
             int64_t nb = m.off[e + 1] - r0 < ROWS ? m.off[e + 1] - r0 : ROWS;
-            gather(X, x, m.perm + r0, nb, k, H);
+            K(moe_gather)(X, x, m.perm + r0, nb, k, H);
             R_GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nb, (int)I2, (int)H, 1, X,
                    (int)H, wgu + e * I2 * H, (int)H, 0, G, (int)I2);
             swiglu_rows(G, w, m.perm + r0, nb, I);
             R_GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nb, (int)H, (int)I, 1, G,
                    (int)I2, wd + e * H * I, (int)I, 0, O, (int)H);
-            scatter_add(y, O, m.perm + r0, nb, k, H);
+            K(moe_scatter_add)(y, O, m.perm + r0, nb, k, H);
         }
 }
 
@@ -317,8 +321,8 @@ void K(moe_experts_bwd)(real *dx, real *dw, const real *dy, const real *x, const
         for (int64_t r0 = m.off[e]; r0 < m.off[e + 1]; r0 += ROWS) {
             int64_t nb = m.off[e + 1] - r0 < ROWS ? m.off[e + 1] - r0 : ROWS;
             const real *gu = wgu + e * I2 * H, *down = wd + e * H * I;
-            gather(X, x, m.perm + r0, nb, k, H);
-            gather(DY, dy, m.perm + r0, nb, k, H);
+            K(moe_gather)(X, x, m.perm + r0, nb, k, H);
+            K(moe_gather)(DY, dy, m.perm + r0, nb, k, H);
             // the gate/up activations are recomputed rather than saved by the forward
             R_GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nb, (int)I2, (int)H, 1, X,
                    (int)H, gu, (int)H, 0, G, (int)I2);
@@ -329,6 +333,6 @@ void K(moe_experts_bwd)(real *dx, real *dw, const real *dy, const real *x, const
                 continue;
             R_GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)nb, (int)H, (int)I2, 1, G,
                    (int)I2, gu, (int)H, 0, DX, (int)H);
-            scatter_add(dx, DX, m.perm + r0, nb, k, H);
+            K(moe_scatter_add)(dx, DX, m.perm + r0, nb, k, H);
         }
 }

@@ -55,3 +55,12 @@ void K(moe_experts_fwd)(real *y, const real *x, const real *w, const int32_t *id
 void K(moe_experts_bwd)(real *dx, real *dw, const real *dy, const real *x, const real *w,
                         const int32_t *idx, const real *wgu, const real *wd, int64_t T,
                         int64_t k, int64_t E, int64_t H, int64_t I, void *ws);
+// Shared by the expert kernels (plain, LoRA, quantized): stable counting sort of n routing
+// slots by expert (off (E+1) prefix sums, cur (E) scratch, perm (n) slot of each sorted
+// position), gathering the slots' token rows, and adding rows back to their tokens.
+void K(moe_dispatch)(int64_t *off, int64_t *cur, int32_t *perm, const int32_t *idx, int64_t n,
+                     int64_t E);
+void K(moe_gather)(real *dst, const real *src, const int32_t *perm, int64_t nb, int64_t k,
+                   int64_t H);                                        // dst (nb, H), src (T, H)
+void K(moe_scatter_add)(real *dst, const real *src, const int32_t *perm, int64_t nb,
+                        int64_t k, int64_t H);                        // dst (T, H), src (nb, H)

@@ -4,6 +4,7 @@
 // adapter as two thin GEMMs per block of rows. Not here: operand checks, kernel choice and
 // the reference composition (ops_moe_lora.c), the frozen-expert kernels (k_moe.c).
 #include "real.h"
+#include "k_moe.h"
 #include "k_moe_lora.h"
 
 #include <cblas.h>
@@ -139,15 +140,7 @@ size_t K(moe_experts_lora_ws_bytes)(int64_t T, int64_t k, int64_t E, int64_t H, 
 
 // Stable counting sort of the slots by expert.
 static void dispatch(lora_ws *w, const int32_t *idx, int64_t n, int64_t E) {
-    memset(w->off, 0, (size_t)(E + 1) * sizeof(int64_t));
-    for (int64_t s = 0; s < n; s++)
-        w->off[idx[s] + 1]++;
-    for (int64_t e = 0; e < E; e++) {
-        w->off[e + 1] += w->off[e];
-        w->cur[e] = w->off[e];
-    }
-    for (int64_t s = 0; s < n; s++)
-        w->perm[w->cur[idx[s]]++] = (int32_t)s;
+    K(moe_dispatch)(w->off, w->cur, w->perm, idx, n, E);
 }
 
 // packed (E, O, r) <- B (O, r*E)
@@ -164,21 +157,6 @@ static void unpack_add_b(real *db, const real *packed, int64_t E, int64_t O, int
         for (int64_t kk = 0; kk < r; kk++)
             for (int64_t e = 0; e < E; e++)
                 B_AT(db, o, kk, e, r, E) += packed[(e * O + o) * r + kk];
-}
-
-static void gather(real *dst, const real *src, const int32_t *perm, int64_t nb, int64_t k,
-                   int64_t H) {
-    for (int64_t rr = 0; rr < nb; rr++)
-        memcpy(dst + rr * H, src + (perm[rr] / k) * H, (size_t)H * sizeof(real));
-}
-
-static void scatter_add(real *dst, const real *src, const int32_t *perm, int64_t nb, int64_t k,
-                        int64_t H) {
-    for (int64_t rr = 0; rr < nb; rr++) {
-        real *d = dst + (perm[rr] / k) * H;
-        for (int64_t h = 0; h < H; h++)
-            d[h] += src[rr * H + h];
-    }
 }
 
 // C (m, n) = beta C + alpha op(A) op(B), row-major, op = transpose when ta/tb.
@@ -263,7 +241,7 @@ void K(moe_experts_lora_fwd)(real *y, const real *x, const real *w, const int32_
         for (int64_t r0 = m.off[e]; r0 < m.off[e + 1]; r0 += ROWS) {
             int64_t nb = m.off[e + 1] - r0 < ROWS ? m.off[e + 1] - r0 : ROWS;
             blk b = block_of(&m, lora, wgu, wd, e, nb, H, I);
-            gather(X, x, m.perm + r0, nb, k, H);
+            K(moe_gather)(X, x, m.perm + r0, nb, k, H);
             gate_up_rows(G, U, X, &b);
             swiglu_rows(Z, G, w, m.perm + r0, nb, I);
             gemm(0, 1, nb, H, I, 1, Z, I, b.wd, I, 0, O, H);
@@ -271,7 +249,7 @@ void K(moe_experts_lora_fwd)(real *y, const real *x, const real *w, const int32_
                 gemm(0, 1, nb, r, I, 1, Z, I, b.ad, I, 0, V, r);
                 gemm(0, 1, nb, H, r, b.s, V, r, b.bd, r, 1, O, H);
             }
-            scatter_add(y, O, m.perm + r0, nb, k, H);
+            K(moe_scatter_add)(y, O, m.perm + r0, nb, k, H);
         }
 }
 
@@ -339,8 +317,8 @@ void K(moe_experts_lora_bwd)(real *dx, real *dw, const K(moe_lora_grad) *g, cons
         for (int64_t r0 = m.off[e]; r0 < m.off[e + 1]; r0 += ROWS) {
             int64_t nb = m.off[e + 1] - r0 < ROWS ? m.off[e + 1] - r0 : ROWS;
             blk b = block_of(&m, lora, wgu, wd, e, nb, H, I);
-            gather(X, x, m.perm + r0, nb, k, H);
-            gather(DY, dy, m.perm + r0, nb, k, H);
+            K(moe_gather)(X, x, m.perm + r0, nb, k, H);
+            K(moe_gather)(DY, dy, m.perm + r0, nb, k, H);
             // activations are recomputed rather than saved by the forward
             gate_up_rows(G, U, X, &b);
             swiglu_rows(Z, G, w, m.perm + r0, nb, I);
@@ -349,7 +327,7 @@ void K(moe_experts_lora_bwd)(real *dx, real *dw, const K(moe_lora_grad) *g, cons
             swiglu_back_rows(G, Q, dw, w, m.perm + r0, nb, I);
             if (gate_up_back(dx ? DX : NULL, P, dbgu ? dbgu + e * 2 * I * r : NULL,
                              g->a_gu ? g->a_gu + e * r * H : NULL, G, U, X, &b))
-                scatter_add(dx, DX, m.perm + r0, nb, k, H);
+                K(moe_scatter_add)(dx, DX, m.perm + r0, nb, k, H);
         }
     if (dbgu)
         unpack_add_b(g->b_gu, dbgu, E, 2 * I, r);

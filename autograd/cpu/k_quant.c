@@ -4,6 +4,7 @@
 // (bitsandbytes' order of operations for NF4), then widened to `real`. Not here: encoding
 // (autograd/quant.c), operand checks and the choice of kernel (ops_qlinear.c).
 #include "real.h"
+#include "k_moe.h"
 #include "k_quant.h"
 
 #include <cblas.h>
@@ -389,30 +390,7 @@ size_t K(qmoe_ws_bytes)(const kq_weight *gu, const kq_weight *down, int64_t T, i
 
 // Stable counting sort of the slots by expert.
 static void dispatch(qmoe_ws *w, const int32_t *idx, int64_t n, int64_t E) {
-    memset(w->off, 0, (size_t)(E + 1) * sizeof(int64_t));
-    for (int64_t s = 0; s < n; s++)
-        w->off[idx[s] + 1]++;
-    for (int64_t e = 0; e < E; e++) {
-        w->off[e + 1] += w->off[e];
-        w->cur[e] = w->off[e];
-    }
-    for (int64_t s = 0; s < n; s++)
-        w->perm[w->cur[idx[s]]++] = (int32_t)s;
-}
-
-static void gather(real *dst, const real *src, const int32_t *perm, int64_t nb, int64_t k,
-                   int64_t H) {
-    for (int64_t r = 0; r < nb; r++)
-        memcpy(dst + r * H, src + (perm[r] / k) * H, (size_t)H * sizeof(real));
-}
-
-static void scatter_add(real *dst, const real *src, const int32_t *perm, int64_t nb, int64_t k,
-                        int64_t H) {
-    for (int64_t r = 0; r < nb; r++) {
-        real *d = dst + (perm[r] / k) * H;
-        for (int64_t h = 0; h < H; h++)
-            d[h] += src[r * H + h];
-    }
+    K(moe_dispatch)(w->off, w->cur, w->perm, idx, n, E);
 }
 
 // A (nb, I) = routing weight * silu(gate) * up, from G (nb, 2I).
@@ -437,11 +415,11 @@ void K(qmoe_fwd)(real *y, const real *x, const real *w, const int32_t *idx,
     for (int64_t e = 0; e < E; e++)
         for (int64_t r0 = m.off[e]; r0 < m.off[e + 1]; r0 += ROWS) {
             int64_t nb = min64(m.off[e + 1] - r0, ROWS);
-            gather(m.X, x, m.perm + r0, nb, k, H);
+            K(moe_gather)(m.X, x, m.perm + r0, nb, k, H);
             K(qlinear_fwd)(m.G, m.X, gu, e, nb, nthreads, m.qws);
             swiglu_rows(m.A, m.G, w, m.perm + r0, nb, I);
             K(qlinear_fwd)(m.O, m.A, down, e, nb, nthreads, m.qws);
-            scatter_add(y, m.O, m.perm + r0, nb, k, H);
+            K(moe_scatter_add)(y, m.O, m.perm + r0, nb, k, H);
         }
 }
 
@@ -473,8 +451,8 @@ void K(qmoe_bwd)(real *dx, real *dw, const real *dy, const real *x, const real *
     for (int64_t e = 0; e < E; e++)
         for (int64_t r0 = m.off[e]; r0 < m.off[e + 1]; r0 += ROWS) {
             int64_t nb = min64(m.off[e + 1] - r0, ROWS);
-            gather(m.X, x, m.perm + r0, nb, k, H);
-            gather(m.DY, dy, m.perm + r0, nb, k, H);
+            K(moe_gather)(m.X, x, m.perm + r0, nb, k, H);
+            K(moe_gather)(m.DY, dy, m.perm + r0, nb, k, H);
             // gate/up are recomputed rather than kept by the forward
             K(qlinear_fwd)(m.G, m.X, gu, e, nb, nthreads, m.qws);
             memset(m.A, 0, (size_t)(nb * I) * sizeof(real));
@@ -484,6 +462,6 @@ void K(qmoe_bwd)(real *dx, real *dw, const real *dy, const real *x, const real *
                 continue;
             memset(m.O, 0, (size_t)(nb * H) * sizeof(real));
             K(qlinear_bwd_x)(m.O, m.G, gu, e, nb, nthreads, m.qws);
-            scatter_add(dx, m.O, m.perm + r0, nb, k, H);
+            K(moe_scatter_add)(dx, m.O, m.perm + r0, nb, k, H);
         }
 }
