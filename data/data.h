@@ -174,8 +174,19 @@ typedef struct {
     uint64_t seed;             // 0
     int shuffle_window;        // examples shuffled and packed together (1024)
     size_t max_line;           // byte cap on one JSONL line (0: 64 MiB)
+    // Hold-out split (an eval set carved from the same files): with holdout_frac in (0, 1)
+    // a line is held out when ds_holdout_unit of (basename of its file, its archive member
+    // if any, its 1-based line number, holdout_seed) is below holdout_frac; holdout_keep
+    // true keeps only held-out lines (eval), false only the rest (train). 0: no split.
+    double holdout_frac;       // 0
+    uint64_t holdout_seed;     // 0
+    bool holdout_keep;         // false
 } ds_config;
 void ds_config_default(ds_config *c);
+// The hold-out draw of one line, in [0, 1): a hash of the basename of path (so the same file
+// under another directory splits the same way), member (NULL: a plain file), line (1-based)
+// and seed. A line is held out when this is below the split fraction.
+double ds_holdout_unit(const char *path, const char *member, uint64_t line, uint64_t seed);
 
 // One batch: every array is (rows, seq_len), row-major. Rows past rows_used (only in the
 // last batch of an epoch) are all padding.

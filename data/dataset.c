@@ -224,6 +224,26 @@ static bool keep_line(const ds_source *s) {
     return ds_unit(h) < s->keep_frac;
 }
 
+static uint64_t mix_str(uint64_t h, const char *s) {
+    for (; *s; s++)
+        h = ds_mix64(h, (unsigned char)*s);
+    return ds_mix64(h, 0x100); // end mark: no byte value, so "ab"+"c" differs from "a"+"bc"
+}
+
+double ds_holdout_unit(const char *path, const char *member, uint64_t line, uint64_t seed) {
+    const char *base = strrchr(path, '/');
+    uint64_t h = mix_str(ds_mix64(seed, 0x401D0A7u), base ? base + 1 : path);
+    h = member ? mix_str(ds_mix64(h, 1), member) : ds_mix64(h, 0);
+    return ds_unit(ds_mix64(h, line));
+}
+
+// Split decision for the last line read: true when it belongs to the side this source keeps.
+static bool holdout_side(const ds_source *s) {
+    double u = ds_holdout_unit(ds_reader_path(s->r), ds_reader_member(s->r),
+                               ds_reader_lineno(s->r), s->holdout_seed);
+    return (u < s->holdout_frac) == s->holdout_keep;
+}
+
 molt_status ds_source_next(ds_source *s, ds_example *ex, bool *end) {
     char where[1024];
     *end = false;
@@ -238,6 +258,8 @@ molt_status ds_source_next(ds_source *s, ds_example *ex, bool *end) {
             return MOLT_OK;
         }
         if (s->keep_frac < 1 && !keep_line(s))
+            continue;
+        if (s->holdout_frac > 0 && !holdout_side(s))
             continue;
         if (blank(line, len)) {
             s->blank++;

@@ -48,6 +48,9 @@ typedef struct {
     size_t max_line;   // 0: the reader's default
     double keep_frac;  // < 1: keep a line only when keep_hash(line) < keep_frac (subsampling)
     uint64_t keep_key; // seeds that choice
+    double holdout_frac;   // > 0: split lines by ds_holdout_unit (see ds_config)
+    uint64_t holdout_seed;
+    bool holdout_keep;     // keep the held-out lines (true) or the others (false)
     // state
     ds_reader *r;
     uint64_t bad[DS_BAD_COUNT], truncated, blank;

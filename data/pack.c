@@ -81,6 +81,11 @@ static uint64_t config_hash(const ds_config *c) {
     for (size_t i = 0; i < sizeof v / sizeof *v; i++)
         h = ds_mix64(h, v[i]);
     h = hash_str(h, o->reasoning_default ? o->reasoning_default : "-");
+    if (c->holdout_frac > 0) { // mixed in only when set: cursors taken without a split stay valid
+        uint64_t f;
+        memcpy(&f, &c->holdout_frac, sizeof f);
+        h = ds_mix64(ds_mix64(ds_mix64(h, f), c->holdout_seed), 2 + (uint64_t)c->holdout_keep);
+    }
     return hash_str(h, tok_kind(t));
 }
 
@@ -98,6 +103,9 @@ static molt_status check_config(const ds_config *c) {
         return molt_err(MOLT_EARG, "data loader: max_seq_len %d, batch_rows %d, shuffle_window "
                         "%d (expected >= 2, >= 1, >= 1)", c->max_seq_len, c->batch_rows,
                         c->shuffle_window);
+    if (!(c->holdout_frac >= 0 && c->holdout_frac < 1))
+        return molt_err(MOLT_EARG, "data loader: hold-out fraction %g (expected 0 <= f < 1)",
+                        c->holdout_frac);
     return MOLT_OK;
 }
 
@@ -127,7 +135,10 @@ static molt_status open_pass(ds_loader *l, int i, uint64_t pass, ds_pos pos) {
                           .max_seq_len = l->cfg.max_seq_len, .max_line = l->cfg.max_line,
                           .keep_frac = (double)pass + 1 <= w ? 1.0 : w - floor(w),
                           .keep_key = ds_mix64(ds_mix64(l->cfg.seed, l->epoch),
-                                               ds_mix64((uint64_t)i, pass))};
+                                               ds_mix64((uint64_t)i, pass)),
+                          .holdout_frac = l->cfg.holdout_frac,
+                          .holdout_seed = l->cfg.holdout_seed,
+                          .holdout_keep = l->cfg.holdout_keep};
     MOLT_TRY(ds_source_open(&in->src, l->cfg.inputs[i].path));
     if (pos.member || pos.line)
         MOLT_TRY(ds_reader_seek(in->src.r, pos));
@@ -374,6 +385,16 @@ static void write_row(ds_loader *l, ds_batch *b, int out, size_t row) {
     }
 }
 
+static molt_status no_example(const ds_loader *l) {
+    const ds_config *c = &l->cfg;
+    if (c->holdout_frac > 0)
+        return molt_err(MOLT_EFORMAT, "%s%s: no usable example %s the %g hold-out split",
+                        c->inputs[0].path, c->n_inputs > 1 ? ", ..." : "",
+                        c->holdout_keep ? "held out by" : "left outside", c->holdout_frac);
+    return molt_err(MOLT_EFORMAT, "%s%s: no usable example in the data", c->inputs[0].path,
+                    c->n_inputs > 1 ? ", ..." : "");
+}
+
 molt_status ds_loader_next(ds_loader *l, ds_batch *b) {
     MOLT_TRY(batch_shape(b, l->cfg.batch_rows, l->cfg.max_seq_len));
     b->rows_used = b->n_examples = 0;
@@ -386,8 +407,7 @@ molt_status ds_loader_next(ds_loader *l, ds_batch *b) {
         }
         if (l->have_window && l->exhausted) { // the epoch is over
             if (!l->epoch_examples)
-                return molt_err(MOLT_EFORMAT, "%s%s: no usable example in the data",
-                                l->cfg.inputs[0].path, l->cfg.n_inputs > 1 ? ", ..." : "");
+                return no_example(l);
             if (b->rows_used)
                 break; // a batch never spans two epochs
             MOLT_TRY(start_epoch(l, l->epoch + 1));
@@ -396,6 +416,12 @@ molt_status ds_loader_next(ds_loader *l, ds_batch *b) {
         }
         if (l->have_window)
             l->window++;
+        MOLT_TRY(build_window(l));
+    }
+    // A window used up without the inputs running out may have been the last one (the epoch
+    // held a multiple of shuffle_window examples): read ahead so ds_loader_epoch_end knows.
+    if (l->rows_done == l->n_rows && !l->exhausted) {
+        l->window++;
         MOLT_TRY(build_window(l));
     }
     for (int r = b->rows_used; r < b->rows; r++)

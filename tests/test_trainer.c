@@ -2,7 +2,8 @@
 // (nested sections, lists, flow lists, defaults for what is absent), --set overrides values
 // and lists, the adapter keys become a lora spec that parses back to the same settings,
 // every error names the key and FILE:LINE (or the --set item), unsupported settings are
-// refused, and the resolved YAML loads back to the same configuration.
+// refused, the resolved YAML loads back to the same configuration, and data.eval_split
+// parses, round-trips and is refused with data.eval or at 0.5 and above.
 #include "harness/harness.h"
 #include "adapters/adapters.h"
 #include "train/trainer.h"
@@ -143,6 +144,47 @@ START_TEST(test_errors_name_key_and_line) {
 }
 END_TEST
 
+START_TEST(test_eval_split_key) {
+    trn_config c;
+    ck_assert_int_eq(trn_config_load(yaml(base_yaml), NULL, 0, &c), MOLT_OK);
+    unlink(g_path);
+    ck_assert(c.eval_split == 0); // default: off
+    ck_assert(!trn_config_has_eval(&c));
+    char *sets[] = {"data.eval_split=0.125"};
+    ck_assert_int_eq(trn_config_load(yaml(base_yaml), sets, 1, &c), MOLT_OK);
+    unlink(g_path);
+    ck_assert(c.eval_split == 0.125);
+    ck_assert(trn_config_has_eval(&c));
+    char *text = trn_config_yaml(&c);
+    ck_assert_ptr_nonnull(strstr(text, "  eval_split: 0.125\n"));
+    trn_config back;
+    ck_assert_int_eq(trn_config_load(yaml(text), NULL, 0, &back), MOLT_OK);
+    unlink(g_path);
+    ck_assert(back.eval_split == 0.125);
+    molt_free(text);
+    // an eval file list cleared with --set lets the split stand
+    char *cleared[] = {"data.eval=e.jsonl", "data.eval=", "data.eval_split=0.3"};
+    ck_assert_int_eq(trn_config_load(yaml(base_yaml), cleared, 3, &c), MOLT_OK);
+    unlink(g_path);
+    ck_assert_int_eq(c.n_eval, 0);
+    ck_assert(c.eval_split == 0.3);
+}
+END_TEST
+
+START_TEST(test_eval_split_errors) {
+    expect_error("  max_seq_len: 64\n", "  max_seq_len: 64\n  eval_split: 0.1\n  eval: e.jsonl\n",
+                 NULL, 0,
+                 "config %s: keys 'data.eval' and 'data.eval_split' exclude each other (set "
+                 "'data.eval=' to clear the files)");
+    char *half[] = {"data.eval_split=0.5"};
+    expect_error("x", "x", half, 1, "config %s: key 'data.eval_split' must be below 0.5, got 0.5");
+    char *neg[] = {"data.eval_split=-0.1"};
+    expect_error("x", "x", neg, 1,
+                 "config --set data.eval_split=-0.1: key 'data.eval_split': expected a "
+                 "non-negative number, got '-0.1'");
+}
+END_TEST
+
 START_TEST(test_yaml_syntax_error_has_line) {
     trn_config c;
     const char *p = yaml("model:\n  path: /m\n   bad: [\n");
@@ -182,6 +224,8 @@ int main(void) {
     tcase_add_test(tc, test_keys_and_defaults);
     tcase_add_test(tc, test_set_overrides);
     tcase_add_test(tc, test_errors_name_key_and_line);
+    tcase_add_test(tc, test_eval_split_key);
+    tcase_add_test(tc, test_eval_split_errors);
     tcase_add_test(tc, test_yaml_syntax_error_has_line);
     tcase_add_test(tc, test_resolved_yaml_roundtrips);
     suite_add_tcase(s, tc);

@@ -58,6 +58,8 @@ static const key_def keys[] = {
     {"adapter.spec", K_STR, F(spec), TRN_SPEC_MAX, 0, "whole lora spec (replaces the above)"},
     {"data.train", K_LIST, F(c.train_files), F(c.n_train), 0, "training JSONL files"},
     {"data.eval", K_LIST, F(c.eval_files), F(c.n_eval), 0, "evaluation JSONL files"},
+    {"data.eval_split", K_DBL, F(c.eval_split), 0, 0,
+     "fraction of data.train held out for eval, < 0.5 (by file name, line, train.seed)"},
     {"data.format", K_FORMAT, F(c.format), 0, 0, "auto | chat | alpaca | completion | text"},
     {"data.on_bad", K_ONBAD, F(c.on_bad), 0, 0, "stop | skip | truncate"},
     {"data.max_seq_len", K_INT, F(c.max_seq_len), 0, 1, "tokens per row"},
@@ -375,8 +377,16 @@ static molt_status check_required(const cfg_all *a, const char *path) {
         return molt_err(MOLT_EARG, "config %s: set 'train.steps' or 'train.epochs'", path);
     if (c->lr <= 0)
         return molt_err(MOLT_EARG, "config %s: key 'optim.lr' must be > 0", path);
+    if (c->eval_split >= 0.5)
+        return molt_err(MOLT_EARG, "config %s: key 'data.eval_split' must be below 0.5, got "
+                        "%g", path, c->eval_split);
+    if (c->eval_split > 0 && c->n_eval)
+        return molt_err(MOLT_EARG, "config %s: keys 'data.eval' and 'data.eval_split' "
+                        "exclude each other (set 'data.eval=' to clear the files)", path);
     return MOLT_OK;
 }
+
+bool trn_config_has_eval(const trn_config *c) { return c->n_eval > 0 || c->eval_split > 0; }
 
 molt_status trn_config_load(const char *path, char *const *sets, int n_sets, trn_config *c) {
     cfg_all *a = molt_malloc(sizeof *a);
@@ -463,6 +473,7 @@ char *trn_config_yaml(const trn_config *c) {
     put(&s, "data:\n");
     put_list(&s, "train", (char (*)[TRN_PATH_MAX])c->train_files, c->n_train);
     put_list(&s, "eval", (char (*)[TRN_PATH_MAX])c->eval_files, c->n_eval);
+    put(&s, "  eval_split: %.17g\n", c->eval_split);
     put(&s, "  format: %s\n  on_bad: %s\n  max_seq_len: %d\n  packing: %s\n  shuffle: %s\n",
         ds_format_name(c->format),
         c->on_bad == DS_ON_BAD_STOP ? "stop" : c->on_bad == DS_ON_BAD_SKIP ? "skip" : "truncate",

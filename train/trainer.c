@@ -150,9 +150,14 @@ static molt_status open_loader(trn *t, bool eval, ds_loader **out) {
     const trn_config *c = t->cfg;
     ds_config d;
     ds_config_default(&d);
-    int n = eval ? c->n_eval : c->n_train;
+    // with a split, both sides read data.train and keep complementary sets of lines
+    bool own_files = eval && c->eval_split == 0;
+    int n = own_files ? c->n_eval : c->n_train;
     for (int i = 0; i < n; i++)
-        d.inputs[i] = (ds_input){eval ? c->eval_files[i] : c->train_files[i], 1.0};
+        d.inputs[i] = (ds_input){own_files ? c->eval_files[i] : c->train_files[i], 1.0};
+    d.holdout_frac = c->eval_split;
+    d.holdout_seed = c->seed;
+    d.holdout_keep = eval;
     d.n_inputs = n;
     d.chat = t->ct;
     d.format = c->format;
@@ -529,7 +534,7 @@ static molt_status loop(trn *t, bool *interrupted) {
                          .tokens = t->tokens, .tokens_per_s = run_s > 0 ? t->tokens_run / run_s : 0,
                          .elapsed_s = t->elapsed_prev + run_s};
         bool last = t->step == t->total_steps;
-        if (c->n_eval && (last || (c->eval_every > 0 && t->step % c->eval_every == 0))) {
+        if (trn_config_has_eval(c) && (last || (c->eval_every > 0 && t->step % c->eval_every == 0))) {
             MOLT_TRY(evaluate(t, &r.eval_loss, NULL));
             r.has_eval = true;
         }
@@ -590,8 +595,9 @@ static molt_status setup_training(trn *t) {
 }
 
 static molt_status eval_only(trn *t) {
-    if (!t->cfg->n_eval)
-        return molt_err(MOLT_EARG, "train --eval-only: the config has no 'data.eval' files");
+    if (!trn_config_has_eval(t->cfg))
+        return molt_err(MOLT_EARG, "train --eval-only: the config has no 'data.eval' files "
+                        "or 'data.eval_split'");
     if (t->o->eval_adapter) {
         MOLT_TRY(lora_load_any(&t->model, t->o->eval_adapter, true, &t->ad));
         t->attached = true;

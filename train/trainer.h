@@ -27,6 +27,8 @@ typedef struct {
     int n_train, n_eval;
     char train_files[DS_MAX_INPUTS][TRN_PATH_MAX]; // data.train
     char eval_files[DS_MAX_INPUTS][TRN_PATH_MAX];  // data.eval
+    double eval_split;            // data.eval_split: fraction of the training records held
+                                  // out for evaluation, in [0, 0.5) (0: off; see ds_config)
     ds_format format;             // data.format
     ds_on_bad on_bad;             // data.on_bad
     int max_seq_len;              // data.max_seq_len
@@ -53,6 +55,8 @@ void trn_config_default(trn_config *c);
 // key and where it came from ("FILE:LINE" or "--set"): unknown keys, bad values, wrong YAML
 // structure, missing required keys.
 molt_status trn_config_load(const char *path, char *const *sets, int n_sets, trn_config *c);
+// True when c evaluates: data.eval files or a data.eval_split.
+bool trn_config_has_eval(const trn_config *c);
 // The canonical YAML text of c (every key, nested by section) into a new string (molt_free).
 char *trn_config_yaml(const trn_config *c);
 

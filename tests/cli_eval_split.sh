@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# tests/cli_eval_split.sh: `molt train` with data.eval_split: --help documents the key; a
+# 2-step run on the tiny preset holds out part of the quickstart training data and logs an
+# eval_loss; --eval-only evaluates on the held-out part; the split together with data.eval,
+# and a split that leaves one side empty, fail with their messages. $1: the molt binary.
+set -u
+molt=$1
+src=${MOLT_SOURCE_DIR:-$(cd "$(dirname "$0")/.." && pwd)}
+export MOLT_SOURCE_DIR=$src
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+failed=0
+
+ok() { echo "ok: $1"; }
+bad() { echo "FAIL: $1"; failed=1; }
+same() { if [ "$2" == "$3" ]; then ok "$1"; else bad "$1: got '$2', expected '$3'"; fi; }
+has() { if [[ "$2" == *"$3"* ]]; then ok "$1"; else bad "$1: '$2' lacks '$3'"; fi; }
+run() {
+    "$@" >"$tmp/out" 2>"$tmp/err"
+    rc=$?
+    out=$(cat "$tmp/out")
+    err=$(cat "$tmp/err")
+}
+
+run "$molt" train --help
+has "--help lists data.eval_split" "$out" "data.eval_split"
+
+run "$molt" init-model --preset tiny --seed 1 --out "$tmp/base"
+same "init-model" "$rc" 0
+head -n 40 "$src/configs/data/quickstart-train.jsonl" >"$tmp/train.jsonl"
+cat >"$tmp/c.yaml" <<YAML
+model: {path: $tmp/base}
+adapter: {r: 4, alpha: 8, targets: [q_a_proj, o_proj]}
+data: {train: $tmp/train.jsonl, eval: $src/configs/data/quickstart-eval.jsonl, format: alpaca, max_seq_len: 48}
+train: {steps: 2, seed: 3}
+optim: {lr: 0.01}
+output_dir: $tmp/run
+YAML
+run "$molt" train --config "$tmp/c.yaml" --quiet --set data.eval= --set data.eval_split=0.1
+same "training with a 0.1 split" "$rc" 0
+[ "$rc" == 0 ] || echo "$err"
+same "2 metrics rows" "$(wc -l <"$tmp/run/metrics.jsonl")" 2
+has "eval_loss logged" "$(tail -n 1 "$tmp/run/metrics.jsonl")" '"eval_loss":'
+has "resolved config" "$(cat "$tmp/run/config.resolved.yaml")" "eval_split: 0.10000000000000001"
+
+run "$molt" train --config "$tmp/c.yaml" --eval-only --quiet --set data.eval= \
+    --set data.eval_split=0.1
+same "--eval-only on the split" "$rc" 0
+has "--eval-only prints the loss" "$out" "eval_loss "
+
+run "$molt" train --config "$tmp/c.yaml" --quiet --set data.eval_split=0.1
+same "data.eval with data.eval_split (config error)" "$rc" 2
+has "both set: message" "$err" \
+    "keys 'data.eval' and 'data.eval_split' exclude each other (set 'data.eval=' to clear the files)"
+
+head -n 1 "$tmp/train.jsonl" >"$tmp/one.jsonl"
+run "$molt" train --config "$tmp/c.yaml" --quiet --set data.eval= --set data.eval_split=0.4 \
+    --set data.train="$tmp/one.jsonl" --set output_dir="$tmp/one"
+same "split of one record" "$rc" 1
+has "empty side: message" "$err" "$tmp/one.jsonl: no usable example"
+has "empty side: names the split" "$err" "the 0.4 hold-out split"
+
+exit $failed
