@@ -249,6 +249,7 @@ static molt_status run_generate(gen_args *a) {
     }
     if (st == MOLT_OK) {
         printf("\n");
+        fflush(stdout); // the text ends before the summary on a shared terminal
         fprintf(stderr, "molt generate: %d prompt tokens, generated %d tokens (%s), prefill "
                 "%.1f tok/s, decode %.1f tok/s\n", gs.n_prompt, gs.n_gen,
                 gs.stopped_at_eos ? "end of sequence" : "token limit",
