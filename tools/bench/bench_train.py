@@ -2,13 +2,21 @@
 """Training throughput and peak memory: `molt train` against PyTorch + PEFT, same setup.
 
 One run trains the same LoRA configuration twice on CPU, each in its own process:
-  molt     `molt train --config FILE.yaml` (F32 base, no quantization)
+  molt     `molt train --config FILE.yaml`, base F32 (--quant none) or NF4 (--quant nf4)
   pytorch  transformers + PEFT: the same base model, the same adapter (exported by molt
            from the same spec, B = 0 as at the start of training), the same token rows,
-           AdamW with the same settings, torch.set_num_threads(THREADS)
-and prints tokens/s and peak RSS side by side with the ratio molt / PyTorch.
+           AdamW with the same settings, torch.set_num_threads(THREADS); with --quant nf4
+           the base is loaded through bitsandbytes (NF4, double quantization, F32 compute)
+and prints tokens/s and peak RSS side by side with the ratio molt / PyTorch. --all runs
+the four rows tiny/small x none/nf4 in one invocation and prints them as one table.
 
-Setup: `molt init-model --preset tiny --seed 1` (with the Tekken tokenizer); synthetic
+NF4 on both sides quantizes the same matrices: transformers keeps the routed experts as
+fused 3-D parameters that bitsandbytes leaves in F32 (it replaces nn.Linear modules only),
+and it keeps lm_head and the router in F32 too; molt's spec `nf4,experts=f32` quantizes
+exactly the attention, shared-expert and dense-MLP projections, so both sides train LoRA
+on every target, experts included, over the same NF4 matrices.
+
+Setup: `molt init-model --preset PRESET --seed 1` (with the Tekken tokenizer); synthetic
 {"text": ...} records from a fixed seed, tokenized by `molt data render`; rows of SEQ_LEN
 tokens packed from whole examples: molt packs them itself (its order within a shuffle
 window may differ), the PyTorch side packs the same ids greedily in file order, positions
@@ -17,9 +25,11 @@ plain causal attention over a packed row, molt keeps examples apart with segment
 same amount of work), so throughput is counted as rows * SEQ_LEN * steps over
 the time of the training loop (model loading excluded on both sides; molt's loop time is
 the elapsed_s of its last metrics record). Peak RSS is the whole process (os.wait4), so
-the PyTorch figure includes the Python interpreter and the torch libraries.
+the PyTorch figure includes the Python interpreter and the torch libraries, and both
+include loading (molt quantizes while loading, bitsandbytes too).
 
 Run: /work/venv-ref/bin/python tools/bench/bench_train.py --molt build/molt [--threads 2]
+     [--preset tiny|small] [--quant none|nf4] [--all]
 """
 import argparse
 import json
@@ -31,6 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# molt's base quantization for each --quant, matching what bitsandbytes quantizes
+MOLT_QUANT = {"none": "none", "nf4": "nf4,experts=f32"}
+DEFAULT_STEPS = {"tiny": 10, "small": 4}
 TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj",
            "up_proj", "down_proj", "experts"]
 WORDS = ("the a of to and in is it that for on with as was by at be this from or an are "
@@ -86,7 +99,19 @@ def torch_worker(a):
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     rows = json.loads(Path(a.rows).read_text())
-    base = Mistral4ForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    if a.quant == "nf4":
+        from transformers import BitsAndBytesConfig
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+        try:
+            base = Mistral4ForCausalLM.from_pretrained(a.model, dtype=torch.float32,
+                                                       quantization_config=q, device_map="cpu")
+        except Exception as e:  # reported as an unavailable row, not a crash of the run
+            print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+            return
+    else:
+        base = Mistral4ForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, a.adapter, is_trainable=True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -108,12 +133,14 @@ def torch_worker(a):
         losses.append(float(loss))
     loop_s = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    n4 = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
     print(json.dumps({"loop_s": loop_s, "peak_rss_kb": rss, "first_loss": losses[0],
-                      "last_loss": losses[-1], "torch": torch.__version__}))
+                      "last_loss": losses[-1], "torch": torch.__version__, "linear4bit": n4}))
 
 
-def run_measured(cmd, env):
-    """Runs cmd; returns (stdout, stderr, peak RSS in KB) of that process alone."""
+def run_measured(cmd, env, allow_fail=False):
+    """Runs cmd; returns (stdout, stderr, peak RSS in KB) of that process alone. A failure
+    ends the run unless allow_fail, which returns stdout None and stderr's tail."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         p = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=err, env=env)
         _, status, ru = os.wait4(p.pid, 0)
@@ -122,15 +149,17 @@ def run_measured(cmd, env):
         err.seek(0)
         o, e = out.read().decode(), err.read().decode()
     if p.returncode != 0:
+        if allow_fail:
+            return None, f"exit {p.returncode}: {e[-3000:]}", ru.ru_maxrss
         sys.exit(f"{cmd[0]} failed ({p.returncode}):\n{e[-3000:]}")
     return o, e, ru.ru_maxrss
 
 
-def molt_config(a, work, data):
+def molt_config(a, work, data, quant, steps):
     t = ", ".join(TARGETS)
     return f"""model:
   path: {work}/base
-  quant: none
+  quant: "{MOLT_QUANT[quant]}"
 adapter:
   r: {a.rank}
   alpha: {2 * a.rank}
@@ -145,9 +174,9 @@ data:
 train:
   batch_size: {a.batch}
   grad_accum: 1
-  steps: {a.steps}
+  steps: {steps}
   seed: 1
-  log_every: {a.steps}
+  log_every: 1
 optim:
   lr: {a.lr}
   weight_decay: 0.0
@@ -162,11 +191,103 @@ checkpoint:
 """
 
 
+def run_case(a, molt, env, preset, quant):
+    """Trains PRESET with base QUANT on both sides; returns a dict of the figures (the
+    PyTorch ones None with the reason in torch_error when that side cannot run)."""
+    steps = a.steps or DEFAULT_STEPS[preset]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        subprocess.run([str(molt), "init-model", "--preset", preset, "--seed", "1", "--out",
+                        str(work / "base")], check=True, stdout=subprocess.DEVNULL)
+        data = work / "train.jsonl"
+        write_data(data, a.records, 3)
+        rendered = subprocess.run([str(molt), "data", "render", "--data", str(data),
+                                   "--tokenizer", str(work / "base" / "tekken.json"),
+                                   "--format", "text", "--max-seq-len", str(a.seq_len)],
+                                  check=True, capture_output=True, text=True).stdout
+        examples = [(r["ids"], r["mask"]) for r in map(json.loads, rendered.splitlines())]
+        cfg = json.loads((work / "base" / "config.json").read_text())
+        rows = pack_rows(examples, a.seq_len, cfg.get("pad_token_id") or 0)
+        if len(rows) < a.batch * steps:
+            sys.exit(f"{len(rows)} rows for {a.batch * steps} wanted: raise --records")
+        (work / "rows.json").write_text(json.dumps(rows))
+        subprocess.run([str(molt), "export", "--model", str(work / "base"), "--spec", spec_of(a),
+                        "--format", "peft", "--out", str(work / "adapter")], check=True,
+                       stdout=subprocess.DEVNULL)
+        (work / "train.yaml").write_text(molt_config(a, work, data, quant, steps))
+
+        _, _, molt_rss = run_measured([molt, "train", "--config", work / "train.yaml",
+                                       "--quiet"], env)
+        recs = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+        recs = [r for r in recs if "elapsed_s" in r and "tokens" in r]
+        out, err, torch_rss = run_measured(
+            [sys.executable, __file__, "--worker", "--model", work / "base", "--adapter",
+             work / "adapter", "--rows", work / "rows.json", "--threads", a.threads, "--steps",
+             steps, "--batch", a.batch, "--seq-len", a.seq_len, "--lr", a.lr, "--quant", quant],
+            env, allow_fail=True)
+    pt = json.loads(out.strip().splitlines()[-1]) if out else {"error": err.strip()}
+    row_tokens = a.batch * a.seq_len * steps
+    r = {"preset": preset, "quant": quant, "steps": steps,
+         "molt_tps": row_tokens / recs[-1]["elapsed_s"], "molt_rss_mb": molt_rss / 1024,
+         "molt_loss": (recs[0]["loss"], recs[-1]["loss"]),
+         "molt_own_tps": recs[-1].get("tokens_per_s", 0), "torch_tps": None,
+         "torch_rss_mb": None, "torch_error": pt.get("error")}
+    if not r["torch_error"]:
+        r.update(torch_tps=row_tokens / pt["loop_s"], torch_rss_mb=torch_rss / 1024,
+                 torch_loss=(pt["first_loss"], pt["last_loss"]), torch=pt["torch"],
+                 linear4bit=pt["linear4bit"])
+    return r
+
+
+def uptime():
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "load average %.2f %.2f %.2f" % os.getloadavg()
+
+
+def print_table(a, results, load_start, load_end):
+    print(f"LoRA r={a.rank} alpha={2 * a.rank} on {'+'.join(TARGETS)}; batch {a.batch} rows "
+          f"x {a.seq_len} tokens; {a.threads} threads on {os.cpu_count()} CPUs")
+    print(f"base quant nf4: molt model.quant '{MOLT_QUANT['nf4']}', PyTorch bitsandbytes NF4 "
+          f"(double quant, F32 compute) on nn.Linear; routed experts, router, lm_head F32 on "
+          f"both sides; LoRA targets identical")
+    print(f"uptime at start: {load_start}")
+    print(f"{'preset':7}{'base':6}{'steps':>6}{'molt tok/s':>12}{'torch tok/s':>13}"
+          f"{'ratio':>8}{'molt RSS MB':>13}{'torch RSS MB':>14}{'RSS ratio':>11}")
+    for r in results:
+        head = f"{r['preset']:7}{r['quant']:6}{r['steps']:6d}{r['molt_tps']:12.0f}"
+        if r["torch_error"]:
+            print(f"{head}{'unavail.':>13}{'-':>8}{r['molt_rss_mb']:13.1f}{'-':>14}{'-':>11}")
+            continue
+        print(f"{head}{r['torch_tps']:13.0f}{r['molt_tps'] / r['torch_tps']:7.2f}x"
+              f"{r['molt_rss_mb']:13.1f}{r['torch_rss_mb']:14.1f}"
+              f"{r['molt_rss_mb'] / r['torch_rss_mb']:10.2f}x")
+    print(f"uptime at end:   {load_end}")
+    print("ratio = molt / PyTorch (throughput >= 1.5x and memory < 1x wanted)")
+    for r in results:
+        tag = f"{r['preset']}/{r['quant']}:"
+        line = (f"{tag:12} loss molt {r['molt_loss'][0]:.4f} -> {r['molt_loss'][1]:.4f}, "
+                f"molt's own tokens/s (non-padding) {r['molt_own_tps']:.0f}")
+        if r["torch_error"]:
+            line += f"; PyTorch unavailable: {r['torch_error']}"
+        else:
+            line += (f"; torch {r['torch_loss'][0]:.4f} -> {r['torch_loss'][1]:.4f} "
+                     f"(torch {r['torch']}, {r['linear4bit']} Linear4bit modules)")
+        print(line)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--molt", help="path to the molt binary")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--preset", choices=sorted(DEFAULT_STEPS), default="tiny")
+    ap.add_argument("--quant", choices=sorted(MOLT_QUANT), default="none",
+                    help="base weights: none (F32) or nf4")
+    ap.add_argument("--all", action="store_true",
+                    help="run tiny and small with none and nf4 and print one table")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="optimizer steps (default: 10 for tiny, 4 for small)")
     ap.add_argument("--batch", type=int, default=2, help="rows per step")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--rank", type=int, default=8)
@@ -184,53 +305,14 @@ def main():
     molt = Path(a.molt).resolve()
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), OPENBLAS_NUM_THREADS=str(a.threads),
                MKL_NUM_THREADS=str(a.threads))
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        subprocess.run([str(molt), "init-model", "--preset", "tiny", "--seed", "1", "--out",
-                        str(work / "base")], check=True, stdout=subprocess.DEVNULL)
-        data = work / "train.jsonl"
-        write_data(data, a.records, 3)
-        rendered = subprocess.run([str(molt), "data", "render", "--data", str(data),
-                                   "--tokenizer", str(work / "base" / "tekken.json"),
-                                   "--format", "text", "--max-seq-len", str(a.seq_len)],
-                                  check=True, capture_output=True, text=True).stdout
-        examples = [(r["ids"], r["mask"]) for r in map(json.loads, rendered.splitlines())]
-        cfg = json.loads((work / "base" / "config.json").read_text())
-        rows = pack_rows(examples, a.seq_len, cfg.get("pad_token_id") or 0)
-        if len(rows) < a.batch * a.steps:
-            sys.exit(f"{len(rows)} rows for {a.batch * a.steps} wanted: raise --records")
-        (work / "rows.json").write_text(json.dumps(rows))
-        subprocess.run([str(molt), "export", "--model", str(work / "base"), "--spec", spec_of(a),
-                        "--format", "peft", "--out", str(work / "adapter")], check=True,
-                       stdout=subprocess.DEVNULL)
-        (work / "train.yaml").write_text(molt_config(a, work, data))
-
-        _, _, molt_rss = run_measured([molt, "train", "--config", work / "train.yaml",
-                                       "--quiet"], env)
-        recs = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-        recs = [r for r in recs if "elapsed_s" in r and "tokens" in r]
-        molt_s = recs[-1]["elapsed_s"]
-        out, _, torch_rss = run_measured([sys.executable, __file__, "--worker", "--model",
-                                          work / "base", "--adapter", work / "adapter", "--rows",
-                                          work / "rows.json", "--threads", a.threads, "--steps",
-                                          a.steps, "--batch", a.batch, "--seq-len", a.seq_len,
-                                          "--lr", a.lr], env)
-        pt = json.loads(out.strip().splitlines()[-1])
-    row_tokens = a.batch * a.seq_len * a.steps
-    molt_tps, torch_tps = row_tokens / molt_s, row_tokens / pt["loop_s"]
-    load = os.getloadavg()
-    print(f"tiny preset, F32 base, LoRA r={a.rank} on {'+'.join(TARGETS)}; {a.steps} steps x "
-          f"{a.batch} rows x {a.seq_len} tokens; {a.threads} threads; load average "
-          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
-    print(f"{'':10}{'tokens/s':>12}{'peak RSS MB':>14}{'loss first -> last':>24}")
-    print(f"{'molt':10}{molt_tps:12.0f}{molt_rss / 1024:14.1f}"
-          f"{recs[0]['loss']:12.4f} -> {recs[-1]['loss']:.4f}")
-    print(f"{'pytorch':10}{torch_tps:12.0f}{torch_rss / 1024:14.1f}"
-          f"{pt['first_loss']:12.4f} -> {pt['last_loss']:.4f}")
-    print(f"{'ratio':10}{molt_tps / torch_tps:11.2f}x{molt_rss / torch_rss:13.2f}x"
-          f"   (molt / pytorch: throughput >= 1.5x and memory < 1x wanted)")
-    print(f"molt's own tokens/s (non-padding tokens): {recs[-1].get('tokens_per_s', 0):.0f}; "
-          f"torch {pt['torch']}")
+    cases = ([(p, q) for p in ("tiny", "small") for q in ("none", "nf4")] if a.all
+             else [(a.preset, a.quant)])
+    load_start = uptime()
+    results = []
+    for preset, quant in cases:
+        results.append(run_case(a, molt, env, preset, quant))
+        print(f"done {preset}/{quant}", file=sys.stderr, flush=True)
+    print_table(a, results, load_start, uptime())
 
 
 if __name__ == "__main__":
