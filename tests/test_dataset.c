@@ -3,6 +3,7 @@
 // (chat, alpaca, completion, text; detection and --format), and every bad-input case with
 // its exact FILE[:MEMBER]:LINE:COL message, under the stop, skip and truncate policies.
 #include "harness/harness.h"
+#include "harness/data_env.h"
 #include "data/ds_internal.h"
 
 #include <archive.h>
@@ -12,41 +13,19 @@
 #include <string.h>
 #include <unistd.h>
 
+static data_env env;
 static tok_tokenizer *tekken;
 static chat_template *ct;
-static char dir[64];
 
 static void setup(void) {
-    const char *root = getenv("MOLT_SOURCE_DIR");
-    char path[4096];
-    snprintf(path, sizeof path, "%s/configs/tokenizers/tekken.json", root ? root : ".");
-    if (tok_load(path, &tekken) != MOLT_OK || chat_template_new(tekken, NULL, &ct) != MOLT_OK) {
-        fprintf(stderr, "cannot load %s: %s\n", path, molt_err_msg());
-        exit(1);
-    }
-    snprintf(dir, sizeof dir, "/tmp/molt-test-dataset-XXXXXX");
-    if (!mkdtemp(dir)) {
-        perror("mkdtemp");
-        exit(1);
-    }
+    data_env_open(&env, "dataset");
+    tekken = env.tok;
+    ct = env.ct;
 }
 
-static void teardown(void) {
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    if (system(cmd) != 0)
-        fprintf(stderr, "could not remove %s\n", dir);
-    chat_template_free(ct);
-    tok_free(tekken);
-}
+static void teardown(void) { data_env_close(&env); }
 
-static const char *tmp(const char *name) {
-    static char buf[4][256];
-    static int k;
-    k = (k + 1) % 4;
-    snprintf(buf[k], sizeof buf[k], "%s/%s", dir, name);
-    return buf[k];
-}
+static const char *tmp(const char *name) { return data_env_path(&env, name); }
 
 static void write_file(const char *path, const char *data) {
     FILE *f = fopen(path, "wb");
@@ -108,7 +87,7 @@ static char *read_all(const char *path, size_t max_line) {
         if (!line)
             break;
         ck_assert_ok(ds_buf_puts(&out, ds_reader_where(r, 1, where, sizeof where) +
-                                           strlen(dir) + 1));
+                                           strlen(env.dir) + 1));
         ck_assert_ok(ds_buf_puts(&out, over ? "|OVER|" : "|"));
         ck_assert_ok(ds_buf_put(&out, line, over ? 4 : len));
         ck_assert_ok(ds_buf_puts(&out, "\n"));

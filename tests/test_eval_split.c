@@ -5,6 +5,7 @@
 // file, it changes with the hold-out seed, a cursor saved on a split loader resumes the same
 // batches, and an empty side or a bad fraction is an error with its message.
 #include "harness/harness.h"
+#include "harness/data_env.h"
 #include "data/ds_internal.h"
 
 #include <archive.h>
@@ -14,41 +15,19 @@
 #include <string.h>
 #include <sys/stat.h>
 
+static data_env env;
 static tok_tokenizer *tekken;
 static chat_template *ct;
-static char dir[64];
 
 static void setup(void) {
-    const char *root = getenv("MOLT_SOURCE_DIR");
-    char path[4096];
-    snprintf(path, sizeof path, "%s/configs/tokenizers/tekken.json", root ? root : ".");
-    if (tok_load(path, &tekken) != MOLT_OK || chat_template_new(tekken, NULL, &ct) != MOLT_OK) {
-        fprintf(stderr, "cannot load %s: %s\n", path, molt_err_msg());
-        exit(1);
-    }
-    snprintf(dir, sizeof dir, "/tmp/molt-test-split-XXXXXX");
-    if (!mkdtemp(dir)) {
-        perror("mkdtemp");
-        exit(1);
-    }
+    data_env_open(&env, "split");
+    tekken = env.tok;
+    ct = env.ct;
 }
 
-static void teardown(void) {
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    if (system(cmd) != 0)
-        fprintf(stderr, "could not remove %s\n", dir);
-    chat_template_free(ct);
-    tok_free(tekken);
-}
+static void teardown(void) { data_env_close(&env); }
 
-static const char *tmp(const char *name) {
-    static char buf[8][256];
-    static int k;
-    k = (k + 1) % 8;
-    snprintf(buf[k], sizeof buf[k], "%s/%s", dir, name);
-    return buf[k];
-}
+static const char *tmp(const char *name) { return data_env_path(&env, name); }
 
 // Records i in [from, to) of set `tag`: distinct text records of a few words each.
 static void put_records(ds_buf *b, const char *tag, int from, int to) {

@@ -4,6 +4,7 @@
 // validation, and a save/restore anywhere (mid-window, at an epoch end, in a later epoch,
 // across archive members, with skipped bad records) reproducing the remaining batches.
 #include "harness/harness.h"
+#include "harness/data_env.h"
 #include "data/ds_internal.h"
 
 #include <archive.h>
@@ -14,41 +15,19 @@
 #include <string.h>
 #include <unistd.h>
 
+static data_env env;
 static tok_tokenizer *tekken;
 static chat_template *ct;
-static char dir[64];
 
 static void setup(void) {
-    const char *root = getenv("MOLT_SOURCE_DIR");
-    char path[4096];
-    snprintf(path, sizeof path, "%s/configs/tokenizers/tekken.json", root ? root : ".");
-    if (tok_load(path, &tekken) != MOLT_OK || chat_template_new(tekken, NULL, &ct) != MOLT_OK) {
-        fprintf(stderr, "cannot load %s: %s\n", path, molt_err_msg());
-        exit(1);
-    }
-    snprintf(dir, sizeof dir, "/tmp/molt-test-pack-XXXXXX");
-    if (!mkdtemp(dir)) {
-        perror("mkdtemp");
-        exit(1);
-    }
+    data_env_open(&env, "pack");
+    tekken = env.tok;
+    ct = env.ct;
 }
 
-static void teardown(void) {
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    if (system(cmd) != 0)
-        fprintf(stderr, "could not remove %s\n", dir);
-    chat_template_free(ct);
-    tok_free(tekken);
-}
+static void teardown(void) { data_env_close(&env); }
 
-static const char *tmp(const char *name) {
-    static char buf[8][256];
-    static int k;
-    k = (k + 1) % 8;
-    snprintf(buf[k], sizeof buf[k], "%s/%s", dir, name);
-    return buf[k];
-}
+static const char *tmp(const char *name) { return data_env_path(&env, name); }
 
 // Record i of a data set tagged `tag`: a text record of 1 to 40 words, or (every 5th) a chat
 // record, so masks differ between examples.
