@@ -296,9 +296,11 @@ static molt_status ce_plan_init(ce_plan *p, const ag_tensor *h, const ag_tensor 
     return MOLT_OK;
 }
 
-// lse (T) of every counted token and the loss.
+// lse (T) of every counted token and the loss; with dh non-NULL (the fused path: no
+// low-rank term, optimized kernels) also the gradient to h for dloss = 1, rows of uncounted
+// tokens left as they are.
 static molt_status ce_forward(ag_tensor *const *in, int64_t chunk, double msum, double *lse,
-                              double *loss) {
+                              void *dh, double *loss) {
     const ag_tensor *h = in[0], *w = in[1], *targets = in[2], *mask = in[3];
     int64_t T = h->shape[0];
     bool ref = ag_reference_kernels();
@@ -309,11 +311,17 @@ static molt_status ce_forward(ag_tensor *const *in, int64_t chunk, double msum, 
         ce_plan_free(&p);
         return molt_err(MOLT_ENOMEM, CE ": out of memory for %lld target logits", (long long)T);
     }
+    const void *pm = mask ? mask->data : NULL;
+    double scale = msum > 0 ? 1.0 / msum : 0.0;
     if (h->dtype == AG_F32) {
         if (ref) ce_fwd_ref_f32(lse, zt, h->data, w->data, targets->data, &p.d);
+        else if (dh) ce_fwd_grad_f32(lse, zt, dh, p.work, h->data, w->data, targets->data, pm,
+                                     scale, &p.d);
         else ce_fwd_f32(lse, zt, p.work, h->data, w->data, targets->data, &p.d);
     } else {
         if (ref) ce_fwd_ref_f64(lse, zt, h->data, w->data, targets->data, &p.d);
+        else if (dh) ce_fwd_grad_f64(lse, zt, dh, p.work, h->data, w->data, targets->data, pm,
+                                     scale, &p.d);
         else ce_fwd_f64(lse, zt, p.work, h->data, w->data, targets->data, &p.d);
     }
     double acc = 0;
@@ -330,46 +338,76 @@ static molt_status ce_forward(ag_tensor *const *in, int64_t chunk, double msum, 
 
 // Contract in autograd.h. mask has h's dtype, its weights must be finite and >= 0 and it
 // must not require grad; every target (masked or not) must lie in [0, V). chunk larger
-// than V means one chunk. When recorded, the node
-// saves T doubles (the per-token logsumexp), nothing that grows with V.
+// than V means one chunk. When recorded, the node saves T doubles (the per-token
+// logsumexp), nothing that grows with V; when only h takes a gradient (w frozen, the
+// usual case of an adapter) the optimized forward computes that gradient on the way and
+// the node keeps it instead (T doubles and T x C elements): backward then only scales it.
 ag_tensor *ag_cross_entropy_linear(ag_ctx *c, ag_tensor *h, ag_tensor *w, ag_tensor *targets,
                                    ag_tensor *mask, int64_t chunk) {
     return ag_cross_entropy_linear2(c, h, w, NULL, NULL, targets, mask, chunk);
 }
 
-// Contract in autograd.h; as ag_cross_entropy_linear, with the saved state still T doubles.
+// Contract in autograd.h; as ag_cross_entropy_linear (the low-rank term is never fused).
 ag_tensor *ag_cross_entropy_linear2(ag_ctx *c, ag_tensor *h, ag_tensor *w, ag_tensor *h2,
                                     ag_tensor *w2, ag_tensor *targets, ag_tensor *mask,
                                     int64_t chunk) {
     if (ce_check(h, w, h2, w2, targets, mask, chunk) != MOLT_OK)
         return NULL;
-    int64_t T = h->shape[0], one = 1;
+    int64_t T = h->shape[0], C = h->shape[1], one = 1;
     double msum = 0;
     for (int64_t t = 0; t < T; t++)
         msum += mask_at(mask, t);
-    double *lse = molt_calloc((size_t)T, sizeof *lse), loss = 0;
-    if (!lse) {
-        molt_err(MOLT_ENOMEM, CE ": out of memory for %lld logsumexps", (long long)T);
+    ag_tensor *y = NULL, *ins[6] = {h, w, targets, mask, h2, w2};
+    bool record = ag_should_record(c, 6, ins);
+    bool fused = record && !ag_reference_kernels() && !h2 && h->requires_grad &&
+                 !w->requires_grad;
+    size_t lse_bytes = (size_t)T * sizeof(double);
+    size_t dh_bytes = fused ? (size_t)(T * C) * ag_dtype_size(h->dtype) : 0;
+    // lse, then (fused) the gradient to h: the layout of the node's saved state
+    unsigned char *buf = molt_calloc(1, lse_bytes + dh_bytes);
+    if (!buf) {
+        molt_err(MOLT_ENOMEM, CE ": out of memory for %zu bytes of per-token state",
+                 lse_bytes + dh_bytes);
         return NULL;
     }
-    ag_tensor *y = NULL, *ins[6] = {h, w, targets, mask, h2, w2};
-    if (ce_forward(ins, chunk, msum, lse, &loss) == MOLT_OK)
+    double *lse = (double *)buf, loss = 0;
+    if (ce_forward(ins, chunk, msum, lse, fused ? buf + lse_bytes : NULL, &loss) == MOLT_OK)
         y = ag_out_new(c, h->dtype, 1, &one);
-    if (y && ag_should_record(c, 6, ins)) {
+    if (y && record) {
         ag_node *n = ag_record(c, AG_OP_CE_LINEAR, y, 6, ins);
-        void *saved = n ? ag_node_save(c, n, (size_t)T * sizeof *lse) : NULL;
+        void *saved = n ? ag_node_save(c, n, lse_bytes + dh_bytes) : NULL;
         if (saved) {
-            memcpy(saved, lse, (size_t)T * sizeof *lse);
+            memcpy(saved, buf, lse_bytes + dh_bytes);
             n->f[0] = msum;
             n->i[0] = chunk;
+            n->i[1] = fused;
         } else {
             y = NULL;
         }
     }
-    molt_free(lse);
+    molt_free(buf);
     if (y)
         ag_set(y, 0, loss);
     return y;
+}
+
+// dh += g * the gradient the fused forward saved.
+static molt_status ce_backward_fused(ag_node *n, ag_tensor *dh, double g) {
+    const unsigned char *saved = n->saved;
+    const void *src = saved + (size_t)n->in[0]->shape[0] * sizeof(double);
+    int64_t N = dh->numel;
+    if (dh->dtype == AG_F32) {
+        float *d = dh->data;
+        const float *s = src;
+        for (int64_t i = 0; i < N; i++)
+            d[i] += (float)g * s[i];
+    } else {
+        double *d = dh->data;
+        const double *s = src;
+        for (int64_t i = 0; i < N; i++)
+            d[i] += g * s[i];
+    }
+    return MOLT_OK;
 }
 
 molt_status ag_backward_ce_linear(ag_ctx *c, ag_node *n) {
@@ -394,6 +432,8 @@ molt_status ag_backward_ce_linear(ag_ctx *c, ag_node *n) {
     double msum = n->f[0];
     if (msum == 0 || (!dh && !dw && !dh2 && !dw2))
         return MOLT_OK; // the loss is the constant 0: zero gradients
+    if (n->i[1]) // fused: only h takes a gradient, computed by the forward
+        return ce_backward_fused(n, dh, ag_get(n->out->grad, 0));
     double scale = ag_get(n->out->grad, 0) / msum;
     bool ref = ag_reference_kernels();
     ce_plan p;

@@ -1,7 +1,8 @@
 // tests/test_ops_ce.c: ag_cross_entropy_linear, the chunked linear + cross-entropy loss:
 // gradient checks wrt h and w, equality with an unfused computation written out here
 // (logits by loops, log-softmax, picking the targets), independence from the chunk size,
-// the optimized kernels' token tiles, mask semantics, O(T) saved state, and the exact
+// the optimized kernels' token tiles, the fused path (w frozen: the gradient to h made by
+// the forward), mask semantics, O(T) saved state, and the exact
 // error messages.
 #include "harness/harness.h"
 #include "autograd/internal.h"
@@ -294,6 +295,130 @@ START_TEST(test_ce_kernel_tiles) {
 }
 END_TEST
 
+// ---- the fused path: w frozen, the gradient to h computed by the forward --------------------
+
+// The fused kernel called directly, against the reference backward's dh: token tiles
+// smaller than the token list, scattered tokens, chunks that do not divide V, weighted
+// mask, and logits large enough (h scaled by `gain`) that the running max moves from chunk
+// to chunk and the accumulator rows get rescaled. Rows of uncounted tokens are untouched.
+START_TEST(test_ce_fused_kernel_tiles) {
+    enum { T = 10, C = 3, V = 11 };
+    static const double gains[2] = {1, 25};
+    for (int gi = 0; gi < 2; gi++) {
+        ag_arena a;
+        ag_arena_init(&a, "t", 0);
+        ce_shape s = {T, C, V, 0, NULL};
+        ce_problem p;
+        problem_init(&p, &a, &s, 43 + (uint64_t)gi);
+        double *h = p.in[0]->data;
+        for (int i = 0; i < T * C; i++)
+            h[i] *= gains[gi];
+        const double *w = p.in[1]->data;
+        const int32_t *tg = p.in[2]->data;
+        static const int64_t rows[6] = {0, 2, 3, 4, 7, 9};
+        double mask[T] = {0}, lse_ref[T], zt_ref[T], dh_ref[T * C] = {0};
+        for (int i = 0; i < 6; i++)
+            mask[rows[i]] = 1 + 0.1 * i;
+        ce_dims d = {.T = T, .C = C, .V = V, .chunk = V, .tile = 1};
+        ce_fwd_ref_f64(lse_ref, zt_ref, h, w, tg, &d);
+        ce_bwd_ref_f64(dh_ref, NULL, h, w, tg, mask, 0.3, lse_ref, &d);
+        for (int64_t tile = 1; tile <= 6; tile++)
+            for (int64_t chunk = 1; chunk <= V; chunk += 2) {
+                d = (ce_dims){.T = T, .C = C, .V = V, .chunk = chunk, .tile = tile,
+                              .rows = rows, .n_rows = 6};
+                void *work = malloc(ce_work_bytes_f64(&d));
+                double lse[T] = {0}, zt[T] = {0}, dh[T * C];
+                for (int i = 0; i < T * C; i++)
+                    dh[i] = 7; // uncounted rows must keep this
+                ce_fwd_grad_f64(lse, zt, dh, work, h, w, tg, mask, 0.3, &d);
+                for (int i = 0; i < 6; i++) {
+                    ck_assert_double_eq_tol(lse[rows[i]], lse_ref[rows[i]],
+                                            1e-13 * fmax(1, fabs(lse_ref[rows[i]])));
+                    ck_assert_double_eq_tol(zt[rows[i]], zt_ref[rows[i]],
+                                            1e-13 * fmax(1, fabs(zt_ref[rows[i]])));
+                }
+                for (int t = 0; t < T; t++)
+                    for (int c = 0; c < C; c++) {
+                        double want = mask[t] != 0 ? dh_ref[t * C + c] : 7;
+                        ck_assert_msg(fabs(dh[t * C + c] - want) <= 1e-13,
+                                      "gain %g tile %lld chunk %lld dh[%d,%d] %.17g vs %.17g",
+                                      gains[gi], (long long)tile, (long long)chunk, t, c,
+                                      dh[t * C + c], want);
+                    }
+                free(work);
+            }
+        ag_arena_free(&a);
+    }
+}
+END_TEST
+
+// Through the op with w frozen: loss and dh equal the unfused definition for an upstream
+// gradient of 2.5 (f32 and f64, optimized and reference kernels), and the node keeps T
+// doubles plus T x C elements (the saved gradient) when the optimized kernels run, T
+// doubles with the reference ones.
+START_TEST(test_ce_fused_matches_unfused) {
+    static const double mask[7] = {1, 1, 0, 2, 1, 0, 0.25};
+    enum { T = 7, C = 6, V = 11 };
+    ce_shape s = {T, C, V, 4, mask};
+    ag_arena a;
+    ag_arena_init(&a, "t", 0);
+    ce_problem p;
+    problem_init(&p, &a, &s, 8);
+    double dh_want[T * C];
+    double want = unfused(p.in[0], p.in[1], p.in[2], p.in[3], dh_want, NULL);
+    for (int i = 0; i < T * C; i++)
+        dh_want[i] *= 2.5;
+    for (int ref = 0; ref < 2; ref++)
+        for (int dt = 0; dt < 2; dt++) {
+            ag_set_reference_kernels(ref);
+            ag_dtype t = dt ? AG_F64 : AG_F32;
+            ag_arena r;
+            ag_arena_init(&r, "run", 0);
+            ag_tensor *in[4];
+            for (int i = 0; i < 4; i++)
+                in[i] = gc_clone(&r, p.in[i], t);
+            in[1]->requires_grad = false;
+            ag_ctx c;
+            ag_ctx_init(&c);
+            ag_tensor *l = ag_cross_entropy_linear(&c, in[0], in[1], in[2], in[3], s.chunk);
+            ck_assert_tensor(l);
+            size_t saved = T * sizeof(double) + (ref ? 0 : T * C * ag_dtype_size(t));
+            ck_assert_uint_eq(c.saved_bytes, saved);
+            ck_assert_ok(ag_backward(&c, ag_scale(&c, l, 2.5)));
+            ck_assert_ptr_null(in[1]->grad);
+            double tol = dt ? 1e-12 : 2e-6;
+            ag_tensor *h32 = gc_clone(&a, p.in[0], AG_F32), *w32 = gc_clone(&a, p.in[1], AG_F32);
+            double want_dt = dt ? want : unfused(h32, w32, p.in[2], p.in[3], NULL, NULL);
+            ck_assert_double_le(fabs(ag_get(l, 0) - want_dt), tol * want_dt);
+            ck_assert_double_le(rel_err(in[0]->grad, dh_want, T * C), dt ? 1e-12 : 1e-5);
+            ag_ctx_free(&c);
+            ag_arena_free(&r);
+        }
+    ag_set_reference_kernels(false);
+    ag_arena_free(&a);
+}
+END_TEST
+
+// Larger than the gradient checks, w frozen: blocks big enough for the OpenMP team, a
+// partial last chunk, skipped tokens, against the reference kernels.
+START_TEST(test_ce_fused_fast_vs_ref_larger) {
+    double mask[48];
+    for (int t = 0; t < 48; t++)
+        mask[t] = t % 5 == 2 ? 0 : 1 + 0.01 * t;
+    ce_shape s = {48, 8, 1001, 300, mask};
+    ag_arena a;
+    ag_arena_init(&a, "t", 0);
+    ce_problem p;
+    problem_init(&p, &a, &s, 77);
+    p.in[1]->requires_grad = false;
+    gc_case g = {.n_in = 4, .in = p.in, .build = build_ce, .user = &s};
+    double rel;
+    ck_assert_ok(gc_fast_vs_ref(&g, &rel));
+    ck_assert_msg(rel <= 1e-5, "fast vs ref: %g", rel);
+    ag_arena_free(&a);
+}
+END_TEST
+
 // ---- mask semantics -----------------------------------------------------------------------
 
 START_TEST(test_ce_masked_tokens_contribute_nothing) {
@@ -562,6 +687,9 @@ int main(void) {
     tcase_add_test(tc, test_ce_matches_unfused);
     tcase_add_test(tc, test_ce_chunk_independence);
     tcase_add_test(tc, test_ce_kernel_tiles);
+    tcase_add_test(tc, test_ce_fused_kernel_tiles);
+    tcase_add_test(tc, test_ce_fused_matches_unfused);
+    tcase_add_test(tc, test_ce_fused_fast_vs_ref_larger);
     tcase_add_test(tc, test_ce_masked_tokens_contribute_nothing);
     tcase_add_test(tc, test_ce_mask_weights);
     tcase_add_test(tc, test_ce_all_masked);

@@ -3,7 +3,7 @@
 # packages already present are skipped, and `apt-get update` runs at most once.
 set -euo pipefail
 
-pkgs=(build-essential cmake pkg-config libopenblas-dev libhdf5-dev libarchive-dev check
+pkgs=(build-essential cmake pkg-config libopenblas-dev libopenblas-openmp-dev libhdf5-dev libarchive-dev check
       libjansson-dev libpcre2-dev libyaml-dev libmicrohttpd-dev libzstd-dev zlib1g-dev
       liblzma-dev libopenmpi-dev openmpi-bin
       clang libclang-rt-14-dev libomp-14-dev)

@@ -277,3 +277,75 @@ void K(ce_bwd)(real *dh, real *dw, void *work, const real *h, const real *w,
             scatter_rows(dh2, dh2b, rows, nt, R);
     }
 }
+
+// ---- forward with the gradient to h -------------------------------------------------------
+// When w takes no gradient and there is no low-rank term, the gradient to h needs only the
+// softmax weights the forward already computes: dh_t = coef_t (sum_v p_tv w_v - w_target).
+// As in flash-style attention, each chunk's exp(z - m) (m the running max) multiplies the
+// chunk of w into an unnormalized accumulator whose rows are rescaled when their max moves;
+// the final division by the sum normalizes. Two GEMMs per chunk and one exp per logit,
+// against three GEMMs and two exps for forward plus backward.
+
+// Row i of a chunk: its max joins m, the accumulator row is rescaled when m moves, z
+// becomes exp(z - m) in place and its sum joins s. zt gets the target logit (raw).
+static void fold_exp_row(double *m, double *s, real *acc, int64_t C, real *z, int64_t n,
+                         int64_t tg, double *zt) {
+    if (tg >= 0 && tg < n)
+        *zt = z[tg];
+    real mx = z[0];
+    for (int64_t j = 1; j < n; j++)
+        if (z[j] > mx)
+            mx = z[j];
+    if (mx > *m) {
+        double alpha = exp(*m - mx); // 0 on the first chunk (m = -inf, acc = 0)
+        *s *= alpha;
+        for (int64_t c = 0; c < C; c++)
+            acc[c] = (real)(acc[c] * alpha);
+        *m = mx;
+    }
+    real mr = (real)*m;
+    double sum = 0;
+    for (int64_t j = 0; j < n; j++) {
+        z[j] = R_EXP(z[j] - mr);
+        sum += z[j];
+    }
+    *s += sum;
+}
+
+void K(ce_fwd_grad)(double *lse, double *zt, real *dh, void *work, const real *h,
+                    const real *w, const int32_t *targets, const real *mask, double scale,
+                    const ce_dims *d) {
+    ce_work k = work_split(work, d);
+    int64_t C = d->C;
+    for (int64_t i0 = 0; i0 < d->n_rows; i0 += d->tile) {
+        int64_t nt = min64(d->tile, d->n_rows - i0);
+        const int64_t *rows = d->rows + i0;
+        const real *hb = gather_rows(k.hbuf, h, rows, nt, C);
+        real *acc = k.dhbuf;
+        memset(acc, 0, (size_t)(nt * C) * sizeof(real));
+        for (int64_t i = 0; i < nt; i++) {
+            k.m[i] = -INFINITY;
+            k.s[i] = 0;
+        }
+        for (int64_t v0 = 0; v0 < d->V; v0 += d->chunk) {
+            int64_t nv = min64(d->chunk, d->V - v0);
+            logits_block(k.zbuf, hb, w, NULL, d, nt, v0, nv);
+#pragma omp parallel for schedule(static) if (nt * nv >= CE_PAR_MIN)
+            for (int64_t i = 0; i < nt; i++)
+                fold_exp_row(&k.m[i], &k.s[i], acc + i * C, C, k.zbuf + i * nv, nv,
+                             targets[rows[i]] - v0, &zt[rows[i]]);
+            // acc (nt, C) += exp block (nt, nv) . w chunk (nv, C)
+            R_GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)nt, (int)C, (int)nv, 1,
+                   k.zbuf, (int)nv, w + v0 * C, (int)C, 1, acc, (int)C);
+        }
+        for (int64_t i = 0; i < nt; i++) {
+            int64_t t = rows[i];
+            lse[t] = k.m[i] + log(k.s[i]);
+            double coef = scale * (mask ? (double)mask[t] : 1.0);
+            double a = coef / k.s[i];
+            const real *wt = w + (int64_t)targets[t] * C;
+            for (int64_t c = 0; c < C; c++)
+                dh[t * C + c] = (real)(a * acc[i * C + c] - coef * wt[c]);
+        }
+    }
+}

@@ -54,3 +54,10 @@ void K(ce_fwd)(double *lse, double *zt, void *work, const real *h, const real *w
 void K(ce_bwd)(real *dh, real *dw, void *work, const real *h, const real *w,
                const int32_t *targets, const real *mask, double scale, const double *lse,
                const ce_dims *d);
+// Optimized forward that also yields the gradient to h when w takes none and there is no
+// low-rank term (d->lr must be NULL): lse and zt as ce_fwd, and for every token in d->rows
+// dh[t] = scale * mask[t] * (sum_v softmax(z[t])_v w_v - w_target) (overwritten; other rows
+// untouched). Two GEMMs per chunk, the softmax weights accumulated flash-style.
+void K(ce_fwd_grad)(double *lse, double *zt, real *dh /* (T, C) */, void *work,
+                    const real *h, const real *w, const int32_t *targets,
+                    const real *mask /* (T) or NULL */, double scale, const ce_dims *d);
