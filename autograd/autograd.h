@@ -12,6 +12,7 @@
 #define MOLT_AUTOGRAD_H
 
 #include <stdbool.h>
+#include <stdio.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -99,10 +100,21 @@ typedef struct {
     int n_tape, cap_tape;
     size_t saved_bytes;  // bytes currently held by nodes for backward
     size_t saved_peak;
+    struct ag_profile *prof; // per-op times when MOLT_PROFILE is set (else NULL)
+    bool prof_borrowed;      // prof belongs to a parent context (activation checkpointing)
 } ag_ctx;
 
 molt_status ag_ctx_init(ag_ctx *c);
+// Frees the context; with MOLT_PROFILE=1 in the environment at ag_ctx_init, first prints
+// the per-op profile to stderr (see ag_profile_print).
 void ag_ctx_free(ag_ctx *c);
+// Per-op times of a context created with MOLT_PROFILE=1: backward time of each op exactly,
+// forward time as the wall time between consecutive recorded nodes (an op's compute plus
+// the caller's code before it; ops that record nothing count toward the next recorded one).
+// Recomputation inside activation checkpointing counts toward the inner ops, and the
+// checkpoint row's backward includes them (it is left out of the total). Prints a table
+// sorted by total time; nothing when profiling is off.
+void ag_profile_print(const ag_ctx *c, FILE *f);
 void ag_ctx_set_grad(ag_ctx *c, bool on);
 // Drops the tape (releasing saved state) and resets the activation arena.
 void ag_ctx_step_reset(ag_ctx *c);

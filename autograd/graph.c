@@ -1,7 +1,9 @@
 // autograd/graph.c: the context, the tape, the op table and the backward walk.
 #include "internal.h"
 
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static const char *const op_names[] = {
     "add", "mul", "scale", "sum", "cast", "reshape", "transpose", "slice", "concat",
@@ -28,10 +30,76 @@ static _Thread_local bool use_reference;
 void ag_set_reference_kernels(bool on) { use_reference = on; }
 bool ag_reference_kernels(void) { return use_reference; }
 
+// ---- profile ------------------------------------------------------------------------------
+
+struct ag_profile {
+    double last;                 // time of the previous recorded node (or of the reset)
+    double fwd[AG_OP_COUNT], bwd[AG_OP_COUNT];
+    int64_t n_fwd[AG_OP_COUNT], n_bwd[AG_OP_COUNT];
+};
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void profile_fwd(ag_ctx *c, ag_op op) {
+    double t = now_s();
+    c->prof->fwd[op] += t - c->prof->last;
+    c->prof->n_fwd[op]++;
+    c->prof->last = t;
+}
+
+void ag_profile_print(const ag_ctx *c, FILE *f) {
+    const struct ag_profile *p = c->prof;
+    if (!p)
+        return;
+    int order[AG_OP_COUNT];
+    double total = 0;
+    for (int i = 0; i < AG_OP_COUNT; i++) {
+        order[i] = i;
+        total += p->fwd[i] + (i == AG_OP_CHECKPOINT ? 0 : p->bwd[i]);
+    }
+    for (int i = 1; i < AG_OP_COUNT; i++) // insertion sort by total time, largest first
+        for (int j = i; j > 0 && p->fwd[order[j]] + p->bwd[order[j]] >
+                                     p->fwd[order[j - 1]] + p->bwd[order[j - 1]]; j--) {
+            int t = order[j];
+            order[j] = order[j - 1];
+            order[j - 1] = t;
+        }
+    fprintf(f, "profile: %-22s %10s %10s %8s %8s %6s\n", "op", "forward_s", "backward_s",
+            "calls", "bwd", "share");
+    for (int i = 0; i < AG_OP_COUNT; i++) {
+        int o = order[i];
+        double t = p->fwd[o] + p->bwd[o];
+        if (p->n_fwd[o] == 0 && p->n_bwd[o] == 0)
+            continue;
+        fprintf(f, "profile: %-22s %10.3f %10.3f %8lld %8lld %5.1f%%\n", op_names[o], p->fwd[o],
+                p->bwd[o], (long long)p->n_fwd[o], (long long)p->n_bwd[o],
+                total > 0 ? 100 * t / total : 0.0);
+    }
+    fprintf(f, "profile: %-22s %21.3f\n", "total", total);
+}
+
+void ag_ctx_borrow_profile(ag_ctx *sub, const ag_ctx *parent) {
+    if (sub->prof && !sub->prof_borrowed)
+        molt_free(sub->prof);
+    sub->prof = parent->prof;
+    sub->prof_borrowed = parent->prof != NULL;
+}
+
 molt_status ag_ctx_init(ag_ctx *c) {
     memset(c, 0, sizeof *c);
     c->grad_mode = true;
     ag_arena_init(&c->act, "activations", (size_t)4 << 20);
+    const char *e = getenv("MOLT_PROFILE");
+    if (e && *e && strcmp(e, "0") != 0) {
+        c->prof = molt_calloc(1, sizeof *c->prof);
+        if (!c->prof)
+            return molt_err(MOLT_ENOMEM, "MOLT_PROFILE: out of memory for the profile");
+        c->prof->last = now_s();
+    }
     return MOLT_OK;
 }
 
@@ -57,9 +125,15 @@ static void tape_drop(ag_ctx *c) {
 void ag_ctx_step_reset(ag_ctx *c) {
     tape_drop(c);
     ag_arena_reset(&c->act);
+    if (c->prof)
+        c->prof->last = now_s();
 }
 
 void ag_ctx_free(ag_ctx *c) {
+    if (c->prof && !c->prof_borrowed) {
+        ag_profile_print(c, stderr);
+        molt_free(c->prof);
+    }
     tape_drop(c);
     molt_free(c->tape);
     ag_arena_free(&c->act);
@@ -102,6 +176,8 @@ ag_node *ag_record(ag_ctx *c, ag_op op, ag_tensor *out, int n, ag_tensor *const 
         nd->in[i] = ins[i];
     out->requires_grad = true;
     c->tape[c->n_tape++] = nd;
+    if (c->prof)
+        profile_fwd(c, op);
     return nd;
 }
 
@@ -152,7 +228,12 @@ molt_status ag_tape_backward(ag_ctx *c) {
     for (int i = c->n_tape - 1; i >= 0; i--) {
         ag_node *n = c->tape[i];
         if (n->out->grad) {
+            double t0 = c->prof ? now_s() : 0;
             molt_status st = op_backward[n->op](c, n);
+            if (c->prof) {
+                c->prof->bwd[n->op] += now_s() - t0;
+                c->prof->n_bwd[n->op]++;
+            }
             if (st != MOLT_OK)
                 return molt_err_wrap(st, "backward of %s", ag_op_name(n->op));
             MOLT_ASSERT(n->out->grad->numel == n->out->numel);

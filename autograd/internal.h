@@ -65,6 +65,8 @@ ag_tensor *ag_out_new(ag_ctx *c, ag_dtype dt, int ndim, const int64_t *shape);
 // True when grad mode is on and some non-NULL input requires grad.
 bool ag_should_record(const ag_ctx *c, int n, ag_tensor *const *ins);
 // Records a node with n inputs producing out (marks out->requires_grad). NULL on no memory.
+// Makes sub record its op times into parent's profile (no-op when parent has none).
+void ag_ctx_borrow_profile(ag_ctx *sub, const ag_ctx *parent);
 ag_node *ag_record(ag_ctx *c, ag_op op, ag_tensor *out, int n, ag_tensor *const *ins);
 // Allocates `bytes` of saved state on node n (released after its backward).
 void *ag_node_save(ag_ctx *c, ag_node *n, size_t bytes);

@@ -8,6 +8,7 @@
 #include "model/model.h"
 
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -235,6 +236,31 @@ START_TEST(test_fast_vs_ref) {
 }
 END_TEST
 
+// Big enough for the optimized kernels to spread the experts over an OpenMP team (three
+// threads asked for, whatever the machine has), with an expert of more than one row block
+// (256) and one of no rows; then the same inputs with a team of one (experts in order).
+START_TEST(test_fast_vs_ref_expert_team) {
+    const lcase d = {1100, 9, 2, 48, 24, 3, 1.1, true, true};
+    int saved = omp_get_max_threads();
+    for (int threads = 3; threads >= 1; threads -= 2) {
+        omp_set_num_threads(threads);
+        ag_arena a;
+        ag_arena_init(&a, "t", 0);
+        ag_rng r;
+        ag_rng_seed(&r, 300);
+        ag_tensor *in[N_IN];
+        make_inputs(&a, &r, &d, true, in);
+        lattr at = {d.r, d.s};
+        gc_case g = {.n_in = N_IN, .in = in, .build = build_lora, .user = &at};
+        double rel;
+        ck_assert_ok(gc_fast_vs_ref(&g, &rel));
+        ck_assert_msg(rel <= 1e-5, "%d threads: fast vs ref %g", threads, rel);
+        ag_arena_free(&a);
+    }
+    omp_set_num_threads(saved);
+}
+END_TEST
+
 START_TEST(test_tape_and_frozen_base) {
     const lcase d = {4, 3, 2, 4, 3, 2, 1.0, true, true};
     ag_arena a;
@@ -428,6 +454,7 @@ int main(void) {
     tcase_add_test(tc, test_zero_b_equals_base_op);
     tcase_add_test(tc, test_gradcheck);
     tcase_add_test(tc, test_fast_vs_ref);
+    tcase_add_test(tc, test_fast_vs_ref_expert_team);
     tcase_add_test(tc, test_tape_and_frozen_base);
     tcase_add_test(tc, test_errors);
     tcase_add_test(tc, test_peft_fixture);

@@ -9,3 +9,4 @@
 #include "k_ce.h"
 #include "k_quant.h"
 #include "k_moe_lora.h"
+#include "k_vexp.h"

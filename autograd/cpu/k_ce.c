@@ -7,6 +7,7 @@
 // loss itself and the choice of tile (ops_linear.c).
 #include "real.h"
 #include "k_ce.h"
+#include "k_vexp.h"
 
 #include <cblas.h>
 #include <stdbool.h>
@@ -134,8 +135,8 @@ static const real *gather_rows(real *buf, const real *h, const int64_t *rows, in
     return buf;
 }
 
-// Folds n logits into a running (max m, sum s of exp(z - m)).
-static void fold_chunk(double *m, double *s, const real *z, int64_t n) {
+// Folds n logits into a running (max m, sum s of exp(z - m)); z is overwritten.
+static void fold_chunk(double *m, double *s, real *z, int64_t n) {
     real mx = z[0];
     for (int64_t j = 1; j < n; j++)
         if (z[j] > mx)
@@ -144,11 +145,8 @@ static void fold_chunk(double *m, double *s, const real *z, int64_t n) {
         *s *= exp(*m - mx);
         *m = mx;
     }
-    real mr = (real)*m; // exact: m is always one of the logits (or -inf)
-    double acc = 0;
-    for (int64_t j = 0; j < n; j++)
-        acc += R_EXP(z[j] - mr);
-    *s += acc;
+    // exact: m is always one of the logits (or -inf); z is not needed after this
+    *s += K(vexp_sum)(z, n, (real)*m);
 }
 
 // Logits block z (nt, nv) = hb (nt, C) . w[v0 : v0 + nv] (nv, C)^T, plus
@@ -189,11 +187,11 @@ void K(ce_fwd)(double *lse, double *zt, void *work, const real *h, const real *w
             logits_block(k.zbuf, hb, w, h2b, d, nt, v0, nv);
 #pragma omp parallel for schedule(static) if (nt * nv >= CE_PAR_MIN)
             for (int64_t i = 0; i < nt; i++) {
-                const real *z = k.zbuf + i * nv;
-                fold_chunk(&k.m[i], &k.s[i], z, nv);
+                real *z = k.zbuf + i * nv;
                 int64_t tg = targets[rows[i]] - v0;
                 if (tg >= 0 && tg < nv)
                     zt[rows[i]] = z[tg];
+                fold_chunk(&k.m[i], &k.s[i], z, nv);
             }
         }
         for (int64_t i = 0; i < nt; i++)
@@ -303,13 +301,7 @@ static void fold_exp_row(double *m, double *s, real *acc, int64_t C, real *z, in
             acc[c] = (real)(acc[c] * alpha);
         *m = mx;
     }
-    real mr = (real)*m;
-    double sum = 0;
-    for (int64_t j = 0; j < n; j++) {
-        z[j] = R_EXP(z[j] - mr);
-        sum += z[j];
-    }
-    *s += sum;
+    *s += K(vexp_sum)(z, n, (real)*m);
 }
 
 void K(ce_fwd_grad)(double *lse, double *zt, real *dh, void *work, const real *h,

@@ -10,6 +10,7 @@
 #include <cblas.h>
 // OpenBLAS's cblas.h includes complex.h; its `I` would clash with the intermediate size.
 #undef I
+#include <omp.h>
 #include <string.h>
 
 static real sigmoid(real v) { return 1 / (1 + R_EXP(-v)); }
@@ -85,12 +86,16 @@ void K(moe_lora_grad_from_dense)(real *da, real *db, const real *dw, const real 
 }
 
 // ---- optimized -----------------------------------------------------------------------------
-// Same scheme as the frozen-expert kernels of k_moe.c (slots counting-sorted by expert, blocks
-// of up to ROWS rows, serial blocks with BLAS threading each GEMM, results added straight
-// into the tokens' rows). The adapter adds, per block, U = X A_e^T (nb x r) and
-// G += s U B_e^T. B_e's columns are strided by E inside B, which BLAS cannot address, so both
-// B matrices are first repacked per expert into contiguous [E][O][r] stacks (and their
-// gradients accumulated in that layout, then added back).
+// Slots are counting-sorted by expert and each expert's rows run as blocks of up to ROWS rows
+// through its GEMMs. The adapter adds, per block, U = X A_e^T (nb x r) and G += s U B_e^T.
+// B_e's columns are strided by E inside B, which BLAS cannot address, so both B matrices are
+// first repacked per expert into contiguous [E][O][r] stacks (and their gradients
+// accumulated in that layout, then added back). Experts are spread over an OpenMP team, one
+// expert per thread at a time with single-threaded GEMMs (an expert's GEMMs are too small to
+// split well): each slot's output row goes to its own row of a (T*k, H) buffer in sorted
+// order, and the tokens' rows are summed from it afterwards, so no two threads write the
+// same memory. Small problems (or one busy expert) run the experts in order with threaded
+// GEMMs instead.
 
 #define ROWS 256
 
@@ -98,9 +103,12 @@ typedef struct {
     int64_t *off;  // (E + 1) first sorted position of each expert
     int64_t *cur;  // (E) fill cursor while sorting
     int32_t *perm; // (T*k) slot t*k + j at each sorted position
+    int32_t *inv;  // (T*k) sorted position of each slot
     real *bgu;     // (E, 2I, r) B_gu repacked, then (E, 2I, r) its gradient
     real *bd;      // (E, H, r) B_d repacked, then (E, H, r) its gradient
-    real *buf;     // (ROWS * (3H + 4I + 4r)) block buffers
+    real *rows;    // (T*k, H) per-slot output rows (y in forward, dx in backward), sorted
+    real *buf;     // (team, ROWS * (3H + 4I + 4r)) block buffers, one set per thread
+    int team;      // threads the buffers were sized for
 } lora_ws;
 
 static size_t round64(size_t b) { return (b + 63) & ~(size_t)63; }
@@ -116,31 +124,83 @@ static size_t buf_reals(int64_t H, int64_t I, int64_t r) {
     return (size_t)(ROWS * (3 * H + 4 * I + 4 * r));
 }
 
+// Threads the buffers are sized for: the OpenMP team the caller would get.
+static int ws_team(void) { return omp_get_max_threads(); }
+
+// Lays the workspace out (sizes only when base is NULL); returns the bytes it spans.
+static size_t ws_carve(lora_ws *w, void *base, int64_t T, int64_t k, int64_t E, int64_t H,
+                       int64_t I, int64_t r) {
+    unsigned char *p = base, *p0 = base;
+    w->team = ws_team();
+    w->off = carve(&p, (size_t)(E + 1) * sizeof(int64_t));
+    w->cur = carve(&p, (size_t)E * sizeof(int64_t));
+    w->perm = carve(&p, (size_t)(T * k) * sizeof(int32_t));
+    w->inv = carve(&p, (size_t)(T * k) * sizeof(int32_t));
+    w->bgu = carve(&p, packed_reals(E, 2 * I, r) * sizeof(real));
+    w->bd = carve(&p, packed_reals(E, H, r) * sizeof(real));
+    w->rows = carve(&p, (size_t)(T * k * H) * sizeof(real));
+    w->buf = carve(&p, (size_t)w->team * buf_reals(H, I, r) * sizeof(real));
+    return (size_t)(p - p0);
+}
+
 static lora_ws ws_layout(void *base, int64_t T, int64_t k, int64_t E, int64_t H, int64_t I,
                          int64_t r) {
-    unsigned char *p = base;
     lora_ws w;
-    w.off = carve(&p, (size_t)(E + 1) * sizeof(int64_t));
-    w.cur = carve(&p, (size_t)E * sizeof(int64_t));
-    w.perm = carve(&p, (size_t)(T * k) * sizeof(int32_t));
-    w.bgu = carve(&p, packed_reals(E, 2 * I, r) * sizeof(real));
-    w.bd = carve(&p, packed_reals(E, H, r) * sizeof(real));
-    w.buf = carve(&p, buf_reals(H, I, r) * sizeof(real));
+    ws_carve(&w, base, T, k, E, H, I, r);
     return w;
 }
 
 size_t K(moe_experts_lora_ws_bytes)(int64_t T, int64_t k, int64_t E, int64_t H, int64_t I,
                                     int64_t r) {
-    return round64((size_t)(E + 1) * sizeof(int64_t)) + round64((size_t)E * sizeof(int64_t)) +
-           round64((size_t)(T * k) * sizeof(int32_t)) +
-           round64(packed_reals(E, 2 * I, r) * sizeof(real)) +
-           round64(packed_reals(E, H, r) * sizeof(real)) +
-           round64(buf_reals(H, I, r) * sizeof(real));
+    lora_ws w;
+    return ws_carve(&w, NULL, T, k, E, H, I, r);
 }
 
-// Stable counting sort of the slots by expert.
+// Stable counting sort of the slots by expert, and its inverse.
 static void dispatch(lora_ws *w, const int32_t *idx, int64_t n, int64_t E) {
     K(moe_dispatch)(w->off, w->cur, w->perm, idx, n, E);
+    for (int64_t q = 0; q < n; q++)
+        w->inv[w->perm[q]] = (int32_t)q;
+}
+
+// Threads for the expert loop: 1 (experts in order, threaded GEMMs) below about 4 Mflop or
+// with fewer than two busy experts per thread, else the whole team.
+static int expert_team(const lora_ws *w, int64_t E, int64_t n_slots, int64_t H, int64_t I) {
+    int busy = 0;
+    for (int64_t e = 0; e < E; e++)
+        busy += w->off[e + 1] > w->off[e];
+    double flops = 6.0 * (double)n_slots * (double)H * (double)I;
+    return flops < 4e6 || busy < 2 * w->team ? 1 : w->team;
+}
+
+// OpenBLAS built on pthreads would start its own threads inside the team's: it is held at
+// one thread for the region (the OpenMP build does that by itself).
+static int blas_single_begin(int team) {
+    int n = openblas_get_num_threads();
+    if (team > 1 && n > 1)
+        openblas_set_num_threads(1);
+    return n;
+}
+
+static void blas_single_end(int team, int n) {
+    if (team > 1 && n > 1)
+        openblas_set_num_threads(n);
+}
+
+// dst (T, H) (+)= the k sorted rows of each token: rows[inv[t*k + j]].
+static void gather_tokens(real *dst, const lora_ws *w, int64_t T, int64_t k, int64_t H,
+                          int accumulate) {
+#pragma omp parallel for schedule(static) if (T * k * H >= 65536)
+    for (int64_t t = 0; t < T; t++) {
+        real *d = dst + t * H;
+        if (!accumulate)
+            memset(d, 0, (size_t)H * sizeof(real));
+        for (int64_t j = 0; j < k; j++) {
+            const real *src = w->rows + (int64_t)w->inv[t * k + j] * H;
+            for (int64_t h = 0; h < H; h++)
+                d[h] += src[h];
+        }
+    }
 }
 
 // packed (E, O, r) <- B (O, r*E)
@@ -224,6 +284,28 @@ static void gate_up_rows(real *G, real *U, const real *X, const blk *b) {
     gemm(0, 1, b->nb, I2, b->r, b->s, U, b->r, b->bgu, b->r, 1, G, I2);
 }
 
+// One expert's forward: its slots' output rows into m->rows (sorted positions).
+static void expert_fwd(const lora_ws *m, real *buf, const real *x, const real *w,
+                       const real *wgu, const real *wd, const K(moe_lora) *lora, int64_t e,
+                       int64_t k, int64_t H, int64_t I) {
+    int64_t r = lora->r;
+    real *X = buf, *G = X + ROWS * H, *Z = G + ROWS * 2 * I, *U = Z + ROWS * I;
+    real *V = U + ROWS * r;
+    for (int64_t r0 = m->off[e]; r0 < m->off[e + 1]; r0 += ROWS) {
+        int64_t nb = m->off[e + 1] - r0 < ROWS ? m->off[e + 1] - r0 : ROWS;
+        blk b = block_of(m, lora, wgu, wd, e, nb, H, I);
+        real *O = m->rows + r0 * H;
+        K(moe_gather)(X, x, m->perm + r0, nb, k, H);
+        gate_up_rows(G, U, X, &b);
+        swiglu_rows(Z, G, w, m->perm + r0, nb, I);
+        gemm(0, 1, nb, H, I, 1, Z, I, b.wd, I, 0, O, H);
+        if (b.ad) {
+            gemm(0, 1, nb, r, I, 1, Z, I, b.ad, I, 0, V, r);
+            gemm(0, 1, nb, H, r, b.s, V, r, b.bd, r, 1, O, H);
+        }
+    }
+}
+
 void K(moe_experts_lora_fwd)(real *y, const real *x, const real *w, const int32_t *idx,
                              const real *wgu, const real *wd, const K(moe_lora) *lora,
                              int64_t T, int64_t k, int64_t E, int64_t H, int64_t I, void *ws) {
@@ -234,23 +316,17 @@ void K(moe_experts_lora_fwd)(real *y, const real *x, const real *w, const int32_
         pack_b(m.bgu, lora->b_gu, E, 2 * I, r);
     if (lora->a_d)
         pack_b(m.bd, lora->b_d, E, H, r);
-    real *X = m.buf, *O = X + ROWS * H, *G = O + ROWS * H, *Z = G + ROWS * 2 * I;
-    real *U = Z + ROWS * I, *V = U + ROWS * r;
-    memset(y, 0, (size_t)(T * H) * sizeof(real));
-    for (int64_t e = 0; e < E; e++)
-        for (int64_t r0 = m.off[e]; r0 < m.off[e + 1]; r0 += ROWS) {
-            int64_t nb = m.off[e + 1] - r0 < ROWS ? m.off[e + 1] - r0 : ROWS;
-            blk b = block_of(&m, lora, wgu, wd, e, nb, H, I);
-            K(moe_gather)(X, x, m.perm + r0, nb, k, H);
-            gate_up_rows(G, U, X, &b);
-            swiglu_rows(Z, G, w, m.perm + r0, nb, I);
-            gemm(0, 1, nb, H, I, 1, Z, I, b.wd, I, 0, O, H);
-            if (b.ad) {
-                gemm(0, 1, nb, r, I, 1, Z, I, b.ad, I, 0, V, r);
-                gemm(0, 1, nb, H, r, b.s, V, r, b.bd, r, 1, O, H);
-            }
-            K(moe_scatter_add)(y, O, m.perm + r0, nb, k, H);
-        }
+    int team = expert_team(&m, E, T * k, H, I), nblas = blas_single_begin(team);
+    size_t per = buf_reals(H, I, r);
+#pragma omp parallel num_threads(team) if (team > 1)
+    {
+        real *buf = m.buf + (size_t)omp_get_thread_num() * per;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t e = 0; e < E; e++)
+            expert_fwd(&m, buf, x, w, wgu, wd, lora, e, k, H, I);
+    }
+    blas_single_end(team, nblas);
+    gather_tokens(y, &m, T, k, H, 0);
 }
 
 // Q (nb, I) = dL/dZ = DY W_d + s (DY B_d) A_d, and the down LoRA gradients:
@@ -292,6 +368,33 @@ static int gate_up_back(real *DX, real *P, real *dbgu, real *dagu, const real *D
     return 1;
 }
 
+// One expert's backward: LoRA gradients of expert e (its own slices: no other thread
+// touches them), routing-weight gradients of its slots, and with want_dx the slots' input
+// gradient rows into m->rows (sorted positions).
+static void expert_bwd(const lora_ws *m, real *buf, real *dw, const K(moe_lora_grad) *g,
+                       real *dbgu, real *dbd, const real *dy, const real *x, const real *w,
+                       const real *wgu, const real *wd, const K(moe_lora) *lora, int64_t e,
+                       int64_t k, int64_t H, int64_t I, int want_dx) {
+    int64_t r = lora->r;
+    real *X = buf, *DY = X + ROWS * H, *G = DY + ROWS * H, *Z = G + ROWS * 2 * I;
+    real *Q = Z + ROWS * I, *U = Q + ROWS * I, *V = U + ROWS * r, *P = V + ROWS * r;
+    for (int64_t r0 = m->off[e]; r0 < m->off[e + 1]; r0 += ROWS) {
+        int64_t nb = m->off[e + 1] - r0 < ROWS ? m->off[e + 1] - r0 : ROWS;
+        blk b = block_of(m, lora, wgu, wd, e, nb, H, I);
+        K(moe_gather)(X, x, m->perm + r0, nb, k, H);
+        K(moe_gather)(DY, dy, m->perm + r0, nb, k, H);
+        // activations are recomputed rather than saved by the forward
+        gate_up_rows(G, U, X, &b);
+        swiglu_rows(Z, G, w, m->perm + r0, nb, I);
+        down_back(Q, P, V, dbd ? dbd + e * H * r : NULL, g->a_d ? g->a_d + e * r * I : NULL,
+                  DY, Z, &b);
+        swiglu_back_rows(G, Q, dw, w, m->perm + r0, nb, I);
+        gate_up_back(want_dx ? m->rows + r0 * H : NULL, P,
+                     dbgu ? dbgu + e * 2 * I * r : NULL,
+                     g->a_gu ? g->a_gu + e * r * H : NULL, G, U, X, &b);
+    }
+}
+
 void K(moe_experts_lora_bwd)(real *dx, real *dw, const K(moe_lora_grad) *g, const real *dy,
                              const real *x, const real *w, const int32_t *idx, const real *wgu,
                              const real *wd, const K(moe_lora) *lora, int64_t T, int64_t k,
@@ -310,25 +413,19 @@ void K(moe_experts_lora_bwd)(real *dx, real *dw, const K(moe_lora_grad) *g, cons
         memset(dbgu, 0, (size_t)(E * 2 * I * r) * sizeof(real));
     if (dbd)
         memset(dbd, 0, (size_t)(E * H * r) * sizeof(real));
-    real *X = m.buf, *DY = X + ROWS * H, *DX = DY + ROWS * H, *G = DX + ROWS * H;
-    real *Z = G + ROWS * 2 * I, *Q = Z + ROWS * I, *U = Q + ROWS * I, *V = U + ROWS * r;
-    real *P = V + ROWS * r;
-    for (int64_t e = 0; e < E; e++)
-        for (int64_t r0 = m.off[e]; r0 < m.off[e + 1]; r0 += ROWS) {
-            int64_t nb = m.off[e + 1] - r0 < ROWS ? m.off[e + 1] - r0 : ROWS;
-            blk b = block_of(&m, lora, wgu, wd, e, nb, H, I);
-            K(moe_gather)(X, x, m.perm + r0, nb, k, H);
-            K(moe_gather)(DY, dy, m.perm + r0, nb, k, H);
-            // activations are recomputed rather than saved by the forward
-            gate_up_rows(G, U, X, &b);
-            swiglu_rows(Z, G, w, m.perm + r0, nb, I);
-            down_back(Q, P, V, dbd ? dbd + e * H * r : NULL,
-                      g->a_d ? g->a_d + e * r * I : NULL, DY, Z, &b);
-            swiglu_back_rows(G, Q, dw, w, m.perm + r0, nb, I);
-            if (gate_up_back(dx ? DX : NULL, P, dbgu ? dbgu + e * 2 * I * r : NULL,
-                             g->a_gu ? g->a_gu + e * r * H : NULL, G, U, X, &b))
-                K(moe_scatter_add)(dx, DX, m.perm + r0, nb, k, H);
-        }
+    int team = expert_team(&m, E, T * k, H, I), nblas = blas_single_begin(team);
+    size_t per = buf_reals(H, I, r);
+#pragma omp parallel num_threads(team) if (team > 1)
+    {
+        real *buf = m.buf + (size_t)omp_get_thread_num() * per;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t e = 0; e < E; e++)
+            expert_bwd(&m, buf, dw, g, dbgu, dbd, dy, x, w, wgu, wd, lora, e, k, H, I,
+                       dx != NULL);
+    }
+    blas_single_end(team, nblas);
+    if (dx)
+        gather_tokens(dx, &m, T, k, H, 1);
     if (dbgu)
         unpack_add_b(g->b_gu, dbgu, E, 2 * I, r);
     if (dbd)
