@@ -1,12 +1,16 @@
 // common/sha256.c: SHA-256 (FIPS 180-4): checkpoint checksums, the hashes that tie a
-// checkpoint to its base model and tokenizer, and test fixtures' model checksums.
+// checkpoint to its base model and tokenizer, and test fixtures' model checksums; and the
+// sampled fingerprint that stands for a whole-file hash of a base model's weights.
 //
 // Not here: any other hash, HMAC, or hardware acceleration (checkpoints are hashed once per
-// save, and the model files once per run).
+// save, and the model files hashed or fingerprinted once per run).
 #include "sha256.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 static const uint32_t round_k[64] = {
     0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
@@ -133,6 +137,80 @@ molt_status molt_sha256_file(const char *path, char hex[65]) {
     fclose(f);
     if (bad)
         return molt_err(MOLT_EIO, "read error while hashing %s", path);
+    uint8_t d[32];
+    molt_sha256_final(&c, d);
+    to_hex(d, hex);
+    return MOLT_OK;
+}
+
+// ---- sampled fingerprint ---------------------------------------------------------------
+enum { FP_N_BLOCKS = 64 };
+static const uint64_t fp_head = (uint64_t)1 << 20, fp_block = (uint64_t)1 << 16;
+
+// Feeds len bytes of fd from offset at into c, reading in pieces of sizeof buf.
+static molt_status fp_feed(molt_sha256 *c, int fd, const char *path, uint64_t at,
+                           uint64_t len) {
+    uint8_t buf[1 << 16];
+    while (len > 0) {
+        size_t want = len < sizeof buf ? (size_t)len : sizeof buf;
+        ssize_t got = pread(fd, buf, want, (off_t)at);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got < 0)
+            return molt_err(MOLT_EIO, "read error at byte %llu while fingerprinting %s: %s",
+                            (unsigned long long)at, path, strerror(errno));
+        if (got == 0)
+            return molt_err(MOLT_EIO, "%s ended at byte %llu while being fingerprinted "
+                            "(did it change?)", path, (unsigned long long)at);
+        molt_sha256_update(c, buf, (size_t)got);
+        at += (uint64_t)got;
+        len -= (uint64_t)got;
+    }
+    return MOLT_OK;
+}
+
+// Everything after the tag and the size: the head, then the rest or its sampled blocks.
+static molt_status fp_feed_file(molt_sha256 *c, int fd, const char *path, uint64_t size) {
+    uint64_t head = size < fp_head ? size : fp_head, rest = size - head;
+    MOLT_TRY(fp_feed(c, fd, path, 0, head));
+    if (rest <= FP_N_BLOCKS * fp_block)
+        return fp_feed(c, fd, path, head, rest);
+    // floor(i * span / 63) as i * q + floor(i * r / 63), which cannot overflow
+    uint64_t span = rest - fp_block, q = span / (FP_N_BLOCKS - 1), r = span % (FP_N_BLOCKS - 1);
+    for (uint64_t i = 0; i < FP_N_BLOCKS; i++)
+        MOLT_TRY(fp_feed(c, fd, path, head + i * q + i * r / (FP_N_BLOCKS - 1), fp_block));
+    return MOLT_OK;
+}
+
+molt_status molt_fingerprint_file(const char *path, char hex[65]) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0)
+        return molt_err(MOLT_EIO, "cannot open %s to fingerprint it: %s", path,
+                        strerror(errno));
+    // the size read from the open file, so that it and the bytes read are the same file's
+    struct stat sb;
+    molt_status st = MOLT_OK;
+    if (fstat(fd, &sb) != 0)
+        st = molt_err(MOLT_EIO, "cannot stat %s to fingerprint it: %s", path, strerror(errno));
+    else if (!S_ISREG(sb.st_mode))
+        st = molt_err(MOLT_EIO, "cannot fingerprint %s: not a regular file", path);
+    if (st != MOLT_OK) {
+        close(fd);
+        return st;
+    }
+    uint64_t size = (uint64_t)sb.st_size;
+    molt_sha256 c;
+    molt_sha256_init(&c);
+    static const char tag[] = "molt-fingerprint-v1";
+    molt_sha256_update(&c, tag, sizeof tag); // with its NUL
+    uint8_t le[8];
+    for (int i = 0; i < 8; i++)
+        le[i] = (uint8_t)(size >> (8 * i));
+    molt_sha256_update(&c, le, sizeof le);
+    st = fp_feed_file(&c, fd, path, size);
+    close(fd);
+    if (st != MOLT_OK)
+        return st;
     uint8_t d[32];
     molt_sha256_final(&c, d);
     to_hex(d, hex);

@@ -100,7 +100,9 @@ static molt_status tokenizer_path(const trn_config *c, char *buf, size_t cap) {
 }
 
 // Hashes of the base model's config, its weights index (or single weights file) and the
-// tokenizer, tying checkpoints to them.
+// tokenizer, tying checkpoints to them. A single weights file can be hundreds of GB, so it
+// gets the sampled fingerprint (common/sha256.h: its header, size and 64 blocks) instead of
+// a full SHA-256; the small index and config files are hashed whole.
 static molt_status compute_hashes(const trn_config *c, const char *tok_path, ckpt_hashes *h) {
     char p[TRN_PATH_MAX + 64];
     memset(h, 0, sizeof *h);
@@ -111,7 +113,8 @@ static molt_status compute_hashes(const trn_config *c, const char *tok_path, ckp
     for (int i = 0; i < 3; i++) {
         snprintf(p, sizeof p, "%s/%s", c->model, w[i]);
         if (file_exists(p)) {
-            MOLT_TRY(molt_sha256_file(p, h->weights_index));
+            MOLT_TRY(i == 0 ? molt_sha256_file(p, h->weights_index)
+                            : molt_fingerprint_file(p, h->weights_index));
             break;
         }
     }
