@@ -149,7 +149,9 @@ molt_status ckpt_get_float(const ckpt_state *s, const char *name, double *v);
 // stored in the file.
 void ckpt_state_digest(const ckpt_state *s, char hex[65]);
 
-// Hashes that tie a checkpoint to its base model and tokenizer (hex SHA-256 or "").
+// Hashes that tie a checkpoint to its base model and tokenizer (hex, or ""): SHA-256 of the
+// config, the tokenizer and a sharded model's index; a single weights file's sampled
+// fingerprint (molt_fingerprint_file).
 typedef struct {
     char model_config[65];
     char weights_index[65];
