@@ -313,7 +313,10 @@ static molt_status add_mlp(unit_list *L, const char *prefix, lora_group g, int l
     mdl_lin *lins[3] = {&p->gate, &p->up, &p->down};
     char path[LORA_NAME_MAX];
     for (int i = 0; i < 3; i++) {
-        snprintf(path, sizeof path, "%s.%s", prefix, names[i]);
+        int n = snprintf(path, sizeof path, "%s.%s", prefix, names[i]);
+        if (n < 0 || (size_t)n >= sizeof path)
+            return molt_err(MOLT_EINTERNAL, "lora: module name %s.%s is longer than %d bytes",
+                            prefix, names[i], LORA_NAME_MAX - 1);
         MOLT_TRY(add_unit(L, path, g, l, lins[i], lins[i]->w));
     }
     return MOLT_OK;

@@ -1,22 +1,14 @@
 // autograd/bench.c: `molt bench ops`: forward and backward throughput of ag_linear and
 // ag_attention (optimized CPU kernels, f32) next to plain cblas_sgemm measured in the same run,
 // printed as a table. Not here: end-to-end model benchmarks or the CUDA kernels.
+#include "bench_util.h"
 #include "internal.h"
 
 #include <cblas.h>
-#include <errno.h>
 #include <math.h>
-#include <omp.h>
 #include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
 
-typedef struct {
-    int threads; // 0: leave the OpenMP/OpenBLAS defaults
-    int repeat;  // timed runs per row (after one warm-up); the best is reported
-    bool quick;  // tiny sizes: checks that everything runs, numbers mean little
-} bench_opts;
+#define CMD "molt bench ops"
 
 typedef struct {
     const char *op, *pass;
@@ -37,58 +29,11 @@ static const linear_size linear_quick[] = {{64, 128, 96}, {48, 64, 160}};
 static const attn_size attn_full[] = {{512, 8, 192, 128}, {1024, 8, 192, 128}};
 static const attn_size attn_quick[] = {{64, 2, 24, 16}, {96, 3, 12, 8}};
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static void usage(FILE *f) {
-    fprintf(f, "usage: molt bench ops [--threads N] [--repeat R] [--quick]\n\n"
+    fprintf(f, "usage: " CMD " [--threads N] [--repeat R] [--quick]\n\n"
                "Times ag_linear and ag_attention (f32, optimized CPU kernels), forward and\n"
-               "backward, and cblas_sgemm on matching shapes in the same run.\n\n"
-               "  --threads N   OpenMP and OpenBLAS threads (default: the OpenMP default)\n"
-               "  --repeat R    timed runs per row after one warm-up; the best is shown "
-               "(default 3)\n"
-               "  --quick       tiny sizes, a smoke test (the numbers mean little)\n");
-}
-
-static bool parse_count(const char *flag, const char *s, int lo, int hi, int *out) {
-    char *end;
-    errno = 0;
-    long v = s ? strtol(s, &end, 10) : 0;
-    if (!s || errno || end == s || *end || v < lo || v > hi) {
-        fprintf(stderr, "molt bench ops: %s expects an integer in %d..%d, got '%s'\n", flag, lo,
-                hi, s ? s : "");
-        return false;
-    }
-    *out = (int)v;
-    return true;
-}
-
-// -1 to go on, else the exit status.
-static int parse_opts(int argc, char **argv, bench_opts *o) {
-    *o = (bench_opts){.repeat = 3};
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            usage(stdout);
-            return 0;
-        } else if (!strcmp(a, "--quick")) {
-            o->quick = true;
-        } else if (!strcmp(a, "--threads")) {
-            if (!parse_count(a, i + 1 < argc ? argv[++i] : NULL, 1, 1024, &o->threads))
-                return 2;
-        } else if (!strcmp(a, "--repeat")) {
-            if (!parse_count(a, i + 1 < argc ? argv[++i] : NULL, 1, 1000, &o->repeat))
-                return 2;
-        } else {
-            fprintf(stderr, "molt bench ops: unknown option '%s'\n\n", a);
-            usage(stderr);
-            return 2;
-        }
-    }
-    return -1;
+               "backward, and cblas_sgemm on matching shapes in the same run.\n\n");
+    ag_bench_usage_opts(f);
 }
 
 static void fill_f32(float *p, int64_t n, ag_rng *r, double amp) {
@@ -127,55 +72,60 @@ static molt_status sgemm_job_init(sgemm_job *j, int64_t M, int64_t N, int64_t K)
 }
 
 static double sgemm_job_run(const sgemm_job *j) {
-    double t0 = now_s();
+    double t0 = ag_bench_now();
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)j->M, (int)j->N, (int)j->K, 1,
                 j->a, (int)j->K, j->b, (int)j->K, 0, j->c, (int)j->N);
-    return now_s() - t0;
+    return ag_bench_now() - t0;
 }
 
-typedef struct {
-    double fwd, bwd, sgemm; // best seconds
-} bench_times;
-
-// Each run: build() with grad mode on, the op's own backward rule on a random output
-// gradient (no loss op in between), then the baseline sgemm, so that all three see the same
-// machine conditions. One warm-up run, then the best of o->repeat.
 typedef ag_tensor *(*bench_build_fn)(ag_ctx *c, ag_tensor **in);
 typedef molt_status (*bench_bwd_fn)(ag_ctx *c, ag_node *n);
 
-static molt_status time_op(const bench_opts *o, ag_tensor **in, bench_build_fn build,
-                           bench_bwd_fn bwd, const sgemm_job *job, bench_times *bt) {
-    *bt = (bench_times){INFINITY, INFINITY, INFINITY};
+// The parts of one timed run (run_op), in the order they run.
+enum { PART_FWD, PART_BWD, PART_SGEMM, N_PARTS };
+
+typedef struct {
     ag_ctx c;
-    ag_ctx_init(&c);
-    ag_rng r;
-    ag_rng_seed(&r, 11);
-    molt_status st = MOLT_OK;
-    for (int i = 0; i <= o->repeat && st == MOLT_OK; i++) {
-        ag_ctx_step_reset(&c);
-        double t0 = now_s();
-        ag_tensor *y = build(&c, in);
-        double t1 = now_s();
-        if (!y) {
-            st = MOLT_EARG;
-            break;
-        }
-        ag_tensor *g = c.n_tape > 0 && c.tape[c.n_tape - 1]->out == y ? ag_grad_ensure(y) : NULL;
-        if (!g) {
-            st = molt_err(MOLT_EINTERNAL, "bench: the op recorded no node");
-            break;
-        }
-        fill_f32(g->data, g->numel, &r, 1);
-        double t2 = now_s();
-        st = bwd(&c, c.tape[c.n_tape - 1]);
-        double t3 = now_s(), tg = sgemm_job_run(job);
-        if (i > 0) {
-            bt->fwd = fmin(bt->fwd, t1 - t0);
-            bt->bwd = fmin(bt->bwd, t3 - t2);
-            bt->sgemm = fmin(bt->sgemm, tg);
-        }
-    }
-    ag_ctx_free(&c);
+    ag_rng r; // the output gradients
+    ag_tensor **in;
+    bench_build_fn build;
+    bench_bwd_fn bwd;
+    const sgemm_job *job;
+} bench_op;
+
+// One run: build() with grad mode on, the op's own backward rule on a random output
+// gradient (no loss op in between), then the baseline sgemm, so that all three see the same
+// machine conditions.
+static molt_status run_op(void *user, double *t) {
+    bench_op *b = user;
+    ag_ctx *c = &b->c;
+    ag_ctx_step_reset(c);
+    double t0 = ag_bench_now();
+    ag_tensor *y = b->build(c, b->in);
+    double t1 = ag_bench_now();
+    if (!y)
+        return MOLT_EARG;
+    ag_tensor *g = c->n_tape > 0 && c->tape[c->n_tape - 1]->out == y ? ag_grad_ensure(y) : NULL;
+    if (!g)
+        return molt_err(MOLT_EINTERNAL, "bench: the op recorded no node");
+    fill_f32(g->data, g->numel, &b->r, 1);
+    double t2 = ag_bench_now();
+    MOLT_TRY(b->bwd(c, c->tape[c->n_tape - 1]));
+    double t3 = ag_bench_now();
+    t[PART_FWD] = t1 - t0;
+    t[PART_BWD] = t3 - t2;
+    t[PART_SGEMM] = sgemm_job_run(b->job);
+    return MOLT_OK;
+}
+
+// The best seconds of each part over o->repeat runs after one warm-up, in bt[N_PARTS].
+static molt_status time_op(const ag_bench_opts *o, ag_tensor **in, bench_build_fn build,
+                           bench_bwd_fn bwd, const sgemm_job *job, double *bt) {
+    bench_op b = {.in = in, .build = build, .bwd = bwd, .job = job};
+    ag_ctx_init(&b.c);
+    ag_rng_seed(&b.r, 11);
+    molt_status st = ag_bench_best_of(o, run_op, &b, N_PARTS, bt);
+    ag_ctx_free(&b.c);
     return st;
 }
 
@@ -186,7 +136,7 @@ static ag_tensor *build_attention(ag_ctx *c, ag_tensor **in) {
     return ag_attention(c, in[0], in[1], in[2], in[3], NULL, scale);
 }
 
-static molt_status bench_linear(const bench_opts *o, linear_size s, bench_row *rows) {
+static molt_status bench_linear(const ag_bench_opts *o, linear_size s, bench_row *rows) {
     ag_arena p;
     ag_arena_init(&p, "bench", 0);
     ag_rng r;
@@ -194,17 +144,17 @@ static molt_status bench_linear(const bench_opts *o, linear_size s, bench_row *r
     int64_t sx[2] = {s.T, s.in}, sw[2] = {s.out, s.in};
     ag_tensor *in[2] = {rand_tensor(&p, &r, 2, sx, 1), rand_tensor(&p, &r, 2, sw, 0.05)};
     sgemm_job job = {0};
-    bench_times bt;
+    double bt[N_PARTS];
     molt_status st = in[0] && in[1] ? MOLT_OK : MOLT_ENOMEM;
     if (st == MOLT_OK)
         st = sgemm_job_init(&job, s.T, s.out, s.in);
     if (st == MOLT_OK)
-        st = time_op(o, in, build_linear, ag_backward_linear, &job, &bt);
+        st = time_op(o, in, build_linear, ag_backward_linear, &job, bt);
     double f = 2.0 * (double)s.T * (double)s.in * (double)s.out;
     for (int i = 0; st == MOLT_OK && i < 2; i++) {
         rows[i] = (bench_row){.op = "linear", .pass = i ? "bwd" : "fwd",
-                              .seconds = i ? bt.bwd : bt.fwd, .flops = i ? 2 * f : f,
-                              .sgemm_gflops = f / bt.sgemm * 1e-9};
+                              .seconds = bt[i ? PART_BWD : PART_FWD], .flops = i ? 2 * f : f,
+                              .sgemm_gflops = ag_bench_gflops(f, bt[PART_SGEMM])};
         snprintf(rows[i].shape, sizeof rows[i].shape, "T=%lld,%lld->%lld", (long long)s.T,
                  (long long)s.in, (long long)s.out);
     }
@@ -213,7 +163,7 @@ static molt_status bench_linear(const bench_opts *o, linear_size s, bench_row *r
     return st;
 }
 
-static molt_status bench_attention(const bench_opts *o, attn_size s, bench_row *rows) {
+static molt_status bench_attention(const ag_bench_opts *o, attn_size s, bench_row *rows) {
     ag_arena p;
     ag_arena_init(&p, "bench", 0);
     ag_rng r;
@@ -225,19 +175,20 @@ static molt_status bench_attention(const bench_opts *o, attn_size s, bench_row *
     // the baseline GEMM [T x K] x [K x T] has the causal forward's flops
     int64_t K = (s.H * (s.Dqk + s.Dv) + 1) / 2;
     sgemm_job job = {0};
-    bench_times bt;
+    double bt[N_PARTS];
     molt_status st = in[0] && in[1] && in[2] && in[3] ? MOLT_OK : MOLT_ENOMEM;
     if (st == MOLT_OK)
         st = sgemm_job_init(&job, s.T, s.T, K);
     if (st == MOLT_OK)
-        st = time_op(o, in, build_attention, ag_backward_attention, &job, &bt);
+        st = time_op(o, in, build_attention, ag_backward_attention, &job, bt);
     double pairs = (double)s.T * (double)(s.T + 1) / 2;
     double ff = 2 * pairs * (double)(s.H * (s.Dqk + s.Dv));
     double fb = 2 * pairs * (double)(s.H * (3 * s.Dqk + 2 * s.Dv));
     for (int i = 0; st == MOLT_OK && i < 2; i++) {
         rows[i] = (bench_row){.op = "attention", .pass = i ? "bwd" : "fwd",
-                              .seconds = i ? bt.bwd : bt.fwd, .flops = i ? fb : ff,
-                              .sgemm_gflops = 2.0 * (double)(s.T * s.T * K) / bt.sgemm * 1e-9};
+                              .seconds = bt[i ? PART_BWD : PART_FWD], .flops = i ? fb : ff,
+                              .sgemm_gflops = ag_bench_gflops(2.0 * (double)(s.T * s.T * K),
+                                                             bt[PART_SGEMM])};
         snprintf(rows[i].shape, sizeof rows[i].shape, "T=%lld,H=%lld,Dqk=%lld,Dv=%lld",
                  (long long)s.T, (long long)s.H, (long long)s.Dqk, (long long)s.Dv);
     }
@@ -246,9 +197,8 @@ static molt_status bench_attention(const bench_opts *o, attn_size s, bench_row *
     return st;
 }
 
-static void print_header(const bench_opts *o) {
-    printf("molt bench ops: f32, optimized CPU kernels, %d threads, best of %d timed runs after "
-           "one warm-up%s\n", omp_get_max_threads(), o->repeat, o->quick ? " (--quick sizes)" : "");
+static void print_header(const ag_bench_opts *o) {
+    ag_bench_print_title(CMD, "f32, optimized CPU kernels", o);
     printf("flops: linear fwd 2*T*in*out, bwd 4*T*in*out (dx and dW); attention over the causal\n"
            "pairs P = T(T+1)/2: fwd 2*P*H*(Dqk+Dv), bwd 2*P*H*(3*Dqk+2*Dv) (scores recomputed).\n"
            "vs_sgemm = the row's GFLOP/s / cblas_sgemm's GFLOP/s in this run: for linear on the\n"
@@ -259,22 +209,18 @@ static void print_header(const bench_opts *o) {
 }
 
 static void print_row(const bench_row *r) {
-    double gf = r->flops / r->seconds * 1e-9;
+    double gf = ag_bench_gflops(r->flops, r->seconds);
     printf("%-10s %-28s %-4s %10.3f %9.2f %13.2f %9.3f\n", r->op, r->shape, r->pass,
            r->seconds * 1e3, gf, r->sgemm_gflops, gf / r->sgemm_gflops);
     fflush(stdout);
 }
 
 int ag_cmd_bench_ops(int argc, char **argv) {
-    bench_opts o;
-    int rc = parse_opts(argc, argv, &o);
+    ag_bench_opts o;
+    int rc = ag_bench_parse_opts(CMD, usage, argc, argv, &o);
     if (rc >= 0)
         return rc;
-    if (o.threads > 0) {
-        omp_set_num_threads(o.threads);
-        openblas_set_num_threads(o.threads);
-    }
-    ag_set_reference_kernels(false);
+    ag_bench_setup(&o);
     print_header(&o);
     const linear_size *ls = o.quick ? linear_quick : linear_full;
     const attn_size *as = o.quick ? attn_quick : attn_full;
@@ -284,7 +230,7 @@ int ag_cmd_bench_ops(int argc, char **argv) {
     for (size_t i = 0; i < nl + na; i++) {
         molt_status st = i < nl ? bench_linear(&o, ls[i], rows) : bench_attention(&o, as[i - nl], rows);
         if (st != MOLT_OK) {
-            fprintf(stderr, "molt bench ops: %s\n", molt_err_msg());
+            fprintf(stderr, CMD ": %s\n", molt_err_msg());
             return 1;
         }
         print_row(&rows[0]);

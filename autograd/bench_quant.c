@@ -3,24 +3,14 @@
 // input gradient dx = dy W, optimized CPU kernels, f32) next to cblas_sgemm on the
 // dequantized matrix, same shapes, measured in the same run. Not here: the routed experts
 // (they are these GEMMs per expert), CUDA.
+#include "bench_util.h"
 #include "quant_internal.h"
 
 #include <cblas.h>
-#include <errno.h>
-#include <math.h>
-#include <omp.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #define CMD "molt bench quant"
-
-typedef struct {
-    int threads; // 0: the OpenMP/OpenBLAS defaults
-    int repeat;  // timed runs after one warm-up; the best is reported
-    bool quick;  // tiny sizes, a smoke test
-} bq_opts;
 
 typedef struct {
     int64_t T, in, out;
@@ -31,60 +21,13 @@ static const bq_size sizes_full[] = {{512, 1024, 1024}, {512, 4096, 1024}, {512,
 static const bq_size sizes_quick[] = {{48, 192, 160}, {16, 130, 70}};
 static const ag_qformat bench_formats[] = {AG_Q_NF4, AG_Q_INT8};
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static void usage(FILE *f) {
     fprintf(f, "usage: " CMD " [--threads N] [--repeat R] [--quick]\n\n"
                "Prints the storage bits per parameter of each weight format, then times the\n"
                "fused quantized linear (NF4 with double quantization, INT8) forward and input\n"
                "gradient against cblas_sgemm on the dequantized f32 matrix, same shapes, same "
-               "run.\n\n"
-               "  --threads N   OpenMP and OpenBLAS threads (default: the OpenMP default)\n"
-               "  --repeat R    timed runs per row after one warm-up; the best is shown "
-               "(default 3)\n"
-               "  --quick       tiny sizes, a smoke test (the numbers mean little)\n");
-}
-
-static bool parse_count(const char *flag, const char *s, int lo, int hi, int *out) {
-    char *end;
-    errno = 0;
-    long v = s ? strtol(s, &end, 10) : 0;
-    if (!s || errno || end == s || *end || v < lo || v > hi) {
-        fprintf(stderr, CMD ": %s expects an integer in %d..%d, got '%s'\n", flag, lo, hi,
-                s ? s : "");
-        return false;
-    }
-    *out = (int)v;
-    return true;
-}
-
-// -1 to go on, else the exit status.
-static int parse_opts(int argc, char **argv, bq_opts *o) {
-    *o = (bq_opts){.repeat = 3};
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            usage(stdout);
-            return 0;
-        } else if (!strcmp(a, "--quick")) {
-            o->quick = true;
-        } else if (!strcmp(a, "--threads")) {
-            if (!parse_count(a, i + 1 < argc ? argv[++i] : NULL, 1, 1024, &o->threads))
-                return 2;
-        } else if (!strcmp(a, "--repeat")) {
-            if (!parse_count(a, i + 1 < argc ? argv[++i] : NULL, 1, 1000, &o->repeat))
-                return 2;
-        } else {
-            fprintf(stderr, CMD ": unknown option '%s'\n\n", a);
-            usage(stderr);
-            return 2;
-        }
-    }
-    return -1;
+               "run.\n\n");
+    ag_bench_usage_opts(f);
 }
 
 static ag_tensor *rand_tensor(ag_arena *a, ag_rng *r, int64_t d0, int64_t d1, double sd) {
@@ -96,7 +39,7 @@ static ag_tensor *rand_tensor(ag_arena *a, ag_rng *r, int64_t d0, int64_t d1, do
 
 // ---- storage --------------------------------------------------------------------------------
 
-static int print_storage(const bq_opts *o) {
+static int print_storage(const ag_bench_opts *o) {
     const int64_t rows = o->quick ? 1024 : 4096, cols = rows;
     ag_arena a;
     ag_arena_init(&a, "bench", 0);
@@ -136,39 +79,53 @@ static int print_storage(const bq_opts *o) {
 
 // ---- throughput -------------------------------------------------------------------------------
 
+// The parts of one timed run (run_once), in the order they run.
+enum { PART_FWD, PART_DX, PART_SG_FWD, PART_SG_DX, N_PARTS };
+
 typedef struct {
-    double fwd, dx, sg_fwd, sg_dx; // best seconds
-} bq_times;
+    ag_ctx c;
+    ag_tensor *x;
+    const ag_qweight *q;
+    const ag_tensor *wd, *dy; // the dequantized weight, a fixed output gradient
+    float *ybuf, *dxbuf;      // outputs of the baseline sgemm calls
+} bq_run;
 
 // One repetition: fused forward, its dx (the op's own backward rule on a fixed dy), then the
 // two baseline sgemm calls on the dequantized matrix, so all four see the same conditions.
-static molt_status run_once(ag_ctx *c, ag_tensor *x, const ag_qweight *q, const ag_tensor *wd,
-                            const ag_tensor *dy, float *ybuf, float *dxbuf, bq_times *t) {
-    int T = (int)x->shape[0], in = (int)x->shape[1], out = (int)q->rows;
+static molt_status run_once(void *user, double *t) {
+    bq_run *b = user;
+    ag_ctx *c = &b->c;
+    ag_tensor *x = b->x;
+    const ag_tensor *wd = b->wd, *dy = b->dy;
+    int T = (int)x->shape[0], in = (int)x->shape[1], out = (int)b->q->rows;
     ag_ctx_step_reset(c);
-    double t0 = now_s();
-    ag_tensor *y = ag_linear_q(c, x, q);
-    double t1 = now_s();
+    double t0 = ag_bench_now();
+    ag_tensor *y = ag_linear_q(c, x, b->q);
+    double t1 = ag_bench_now();
     if (!y || c->n_tape != 1)
         return y ? molt_err(MOLT_EINTERNAL, "bench: linear_q recorded no node") : MOLT_EARG;
     ag_tensor *g = ag_grad_ensure(y);
     if (!g)
         return MOLT_ENOMEM;
     memcpy(g->data, dy->data, (size_t)dy->numel * sizeof(float));
-    double t2 = now_s();
+    double t2 = ag_bench_now();
     MOLT_TRY(ag_backward_linear_q(c, c->tape[0]));
-    double t3 = now_s();
+    double t3 = ag_bench_now();
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, out, in, 1, x->data, in, wd->data,
-                in, 0, ybuf, out);
-    double t4 = now_s();
+                in, 0, b->ybuf, out);
+    double t4 = ag_bench_now();
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, in, out, 1, dy->data, out,
-                wd->data, in, 0, dxbuf, in);
-    double t5 = now_s();
-    *t = (bq_times){t1 - t0, t3 - t2, t4 - t3, t5 - t4};
+                wd->data, in, 0, b->dxbuf, in);
+    double t5 = ag_bench_now();
+    t[PART_FWD] = t1 - t0;
+    t[PART_DX] = t3 - t2;
+    t[PART_SG_FWD] = t4 - t3;
+    t[PART_SG_DX] = t5 - t4;
     return MOLT_OK;
 }
 
-static molt_status time_format(const bq_opts *o, bq_size s, ag_qformat f, bq_times *best,
+// The best seconds of each part in best[N_PARTS], and the format's bits per parameter.
+static molt_status time_format(const ag_bench_opts *o, bq_size s, ag_qformat f, double *best,
                                double *bits) {
     ag_arena a;
     ag_arena_init(&a, "bench", 0);
@@ -182,23 +139,15 @@ static molt_status time_format(const bq_opts *o, bq_size s, ag_qformat f, bq_tim
     ag_tensor *wd = st == MOLT_OK ? ag_qweight_dequantize(&a, &q) : NULL;
     if (st == MOLT_OK && !wd)
         st = MOLT_ENOMEM;
-    *best = (bq_times){INFINITY, INFINITY, INFINITY, INFINITY};
     *bits = ag_qweight_bits_per_param(&q);
-    ag_ctx c;
-    ag_ctx_init(&c);
+    bq_run b = {.x = x, .q = &q, .wd = wd, .dy = dy, .ybuf = ybuf,
+                .dxbuf = ybuf ? ybuf + s.T * s.out : NULL};
+    ag_ctx_init(&b.c);
     if (x)
         x->requires_grad = true;
-    for (int i = 0; st == MOLT_OK && i <= o->repeat; i++) {
-        bq_times t = {0, 0, 0, 0};
-        st = run_once(&c, x, &q, wd, dy, ybuf, ybuf + s.T * s.out, &t);
-        if (st == MOLT_OK && i > 0) { // the first run warms caches and thread pools
-            best->fwd = fmin(best->fwd, t.fwd);
-            best->dx = fmin(best->dx, t.dx);
-            best->sg_fwd = fmin(best->sg_fwd, t.sg_fwd);
-            best->sg_dx = fmin(best->sg_dx, t.sg_dx);
-        }
-    }
-    ag_ctx_free(&c);
+    if (st == MOLT_OK)
+        st = ag_bench_best_of(o, run_once, &b, N_PARTS, best);
+    ag_ctx_free(&b.c);
     ag_qweight_free(&q);
     molt_free(ybuf);
     ag_arena_free(&a);
@@ -208,7 +157,7 @@ static molt_status time_format(const bq_opts *o, bq_size s, ag_qformat f, bq_tim
 static void print_row(ag_qformat f, bq_size s, const char *pass, double sec, double sg_sec,
                       double bits) {
     double flops = 2.0 * (double)s.T * (double)s.in * (double)s.out;
-    double gf = flops / sec * 1e-9, sg = flops / sg_sec * 1e-9;
+    double gf = ag_bench_gflops(flops, sec), sg = ag_bench_gflops(flops, sg_sec);
     char shape[48];
     snprintf(shape, sizeof shape, "T=%lld,%lld->%lld", (long long)s.T, (long long)s.in,
              (long long)s.out);
@@ -219,18 +168,13 @@ static void print_row(ag_qformat f, bq_size s, const char *pass, double sec, dou
 }
 
 int ag_cmd_bench_quant(int argc, char **argv) {
-    bq_opts o;
-    int rc = parse_opts(argc, argv, &o);
+    ag_bench_opts o;
+    int rc = ag_bench_parse_opts(CMD, usage, argc, argv, &o);
     if (rc >= 0)
         return rc;
-    if (o.threads > 0) {
-        omp_set_num_threads(o.threads);
-        openblas_set_num_threads(o.threads);
-    }
-    ag_set_reference_kernels(false);
-    printf(CMD ": f32 activations, optimized CPU kernels, %d threads, best of %d timed runs "
-           "after one warm-up%s\n\n", omp_get_max_threads(), o.repeat,
-           o.quick ? " (--quick sizes)" : "");
+    ag_bench_setup(&o);
+    ag_bench_print_title(CMD, "f32 activations, optimized CPU kernels", &o);
+    printf("\n");
     if (print_storage(&o) != 0)
         return 1;
     printf("fused linear: fwd y = x W^T and dx = dy W, 2*T*in*out flops each; sgemm = "
@@ -243,14 +187,13 @@ int ag_cmd_bench_quant(int argc, char **argv) {
     size_t n = o.quick ? sizeof sizes_quick / sizeof *sz : sizeof sizes_full / sizeof *sz;
     for (size_t i = 0; i < n; i++)
         for (size_t j = 0; j < sizeof bench_formats / sizeof *bench_formats; j++) {
-            bq_times t;
-            double bits;
-            if (time_format(&o, sz[i], bench_formats[j], &t, &bits) != MOLT_OK) {
+            double t[N_PARTS], bits;
+            if (time_format(&o, sz[i], bench_formats[j], t, &bits) != MOLT_OK) {
                 fprintf(stderr, CMD ": %s\n", molt_err_msg());
                 return 1;
             }
-            print_row(bench_formats[j], sz[i], "fwd", t.fwd, t.sg_fwd, bits);
-            print_row(bench_formats[j], sz[i], "dx", t.dx, t.sg_dx, bits);
+            print_row(bench_formats[j], sz[i], "fwd", t[PART_FWD], t[PART_SG_FWD], bits);
+            print_row(bench_formats[j], sz[i], "dx", t[PART_DX], t[PART_SG_DX], bits);
         }
     return 0;
 }

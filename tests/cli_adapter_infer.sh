@@ -4,15 +4,7 @@
 # the same greedy text as the merged model written by `molt merge`; a PEFT directory and
 # a molt adapter file give identical results; a missing adapter is a clear error.
 # $1: the molt binary. The exit status is the verdict.
-set -u
-molt=$1
-src=${MOLT_SOURCE_DIR:-$(cd "$(dirname "$0")/.." && pwd)}
-export MOLT_SOURCE_DIR=$src
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failed=0
-ok() { echo "ok: $1"; }
-bad() { echo "FAIL: $1"; failed=1; }
+. "$(dirname "$0")/harness/cli_lib.sh" "$@" || exit 1
 check() { if "${@:2}" >"$tmp/log" 2>&1; then ok "$1"; else bad "$1: $(tail -3 "$tmp/log")"; fi; }
 
 check "init-model" "$molt" init-model --preset tiny --seed 7 --out "$tmp/m"
@@ -20,7 +12,7 @@ spec="r=4,alpha=8,targets=q_b_proj+kv_b_proj+o_proj+shared_experts.up_proj"
 check "export a non-trivial adapter" "$molt" export --model "$tmp/m" --spec "$spec" \
     --b-std 0.5 --b-seed 3 --out "$tmp/peft"
 check "same adapter as a molt file" "$molt" export --model "$tmp/m" --adapter "$tmp/peft" \
-    --format molt --out "$tmp/a.safetensors"
+    --format molt --out "$tmp/a.h5"
 check "merge f32" "$molt" merge --model "$tmp/m" --adapter "$tmp/peft" --out "$tmp/merged" \
     --dtype f32
 
@@ -28,7 +20,7 @@ printf '1 22177 1766 3174\n1 3074 1093\n' >"$tmp/tokens"
 check "forward base" "$molt" forward --model "$tmp/m" --tokens "$tmp/tokens" --out "$tmp/base.st"
 check "forward + PEFT adapter" "$molt" forward --model "$tmp/m" --adapter "$tmp/peft" \
     --tokens "$tmp/tokens" --out "$tmp/peft.st"
-check "forward + molt adapter" "$molt" forward --model "$tmp/m" --adapter "$tmp/a.safetensors" \
+check "forward + molt adapter" "$molt" forward --model "$tmp/m" --adapter "$tmp/a.h5" \
     --tokens "$tmp/tokens" --out "$tmp/molt.st"
 cmp -s "$tmp/base.st" "$tmp/peft.st" && bad "the adapter changed no logit" || ok "adapter changes logits"
 cmp -s "$tmp/peft.st" "$tmp/molt.st" && ok "PEFT dir and molt file agree" \
@@ -53,5 +45,4 @@ rc=$?
 [ $rc -ne 0 ] && grep -q "adapter $tmp/nope" "$tmp/err" && ok "generate: missing adapter" \
     || bad "generate missing adapter: rc $rc, $(cat "$tmp/err")"
 
-if [ $failed -eq 0 ]; then echo "1 passed, 0 failed"; else echo "0 passed, 1 failed"; fi
-exit $failed
+cli_done

@@ -3,9 +3,7 @@
 # checkpoint row with the adapter's parameter count (recomputed here from the tiny preset's
 # shapes), positive write/read seconds and a size that holds the parameters and both AdamW
 # moments in F32; bad options are refused. $1: the molt binary.
-set -u
-molt="$1"
-fail() { echo "FAIL: $*"; exit 1; }
+. "$(dirname "$0")/harness/cli_lib.sh" "$@" || exit 1
 
 out=$("$molt" bench ckpt --quick) || fail "molt bench ckpt --quick exited $?"
 # per rank: attention (q_a 24x32, q_b 64x24, kv_a 24x32, kv_b 80x16, o 32x48) in + out over
@@ -24,8 +22,8 @@ awk -v m="$mib" -v p="$params" 'BEGIN { b = 12 * p / 1048576; exit !(m >= b && m
     || fail "size $mib MiB for $params parameters"
 
 "$molt" bench ckpt --bogus 2>/dev/null && fail "unknown option accepted"
-"$molt" bench ckpt --r 0 2>err.txt && fail "--r 0 accepted"
-grep -q "wants an integer in \[1, 4096\], got '0'" err.txt || fail "no message for --r 0"
-rm -f err.txt
+"$molt" bench ckpt --r 0 2>"$tmp/err" && fail "--r 0 accepted"
+grep -q "wants an integer in \[1, 4096\], got '0'" "$tmp/err" || fail "no message for --r 0"
 "$molt" bench ckpt --help | grep -q -- "--quick" || fail "--help does not describe --quick"
-echo "ok: bench ckpt"
+ok "bench ckpt"
+cli_done

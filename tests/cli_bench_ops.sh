@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # tests/cli_bench_ops.sh: `molt bench ops --quick` prints a fwd and a bwd row for every linear
 # and attention size, each with positive timings and rates; bad options are refused.
-set -u
-molt="$1"
-fail() { echo "FAIL: $*"; exit 1; }
+. "$(dirname "$0")/harness/cli_lib.sh" "$@" || exit 1
 
 out=$("$molt" bench ops --quick --repeat 2 --threads 2) || fail "molt bench ops --quick exited $?"
 grep -q "vs_sgemm" <<<"$out" || fail "no table header: $out"
@@ -21,9 +19,9 @@ bad=$(awk '($1 == "linear" || $1 == "attention") {
 grep -q "2 threads" <<<"$out" || fail "--threads 2 not reported: $out"
 
 "$molt" bench ops --bogus 2>/dev/null && fail "unknown option accepted"
-"$molt" bench ops --threads 0 2>err.txt && fail "--threads 0 accepted"
-grep -q "expects an integer in 1..1024, got '0'" err.txt || fail "no message for --threads 0"
+"$molt" bench ops --threads 0 2>"$tmp/err" && fail "--threads 0 accepted"
+grep -q "expects an integer in 1..1024, got '0'" "$tmp/err" || fail "no message for --threads 0"
 "$molt" bench ops --repeat 2>/dev/null && fail "--repeat without a value accepted"
 "$molt" bench ops --help | grep -q -- "--quick" || fail "--help does not describe --quick"
-rm -f err.txt
-echo "1 passed, 0 failed"
+ok "bench ops"
+cli_done

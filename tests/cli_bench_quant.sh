@@ -2,9 +2,7 @@
 # tests/cli_bench_quant.sh: `molt bench quant --quick` prints the storage table (NF4 with
 # double quantization at most 4.13 bits/param) and a fwd and a dx row for NF4 and INT8 on
 # every size, each with positive timings and rates; bad options are refused.
-set -u
-molt="$1"
-fail() { echo "FAIL: $*"; exit 1; }
+. "$(dirname "$0")/harness/cli_lib.sh" "$@" || exit 1
 
 out=$("$molt" bench quant --quick --repeat 2 --threads 2) || fail "molt bench quant --quick exited $?"
 grep -q "vs_sgemm" <<<"$out" || fail "no table header: $out"
@@ -24,9 +22,9 @@ bad=$(awk '($1 == "nf4" || $1 == "int8") && ($3 == "fwd" || $3 == "dx") {
 [ -z "$bad" ] || fail "non-positive or missing numbers: $bad"
 
 "$molt" bench quant --bogus 2>/dev/null && fail "unknown option accepted"
-"$molt" bench quant --repeat 0 2>err.txt && fail "--repeat 0 accepted"
-grep -q "expects an integer in 1..1000, got '0'" err.txt || fail "no message for --repeat 0"
+"$molt" bench quant --repeat 0 2>"$tmp/err" && fail "--repeat 0 accepted"
+grep -q "expects an integer in 1..1000, got '0'" "$tmp/err" || fail "no message for --repeat 0"
 "$molt" bench quant --threads 2>/dev/null && fail "--threads without a value accepted"
 "$molt" bench quant --help | grep -q -- "--quick" || fail "--help does not describe --quick"
-rm -f err.txt
-echo "1 passed, 0 failed"
+ok "bench quant"
+cli_done

@@ -3,25 +3,8 @@
 # 2-step run on the tiny preset holds out part of the quickstart training data and logs an
 # eval_loss; --eval-only evaluates on the held-out part; the split together with data.eval,
 # and a split that leaves one side empty, fail with their messages. $1: the molt binary.
-set -u
-molt=$1
-src=${MOLT_SOURCE_DIR:-$(cd "$(dirname "$0")/.." && pwd)}
-export MOLT_SOURCE_DIR=$src
+. "$(dirname "$0")/harness/cli_lib.sh" "$@" || exit 1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failed=0
-
-ok() { echo "ok: $1"; }
-bad() { echo "FAIL: $1"; failed=1; }
-same() { if [ "$2" == "$3" ]; then ok "$1"; else bad "$1: got '$2', expected '$3'"; fi; }
-has() { if [[ "$2" == *"$3"* ]]; then ok "$1"; else bad "$1: '$2' lacks '$3'"; fi; }
-run() {
-    "$@" >"$tmp/out" 2>"$tmp/err"
-    rc=$?
-    out=$(cat "$tmp/out")
-    err=$(cat "$tmp/err")
-}
 
 run "$molt" train --help
 has "--help lists data.eval_split" "$out" "data.eval_split"
@@ -61,4 +44,4 @@ same "split of one record" "$rc" 1
 has "empty side: message" "$err" "$tmp/one.jsonl: no usable example"
 has "empty side: names the split" "$err" "the 0.4 hold-out split"
 
-exit $failed
+cli_done

@@ -2,29 +2,13 @@
 # tests/cli_export_ckpt.sh: `molt export --checkpoint`: 3 training steps on the tiny preset
 # (LoRA with dropout, routed experts adapted too), then the adapter of the last checkpoint
 # exported as a PEFT directory and as a molt file must equal, byte for byte, what training
-# wrote to output_dir/adapter/ and output_dir/adapter.safetensors. --model replaces the
+# wrote to output_dir/adapter/ and output_dir/adapter.h5. --model replaces the
 # model named in the checkpoint; a missing, a truncated and a non-checkpoint file are
 # refused with messages naming the file; the usual `molt export` forms still work.
 # $1: the molt binary. The exit status is the verdict.
-set -u
-molt=$1
-src=${MOLT_SOURCE_DIR:-$(cd "$(dirname "$0")/.." && pwd)}
-export MOLT_SOURCE_DIR=$src
+. "$(dirname "$0")/harness/cli_lib.sh" "$@" || exit 1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failed=0
 
-ok() { echo "ok: $1"; }
-bad() { echo "FAIL: $1"; failed=1; }
-same() { if [ "$2" == "$3" ]; then ok "$1"; else bad "$1: got '$2', expected '$3'"; fi; }
-has() { if [[ "$2" == *"$3"* ]]; then ok "$1"; else bad "$1: '$2' lacks '$3'"; fi; }
-run() {
-    "$@" >"$tmp/out" 2>"$tmp/err"
-    rc=$?
-    out=$(cat "$tmp/out")
-    err=$(cat "$tmp/err")
-}
 same_file() { cmp -s "$2" "$3" && ok "$1" || bad "$1: $2 and $3 differ"; }
 
 run "$molt" init-model --preset tiny --seed 1 --out "$tmp/base"
@@ -51,9 +35,9 @@ same_file "PEFT tensors equal the trained adapter" "$tmp/peft/adapter_model.safe
     "$tmp/run/adapter/adapter_model.safetensors"
 same_file "PEFT config equals the trained one" "$tmp/peft/adapter_config.json" \
     "$tmp/run/adapter/adapter_config.json"
-run "$molt" export --checkpoint "$ck" --format molt --out "$tmp/a.safetensors"
+run "$molt" export --checkpoint "$ck" --format molt --out "$tmp/a.h5"
 same "export --checkpoint --format molt" "$rc" 0
-same_file "molt file equals the trained one" "$tmp/a.safetensors" "$tmp/run/adapter.safetensors"
+same_file "molt file equals the trained one" "$tmp/a.h5" "$tmp/run/adapter.h5"
 run "$molt" export --checkpoint "$ck" --model "$tmp/base2" --out "$tmp/peft2"
 same "export --checkpoint --model" "$rc" 0
 same_file "same tensors with --model" "$tmp/peft2/adapter_model.safetensors" \
@@ -79,7 +63,7 @@ same "--spec with --checkpoint" "$rc" 2
 has "--spec refused" "$err" "'--spec' does not go with --checkpoint"
 
 # the other forms still go to the adapter exporter
-run "$molt" export --model "$tmp/base" --adapter "$tmp/run/adapter.safetensors" --out "$tmp/p3"
+run "$molt" export --model "$tmp/base" --adapter "$tmp/run/adapter.h5" --out "$tmp/p3"
 same "export --adapter" "$rc" 0
 same_file "adapter file to PEFT" "$tmp/p3/adapter_model.safetensors" \
     "$tmp/run/adapter/adapter_model.safetensors"
@@ -87,4 +71,4 @@ run "$molt" export --help
 same "--help" "$rc" 0
 has "--help shows --checkpoint" "$out" "--checkpoint CKPT"
 has "--help shows --adapter" "$out" "--adapter SRC"
-exit $failed
+cli_done

@@ -6,24 +6,8 @@
 # template, --prompt-file equals --prompt, and every bad invocation gives its message and
 # exit status (2 usage, 1 failure). The token values themselves are checked against
 # transformers in test_kvcache.c. $1: the molt binary. The exit status is the verdict.
-set -u
-molt=$1
-src=${MOLT_SOURCE_DIR:-$(cd "$(dirname "$0")/.." && pwd)}
-export MOLT_SOURCE_DIR=$src
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failed=0
+. "$(dirname "$0")/harness/cli_lib.sh" "$@" || exit 1
 
-ok() { echo "ok: $1"; }
-bad() { echo "FAIL: $1"; failed=1; }
-same() { if [ "$2" == "$3" ]; then ok "$1"; else bad "$1: got '$2', expected '$3'"; fi; }
-run() {
-    "$@" >"$tmp/out" 2>"$tmp/err"
-    rc=$?
-    out=$(cat "$tmp/out")
-    err=$(cat "$tmp/err")
-}
-has() { if [[ "$err" == *"$2"* ]]; then ok "$1"; else bad "$1: stderr '$err' lacks '$2'"; fi; }
 # count of generated tokens and of prompt tokens in the summary line
 gen_count() { sed -n 's/.*generated \([0-9]*\) tokens.*/\1/p' <<<"$err"; }
 prompt_count() { sed -n 's/.*: \([0-9]*\) prompt tokens.*/\1/p' <<<"$err"; }
@@ -52,7 +36,7 @@ same "--max-tokens 3: status" "$rc" 0
 run "$molt" generate --model "$m" --prompt "The quick brown fox" --max-tokens 0
 same "--max-tokens 0: status" "$rc" 0
 same "--max-tokens 0: no text" "$out" ""
-has "--max-tokens 0: count" "generated 0 tokens"
+has_err "--max-tokens 0: count" "generated 0 tokens"
 
 # ---- sampling --------------------------------------------------------------------------------
 sample=(generate --model "$m" --prompt "Once upon" --max-tokens 10 --temperature 1.5
@@ -81,38 +65,38 @@ same "--prompt-file equals --prompt" "$out" "$g1"
 # ---- errors ------------------------------------------------------------------------------------
 run "$molt" generate --prompt x
 same "no --model: status" "$rc" 2
-has "no --model: message" "molt generate: --model is required"
+has_err "no --model: message" "molt generate: --model is required"
 run "$molt" generate --model "$m"
 same "no prompt: status" "$rc" 2
-has "no prompt: message" "give exactly one of --prompt and --prompt-file"
+has_err "no prompt: message" "give exactly one of --prompt and --prompt-file"
 run "$molt" generate --model "$m" --prompt x --prompt-file "$tmp/prompt.txt"
 same "two prompts: status" "$rc" 2
 run "$molt" generate --model "$m" --prompt-file "$tmp/missing.txt"
 same "missing prompt file: status" "$rc" 1
-has "missing prompt file: message" "cannot open prompt file $tmp/missing.txt: No such file"
+has_err "missing prompt file: message" "cannot open prompt file $tmp/missing.txt: No such file"
 run "$molt" generate --model "$tmp/nowhere" --prompt x
 same "missing model: status" "$rc" 1
-has "missing model: message" "no tokenizer in $tmp/nowhere"
+has_err "missing model: message" "no tokenizer in $tmp/nowhere"
 run "$molt" generate --model "$m" --prompt x --temperature -1
 same "negative temperature: status" "$rc" 2
-has "negative temperature: message" "--temperature '-1' is not a number >= 0"
+has_err "negative temperature: message" "--temperature '-1' is not a number >= 0"
 run "$molt" generate --model "$m" --prompt x --top-p 0
-has "top-p 0: message" "--top-p '0' is not a number in (0, 1]"
+has_err "top-p 0: message" "--top-p '0' is not a number in (0, 1]"
 run "$molt" generate --model "$m" --prompt x --top-k five
-has "top-k: message" "--top-k 'five' is not an integer >= 0 (0 = off)"
+has_err "top-k: message" "--top-k 'five' is not an integer >= 0 (0 = off)"
 run "$molt" generate --model "$m" --prompt x --max-tokens -3
-has "max-tokens: message" "--max-tokens '-3' is not an integer >= 0"
+has_err "max-tokens: message" "--max-tokens '-3' is not an integer >= 0"
 run "$molt" generate --model "$m" --prompt x --attn flash
-has "attn: message" "--attn 'flash' is not absorbed or expanded"
+has_err "attn: message" "--attn 'flash' is not absorbed or expanded"
 run "$molt" generate --model "$m" --prompt x --max-tokens
 same "missing value: status" "$rc" 2
-has "missing value: message" "--max-tokens needs a value"
+has_err "missing value: message" "--max-tokens needs a value"
 run "$molt" generate --model "$m" --prompt x --beam 4
 same "unknown option: status" "$rc" 2
-has "unknown option: message" "unknown option '--beam'"
+has_err "unknown option: message" "unknown option '--beam'"
 run "$molt" generate --model "$m" --prompt x --max-tokens 1000
 same "past the positions: status" "$rc" 1
-has "past the positions: message" "exceed the model's 512 positions"
+has_err "past the positions: message" "exceed the model's 512 positions"
 run "$molt" generate --help
 same "--help: status" "$rc" 0
 
@@ -125,8 +109,8 @@ run "$molt" bench generate --model "$m" --prompt-tokens 4 --gen-tokens 2
 same "bench generate --model: status" "$rc" 0
 run "$molt" bench generate --prompt-tokens 4
 same "bench without a model: status" "$rc" 2
-has "bench without a model: message" "give exactly one of --model and --preset"
+has_err "bench without a model: message" "give exactly one of --model and --preset"
 run "$molt" bench generate --preset tiny --gen-tokens 0
 same "bench zero tokens: status" "$rc" 2
 
-exit $failed
+cli_done

@@ -5,24 +5,7 @@
 # test_lora.c's merge tests; here: the files, the parameter table, determinism), and the
 # message and exit status of bad invocations. $1: the molt binary. The exit status is the
 # verdict.
-set -u
-molt=$1
-src=${MOLT_SOURCE_DIR:-$(cd "$(dirname "$0")/.." && pwd)}
-export MOLT_SOURCE_DIR=$src
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failed=0
-
-ok() { echo "ok: $1"; }
-bad() { echo "FAIL: $1"; failed=1; }
-same() { if [ "$2" == "$3" ]; then ok "$1"; else bad "$1: got '$2', expected '$3'"; fi; }
-run() {
-    "$@" >"$tmp/out" 2>"$tmp/err"
-    rc=$?
-    out=$(cat "$tmp/out")
-    err=$(cat "$tmp/err")
-}
-has() { if [[ "$2" == *"$3"* ]]; then ok "$1"; else bad "$1: '$2' lacks '$3'"; fi; }
+. "$(dirname "$0")/harness/cli_lib.sh" "$@" || exit 1
 
 run "$molt" init-model --preset tiny --seed 1 --out "$tmp/m" --no-tokenizer
 same "init-model" "$rc" 0
@@ -34,9 +17,10 @@ has "parameter table" "$out" "attn"
 for f in adapter_config.json adapter_model.safetensors; do
     [ -s "$tmp/peft/$f" ] && ok "peft has $f" || bad "peft lacks $f"
 done
-run "$molt" export --model "$tmp/m" --adapter "$tmp/peft" --format molt --out "$tmp/a.safetensors"
+run "$molt" export --model "$tmp/m" --adapter "$tmp/peft" --format molt --out "$tmp/a.h5"
 same "peft -> molt file" "$rc" 0
-run "$molt" export --model "$tmp/m" --adapter "$tmp/a.safetensors" --out "$tmp/peft2"
+same "the molt file is HDF5" "$(head -c 4 "$tmp/a.h5" | tail -c 3)" "HDF"
+run "$molt" export --model "$tmp/m" --adapter "$tmp/a.h5" --out "$tmp/peft2"
 same "molt file -> peft" "$rc" 0
 cmp -s "$tmp/peft/adapter_model.safetensors" "$tmp/peft2/adapter_model.safetensors" &&
     ok "peft -> molt -> peft keeps the tensors" || bad "tensors changed through the molt file"
@@ -47,7 +31,7 @@ run "$molt" merge --model "$tmp/m" --adapter "$tmp/peft" --out "$tmp/merged"
 same "merge f32" "$rc" 0
 [ -s "$tmp/merged/model.safetensors" ] && [ -s "$tmp/merged/config.json" ] &&
     ok "merged files" || bad "merged files missing"
-run "$molt" merge --model "$tmp/m" --adapter "$tmp/a.safetensors" --out "$tmp/merged2"
+run "$molt" merge --model "$tmp/m" --adapter "$tmp/a.h5" --out "$tmp/merged2"
 cmp -s "$tmp/merged/model.safetensors" "$tmp/merged2/model.safetensors" &&
     ok "merge from either adapter form is identical" || bad "merges differ"
 cmp -s "$tmp/m/model.safetensors" "$tmp/merged/model.safetensors" &&
@@ -69,8 +53,13 @@ has "no-match message" "$err" "target 'q_proj' matches no module of the model"
 run "$molt" export --model "$tmp/m" --adapter "$tmp/nowhere" --out "$tmp/x"
 same "missing adapter" "$rc" 1
 has "missing adapter message" "$err" "no such file or directory"
+echo "r=4,targets=q_a_proj" >"$tmp/notes.txt"
+run "$molt" merge --model "$tmp/m" --adapter "$tmp/notes.txt" --out "$tmp/x"
+same "a text file as adapter" "$rc" 1
+has "text file message" "$err" "adapter $tmp/notes.txt: not an HDF5 file (expected a PEFT \
+directory holding adapter_config.json or a molt adapter file (HDF5))"
 run "$molt" export --checkpoint c.h5 --format peft --out "$tmp/x"
 same "checkpoint not yet readable" "$rc" 1
 run "$molt" merge --frobnicate
 same "unknown option" "$rc" 2
-exit $failed
+cli_done

@@ -5,31 +5,7 @@
 # against transformers in test_model_forward.c), forward on the bf16, fp8 and Mistral-layout
 # copies, and the message and exit status of each bad invocation. $1: the molt binary. The
 # exit status is the verdict.
-set -u
-molt=$1
-src=${MOLT_SOURCE_DIR:-$(cd "$(dirname "$0")/.." && pwd)}
-export MOLT_SOURCE_DIR=$src
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failed=0
-
-ok() { echo "ok: $1"; }
-bad() { echo "FAIL: $1"; failed=1; }
-same() { if [ "$2" == "$3" ]; then ok "$1"; else bad "$1: got '$2', expected '$3'"; fi; }
-run() {
-    "$@" >"$tmp/out" 2>"$tmp/err"
-    rc=$?
-    out=$(cat "$tmp/out")
-    err=$(cat "$tmp/err")
-}
-# has NAME TEXT: the last stderr contains TEXT
-has() { if [[ "$err" == *"$2"* ]]; then ok "$1"; else bad "$1: stderr '$err' lacks '$2'"; fi; }
-# JSON header of a safetensors file (8-byte little-endian length, then the header)
-header() {
-    local n
-    n=$(od -An -t u8 -N 8 "$1" | tr -d ' ')
-    dd if="$1" bs=1 skip=8 count="$n" 2>/dev/null
-}
+. "$(dirname "$0")/harness/cli_lib.sh" "$@" || exit 1
 
 # ---- init-model ------------------------------------------------------------------------
 run "$molt" init-model --preset tiny --out "$tmp/a" --seed 1234
@@ -87,42 +63,43 @@ done
 # ---- bad invocations -------------------------------------------------------------------
 run "$molt" init-model --out "$tmp/x"
 same "no --preset: status" "$rc" 2
-has "no --preset: message" "--preset and --out are required"
+has_err "no --preset: message" "--preset and --out are required"
 run "$molt" init-model --preset nope --out "$tmp/x"
 same "unknown preset: status" "$rc" 1
-has "unknown preset: message" "preset 'nope' not found"
+has_err "unknown preset: message" "preset 'nope' not found"
 run "$molt" init-model --preset tiny --out "$tmp/x" --dtype f64
 same "bad --dtype: status" "$rc" 2
-has "bad --dtype: message" "--dtype 'f64' is not one of f32, bf16, fp8"
+has_err "bad --dtype: message" "--dtype 'f64' is not one of f32, bf16, fp8"
 run "$molt" init-model --preset tiny --out "$tmp/x" --seed -3
 same "bad --seed: status" "$rc" 2
 run "$molt" init-model --preset tiny --out "$tmp/x" --bogus
 same "unknown option: status" "$rc" 2
-has "unknown option: message" "unknown option '--bogus'"
+has_err "unknown option: message" "unknown option '--bogus'"
 run "$molt" init-model --preset mistral-small-4 --out "$tmp/x" --no-tokenizer
 same "huge preset refused: status" "$rc" 1
-has "huge preset refused: message" "raise --max-gb"
+has_err "huge preset refused: message" "raise --max-gb"
 run "$molt" init-model --preset tiny --out "$tmp/x" --tokenizer "$tmp/none.json"
 same "missing tokenizer: status" "$rc" 1
 
 run "$molt" forward --model "$tmp/a" --tokens "$tmp/tokens.txt" --out "$tmp/o" --adapter foo
 same "--adapter missing: status" "$rc" 1
-has "--adapter missing: message" "molt forward: adapter foo: no such file or directory"
+has_err "--adapter missing: message" "molt forward: adapter foo: no such file or directory"
 run "$molt" forward --model "$tmp/a" --tokens "$tmp/tokens.txt"
 same "no --out: status" "$rc" 2
 printf '1 2\n3 abc 4\n' >"$tmp/badtok.txt"
 run "$molt" forward --model "$tmp/a" --tokens "$tmp/badtok.txt" --out "$tmp/o"
 same "bad token: status" "$rc" 1
-has "bad token: message" "badtok.txt:2: 'abc' is not a token id"
+has_err "bad token: message" "badtok.txt:2: 'abc' is not a token id"
 printf '1 131072\n' >"$tmp/range.txt"
 run "$molt" forward --model "$tmp/a" --tokens "$tmp/range.txt" --out "$tmp/o"
-has "token out of range: message" "range.txt:1: token 131072 is outside the vocabulary [0, 131072)"
+has_err "token out of range: message" \
+    "range.txt:1: token 131072 is outside the vocabulary [0, 131072)"
 printf '\n\n' >"$tmp/empty.txt"
 run "$molt" forward --model "$tmp/a" --tokens "$tmp/empty.txt" --out "$tmp/o"
-has "no sequences: message" "no token sequences"
+has_err "no sequences: message" "no token sequences"
 run "$molt" forward --model "$tmp/nowhere" --tokens "$tmp/tokens.txt" --out "$tmp/o"
 same "missing model: status" "$rc" 1
-has "missing model: message" "nowhere/config.json: cannot open"
+has_err "missing model: message" "nowhere/config.json: cannot open"
 [ ! -e "$tmp/o" ] && ok "no output on failure" || bad "output written despite failure"
 
-exit $failed
+cli_done

@@ -5,30 +5,7 @@
 # load, --double-quant off, an FP8 checkpoint kept as loaded, the figures the benchmark
 # prints, and the message and exit status of bad invocations and of a corrupt file.
 # $1: the molt binary. The exit status is the verdict.
-set -u
-molt=$1
-src=${MOLT_SOURCE_DIR:-$(cd "$(dirname "$0")/.." && pwd)}
-export MOLT_SOURCE_DIR=$src
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failed=0
-
-ok() { echo "ok: $1"; }
-bad() { echo "FAIL: $1"; failed=1; }
-same() { if [ "$2" == "$3" ]; then ok "$1"; else bad "$1: got '$2', expected '$3'"; fi; }
-run() {
-    "$@" >"$tmp/out" 2>"$tmp/err"
-    rc=$?
-    out=$(cat "$tmp/out")
-    err=$(cat "$tmp/err")
-}
-has() { if [[ "$err" == *"$2"* ]]; then ok "$1"; else bad "$1: stderr '$err' lacks '$2'"; fi; }
-has_out() { if [[ "$out" == *"$2"* ]]; then ok "$1"; else bad "$1: stdout '$out' lacks '$2'"; fi; }
-header() {
-    local n
-    n=$(od -An -t u8 -N 8 "$1" | tr -d ' ')
-    dd if="$1" bs=1 skip=8 count="$n" 2>/dev/null
-}
+. "$(dirname "$0")/harness/cli_lib.sh" "$@" || exit 1
 
 run "$molt" init-model --preset tiny --out "$tmp/m" --seed 7
 same "init-model: status" "$rc" 0
@@ -99,14 +76,14 @@ same "generate nf4: expanded attention gives the same text" "$out" "$gen_a"
 # ---- bad invocations and a corrupt file ------------------------------------------------
 run "$molt" quantize --model "$tmp/m" --quant nf5 --out "$tmp/x"
 same "bad format: status" "$rc" 2
-has "bad format: message" "quant spec 'nf5': unknown format 'nf5'"
+has_err "bad format: message" "quant spec 'nf5': unknown format 'nf5'"
 run "$molt" quantize --model "$tmp/m" --quant nf4
 same "missing --out: status" "$rc" 2
 run "$molt" quantize --model "$tmp/m" --quant nf4 --double-quant maybe --out "$tmp/x"
 same "bad --double-quant: status" "$rc" 2
 run "$molt" forward --model "$tmp/m" --tokens "$tmp/tok" --out "$tmp/d.st" --base-quant nf4,x=f32
 same "forward bad --base-quant: status" "$rc" 2
-has "forward bad --base-quant: message" "unknown group 'x'"
+has_err "forward bad --base-quant: message" "unknown group 'x'"
 # the JSON blob of o_proj overwritten in place: same length, no longer JSON
 cp -r "$tmp/q" "$tmp/bad"
 hdr=$(header "$tmp/q/model.safetensors")
@@ -117,7 +94,7 @@ printf 'XXXX' | dd of="$tmp/bad/model.safetensors" bs=1 seek=$((8 + n + off)) co
     2>/dev/null
 run "$molt" forward --model "$tmp/bad" --tokens "$tmp/tok" --out "$tmp/e.st"
 same "corrupt quant_state: status" "$rc" 1
-has "corrupt quant_state: message" "quantized weight '$w': quant_state is not a JSON object"
+has_err "corrupt quant_state: message" "quantized weight '$w': quant_state is not a JSON object"
 
 # ---- bench -----------------------------------------------------------------------------
 run "$molt" bench quant-model --model "$tmp/m"
@@ -129,4 +106,4 @@ nf4_bits=$(awk '$1 == "nf4" {print $2}' <<<"$out")
 awk -v b="$nf4_bits" 'BEGIN {exit !(b > 4.0 && b < 4.2)}' && ok "nf4 bits/param $nf4_bits" ||
     bad "nf4 bits/param $nf4_bits"
 
-exit $failed
+cli_done

@@ -3,27 +3,10 @@
 # parity corpus through --jsonl (file and stdin) for both shipped tokenizers against the
 # reference ids, --text, --bos/--eos, blank lines, and the message and exit status of each
 # bad invocation. $1: the molt binary. The exit status is the verdict.
-set -u
-molt=$1
-src=${MOLT_SOURCE_DIR:-$(cd "$(dirname "$0")/.." && pwd)}
+. "$(dirname "$0")/harness/cli_lib.sh" "$@" || exit 1
 fix=$src/tests/fixtures/tokenizer
 tekken=$src/configs/tokenizers/tekken.json
 ds=$src/configs/tokenizers/deepseek-v3-tokenizer.json
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failed=0
-
-ok() { echo "ok: $1"; }
-bad() { echo "FAIL: $1"; failed=1; }
-# same NAME GOT WANT
-same() { if [ "$2" == "$3" ]; then ok "$1"; else bad "$1: got '$2', expected '$3'"; fi; }
-# runs "$@" and records stdout, stderr and the exit status in out, err, rc
-run() {
-    "$@" >"$tmp/out" 2>"$tmp/err"
-    rc=$?
-    out=$(cat "$tmp/out")
-    err=$(cat "$tmp/err")
-}
 
 # ---- ids of the whole corpus, one line per record -------------------------------------
 run "$molt" tokenize --tokenizer "$tekken" --jsonl "$fix/corpus.jsonl"
@@ -100,4 +83,4 @@ awk -v m="$mbps" 'BEGIN { exit !(m > 0) }' && ok "bench: MB/s > 0 ($mbps)" || ba
 run "$molt" bench tokenize --seconds -1
 same "bench: bad --seconds" "$rc" 2
 
-exit $failed
+cli_done

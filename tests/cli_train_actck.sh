@@ -4,18 +4,8 @@
 # on the tiny preset with LoRA dropout on, for an unquantized base (routed-expert LoRA too)
 # and an NF4 one (2-D targets: the quantized experts take no LoRA). $1: the molt
 # binary. Exit status = verdict.
-set -u
-molt=$1
-src=${MOLT_SOURCE_DIR:-$(cd "$(dirname "$0")/.." && pwd)}
-export MOLT_SOURCE_DIR=$src
+. "$(dirname "$0")/harness/cli_lib.sh" "$@" || exit 1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failed=0
-
-ok() { echo "ok: $1"; }
-bad() { echo "FAIL: $1"; failed=1; }
-same() { if [ "$2" == "$3" ]; then ok "$1"; else bad "$1: got '$2', expected '$3'"; fi; }
 
 "$molt" init-model --preset tiny --seed 3 --out "$tmp/base" >/dev/null 2>"$tmp/err" \
     || { cat "$tmp/err"; exit 1; }
@@ -60,4 +50,4 @@ for quant in none nf4; do
     grep -q 'activation_checkpointing: true' "$tmp/run-$quant-true/config.resolved.yaml" \
         && ok "resolved config says true" || bad "resolved config lacks the flag"
 done
-exit $failed
+cli_done

@@ -10,6 +10,7 @@
 // disturb each other; greedy decoding through the cache (and inf_generate) reproduces the
 // 20-token continuations of tests/fixtures/model/reference.safetensors.
 #include "harness/harness.h"
+#include "harness/model_env.h"
 #include "infer/infer.h"
 #include "model/kvcache.h"
 
@@ -17,62 +18,21 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
-#define SEED 1234 // the fixture's seed: regenerated models equal the reference's
 #define TOL 1e-5
 #define N_GREEDY 20
 #define T_FULL 24
 
-static const char *const presets[2] = {"tiny", "tiny-grouped"};
-static const char *const fix_names[2] = {"tiny", "tiny_grouped"};
-static st_reader *fix;
-static char tmp_dir[256];
-static char setup_err[512];
+// The two presets in F32, each named as the fixture names its tensors.
+static const model_env_model models[2] = {{"tiny", "tiny", MDL_SAVE_F32},
+                                          {"tiny_grouped", "tiny-grouped", MDL_SAVE_F32}};
+static model_env env;
 
-static void setup_all(void) {
-    const char *src = getenv("MOLT_SOURCE_DIR");
-    char path[1024];
-    snprintf(path, sizeof path, "%s/tests/fixtures/model/reference.safetensors", src ? src : ".");
-    if (st_open(path, &fix) != MOLT_OK) {
-        snprintf(setup_err, sizeof setup_err, "%s", molt_err_msg());
-        return;
-    }
-    snprintf(tmp_dir, sizeof tmp_dir, "/tmp/molt-kvcache-test-XXXXXX");
-    if (!mkdtemp(tmp_dir)) {
-        snprintf(setup_err, sizeof setup_err, "mkdtemp failed");
-        return;
-    }
-    for (int i = 0; i < 2; i++) {
-        char dir[512];
-        snprintf(dir, sizeof dir, "%s/%s", tmp_dir, presets[i]);
-        mdl_init_opts o = {.preset = presets[i], .out_dir = dir, .seed = SEED,
-                           .no_tokenizer = true,
-                           .save = {.layout = MDL_LAYOUT_HF, .dtype = MDL_SAVE_F32}};
-        if (mdl_init_model(&o) != MOLT_OK) {
-            snprintf(setup_err, sizeof setup_err, "init %s: %s", presets[i], molt_err_msg());
-            return;
-        }
-    }
-}
+static void setup_all(void) { model_env_open(&env, "kvcache", models, 2); }
 
-static void teardown_all(void) {
-    st_close(fix);
-    fix = NULL;
-    if (tmp_dir[0]) {
-        char cmd[300];
-        snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmp_dir);
-        if (system(cmd) != 0)
-            fprintf(stderr, "could not remove %s\n", tmp_dir);
-    }
-}
+static void teardown_all(void) { model_env_close(&env); }
 
-static void load_preset(int k, mdl_model *m) {
-    ck_assert_msg(setup_err[0] == 0, "setup: %s", setup_err);
-    char dir[512];
-    snprintf(dir, sizeof dir, "%s/%s", tmp_dir, presets[k]);
-    ck_assert_ok(mdl_load(dir, m));
-}
+static void load_preset(int k, mdl_model *m) { model_env_load(&env, models[k].name, m); }
 
 // Deterministic token ids in [1000, V).
 static void some_ids(int32_t *ids, int n, uint64_t seed, int V) {
@@ -255,7 +215,7 @@ START_TEST(test_cached_vs_full) {
     for (size_t k = 0; k < sizeof cases / sizeof *cases; k++) {
         double worst = prefill_decode(&m, ids, T_FULL, want, cases[k][0], cases[k][1], mode);
         ck_assert_msg(worst <= TOL, "%s %s prompt %d block %d: relative error %.3g",
-                      presets[preset], mode == MDL_ATTN_ABSORBED ? "absorbed" : "expanded",
+                      models[preset].preset, mode == MDL_ATTN_ABSORBED ? "absorbed" : "expanded",
                       cases[k][0], cases[k][1], worst);
     }
     free(want);
@@ -400,11 +360,7 @@ static int32_t fx_i32(const st_tensor *t, int64_t i) {
 }
 
 static const st_tensor *fx(const char *variant, const char *what, int j) {
-    char name[128];
-    snprintf(name, sizeof name, "%s.greedy.%s.%d", variant, what, j);
-    const st_tensor *t = st_find(fix, name);
-    ck_assert_msg(t != NULL, "fixture tensor %s missing", name);
-    return t;
+    return model_env_fixture(&env, "%s.greedy.%s.%d", variant, what, j);
 }
 
 START_TEST(test_greedy_fixture) {
@@ -414,7 +370,7 @@ START_TEST(test_greedy_fixture) {
     ag_ctx c;
     ck_assert_ok(ag_ctx_init(&c));
     for (int j = 0; j < 2; j++) {
-        const st_tensor *pr = fx(fix_names[k], "prompt", j), *want = fx(fix_names[k], "out", j);
+        const st_tensor *pr = fx(models[k].name, "prompt", j), *want = fx(models[k].name, "out", j);
         int32_t prompt[64], out[N_GREEDY];
         int np = (int)pr->numel;
         ck_assert_int_le(np, 64);
@@ -432,7 +388,7 @@ START_TEST(test_greedy_fixture) {
             for (int i = 0; i < N_GREEDY; i++) {
                 out[i] = inf_argmax(lg->data, m.cfg.vocab_size);
                 ck_assert_msg(out[i] == fx_i32(want, i), "%s prompt %d mode %d step %d: %d, "
-                              "reference %d", fix_names[k], j, mode, i, out[i], fx_i32(want, i));
+                              "reference %d", models[k].name, j, mode, i, out[i], fx_i32(want, i));
                 ag_ctx_step_reset(&c);
                 ck_assert_ok(mdl_forward_cached(&c, &m, &kv, seq, &out[i], 1,
                                                 (mdl_attn_mode)mode, false, &lg));

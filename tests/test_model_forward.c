@@ -9,6 +9,7 @@
 // against a loss computed from the logits; LoRA on one projection (the mdl_linear hook).
 // Loading errors are in test_model_weights.c.
 #include "harness/harness.h"
+#include "harness/model_env.h"
 #include "common/sha256.h"
 #include "model/model.h"
 
@@ -18,7 +19,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#define SEED 1234
 #define TOL 1e-4   // max |got - want| <= TOL * max|logit| of the row (the task's bound)
 #define N_SEQ 4
 #define N_GREEDY 20
@@ -47,59 +47,18 @@ static const variant variants[] = {
 };
 #define N_VARIANTS 4
 
-static st_reader *fix;      // the reference file
-static char tmp_dir[256];   // regenerated models: tmp_dir/<variant>
-static char setup_err[512]; // what went wrong in the unchecked setup, if anything
-
-static void variant_dir(const variant *v, char *buf, size_t cap) {
-    snprintf(buf, cap, "%s/%s", tmp_dir, v->name);
-}
+static model_env env; // the reference file; the variants in env.dir/<name>
 
 static void setup_all(void) {
-    const char *src = getenv("MOLT_SOURCE_DIR");
-    char path[1024];
-    snprintf(path, sizeof path, "%s/tests/fixtures/model/reference.safetensors", src ? src : ".");
-    if (st_open(path, &fix) != MOLT_OK) {
-        snprintf(setup_err, sizeof setup_err, "%s", molt_err_msg());
-        return;
-    }
-    snprintf(tmp_dir, sizeof tmp_dir, "/tmp/molt-model-test-XXXXXX");
-    if (!mkdtemp(tmp_dir)) {
-        snprintf(setup_err, sizeof setup_err, "mkdtemp failed");
-        return;
-    }
-    for (int i = 0; i < N_VARIANTS; i++) {
-        char dir[512];
-        variant_dir(&variants[i], dir, sizeof dir);
-        mdl_init_opts o = {.preset = variants[i].preset, .out_dir = dir, .seed = SEED,
-                           .no_tokenizer = true,
-                           .save = {.layout = MDL_LAYOUT_HF, .dtype = variants[i].dtype}};
-        if (mdl_init_model(&o) != MOLT_OK) {
-            snprintf(setup_err, sizeof setup_err, "init %s: %s", variants[i].name,
-                     molt_err_msg());
-            return;
-        }
-    }
+    model_env_model models[N_VARIANTS];
+    for (int i = 0; i < N_VARIANTS; i++)
+        models[i] = (model_env_model){variants[i].name, variants[i].preset, variants[i].dtype};
+    model_env_open(&env, "model", models, N_VARIANTS);
 }
 
-static void teardown_all(void) {
-    st_close(fix);
-    fix = NULL;
-    if (tmp_dir[0]) {
-        char cmd[300];
-        snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmp_dir);
-        if (system(cmd) != 0)
-            fprintf(stderr, "could not remove %s\n", tmp_dir);
-    }
-}
+static void teardown_all(void) { model_env_close(&env); }
 
-static const st_tensor *fx(const char *fmt, int k) {
-    char name[128];
-    snprintf(name, sizeof name, fmt, k);
-    const st_tensor *t = st_find(fix, name);
-    ck_assert_msg(t != NULL, "fixture tensor %s missing", name);
-    return t;
-}
+static const st_tensor *fx(const char *fmt, int k) { return model_env_fixture(&env, fmt, k); }
 
 static float fx_f32(const st_tensor *t, int64_t i) {
     float v;
@@ -113,12 +72,7 @@ static int32_t fx_i32(const st_tensor *t, int64_t i) {
     return v;
 }
 
-static void load_variant(const variant *v, mdl_model *m) {
-    ck_assert_msg(setup_err[0] == 0, "setup: %s", setup_err);
-    char dir[512];
-    variant_dir(v, dir, sizeof dir);
-    ck_assert_ok(mdl_load(dir, m));
-}
+static void load_variant(const variant *v, mdl_model *m) { model_env_load(&env, v->name, m); }
 
 // Batch of fixture sequence k (or all sequences packed, k = -1) in the context's arena.
 static mdl_batch fixture_batch(ag_ctx *c, int k) {
@@ -188,13 +142,12 @@ static ag_tensor *run_logits(ag_ctx *c, const mdl_model *m, int k) {
 }
 
 START_TEST(test_checksums) {
-    ck_assert_msg(setup_err[0] == 0, "setup: %s", setup_err);
+    model_env_require(&env);
     for (int i = 0; i < N_VARIANTS; i++) {
-        char dir[512], path[600], meta[64], hex[65];
-        variant_dir(&variants[i], dir, sizeof dir);
-        snprintf(path, sizeof path, "%s/model.safetensors", dir);
+        char path[600], meta[64], hex[65];
+        snprintf(path, sizeof path, "%s/model.safetensors", model_env_path(&env, variants[i].name));
         snprintf(meta, sizeof meta, "%s.sha256", variants[i].name);
-        const char *want = st_metadata(fix, meta);
+        const char *want = st_metadata(env.fix, meta);
         ck_assert_msg(want != NULL, "fixture has no %s", meta);
         sha_file(path, hex);
         ck_assert_msg(strcmp(hex, want) == 0,
@@ -289,9 +242,9 @@ END_TEST
 
 static void write_copy(const mdl_model *m, const char *name, const mdl_save_opts *o, char *dir,
                        size_t cap) {
-    snprintf(dir, cap, "%s/copy-%s", tmp_dir, name);
+    snprintf(dir, cap, "%s/copy-%s", env.dir, name);
     char cmd[2048], path[600];
-    snprintf(cmd, sizeof cmd, "mkdir -p '%s' && cp '%s/tiny/config.json' '%s/'", dir, tmp_dir,
+    snprintf(cmd, sizeof cmd, "mkdir -p '%s' && cp '%s/tiny/config.json' '%s/'", dir, env.dir,
              dir);
     ck_assert_int_eq(system(cmd), 0);
     snprintf(path, sizeof path, "%s/%s", dir,
@@ -369,9 +322,9 @@ END_TEST
 // The FP8 file: lm_head, embeddings, norms and router BF16; projections and experts E4M3
 // with an F32 scale that multiplies; decoded weights within E4M3 rounding of the F32 ones.
 START_TEST(test_fp8_file) {
-    ck_assert_msg(setup_err[0] == 0, "setup: %s", setup_err);
+    model_env_require(&env);
     char path[600];
-    snprintf(path, sizeof path, "%s/tiny_fp8/model.safetensors", tmp_dir);
+    snprintf(path, sizeof path, "%s/tiny_fp8/model.safetensors", env.dir);
     st_reader *r;
     ck_assert_ok(st_open(path, &r));
     static const struct {

@@ -9,64 +9,32 @@
 // pre-quantized file (bitsandbytes names, bit-exact round trip, corrupt state messages),
 // memory per parameter and greedy generation.
 #include "harness/harness.h"
+#include "harness/model_env.h"
 #include "model/mdl_quant.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
-#define SEED 1234
 #define N_SEQ 4
 
-static st_reader *fix;
-static char tmp_dir[256], setup_err[512];
+static model_env env; // the reference file; tiny in F32 and FP8, env.dir/tiny*
 
 static void path_in(char *buf, size_t cap, const char *name) {
-    snprintf(buf, cap, "%s/%s", tmp_dir, name);
+    snprintf(buf, cap, "%s/%s", env.dir, name);
 }
 
 static void setup_all(void) {
-    const char *src = getenv("MOLT_SOURCE_DIR");
-    char path[1024];
-    snprintf(path, sizeof path, "%s/tests/fixtures/model/reference.safetensors", src ? src : ".");
-    if (st_open(path, &fix) != MOLT_OK) {
-        snprintf(setup_err, sizeof setup_err, "%s", molt_err_msg());
-        return;
-    }
-    snprintf(tmp_dir, sizeof tmp_dir, "/tmp/molt-quant-test-XXXXXX");
-    if (!mkdtemp(tmp_dir)) {
-        snprintf(setup_err, sizeof setup_err, "mkdtemp failed");
-        return;
-    }
-    static const char *const names[] = {"tiny", "tiny_fp8"};
-    for (int i = 0; i < 2; i++) {
-        char dir[512];
-        path_in(dir, sizeof dir, names[i]);
-        mdl_init_opts o = {.preset = "tiny", .out_dir = dir, .seed = SEED, .no_tokenizer = true,
-                           .save = {.layout = MDL_LAYOUT_HF,
-                                    .dtype = i ? MDL_SAVE_FP8 : MDL_SAVE_F32}};
-        if (mdl_init_model(&o) != MOLT_OK) {
-            snprintf(setup_err, sizeof setup_err, "init %s: %s", names[i], molt_err_msg());
-            return;
-        }
-    }
+    static const model_env_model models[] = {{"tiny", "tiny", MDL_SAVE_F32},
+                                             {"tiny_fp8", "tiny", MDL_SAVE_FP8}};
+    model_env_open(&env, "quant", models, 2);
 }
 
-static void teardown_all(void) {
-    st_close(fix);
-    fix = NULL;
-    if (tmp_dir[0]) {
-        char cmd[300];
-        snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmp_dir);
-        if (system(cmd) != 0)
-            fprintf(stderr, "could not remove %s\n", tmp_dir);
-    }
-}
+static void teardown_all(void) { model_env_close(&env); }
 
 static void load_q(const char *name, const char *spec_s, mdl_model *m) {
-    ck_assert_msg(setup_err[0] == 0, "setup: %s", setup_err);
+    model_env_require(&env);
     char dir[512];
     path_in(dir, sizeof dir, name);
     if (!spec_s) {
@@ -83,10 +51,7 @@ static void load_q(const char *name, const char *spec_s, mdl_model *m) {
 }
 
 static int32_t fx_i32(const char *fmt, int k, int64_t i, int64_t *n) {
-    char name[64];
-    snprintf(name, sizeof name, fmt, k);
-    const st_tensor *t = st_find(fix, name);
-    ck_assert_msg(t != NULL, "fixture tensor %s missing", name);
+    const st_tensor *t = model_env_fixture(&env, fmt, k);
     *n = t->numel;
     int32_t v = 0;
     if (i < t->numel)
@@ -503,13 +468,13 @@ END_TEST
 // ---- pre-quantized checkpoints --------------------------------------------------------
 
 static void write_config(const char *dir) {
-    char cmd[1400];
-    snprintf(cmd, sizeof cmd, "mkdir -p '%s' && cp '%s/tiny/config.json' '%s/'", dir, tmp_dir,
+    char cmd[1600]; // dir twice (callers hold up to 600 bytes) and env.dir (256)
+    snprintf(cmd, sizeof cmd, "mkdir -p '%s' && cp '%s/tiny/config.json' '%s/'", dir, env.dir,
              dir);
     ck_assert_int_eq(system(cmd), 0);
 }
 
-// Quantizes tiny with spec into tmp_dir/<name>.
+// Quantizes tiny with spec into env.dir/<name>.
 static void write_pre(const char *spec, const char *name) {
     mdl_model q;
     load_q("tiny", spec, &q);
@@ -708,7 +673,7 @@ START_TEST(test_corrupt) {
     snprintf(name, sizeof name, "bad%d", _i);
     path_in(dir, sizeof dir, name);
     write_config(dir);
-    snprintf(path, sizeof path, CFILE, tmp_dir, _i);
+    snprintf(path, sizeof path, CFILE, env.dir, _i);
     const st_meta meta[] = {{"format", "pt"}, {"molt_quant", "x"}};
     ck_assert_ok(st_write(path, ts, k, meta, 2));
     st_close(r);
