@@ -135,7 +135,7 @@ int64_t lora_group_params(const lora_adapter *ad, lora_group g);
 // The unit with this path, or NULL.
 lora_unit *lora_find_unit(lora_adapter *ad, const char *path);
 
-// ---- files (adapters/peft.c) ----------------------------------------------------------
+// ---- PEFT directories (adapters/peft.c) -----------------------------------------------
 // PEFT's tensor name of a unit's A or B (`base_model.model.<path>.lora_A.weight`; routed
 // experts under their module, with ".base_layer" for gate_up_proj when both expert
 // parameters are adapted, as PEFT nests its parameter wrappers).
@@ -150,11 +150,21 @@ molt_status lora_export_peft(const lora_adapter *ad, const char *dir, const char
 // tensors that match no unit, missing tensors, shape mismatches.
 molt_status lora_import_peft(mdl_model *m, const char *dir, bool for_forward,
                              lora_adapter *out);
-// molt's adapter file: one safetensors file with PEFT's tensor names and the spec in its
-// metadata ("format": "molt-lora", "spec": lora_spec_format).
+
+// ---- molt's adapter file (adapters/h5.c) ----------------------------------------------
+// One HDF5 file, the adapter only: root attributes format = "molt-lora", version = 1 and
+// spec = lora_spec_format, and one f32 dataset per A and B named by lora_peft_tensor_name.
+// lora_save writes path.tmp, syncs it and renames it over path; the same adapter always
+// gives the same bytes.
 molt_status lora_save(const lora_adapter *ad, const char *path);
+// Reads a molt adapter file and attaches it to m (see lora_attach for for_forward).
+// MOLT_EFORMAT names the file and the attribute or dataset and says what was expected: not
+// an HDF5 file, a format other than "molt-lora", another version, a spec that does not
+// parse, a missing dataset, a dataset of another shape or type than f32, an object no unit
+// names, a truncated or damaged file (HDF5's checksums). Nothing stays attached on failure.
 molt_status lora_load(mdl_model *m, const char *path, bool for_forward, lora_adapter *out);
-// Either: a directory holding adapter_config.json (PEFT) or a molt adapter file.
+// A directory holding adapter_config.json (lora_import_peft) or a regular file starting with
+// HDF5's signature (lora_load); anything else is MOLT_EFORMAT, a missing path MOLT_EIO.
 molt_status lora_load_any(mdl_model *m, const char *path, bool for_forward,
                           lora_adapter *out);
 

@@ -1,7 +1,7 @@
 // adapters/cli.c: `molt export` (an adapter file or PEFT directory to a PEFT directory or a
 // molt adapter file) and `molt merge` (an adapter folded into its base model, written in
 // Hugging Face layout). Exit status: 0 success, 1 failure, 2 bad usage. Not here: the
-// adapter logic itself (lora.c, peft.c, merge.c).
+// adapter logic itself (lora.c, peft.c, h5.c, merge.c).
 #include "adapters.h"
 
 #include <errno.h>
@@ -19,7 +19,7 @@ static const char export_usage[] =
     "  --spec starts from a freshly initialized adapter (compact LoRA spec, e.g.\n"
     "  r=8,alpha=16,targets=q_a_proj+o_proj); --b-std fills B with N(0, X) (default 0).\n"
     "  peft (default) writes DEST/adapter_config.json and adapter_model.safetensors;\n"
-    "  molt writes one adapter file.\n";
+    "  molt writes DEST as one molt adapter file (HDF5).\n";
 
 static const char merge_usage[] =
     "usage: molt merge --model DIR --adapter A --out DIR2 [--dtype bf16|f32]\n"

@@ -1,8 +1,8 @@
-// adapters/peft.c: adapter files. PEFT directories (adapter_config.json with the keys of
-// SPECS.md section 7, adapter_model.safetensors with PEFT's tensor names) both ways, and
-// molt's own adapter file (the same tensors in one safetensors file, the spec in its
-// metadata). Imports validate everything before anything is attached. Not here: spec
-// parsing and attaching (lora.c), merging (merge.c).
+// adapters/peft.c: PEFT adapter directories (adapter_config.json with the keys of SPECS.md
+// section 7, adapter_model.safetensors with PEFT's tensor names) both ways, and PEFT's
+// tensor names, which molt's own adapter file (h5.c) uses too. Imports validate everything
+// before anything is attached. Not here: molt's adapter file (h5.c), spec parsing and
+// attaching (lora.c), merging (merge.c).
 #include "internal.h"
 
 #include <jansson.h>
@@ -11,7 +11,6 @@
 #include <sys/stat.h>
 
 #define PATH_CAP 4096
-#define MOLT_FORMAT "molt-lora"
 
 static const lora_unit *find_const(const lora_adapter *ad, const char *path) {
     for (int i = 0; i < ad->n_units; i++)
@@ -193,13 +192,6 @@ molt_status lora_export_peft(const lora_adapter *ad, const char *dir, const char
     return write_tensors(ad, path, &meta, 1);
 }
 
-molt_status lora_save(const lora_adapter *ad, const char *path) {
-    char spec[8192];
-    MOLT_TRY(lora_spec_format(&ad->spec, spec, sizeof spec));
-    st_meta meta[2] = {{"format", MOLT_FORMAT}, {"spec", spec}};
-    return write_tensors(ad, path, meta, 2);
-}
-
 // ---------------------------------------------------------------------------------------
 // Reading tensors into an attached (zero-initialized) adapter
 
@@ -263,24 +255,6 @@ static molt_status attach_and_fill(mdl_model *m, const lora_spec *spec, const st
     molt_status st = read_tensors(out, r, file);
     if (st != MOLT_OK)
         lora_detach(out);
-    return st;
-}
-
-molt_status lora_load(mdl_model *m, const char *path, bool for_forward, lora_adapter *out) {
-    memset(out, 0, sizeof *out);
-    st_reader *r;
-    MOLT_TRY(st_open(path, &r));
-    const char *fmt = st_metadata(r, "format"), *text = st_metadata(r, "spec");
-    lora_spec spec;
-    molt_status st = MOLT_OK;
-    if (!fmt || strcmp(fmt, MOLT_FORMAT) || !text)
-        st = molt_err(MOLT_EFORMAT, "%s: not a molt adapter file (metadata format=\"%s\" and a "
-                      "spec expected)", path, MOLT_FORMAT);
-    else if ((st = lora_spec_parse(text, &spec)) != MOLT_OK)
-        st = molt_err_wrap(st, "%s: metadata spec", path);
-    else
-        st = attach_and_fill(m, &spec, r, path, for_forward, out);
-    st_close(r);
     return st;
 }
 
@@ -422,13 +396,4 @@ molt_status lora_import_peft(mdl_model *m, const char *dir, bool for_forward,
     st = attach_and_fill(m, &spec, r, tpath, for_forward, out);
     st_close(r);
     return st;
-}
-
-molt_status lora_load_any(mdl_model *m, const char *path, bool for_forward,
-                          lora_adapter *out) {
-    struct stat sb;
-    if (stat(path, &sb) != 0)
-        return molt_err(MOLT_EIO, "adapter %s: no such file or directory", path);
-    return S_ISDIR(sb.st_mode) ? lora_import_peft(m, path, for_forward, out)
-                               : lora_load(m, path, for_forward, out);
 }

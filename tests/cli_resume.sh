@@ -7,27 +7,8 @@
 # continue from step 5 to the same result. Also: a fresh run refuses a directory holding
 # checkpoints, a checkpoint of another base model is refused unless --force. $1: the molt
 # binary. The exit status is the verdict.
-set -u
-molt=$1
-src=${MOLT_SOURCE_DIR:-$(cd "$(dirname "$0")/.." && pwd)}
-export MOLT_SOURCE_DIR=$src
+. "$(dirname "$0")/harness/cli_lib.sh" "$@" || exit 1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failed=0
-
-ok() { echo "ok: $1"; }
-bad() { echo "FAIL: $1"; failed=1; }
-same() { if [ "$2" == "$3" ]; then ok "$1"; else bad "$1: got '$2', expected '$3'"; fi; }
-has() { if [[ "$2" == *"$3"* ]]; then ok "$1"; else bad "$1: '$2' lacks '$3'"; fi; }
-run() {
-    "$@" >"$tmp/out" 2>"$tmp/err"
-    rc=$?
-    out=$(cat "$tmp/out")
-    err=$(cat "$tmp/err")
-}
-# The deterministic fields of metrics.jsonl (tokens_per_s and elapsed_s are wall-clock).
-fields() { sed -E 's/,"tokens_per_s":[^,}]*//; s/,"elapsed_s":[^,}]*//' "$1"; }
 
 run "$molt" init-model --preset tiny --seed 1 --out "$tmp/base"
 same "init-model" "$rc" 0
@@ -70,7 +51,7 @@ run "$molt" train --config "$tmp/c.yaml" --set output_dir="$tmp/a"
 same "uninterrupted run" "$rc" 0
 same "20 metrics rows" "$(wc -l <"$tmp/a/metrics.jsonl")" 20
 same "eval_loss at steps 10 and 20" "$(grep -c eval_loss "$tmp/a/metrics.jsonl")" 2
-for f in config.resolved.yaml adapter.safetensors adapter/adapter_config.json \
+for f in config.resolved.yaml adapter.h5 adapter/adapter_config.json \
          adapter/adapter_model.safetensors checkpoints/step-20.h5; do
     [ -s "$tmp/a/$f" ] && ok "run has $f" || bad "run lacks $f"
 done
@@ -91,8 +72,9 @@ has "refusal names --resume" "$err" "--resume auto"
 run "$molt" train --config "$tmp/c.yaml" --set output_dir="$tmp/b" --resume auto
 same "resume" "$rc" 0
 has "resumed from step 10" "$err" "step-10.h5 (step 10)"
-same "resumed metrics identical" "$(fields "$tmp/b/metrics.jsonl")" "$(fields "$tmp/a/metrics.jsonl")"
-cmp -s "$tmp/a/adapter.safetensors" "$tmp/b/adapter.safetensors" && ok "adapter bit-identical" \
+same "resumed metrics identical" "$(metrics_fields "$tmp/b/metrics.jsonl")" \
+    "$(metrics_fields "$tmp/a/metrics.jsonl")"
+cmp -s "$tmp/a/adapter.h5" "$tmp/b/adapter.h5" && ok "adapter bit-identical" \
     || bad "adapter differs after resume"
 cmp -s "$tmp/a/adapter/adapter_model.safetensors" "$tmp/b/adapter/adapter_model.safetensors" \
     && ok "PEFT adapter bit-identical" || bad "PEFT adapter differs after resume"
@@ -108,9 +90,9 @@ run "$molt" train --config "$tmp/c.yaml" --set output_dir="$tmp/c" --resume auto
 same "resume past a corrupt checkpoint" "$rc" 0
 has "corrupt checkpoint reported" "$err" "skipping checkpoint $f10"
 has "resumed from step 5" "$err" "step-5.h5 (step 5)"
-same "metrics identical after the fallback" "$(fields "$tmp/c/metrics.jsonl")" \
-    "$(fields "$tmp/a/metrics.jsonl")"
-cmp -s "$tmp/a/adapter.safetensors" "$tmp/c/adapter.safetensors" && ok "adapter bit-identical (2)" \
+same "metrics identical after the fallback" "$(metrics_fields "$tmp/c/metrics.jsonl")" \
+    "$(metrics_fields "$tmp/a/metrics.jsonl")"
+cmp -s "$tmp/a/adapter.h5" "$tmp/c/adapter.h5" && ok "adapter bit-identical (2)" \
     || bad "adapter differs after the fallback"
 
 # another base model
@@ -131,4 +113,4 @@ has "unknown key message" "$err" "config $tmp/bad.yaml:3: unknown key 'model.col
 run "$molt" train --config "$tmp/c.yaml" --set optim.lr=fast --set output_dir="$tmp/x"
 same "bad --set" "$rc" 2
 has "bad --set message" "$err" "config --set optim.lr=fast: key 'optim.lr': expected a non-negative number, got 'fast'"
-exit $failed
+cli_done

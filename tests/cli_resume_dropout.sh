@@ -4,25 +4,10 @@
 # steps, a SIGKILL right after the step-3 checkpoint, and --resume auto for the rest (same
 # metrics at full precision, bit-identical adapter). Also: dropout changes the training loss
 # against p = 0 (from step 2 on; at step 1 B = 0 hides the mask). $1: the molt binary.
-set -u
-molt=$1
-src=${MOLT_SOURCE_DIR:-$(cd "$(dirname "$0")/.." && pwd)}
-export MOLT_SOURCE_DIR=$src
+. "$(dirname "$0")/harness/cli_lib.sh" "$@" || exit 1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failed=0
 
-ok() { echo "ok: $1"; }
-bad() { echo "FAIL: $1"; failed=1; }
-same() { if [ "$2" == "$3" ]; then ok "$1"; else bad "$1: got '$2', expected '$3'"; fi; }
 differ() { if [ "$2" != "$3" ]; then ok "$1"; else bad "$1: both '$2'"; fi; }
-run() {
-    "$@" >"$tmp/out" 2>"$tmp/err"
-    rc=$?
-    err=$(cat "$tmp/err")
-}
-fields() { sed -E 's/,"tokens_per_s":[^,}]*//; s/,"elapsed_s":[^,}]*//' "$1"; }
 loss_at() { sed -n "$1"p "$2" | sed -E 's/.*"loss":([^,}]*).*/\1/'; }
 
 run "$molt" init-model --preset tiny --seed 1 --out "$tmp/base"
@@ -76,7 +61,8 @@ same "SIGKILL at step 3" "$rc" 137
 run "$molt" train --config "$tmp/c.yaml" --set output_dir="$tmp/b" --resume auto
 same "resume" "$rc" 0
 [[ "$err" == *"step-3.h5 (step 3)"* ]] && ok "resumed from step 3" || bad "resume point: $err"
-same "resumed metrics identical" "$(fields "$tmp/b/metrics.jsonl")" "$(fields "$tmp/a/metrics.jsonl")"
-cmp -s "$tmp/a/adapter.safetensors" "$tmp/b/adapter.safetensors" && ok "adapter bit-identical" \
+same "resumed metrics identical" "$(metrics_fields "$tmp/b/metrics.jsonl")" \
+    "$(metrics_fields "$tmp/a/metrics.jsonl")"
+cmp -s "$tmp/a/adapter.h5" "$tmp/b/adapter.h5" && ok "adapter bit-identical" \
     || bad "adapter differs after resume"
-exit $failed
+cli_done

@@ -5,25 +5,8 @@
 # definition), checkpoints and the adapter in both formats; --eval-only gives the base loss
 # and a different loss with the trained adapter; Ctrl-C (SIGINT) writes a checkpoint and
 # exits 130, and --resume auto finishes the run. $1: the molt binary. Exit status = verdict.
-set -u
-molt=$1
-src=${MOLT_SOURCE_DIR:-$(cd "$(dirname "$0")/.." && pwd)}
-export MOLT_SOURCE_DIR=$src
+. "$(dirname "$0")/harness/cli_lib.sh" "$@" || exit 1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failed=0
-
-ok() { echo "ok: $1"; }
-bad() { echo "FAIL: $1"; failed=1; }
-same() { if [ "$2" == "$3" ]; then ok "$1"; else bad "$1: got '$2', expected '$3'"; fi; }
-has() { if [[ "$2" == *"$3"* ]]; then ok "$1"; else bad "$1: '$2' lacks '$3'"; fi; }
-run() {
-    "$@" >"$tmp/out" 2>"$tmp/err"
-    rc=$?
-    out=$(cat "$tmp/out")
-    err=$(cat "$tmp/err")
-}
 
 run "$molt" train --help
 same "--help" "$rc" 0
@@ -53,7 +36,7 @@ same "constant-with-warmup learning rates" "$lrs" "$want"
 has "resolved config" "$(cat "$tmp/run/config.resolved.yaml")" 'quant: "nf4"'
 [ -f "$tmp/run/checkpoints/step-6.h5" ] && ok "final checkpoint" || bad "no final checkpoint"
 [ -s "$tmp/run/adapter/adapter_config.json" ] && ok "PEFT adapter" || bad "no PEFT adapter"
-[ -s "$tmp/run/adapter.safetensors" ] && ok "molt adapter" || bad "no molt adapter"
+[ -s "$tmp/run/adapter.h5" ] && ok "molt adapter" || bad "no molt adapter"
 has "eval at the end" "$(tail -n 1 "$tmp/run/metrics.jsonl")" '"eval_loss":'
 
 run "$molt" train --config "$tmp/c.yaml" --eval-only --quiet
@@ -82,4 +65,4 @@ same "one checkpoint after SIGINT" "$n" 1
 run "$molt" train --config "$tmp/c.yaml" --set output_dir="$tmp/int" --set train.steps=400 \
     --set model.quant=none --set train.steps=8 --resume auto
 same "resume after SIGINT" "$rc" 0
-exit $failed
+cli_done

@@ -1,8 +1,11 @@
-// tests/test_peft.c: adapter files (adapters/peft.c): PEFT export -> import and molt file
-// save -> load round trips bit for bit (ranks, alphas, scales, every A and B), PEFT's
-// tensor names and shapes (nested base_layer for two routed-expert parameters, the router
-// as a parameter target), adapter_config.json with exactly the keys of SPECS.md section 7,
-// precise errors for malformed PEFT directories, and logits of the tiny model with
+// tests/test_peft.c: adapter files (adapters/peft.c, adapters/h5.c): PEFT export -> import
+// and molt file save -> load round trips bit for bit (ranks, alphas, scales, every A and B),
+// PEFT's tensor names and shapes (nested base_layer for two routed-expert parameters, the
+// router as a parameter target), adapter_config.json with exactly the keys of SPECS.md
+// section 7, precise errors for malformed PEFT directories, the molt HDF5 file read back
+// with HDF5 itself (attributes, dataset names, shapes, data, the same bytes every time), its
+// precise errors (not HDF5, wrong attributes, missing/misshapen/extra datasets, truncated or
+// damaged files), what lora_load_any accepts, and logits of the tiny model with
 // molt-exported adapters against PEFT's (tests/fixtures/peft/reference.safetensors, made by
 // tools/reference/peft_reference.py).
 #include "adapters/adapters.h"
@@ -13,19 +16,38 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
+
+// The molt file tests read and edit files with HDF5 itself (CMake gives the test harness
+// HDF5's include directory).
+#include <hdf5.h>
 
 #define VOCAB 1024 // the tiny preset with a short vocabulary, except for the parity test
 
-static void tiny_model(mdl_model *m) {
+// HDF5 1.10 leaks the object header it has just found damaged (H5O_protect after a failed
+// metadata checksum), and test_molt_file_damage damages headers on purpose. LeakSanitizer
+// (MOLT_SANITIZE builds) reads this hook at start-up; allocations made outside libhdf5 are
+// still checked.
+const char *__lsan_default_suppressions(void);
+const char *__lsan_default_suppressions(void) {
+    return "leak:libhdf5\n";
+}
+
+static void tiny_model_vocab(mdl_model *m, int64_t vocab) {
     const char *src = getenv("MOLT_SOURCE_DIR");
     char path[4096];
     snprintf(path, sizeof path, "%s/configs/models/tiny.json", src ? src : ".");
     mcfg cfg;
     ck_assert_ok(mcfg_load(path, &cfg));
-    cfg.vocab_size = VOCAB;
+    cfg.vocab_size = vocab;
     ck_assert_ok(mdl_create(m, &cfg));
     ck_assert_ok(mdl_init_random(m, 1234, 0.1));
+}
+
+static void tiny_model(mdl_model *m) {
+    tiny_model_vocab(m, VOCAB);
 }
 
 static void attach(mdl_model *m, const char *text, bool fwd, lora_adapter *ad) {
@@ -77,11 +99,14 @@ START_TEST(test_roundtrip) {
     ck_assert_ptr_eq(m2.layers[1].o.lora_a, lora_find_unit(&back,
                      "model.layers.1.self_attn.o_proj")->a);
     lora_detach(&back);
-    snprintf(file, sizeof file, "%s/adapter.safetensors", dir);
+    snprintf(file, sizeof file, "%s/adapter.h5", dir);
     ck_assert_ok(lora_save(&ad, file));
     ck_assert_ok(lora_load_any(&m2, file, false, &back));
     same_adapter(&ad, &back);
     ck_assert_int_eq(memcmp(&ad.spec, &back.spec, sizeof ad.spec), 0);
+    lora_detach(&back);
+    ck_assert_ok(lora_load(&m2, file, false, &back));
+    same_adapter(&ad, &back);
     lora_detach(&back);
     lora_detach(&ad);
     rm_rf(dir);
@@ -314,6 +339,444 @@ START_TEST(test_import_errors) {
 }
 END_TEST
 
+// ---- molt's adapter file (HDF5) -------------------------------------------------------
+
+#define SPEC_H5 "r=2,alpha=5,r.experts=3,targets=q_a_proj+o_proj+experts+lm_head"
+#define PFX "base_model.model.model.layers."
+
+static void write_text(const char *path, const char *text) {
+    FILE *f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    fputs(text, f);
+    ck_assert_int_eq(fclose(f), 0);
+}
+
+static char *slurp(const char *path, long *n) {
+    FILE *f = fopen(path, "rb");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_int_eq(fseek(f, 0, SEEK_END), 0);
+    *n = ftell(f);
+    rewind(f);
+    char *b = malloc((size_t)*n + 1);
+    ck_assert_int_eq(fread(b, 1, (size_t)*n, f), (size_t)*n);
+    fclose(f);
+    return b;
+}
+
+static void write_bytes(const char *path, const char *b, long n) {
+    FILE *f = fopen(path, "wb");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_int_eq(fwrite(b, 1, (size_t)n, f), (size_t)n);
+    ck_assert_int_eq(fclose(f), 0);
+}
+
+static void copy_file(const char *from, const char *to) {
+    long n;
+    char *b = slurp(from, &n);
+    write_bytes(to, b, n);
+    free(b);
+}
+
+// A scalar string attribute of the root group (fixed length, as h5py writes bytes).
+static void h5_set_attr_str(hid_t f, const char *name, const char *value) {
+    if (H5Aexists(f, name) > 0)
+        ck_assert_int_ge(H5Adelete(f, name), 0);
+    hid_t t = H5Tcopy(H5T_C_S1), sp = H5Screate(H5S_SCALAR);
+    H5Tset_size(t, strlen(value));
+    hid_t a = H5Acreate2(f, name, t, sp, H5P_DEFAULT, H5P_DEFAULT);
+    ck_assert_int_ge(a, 0);
+    ck_assert_int_ge(H5Awrite(a, t, value), 0);
+    H5Aclose(a), H5Sclose(sp), H5Tclose(t);
+}
+
+// The same as a variable-length string (as h5py writes str).
+static void h5_set_attr_vstr(hid_t f, const char *name, const char *value) {
+    if (H5Aexists(f, name) > 0)
+        ck_assert_int_ge(H5Adelete(f, name), 0);
+    hid_t t = H5Tcopy(H5T_C_S1), sp = H5Screate(H5S_SCALAR);
+    H5Tset_size(t, H5T_VARIABLE);
+    hid_t a = H5Acreate2(f, name, t, sp, H5P_DEFAULT, H5P_DEFAULT);
+    ck_assert_int_ge(a, 0);
+    ck_assert_int_ge(H5Awrite(a, t, &value), 0);
+    H5Aclose(a), H5Sclose(sp), H5Tclose(t);
+}
+
+static void h5_set_attr_i64(hid_t f, const char *name, int64_t v) {
+    if (H5Aexists(f, name) > 0)
+        ck_assert_int_ge(H5Adelete(f, name), 0);
+    hid_t sp = H5Screate(H5S_SCALAR);
+    hid_t a = H5Acreate2(f, name, H5T_STD_I64LE, sp, H5P_DEFAULT, H5P_DEFAULT);
+    ck_assert_int_ge(a, 0);
+    ck_assert_int_ge(H5Awrite(a, H5T_NATIVE_INT64, &v), 0);
+    H5Aclose(a), H5Sclose(sp);
+}
+
+// Replaces dataset `name` of file type `type` and shape dims (rank nd), zero-filled; with
+// nd < 0 only deletes it.
+static void h5_put_dataset(hid_t f, const char *name, hid_t type, int nd, const hsize_t *dims) {
+    if (H5Lexists(f, name, H5P_DEFAULT) > 0)
+        ck_assert_int_ge(H5Ldelete(f, name, H5P_DEFAULT), 0);
+    if (nd < 0)
+        return;
+    hid_t sp = H5Screate_simple(nd, dims, NULL);
+    hid_t d = H5Dcreate2(f, name, type, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    ck_assert_int_ge(d, 0);
+    H5Dclose(d), H5Sclose(sp);
+}
+
+// A fresh copy of good at path, opened for writing.
+static hid_t h5_edit(const char *good, const char *path) {
+    copy_file(good, path);
+    hid_t f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    ck_assert_int_ge(f, 0);
+    return f;
+}
+
+static void h5_read_attr_str(hid_t f, const char *name, char *buf, size_t cap) {
+    hid_t a = H5Aopen(f, name, H5P_DEFAULT);
+    ck_assert_int_ge(a, 0);
+    hid_t t = H5Aget_type(a);
+    ck_assert_int_eq(H5Tget_class(t), H5T_STRING);
+    ck_assert_uint_lt(H5Tget_size(t), cap);
+    memset(buf, 0, cap);
+    ck_assert_int_ge(H5Aread(a, t, buf), 0);
+    H5Tclose(t), H5Aclose(a);
+}
+
+// Dataset name holds exactly x (f32, x's shape), read with HDF5 itself.
+static void h5_want_tensor(hid_t f, const char *name, const ag_tensor *x, int64_t d0,
+                           int64_t d1) {
+    hid_t d = H5Dopen2(f, name, H5P_DEFAULT);
+    ck_assert_msg(d >= 0, "no dataset %s", name);
+    hid_t t = H5Dget_type(d), sp = H5Dget_space(d);
+    ck_assert(H5Tequal(t, H5T_IEEE_F32LE) > 0);
+    hsize_t dims[2];
+    ck_assert_int_eq(H5Sget_simple_extent_ndims(sp), 2);
+    H5Sget_simple_extent_dims(sp, dims, NULL);
+    ck_assert_msg(dims[0] == (hsize_t)d0 && dims[1] == (hsize_t)d1, "%s: [%llu, %llu]", name,
+                  (unsigned long long)dims[0], (unsigned long long)dims[1]);
+    float *buf = malloc((size_t)(d0 * d1) * sizeof *buf);
+    ck_assert_int_ge(H5Dread(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf), 0);
+    ck_assert_int_eq(x->numel, d0 * d1);
+    ck_assert_int_eq(memcmp(buf, x->data, (size_t)(d0 * d1) * sizeof *buf), 0);
+    free(buf);
+    H5Sclose(sp), H5Tclose(t), H5Dclose(d);
+}
+
+START_TEST(test_molt_file_layout) {
+    mdl_model m = {0};
+    tiny_model(&m);
+    lora_adapter ad;
+    attach(&m, SPEC_H5, false, &ad);
+    lora_randomize_b(&ad, 3, 0.5);
+    char dir[64], file[128], file2[128], tmp[160];
+    tmpdir(dir, sizeof dir);
+    snprintf(file, sizeof file, "%s/a.h5", dir);
+    snprintf(file2, sizeof file2, "%s/b.h5", dir);
+    snprintf(tmp, sizeof tmp, "%s.tmp", file);
+    write_text(file, "an older file, replaced whole");
+    ck_assert_ok(lora_save(&ad, file));
+    ck_assert_int_ne(access(tmp, F_OK), 0);
+    long n;
+    char *bytes = slurp(file, &n);
+    ck_assert_int_eq(memcmp(bytes, "\x89HDF\r\n\x1a\n", 8), 0);
+    // HDF5 can record object times (seconds): a second later the bytes must not change
+    nanosleep(&(struct timespec){.tv_sec = 1, .tv_nsec = 100 * 1000 * 1000}, NULL);
+    ck_assert_ok(lora_save(&ad, file2));
+    long n2;
+    char *bytes2 = slurp(file2, &n2);
+    ck_assert(n == n2 && !memcmp(bytes, bytes2, (size_t)n));
+    free(bytes), free(bytes2);
+
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    hid_t f = H5Fopen(file, H5F_ACC_RDONLY, H5P_DEFAULT);
+    ck_assert_int_ge(f, 0);
+    char text[256];
+    h5_read_attr_str(f, "format", text, sizeof text);
+    ck_assert_str_eq(text, "molt-lora");
+    h5_read_attr_str(f, "spec", text, sizeof text);
+    lora_spec spec;
+    ck_assert_ok(lora_spec_parse(text, &spec));
+    ck_assert_int_eq(spec.r, 2);
+    ck_assert(spec.alpha == 5);
+    ck_assert_int_eq(spec.group_r[LORA_GROUP_EXPERTS], 3);
+    ck_assert_int_eq(spec.n_targets, 4);
+    ck_assert_str_eq(spec.targets[3], "lm_head");
+    int64_t version = 0;
+    hid_t a = H5Aopen(f, "version", H5P_DEFAULT);
+    ck_assert_int_ge(H5Aread(a, H5T_NATIVE_INT64, &version), 0);
+    H5Aclose(a);
+    ck_assert_int_eq(version, 1);
+    // 3 layers x (q_a_proj, o_proj) + 2 MoE layers x 2 expert stacks + lm_head, 2 each
+    H5G_info_t gi;
+    ck_assert_int_ge(H5Gget_info(f, &gi), 0);
+    ck_assert_int_eq(gi.nlinks, 2 * (6 + 4 + 1));
+    const lora_unit *u = lora_find_unit(&ad, "model.layers.0.self_attn.q_a_proj");
+    h5_want_tensor(f, PFX "0.self_attn.q_a_proj.lora_A.weight", u->a, 2, 32);
+    h5_want_tensor(f, PFX "0.self_attn.q_a_proj.lora_B.weight", u->b, 24, 2);
+    u = lora_find_unit(&ad, "model.layers.2.self_attn.o_proj");
+    h5_want_tensor(f, PFX "2.self_attn.o_proj.lora_A.weight", u->a, 2, 48);
+    h5_want_tensor(f, PFX "2.self_attn.o_proj.lora_B.weight", u->b, 32, 2);
+    // routed experts: r 3 x 8 experts; gate_up_proj nests under base_layer
+    u = lora_find_unit(&ad, "model.layers.1.mlp.experts.gate_up_proj");
+    h5_want_tensor(f, PFX "1.mlp.experts.base_layer.lora_A.weight", u->a, 24, 32);
+    h5_want_tensor(f, PFX "1.mlp.experts.base_layer.lora_B.weight", u->b, 32, 24);
+    u = lora_find_unit(&ad, "model.layers.2.mlp.experts.down_proj");
+    h5_want_tensor(f, PFX "2.mlp.experts.lora_A.weight", u->a, 24, 16);
+    h5_want_tensor(f, PFX "2.mlp.experts.lora_B.weight", u->b, 32, 24);
+    u = lora_find_unit(&ad, "lm_head");
+    h5_want_tensor(f, "base_model.model.lm_head.lora_A.weight", u->a, 2, 32);
+    h5_want_tensor(f, "base_model.model.lm_head.lora_B.weight", u->b, VOCAB, 2);
+    H5Fclose(f);
+    lora_detach(&ad);
+    rm_rf(dir);
+    mdl_free(&m);
+}
+END_TEST
+
+// lora_load of path fails with st and exactly the message fmt (its "%s" is the path), and
+// leaves nothing attached.
+static void expect_load_error(mdl_model *m, const char *path, molt_status st, const char *fmt) {
+    char msg[1024];
+    snprintf(msg, sizeof msg, fmt, path);
+    lora_adapter ad;
+    ck_assert_int_eq(lora_load(m, path, true, &ad), st);
+    ck_assert_str_eq(molt_err_msg(), msg);
+    ck_assert_ptr_null(m->layers[0].q_a.lora_a);
+    ck_assert_ptr_null(m->lm_head.lora_a);
+}
+
+// lora_load of path fails with MOLT_EFORMAT, a message starting with prefix (its "%s" is
+// the path) and containing part, and leaves nothing attached.
+static void expect_load_error_part(mdl_model *m, const char *path, const char *prefix,
+                                   const char *part) {
+    char want[1024];
+    snprintf(want, sizeof want, prefix, path);
+    lora_adapter ad;
+    ck_assert_int_eq(lora_load(m, path, true, &ad), MOLT_EFORMAT);
+    const char *msg = molt_err_msg();
+    ck_assert_msg(!strncmp(msg, want, strlen(want)) && strstr(msg, part), "%s", msg);
+    ck_assert_ptr_null(m->layers[0].q_a.lora_a);
+    ck_assert_ptr_null(m->lm_head.lora_a);
+}
+
+START_TEST(test_molt_file_errors) {
+    mdl_model m = {0};
+    tiny_model(&m);
+    lora_adapter ad;
+    attach(&m, SPEC_H5, false, &ad);
+    lora_randomize_b(&ad, 5, 0.5);
+    char dir[64], good[128], bad[128];
+    tmpdir(dir, sizeof dir);
+    snprintf(good, sizeof good, "%s/good.h5", dir);
+    snprintf(bad, sizeof bad, "%s/bad.h5", dir);
+    ck_assert_ok(lora_save(&ad, good));
+    lora_detach(&ad);
+    ck_assert_ok(lora_load(&m, good, true, &ad));
+    lora_detach(&ad);
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+
+    write_text(bad, "r=2,targets=q_a_proj\n");
+    expect_load_error(&m, bad, MOLT_EFORMAT, "%s: not an HDF5 file (expected a molt adapter "
+                      "file: HDF5 with the root attribute format=\"molt-lora\")");
+    write_text(bad, "");
+    expect_load_error(&m, bad, MOLT_EFORMAT, "%s: not an HDF5 file (expected a molt adapter "
+                      "file: HDF5 with the root attribute format=\"molt-lora\")");
+    char missing[160];
+    snprintf(missing, sizeof missing, "%s/none.h5", dir);
+    expect_load_error(&m, missing, MOLT_EIO, "%s: No such file or directory");
+
+    // variable-length strings (what h5py writes for str) are read too
+    hid_t f = h5_edit(good, bad);
+    h5_set_attr_vstr(f, "format", "molt-lora");
+    h5_set_attr_vstr(f, "spec", SPEC_H5);
+    H5Fclose(f);
+    ck_assert_ok(lora_load(&m, bad, true, &ad));
+    ck_assert_int_eq(lora_find_unit(&ad, "model.layers.1.mlp.experts.down_proj")->r, 3);
+    lora_detach(&ad);
+    f = h5_edit(good, bad);
+    h5_set_attr_vstr(f, "format", "molt-lorax");
+    H5Fclose(f);
+    expect_load_error(&m, bad, MOLT_EFORMAT, "%s: attribute format is \"molt-lorax\", expected "
+                      "\"molt-lora\" (not a molt adapter file)");
+    f = h5_edit(good, bad);
+    h5_set_attr_str(f, "format", "safetensors");
+    H5Fclose(f);
+    expect_load_error(&m, bad, MOLT_EFORMAT, "%s: attribute format is \"safetensors\", expected "
+                      "\"molt-lora\" (not a molt adapter file)");
+    f = h5_edit(good, bad);
+    ck_assert_int_ge(H5Adelete(f, "format"), 0);
+    H5Fclose(f);
+    expect_load_error(&m, bad, MOLT_EFORMAT, "%s: attribute format is missing (expected the "
+                      "string \"molt-lora\" of a molt adapter file)");
+    f = h5_edit(good, bad);
+    h5_set_attr_i64(f, "format", 1);
+    H5Fclose(f);
+    expect_load_error(&m, bad, MOLT_EFORMAT, "%s: attribute format is not a scalar string "
+                      "(expected the string \"molt-lora\" of a molt adapter file)");
+    f = h5_edit(good, bad);
+    h5_set_attr_i64(f, "version", 2);
+    H5Fclose(f);
+    expect_load_error(&m, bad, MOLT_EFORMAT,
+                      "%s: attribute version is 2, this build reads version 1");
+    f = h5_edit(good, bad);
+    h5_set_attr_str(f, "version", "1");
+    H5Fclose(f);
+    expect_load_error(&m, bad, MOLT_EFORMAT, "%s: attribute version is not a scalar integer "
+                      "(expected 1)");
+    f = h5_edit(good, bad);
+    ck_assert_int_ge(H5Adelete(f, "spec"), 0);
+    H5Fclose(f);
+    expect_load_error(&m, bad, MOLT_EFORMAT, "%s: attribute spec is missing (expected the "
+                      "adapter's spec)");
+    f = h5_edit(good, bad);
+    h5_set_attr_str(f, "spec", "r=two,targets=q_a_proj");
+    H5Fclose(f);
+    expect_load_error(&m, bad, MOLT_EFORMAT,
+                      "%s: attribute spec: lora spec: r=two is not a number");
+    f = h5_edit(good, bad);
+    h5_set_attr_str(f, "spec", "r=2,targets=q_proj");
+    H5Fclose(f);
+    expect_load_error(&m, bad, MOLT_EARG, "%s: attaching the adapter's spec: lora: "
+                      "target 'q_proj' matches no module of the model");
+
+    f = h5_edit(good, bad);
+    h5_put_dataset(f, PFX "2.self_attn.o_proj.lora_B.weight", 0, -1, NULL);
+    H5Fclose(f);
+    expect_load_error(&m, bad, MOLT_EFORMAT, "%s: missing dataset " PFX "2.self_attn.o_proj."
+                      "lora_B.weight (target model.layers.2.self_attn.o_proj)");
+    f = h5_edit(good, bad);
+    h5_put_dataset(f, PFX "0.self_attn.q_a_proj.lora_A.weight", H5T_IEEE_F32LE, 2,
+                   (hsize_t[]){3, 32});
+    H5Fclose(f);
+    expect_load_error(&m, bad, MOLT_EFORMAT, "%s: dataset " PFX "0.self_attn.q_a_proj.lora_A."
+                      "weight has shape [3, 32], expected [2, 32]");
+    f = h5_edit(good, bad);
+    h5_put_dataset(f, PFX "1.mlp.experts.base_layer.lora_B.weight", H5T_IEEE_F32LE, 3,
+                   (hsize_t[]){32, 3, 8});
+    H5Fclose(f);
+    expect_load_error(&m, bad, MOLT_EFORMAT, "%s: dataset " PFX "1.mlp.experts.base_layer."
+                      "lora_B.weight has shape [32, 3, 8], expected [32, 24]");
+    f = h5_edit(good, bad);
+    h5_put_dataset(f, "base_model.model.lm_head.lora_B.weight", H5T_IEEE_F64LE, 2,
+                   (hsize_t[]){VOCAB, 2});
+    H5Fclose(f);
+    expect_load_error(&m, bad, MOLT_EFORMAT, "%s: dataset base_model.model.lm_head.lora_B."
+                      "weight has data type f64, expected f32");
+    f = h5_edit(good, bad);
+    h5_put_dataset(f, PFX "0.self_attn.q_b_proj.lora_A.weight", H5T_IEEE_F32LE, 2,
+                   (hsize_t[]){2, 24});
+    H5Fclose(f);
+    expect_load_error(&m, bad, MOLT_EFORMAT, "%s: unexpected object " PFX "0.self_attn.q_b_proj."
+                      "lora_A.weight (no adapted module of the model has a tensor of this name)");
+
+    // an adapter made for another vocabulary: lm_head's B does not fit
+    mdl_model m2 = {0};
+    tiny_model_vocab(&m2, 512);
+    expect_load_error(&m2, good, MOLT_EFORMAT, "%s: dataset base_model.model.lm_head.lora_B."
+                      "weight has shape [1024, 2], expected [512, 2]");
+    mdl_free(&m2);
+
+    long n;
+    char *bytes = slurp(good, &n);
+    write_bytes(bad, bytes, n / 2);
+    expect_load_error_part(&m, bad, "%s: HDF5 cannot open it, the file is truncated or "
+                           "damaged (HDF5: ", "truncated file");
+    // one changed byte in the middle of lm_head's B: its data checksum fails
+    f = H5Fopen(good, H5F_ACC_RDONLY, H5P_DEFAULT);
+    hid_t d = H5Dopen2(f, "base_model.model.lm_head.lora_B.weight", H5P_DEFAULT);
+    hsize_t at[2] = {0, 0}, size = 0;
+    haddr_t addr = HADDR_UNDEF;
+    unsigned mask;
+    ck_assert_int_ge(H5Dget_chunk_info_by_coord(d, at, &mask, &addr, &size), 0);
+    H5Dclose(d), H5Fclose(f);
+    ck_assert(addr != HADDR_UNDEF && size >= (hsize_t)VOCAB * 2 * 4 && addr + size <= (hsize_t)n);
+    bytes[addr + size / 2] ^= 0x10;
+    write_bytes(bad, bytes, n);
+    expect_load_error_part(&m, bad, "%s: dataset base_model.model.lm_head.lora_B.weight: its "
+                           "data cannot be read, the file is damaged (HDF5: ", "Fletcher32");
+    free(bytes);
+    rm_rf(dir);
+    mdl_free(&m);
+}
+END_TEST
+
+// Every single-byte change of a file either gives an error naming the file (nothing left
+// attached) or loads exactly the saved adapter: never a crash, never different numbers.
+START_TEST(test_molt_file_damage) {
+    mdl_model m = {0}, m2 = {0};
+    tiny_model(&m);
+    tiny_model(&m2);
+    lora_adapter ad, back;
+    attach(&m, "r=2,targets=q_a_proj+experts", false, &ad);
+    lora_randomize_b(&ad, 9, 0.5);
+    char dir[64], good[128], bad[128];
+    tmpdir(dir, sizeof dir);
+    snprintf(good, sizeof good, "%s/good.h5", dir);
+    snprintf(bad, sizeof bad, "%s/bad.h5", dir);
+    ck_assert_ok(lora_save(&ad, good));
+    long n;
+    char *bytes = slurp(good, &n);
+    int refused = 0, tried = 0;
+    for (long off = 0; off < n; off += off < 4096 ? 7 : 61, tried++) {
+        bytes[off] ^= 0xa5;
+        write_bytes(bad, bytes, n);
+        bytes[off] ^= 0xa5;
+        molt_status st = lora_load(&m2, bad, false, &back);
+        if (st == MOLT_OK) {
+            same_adapter(&ad, &back);
+            lora_detach(&back);
+            continue;
+        }
+        refused++;
+        ck_assert_msg(!strncmp(molt_err_msg(), bad, strlen(bad)), "offset %ld: %s", off,
+                      molt_err_msg());
+        ck_assert_ptr_null(m2.layers[0].q_a.lora_a);
+    }
+    // nearly every byte is metadata under a checksum or checksummed tensor data
+    ck_assert_msg(refused > tried * 3 / 4, "only %d of %d damaged files refused", refused,
+                  tried);
+    free(bytes);
+    lora_detach(&ad);
+    rm_rf(dir);
+    mdl_free(&m);
+    mdl_free(&m2);
+}
+END_TEST
+
+START_TEST(test_load_any) {
+    mdl_model m = {0};
+    tiny_model(&m);
+    lora_adapter ad;
+    attach(&m, "r=2,targets=q_a_proj", false, &ad);
+    char dir[64], path[160], msg[512];
+    tmpdir(dir, sizeof dir);
+    ck_assert_ok(lora_export_peft(&ad, dir, NULL));
+    lora_detach(&ad);
+    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    ck_assert_int_eq(unlink(path), 0);
+    ck_assert_int_eq(lora_load_any(&m, dir, true, &ad), MOLT_EFORMAT);
+    snprintf(msg, sizeof msg, "adapter %s: a directory without adapter_config.json (expected a "
+             "PEFT directory holding adapter_config.json or a molt adapter file (HDF5))", dir);
+    ck_assert_str_eq(molt_err_msg(), msg);
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    ck_assert_int_eq(lora_load_any(&m, path, true, &ad), MOLT_EFORMAT);
+    snprintf(msg, sizeof msg, "adapter %s: not an HDF5 file (expected a PEFT directory holding "
+             "adapter_config.json or a molt adapter file (HDF5); for a PEFT adapter, give its "
+             "directory)", path);
+    ck_assert_str_eq(molt_err_msg(), msg);
+    snprintf(path, sizeof path, "%s/notes.txt", dir);
+    write_text(path, "\x89HDF but not quite\n");
+    ck_assert_int_eq(lora_load_any(&m, path, true, &ad), MOLT_EFORMAT);
+    snprintf(msg, sizeof msg, "adapter %s: not an HDF5 file (expected a PEFT directory holding "
+             "adapter_config.json or a molt adapter file (HDF5))", path);
+    ck_assert_str_eq(molt_err_msg(), msg);
+    ck_assert_ptr_null(m.layers[0].q_a.lora_a);
+    rm_rf(dir);
+    mdl_free(&m);
+}
+END_TEST
+
 // ---- PEFT parity ----------------------------------------------------------------------
 
 static double meta_num(const st_reader *r, const char *v, const char *key) {
@@ -404,6 +867,10 @@ int main(void) {
     tcase_add_test(tc, test_tensor_names);
     tcase_add_test(tc, test_config_keys);
     tcase_add_test(tc, test_import_errors);
+    tcase_add_test(tc, test_molt_file_layout);
+    tcase_add_test(tc, test_molt_file_errors);
+    tcase_add_test(tc, test_molt_file_damage);
+    tcase_add_test(tc, test_load_any);
     tcase_add_test(tc, test_peft_parity);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);

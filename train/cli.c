@@ -14,7 +14,7 @@ static const char usage[] =
     "Trains a LoRA adapter on a base model as FILE.yaml says. --set overrides one key\n"
     "(repeatable; lists as comma-separated items). Writes output_dir/config.resolved.yaml,\n"
     "metrics.jsonl, checkpoints/step-N.h5 and, at the end, the adapter as output_dir/adapter/\n"
-    "(PEFT) and output_dir/adapter.safetensors (molt). --resume auto continues from the\n"
+    "(PEFT) and output_dir/adapter.h5 (molt, HDF5). --resume auto continues from the\n"
     "newest valid checkpoint (a corrupt one is skipped for the next older); a checkpoint of\n"
     "another base model or tokenizer is refused unless --force. Ctrl-C writes a checkpoint\n"
     "and exits. --eval-only prints the loss on data.eval of the base model, or of the base\n"

@@ -6,7 +6,8 @@
 // handed to lora_cmd_export (adapters/cli.c), which cannot read checkpoints because the
 // adapters module sits below train/.
 //
-// Not here: the checkpoint format (checkpoint.c), the adapter files (adapters/peft.c).
+// Not here: the checkpoint format (checkpoint.c), the adapter files (adapters/peft.c for
+// PEFT directories, adapters/h5.c for molt's HDF5 file).
 #include "trainer.h"
 
 #include "../adapters/adapters.h"

@@ -517,7 +517,7 @@ static molt_status save_adapter(trn *t) {
     snprintf(p, sizeof p, "%s/adapter", t->cfg->output_dir);
     MOLT_TRY(mkdir_p(p));
     MOLT_TRY(lora_export_peft(&t->ad, p, t->cfg->model));
-    snprintf(p, sizeof p, "%s/adapter.safetensors", t->cfg->output_dir);
+    snprintf(p, sizeof p, "%s/adapter.h5", t->cfg->output_dir);
     MOLT_TRY(lora_save(&t->ad, p));
     if (!t->o->quiet)
         fprintf(stderr, "molt train: adapter saved to %s/adapter (PEFT) and %s\n",

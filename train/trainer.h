@@ -70,7 +70,7 @@ typedef struct {
 } trn_run_opts;
 
 // Runs training (or evaluation) as configured. Writes output_dir/{config.resolved.yaml,
-// metrics.jsonl, checkpoints/, adapter/ (PEFT), adapter.safetensors (molt)}. Returns
+// metrics.jsonl, checkpoints/, adapter/ (PEFT), adapter.h5 (molt, HDF5)}. Returns
 // MOLT_OK, or an error with its message; *interrupted is set when Ctrl-C stopped it after
 // a checkpoint.
 molt_status trn_run(const trn_config *c, const trn_run_opts *o, bool *interrupted);
