@@ -1,6 +1,7 @@
-// autograd/bench.c: `molt bench ops`: forward and backward throughput of ag_linear and
-// ag_attention (optimized CPU kernels, f32) next to plain cblas_sgemm measured in the same run,
-// printed as a table. Not here: end-to-end model benchmarks or the CUDA kernels.
+// autograd/bench.c: `molt bench ops`: forward and backward throughput of ag_linear,
+// ag_attention and the fused loss ag_cross_entropy_linear (optimized CPU kernels, f32) next
+// to plain cblas_sgemm measured in the same run, printed as a table. Not here: end-to-end
+// model benchmarks or the CUDA kernels.
 #include "bench_util.h"
 #include "internal.h"
 
@@ -24,15 +25,25 @@ typedef struct {
     int64_t T, H, Dqk, Dv;
 } attn_size;
 
+typedef struct {
+    int64_t T, C, V;
+} ce_size;
+
 static const linear_size linear_full[] = {{512, 1024, 1024}, {512, 2048, 512}, {2048, 4096, 1024}};
 static const linear_size linear_quick[] = {{64, 128, 96}, {48, 64, 160}};
 static const attn_size attn_full[] = {{512, 8, 192, 128}, {1024, 8, 192, 128}};
 static const attn_size attn_quick[] = {{64, 2, 24, 16}, {96, 3, 12, 8}};
+// the loss over the 131072-token vocabulary at the hidden sizes of the small and tiny presets
+static const ce_size ce_full[] = {{512, 512, 131072}, {512, 32, 131072}};
+static const ce_size ce_quick[] = {{16, 8, 300}};
+// vocabulary columns per chunk, as the model uses
+#define BENCH_CE_CHUNK 8192
 
 static void usage(FILE *f) {
     fprintf(f, "usage: " CMD " [--threads N] [--repeat R] [--quick]\n\n"
-               "Times ag_linear and ag_attention (f32, optimized CPU kernels), forward and\n"
-               "backward, and cblas_sgemm on matching shapes in the same run.\n\n");
+               "Times ag_linear, ag_attention and ag_cross_entropy_linear (f32, optimized CPU\n"
+               "kernels), forward and backward, and cblas_sgemm on matching shapes in the\n"
+               "same run.\n\n");
     ag_bench_usage_opts(f);
 }
 
@@ -136,6 +147,45 @@ static ag_tensor *build_attention(ag_ctx *c, ag_tensor **in) {
     return ag_attention(c, in[0], in[1], in[2], in[3], NULL, scale);
 }
 
+static ag_tensor *build_ce(ag_ctx *c, ag_tensor **in) {
+    return ag_cross_entropy_linear(c, in[0], in[1], in[2], NULL, BENCH_CE_CHUNK);
+}
+
+// The fused loss with w frozen (an adapter's case): the forward also computes the gradient
+// to h (two GEMMs per chunk), the backward only scales it.
+static molt_status bench_ce(const ag_bench_opts *o, ce_size s, bench_row *rows) {
+    ag_arena p;
+    ag_arena_init(&p, "bench", 0);
+    ag_rng r;
+    ag_rng_seed(&r, 4);
+    int64_t sh[2] = {s.T, s.C}, sw[2] = {s.V, s.C};
+    ag_tensor *in[3] = {rand_tensor(&p, &r, 2, sh, 1), rand_tensor(&p, &r, 2, sw, 0.05),
+                        ag_tensor_new1(&p, AG_I32, s.T)};
+    sgemm_job job = {0};
+    double bt[N_PARTS];
+    molt_status st = in[0] && in[1] && in[2] ? MOLT_OK : MOLT_ENOMEM;
+    if (st == MOLT_OK) {
+        in[1]->requires_grad = false;
+        int32_t *tg = in[2]->data;
+        for (int64_t t = 0; t < s.T; t++)
+            tg[t] = (int32_t)(ag_rng_next(&r) % (uint64_t)s.V);
+        st = sgemm_job_init(&job, s.T, s.V, s.C);
+    }
+    if (st == MOLT_OK)
+        st = time_op(o, in, build_ce, ag_backward_ce_linear, &job, bt);
+    double f = 2.0 * (double)s.T * (double)s.C * (double)s.V;
+    for (int i = 0; st == MOLT_OK && i < 2; i++) {
+        rows[i] = (bench_row){.op = "ce_linear", .pass = i ? "bwd" : "fwd",
+                              .seconds = bt[i ? PART_BWD : PART_FWD], .flops = i ? 0 : 2 * f,
+                              .sgemm_gflops = ag_bench_gflops(f, bt[PART_SGEMM])};
+        snprintf(rows[i].shape, sizeof rows[i].shape, "T=%lld,C=%lld,V=%lld", (long long)s.T,
+                 (long long)s.C, (long long)s.V);
+    }
+    molt_free(job.a);
+    ag_arena_free(&p);
+    return st;
+}
+
 static molt_status bench_linear(const ag_bench_opts *o, linear_size s, bench_row *rows) {
     ag_arena p;
     ag_arena_init(&p, "bench", 0);
@@ -203,15 +253,22 @@ static void print_header(const ag_bench_opts *o) {
            "pairs P = T(T+1)/2: fwd 2*P*H*(Dqk+Dv), bwd 2*P*H*(3*Dqk+2*Dv) (scores recomputed).\n"
            "vs_sgemm = the row's GFLOP/s / cblas_sgemm's GFLOP/s in this run: for linear on the\n"
            "same GEMM shape [T x in] x [in x out]; for attention on [T x K] x [K x T] with\n"
-           "K = H*(Dqk+Dv)/2, a GEMM with the flops of the causal forward.\n\n");
+           "K = H*(Dqk+Dv)/2, a GEMM with the flops of the causal forward. ce_linear: the\n"
+           "fused loss with w frozen, fwd 4*T*C*V (logits and the gradient to h, made by the\n"
+           "forward), bwd scales that gradient (no flops counted); sgemm on\n"
+           "[T x C] x [C x V].\n\n");
     printf("%-10s %-28s %-4s %10s %9s %13s %9s\n", "op", "shape", "pass", "ms", "GFLOP/s",
            "sgemm_GFLOP/s", "vs_sgemm");
 }
 
 static void print_row(const bench_row *r) {
     double gf = ag_bench_gflops(r->flops, r->seconds);
-    printf("%-10s %-28s %-4s %10.3f %9.2f %13.2f %9.3f\n", r->op, r->shape, r->pass,
-           r->seconds * 1e3, gf, r->sgemm_gflops, gf / r->sgemm_gflops);
+    if (r->flops == 0) // a pass with no GEMM: its time only
+        printf("%-10s %-28s %-4s %10.3f %9s %13.2f %9s\n", r->op, r->shape, r->pass,
+               r->seconds * 1e3, "-", r->sgemm_gflops, "-");
+    else
+        printf("%-10s %-28s %-4s %10.3f %9.2f %13.2f %9.3f\n", r->op, r->shape, r->pass,
+               r->seconds * 1e3, gf, r->sgemm_gflops, gf / r->sgemm_gflops);
     fflush(stdout);
 }
 
@@ -226,9 +283,13 @@ int ag_cmd_bench_ops(int argc, char **argv) {
     const attn_size *as = o.quick ? attn_quick : attn_full;
     size_t nl = o.quick ? sizeof linear_quick / sizeof *ls : sizeof linear_full / sizeof *ls;
     size_t na = o.quick ? sizeof attn_quick / sizeof *as : sizeof attn_full / sizeof *as;
+    const ce_size *cs = o.quick ? ce_quick : ce_full;
+    size_t nc = o.quick ? sizeof ce_quick / sizeof *cs : sizeof ce_full / sizeof *cs;
     bench_row rows[2];
-    for (size_t i = 0; i < nl + na; i++) {
-        molt_status st = i < nl ? bench_linear(&o, ls[i], rows) : bench_attention(&o, as[i - nl], rows);
+    for (size_t i = 0; i < nl + na + nc; i++) {
+        molt_status st = i < nl        ? bench_linear(&o, ls[i], rows)
+                         : i < nl + na ? bench_attention(&o, as[i - nl], rows)
+                                       : bench_ce(&o, cs[i - nl - na], rows);
         if (st != MOLT_OK) {
             fprintf(stderr, CMD ": %s\n", molt_err_msg());
             return 1;

@@ -157,7 +157,7 @@ molt_status ag_backward_rmsnorm(ag_ctx *c, ag_node *n) {
 #define CE "cross_entropy_linear"
 // Elements of scratch per optimized call (h tile, dh tile, logits block): the token tile is
 // sized so that tile x (2C + chunk) stays near this.
-#define CE_SCRATCH_ELEMS ((int64_t)1 << 22)
+#define CE_SCRATCH_ELEMS ((int64_t)1 << 23)
 
 static molt_status ce_check_shapes(const ag_tensor *h, const ag_tensor *w,
                                    const ag_tensor *targets, const ag_tensor *mask) {
@@ -286,7 +286,11 @@ static molt_status ce_plan_init(ce_plan *p, const ag_tensor *h, const ag_tensor 
     if (p->d.n_rows == 0)
         return MOLT_OK;
     int64_t tile = CE_SCRATCH_ELEMS / (2 * C + 2 * R + p->d.chunk);
-    p->d.tile = tile < 1 ? 1 : tile > p->d.n_rows ? p->d.n_rows : tile;
+    tile = tile < 1 ? 1 : tile > p->d.n_rows ? p->d.n_rows : tile;
+    // the same number of tiles, evenly sized: no thin last tile (a thin GEMM, and one more
+    // pass over w for few tokens)
+    int64_t n_tiles = (p->d.n_rows + tile - 1) / tile;
+    p->d.tile = (p->d.n_rows + n_tiles - 1) / n_tiles;
     size_t bytes = h->dtype == AG_F32 ? ce_work_bytes_f32(&p->d) : ce_work_bytes_f64(&p->d);
     p->work = molt_malloc(bytes);
     if (!p->work) {

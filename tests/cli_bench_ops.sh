@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # tests/cli_bench_ops.sh: `molt bench ops --quick` prints a fwd and a bwd row for every linear
-# and attention size, each with positive timings and rates; bad options are refused.
+# and attention size and for the fused loss, each with positive timings and rates; bad
+# options are refused.
 . "$(dirname "$0")/harness/cli_lib.sh" "$@" || exit 1
 
 out=$("$molt" bench ops --quick --repeat 2 --threads 2) || fail "molt bench ops --quick exited $?"
@@ -12,8 +13,14 @@ for op in linear attention; do
         [ "$n" -eq 2 ] || fail "expected 2 '$op $pass' rows, got $n: $out"
     done
 done
+n=$(awk '$1 == "ce_linear" && $3 == "fwd"' <<<"$out" | wc -l)
+[ "$n" -eq 1 ] || fail "expected 1 'ce_linear fwd' row, got $n: $out"
+# the loss's backward only scales the saved gradient: a time and the sgemm rate
+bad=$(awk '$1 == "ce_linear" && $3 == "bwd" &&
+           !($4 ~ /^[0-9.]+$/ && $5 == "-" && $6 + 0 > 0)' <<<"$out")
+[ -z "$bad" ] && grep -q "^ce_linear .* bwd" <<<"$out" || fail "bad ce_linear bwd row: $out$bad"
 # columns: op shape pass ms GFLOP/s sgemm_GFLOP/s vs_sgemm, all numbers > 0
-bad=$(awk '($1 == "linear" || $1 == "attention") {
+bad=$(awk '($1 == "linear" || $1 == "attention" || ($1 == "ce_linear" && $3 == "fwd")) {
     for (i = 4; i <= 7; i++) if (!($i ~ /^[0-9.]+$/) || $i + 0 <= 0) print }' <<<"$out")
 [ -z "$bad" ] || fail "non-positive or missing numbers: $bad"
 grep -q "2 threads" <<<"$out" || fail "--threads 2 not reported: $out"

@@ -22,9 +22,10 @@ tokens packed from whole examples: molt packs them itself (its order within a sh
 window may differ), the PyTorch side packs the same ids greedily in file order, positions
 from 0 in each example. Both sides compute every position of every row (PyTorch runs
 plain causal attention over a packed row, molt keeps examples apart with segments: the
-same amount of work), so throughput is counted as rows * SEQ_LEN * steps over
-the time of the training loop (model loading excluded on both sides; molt's loop time is
-the elapsed_s of its last metrics record). Peak RSS is the whole process (os.wait4), so
+same amount of work), so throughput is counted as rows * SEQ_LEN * (steps - 1) over
+the time from the end of the first step to the end of the last (loading and the first,
+warm-up step excluded on both sides; molt's times are the elapsed_s of its metrics
+records). Peak RSS is the whole process (os.wait4), so
 the PyTorch figure includes the Python interpreter and the torch libraries, and both
 include loading (molt quantizes while loading, bitsandbytes too).
 
@@ -43,7 +44,7 @@ from pathlib import Path
 
 # molt's base quantization for each --quant, matching what bitsandbytes quantizes
 MOLT_QUANT = {"none": "none", "nf4": "nf4,experts=f32"}
-DEFAULT_STEPS = {"tiny": 10, "small": 4}
+DEFAULT_STEPS = {"tiny": 12, "small": 8}
 TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj",
            "up_proj", "down_proj", "experts"]
 WORDS = ("the a of to and in is it that for on with as was by at be this from or an are "
@@ -117,7 +118,7 @@ def torch_worker(a):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     B, S = a.batch, a.seq_len
-    losses, t0 = [], time.perf_counter()
+    losses, ends = [], []
     for step in range(a.steps):
         batch = [rows[(step * B + i) % len(rows)] for i in range(B)]
         ids = torch.tensor([r[0] for r in batch])
@@ -131,7 +132,8 @@ def torch_worker(a):
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss))
-    loop_s = time.perf_counter() - t0
+        ends.append(time.perf_counter())
+    loop_s = ends[-1] - ends[0]  # steps 2..N: the first one warms up
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     n4 = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
     print(json.dumps({"loop_s": loop_s, "peak_rss_kb": rss, "first_loss": losses[0],
@@ -226,9 +228,12 @@ def run_case(a, molt, env, preset, quant):
              steps, "--batch", a.batch, "--seq-len", a.seq_len, "--lr", a.lr, "--quant", quant],
             env, allow_fail=True)
     pt = json.loads(out.strip().splitlines()[-1]) if out else {"error": err.strip()}
-    row_tokens = a.batch * a.seq_len * steps
+    # tokens of steps 2..N over their time on both sides: the first step (arena growth,
+    # first touch of every buffer, thread pools) is left out as warm-up
+    row_tokens = a.batch * a.seq_len * (steps - 1)
+    molt_s = recs[-1]["elapsed_s"] - recs[0]["elapsed_s"]
     r = {"preset": preset, "quant": quant, "steps": steps,
-         "molt_tps": row_tokens / recs[-1]["elapsed_s"], "molt_rss_mb": molt_rss / 1024,
+         "molt_tps": row_tokens / molt_s, "molt_rss_mb": molt_rss / 1024,
          "molt_loss": (recs[0]["loss"], recs[-1]["loss"]),
          "molt_own_tps": recs[-1].get("tokens_per_s", 0), "torch_tps": None,
          "torch_rss_mb": None, "torch_error": pt.get("error")}
@@ -287,7 +292,8 @@ def main():
     ap.add_argument("--all", action="store_true",
                     help="run tiny and small with none and nf4 and print one table")
     ap.add_argument("--steps", type=int, default=0,
-                    help="optimizer steps (default: 10 for tiny, 4 for small)")
+                    help="optimizer steps, >= 2; the first is warm-up and not timed "
+                         "(default: 12 for tiny, 8 for small)")
     ap.add_argument("--batch", type=int, default=2, help="rows per step")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--rank", type=int, default=8)
@@ -298,6 +304,8 @@ def main():
     ap.add_argument("--adapter", help=argparse.SUPPRESS)
     ap.add_argument("--rows", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.steps == 1 or a.steps < 0:
+        ap.error("--steps must be >= 2 (the first step is warm-up)")
     if a.worker:
         return torch_worker(a)
     if not a.molt:
