@@ -157,7 +157,7 @@ molt_status ag_backward_rmsnorm(ag_ctx *c, ag_node *n) {
 #define CE "cross_entropy_linear"
 // Elements of scratch per optimized call (h tile, dh tile, logits block): the token tile is
 // sized so that tile x (2C + chunk) stays near this.
-#define CE_SCRATCH_ELEMS ((int64_t)1 << 23)
+#define CE_SCRATCH_ELEMS ((int64_t)1 << 24)
 
 static molt_status ce_check_shapes(const ag_tensor *h, const ag_tensor *w,
                                    const ag_tensor *targets, const ag_tensor *mask) {
