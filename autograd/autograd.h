@@ -113,7 +113,7 @@ void ag_ctx_free(ag_ctx *c);
 // the caller's code before it; ops that record nothing count toward the next recorded one).
 // Recomputation inside activation checkpointing counts toward the inner ops, and the
 // checkpoint row's backward includes them (it is left out of the total). Prints a table
-// sorted by total time; nothing when profiling is off.
+// sorted by total time; nothing when profiling is off or nothing was recorded.
 void ag_profile_print(const ag_ctx *c, FILE *f);
 void ag_ctx_set_grad(ag_ctx *c, bool on);
 // Drops the tape (releasing saved state) and resets the activation arena.

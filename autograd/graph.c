@@ -53,7 +53,10 @@ static void profile_fwd(ag_ctx *c, ag_op op) {
 
 void ag_profile_print(const ag_ctx *c, FILE *f) {
     const struct ag_profile *p = c->prof;
-    if (!p)
+    int64_t calls = 0;
+    for (int i = 0; p && i < AG_OP_COUNT; i++)
+        calls += p->n_fwd[i] + p->n_bwd[i];
+    if (!p || calls == 0) // nothing was recorded (inference): nothing to show
         return;
     int order[AG_OP_COUNT];
     double total = 0;
