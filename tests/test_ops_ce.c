@@ -5,6 +5,7 @@
 // the forward), mask semantics, O(T) saved state, and the exact
 // error messages.
 #include "harness/harness.h"
+#include "harness/ce_ref.h"
 #include "autograd/internal.h"
 #include "autograd/cpu/kernels.h"
 
@@ -40,45 +41,30 @@ static void problem_init(ce_problem *p, ag_arena *a, const ce_shape *s, uint64_t
     }
 }
 
-// The loss from its definition, everything materialized: logits[t, v] by loops, log-softmax
-// with the row max subtracted, the target's entry picked, weighted mean over the mask.
-// dh and dw (when not NULL) get the gradient of the loss: (softmax - onehot) * m_t / sum m.
+// The loss from its definition (harness/ce_ref.c); dh and dw (when not NULL) get its
+// gradient, derived by loops from d loss / d logits.
 static double unfused(const ag_tensor *h, const ag_tensor *w, const ag_tensor *tg,
                       const ag_tensor *mask, double *dh, double *dw) {
     int64_t T = h->shape[0], C = h->shape[1], V = w->shape[0];
-    double *logits = calloc((size_t)(T * V), sizeof *logits), msum = 0, loss = 0;
-    ck_assert_ptr_nonnull(logits);
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t v = 0; v < V; v++)
-            for (int64_t c = 0; c < C; c++)
-                logits[t * V + v] += ag_get(h, t * C + c) * ag_get(w, v * C + c);
-    for (int64_t t = 0; t < T; t++)
-        msum += mask ? ag_get(mask, t) : 1.0;
-    if (dh)
-        memset(dh, 0, (size_t)(T * C) * sizeof *dh);
-    if (dw)
-        memset(dw, 0, (size_t)(V * C) * sizeof *dw);
-    for (int64_t t = 0; t < T; t++) {
-        double m = mask ? ag_get(mask, t) : 1.0, mx = -INFINITY, se = 0;
-        for (int64_t v = 0; v < V; v++)
-            mx = fmax(mx, logits[t * V + v]);
-        for (int64_t v = 0; v < V; v++)
-            se += exp(logits[t * V + v] - mx);
-        int64_t y = (int64_t)ag_get(tg, t);
-        double logp_y = logits[t * V + y] - mx - log(se);
-        if (msum > 0)
-            loss += -m * logp_y / msum;
-        for (int64_t v = 0; v < V && msum > 0; v++) {
-            double g = (exp(logits[t * V + v] - mx) / se - (v == y)) * m / msum;
-            for (int64_t c = 0; c < C; c++) {
-                if (dh)
-                    dh[t * C + c] += g * ag_get(w, v * C + c);
-                if (dw)
-                    dw[v * C + c] += g * ag_get(h, t * C + c);
-            }
+    double *z = ce_ref_logits(h, w, NULL, NULL), *g = malloc((size_t)(T * V) * sizeof *g);
+    ck_assert_ptr_nonnull(g);
+    double loss = ce_ref_loss(z, T, V, tg, mask, g);
+    for (int64_t t = 0; dh && t < T; t++)
+        for (int64_t c = 0; c < C; c++) {
+            double acc = 0;
+            for (int64_t v = 0; v < V; v++)
+                acc += g[t * V + v] * ag_get(w, v * C + c);
+            dh[t * C + c] = acc;
         }
-    }
-    free(logits);
+    for (int64_t v = 0; dw && v < V; v++)
+        for (int64_t c = 0; c < C; c++) {
+            double acc = 0;
+            for (int64_t t = 0; t < T; t++)
+                acc += g[t * V + v] * ag_get(h, t * C + c);
+            dw[v * C + c] = acc;
+        }
+    free(z);
+    free(g);
     return loss;
 }
 

@@ -5,6 +5,7 @@
 // tiles, O(T) saved state, and the exact error messages. The one-term form has its own
 // tests (test_ops_ce.c).
 #include "harness/harness.h"
+#include "harness/ce_ref.h"
 #include "autograd/internal.h"
 #include "autograd/cpu/kernels.h"
 
@@ -47,34 +48,13 @@ static ag_tensor *build_lr(ag_ctx *c, ag_tensor **in, void *user) {
     return ag_cross_entropy_linear2(c, in[0], in[1], in[4], in[5], in[2], in[3], s->chunk);
 }
 
-// The loss from its definition with every logit materialized; g (T x V, optional) gets
-// d loss / d logits, from which the test derives the input gradients by loops.
+// The loss from its definition with every logit materialized (harness/ce_ref.c); g
+// (T x V, optional) gets d loss / d logits, from which the test derives the input
+// gradients by loops.
 static double unfused(const lr_problem *p, double *g) {
-    const ag_tensor *h = p->in[0], *w = p->in[1], *tg = p->in[2], *mask = p->in[3];
-    const ag_tensor *h2 = p->in[4], *w2 = p->in[5];
-    int64_t T = h->shape[0], C = h->shape[1], V = w->shape[0], R = h2->shape[1];
-    double *z = calloc((size_t)(T * V), sizeof *z), msum = 0, loss = 0;
-    ck_assert_ptr_nonnull(z);
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t v = 0; v < V; v++) {
-            for (int64_t c = 0; c < C; c++)
-                z[t * V + v] += ag_get(h, t * C + c) * ag_get(w, v * C + c);
-            for (int64_t k = 0; k < R; k++)
-                z[t * V + v] += ag_get(h2, t * R + k) * ag_get(w2, v * R + k);
-        }
-    for (int64_t t = 0; t < T; t++)
-        msum += mask ? ag_get(mask, t) : 1.0;
-    for (int64_t t = 0; t < T; t++) {
-        double m = mask ? ag_get(mask, t) : 1.0, mx = -INFINITY, se = 0;
-        for (int64_t v = 0; v < V; v++)
-            mx = fmax(mx, z[t * V + v]);
-        for (int64_t v = 0; v < V; v++)
-            se += exp(z[t * V + v] - mx);
-        int64_t y = (int64_t)ag_get(tg, t);
-        loss -= m * (z[t * V + y] - mx - log(se)) / msum;
-        for (int64_t v = 0; g && v < V; v++)
-            g[t * V + v] = (exp(z[t * V + v] - mx) / se - (v == y)) * m / msum;
-    }
+    const ag_tensor *h = p->in[0], *w = p->in[1];
+    double *z = ce_ref_logits(h, w, p->in[4], p->in[5]);
+    double loss = ce_ref_loss(z, h->shape[0], w->shape[0], p->in[2], p->in[3], g);
     free(z);
     return loss;
 }
