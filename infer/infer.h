@@ -1,6 +1,6 @@
 // infer/infer.h: the public API of molt's inference module: sampling (`inf_sample*`), the
 // decode loop with streaming text output (`inf_generate`), and the `molt generate` /
-// `molt bench generate` commands. Builds on the model's cached forward (model/kvcache.h)
+// `molt bench generate` commands. Builds on the model's cached forward (model/model.h)
 // and the tokenizer and chat template (data/). Not here: the serving engine, continuous
 // batching, adapters.
 #ifndef MOLT_INFER_H
@@ -13,7 +13,7 @@
 #include "../autograd/autograd.h"
 #include "../common/err.h"
 #include "../data/data.h"
-#include "../model/kvcache.h"
+#include "../model/model.h"
 
 // ---- sampling (sample.c) ------------------------------------------------------------
 // Order of the steps: temperature -> top-k -> top-p -> sample.

@@ -14,7 +14,7 @@
 //             directly, and W_UV (the next DV rows) is applied once to the probability-
 //             weighted sum of latents.
 // Not here: the cache's storage (kvcache.c), sampling and the decode loop (infer/).
-#include "kvcache.h"
+#include "model.h"
 
 #include <math.h>
 #include <omp.h>

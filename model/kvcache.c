@@ -3,7 +3,7 @@
 // per sequence a block table. Blocks are allocated one by one and never move, so a row
 // pointer stays valid while its sequence holds the block. Not here: what is written into
 // the rows and how attention reads them (decode.c).
-#include "kvcache.h"
+#include "model.h"
 
 #include <string.h>
 

@@ -12,7 +12,7 @@
 #include "harness/harness.h"
 #include "harness/model_env.h"
 #include "infer/infer.h"
-#include "model/kvcache.h"
+#include "model/model.h"
 
 #include <math.h>
 #include <stdio.h>
