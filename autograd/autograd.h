@@ -229,6 +229,15 @@ typedef struct {
 ag_tensor *ag_moe_experts_lora(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,
                                ag_tensor *w_gate_up, ag_tensor *w_down,
                                const ag_expert_lora *lora);
+// The same with quantized expert stacks (QLoRA on the experts): gate_up [E, 2I, H] and down
+// [E, H, I] are 3-D qweights (see ag_qweight below), used as their decoded values. Gradients
+// reach x, weights and every LoRA matrix that requires grad, never the qweights; both
+// qweights must outlive the tape. The optimized kernel decodes one expert's two matrices at a
+// time per thread (3IH reals each); the quantized storage is all that stays resident.
+typedef struct ag_qweight ag_qweight;
+ag_tensor *ag_moe_experts_lora_q(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,
+                                 const ag_qweight *gate_up, const ag_qweight *down,
+                                 const ag_expert_lora *lora);
 // ---- end LoRA on routed experts ----
 
 // Mean cross-entropy of softmax(h W^T) against targets over tokens with mask[t] != 0,
@@ -281,9 +290,10 @@ molt_status ag_device_add(ag_tensor *y, const ag_tensor *a, const ag_tensor *b);
 
 // ---------------------------------------------------------------------------------------
 // Frozen quantized weights (autograd/quant.c, ops_qlinear.c). A qweight is only ever the
-// weight operand of ag_linear_q / ag_moe_experts_q: it has no gradient, but gradients flow
-// through it to the activations. Storage is owned by the struct (molt_malloc) and released
-// by ag_qweight_free; kernels dequantize it tile by tile and never hold the whole matrix.
+// weight operand of ag_linear_q / ag_moe_experts_q / ag_moe_experts_lora_q: it has no
+// gradient, but gradients flow through it to the activations. Storage is owned by the
+// struct (molt_malloc) and released by ag_qweight_free; kernels dequantize it tile by tile
+// (ag_moe_experts_lora_q: expert by expert) and never hold the whole matrix.
 typedef enum {
     AG_Q_F32,  // plain floats
     AG_Q_BF16, // bf16 bits
@@ -303,7 +313,7 @@ typedef struct {
                            // per matrix
 } ag_qopts;
 
-typedef struct {
+typedef struct ag_qweight { // tagged: ag_moe_experts_lora_q above declares it first
     ag_qformat format;
     int ndim;                // 2: [out, in]; 3: [E, out, in], E matrices (experts)
     int64_t shape[3];

@@ -34,10 +34,11 @@ typedef enum {
     AG_OP_LINEAR_Q,
     AG_OP_MOE_EXPERTS_Q,
     AG_OP_MOE_EXPERTS_LORA,
+    AG_OP_MOE_EXPERTS_LORA_Q,
     AG_OP_CHECKPOINT,
     AG_OP_COUNT
 } ag_op;
-#define AG_OP_COUNT_EXPECTED 25
+#define AG_OP_COUNT_EXPECTED 26
 
 // A recorded op. Attributes go in f[]/i[]/ptr; state kept for backward in `saved`
 // (allocated by ag_node_save, released right after the node's backward runs or when the
@@ -112,6 +113,7 @@ molt_status ag_backward_ce_linear(ag_ctx *c, ag_node *n);
 molt_status ag_backward_linear_q(ag_ctx *c, ag_node *n);
 molt_status ag_backward_moe_experts_q(ag_ctx *c, ag_node *n);
 molt_status ag_backward_moe_experts_lora(ag_ctx *c, ag_node *n);
+molt_status ag_backward_moe_experts_lora_q(ag_ctx *c, ag_node *n);
 molt_status ag_backward_checkpoint(ag_ctx *c, ag_node *n);
 
 // Runs c's tape backward from the grads already set on node outputs (no seeding), then

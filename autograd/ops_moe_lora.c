@@ -1,7 +1,9 @@
 // autograd/ops_moe_lora.c: routed experts with LoRA adapters on the frozen 3D expert weights
-// (builder and backward rule of ag_moe_experts_lora). Not here: the frozen-expert op
-// (ops_moe.c), the router, LoRA on ordinary 2D linears, loading adapter files, dropout
-// (PEFT refuses lora_dropout on targeted parameters, so there is none to match).
+// (builders and backward rules of ag_moe_experts_lora, dense stacks, and
+// ag_moe_experts_lora_q, quantized stacks: QLoRA on the experts). Not here: the frozen-expert
+// ops (ops_moe.c, ops_qlinear.c), the router, LoRA on ordinary 2D linears, loading adapter
+// files, dropout (PEFT refuses lora_dropout on targeted parameters, so there is none to
+// match).
 //
 // Layout and formula (PEFT 0.21 src/peft/tuners/lora/layer.py, class ParamWrapper;
 // transformers 5.x src/transformers/models/mistral4/modeling_mistral4.py, Mistral4Experts):
@@ -24,14 +26,32 @@
 // Backward memory: nothing is saved; like ag_moe_experts, the backward recomputes the
 // gate/up activations. The reference kernels merge the weights (two full expert stacks) and
 // form dense weight gradients: they are for tests, not for model-sized runs.
-#include "internal.h"
-#include "cpu/kernels.h"
+//
+// Quantized stacks (the _q op) are the same computation on the decoded weights: the
+// reference decodes both whole stacks element by element (kq_elem) and runs the dense
+// reference; the optimized kernel decodes one busy expert at a time into a per-thread buffer.
+#include "quant_internal.h"
 
 #include <math.h>
+#include <string.h>
 
 #define OP "moe_experts_lora"
+#define OPQ "moe_experts_lora_q"
 
 // ---- checks ------------------------------------------------------------------------------
+
+// E and the slot count fit int32, and every idx value lies in [0, E).
+static molt_status check_idx(const char *op, const ag_tensor *idx, int64_t E) {
+    if (E > INT32_MAX || idx->numel > INT32_MAX)
+        return molt_err(MOLT_EARG, "%s: more than 2^31 experts or slots", op);
+    const int32_t *ix = idx->data;
+    for (int64_t s = 0; s < idx->numel; s++)
+        if (ix[s] < 0 || ix[s] >= E)
+            return molt_err(MOLT_EARG, "%s: idx[t=%lld, j=%lld] = %d is out of range [0, %lld)",
+                            op, (long long)(s / idx->shape[1]), (long long)(s % idx->shape[1]),
+                            ix[s], (long long)E);
+    return MOLT_OK;
+}
 
 static molt_status check_base(const ag_tensor *x, const ag_tensor *w, const ag_tensor *idx,
                               const ag_tensor *gu, const ag_tensor *down) {
@@ -67,67 +87,107 @@ static molt_status check_base(const ag_tensor *x, const ag_tensor *w, const ag_t
         return molt_err(MOLT_EARG, OP ": w_down is %s, expected [%lld, %lld, %lld] "
                         "(E, H, I from w_gate_up and x)", ag_shape_str(down, b0, sizeof b0),
                         (long long)E, (long long)H, (long long)I);
-    if (E > INT32_MAX || idx->numel > INT32_MAX)
-        return molt_err(MOLT_EARG, OP ": more than 2^31 experts or slots");
-    const int32_t *ix = idx->data;
-    for (int64_t s = 0; s < idx->numel; s++)
-        if (ix[s] < 0 || ix[s] >= E)
-            return molt_err(MOLT_EARG, OP ": idx[t=%lld, j=%lld] = %d is out of range [0, %lld)",
-                            (long long)(s / idx->shape[1]), (long long)(s % idx->shape[1]),
-                            ix[s], (long long)E);
+    return check_idx(OP, idx, E);
+}
+
+// x [T, H], weights [T, k] and idx I32 [T, k] (the operands both ops share).
+static molt_status check_routing(const char *op, const ag_tensor *x, const ag_tensor *w,
+                                 const ag_tensor *idx) {
+    MOLT_TRY(ag_check_cpu_float(op, "x", x));
+    MOLT_TRY(ag_check_cpu_float(op, "weights", w));
+    MOLT_TRY(ag_check_i32(op, "idx", idx));
+    MOLT_TRY(ag_check_same_dtype(op, "x", x, "weights", w));
+    MOLT_TRY(ag_check_ndim(op, "x", x, 2, 2));
+    MOLT_TRY(ag_check_ndim(op, "weights", w, 2, 2));
+    MOLT_TRY(ag_check_ndim(op, "idx", idx, 2, 2));
+    char b0[80], b1[80], b2[80];
+    if (w->shape[0] != x->shape[0] || !ag_same_shape(idx, w))
+        return molt_err(MOLT_EARG, "%s: weights %s and idx %s must both be [%lld, k] for x %s",
+                        op, ag_shape_str(w, b0, sizeof b0), ag_shape_str(idx, b1, sizeof b1),
+                        (long long)x->shape[0], ag_shape_str(x, b2, sizeof b2));
     return MOLT_OK;
 }
 
+// Quantized stacks: gate_up [E, 2I, H] and down [E, H, I] qweights for x [T, H].
+static molt_status check_base_q(const ag_tensor *x, const ag_tensor *w, const ag_tensor *idx,
+                                const ag_qweight *gu, const ag_qweight *down) {
+    MOLT_TRY(check_routing(OPQ, x, w, idx));
+    MOLT_TRY(ag_qweight_check_operand(OPQ, "gate_up", gu));
+    MOLT_TRY(ag_qweight_check_operand(OPQ, "down", down));
+    char b0[96], b1[96];
+    int64_t H = x->shape[1];
+    if (gu->ndim != 3 || gu->cols != H || gu->rows % 2 != 0)
+        return molt_err(MOLT_EARG, OPQ ": gate_up is %s, expected [E, 2I, %lld] for x %s",
+                        ag_qweight_str(gu, b0, sizeof b0), (long long)H,
+                        ag_shape_str(x, b1, sizeof b1));
+    int64_t E = gu->n_mat, I = gu->rows / 2;
+    if (down->ndim != 3 || down->n_mat != E || down->rows != H || down->cols != I)
+        return molt_err(MOLT_EARG, OPQ ": down is %s, expected [%lld, %lld, %lld] (E, H, I "
+                        "from gate_up and x)", ag_qweight_str(down, b0, sizeof b0),
+                        (long long)E, (long long)H, (long long)I);
+    // BLAS indexes an expert's (2I, H) matrix with int
+    if (2 * I * H > INT32_MAX)
+        return molt_err(MOLT_EARG, OPQ ": an expert's gate_up has %lld elements, more than "
+                        "2^31", (long long)(2 * I * H));
+    return check_idx(OPQ, idx, E);
+}
+
 // One LoRA matrix: float, x's dtype, exactly [d0, d1]. `dims` spells the expected shape.
-static molt_status check_factor(const char *what, const ag_tensor *t, const ag_tensor *x,
-                                int64_t d0, int64_t d1, const char *dims) {
-    MOLT_TRY(ag_check_cpu_float(OP, what, t));
-    MOLT_TRY(ag_check_same_dtype(OP, "x", x, what, t));
+static molt_status check_factor(const char *op, const char *what, const ag_tensor *t,
+                                const ag_tensor *x, int64_t d0, int64_t d1, const char *dims) {
+    MOLT_TRY(ag_check_cpu_float(op, what, t));
+    MOLT_TRY(ag_check_same_dtype(op, "x", x, what, t));
     if (t->ndim == 2 && t->shape[0] == d0 && t->shape[1] == d1)
         return MOLT_OK;
     char b[80];
-    return molt_err(MOLT_EARG, OP ": %s is %s, expected [%lld, %lld] (%s)", what,
+    return molt_err(MOLT_EARG, "%s: %s is %s, expected [%lld, %lld] (%s)", op, what,
                     ag_shape_str(t, b, sizeof b), (long long)d0, (long long)d1, dims);
 }
 
-static molt_status check_pair(const char *wa, const ag_tensor *a, const char *wb,
-                              const ag_tensor *b) {
+static molt_status check_pair(const char *op, const char *wa, const ag_tensor *a,
+                              const char *wb, const ag_tensor *b) {
     if (!a != !b)
-        return molt_err(MOLT_EARG, OP ": %s is given without %s (set both or neither)",
+        return molt_err(MOLT_EARG, "%s: %s is given without %s (set both or neither)", op,
                         a ? wa : wb, a ? wb : wa);
     return MOLT_OK;
 }
 
-static molt_status check_lora(const ag_expert_lora *l, const ag_tensor *x, const ag_tensor *gu) {
+// The adapters of E experts with gate_up rows I2 (= 2I) for x [T, H].
+static molt_status check_lora(const char *op, const ag_expert_lora *l, const ag_tensor *x,
+                              int64_t E, int64_t I2) {
     if (!l)
-        return molt_err(MOLT_EARG, OP ": lora is NULL (use ag_moe_experts without adapters)");
+        return molt_err(MOLT_EARG, "%s: lora is NULL (use %s without adapters)", op,
+                        strcmp(op, OPQ) ? "ag_moe_experts" : "ag_moe_experts_q");
     if (l->r < 1)
-        return molt_err(MOLT_EARG, OP ": rank r = %d, expected >= 1", l->r);
+        return molt_err(MOLT_EARG, "%s: rank r = %d, expected >= 1", op, l->r);
     if (!isfinite(l->scale))
-        return molt_err(MOLT_EARG, OP ": scale %g is not finite", l->scale);
-    MOLT_TRY(check_pair("a_gate_up", l->a_gate_up, "b_gate_up", l->b_gate_up));
-    MOLT_TRY(check_pair("a_down", l->a_down, "b_down", l->b_down));
-    int64_t rE = (int64_t)l->r * gu->shape[0], H = x->shape[1], I2 = gu->shape[1];
+        return molt_err(MOLT_EARG, "%s: scale %g is not finite", op, l->scale);
+    MOLT_TRY(check_pair(op, "a_gate_up", l->a_gate_up, "b_gate_up", l->b_gate_up));
+    MOLT_TRY(check_pair(op, "a_down", l->a_down, "b_down", l->b_down));
+    int64_t rE = (int64_t)l->r * E, H = x->shape[1];
     if (l->a_gate_up) {
-        MOLT_TRY(check_factor("a_gate_up", l->a_gate_up, x, rE, H, "r*E, H"));
-        MOLT_TRY(check_factor("b_gate_up", l->b_gate_up, x, I2, rE, "2I, r*E"));
+        MOLT_TRY(check_factor(op, "a_gate_up", l->a_gate_up, x, rE, H, "r*E, H"));
+        MOLT_TRY(check_factor(op, "b_gate_up", l->b_gate_up, x, I2, rE, "2I, r*E"));
     }
     if (l->a_down) {
-        MOLT_TRY(check_factor("a_down", l->a_down, x, rE, I2 / 2, "r*E, I"));
-        MOLT_TRY(check_factor("b_down", l->b_down, x, H, rE, "H, r*E"));
+        MOLT_TRY(check_factor(op, "a_down", l->a_down, x, rE, I2 / 2, "r*E, I"));
+        MOLT_TRY(check_factor(op, "b_down", l->b_down, x, H, rE, "H, r*E"));
     }
     return MOLT_OK;
 }
 
 // ---- kernels for one dtype -----------------------------------------------------------------
 
-// Everything a kernel call needs, as untyped pointers (f32 or f64 per `f32`).
+// Everything a kernel call needs, as untyped pointers (f32 or f64 per `f32`). The expert
+// stacks are either dense (gu, down) or quantized (quant set, views qgu, qd).
 typedef struct {
     bool f32;
     int64_t T, k, E, H, I, r;
     double s;
     const void *x, *w, *gu, *down, *agu, *bgu, *ad, *bd; // agu/ad NULL without that LoRA
     const int32_t *idx;
+    bool quant;
+    kq_weight qgu, qd;
 } lora_run;
 
 typedef struct {
@@ -136,38 +196,65 @@ typedef struct {
 
 static const void *data_or_null(const ag_tensor *t) { return t ? t->data : NULL; }
 
-// The node's inputs: x, weights, idx, w_gate_up, w_down, a_gu, b_gu, a_d, b_d.
-static lora_run run_of(ag_tensor *const *in, int r, double s) {
-    const ag_tensor *x = in[0], *gu = in[3];
-    return (lora_run){x->dtype == AG_F32, x->shape[0], in[1]->shape[1], gu->shape[0],
-                      x->shape[1], gu->shape[1] / 2, r, s, x->data, in[1]->data, gu->data,
-                      in[4]->data, data_or_null(in[5]), data_or_null(in[6]),
-                      data_or_null(in[7]), data_or_null(in[8]), in[2]->data};
+// The node's inputs: x, weights, idx, w_gate_up, w_down (both NULL with quantized stacks),
+// a_gu, b_gu, a_d, b_d. E experts of intermediate size I.
+static lora_run run_of(ag_tensor *const *in, int64_t E, int64_t I, int r, double s) {
+    const ag_tensor *x = in[0];
+    return (lora_run){x->dtype == AG_F32, x->shape[0], in[1]->shape[1], E, x->shape[1], I, r,
+                      s, x->data, in[1]->data, data_or_null(in[3]), data_or_null(in[4]),
+                      data_or_null(in[5]), data_or_null(in[6]), data_or_null(in[7]),
+                      data_or_null(in[8]), in[2]->data, false, {0}, {0}};
+}
+
+// The same with quantized stacks gu and down.
+static lora_run run_of_q(ag_tensor *const *in, const ag_qweight *gu, const ag_qweight *down,
+                         int r, double s) {
+    lora_run p = run_of(in, gu->n_mat, gu->rows / 2, r, s);
+    p.quant = true;
+    ag_qweight_view(&p.qgu, gu);
+    ag_qweight_view(&p.qd, down);
+    return p;
 }
 
 // Optimized kernels for element type S (f32/f64, real type R).
 #define DEFINE_FAST(S, R)                                                                     \
     static void fast_fwd_##S(void *y, const lora_run *p, void *ws) {                          \
         moe_lora_##S l = {p->agu, p->bgu, p->ad, p->bd, p->r, (R)p->s};                        \
-        moe_experts_lora_fwd_##S(y, p->x, p->w, p->idx, p->gu, p->down, &l, p->T, p->k, p->E, \
-                                 p->H, p->I, ws);                                             \
+        if (p->quant)                                                                         \
+            moe_experts_lora_q_fwd_##S(y, p->x, p->w, p->idx, &p->qgu, &p->qd, &l, p->T, p->k, \
+                                       p->E, p->H, p->I, ws);                                 \
+        else                                                                                  \
+            moe_experts_lora_fwd_##S(y, p->x, p->w, p->idx, p->gu, p->down, &l, p->T, p->k,   \
+                                     p->E, p->H, p->I, ws);                                   \
     }                                                                                         \
     static void fast_bwd_##S(const lora_grads *g, const void *dy, const lora_run *p,          \
                              void *ws) {                                                      \
         moe_lora_##S l = {p->agu, p->bgu, p->ad, p->bd, p->r, (R)p->s};                        \
         moe_lora_grad_##S lg = {g->agu, g->bgu, g->ad, g->bd};                                \
-        moe_experts_lora_bwd_##S(g->dx, g->dw, &lg, dy, p->x, p->w, p->idx, p->gu, p->down,   \
-                                 &l, p->T, p->k, p->E, p->H, p->I, ws);                       \
+        if (p->quant)                                                                         \
+            moe_experts_lora_q_bwd_##S(g->dx, g->dw, &lg, dy, p->x, p->w, p->idx, &p->qgu,    \
+                                       &p->qd, &l, p->T, p->k, p->E, p->H, p->I, ws);         \
+        else                                                                                  \
+            moe_experts_lora_bwd_##S(g->dx, g->dw, &lg, dy, p->x, p->w, p->idx, p->gu,        \
+                                     p->down, &l, p->T, p->k, p->E, p->H, p->I, ws);          \
     }
 DEFINE_FAST(f32, float)
 DEFINE_FAST(f64, double)
 
+static size_t fast_ws_bytes(const lora_run *p) {
+    if (p->quant)
+        return p->f32 ? moe_experts_lora_q_ws_bytes_f32(p->T, p->k, p->E, p->H, p->I, p->r)
+                      : moe_experts_lora_q_ws_bytes_f64(p->T, p->k, p->E, p->H, p->I, p->r);
+    return p->f32 ? moe_experts_lora_ws_bytes_f32(p->T, p->k, p->E, p->H, p->I, p->r)
+                  : moe_experts_lora_ws_bytes_f64(p->T, p->k, p->E, p->H, p->I, p->r);
+}
+
 static molt_status run_fast(void *y, const lora_grads *g, const void *dy, const lora_run *p) {
-    size_t bytes = p->f32 ? moe_experts_lora_ws_bytes_f32(p->T, p->k, p->E, p->H, p->I, p->r)
-                          : moe_experts_lora_ws_bytes_f64(p->T, p->k, p->E, p->H, p->I, p->r);
+    size_t bytes = fast_ws_bytes(p);
     void *ws = molt_malloc(bytes);
     if (!ws)
-        return molt_err(MOLT_ENOMEM, OP ": out of memory for a %zu-byte workspace", bytes);
+        return molt_err(MOLT_ENOMEM, "%s: out of memory for a %zu-byte workspace",
+                        p->quant ? OPQ : OP, bytes);
     if (y && p->f32)
         fast_fwd_f32(y, p, ws);
     else if (y)
@@ -273,7 +360,50 @@ static molt_status ref_bwd(const lora_grads *g, const void *dy, const lora_run *
     return st;
 }
 
-// ---- builder and backward ----------------------------------------------------------------
+// Reference with quantized stacks: both stacks decoded element by element (kq_elem) into
+// dense ones, then the dense reference above (fwd when y, else bwd).
+static molt_status ref_q(void *y, const lora_grads *g, const void *dy, const lora_run *p) {
+    size_t es = p->f32 ? sizeof(float) : sizeof(double);
+    int64_t ngu = p->qgu.n_mat * p->qgu.rows * p->qgu.cols;
+    int64_t nd = p->qd.n_mat * p->qd.rows * p->qd.cols;
+    void *gu = molt_malloc((size_t)ngu * es), *down = molt_malloc((size_t)nd * es);
+    if (!gu || !down) {
+        molt_free(gu);
+        molt_free(down);
+        return molt_err(MOLT_ENOMEM, OPQ ": out of memory decoding the reference weights");
+    }
+    for (int64_t i = 0; i < ngu; i++) {
+        if (p->f32)
+            ((float *)gu)[i] = kq_elem_f32(&p->qgu, i);
+        else
+            ((double *)gu)[i] = kq_elem_f64(&p->qgu, i);
+    }
+    for (int64_t i = 0; i < nd; i++) {
+        if (p->f32)
+            ((float *)down)[i] = kq_elem_f32(&p->qd, i);
+        else
+            ((double *)down)[i] = kq_elem_f64(&p->qd, i);
+    }
+    lora_run dense = *p;
+    dense.quant = false;
+    dense.gu = gu;
+    dense.down = down;
+    molt_status st = y ? ref_fwd(y, &dense) : ref_bwd(g, dy, &dense);
+    molt_free(gu);
+    molt_free(down);
+    return st;
+}
+
+// Either kernel family, forward (y given) or backward.
+static molt_status run_any(void *y, const lora_grads *g, const void *dy, const lora_run *p) {
+    if (!ag_reference_kernels())
+        return run_fast(y, g, dy, p);
+    if (p->quant)
+        return ref_q(y, g, dy, p);
+    return y ? ref_fwd(y, p) : ref_bwd(g, dy, p);
+}
+
+// ---- builders and backward ---------------------------------------------------------------
 
 // Contract (autograd.h): y [T, H] = sum_j weights[t,j] * expert_e(x_t) with e = idx[t,j]
 // and expert e's weights W[e] + scale * B_e A_e (PEFT's target_parameters layout). x,
@@ -282,17 +412,16 @@ ag_tensor *ag_moe_experts_lora(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_t
                                ag_tensor *w_gate_up, ag_tensor *w_down,
                                const ag_expert_lora *lora) {
     if (check_base(x, weights, idx, w_gate_up, w_down) != MOLT_OK ||
-        check_lora(lora, x, w_gate_up) != MOLT_OK)
+        check_lora(OP, lora, x, w_gate_up->shape[0], w_gate_up->shape[1]) != MOLT_OK)
         return NULL;
     ag_tensor *ins[9] = {x, weights, idx, w_gate_up, w_down, lora->a_gate_up, lora->b_gate_up,
                          lora->a_down, lora->b_down};
     ag_tensor *y = ag_out_new(c, x->dtype, 2, x->shape);
     if (!y)
         return NULL;
-    lora_run p = run_of(ins, lora->r, lora->scale);
-    molt_status st = ag_reference_kernels() ? ref_fwd(y->data, &p) : run_fast(y->data, NULL,
-                                                                              NULL, &p);
-    if (st != MOLT_OK)
+    lora_run p = run_of(ins, w_gate_up->shape[0], w_gate_up->shape[1] / 2, lora->r,
+                        lora->scale);
+    if (run_any(y->data, NULL, NULL, &p) != MOLT_OK)
         return NULL;
     if (ag_should_record(c, 9, ins)) {
         ag_node *n = ag_record(c, AG_OP_MOE_EXPERTS_LORA, y, 9, ins);
@@ -304,22 +433,72 @@ ag_tensor *ag_moe_experts_lora(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_t
     return y;
 }
 
-molt_status ag_backward_moe_experts_lora(ag_ctx *c, ag_node *n) {
-    (void)c;
-    molt_status st = MOLT_OK;
+// Gradient buffers of x, weights and the four LoRA matrices (those that require grad);
+// false when none does (or on error, with *st set).
+static bool grads_of(ag_node *n, lora_grads *g, molt_status *st) {
     ag_tensor *gt[6] = {NULL};
     static const int which[6] = {0, 1, 5, 6, 7, 8}; // x, weights, a_gu, b_gu, a_d, b_d
     bool any = false;
-    for (int i = 0; i < 6 && st == MOLT_OK; i++) {
-        gt[i] = ag_grad_of(n->in[which[i]], &st);
+    for (int i = 0; i < 6 && *st == MOLT_OK; i++) {
+        gt[i] = ag_grad_of(n->in[which[i]], st);
         any = any || gt[i];
     }
-    if (st != MOLT_OK || !any)
+    *g = (lora_grads){gt[0] ? gt[0]->data : NULL, gt[1] ? gt[1]->data : NULL,
+                      gt[2] ? gt[2]->data : NULL, gt[3] ? gt[3]->data : NULL,
+                      gt[4] ? gt[4]->data : NULL, gt[5] ? gt[5]->data : NULL};
+    return *st == MOLT_OK && any;
+}
+
+molt_status ag_backward_moe_experts_lora(ag_ctx *c, ag_node *n) {
+    (void)c;
+    molt_status st = MOLT_OK;
+    lora_grads g;
+    if (!grads_of(n, &g, &st))
         return st;
-    lora_grads g = {gt[0] ? gt[0]->data : NULL, gt[1] ? gt[1]->data : NULL,
-                    gt[2] ? gt[2]->data : NULL, gt[3] ? gt[3]->data : NULL,
-                    gt[4] ? gt[4]->data : NULL, gt[5] ? gt[5]->data : NULL};
-    lora_run p = run_of(n->in, (int)n->i[0], n->f[0]);
-    const void *dy = n->out->grad->data;
-    return ag_reference_kernels() ? ref_bwd(&g, dy, &p) : run_fast(NULL, &g, dy, &p);
+    const ag_tensor *gu = n->in[3];
+    lora_run p = run_of(n->in, gu->shape[0], gu->shape[1] / 2, (int)n->i[0], n->f[0]);
+    return run_any(NULL, &g, n->out->grad->data, &p);
+}
+
+// Contract (autograd.h): ag_moe_experts_lora on the decoded quantized stacks. The node has
+// the same nine inputs with NULL in the two weight slots and saves the two qweight pointers
+// (16 bytes); both must outlive the tape.
+ag_tensor *ag_moe_experts_lora_q(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,
+                                 const ag_qweight *gate_up, const ag_qweight *down,
+                                 const ag_expert_lora *lora) {
+    if (check_base_q(x, weights, idx, gate_up, down) != MOLT_OK ||
+        check_lora(OPQ, lora, x, gate_up->n_mat, gate_up->rows) != MOLT_OK)
+        return NULL;
+    ag_tensor *ins[9] = {x, weights, idx, NULL, NULL, lora->a_gate_up, lora->b_gate_up,
+                         lora->a_down, lora->b_down};
+    ag_tensor *y = ag_out_new(c, x->dtype, 2, x->shape);
+    if (!y)
+        return NULL;
+    lora_run p = run_of_q(ins, gate_up, down, lora->r, lora->scale);
+    if (run_any(y->data, NULL, NULL, &p) != MOLT_OK)
+        return NULL;
+    if (ag_should_record(c, 9, ins)) {
+        ag_node *n = ag_record(c, AG_OP_MOE_EXPERTS_LORA_Q, y, 9, ins);
+        const ag_qweight **saved = n ? ag_node_save(c, n, 2 * sizeof *saved) : NULL;
+        if (!saved)
+            return NULL;
+        saved[0] = gate_up;
+        saved[1] = down;
+        n->i[0] = lora->r;
+        n->f[0] = lora->scale;
+    }
+    return y;
+}
+
+molt_status ag_backward_moe_experts_lora_q(ag_ctx *c, ag_node *n) {
+    (void)c;
+    molt_status st = MOLT_OK;
+    lora_grads g;
+    if (!grads_of(n, &g, &st))
+        return st;
+    const ag_qweight *const *qw = n->saved;
+    if (!qw)
+        return molt_err(MOLT_EINTERNAL, OPQ ": node lost its weights");
+    lora_run p = run_of_q(n->in, qw[0], qw[1], (int)n->i[0], n->f[0]);
+    return run_any(NULL, &g, n->out->grad->data, &p);
 }

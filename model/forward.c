@@ -205,14 +205,17 @@ ag_tensor *mdl_ffn(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x) {
     ag_tensor *w = logits ? ag_moe_router(c, logits, &m->router, &idx) : NULL;
     const ag_expert_lora *el = &y->experts_lora;
     bool elora = el->a_gate_up || el->a_down;
-    if (elora && y->gate_up_q) {
-        molt_err(MOLT_EUNSUPPORTED, "model layer %d: LoRA on quantized routed experts", l);
-        return NULL;
-    }
-    ag_tensor *routed = !w      ? NULL
-                        : elora ? ag_moe_experts_lora(c, x, w, idx, y->gate_up, y->down, el)
-                        : y->gate_up_q ? ag_moe_experts_q(c, x, w, idx, y->gate_up_q, y->down_q)
-                                : ag_moe_experts(c, x, w, idx, y->gate_up, y->down);
+    ag_tensor *routed;
+    if (!w)
+        routed = NULL;
+    else if (elora && y->gate_up_q) // QLoRA: adapters over the frozen quantized experts
+        routed = ag_moe_experts_lora_q(c, x, w, idx, y->gate_up_q, y->down_q, el);
+    else if (elora)
+        routed = ag_moe_experts_lora(c, x, w, idx, y->gate_up, y->down, el);
+    else if (y->gate_up_q)
+        routed = ag_moe_experts_q(c, x, w, idx, y->gate_up_q, y->down_q);
+    else
+        routed = ag_moe_experts(c, x, w, idx, y->gate_up, y->down);
     if (!routed || !y->shared.gate.w)
         return routed;
     ag_tensor *shared = mlp(c, &y->shared, x);

@@ -2,8 +2,8 @@
 # tests/cli_train_actck.sh: `molt train` with train.activation_checkpointing=true gives the
 # same per-step losses and gradient norms (metrics.jsonl, digits as printed) as without it,
 # on the tiny preset with LoRA dropout on, for an unquantized base (routed-expert LoRA too)
-# and an NF4 one (2-D targets: the quantized experts take no LoRA). $1: the molt
-# binary. Exit status = verdict.
+# and an NF4 one (2-D targets; tests/cli_train_qlora.sh trains LoRA on NF4 experts). $1:
+# the molt binary. Exit status = verdict.
 . "$(dirname "$0")/harness/cli_lib.sh" "$@" || exit 1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 

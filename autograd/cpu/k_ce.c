@@ -2,9 +2,11 @@
 // type. The reference kernels walk token by token and column by column with an online
 // logsumexp (dot products and the running sum in double). The optimized ones work on tiles
 // of counted tokens and chunks of vocabulary columns: one GEMM (two with the low-rank term
-// of d->lr) yields a tile x chunk block of logits, OpenMP threads fold it into per-token running max/sum, and backward turns the
-// recomputed block into softmax - onehot for two more GEMMs. Not here: operand checks, the
-// loss itself and the choice of tile (ops_linear.c).
+// of d->lr) yields a tile x chunk block of logits, OpenMP threads fold it into per-token
+// running max/sum, and backward turns the recomputed block into softmax - onehot for two more
+// GEMMs; with w frozen and no low-rank term, ce_fwd_grad forms the gradient to h in the
+// forward instead (see there). Not here: operand checks, the loss itself and the choice of
+// tile (ops_linear.c).
 #include "real.h"
 #include "k_ce.h"
 #include "k_vexp.h"

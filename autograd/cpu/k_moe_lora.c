@@ -1,10 +1,12 @@
 // autograd/cpu/k_moe_lora.c: routed-expert kernels with LoRA on the 3D expert weights:
 // reference helpers that materialize the merged weights (the ground truth, used with the
 // reference expert kernels of k_moe.c) and the optimized path that applies each expert's
-// adapter as two thin GEMMs per block of rows. Not here: operand checks, kernel choice and
-// the reference composition (ops_moe_lora.c), the frozen-expert kernels (k_moe.c).
+// adapter as two thin GEMMs per block of rows, over dense or quantized expert stacks. Not
+// here: operand checks, kernel choice and the reference composition (ops_moe_lora.c), the
+// frozen-expert kernels (k_moe.c), decoding quantized weights (k_quant.c).
 #include "real.h"
 #include "k_moe.h"
+#include "k_quant.h"
 #include "k_moe_lora.h"
 
 #include <cblas.h>
@@ -95,7 +97,9 @@ void K(moe_lora_grad_from_dense)(real *da, real *db, const real *dw, const real 
 // split well): each slot's output row goes to its own row of a (T*k, H) buffer in sorted
 // order, and the tokens' rows are summed from it afterwards, so no two threads write the
 // same memory. Small problems (or one busy expert) run the experts in order with threaded
-// GEMMs instead.
+// GEMMs instead. Quantized stacks differ only in where an expert's dense weights come from:
+// a busy expert's two matrices are decoded once into its thread's buffer and the same GEMMs
+// run on them (an expert with no rows is never decoded).
 
 #define ROWS 256
 
@@ -108,8 +112,15 @@ typedef struct {
     real *bd;      // (E, H, r) B_d repacked, then (E, H, r) its gradient
     real *rows;    // (T*k, H) per-slot output rows (y in forward, dx in backward), sorted
     real *buf;     // (team, ROWS * (3H + 4I + 4r)) block buffers, one set per thread
+    real *dec;     // (team, 3IH) decoded expert weights per thread; quantized stacks only
     int team;      // threads the buffers were sized for
 } lora_ws;
+
+// Where the expert weights come from: dense stacks (gu, d) or quantized ones (qgu, qd).
+typedef struct {
+    const real *gu, *d;       // (E, 2I, H), (E, H, I) or NULL
+    const kq_weight *qgu, *qd; // the same stacks quantized, or NULL
+} wsrc;
 
 static size_t round64(size_t b) { return (b + 63) & ~(size_t)63; }
 
@@ -123,13 +134,15 @@ static size_t packed_reals(int64_t E, int64_t O, int64_t r) { return (size_t)(2 
 static size_t buf_reals(int64_t H, int64_t I, int64_t r) {
     return (size_t)(ROWS * (3 * H + 4 * I + 4 * r));
 }
+static size_t dec_reals(int64_t H, int64_t I) { return (size_t)(3 * I * H); }
 
 // Threads the buffers are sized for: the OpenMP team the caller would get.
 static int ws_team(void) { return omp_get_max_threads(); }
 
-// Lays the workspace out (sizes only when base is NULL); returns the bytes it spans.
+// Lays the workspace out (sizes only when base is NULL); returns the bytes it spans. The
+// decode buffers take no room unless `quant`.
 static size_t ws_carve(lora_ws *w, void *base, int64_t T, int64_t k, int64_t E, int64_t H,
-                       int64_t I, int64_t r) {
+                       int64_t I, int64_t r, int quant) {
     unsigned char *p = base, *p0 = base;
     w->team = ws_team();
     w->off = carve(&p, (size_t)(E + 1) * sizeof(int64_t));
@@ -140,20 +153,27 @@ static size_t ws_carve(lora_ws *w, void *base, int64_t T, int64_t k, int64_t E, 
     w->bd = carve(&p, packed_reals(E, H, r) * sizeof(real));
     w->rows = carve(&p, (size_t)(T * k * H) * sizeof(real));
     w->buf = carve(&p, (size_t)w->team * buf_reals(H, I, r) * sizeof(real));
+    w->dec = quant ? carve(&p, (size_t)w->team * dec_reals(H, I) * sizeof(real)) : NULL;
     return (size_t)(p - p0);
 }
 
 static lora_ws ws_layout(void *base, int64_t T, int64_t k, int64_t E, int64_t H, int64_t I,
-                         int64_t r) {
+                         int64_t r, int quant) {
     lora_ws w;
-    ws_carve(&w, base, T, k, E, H, I, r);
+    ws_carve(&w, base, T, k, E, H, I, r, quant);
     return w;
 }
 
 size_t K(moe_experts_lora_ws_bytes)(int64_t T, int64_t k, int64_t E, int64_t H, int64_t I,
                                     int64_t r) {
     lora_ws w;
-    return ws_carve(&w, NULL, T, k, E, H, I, r);
+    return ws_carve(&w, NULL, T, k, E, H, I, r, 0);
+}
+
+size_t K(moe_experts_lora_q_ws_bytes)(int64_t T, int64_t k, int64_t E, int64_t H, int64_t I,
+                                      int64_t r) {
+    lora_ws w;
+    return ws_carve(&w, NULL, T, k, E, H, I, r, 1);
 }
 
 // Stable counting sort of the slots by expert, and its inverse.
@@ -262,11 +282,26 @@ typedef struct {
     const real *bgu, *bd;   // packed (2I, r), (H, r)
 } blk;
 
-static blk block_of(const lora_ws *m, const K(moe_lora) *l, const real *wgu, const real *wd,
+// Expert e's dense weights (2I, H) and (H, I): pointers into dense stacks, or its quantized
+// matrices decoded into dec (3IH reals, the calling thread's own).
+static void expert_weights(const wsrc *src, real *dec, int64_t e, int64_t H, int64_t I,
+                           const real **gu, const real **d) {
+    if (!src->qgu) {
+        *gu = src->gu + e * 2 * I * H;
+        *d = src->d + e * H * I;
+        return;
+    }
+    K(kq_dequant_range)(dec, src->qgu, e * 2 * I * H, 2 * I * H);
+    K(kq_dequant_range)(dec + 2 * I * H, src->qd, e * H * I, H * I);
+    *gu = dec;
+    *d = dec + 2 * I * H;
+}
+
+// egu (2I, H) and ed (H, I) are expert e's own weights (see expert_weights).
+static blk block_of(const lora_ws *m, const K(moe_lora) *l, const real *egu, const real *ed,
                     int64_t e, int64_t nb, int64_t H, int64_t I) {
     int64_t r = l->r;
-    blk b = {nb, H, I, r, l->s, wgu + e * 2 * I * H, wd + e * H * I, NULL, NULL,
-             m->bgu + e * 2 * I * r, m->bd + e * H * r};
+    blk b = {nb, H, I, r, l->s, egu, ed, NULL, NULL, m->bgu + e * 2 * I * r, m->bd + e * H * r};
     if (l->a_gu)
         b.agu = l->a_gu + e * r * H;
     if (l->a_d)
@@ -285,15 +320,19 @@ static void gate_up_rows(real *G, real *U, const real *X, const blk *b) {
 }
 
 // One expert's forward: its slots' output rows into m->rows (sorted positions).
-static void expert_fwd(const lora_ws *m, real *buf, const real *x, const real *w,
-                       const real *wgu, const real *wd, const K(moe_lora) *lora, int64_t e,
-                       int64_t k, int64_t H, int64_t I) {
+static void expert_fwd(const lora_ws *m, real *buf, real *dec, const real *x, const real *w,
+                       const wsrc *src, const K(moe_lora) *lora, int64_t e, int64_t k,
+                       int64_t H, int64_t I) {
+    if (m->off[e + 1] == m->off[e])
+        return;
     int64_t r = lora->r;
     real *X = buf, *G = X + ROWS * H, *Z = G + ROWS * 2 * I, *U = Z + ROWS * I;
     real *V = U + ROWS * r;
+    const real *egu, *ed;
+    expert_weights(src, dec, e, H, I, &egu, &ed);
     for (int64_t r0 = m->off[e]; r0 < m->off[e + 1]; r0 += ROWS) {
         int64_t nb = m->off[e + 1] - r0 < ROWS ? m->off[e + 1] - r0 : ROWS;
-        blk b = block_of(m, lora, wgu, wd, e, nb, H, I);
+        blk b = block_of(m, lora, egu, ed, e, nb, H, I);
         real *O = m->rows + r0 * H;
         K(moe_gather)(X, x, m->perm + r0, nb, k, H);
         gate_up_rows(G, U, X, &b);
@@ -306,11 +345,11 @@ static void expert_fwd(const lora_ws *m, real *buf, const real *x, const real *w
     }
 }
 
-void K(moe_experts_lora_fwd)(real *y, const real *x, const real *w, const int32_t *idx,
-                             const real *wgu, const real *wd, const K(moe_lora) *lora,
-                             int64_t T, int64_t k, int64_t E, int64_t H, int64_t I, void *ws) {
+static void lora_fwd(real *y, const real *x, const real *w, const int32_t *idx,
+                     const wsrc *src, const K(moe_lora) *lora, int64_t T, int64_t k, int64_t E,
+                     int64_t H, int64_t I, void *ws) {
     int64_t r = lora->r;
-    lora_ws m = ws_layout(ws, T, k, E, H, I, r);
+    lora_ws m = ws_layout(ws, T, k, E, H, I, r, src->qgu != NULL);
     dispatch(&m, idx, T * k, E);
     if (lora->a_gu)
         pack_b(m.bgu, lora->b_gu, E, 2 * I, r);
@@ -320,13 +359,30 @@ void K(moe_experts_lora_fwd)(real *y, const real *x, const real *w, const int32_
     size_t per = buf_reals(H, I, r);
 #pragma omp parallel num_threads(team) if (team > 1)
     {
-        real *buf = m.buf + (size_t)omp_get_thread_num() * per;
+        int tid = omp_get_thread_num();
+        real *buf = m.buf + (size_t)tid * per;
+        real *dec = m.dec ? m.dec + (size_t)tid * dec_reals(H, I) : NULL;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t e = 0; e < E; e++)
-            expert_fwd(&m, buf, x, w, wgu, wd, lora, e, k, H, I);
+            expert_fwd(&m, buf, dec, x, w, src, lora, e, k, H, I);
     }
     blas_single_end(team, nblas);
     gather_tokens(y, &m, T, k, H, 0);
+}
+
+void K(moe_experts_lora_fwd)(real *y, const real *x, const real *w, const int32_t *idx,
+                             const real *wgu, const real *wd, const K(moe_lora) *lora,
+                             int64_t T, int64_t k, int64_t E, int64_t H, int64_t I, void *ws) {
+    wsrc src = {wgu, wd, NULL, NULL};
+    lora_fwd(y, x, w, idx, &src, lora, T, k, E, H, I, ws);
+}
+
+void K(moe_experts_lora_q_fwd)(real *y, const real *x, const real *w, const int32_t *idx,
+                               const kq_weight *gu, const kq_weight *down,
+                               const K(moe_lora) *lora, int64_t T, int64_t k, int64_t E,
+                               int64_t H, int64_t I, void *ws) {
+    wsrc src = {NULL, NULL, gu, down};
+    lora_fwd(y, x, w, idx, &src, lora, T, k, E, H, I, ws);
 }
 
 // Q (nb, I) = dL/dZ = DY W_d + s (DY B_d) A_d, and the down LoRA gradients:
@@ -371,16 +427,20 @@ static int gate_up_back(real *DX, real *P, real *dbgu, real *dagu, const real *D
 // One expert's backward: LoRA gradients of expert e (its own slices: no other thread
 // touches them), routing-weight gradients of its slots, and with want_dx the slots' input
 // gradient rows into m->rows (sorted positions).
-static void expert_bwd(const lora_ws *m, real *buf, real *dw, const K(moe_lora_grad) *g,
-                       real *dbgu, real *dbd, const real *dy, const real *x, const real *w,
-                       const real *wgu, const real *wd, const K(moe_lora) *lora, int64_t e,
-                       int64_t k, int64_t H, int64_t I, int want_dx) {
+static void expert_bwd(const lora_ws *m, real *buf, real *dec, real *dw,
+                       const K(moe_lora_grad) *g, real *dbgu, real *dbd, const real *dy,
+                       const real *x, const real *w, const wsrc *src, const K(moe_lora) *lora,
+                       int64_t e, int64_t k, int64_t H, int64_t I, int want_dx) {
+    if (m->off[e + 1] == m->off[e])
+        return;
     int64_t r = lora->r;
     real *X = buf, *DY = X + ROWS * H, *G = DY + ROWS * H, *Z = G + ROWS * 2 * I;
     real *Q = Z + ROWS * I, *U = Q + ROWS * I, *V = U + ROWS * r, *P = V + ROWS * r;
+    const real *egu, *ed;
+    expert_weights(src, dec, e, H, I, &egu, &ed);
     for (int64_t r0 = m->off[e]; r0 < m->off[e + 1]; r0 += ROWS) {
         int64_t nb = m->off[e + 1] - r0 < ROWS ? m->off[e + 1] - r0 : ROWS;
-        blk b = block_of(m, lora, wgu, wd, e, nb, H, I);
+        blk b = block_of(m, lora, egu, ed, e, nb, H, I);
         K(moe_gather)(X, x, m->perm + r0, nb, k, H);
         K(moe_gather)(DY, dy, m->perm + r0, nb, k, H);
         // activations are recomputed rather than saved by the forward
@@ -395,12 +455,12 @@ static void expert_bwd(const lora_ws *m, real *buf, real *dw, const K(moe_lora_g
     }
 }
 
-void K(moe_experts_lora_bwd)(real *dx, real *dw, const K(moe_lora_grad) *g, const real *dy,
-                             const real *x, const real *w, const int32_t *idx, const real *wgu,
-                             const real *wd, const K(moe_lora) *lora, int64_t T, int64_t k,
-                             int64_t E, int64_t H, int64_t I, void *ws) {
+static void lora_bwd(real *dx, real *dw, const K(moe_lora_grad) *g, const real *dy,
+                     const real *x, const real *w, const int32_t *idx, const wsrc *src,
+                     const K(moe_lora) *lora, int64_t T, int64_t k, int64_t E, int64_t H,
+                     int64_t I, void *ws) {
     int64_t r = lora->r;
-    lora_ws m = ws_layout(ws, T, k, E, H, I, r);
+    lora_ws m = ws_layout(ws, T, k, E, H, I, r, src->qgu != NULL);
     dispatch(&m, idx, T * k, E);
     // packed B, then its gradient right after it in the same stack
     real *dbgu = lora->a_gu && g->b_gu ? m.bgu + E * 2 * I * r : NULL;
@@ -417,10 +477,12 @@ void K(moe_experts_lora_bwd)(real *dx, real *dw, const K(moe_lora_grad) *g, cons
     size_t per = buf_reals(H, I, r);
 #pragma omp parallel num_threads(team) if (team > 1)
     {
-        real *buf = m.buf + (size_t)omp_get_thread_num() * per;
+        int tid = omp_get_thread_num();
+        real *buf = m.buf + (size_t)tid * per;
+        real *dec = m.dec ? m.dec + (size_t)tid * dec_reals(H, I) : NULL;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t e = 0; e < E; e++)
-            expert_bwd(&m, buf, dw, g, dbgu, dbd, dy, x, w, wgu, wd, lora, e, k, H, I,
+            expert_bwd(&m, buf, dec, dw, g, dbgu, dbd, dy, x, w, src, lora, e, k, H, I,
                        dx != NULL);
     }
     blas_single_end(team, nblas);
@@ -430,4 +492,21 @@ void K(moe_experts_lora_bwd)(real *dx, real *dw, const K(moe_lora_grad) *g, cons
         unpack_add_b(g->b_gu, dbgu, E, 2 * I, r);
     if (dbd)
         unpack_add_b(g->b_d, dbd, E, H, r);
+}
+
+void K(moe_experts_lora_bwd)(real *dx, real *dw, const K(moe_lora_grad) *g, const real *dy,
+                             const real *x, const real *w, const int32_t *idx, const real *wgu,
+                             const real *wd, const K(moe_lora) *lora, int64_t T, int64_t k,
+                             int64_t E, int64_t H, int64_t I, void *ws) {
+    wsrc src = {wgu, wd, NULL, NULL};
+    lora_bwd(dx, dw, g, dy, x, w, idx, &src, lora, T, k, E, H, I, ws);
+}
+
+void K(moe_experts_lora_q_bwd)(real *dx, real *dw, const K(moe_lora_grad) *g, const real *dy,
+                               const real *x, const real *w, const int32_t *idx,
+                               const kq_weight *gu, const kq_weight *down,
+                               const K(moe_lora) *lora, int64_t T, int64_t k, int64_t E,
+                               int64_t H, int64_t I, void *ws) {
+    wsrc src = {NULL, NULL, gu, down};
+    lora_bwd(dx, dw, g, dy, x, w, idx, &src, lora, T, k, E, H, I, ws);
 }

@@ -6,6 +6,7 @@
 // A [r*E, In] (rows e*r..e*r+r-1 belong to expert e) and B [O, r*E] (column k*E + e is
 // expert e, rank k); W_eff[e] = W[e] + s * B_e A_e (see ops_moe_lora.c for the derivation).
 // Operands are validated by the op (ops_moe_lora.c): idx values lie in [0, E).
+// The quantized variants take the kq_weight view of k_quant.h (read before this file).
 #include <stddef.h>
 
 // The LoRA of one expert stack pair. A NULL a_gu (a_d) means gate_up (down) has no LoRA.
@@ -79,3 +80,30 @@ void K(moe_experts_lora_bwd)(real *dx,           // dx (T, H) or NULL
                              const real *wd,     // wd (E, H, I)
                              const K(moe_lora) *lora,
                              int64_t T, int64_t k, int64_t E, int64_t H, int64_t I, void *ws);
+
+// Quantized expert stacks: gu holds E matrices (2I, H) (gate rows first), down E matrices
+// (H, I). Same contracts as the two kernels above; each busy expert's matrices are decoded
+// (kq_dequant_range) into a per-thread buffer and go through the same GEMMs, so with F32
+// stacks the results equal the dense kernels' bit for bit. The workspace adds one decode
+// buffer of 3IH reals per thread of the OpenMP team.
+size_t K(moe_experts_lora_q_ws_bytes)(int64_t T, int64_t k, int64_t E, int64_t H, int64_t I,
+                                      int64_t r);
+void K(moe_experts_lora_q_fwd)(real *y,            // y (T, H)
+                               const real *x,      // x (T, H)
+                               const real *w,      // w (T, k)
+                               const int32_t *idx, // idx (T, k)
+                               const kq_weight *gu, const kq_weight *down,
+                               const K(moe_lora) *lora,
+                               int64_t T, int64_t k, int64_t E, int64_t H, int64_t I,
+                               void *ws);
+void K(moe_experts_lora_q_bwd)(real *dx,           // dx (T, H) or NULL
+                               real *dw,           // dw (T, k) or NULL
+                               const K(moe_lora_grad) *g,
+                               const real *dy,     // dy (T, H)
+                               const real *x,      // x (T, H)
+                               const real *w,      // w (T, k)
+                               const int32_t *idx, // idx (T, k)
+                               const kq_weight *gu, const kq_weight *down,
+                               const K(moe_lora) *lora,
+                               int64_t T, int64_t k, int64_t E, int64_t H, int64_t I,
+                               void *ws);
