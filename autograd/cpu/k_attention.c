@@ -6,6 +6,7 @@
 // ops_attention.c) or anything of size T x T.
 #include "real.h"
 #include "k_attention.h"
+#include "k_blas.h"
 
 #include <cblas.h>
 #include <omp.h>
@@ -87,21 +88,6 @@ void K(attention_bwd_ref)(real *dq, real *dk, real *dv, const real *dout, const 
 }
 
 // ---- optimized ---------------------------------------------------------------------------
-
-// The BLAS calls below run inside an OpenMP team; OpenBLAS's own (pthread) threads would
-// then oversubscribe the cores and stall (measured: 20-30x slower), so it is held at one
-// thread for the duration of a kernel and restored afterwards.
-static int blas_single_begin(void) {
-    int n = openblas_get_num_threads();
-    if (n > 1)
-        openblas_set_num_threads(1);
-    return n;
-}
-
-static void blas_single_end(int n) {
-    if (n > 1)
-        openblas_set_num_threads(n);
-}
 
 // Threads for a problem of T queries: below about 4 Mflop a team costs more than it saves
 // (and on a busy machine one descheduled member stalls the whole region).
@@ -190,7 +176,7 @@ void K(attention_fwd_fast)(real *o, real *lse, const real *q, const real *k, con
     int64_t nblk = (T + BLOCK - 1) / BLOCK, ntask = nblk * H;
     key_set ks = key_set_of(seg, kv_lo, T);
     int team = team_size(nthreads, T, H, Dqk, Dv);
-    int blas_threads = team > 1 ? blas_single_begin() : 1;
+    int blas_threads = blas_single_begin(team);
     // the last blocks see the most keys: hand them out first
 #pragma omp parallel for schedule(dynamic, 1) num_threads(team)
     for (int64_t task = 0; task < ntask; task++) {
@@ -212,7 +198,7 @@ void K(attention_fwd_fast)(real *o, real *lse, const real *q, const real *k, con
             for (int64_t d = 0; d < Dv; d++)
                 ob[r * H * Dv + d] *= inv[r];
     }
-    blas_single_end(blas_threads);
+    blas_single_end(team, blas_threads);
 }
 
 // P (nb, nk) from raw scores and the saved log-sum-exp; masked entries are exactly 0.
@@ -271,7 +257,7 @@ void K(attention_bwd_fast)(real *dq, real *dk, real *dv, const real *dout, const
     int64_t nblk = (T + BLOCK - 1) / BLOCK;
     key_set ks = key_set_of(seg, kv_lo, T);
     int team = team_size(nthreads, T, H, Dqk, Dv);
-    int blas_threads = team > 1 ? blas_single_begin() : 1;
+    int blas_threads = blas_single_begin(team);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(team)
     for (int64_t h = 0; h < H; h++) {
         real *S = (real *)ws + (size_t)omp_get_thread_num() * 2 * BLOCK * (size_t)T;
@@ -280,5 +266,5 @@ void K(attention_bwd_fast)(real *dq, real *dk, real *dv, const real *dout, const
             bwd_block(dq, dk, dv, dout, o, lse, q, k, v, &ks, qtemp, scale,
                       block_span(b, T, kv_lo), h, H, Dqk, Dv, S, dP);
     }
-    blas_single_end(blas_threads);
+    blas_single_end(team, blas_threads);
 }

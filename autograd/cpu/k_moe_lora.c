@@ -15,6 +15,8 @@
 #include <omp.h>
 #include <string.h>
 
+#include "k_blas.h"
+
 static real sigmoid(real v) { return 1 / (1 + R_EXP(-v)); }
 
 // Element (o, k) of B_e, expert e's [O, r] factor inside B [O, r*E].
@@ -191,20 +193,6 @@ static int expert_team(const lora_ws *w, int64_t E, int64_t n_slots, int64_t H, 
         busy += w->off[e + 1] > w->off[e];
     double flops = 6.0 * (double)n_slots * (double)H * (double)I;
     return flops < 4e6 || busy < 2 * w->team ? 1 : w->team;
-}
-
-// OpenBLAS built on pthreads would start its own threads inside the team's: it is held at
-// one thread for the region (the OpenMP build does that by itself).
-static int blas_single_begin(int team) {
-    int n = openblas_get_num_threads();
-    if (team > 1 && n > 1)
-        openblas_set_num_threads(1);
-    return n;
-}
-
-static void blas_single_end(int team, int n) {
-    if (team > 1 && n > 1)
-        openblas_set_num_threads(n);
 }
 
 // dst (T, H) (+)= the k sorted rows of each token: rows[inv[t*k + j]].

@@ -13,6 +13,8 @@
 #include <omp.h>
 #include <string.h>
 
+#include "k_blas.h"
+
 // ---- decoding --------------------------------------------------------------------------
 
 static float bf16_value(uint16_t b) {
@@ -166,18 +168,6 @@ size_t K(qlinear_ws_bytes)(const kq_weight *w, int64_t T, int nthreads) {
 static int team_size(int nthreads, int64_t T, const kq_weight *w) {
     double flops = 2.0 * (double)T * (double)w->rows * (double)w->cols;
     return flops < 4e6 || nthreads < 1 ? 1 : nthreads;
-}
-
-static int blas_single_begin(int team) {
-    int n = openblas_get_num_threads();
-    if (team > 1 && n > 1)
-        openblas_set_num_threads(1);
-    return n;
-}
-
-static void blas_single_end(int team, int n) {
-    if (team > 1 && n > 1)
-        openblas_set_num_threads(n);
 }
 
 // Rows per forward tile: what fits the buffer, at most TILE_ROWS, and small enough that
