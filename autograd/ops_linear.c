@@ -399,18 +399,10 @@ ag_tensor *ag_cross_entropy_linear2(ag_ctx *c, ag_tensor *h, ag_tensor *w, ag_te
 static molt_status ce_backward_fused(ag_node *n, ag_tensor *dh, double g) {
     const unsigned char *saved = n->saved;
     const void *src = saved + (size_t)n->in[0]->shape[0] * sizeof(double);
-    int64_t N = dh->numel;
-    if (dh->dtype == AG_F32) {
-        float *d = dh->data;
-        const float *s = src;
-        for (int64_t i = 0; i < N; i++)
-            d[i] += (float)g * s[i];
-    } else {
-        double *d = dh->data;
-        const double *s = src;
-        for (int64_t i = 0; i < N; i++)
-            d[i] += g * s[i];
-    }
+    if (dh->dtype == AG_F32)
+        acc_scale_f32(dh->data, src, (float)g, dh->numel);
+    else
+        acc_scale_f64(dh->data, src, g, dh->numel);
     return MOLT_OK;
 }
 
