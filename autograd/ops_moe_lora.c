@@ -114,17 +114,8 @@ static molt_status check_base_q(const ag_tensor *x, const ag_tensor *w, const ag
     MOLT_TRY(check_routing(OPQ, x, w, idx));
     MOLT_TRY(ag_qweight_check_operand(OPQ, "gate_up", gu));
     MOLT_TRY(ag_qweight_check_operand(OPQ, "down", down));
-    char b0[96], b1[96];
-    int64_t H = x->shape[1];
-    if (gu->ndim != 3 || gu->cols != H || gu->rows % 2 != 0)
-        return molt_err(MOLT_EARG, OPQ ": gate_up is %s, expected [E, 2I, %lld] for x %s",
-                        ag_qweight_str(gu, b0, sizeof b0), (long long)H,
-                        ag_shape_str(x, b1, sizeof b1));
-    int64_t E = gu->n_mat, I = gu->rows / 2;
-    if (down->ndim != 3 || down->n_mat != E || down->rows != H || down->cols != I)
-        return molt_err(MOLT_EARG, OPQ ": down is %s, expected [%lld, %lld, %lld] (E, H, I "
-                        "from gate_up and x)", ag_qweight_str(down, b0, sizeof b0),
-                        (long long)E, (long long)H, (long long)I);
+    MOLT_TRY(ag_check_expert_qweights(OPQ, x, gu, down));
+    int64_t H = x->shape[1], E = gu->n_mat, I = gu->rows / 2;
     // BLAS indexes an expert's (2I, H) matrix with int
     if (2 * I * H > INT32_MAX)
         return molt_err(MOLT_EARG, OPQ ": an expert's gate_up has %lld elements, more than "

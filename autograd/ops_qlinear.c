@@ -121,21 +121,29 @@ static molt_status experts_q_shapes(const ag_tensor *x, const ag_tensor *w,
                                     const ag_tensor *idx, const ag_qweight *gu,
                                     const ag_qweight *down) {
     char b0[96], b1[96];
-    int64_t T = x->shape[0], H = x->shape[1];
+    int64_t T = x->shape[0];
     if (w->shape[0] != T)
         return molt_err(MOLT_EARG, EXPQ ": weights %s and x %s differ in tokens",
                         ag_shape_str(w, b0, sizeof b0), ag_shape_str(x, b1, sizeof b1));
     if (!ag_same_shape(idx, w))
         return molt_err(MOLT_EARG, EXPQ ": idx %s and weights %s differ in shape",
                         ag_shape_str(idx, b0, sizeof b0), ag_shape_str(w, b1, sizeof b1));
+    return ag_check_expert_qweights(EXPQ, x, gu, down);
+}
+
+// Contract in quant_internal.h.
+molt_status ag_check_expert_qweights(const char *op, const ag_tensor *x, const ag_qweight *gu,
+                                     const ag_qweight *down) {
+    char b0[96], b1[96];
+    int64_t H = x->shape[1];
     if (gu->ndim != 3 || gu->cols != H || gu->rows % 2 != 0)
-        return molt_err(MOLT_EARG, EXPQ ": gate_up is %s, expected [E, 2I, %lld] for x %s",
+        return molt_err(MOLT_EARG, "%s: gate_up is %s, expected [E, 2I, %lld] for x %s", op,
                         ag_qweight_str(gu, b0, sizeof b0), (long long)H,
                         ag_shape_str(x, b1, sizeof b1));
     int64_t E = gu->n_mat, I = gu->rows / 2;
     if (down->ndim != 3 || down->n_mat != E || down->rows != H || down->cols != I)
-        return molt_err(MOLT_EARG, EXPQ ": down is %s, expected [%lld, %lld, %lld] (E, H, I "
-                        "from gate_up and x)", ag_qweight_str(down, b0, sizeof b0),
+        return molt_err(MOLT_EARG, "%s: down is %s, expected [%lld, %lld, %lld] (E, H, I "
+                        "from gate_up and x)", op, ag_qweight_str(down, b0, sizeof b0),
                         (long long)E, (long long)H, (long long)I);
     return MOLT_OK;
 }

@@ -12,6 +12,10 @@ void ag_qweight_view(kq_weight *v, const ag_qweight *q);
 // fields, storage pointers and finite scales (not the FP8 codes: ag_qweight_check scans
 // those once). Messages start with "<op>: <what> ...".
 molt_status ag_qweight_check_operand(const char *op, const char *what, const ag_qweight *q);
+// Routed-expert stacks for x [T, H]: gate_up [E, 2I, H] and down [E, H, I] qweights; the
+// message names op and both shapes.
+molt_status ag_check_expert_qweights(const char *op, const ag_tensor *x, const ag_qweight *gu,
+                                     const ag_qweight *down);
 // "[E, out, in] nf4+dq" style description for messages; returns buf.
 const char *ag_qweight_str(const ag_qweight *q, char *buf, size_t cap);
 
