@@ -4,6 +4,7 @@
 // weights and all four LoRA matrices, f32 vs f64, optimized vs reference kernels, exact error
 // messages, and a fixture written by PEFT itself (tools/reference/expert_lora_reference.py).
 #include "harness/harness.h"
+#include "harness/moe_lora_cases.h"
 #include "autograd/internal.h"
 #include "model/model.h"
 
@@ -14,15 +15,6 @@
 #include <string.h>
 
 // ---- helpers -------------------------------------------------------------------------------
-
-enum { IN_X, IN_W, IN_IDX, IN_GU, IN_D, IN_AGU, IN_BGU, IN_AD, IN_BD, N_IN };
-
-typedef struct {
-    int64_t T, E, k, H, I;
-    int r;
-    double s;
-    bool gu, down; // which stacks carry an adapter
-} lcase;
 
 typedef struct {
     int r;
@@ -35,31 +27,12 @@ static ag_tensor *build_lora(ag_ctx *c, ag_tensor **in, void *user) {
     return ag_moe_experts_lora(c, in[IN_X], in[IN_W], in[IN_IDX], in[IN_GU], in[IN_D], &l);
 }
 
-// Expert e of slot (t, j): a spread pattern that never uses expert E-1 (an expert with no
-// tokens); when `repeat`, row 1 picks the same expert for all its k choices.
-static void fill_idx(ag_tensor *idx, int64_t E, bool repeat) {
-    int64_t T = idx->shape[0], k = idx->shape[1];
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t j = 0; j < k; j++)
-            ag_set(idx, t * k + j, (double)((t + 2 * j + t / 3) % (E - 1)));
-    if (repeat && T > 1)
-        for (int64_t j = 0; j < k; j++)
-            ag_set(idx, k + j, 0.0);
-}
-
 // F64 inputs of a case: base weights frozen, everything else requires grad.
 static void make_inputs(ag_arena *a, ag_rng *r, const lcase *d, bool repeat, ag_tensor **in) {
-    int64_t rE = d->r * d->E;
-    in[IN_X] = gc_rand(a, r, 2, (int64_t[]){d->T, d->H}, -1, 1, true);
-    in[IN_W] = gc_rand(a, r, 2, (int64_t[]){d->T, d->k}, 0.2, 1.2, true);
-    in[IN_IDX] = ag_tensor_new2(a, AG_I32, d->T, d->k);
-    fill_idx(in[IN_IDX], d->E, repeat);
+    moe_lora_routing(a, r, d, repeat, in);
     in[IN_GU] = gc_rand(a, r, 3, (int64_t[]){d->E, 2 * d->I, d->H}, -0.8, 0.8, false);
     in[IN_D] = gc_rand(a, r, 3, (int64_t[]){d->E, d->H, d->I}, -0.8, 0.8, false);
-    in[IN_AGU] = d->gu ? gc_rand(a, r, 2, (int64_t[]){rE, d->H}, -0.7, 0.7, true) : NULL;
-    in[IN_BGU] = d->gu ? gc_rand(a, r, 2, (int64_t[]){2 * d->I, rE}, -0.7, 0.7, true) : NULL;
-    in[IN_AD] = d->down ? gc_rand(a, r, 2, (int64_t[]){rE, d->I}, -0.7, 0.7, true) : NULL;
-    in[IN_BD] = d->down ? gc_rand(a, r, 2, (int64_t[]){d->H, rE}, -0.7, 0.7, true) : NULL;
+    moe_lora_adapters(a, r, d, in);
 }
 
 // w + s * delta with delta[e][o][i] = sum_k B[o, k*E + e] * A[e*r + k, i] (PEFT's
@@ -83,25 +56,11 @@ static ag_tensor *merge_here(ag_arena *a, const ag_tensor *w, const ag_tensor *A
     return m;
 }
 
-static const lcase cases[] = {
-    {5, 4, 2, 5, 3, 2, 1.5, true, true},
-    {6, 3, 2, 4, 2, 1, 0.75, true, true},
-    {4, 5, 3, 3, 4, 3, 2.0, true, true},
-    {5, 4, 2, 6, 3, 2, 1.25, true, false},
-    {5, 4, 2, 5, 3, 2, 1.25, false, true},
-};
-#define N_CASES (int)(sizeof cases / sizeof cases[0])
-
-static int64_t lora_numel(const lcase *d) {
-    int64_t rE = d->r * d->E;
-    return (d->gu ? rE * d->H + 2 * d->I * rE : 0) + (d->down ? rE * d->I + d->H * rE : 0);
-}
-
 // ---- forward ---------------------------------------------------------------------------------
 
 START_TEST(test_forward_matches_merged_weights) {
     for (int ci = 0; ci < N_CASES; ci++) {
-        const lcase *d = &cases[ci];
+        const lcase *d = &moe_lora_cases[ci];
         ag_arena a;
         ag_arena_init(&a, "t", 0);
         ag_rng r;
@@ -185,7 +144,7 @@ static void expect_grads(const gc_case *g, int64_t n_checked, const char *what, 
 
 START_TEST(test_gradcheck) {
     for (int ci = 0; ci < N_CASES; ci++) {
-        const lcase *d = &cases[ci];
+        const lcase *d = &moe_lora_cases[ci];
         ag_arena a;
         ag_arena_init(&a, "t", 0);
         ag_rng r;
@@ -194,7 +153,7 @@ START_TEST(test_gradcheck) {
         make_inputs(&a, &r, d, ci == 0 || ci == 2, in);
         lattr at = {d->r, d->s};
         gc_case g = {.n_in = N_IN, .in = in, .build = build_lora, .user = &at};
-        int64_t all = d->T * d->H + d->T * d->k + lora_numel(d);
+        int64_t all = d->T * d->H + d->T * d->k + moe_lora_numel(d);
         for (int ref = 0; ref < 2; ref++) {
             ag_set_reference_kernels(ref);
             expect_grads(&g, all, ref ? "reference" : "optimized", ci);
@@ -202,7 +161,7 @@ START_TEST(test_gradcheck) {
         ag_set_reference_kernels(false);
         // the training case: only the adapters are trainable
         in[IN_X]->requires_grad = in[IN_W]->requires_grad = false;
-        expect_grads(&g, lora_numel(d), "lora only", ci);
+        expect_grads(&g, moe_lora_numel(d), "lora only", ci);
         in[IN_X]->requires_grad = in[IN_W]->requires_grad = true;
         double rel;
         ck_assert_ok(gc_f32_vs_f64(&g, &rel));

@@ -8,6 +8,7 @@
 // messages, and the tiny model with a routed-expert adapter on an NF4 base against the same
 // adapter on the dequantized F32 base.
 #include "harness/harness.h"
+#include "harness/moe_lora_cases.h"
 #include "harness/model_env.h"
 #include "autograd/internal.h"
 #include "adapters/adapters.h"
@@ -21,15 +22,8 @@
 
 // ---- helpers -------------------------------------------------------------------------------
 
-// Inputs of the op under test (the two weight slots stay NULL: the qweights are in qcase).
-enum { IN_X, IN_W, IN_IDX, IN_GU, IN_D, IN_AGU, IN_BGU, IN_AD, IN_BD, N_IN };
-
-typedef struct {
-    int64_t T, E, k, H, I;
-    int r;
-    double s;
-    bool gu, down; // which stacks carry an adapter
-} lcase;
+// Inputs of the op under test: the slots of harness/moe_lora_cases.h, the two weight slots
+// left NULL (the qweights are in qcase).
 
 // A case's quantized stacks and the dense F64 stacks they decode to.
 typedef struct {
@@ -66,18 +60,6 @@ static ag_tensor *build_dense(ag_ctx *c, ag_tensor **in, void *user) {
     return ag_moe_experts_lora(c, in[IN_X], in[IN_W], in[IN_IDX], in[IN_GU], in[IN_D], &l);
 }
 
-// Expert e of slot (t, j): a spread pattern that never uses expert E-1 (an expert with no
-// tokens); when `repeat`, row 1 picks the same expert for all its k choices.
-static void fill_idx(ag_tensor *idx, int64_t E, bool repeat) {
-    int64_t T = idx->shape[0], k = idx->shape[1];
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t j = 0; j < k; j++)
-            ag_set(idx, t * k + j, (double)((t + 2 * j + t / 3) % (E - 1)));
-    if (repeat && T > 1)
-        for (int64_t j = 0; j < k; j++)
-            ag_set(idx, k + j, 0.0);
-}
-
 // Quantizes a random F32 stack [E, O, In] to f; *dense gets the decoded values in F64.
 static void make_stack(ag_arena *a, ag_rng *r, const qfmt *f, int64_t E, int64_t O, int64_t In,
                        ag_qweight *q, ag_tensor **dense) {
@@ -97,19 +79,12 @@ static void make_stack(ag_arena *a, ag_rng *r, const qfmt *f, int64_t E, int64_t
 // everything else requires grad.
 static void make_inputs(ag_arena *a, ag_rng *r, const lcase *d, const qfmt *f, bool repeat,
                         ag_tensor **in, qcase *q) {
-    int64_t rE = d->r * d->E;
-    in[IN_X] = gc_rand(a, r, 2, (int64_t[]){d->T, d->H}, -1, 1, true);
-    in[IN_W] = gc_rand(a, r, 2, (int64_t[]){d->T, d->k}, 0.2, 1.2, true);
-    in[IN_IDX] = ag_tensor_new2(a, AG_I32, d->T, d->k);
-    fill_idx(in[IN_IDX], d->E, repeat);
+    moe_lora_routing(a, r, d, repeat, in);
     make_stack(a, r, f, d->E, 2 * d->I, d->H, &q->gu, &q->dgu);
     make_stack(a, r, f, d->E, d->H, d->I, &q->down, &q->dd);
     in[IN_GU] = q->dgu;
     in[IN_D] = q->dd;
-    in[IN_AGU] = d->gu ? gc_rand(a, r, 2, (int64_t[]){rE, d->H}, -0.7, 0.7, true) : NULL;
-    in[IN_BGU] = d->gu ? gc_rand(a, r, 2, (int64_t[]){2 * d->I, rE}, -0.7, 0.7, true) : NULL;
-    in[IN_AD] = d->down ? gc_rand(a, r, 2, (int64_t[]){rE, d->I}, -0.7, 0.7, true) : NULL;
-    in[IN_BD] = d->down ? gc_rand(a, r, 2, (int64_t[]){d->H, rE}, -0.7, 0.7, true) : NULL;
+    moe_lora_adapters(a, r, d, in);
     q->r = d->r;
     q->s = d->s;
 }
@@ -123,20 +98,6 @@ static void q_inputs(ag_tensor **in, ag_tensor **qin) {
 static void free_case(qcase *q) {
     ag_qweight_free(&q->gu);
     ag_qweight_free(&q->down);
-}
-
-static const lcase cases[] = {
-    {5, 4, 2, 5, 3, 2, 1.5, true, true},
-    {6, 3, 2, 4, 2, 1, 0.75, true, true},
-    {4, 5, 3, 3, 4, 3, 2.0, true, true},
-    {5, 4, 2, 6, 3, 2, 1.25, true, false},
-    {5, 4, 2, 5, 3, 2, 1.25, false, true},
-};
-#define N_CASES (int)(sizeof cases / sizeof cases[0])
-
-static int64_t lora_numel(const lcase *d) {
-    int64_t rE = d->r * d->E;
-    return (d->gu ? rE * d->H + 2 * d->I * rE : 0) + (d->down ? rE * d->I + d->H * rE : 0);
 }
 
 static void expect_same(const ag_tensor *a, const ag_tensor *b, const char *what, int ci,
@@ -196,8 +157,8 @@ static void compare_with_dense(const lcase *d, int ci, const qfmt *f, ag_dtype d
 START_TEST(test_matches_dense_on_decoded) {
     for (int fi = 0; fi < N_FMTS; fi++)
         for (int ci = 0; ci < N_CASES; ci++) {
-            compare_with_dense(&cases[ci], ci, &fmts[fi], AG_F64, 10 + (uint64_t)ci);
-            compare_with_dense(&cases[ci], ci, &fmts[fi], AG_F32, 20 + (uint64_t)ci);
+            compare_with_dense(&moe_lora_cases[ci], ci, &fmts[fi], AG_F64, 10 + (uint64_t)ci);
+            compare_with_dense(&moe_lora_cases[ci], ci, &fmts[fi], AG_F32, 20 + (uint64_t)ci);
         }
     // more rows of one expert than a block (256), and a team of experts
     const lcase big = {700, 9, 2, 40, 24, 3, 1.1, true, true};
@@ -265,7 +226,7 @@ static void expect_grads(const gc_case *g, int64_t n_checked, const char *what, 
 START_TEST(test_gradcheck) {
     for (int fi = 1; fi < N_FMTS - 1; fi++) // INT8, NF4 with double quantization
         for (int ci = 0; ci < N_CASES; ci++) {
-            const lcase *d = &cases[ci];
+            const lcase *d = &moe_lora_cases[ci];
             ag_arena a;
             ag_arena_init(&a, "t", 0);
             ag_rng r;
@@ -275,7 +236,7 @@ START_TEST(test_gradcheck) {
             make_inputs(&a, &r, d, &fmts[fi], ci == 0 || ci == 2, m, &q);
             q_inputs(m, in);
             gc_case g = {.n_in = N_IN, .in = in, .build = build_q, .user = &q};
-            int64_t all = d->T * d->H + d->T * d->k + lora_numel(d);
+            int64_t all = d->T * d->H + d->T * d->k + moe_lora_numel(d);
             for (int ref = 0; ref < 2; ref++) {
                 ag_set_reference_kernels(ref);
                 expect_grads(&g, all, ref ? "reference" : "optimized", ci, fmts[fi].name);
@@ -283,7 +244,7 @@ START_TEST(test_gradcheck) {
             ag_set_reference_kernels(false);
             // the training case: only the adapters are trainable
             in[IN_X]->requires_grad = in[IN_W]->requires_grad = false;
-            expect_grads(&g, lora_numel(d), "lora only", ci, fmts[fi].name);
+            expect_grads(&g, moe_lora_numel(d), "lora only", ci, fmts[fi].name);
             in[IN_X]->requires_grad = in[IN_W]->requires_grad = true;
             double rel;
             ck_assert_ok(gc_f32_vs_f64(&g, &rel));
