@@ -10,3 +10,4 @@
 #include "k_quant.h"
 #include "k_moe_lora.h"
 #include "k_vexp.h"
+#include "k_bi.h"
