@@ -240,6 +240,24 @@ ag_tensor *ag_moe_experts_lora_q(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag
                                  const ag_expert_lora *lora);
 // ---- end LoRA on routed experts ----
 
+// ---- several adapters in one batch (autograd/ops_lora_multi.c) ----
+// One adapter's LoRA on a linear [out, in]: delta = scale * (x A^T) B^T.
+typedef struct {
+    ag_tensor *a; // [r, in] or NULL: this adapter does not adapt the module
+    ag_tensor *b; // [out, r] (NULL with a)
+    double scale; // lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA
+} ag_lora_ab;
+// The LoRA terms of n adapters over one batch, row t under adapter slot[t]: x [T, in],
+// slot I32 [T] with values in [-1, n) -> [T, out], row t = set[slot[t]].scale *
+// (x_t A^T) B^T, zero for slot -1 or an adapter with a NULL. Ranks may differ between
+// adapters. Computed as linear -> linear -> scale would on each adapter alone (the same bits
+// when those linears run batch-invariantly), one gather and two low-rank products per
+// adapter present; a row's result does not depend on the other rows. Gradients reach x and
+// every A and B that requires grad. Add the result to the base projection.
+ag_tensor *ag_lora_multi(ag_ctx *c, ag_tensor *x, ag_tensor *slot, int n,
+                         const ag_lora_ab *set, int64_t out);
+
+
 // Mean cross-entropy of softmax(h W^T) against targets over tokens with mask[t] != 0,
 // computed in vocabulary chunks of `chunk` columns: the [T, V] logits are never held.
 // h [T, C], w [V, C], targets I32 [T], mask F32/F64 [T] (weights; NULL = all ones) -> [1].

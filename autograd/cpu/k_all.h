@@ -11,3 +11,4 @@
 #include "k_moe_lora.h"
 #include "k_vexp.h"
 #include "k_bi.h"
+#include "k_lora_multi.h"
