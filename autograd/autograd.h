@@ -256,6 +256,25 @@ typedef struct {
 // every A and B that requires grad. Add the result to the base projection.
 ag_tensor *ag_lora_multi(ag_ctx *c, ag_tensor *x, ag_tensor *slot, int n,
                          const ag_lora_ab *set, int64_t out);
+// Routed-expert stacks for ag_moe_experts_multi: dense (gate_up [E, 2I, H], down [E, H, I],
+// frozen) or quantized (3-D qweights of the same shapes); exactly one pair is set.
+typedef struct {
+    ag_tensor *gate_up, *down;
+    const ag_qweight *gate_up_q, *down_q;
+} ag_expert_stacks;
+// Routed experts of a batch whose tokens carry different adapters: token t uses adapter
+// slot[t] (I32 [T], values in [-1, n); -1 = none), whose expert LoRA is set[slot[t]] (all four
+// matrices NULL = none; ranks may differ between adapters). x [T, H], weights [T, k],
+// idx I32 [T, k] -> [T, H]: per token what ag_moe_experts_lora (or ag_moe_experts) computes
+// with that adapter alone. The optimized kernel runs each expert's base products once over
+// all its rows (a quantized expert is decoded once per block of rows) and adds each
+// adapter's low-rank terms to its own rows; a token's result does not depend on the rest of
+// the batch. Gradients reach x, weights and every LoRA matrix that requires grad (computed
+// adapter group by adapter group with the single-adapter ops); the stacks stay frozen and
+// quantized ones must outlive the tape.
+ag_tensor *ag_moe_experts_multi(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,
+                                const ag_expert_stacks *w, ag_tensor *slot, int n,
+                                const ag_expert_lora *set);
 
 
 // Mean cross-entropy of softmax(h W^T) against targets over tokens with mask[t] != 0,

@@ -12,3 +12,4 @@
 #include "k_vexp.h"
 #include "k_bi.h"
 #include "k_lora_multi.h"
+#include "k_moe_multi.h"
