@@ -154,7 +154,8 @@ ag_tensor *ag_dropout(ag_ctx *c, ag_tensor *a, double p, ag_rng *rng);
 // Neural-network ops.
 ag_tensor *ag_embedding(ag_ctx *c, ag_tensor *table /* [V, C] */, ag_tensor *ids /* I32 [T] */);
 // y = x W^T, x [..., in], W [out, in] -> [..., out]. W may be frozen (no grad for W) while
-// x still receives dx = dy W.
+// x still receives dx = dy W. In inference (nothing recorded) the product is batch-invariant
+// (cpu/k_bi.h): a row's result does not depend on the other rows.
 ag_tensor *ag_linear(ag_ctx *c, ag_tensor *x, ag_tensor *w);
 // y = x * rsqrt(mean(x^2, last dim) + eps) * w, w [C].
 ag_tensor *ag_rmsnorm(ag_ctx *c, ag_tensor *x, ag_tensor *w, double eps);
@@ -399,7 +400,8 @@ double ag_qweight_bits_per_param(const ag_qweight *q);
 const char *ag_qformat_name(ag_qformat f);
 
 // y = x W^T with W a 2-D qweight [out, in]: x [..., in] (F32 or F64) -> [..., out]. Recorded
-// only when x requires grad; backward gives dx = dy W (W gets no gradient). The node keeps a
+// only when x requires grad; backward gives dx = dy W (W gets no gradient). In inference
+// (nothing recorded) a row's result does not depend on the other rows, as for ag_linear. The node keeps a
 // pointer to w, which must outlive the tape.
 ag_tensor *ag_linear_q(ag_ctx *c, ag_tensor *x, const ag_qweight *w);
 // ag_moe_experts with quantized experts: gate_up [E, 2I, H] (gate rows first) and down

@@ -183,6 +183,7 @@ typedef struct {
     double lora_dropout;  // dropout probability on the LoRA input x; used only in grad
                           // mode (training) and only when lora_rng is set, never at inference
     ag_rng *lora_rng;     // the adapter's dropout stream (owned by the adapter) or NULL
+    int id;               // index of this linear in the model (mdl_lin_at), for adapter banks
 } mdl_lin;
 
 // SwiGLU MLP: down(silu(gate(x)) * up(x)). Dense layers (IM) and the shared expert (IS).
@@ -346,6 +347,57 @@ molt_status mdl_forward(ag_ctx *c, const mdl_model *m, const mdl_batch *b, ag_te
 molt_status mdl_greedy(ag_ctx *c, const mdl_model *m, const int32_t *prompt, int n_prompt,
                        int n, bool stop_at_eos, int32_t *out, int *n_out);
 
+// ---- several adapters in one batch (model/bank.c) -------------------------------------
+// Serving and evaluation run many adapters through one forward: a bank holds, for n_slots
+// adapters, each adapter's LoRA on every linear of the model and on the routed experts,
+// without touching the mdl_lin LoRA fields that training wires. A batch then says per token
+// which slot applies (-1: the base alone): every projection runs once over all tokens and
+// ag_lora_multi adds each token's low-rank term; routed experts go through
+// ag_moe_experts_multi. With a bank, every token's result is batch-invariant: it does not
+// depend on what else is in the batch (inference only).
+
+// Number of linears of m (every mdl_lin has an id in [0, count), absent modules included):
+// per layer q_a, q_b, q, kv_a, kv_b, o, dense gate/up/down, router, shared gate/up/down, then
+// lm_head.
+int mdl_lin_count(const mdl_model *m);
+mdl_lin *mdl_lin_at(mdl_model *m, int id); // NULL when out of range
+
+typedef struct {
+    int n_slots;              // adapters the bank can hold
+    int n_lins, n_layers;     // of the model it was made for
+    ag_lora_ab *lin;          // [n_lins * n_slots]: slot s on linear id at [id * n_slots + s]
+    ag_expert_lora *experts;  // [n_layers * n_slots]: slot s on layer l's routed experts
+    int *lin_users;           // [n_lins] slots with a LoRA on each linear (0: nothing to add)
+    int *expert_users;        // [n_layers]
+} mdl_bank;
+
+// An empty bank of n_slots slots for m's shapes.
+molt_status mdl_bank_init(mdl_bank *b, const mdl_model *m, int n_slots);
+void mdl_bank_free(mdl_bank *b); // zeroes b; a zeroed bank is fine
+// Empties slot s (the tensors are not freed: they belong to whoever set them).
+void mdl_bank_clear(mdl_bank *b, int s);
+// Slot s's LoRA on linear `id` (a [r, in], bb [out, r] F32, shapes checked against the
+// model's linear) and on layer l's routed experts (as ag_expert_lora; NULL pairs allowed).
+// MOLT_EARG naming the linear or layer on a shape mismatch.
+molt_status mdl_bank_set_lin(mdl_bank *b, const mdl_model *m, int s, int id, ag_tensor *a,
+                             ag_tensor *bb, double scale);
+molt_status mdl_bank_set_experts(mdl_bank *b, const mdl_model *m, int s, int l,
+                                 const ag_expert_lora *el);
+// Whether slot s holds anything.
+bool mdl_bank_used(const mdl_bank *b, int s);
+
+// One sequence's part of a batched cached forward (mdl_forward_spans).
+typedef struct {
+    int seq;            // cache sequence: the tokens take positions len..len+n-1
+    const int32_t *ids; // [n] token ids
+    int n;              // >= 1
+    int n_expanded;     // the first n_expanded tokens attend in the expanded form, the rest in
+                        // the absorbed one (prompt tokens expanded, generated ones absorbed:
+                        // a sequence recomputed later, after preemption, gets the same bits)
+    int slot;           // adapter slot of the bank, -1 for the base alone
+    int n_logits;       // logits of the last n_logits tokens (0..n)
+} mdl_span;
+
 // ---- presets and commands -----------------------------------------------------------
 // Finds configs/models/NAME.json (NAME may also be a path to a .json file): searched in
 // $MOLT_PRESET_DIR, $MOLT_SOURCE_DIR/configs/models, then configs/models beside or above
@@ -494,5 +546,16 @@ molt_status mdl_forward_cached(ag_ctx *c, const mdl_model *m, mdl_kvcache *kv, i
 // -> [n, NH, DV]. Exposed for tests comparing the two modes layer by layer.
 ag_tensor *mdl_attn_cached(ag_ctx *c, const mdl_model *m, int l, const mdl_kvcache *kv,
                            int seq, ag_tensor *q, ag_tensor *qtemp, mdl_attn_mode mode);
+
+// One forward over several sequences' new tokens at once: every projection, norm, router
+// and expert runs once over all of them (adapters per span through the bank, which may be
+// NULL when every slot is -1), attention runs per sequence over its cache. Reserves room
+// in the cache as needed, writes the new tokens' latents and commits them. *logits =
+// [sum n_logits, V] in span order (NULL when no span asks for any). Inference only: grad
+// mode is switched off for the call. With a bank, a token's logits and cache rows have the
+// same bits whatever the other spans are. On failure no sequence's length changes.
+molt_status mdl_forward_spans(ag_ctx *c, const mdl_model *m, mdl_kvcache *kv,
+                              const mdl_bank *bank, const mdl_span *spans, int n_spans,
+                              ag_tensor **logits);
 
 #endif

@@ -340,7 +340,7 @@ START_TEST(test_positions_and_sequences) {
     ck_assert_ok(mdl_kv_seq_open(&kv2, &s2));
     ck_assert_int_eq(mdl_forward_cached(&c, &m, &kv2, s2, ids[0], 2, MDL_ATTN_ABSORBED, false, &lg),
                      MOLT_EARG);
-    ck_assert_str_eq(molt_err_msg(), "cached forward: cache of 3 layers x (17 + 8) for a model of "
+    ck_assert_str_eq(molt_err_msg(), "batched forward: cache of 3 layers x (17 + 8) for a model of "
                      "3 layers x (16 + 8)");
     mdl_kv_free(&kv2);
     mdl_kv_free(&kv);
