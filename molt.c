@@ -72,5 +72,6 @@ static int cmd_bench(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
+    lora_set_checkpoint_loader(trn_checkpoint_adapter); // serving and eval read step-N.h5
     return dispatch(argc, argv, commands, sizeof commands / sizeof *commands, "molt");
 }
