@@ -68,6 +68,24 @@ void ev_fmt_num(char *buf, size_t cap, double v, bool sign);
 // A p-value for tables: "<0.0001" below 1e-4, else 4 decimals; "-" for NaN.
 void ev_fmt_p(char *buf, size_t cap, double p);
 
+// ---- report tables (report.c) and page (html.c) ------------------------------------
+// The text of one table row's numeric cells (system s, metric j of table t).
+enum { EV_N_COLS = 7 };
+typedef struct {
+    char mean[128], diff[128], p[24], wtl[72], n[24];
+} ev_cells;
+void ev_report_cells(const ev_dataset *d, const ev_table *t, int j, int s, ev_cells *c);
+// The column headers of a table of d (raw text, escaped by the writer).
+typedef struct {
+    char mean[32], diff[600];
+    const char *h[EV_N_COLS];
+} ev_headers;
+void ev_report_headers(const ev_report *r, const ev_dataset *d, ev_headers *h);
+// The paragraph that says how the numbers were computed (plain text, no markup).
+void ev_report_note(const ev_report *r, ev_sb *b);
+// report.html at path.
+molt_status ev_report_write_html(const ev_report *r, const char *path);
+
 // ---- SVG charts (svg.c) --------------------------------------------------------------
 // Each chart is a standalone <svg> element with xmlns, width and height in px, a title
 // and labelled axes; labels are escaped. The caller places it in HTML or a file.
@@ -76,18 +94,20 @@ typedef struct {
     double mean, lo, hi; // lo/hi NaN: no interval drawn
     bool highlight;      // drawn in the baseline colour and marked "(baseline)"
 } ev_svg_point;
-// One row per point: a dot at the mean and a bar from lo to hi on a shared x axis.
+// One row per point: a dot at the mean and a bar from lo to hi on a shared x axis; with
+// zero_line, 0 is kept in range and marked (differences against a baseline).
 void ev_svg_intervals(ev_sb *b, const char *title, const char *x_label, const ev_svg_point *p,
-                      int n);
+                      int n, bool zero_line);
 // Histogram of x[0..n) (finite values) in `bins` equal bins, with a line at 0 when 0 is in
 // range.
 void ev_svg_histogram(ev_sb *b, const char *title, const char *x_label, const double *x,
                       int64_t n, int bins);
 typedef struct {
     const char *name;
-    const double *x, *y; // [n]; points with a non-finite y are gaps
+    const double *x, *y; // [n]; points with a non-finite y are gaps in the line
     int64_t n;
-    bool markers;         // a dot at each point (sparse series such as eval loss)
+    bool markers;         // a dot at each point, lines across gaps (sparse series such as
+                          // eval loss)
 } ev_svg_series;
 // Line chart of several series on shared axes, with a legend.
 void ev_svg_lines(ev_sb *b, const char *title, const char *x_label, const char *y_label,
