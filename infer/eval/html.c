@@ -49,7 +49,7 @@ static molt_status metric_charts(const ev_report *r, const ev_dataset *d, const 
         return molt_err(MOLT_ENOMEM, "report.html: out of memory");
     for (int s = 0; s < S; s++) {
         const ev_mean_ci *m = &t->mean[j * S + s];
-        pt[s] = (ev_svg_point){d->systems[s], m->mean, m->lo, m->hi, s == d->baseline};
+        pt[s] = (ev_svg_point){d->systems[s], m->mean, m->lo, m->hi, s == d->baseline, s};
     }
     char title[400], axis[400];
     int pct = (int)lround(r->boot.level * 100);
@@ -62,7 +62,7 @@ static molt_status metric_charts(const ev_report *r, const ev_dataset *d, const 
         if (s == d->baseline)
             continue;
         const ev_paired *p = &t->cmp[j * S + s];
-        pt[n++] = (ev_svg_point){d->systems[s], p->diff, p->lo, p->hi, false};
+        pt[n++] = (ev_svg_point){d->systems[s], p->diff, p->lo, p->hi, false, s};
     }
     if (n > 0) {
         snprintf(title, sizeof title, "%s: difference from %s, %d%% paired interval",
@@ -98,7 +98,7 @@ static molt_status dataset_section(const ev_report *r, const ev_dataset_stats *s
         int bins = (int)ceil(sqrt((double)n));
         bins = bins < 5 ? 5 : bins > 40 ? 40 : bins;
         ev_svg_histogram(b, title, "loss difference (below 0: lower loss than the baseline)",
-                         st->loss_diff[s], n, bins);
+                         st->loss_diff[s], n, bins, s);
     }
     for (int k = 1; k < st->n_tables; k++) {
         const ev_table *t = &st->tables[k];

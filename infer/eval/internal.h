@@ -93,15 +93,17 @@ typedef struct {
     const char *label;
     double mean, lo, hi; // lo/hi NaN: no interval drawn
     bool highlight;      // drawn in the baseline colour and marked "(baseline)"
+    int color;           // palette index (the system's index, so a system keeps its colour
+                         // across charts); unused when highlight
 } ev_svg_point;
 // One row per point: a dot at the mean and a bar from lo to hi on a shared x axis; with
 // zero_line, 0 is kept in range and marked (differences against a baseline).
 void ev_svg_intervals(ev_sb *b, const char *title, const char *x_label, const ev_svg_point *p,
                       int n, bool zero_line);
 // Histogram of x[0..n) (finite values) in `bins` equal bins, with a line at 0 when 0 is in
-// range.
+// range; bars in palette colour `color`.
 void ev_svg_histogram(ev_sb *b, const char *title, const char *x_label, const double *x,
-                      int64_t n, int bins);
+                      int64_t n, int bins, int color);
 typedef struct {
     const char *name;
     const double *x, *y; // [n]; points with a non-finite y are gaps in the line

@@ -401,8 +401,7 @@ void ev_report_print(const ev_report *r, FILE *f) {
         fprintf(f, "%s%s (task %s, %lld examples)\n", i ? "\n" : "", d->name, d->task,
                 (long long)d->n_examples);
         for (int k = 0; k < EV_N_COLS; k++)
-            fprintf(f, k < 2 ? "%-*s  " : "%*s  ", w[k], h[k]);
-        fputc('\n', f);
+            fprintf(f, k < 2 ? "%-*s  " : k + 1 < EV_N_COLS ? "%*s  " : "%*s\n", w[k], h[k]);
         for (int q = 0; q < rows; q++) {
             int j = q / d->n_systems, s = q % d->n_systems;
             ev_cells c;

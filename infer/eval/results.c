@@ -313,11 +313,13 @@ static molt_status table_metric(const ev_dataset *d, const int64_t *idx, int64_t
 static molt_status check_table0(const ev_dataset *d, const ev_table *t) {
     int S = d->n_systems;
     for (int j = 0; j < d->n_metrics; j++)
-        for (int s = 0; s < S; s++) {
+        for (int s = 0; s < S; s++)
             if (t->mean[j * S + s].n == 0)
                 return molt_err(MOLT_EARG, "dataset %s, metric %s: system %s has no values "
                                 "(all %lld missing)", d->name, d->metrics[j].name, d->systems[s],
                                 (long long)t->n_examples);
+    for (int j = 0; j < d->n_metrics; j++)
+        for (int s = 0; s < S; s++) {
             if (s != d->baseline && t->cmp[j * S + s].n == 0)
                 return molt_err(MOLT_EARG, "dataset %s, metric %s: no example has values for "
                                 "both %s and the baseline %s", d->name, d->metrics[j].name,

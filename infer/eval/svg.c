@@ -8,6 +8,7 @@
 #include "internal.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define W 720
@@ -73,6 +74,18 @@ static void tick_label(char *buf, size_t cap, const axis *a, double v) {
         snprintf(buf, cap, "%.*f", a->decimals, v);
 }
 
+// The label shortened to at most max bytes on a UTF-8 boundary, with "..." when cut.
+static void clip_label(char *out, size_t cap, const char *s, size_t max) {
+    size_t n = strlen(s);
+    if (n <= max) {
+        snprintf(out, cap, "%s", s);
+        return;
+    }
+    while (max > 0 && ((unsigned char)s[max] & 0xC0) == 0x80)
+        max--;
+    snprintf(out, cap, "%.*s...", (int)max, s);
+}
+
 static void svg_open(ev_sb *b, int w, int h, const char *title) {
     ev_sb_printf(b, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" "
                  "viewBox=\"0 0 %d %d\" role=\"img\">\n<title>", w, h, w, h);
@@ -80,7 +93,9 @@ static void svg_open(ev_sb *b, int w, int h, const char *title) {
     ev_sb_printf(b, "</title>\n<rect width=\"%d\" height=\"%d\" fill=\"#ffffff\"/>\n"
                  "<text x=\"%d\" y=\"22\" text-anchor=\"middle\" font-size=\"15\" "
                  "font-weight=\"bold\" " FONT ">", w, h, w / 2);
-    ev_sb_xml(b, title);
+    char shown[128]; // the whole title is in <title>; the heading fits the width
+    clip_label(shown, sizeof shown, title, 72);
+    ev_sb_xml(b, shown);
     ev_sb_puts(b, "</text>\n");
 }
 
@@ -128,18 +143,6 @@ static void y_axis(ev_sb *b, const axis *a, double x, double x_right, double y0,
     ev_sb_puts(b, "</text>\n");
 }
 
-// The label shortened to at most max bytes on a UTF-8 boundary, with "..." when cut.
-static void clip_label(char *out, size_t cap, const char *s, size_t max) {
-    size_t n = strlen(s);
-    if (n <= max) {
-        snprintf(out, cap, "%s", s);
-        return;
-    }
-    while (max > 0 && ((unsigned char)s[max] & 0xC0) == 0x80)
-        max--;
-    snprintf(out, cap, "%.*s...", (int)max, s);
-}
-
 void ev_svg_intervals(ev_sb *b, const char *title, const char *x_label, const ev_svg_point *p,
                       int n, bool zero_line) {
     int w, h;
@@ -168,7 +171,7 @@ void ev_svg_intervals(ev_sb *b, const char *title, const char *x_label, const ev
     }
     for (int i = 0; i < n; i++) {
         double y = top + 26.0 * i + 13;
-        const char *col = p[i].highlight ? BASE_COLOR : palette[i % N_PALETTE];
+        const char *col = p[i].highlight ? BASE_COLOR : palette[abs(p[i].color) % N_PALETTE];
         char l[200], full[240];
         clip_label(l, sizeof l, p[i].label, 40);
         snprintf(full, sizeof full, "%s%s", l, p[i].highlight ? " (baseline)" : "");
@@ -199,7 +202,7 @@ void ev_svg_intervals(ev_sb *b, const char *title, const char *x_label, const ev
 }
 
 void ev_svg_histogram(ev_sb *b, const char *title, const char *x_label, const double *x,
-                      int64_t n, int bins) {
+                      int64_t n, int bins, int color) {
     int w, h;
     ev_svg_size(EV_SVG_HISTOGRAM, 0, &w, &h);
     if (bins < 1)
@@ -241,7 +244,8 @@ void ev_svg_histogram(ev_sb *b, const char *title, const char *x_label, const do
         double top = map(&ya, (double)count[k], y0, y1);
         ev_sb_printf(b, "<rect class=\"bar\" x=\"%.2f\" y=\"%.2f\" width=\"%.2f\" "
                      "height=\"%.2f\" fill=\"%s\" stroke=\"#ffffff\"><title>%lld</title></rect>\n",
-                     bl, top, br - bl, y0 - top, palette[0], (long long)count[k]);
+                     bl, top, br - bl, y0 - top, palette[abs(color) % N_PALETTE],
+                     (long long)count[k]);
     }
     if (a.lo < 0 && a.hi > 0) {
         double z = map(&a, 0, x0, x1);
