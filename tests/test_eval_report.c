@@ -424,6 +424,24 @@ START_TEST(test_allocation_failures_are_reported) {
         failures++;
     }
     ck_assert_int_gt(failures, 10);
+    // and while writing the files
+    ev_report r;
+    ck_assert_ok(ev_report_compute(&r, ds, 1, &o));
+    char dir[64];
+    tmpdir(dir, sizeof dir);
+    failures = 0;
+    for (long k = 0; k < 400; k++) {
+        molt_alloc_fail_after(k);
+        molt_status st = ev_report_write(&r, dir, NULL);
+        molt_alloc_fail_after(-1);
+        if (st == MOLT_OK)
+            break;
+        ck_assert_int_eq(st, MOLT_ENOMEM);
+        failures++;
+    }
+    ck_assert_int_gt(failures, 5);
+    rm_dir(dir);
+    ev_report_free(&r);
     ev_dataset_free(&d);
 }
 END_TEST
