@@ -6,6 +6,7 @@
 #include "autograd/autograd.h"
 #include "data/data.h"
 #include "adapters/adapters.h"
+#include "infer/eval/eval.h"
 #include "infer/infer.h"
 #include "model/model.h"
 #include "train/trainer.h"
@@ -30,6 +31,7 @@ static const command commands[] = {
     {"export", trn_cmd_export, "adapter (file, PEFT dir or checkpoint) to PEFT or molt"},
     {"merge", lora_cmd_merge, "adapter merged into the base weights (HF layout)"},
     {"train", trn_cmd_train, "train a LoRA adapter from a YAML config (resumable)"},
+    {"report", ev_cmd_report, "charts of a training run's metrics.jsonl as one HTML page"},
     {"bench", cmd_bench, "benchmarks: ops, tokenize"},
 };
 

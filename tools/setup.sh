@@ -6,7 +6,7 @@ set -euo pipefail
 pkgs=(build-essential cmake pkg-config libopenblas-dev libopenblas-openmp-dev libhdf5-dev libarchive-dev check
       libjansson-dev libpcre2-dev libyaml-dev libmicrohttpd-dev libzstd-dev zlib1g-dev
       liblzma-dev libopenmpi-dev openmpi-bin
-      clang libclang-rt-14-dev libomp-14-dev)
+      librsvg2-bin clang libclang-rt-14-dev libomp-14-dev)
 
 missing=()
 for p in "${pkgs[@]}"; do
