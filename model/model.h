@@ -483,6 +483,17 @@ typedef struct {
     bool live;       // slot in use
 } mdl_kv_seq;
 
+// Per-block record of the prefix cache (kvcache.c).
+typedef struct {
+    uint64_t tag;      // what computed the block besides its tokens (the adapter), 0 = base
+    uint64_t hash;     // of (tag, parent, parent_gen, tokens)
+    int32_t parent;    // the block before it in its prompt, -1 for the first
+    uint32_t parent_gen, gen; // gen changes whenever the block is reused for other content
+    int32_t *tokens;   // [block_tokens] the prompt tokens it holds (NULL until indexed once)
+    bool indexed;      // findable by its content
+    int32_t lru_prev, lru_next; // evictable list (indexed, no sequence holds it)
+} mdl_kv_pblock;
+
 typedef struct {
     int n_layers;     // L
     int rkv, dr;      // kv_lora_rank, qk_rope_head_dim
@@ -491,8 +502,15 @@ typedef struct {
     int max_blocks;   // pool limit (0 = grow without limit)
     float **pool;     // [n_pool] blocks, each [L, block_tokens, width]
     int n_pool, cap_pool;
-    int32_t *free_ids; // [n_free] pool blocks not owned by any sequence
+    int32_t *free_ids; // [n_free] pool blocks holding nothing anyone may want
     int n_free;
+    int32_t *ref;      // [cap_pool] sequences holding each block
+    int n_used;        // blocks with ref > 0
+    mdl_kv_pblock *pb; // [cap_pool] prefix-cache records
+    int32_t *pmap;     // [pmap_cap] hash table of indexed blocks (-1 empty, -2 deleted)
+    int pmap_cap, pmap_fill; // slots, slots not empty
+    int32_t lru_head, lru_tail; // evictable cached blocks, least recently used first
+    int n_cached;      // blocks in that list
     mdl_kv_seq *seqs; // [n_seqs] sequence slots
     int n_seqs;
 } mdl_kvcache;
@@ -518,8 +536,28 @@ molt_status mdl_kv_reserve(mdl_kvcache *kv, int seq, int n);
 float *mdl_kv_row(const mdl_kvcache *kv, int seq, int l, int t);
 // Marks n reserved tokens as written: len += n.
 molt_status mdl_kv_commit(mdl_kvcache *kv, int seq, int n);
-// Blocks in use by all sequences / held by the pool.
+// Blocks held by at least one sequence (a block shared by several counts once).
 int mdl_kv_blocks_used(const mdl_kvcache *kv);
+
+// Prefix caching: full blocks of prompt tokens are indexed by their content (the tag of
+// whatever else decides the values, e.g. the adapter, and every token from position 0 to the
+// block's end) and outlive their sequences while the pool has room: a later sequence with the
+// same leading blocks shares them instead of computing them again. Shared blocks are only
+// read (a sequence writes past them into blocks of its own). When a block is needed and none
+// is free (and the pool cannot grow), the least recently used cached block is given up.
+//
+// Shares, into the empty sequence seq, the longest chain of indexed blocks whose tag and
+// tokens equal ids[0..k*block_tokens) with k*block_tokens <= n; returns the tokens matched
+// (its committed length), 0 when none. Callers pass n = prompt length - 1 so that at least
+// the last prompt token is computed.
+int mdl_kv_prefix_match(mdl_kvcache *kv, int seq, uint64_t tag, const int32_t *ids, int n);
+// Indexes seq's first min(n, len) / block_tokens blocks as holding ids (its prompt) under tag.
+// Blocks already indexed stay as they are; a block whose content another block already holds
+// stays private. MOLT_ENOMEM leaves the index as it was.
+molt_status mdl_kv_prefix_publish(mdl_kvcache *kv, int seq, uint64_t tag, const int32_t *ids,
+                                  int n);
+// Evictable cached blocks (indexed, held by no sequence).
+int mdl_kv_blocks_cached(const mdl_kvcache *kv);
 
 // ---- cached forward (decode.c) ------------------------------------------------------
 // How cached attention runs (both inference-only, with plain loops outside the tape):
