@@ -9,10 +9,26 @@ molt_status inf_adapter_attach(mdl_model *m, const char *path, void **handle) {
     lora_adapter *ad = molt_calloc(1, sizeof *ad);
     if (!ad)
         return molt_err(MOLT_ENOMEM, "adapter %s: out of memory", path);
-    molt_status st = lora_load_any(m, path, true, ad);
+    molt_status st = lora_load_any(m, path, LORA_WIRE_FORWARD, ad);
     if (st != MOLT_OK) {
         molt_free(ad);
         return st; // the message already names the adapter path
+    }
+    *handle = ad;
+    return MOLT_OK;
+}
+
+molt_status inf_adapter_bank(mdl_model *m, const char *path, mdl_bank *b, int s,
+                             void **handle) {
+    lora_adapter *ad = molt_calloc(1, sizeof *ad);
+    if (!ad)
+        return molt_err(MOLT_ENOMEM, "adapter %s: out of memory", path);
+    molt_status st = lora_load_any(m, path, LORA_WIRE_NONE, ad);
+    if (st == MOLT_OK && (st = lora_bank_put(ad, m, b, s)) != MOLT_OK)
+        lora_detach(ad);
+    if (st != MOLT_OK) {
+        molt_free(ad);
+        return st;
     }
     *handle = ad;
     return MOLT_OK;

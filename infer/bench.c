@@ -14,13 +14,15 @@
 #include <unistd.h>
 
 static const char bench_usage[] =
-    "usage: molt bench generate (--model DIR | --preset NAME) [--prompt-tokens N]\n"
-    "                           [--gen-tokens N] [--seed S]\n"
+    "usage: molt bench generate (--model DIR | --preset NAME) [--base-quant SPEC]\n"
+    "                           [--prompt-tokens N] [--gen-tokens N] [--seed S]\n"
     "Loads the model (a preset such as tiny or small is first written, F32, to a temporary\n"
-    "directory), then runs a random prompt of N tokens (default 128) and N greedy decode\n"
-    "steps (default 32) through the KV cache, once with absorbed and once with expanded\n"
-    "attention. Prints one table: load time, resident memory (VmRSS now, VmHWM peak),\n"
-    "prefill and decode tokens per second.\n";
+    "directory; --base-quant quantizes it as it loads, e.g. nf4 or nf4,lm_head=nf4), then\n"
+    "runs a random prompt of N tokens (default 128) and N greedy decode steps (default 32)\n"
+    "through the KV cache on the serving path (the batched forward of molt serve and molt\n"
+    "generate), once with absorbed and once with expanded attention (serving prefills\n"
+    "expanded and decodes absorbed). Prints one table: load time, resident memory (VmRSS\n"
+    "now, VmHWM peak), prefill and decode tokens per second.\n";
 
 static double now_s(void) {
     struct timespec ts;
@@ -46,7 +48,7 @@ static void mem_mib(double *rss, double *hwm) {
 }
 
 typedef struct {
-    const char *model, *preset;
+    const char *model, *preset, *base_quant;
     int prompt_tokens, gen_tokens;
     uint64_t seed;
 } bench_args;
@@ -59,6 +61,7 @@ static int bench_parse(int argc, char **argv, bench_args *a) {
             return -1;
         }
         bool known = !strcmp(o, "--model") || !strcmp(o, "--preset") ||
+                     !strcmp(o, "--base-quant") ||
                      !strcmp(o, "--prompt-tokens") || !strcmp(o, "--gen-tokens") ||
                      !strcmp(o, "--seed");
         if (!known || i + 1 >= argc) {
@@ -75,6 +78,8 @@ static int bench_parse(int argc, char **argv, bench_args *a) {
             a->model = v;
         else if (!strcmp(o, "--preset"))
             a->preset = v;
+        else if (!strcmp(o, "--base-quant"))
+            a->base_quant = v;
         else if (!num_ok) {
             fprintf(stderr, "molt bench generate: %s '%s' is not an integer in [1, 1000000]\n",
                     o, v);
@@ -122,30 +127,37 @@ typedef struct {
     double prefill_tps, decode_tps;
 } speed;
 
-// Prefill of prompt then n greedy decode steps in one cache, attention form `mode`.
+// Prefill of prompt then n greedy decode steps in one cache, attention form `mode`, on the
+// serving path (batched forward with an empty adapter bank).
 static molt_status run_mode(const mdl_model *m, const int32_t *prompt, int np, int ng,
                             mdl_attn_mode mode, speed *sp) {
     ag_ctx c;
     mdl_kvcache kv;
+    mdl_bank bank = {0};
     int seq;
     MOLT_TRY(ag_ctx_init(&c));
     molt_status st = mdl_kv_init(&kv, &m->cfg, 0, np + ng);
     if (st == MOLT_OK)
+        st = mdl_bank_init(&bank, m, 1);
+    if (st == MOLT_OK)
         st = mdl_kv_seq_open(&kv, &seq);
     ag_tensor *lg;
+    bool exp = mode == MDL_ATTN_EXPANDED;
     double t0 = now_s();
     if (st == MOLT_OK)
-        st = mdl_forward_cached(&c, m, &kv, seq, prompt, np, mode, false, &lg);
+        st = mdl_forward_spans(&c, m, &kv, &bank, &(mdl_span){seq, prompt, np, exp ? np : 0, -1, 1},
+                               1, &lg);
     double t1 = now_s();
     for (int i = 0; st == MOLT_OK && i < ng; i++) {
         int32_t tok = inf_argmax(lg->data, m->cfg.vocab_size);
         ag_ctx_step_reset(&c);
-        st = mdl_forward_cached(&c, m, &kv, seq, &tok, 1, mode, false, &lg);
+        st = mdl_forward_spans(&c, m, &kv, &bank, &(mdl_span){seq, &tok, 1, exp, -1, 1}, 1, &lg);
     }
     double t2 = now_s();
     sp->prefill_tps = np / (t1 - t0);
     sp->decode_tps = ng / (t2 - t1);
     mdl_kv_free(&kv);
+    mdl_bank_free(&bank);
     ag_ctx_free(&c);
     return st;
 }
@@ -160,8 +172,11 @@ static molt_status run_bench(const bench_args *a) {
     }
     double t_write = now_s() - t0;
     mdl_model m = {0};
+    mdl_qspec qs;
+    molt_status st = a->base_quant ? mdl_qspec_parse(a->base_quant, &qs) : MOLT_OK;
     t0 = now_s();
-    molt_status st = mdl_load(path, &m);
+    if (st == MOLT_OK)
+        st = mdl_load_quant(path, a->base_quant ? &qs : NULL, &m);
     double t_load = now_s() - t0, rss, hwm;
     if (dir[0])
         remove_dir(dir);
@@ -188,8 +203,11 @@ static molt_status run_bench(const bench_args *a) {
     double rss_end, hwm_end;
     mem_mib(&rss_end, &hwm_end);
     if (st == MOLT_OK) {
-        printf("model %s: %lld parameters, F32 weights; %d threads", a->preset ? a->preset : path,
-               (long long)mdl_param_count(&m.cfg), omp_get_max_threads());
+        char qb[256];
+        printf("model %s: %lld parameters, %s weights (%.1f MiB); %d threads",
+               a->preset ? a->preset : path, (long long)mdl_param_count(&m.cfg),
+               a->base_quant ? mdl_qspec_str(&qs, qb, sizeof qb) : "F32",
+               mdl_weight_bytes(&m) / 1048576.0, omp_get_max_threads());
         if (a->preset)
             printf("; preset written in %.2f s", t_write);
         printf("\n| model | load s | VmRSS MiB (loaded / end) | VmHWM MiB | attention | "

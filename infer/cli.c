@@ -26,7 +26,8 @@ static const char gen_usage[] =
     "--attn: how decode steps attend over the cache (default absorbed weights). The\n"
     "tokenizer is DIR/tekken.json or DIR/tokenizer.json unless --tokenizer names one.\n"
     "--base-quant quantizes the projections on load (see molt quantize --help).\n"
-    "--adapter applies a LoRA adapter: a PEFT directory or a molt adapter file.\n";
+    "--adapter applies a LoRA adapter: a PEFT directory, a molt adapter file (.h5) or a\n"
+    "training checkpoint (step-N.h5).\n";
 
 static bool parse_int(const char *s, int lo, int *out) {
     char *end;
@@ -235,8 +236,13 @@ static molt_status run_generate(gen_args *a) {
     if (st == MOLT_OK)
         st = mdl_load_quant(a->model, a->base_quant ? &qs : NULL, &m);
     void *adapter = NULL;
+    mdl_bank bank = {0};
+    if (st == MOLT_OK)
+        st = mdl_bank_init(&bank, &m, 1);
     if (st == MOLT_OK && a->adapter)
-        st = inf_adapter_attach(&m, a->adapter, &adapter);
+        st = inf_adapter_bank(&m, a->adapter, &bank, 0, &adapter);
+    a->g.bank = &bank;
+    a->g.slot = a->adapter ? 0 : -1;
     if (st == MOLT_OK && (out = molt_malloc((size_t)(a->g.max_tokens + 1) * sizeof *out)) == NULL)
         st = molt_err(MOLT_ENOMEM, "out of memory");
     inf_gen_stats gs;
@@ -257,6 +263,7 @@ static molt_status run_generate(gen_args *a) {
                 gs.decode_s > 0 ? gs.n_gen / gs.decode_s : 0);
     }
     molt_free(out);
+    mdl_bank_free(&bank);
     inf_adapter_detach(adapter);
     mdl_free(&m);
     tok_ids_free(&ids);

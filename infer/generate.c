@@ -97,7 +97,8 @@ molt_status inf_prompt_ids(const tok_tokenizer *t, const char *text, size_t len,
 
 void inf_gen_opts_default(inf_gen_opts *o) {
     *o = (inf_gen_opts){.max_tokens = 128, .prefill_mode = MDL_ATTN_EXPANDED,
-                        .decode_mode = MDL_ATTN_ABSORBED, .stop_at_eos = true, .eos = -1};
+                        .decode_mode = MDL_ATTN_ABSORBED, .stop_at_eos = true, .eos = -1,
+                        .slot = -1};
     inf_sample_opts_default(&o->sample);
 }
 
@@ -114,6 +115,8 @@ static bool is_stop(const mdl_model *m, const inf_gen_opts *o, int32_t t) {
 typedef struct {
     ag_ctx c;
     mdl_kvcache kv;
+    mdl_bank own;          // the empty bank used when the caller gives none
+    const mdl_bank *bank;
     inf_sampler smp;
     inf_utf8 text;
     char *piece; // the text of one token (grown by tok_decode)
@@ -142,8 +145,9 @@ static molt_status decode_loop(gen_state *g, const mdl_model *m, const int32_t *
     int64_t V = m->cfg.vocab_size;
     ag_tensor *lg;
     double t0 = now_s();
-    MOLT_TRY(mdl_forward_cached(&g->c, m, &g->kv, g->seq, prompt, n_prompt, o->prefill_mode,
-                                false, &lg));
+    int ne = o->prefill_mode == MDL_ATTN_EXPANDED ? n_prompt : 0;
+    mdl_span sp = {g->seq, prompt, n_prompt, ne, o->slot, 1};
+    MOLT_TRY(mdl_forward_spans(&g->c, m, &g->kv, g->bank, &sp, 1, &lg));
     st->prefill_s = now_s() - t0;
     t0 = now_s();
     for (int i = 0; i < o->max_tokens; i++) {
@@ -159,8 +163,8 @@ static molt_status decode_loop(gen_state *g, const mdl_model *m, const int32_t *
         if (i + 1 == o->max_tokens)
             break;
         ag_ctx_step_reset(&g->c);
-        MOLT_TRY(mdl_forward_cached(&g->c, m, &g->kv, g->seq, &tok, 1, o->decode_mode, false,
-                                    &lg));
+        mdl_span d = {g->seq, &tok, 1, o->decode_mode == MDL_ATTN_EXPANDED, o->slot, 1};
+        MOLT_TRY(mdl_forward_spans(&g->c, m, &g->kv, g->bank, &d, 1, &lg));
     }
     st->decode_s = now_s() - t0;
     if (g->text.n > 0 && o->on_text) // an unfinished character at the very end
@@ -182,7 +186,17 @@ molt_status inf_generate(const mdl_model *m, const int32_t *prompt, int n_prompt
                         "positions", n_prompt, o->max_tokens,
                         (long long)m->cfg.max_position_embeddings);
     gen_state g = {0};
-    molt_status s = inf_sampler_init(&g.smp, &o->sample);
+    molt_status s = MOLT_OK;
+    if (o->bank) {
+        g.bank = o->bank;
+    } else if (o->slot >= 0) {
+        return molt_err(MOLT_EARG, "generate: adapter slot %d without a bank", o->slot);
+    } else { // an empty bank: the same kernels as a server's base requests
+        s = mdl_bank_init(&g.own, m, 1);
+        g.bank = &g.own;
+    }
+    if (s == MOLT_OK)
+        s = inf_sampler_init(&g.smp, &o->sample);
     if (s == MOLT_OK)
         s = ag_ctx_init(&g.c);
     if (s == MOLT_OK)
@@ -196,5 +210,6 @@ molt_status inf_generate(const mdl_model *m, const int32_t *prompt, int n_prompt
     mdl_kv_free(&g.kv);
     ag_ctx_free(&g.c);
     inf_sampler_free(&g.smp);
+    mdl_bank_free(&g.own);
     return s;
 }

@@ -1,8 +1,8 @@
 // infer/infer.h: the public API of molt's inference module: sampling (`inf_sample*`), the
 // decode loop with streaming text output (`inf_generate`), and the `molt generate` /
 // `molt bench generate` commands. Builds on the model's cached forward (model/model.h)
-// and the tokenizer and chat template (data/). Not here: the serving engine, continuous
-// batching, adapters.
+// and the tokenizer and chat template (data/). Not here: the serving engine and continuous
+// batching (infer/engine/), the HTTP server (infer/server/), evaluation (infer/eval/).
 #ifndef MOLT_INFER_H
 #define MOLT_INFER_H
 
@@ -71,6 +71,8 @@ typedef struct {
     inf_text_fn on_text;         // receives complete UTF-8 pieces as they are produced
     void *user;
     int block_tokens;            // cache block size (0 = default)
+    const mdl_bank *bank;        // adapters (NULL: an empty bank of one slot is made)
+    int slot;                    // the bank slot to use, -1 for the base (default)
 } inf_gen_opts;
 void inf_gen_opts_default(inf_gen_opts *o);
 
@@ -82,7 +84,9 @@ typedef struct {
 
 // Generates up to o->max_tokens tokens after prompt[0..n_prompt) into out (room for
 // max_tokens), *n_out the count (an eos that stopped it is included in out but not in the
-// text). Streams text through o->on_text, holding back bytes of a UTF-8 character split
+// text). It runs the batched forward of the server (mdl_forward_spans with a bank; the
+// prompt in the prefill form, each new token in the decode form), so a request served by
+// `molt serve` gives the same tokens as this for the same prompt, adapter and sampling. Streams text through o->on_text, holding back bytes of a UTF-8 character split
 // across tokens until it is complete (the rest is flushed at the end).
 molt_status inf_generate(const mdl_model *m, const int32_t *prompt, int n_prompt,
                          const inf_gen_opts *o, int32_t *out, int *n_out, inf_gen_stats *st);
@@ -112,6 +116,9 @@ int inf_cmd_bench_generate(int argc, char **argv); // molt bench generate
 // goes to inf_adapter_detach, which takes it off again.
 molt_status inf_adapter_attach(mdl_model *m, const char *path, void **handle);
 void inf_adapter_detach(void *handle);
+// Loads an adapter (PEFT directory, molt adapter file or training checkpoint) into slot s of
+// bank b without touching m; inf_adapter_detach frees it (clear the slot first).
+molt_status inf_adapter_bank(mdl_model *m, const char *path, mdl_bank *b, int s, void **handle);
 int inf_cmd_forward(int argc, char **argv); // molt forward (with --adapter)
 
 #endif
