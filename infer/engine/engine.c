@@ -39,6 +39,8 @@ static molt_status check_opts(const eng_opts *o) {
     if (o->max_loaded_adapters < 1 || o->max_loaded_adapters > 4096)
         return molt_err(MOLT_EARG, "engine: max_loaded_adapters %d, expected 1 to 4096",
                         o->max_loaded_adapters);
+    if (o->kv_cache_tokens < 0)
+        return molt_err(MOLT_EARG, "engine: kv_cache_tokens %d", o->kv_cache_tokens);
     if (o->max_model_len < 0)
         return molt_err(MOLT_EARG, "engine: max_model_len %d", o->max_model_len);
     return MOLT_OK;
@@ -80,6 +82,9 @@ static molt_status load_all(eng_engine *e) {
                         (int64_t)sizeof(float);
     int64_t tokens = ((int64_t)o->kv_cache_mib << 20) / per_token;
     tokens = tokens / o->block_tokens * o->block_tokens;
+    if (o->kv_cache_tokens > 0)
+        tokens = ((int64_t)o->kv_cache_tokens + o->block_tokens - 1) / o->block_tokens *
+                 o->block_tokens;
     if (tokens < o->block_tokens)
         return molt_err(MOLT_EARG, "engine: a KV cache of %d MiB holds less than one block of %d "
                         "tokens (%lld bytes per token)", o->kv_cache_mib, o->block_tokens,
@@ -167,7 +172,7 @@ molt_status eng_start(eng_engine *e) {
 }
 
 static bool all_idle(const eng_engine *e) {
-    return !e->incoming && e->n_waiting == 0 && e->n_running == 0;
+    return !e->incoming && e->st.waiting == 0 && e->st.running == 0;
 }
 
 void eng_shutdown(eng_engine *e, double grace_s) {
@@ -227,8 +232,6 @@ int32_t eng_eos(const eng_engine *e) { return e->eos; }
 void eng_get_stats(eng_engine *e, eng_stats *s) {
     pthread_mutex_lock(&e->mu);
     *s = e->st;
-    s->running = e->n_running;
-    s->waiting = e->n_waiting;
     for (eng_req *q = e->incoming; q; q = q->next)
         s->waiting++;
     s->kv_blocks_total = e->kv.max_blocks;

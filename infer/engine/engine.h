@@ -31,6 +31,8 @@ typedef struct {
     int max_batch_tokens;    // tokens in one engine step at most (default 2048; at least
                              // max_num_seqs)
     int kv_cache_mib;        // memory of the KV cache pool (default 512)
+    int kv_cache_tokens;     // > 0: the pool holds this many tokens instead (rounded up to
+                             // whole blocks), whatever kv_cache_mib says
     int block_tokens;        // tokens per cache block (default 16)
     int max_loaded_adapters; // adapters resident at once (default 16)
     bool no_prefix_caching;  // turn off the sharing of identical leading prompt blocks

@@ -30,12 +30,13 @@ static void list_remove(eng_req **list, eng_req *q) {
         }
 }
 
+static void show_state(eng_engine *e);
+
 // Moves what was submitted since the last step to the waiting list.
 static void take_incoming(eng_engine *e) {
     pthread_mutex_lock(&e->mu);
     eng_req *q = e->incoming;
     e->incoming = e->incoming_tail = NULL;
-    pthread_mutex_unlock(&e->mu);
     while (q) {
         eng_req *next = q->next;
         q->state = RQ_WAITING;
@@ -43,6 +44,8 @@ static void take_incoming(eng_engine *e) {
         e->n_waiting++;
         q = next;
     }
+    show_state(e);
+    pthread_mutex_unlock(&e->mu);
 }
 
 // ---- ending requests ------------------------------------------------------------------------------
@@ -64,11 +67,21 @@ static void unlist(eng_engine *e, eng_req *q) {
     q->state = RQ_DONE;
 }
 
+// Lets go of q's adapter and shows the engine state q leaves behind.
 static void release_adapter(eng_engine *e, eng_req *q) {
     pthread_mutex_lock(&e->mu);
     eng_pool_release(e, q->ad);
+    show_state(e);
     pthread_mutex_unlock(&e->mu);
     q->ad = NULL;
+}
+
+// What eng_get_stats shows of the engine thread's state (called with e->mu held), so that
+// a client that has seen its request end also sees its blocks and its place given back.
+static void show_state(eng_engine *e) {
+    e->st.kv_blocks_used = mdl_kv_blocks_used(&e->kv);
+    e->st.running = e->n_running;
+    e->st.waiting = e->n_waiting;
 }
 
 static void finish(eng_engine *e, eng_req *q, eng_finish why) {
@@ -279,7 +292,8 @@ static int plan_decode(eng_engine *e, plan *p) {
 static molt_status open_sequence(eng_engine *e, eng_req *q) {
     MOLT_TRY(mdl_kv_seq_open(&e->kv, &q->kv_seq));
     q->n_computed = 0;
-    if (!e->o.no_prefix_caching) {
+    // prompt log-probabilities need the logits of every prompt token: nothing is skipped
+    if (!e->o.no_prefix_caching && !q->r.prompt_logprobs) {
         uint64_t tag = q->ad ? q->ad->uid : 0;
         int n = mdl_kv_prefix_match(&e->kv, q->kv_seq, tag, q->tokens, q->r.n_prompt - 1);
         q->n_computed = n;
@@ -419,7 +433,7 @@ static void cancel_requested(eng_engine *e) {
 // Hands the step's counters to eng_get_stats.
 static void publish_stats(eng_engine *e) {
     pthread_mutex_lock(&e->mu);
-    e->st.kv_blocks_used = mdl_kv_blocks_used(&e->kv);
+    show_state(e);
     e->st.prompt_tokens += e->acc.prompt_tokens;
     e->st.generated_tokens += e->acc.generated_tokens;
     e->st.prefix_hit_tokens += e->acc.prefix_hit_tokens;
