@@ -7,6 +7,7 @@
 #include "data/data.h"
 #include "adapters/adapters.h"
 #include "infer/infer.h"
+#include "infer/server/server.h"
 #include "model/model.h"
 #include "train/trainer.h"
 
@@ -30,6 +31,9 @@ static const command commands[] = {
     {"export", trn_cmd_export, "adapter (file, PEFT dir or checkpoint) to PEFT or molt"},
     {"merge", lora_cmd_merge, "adapter merged into the base weights (HF layout)"},
     {"train", trn_cmd_train, "train a LoRA adapter from a YAML config (resumable)"},
+#ifdef MOLT_HAVE_ENGINE
+    {"serve", srv_cmd_serve, "OpenAI-compatible HTTP server: base + LoRA adapters"},
+#endif
     {"bench", cmd_bench, "benchmarks: ops, tokenize"},
 };
 
