@@ -452,7 +452,7 @@ molt_status srv_start(eng_engine *e, const srv_opts *o, srv_server **out) {
         st = bind_socket(s);
     if (st == MOLT_OK) {
         unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD |
-                         MHD_USE_POLL | MHD_USE_ITC | MHD_USE_ERROR_LOG;
+                         MHD_USE_POLL | MHD_USE_ITC;
         s->d = MHD_start_daemon(flags, 0, NULL, NULL, on_request, s, MHD_OPTION_LISTEN_SOCKET,
                                 s->listen_fd, MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
                                 MHD_OPTION_CONNECTION_LIMIT, (unsigned)o->max_connections,

@@ -3,7 +3,6 @@
 #include "http_client.h"
 
 #include <arpa/inet.h>
-#include <ctype.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -100,6 +99,16 @@ int hc_stream_open(int port, const char *method, const char *path, const char *e
                  strstr(te, "chunked");
     s->off = (size_t)(end + 4 - s->buf);
     return 0;
+}
+
+int hc_send(int port, const char *method, const char *path, const char *extra,
+            const char *body, size_t body_n) {
+    int fd = connect_to(port);
+    if (fd >= 0 && send_request(fd, method, path, extra, body, body_n)) {
+        close(fd);
+        return -1;
+    }
+    return fd;
 }
 
 // Next raw byte of the connection; -1 at EOF or error.

@@ -41,5 +41,8 @@ int hc_stream_open(int port, const char *method, const char *path, const char *e
 // Next decoded body bytes into out (up to cap); 0 at the end of the body, -1 on error.
 ssize_t hc_stream_read(hc_stream *s, char *out, size_t cap);
 void hc_stream_close(hc_stream *s); // closes the socket (the client "goes away")
+// Connects and sends a request without reading anything; returns the socket or -1.
+int hc_send(int port, const char *method, const char *path, const char *extra,
+            const char *body, size_t body_n);
 
 #endif
