@@ -10,7 +10,10 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -791,6 +794,210 @@ START_TEST(test_metrics_and_log) {
 }
 END_TEST
 
+// ---- molt serve: flags, config file, start-up lines, SIGTERM drain ------------------------
+
+// Runs srv_cmd_serve in a child whose stdout comes back through *out_fd.
+static pid_t serve_child(char **argv, int argc, int *out_fd, const char *errpath) {
+    int p[2];
+    ck_assert_int_eq(pipe(p), 0);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        dup2(p[1], 1);
+        close(p[0]);
+        close(p[1]);
+        if (errpath && !freopen(errpath, "w", stderr))
+            _exit(99);
+        int rc = srv_cmd_serve(argc, argv);
+        fflush(NULL);
+        _exit(rc);
+    }
+    close(p[1]);
+    *out_fd = p[0];
+    return pid;
+}
+
+// Reads the child's stdout until the "listening on" line; returns everything read.
+static char *read_startup(int fd, int *port) {
+    char *buf = calloc(1, 8192);
+    size_t n = 0;
+    char *at = NULL;
+    while (!at || !strchr(at, '\n')) {
+        ssize_t k = read(fd, buf + n, 8191 - n);
+        ck_assert_msg(k > 0, "the server exited before listening: %s", buf);
+        n += (size_t)k;
+        at = strstr(buf, "listening on http://127.0.0.1:");
+    }
+    *port = atoi(at + strlen("listening on http://127.0.0.1:"));
+    return buf;
+}
+
+static int exit_status(pid_t pid) {
+    int st;
+    ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+    ck_assert(WIFEXITED(st));
+    return WEXITSTATUS(st);
+}
+
+START_TEST(test_serve_command_drain) {
+    char dir[] = "/tmp/molt_serve_XXXXXX", cfg[300], ad[300], errp[300];
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    snprintf(ad, sizeof ad, "%s/ad1.h5", dir);
+    touch(ad);
+    snprintf(cfg, sizeof cfg, "%s/serve.yaml", dir);
+    FILE *c = fopen(cfg, "w");
+    fprintf(c, "served-model-name: mymodel\napi_key: k1\nshutdown-grace-s: 20\n"
+               "adapter:\n  - ad1=%s\nport: 9\nmax-model-len: 200\n", ad);
+    fclose(c);
+    snprintf(errp, sizeof errp, "%s/stderr", dir);
+    char *argv[] = {"serve", "--model", dir, "--tokenizer", tok_path, "--config", cfg,
+                    "--port", "0", "--access-log", "none", NULL};
+    fake_eng_set_step_ms(20);
+    int out, port;
+    pid_t pid = serve_child(argv, 11, &out, errp);
+    char *startup = read_startup(out, &port);
+    ck_assert_ptr_nonnull(strstr(startup, "served as \"mymodel\""));
+    ck_assert_ptr_nonnull(strstr(startup, "1 adapter:"));
+    ck_assert_ptr_nonnull(strstr(startup, "ad1 = "));
+    ck_assert_ptr_nonnull(strstr(startup, "KV cache 32768 tokens"));
+    ck_assert_ptr_nonnull(strstr(startup, "max model len 200"));
+    free(startup);
+    hc_resp r;
+    ck_assert_int_eq(hc_request(port, "GET", "/v1/models", "Authorization: Bearer k1\r\n", NULL,
+                                0, &r), 0);
+    ck_assert_int_eq(r.status, 200);
+    ck_assert_ptr_nonnull(strstr(r.body, "\"mymodel\""));
+    hc_free(&r);
+    // a stream in flight when SIGTERM comes runs to its end
+    const char *q = "{\"model\": \"ad1\", \"prompt\": \"Hello there\", \"max_tokens\": 30, "
+                    "\"stream\": true, \"ignore_eos\": true}";
+    hc_stream s;
+    ck_assert_int_eq(hc_stream_open(port, "POST", "/v1/completions",
+                                    "Authorization: Bearer k1\r\n", q, strlen(q), &s), 0);
+    ck_assert_int_eq(s.status, 200);
+    char buf[65536];
+    size_t n = 0;
+    ssize_t k = hc_stream_read(&s, buf, sizeof buf - 1);
+    ck_assert_int_gt(k, 0);
+    n = (size_t)k;
+    kill(pid, SIGTERM);
+    sleep_ms(200);
+    hc_resp r2; // no new connections
+    ck_assert_int_eq(hc_request(port, "GET", "/health", NULL, NULL, 0, &r2), -1);
+    while ((k = hc_stream_read(&s, buf + n, sizeof buf - 1 - n)) > 0)
+        n += (size_t)k;
+    buf[n] = 0;
+    hc_stream_close(&s);
+    ck_assert_ptr_nonnull(strstr(buf, "\"finish_reason\":\"length\""));
+    ck_assert_ptr_nonnull(strstr(buf, "data: [DONE]\n\n"));
+    ck_assert_int_eq(exit_status(pid), 0);
+    close(out);
+    fake_eng_set_step_ms(1);
+    // --help, a bad flag, a bad config key
+    char *help[] = {"serve", "--help", NULL};
+    pid = serve_child(help, 2, &out, NULL);
+    ck_assert_int_eq(exit_status(pid), 0);
+    close(out);
+    char *badf[] = {"serve", "--model", dir, "--bogus", "1", NULL};
+    pid = serve_child(badf, 5, &out, errp);
+    ck_assert_int_eq(exit_status(pid), 2);
+    close(out);
+    c = fopen(cfg, "w");
+    fprintf(c, "port: 8000\nbogus-key: 1\n");
+    fclose(c);
+    char *badc[] = {"serve", "--model", dir, "--config", cfg, NULL};
+    pid = serve_child(badc, 5, &out, errp);
+    ck_assert_int_eq(exit_status(pid), 2);
+    close(out);
+    FILE *ef = fopen(errp, "r");
+    char line[1024] = "";
+    ck_assert_ptr_nonnull(fgets(line, sizeof line, ef));
+    fclose(ef);
+    ck_assert_msg(strstr(line, "serve.yaml:2") && strstr(line, "bogus-key"), "%s", line);
+    snprintf(line, sizeof line, "rm -rf %s", dir);
+    ck_assert_int_eq(system(line), 0);
+}
+END_TEST
+
+// ---- concurrency ----------------------------------------------------------------------------
+
+typedef struct {
+    int port, i;
+    char text[4096];
+    int status;
+} conc_arg;
+
+static void *conc_run(void *p) {
+    conc_arg *a = p;
+    char body[256];
+    const char *models[] = {"base", "c1", "c2"};
+    snprintf(body, sizeof body, "{\"model\": \"%s\", \"prompt\": \"request %d: the quick "
+             "brown fox\", \"max_tokens\": %d, \"temperature\": 0, \"stream\": %s}",
+             models[a->i % 3], a->i, 4 + a->i % 5, a->i % 2 ? "true" : "false");
+    hc_resp r;
+    if (hc_request(a->port, "POST", "/v1/completions", NULL, body, strlen(body), &r))
+        return NULL;
+    a->status = r.status;
+    snprintf(a->text, sizeof a->text, "%s", r.body);
+    hc_free(&r);
+    return NULL;
+}
+
+static void two_adapters(srv_opts *o, fixture *f) {
+    (void)o;
+    char p[300];
+    snprintf(p, sizeof p, "%s/c.h5", f->dir);
+    touch(p);
+    ck_assert_ok(eng_adapter_add(f->e, "c1", p));
+    ck_assert_ok(eng_adapter_add(f->e, "c2", p));
+}
+
+START_TEST(test_concurrent_requests) {
+    fixture f;
+    start(&f, two_adapters);
+    enum { N = 24 };
+    conc_arg a[N];
+    pthread_t th[N];
+    for (int i = 0; i < N; i++) {
+        a[i] = (conc_arg){.port = f.port, .i = i};
+        ck_assert_int_eq(pthread_create(&th[i], NULL, conc_run, &a[i]), 0);
+    }
+    for (int i = 0; i < N; i++)
+        pthread_join(th[i], NULL);
+    const tok_tokenizer *t = eng_tokenizer(f.e);
+    (void)t;
+    for (int i = 0; i < N; i++) {
+        ck_assert_int_eq(a[i].status, 200);
+        char prompt[64];
+        snprintf(prompt, sizeof prompt, "request %d: the quick brown fox", i);
+        tok_ids ids = prompt_ids(&f, prompt);
+        char *want = expected_text(&f, &ids, 4 + i % 5, i % 3);
+        if (i % 2) { // streamed: concatenate the text of the events
+            char got[4096] = "";
+            for (char *p = strstr(a[i].text, "data: {"); p; p = strstr(p + 1, "data: {")) {
+                char *end = strstr(p, "\n\n");
+                *end = 0;
+                json_t *ev = json_loads(p + 6, 0, NULL);
+                *end = '\n';
+                const char *tx = ev ? ctext(ev, 0) : NULL;
+                if (tx)
+                    strcat(got, tx);
+                json_decref(ev);
+            }
+            ck_assert_str_eq(got, want);
+        } else {
+            json_t *j = json_loads(a[i].text, 0, NULL);
+            ck_assert_str_eq(ctext(j, 0), want);
+            json_decref(j);
+        }
+        free(want);
+        tok_ids_free(&ids);
+    }
+    ck_assert(wait_for(live_zero, 0, 5));
+    stop(&f);
+}
+END_TEST
+
 int main(void) {
     const char *src = getenv("MOLT_SOURCE_DIR");
     snprintf(tok_path, sizeof tok_path, "%s/configs/tokenizers/tekken.json", src ? src : ".");
@@ -809,6 +1016,8 @@ int main(void) {
     tcase_add_test(tc, test_runtime_adapters);
     tcase_add_test(tc, test_disconnect_cancels);
     tcase_add_test(tc, test_metrics_and_log);
+    tcase_add_test(tc, test_serve_command_drain);
+    tcase_add_test(tc, test_concurrent_requests);
     suite_add_tcase(s, tc);
     return harness_run(s);
 }
