@@ -6,6 +6,7 @@
 #include "srv_internal.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
 #include <time.h>
@@ -392,6 +393,53 @@ bool srv_job_wait(srv_job *j, srv_req *r) {
         }
     }
     return true;
+}
+
+bool srv_put_event(srv_buf *out, json_t *j) {
+    char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    json_decref(j);
+    bool ok = s && srv_buf_puts(out, "data: ") && srv_buf_puts(out, s) &&
+              srv_buf_puts(out, "\n\n");
+    free(s);
+    return ok;
+}
+
+int srv_stream_pump(srv_job *j, srv_req *r, const srv_stream_fmt *f, void *ctx,
+                    bool *error_sent, srv_buf *out) {
+    for (;;) {
+        srv_error e = {0};
+        if (!srv_job_ok(j, &e)) { // an error after the stream started: an error event
+            if (*error_sent)
+                return 0;
+            srv_job_cancel(j);
+            srv_put_event(out, srv_error_json(&e));
+            srv_buf_puts(out, "data: [DONE]\n\n");
+            *error_sent = true;
+            return 1;
+        }
+        bool wrote = false, all = true;
+        for (int i = 0; i < j->n_choices; i++) {
+            wrote |= f->chunk(ctx, &j->c[i], out);
+            all &= j->c[i].finish_sent;
+        }
+        if (wrote)
+            return 1;
+        if (all) {
+            if (f->include_usage) {
+                json_t *u = f->envelope(ctx, json_array());
+                if (u)
+                    json_object_set_new(u, "usage", srv_job_usage(j));
+                srv_put_event(out, u);
+            }
+            srv_buf_puts(out, "data: [DONE]\n\n");
+            return 0;
+        }
+        srv_job_pump(j, 50);
+        if (srv_client_gone(r)) {
+            srv_job_cancel(j);
+            return -1;
+        }
+    }
 }
 
 void srv_job_cancel(srv_job *j) {

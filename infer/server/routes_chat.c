@@ -183,14 +183,6 @@ static json_t *full_response(chat *c) {
 
 // ---- the stream -------------------------------------------------------------------------
 
-static bool put_event(srv_buf *out, json_t *j) {
-    char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
-    json_decref(j);
-    bool ok = s && srv_buf_puts(out, "data: ") && srv_buf_puts(out, s) &&
-              srv_buf_puts(out, "\n\n");
-    free(s);
-    return ok;
-}
 
 static bool chunk(chat *c, srv_choice *ch, srv_buf *out) {
     srv_job *j = &c->j;
@@ -217,45 +209,18 @@ static bool chunk(chat *c, srv_choice *ch, srv_buf *out) {
                                final && ch->finish ? json_string(ch->finish) : json_null(),
                                "stop_reason",
                                final && ch->stop_reason ? ch->stop_reason : json_null());
-    return put_event(out, envelope(c, "chat.completion.chunk", json_pack("[o]", choice)));
+    return srv_put_event(out, envelope(c, "chat.completion.chunk", json_pack("[o]", choice)));
+}
+
+static bool chunk_cb(void *ctx, srv_choice *ch, srv_buf *out) { return chunk(ctx, ch, out); }
+static json_t *envelope_cb(void *ctx, json_t *choices) {
+    return envelope(ctx, "chat.completion.chunk", choices);
 }
 
 static int pump(void *ctx, srv_buf *out) {
     chat *c = ctx;
-    srv_job *j = &c->j;
-    for (;;) {
-        srv_error e = {0};
-        if (!srv_job_ok(j, &e)) {
-            if (c->error_sent)
-                return 0;
-            srv_job_cancel(j);
-            put_event(out, srv_error_json(&e));
-            srv_buf_puts(out, "data: [DONE]\n\n");
-            c->error_sent = true;
-            return 1;
-        }
-        bool wrote = false, all = true;
-        for (int i = 0; i < j->n_choices; i++) {
-            wrote |= chunk(c, &j->c[i], out);
-            all &= j->c[i].finish_sent;
-        }
-        if (wrote)
-            return 1;
-        if (all) {
-            if (c->include_usage) {
-                json_t *u = envelope(c, "chat.completion.chunk", json_array());
-                json_object_set_new(u, "usage", srv_job_usage(j));
-                put_event(out, u);
-            }
-            srv_buf_puts(out, "data: [DONE]\n\n");
-            return 0;
-        }
-        srv_job_pump(j, 50);
-        if (srv_client_gone(c->r)) {
-            srv_job_cancel(j);
-            return -1;
-        }
-    }
+    srv_stream_fmt f = {chunk_cb, envelope_cb, c->include_usage};
+    return srv_stream_pump(&c->j, c->r, &f, c, &c->error_sent, out);
 }
 
 static void chat_free(chat *c) {

@@ -216,6 +216,21 @@ bool srv_chat_ids(srv_server *s, const json_t *body, tok_ids *out, srv_error *e)
 bool srv_text_ids(srv_server *s, const char *text, size_t n, bool add_bos, tok_ids *out,
                   srv_error *e);
 
+// Server-sent events: "data: JSON\n\n" (j stolen).
+bool srv_put_event(srv_buf *out, json_t *j);
+// How a route shapes its stream: chunk writes choice ch's news (true when it wrote one),
+// envelope wraps a choices array in the route's chunk object.
+typedef struct {
+    bool (*chunk)(void *ctx, srv_choice *ch, srv_buf *out);
+    json_t *(*envelope)(void *ctx, json_t *choices);
+    bool include_usage;
+} srv_stream_fmt;
+// The pump of a streamed job (srv_pump_fn's contract): chunks as choices progress, an error
+// event then [DONE] when a choice fails, the usage event when asked for, then [DONE]; -1
+// when the client is gone (the job is cancelled).
+int srv_stream_pump(srv_job *j, srv_req *r, const srv_stream_fmt *f, void *ctx,
+                    bool *error_sent, srv_buf *out);
+
 // ---- routes -----------------------------------------------------------------------------
 enum MHD_Result srv_route_completions(srv_req *r, json_t *body);   // routes_completions.c
 enum MHD_Result srv_route_chat(srv_req *r, json_t *body);          // routes_chat.c

@@ -361,7 +361,8 @@ molt_status eng_submit(eng_engine *e, const eng_request *r, eng_req **out) {
     }
     memcpy(p, r->prompt, (size_t)r->n_prompt * sizeof *p);
     *q = (eng_req){.e = e, .prompt = p, .n_prompt = r->n_prompt, .rq = *r};
-    memcpy(q->stop_ids, r->stop_ids, (size_t)r->n_stop_ids * sizeof *q->stop_ids);
+    if (r->n_stop_ids)
+        memcpy(q->stop_ids, r->stop_ids, (size_t)r->n_stop_ids * sizeof *q->stop_ids);
     pthread_mutex_lock(&e->mu);
     molt_status st = MOLT_OK;
     int ad = r->adapter && *r->adapter ? find_ad(e, r->adapter) : -2;
