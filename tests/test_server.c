@@ -10,6 +10,7 @@
 
 #include "harness/harness.h"
 #include "harness/server_env.h"
+#include "infer/server/srv_internal.h"
 
 // ---- routes -----------------------------------------------------------------------------
 
@@ -398,6 +399,21 @@ START_TEST(test_chat) {
 }
 END_TEST
 
+// Ill-formed UTF-8 in generated text becomes U+FFFD per maximal subpart: the example of
+// the Unicode Standard (chapter 3, "U+FFFD Substitution of Maximal Subparts", table 3-8).
+START_TEST(test_text_replacement) {
+    const char in[] = "a\xF1\x80\x80\xE1\x80\xC2" "b\x80" "c\x80\xBF" "d";
+    json_t *j = srv_jstr(in, sizeof in - 1);
+    ck_assert_str_eq(json_string_value(j), "a\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD"
+                                           "b\xEF\xBF\xBD" "c\xEF\xBF\xBD\xEF\xBF\xBD" "d");
+    json_decref(j);
+    ck_assert_int_eq(srv_utf8_chars(in, sizeof in - 1), 10);
+    j = srv_jstr("caf\xC3\xA9 \xED\xA0\x80", 9); // a surrogate is ill-formed: 3 replacements
+    ck_assert_str_eq(json_string_value(j), "caf\xC3\xA9 \xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");
+    json_decref(j);
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("server");
     TCase *tc = tcase_create("http");
@@ -409,6 +425,7 @@ int main(void) {
     tcase_add_test(tc, test_completions_stop);
     tcase_add_test(tc, test_streaming);
     tcase_add_test(tc, test_chat);
+    tcase_add_test(tc, test_text_replacement);
     suite_add_tcase(s, tc);
     return harness_run(s);
 }

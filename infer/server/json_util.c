@@ -126,58 +126,59 @@ bool srv_get_str(const json_t *o, const char *key, const char **out, srv_error *
     return true;
 }
 
-// Length of the valid UTF-8 character at s[0..n) (strict), or 0.
-static size_t utf8_char(const unsigned char *s, size_t n) {
+// The UTF-8 character at s[0..n): its length with *ok set, or, for an ill-formed sequence,
+// the length of its maximal subpart (the longest prefix of a well-formed sequence, at least
+// one byte; Unicode's "best practice" for U+FFFD substitution, which Python's
+// decode(errors="replace") follows).
+static size_t utf8_scan(const unsigned char *s, size_t n, bool *ok) {
     unsigned c = s[0];
-    size_t len;
-    unsigned min;
+    *ok = true;
     if (c < 0x80)
         return 1;
+    size_t len;
+    unsigned lo = 0x80, hi = 0xBF; // range of the second byte
     if (c >= 0xC2 && c <= 0xDF)
-        len = 2, min = 0x80;
+        len = 2;
     else if (c >= 0xE0 && c <= 0xEF)
-        len = 3, min = 0x800;
+        len = 3, lo = c == 0xE0 ? 0xA0 : 0x80, hi = c == 0xED ? 0x9F : 0xBF;
     else if (c >= 0xF0 && c <= 0xF4)
-        len = 4, min = 0x10000;
-    else
-        return 0;
-    if (len > n)
-        return 0;
-    unsigned cp = c & (0x7F >> len);
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xC0) != 0x80)
-            return 0;
-        cp = (cp << 6) | (s[i] & 0x3F);
+        len = 4, lo = c == 0xF0 ? 0x90 : 0x80, hi = c == 0xF4 ? 0x8F : 0xBF;
+    else {
+        *ok = false;
+        return 1;
     }
-    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
-        return 0;
+    for (size_t i = 1; i < len; i++) {
+        unsigned b = i < n ? s[i] : 0;
+        if (i >= n || b < (i == 1 ? lo : 0x80) || b > (i == 1 ? hi : 0xBF)) {
+            *ok = false;
+            return i;
+        }
+    }
     return len;
 }
 
 json_t *srv_jstr(const char *s, size_t n) {
     const unsigned char *u = (const unsigned char *)s;
     size_t i = 0;
-    while (i < n) {
-        size_t k = utf8_char(u + i, n - i);
-        if (!k || !u[i])
-            break;
-        i += k;
+    bool ok = true;
+    while (i < n && ok && u[i]) {
+        size_t k = utf8_scan(u + i, n - i, &ok);
+        if (ok)
+            i += k;
     }
     if (i == n)
         return json_stringn(s, n);
     srv_buf b = {0};
-    bool ok = srv_buf_put(&b, s, i);
-    while (ok && i < n) {
-        size_t k = u[i] ? utf8_char(u + i, n - i) : 1;
-        if (!k || !u[i]) { // U+FFFD for an invalid byte; NUL kept as NUL
-            ok = u[i] ? srv_buf_put(&b, "\xEF\xBF\xBD", 3) : srv_buf_put(&b, "", 1);
-            i++;
-        } else {
-            ok = srv_buf_put(&b, s + i, k);
-            i += k;
-        }
+    bool good = srv_buf_put(&b, s, i);
+    while (good && i < n) {
+        size_t k = u[i] ? utf8_scan(u + i, n - i, &ok) : 1;
+        if (!u[i]) // NUL stays NUL
+            good = srv_buf_put(&b, "", 1);
+        else
+            good = ok ? srv_buf_put(&b, s + i, k) : srv_buf_put(&b, "\xEF\xBF\xBD", 3);
+        i += k;
     }
-    json_t *j = ok ? json_stringn(b.p, b.n) : NULL;
+    json_t *j = good ? json_stringn(b.p, b.n) : NULL;
     srv_buf_free(&b);
     return j;
 }
@@ -185,10 +186,9 @@ json_t *srv_jstr(const char *s, size_t n) {
 size_t srv_utf8_chars(const char *s, size_t n) {
     const unsigned char *u = (const unsigned char *)s;
     size_t chars = 0;
-    for (size_t i = 0; i < n; chars++) {
-        size_t k = utf8_char(u + i, n - i);
-        i += k ? k : 1;
-    }
+    bool ok;
+    for (size_t i = 0; i < n; chars++)
+        i += utf8_scan(u + i, n - i, &ok);
     return chars;
 }
 
