@@ -414,6 +414,77 @@ START_TEST(test_text_replacement) {
 }
 END_TEST
 
+// Appends the ids of text, or of one control token when text is "[...]".
+static void put_ids(const tok_tokenizer *t, srv_choice *ch, const char *text) {
+    tok_ids ids = {0};
+    if (text[0] == '[' || text[0] == '<') {
+        ck_assert_int_ge(tok_special(t, text), 0);
+        tok_ids_push(&ids, tok_special(t, text));
+    } else {
+        ck_assert_ok(tok_encode(t, text, strlen(text), &ids));
+    }
+    for (size_t i = 0; i < ids.n; i++) {
+        ch->lps = realloc(ch->lps, (ch->n_lps + 1) * sizeof *ch->lps);
+        ch->lps[ch->n_lps++] = (srv_lp){.token = ids.ids[i]};
+    }
+    tok_ids_free(&ids);
+}
+
+START_TEST(test_chat_tool_calls_and_reasoning) {
+    tok_tokenizer *t;
+    ck_assert_ok(tok_load(srv_env_tokenizer(), &t));
+    srv_server s = {.tok = t};
+    srv_job j = {.s = &s};
+    srv_choice ch = {.finish = "stop"};
+    put_ids(t, &ch, "[TOOL_CALLS]");
+    put_ids(t, &ch, "get_weather");
+    put_ids(t, &ch, "[ARGS]");
+    put_ids(t, &ch, "{\"city\": \"Paris\"}");
+    put_ids(t, &ch, "[TOOL_CALLS]");
+    put_ids(t, &ch, "now");
+    put_ids(t, &ch, "[ARGS]");
+    put_ids(t, &ch, "{}");
+    put_ids(t, &ch, "</s>");
+    const char *finish = ch.finish;
+    json_t *m = srv_chat_message(&j, &ch, true, &finish);
+    json_t *calls = json_object_get(m, "tool_calls");
+    ck_assert_int_eq(json_array_size(calls), 2);
+    json_t *f0 = json_object_get(json_array_get(calls, 0), "function");
+    ck_assert_str_eq(json_string_value(json_object_get(f0, "name")), "get_weather");
+    ck_assert_str_eq(json_string_value(json_object_get(f0, "arguments")), "{\"city\": \"Paris\"}");
+    ck_assert_str_eq(json_string_value(json_object_get(
+                         json_object_get(json_array_get(calls, 1), "function"), "name")), "now");
+    ck_assert(json_is_null(json_object_get(m, "content")));
+    ck_assert_str_eq(finish, "tool_calls");
+    json_decref(m);
+    // without tools in the request the same tokens are plain content
+    finish = ch.finish;
+    m = srv_chat_message(&j, &ch, false, &finish);
+    ck_assert_int_eq(json_array_size(json_object_get(m, "tool_calls")), 0);
+    ck_assert_str_eq(finish, "stop");
+    json_decref(m);
+    free(ch.lps);
+    // reasoning first, then the answer
+    if (tok_special(t, "[THINK]") >= 0 && tok_special(t, "[/THINK]") >= 0) {
+        srv_choice r = {.finish = "stop"};
+        put_ids(t, &r, "[THINK]");
+        put_ids(t, &r, "Two and two make four.");
+        put_ids(t, &r, "[/THINK]");
+        put_ids(t, &r, "Four.");
+        put_ids(t, &r, "</s>");
+        finish = r.finish;
+        m = srv_chat_message(&j, &r, false, &finish);
+        ck_assert_str_eq(json_string_value(json_object_get(m, "reasoning_content")),
+                         "Two and two make four.");
+        ck_assert_str_eq(json_string_value(json_object_get(m, "content")), "Four.");
+        json_decref(m);
+        free(r.lps);
+    }
+    molt_free(j.piece);
+    tok_free(t);
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("server");
     TCase *tc = tcase_create("http");
@@ -426,6 +497,7 @@ int main(void) {
     tcase_add_test(tc, test_streaming);
     tcase_add_test(tc, test_chat);
     tcase_add_test(tc, test_text_replacement);
+    tcase_add_test(tc, test_chat_tool_calls_and_reasoning);
     suite_add_tcase(s, tc);
     return harness_run(s);
 }

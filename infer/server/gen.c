@@ -384,9 +384,14 @@ bool srv_job_ok(const srv_job *j, srv_error *e) {
     return true;
 }
 
+// How long to block on one queue: one choice blocks long (the client check is all that
+// waits); several choices poll in short slices, since an event of another choice waits
+// until the slice ends (the engine API has no wait over several queues).
+static int wait_slice(const srv_job *j) { return j->n_choices > 1 ? 2 : 50; }
+
 bool srv_job_wait(srv_job *j, srv_req *r) {
     while (!srv_job_done(j)) {
-        srv_job_pump(j, 50);
+        srv_job_pump(j, wait_slice(j));
         if (srv_client_gone(r)) {
             srv_job_cancel(j);
             return false;
@@ -434,7 +439,7 @@ int srv_stream_pump(srv_job *j, srv_req *r, const srv_stream_fmt *f, void *ctx,
             srv_buf_puts(out, "data: [DONE]\n\n");
             return 0;
         }
-        srv_job_pump(j, 50);
+        srv_job_pump(j, wait_slice(j));
         if (srv_client_gone(r)) {
             srv_job_cancel(j);
             return -1;

@@ -113,10 +113,7 @@ static size_t find_id(const srv_choice *ch, size_t from, int32_t id) {
     return ch->n_lps;
 }
 
-// message of a finished choice: content, reasoning_content and tool_calls parsed from the
-// control tokens when the model produced them.
-static json_t *message(chat *c, const srv_choice *ch, const char **finish) {
-    srv_job *j = &c->j;
+json_t *srv_chat_message(srv_job *j, const srv_choice *ch, bool tools, const char **finish) {
     const tok_tokenizer *t = j->s->tok;
     int32_t think = tok_special(t, "[THINK]"), think_end = tok_special(t, "[/THINK]");
     int32_t calls = tok_special(t, "[TOOL_CALLS]"), args = tok_special(t, "[ARGS]");
@@ -128,7 +125,7 @@ static json_t *message(chat *c, const srv_choice *ch, const char **finish) {
         json_object_set_new(msg, "reasoning_content", span_text(j, ch, th + 1, te));
         start = te + 1;
     }
-    size_t tc = c->tools && calls >= 0 && args >= 0 ? find_id(ch, start, calls) : end;
+    size_t tc = tools && calls >= 0 && args >= 0 ? find_id(ch, start, calls) : end;
     if (tc == end || ch->finish == NULL || strcmp(ch->finish, "stop") || ch->stop_reason) {
         // plain text: the choice's text, with any reasoning taken out
         json_object_set_new(msg, "content", start ? span_text(j, ch, start, end)
@@ -167,7 +164,7 @@ static json_t *full_response(chat *c) {
     for (int i = 0; i < c->j.n_choices; i++) {
         srv_choice *ch = &c->j.c[i];
         const char *finish = ch->finish;
-        json_t *msg = message(c, ch, &finish);
+        json_t *msg = srv_chat_message(&c->j, ch, c->tools, &finish);
         json_array_append_new(
             choices, json_pack("{s:i, s:o, s:o, s:s?, s:O}", "index", ch->index, "message", msg,
                                "logprobs",

@@ -212,6 +212,10 @@ bool srv_job_wait(srv_job *j, srv_req *r);
 // The prompt ids of a chat request (messages, tools, reasoning_effort, and vLLM's
 // continue_final_message) through the Mistral v15 template (routes_chat.c).
 bool srv_chat_ids(srv_server *s, const json_t *body, tok_ids *out, srv_error *e);
+// The message of a finished chat choice: reasoning between a leading [THINK] and [/THINK]
+// as reasoning_content, and with tools, [TOOL_CALLS]name[ARGS]json ... as tool_calls
+// (*finish becomes "tool_calls"); the rest is content.
+json_t *srv_chat_message(srv_job *j, const srv_choice *ch, bool tools, const char **finish);
 // Ids of plain text: <s> (when add_bos and the tokenizer has one), then the text.
 bool srv_text_ids(srv_server *s, const char *text, size_t n, bool add_bos, tok_ids *out,
                   srv_error *e);
