@@ -204,8 +204,13 @@ static int parse_args(int argc, char **argv, serve_args *a) {
             fputs(usage_text, stdout);
             return -1;
         }
-        if (!strcmp(argv[i], "--config") && i + 1 < argc)
-            config = argv[i + 1];
+        if (!strcmp(argv[i], "--config")) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "molt serve: --config needs a value\n");
+                return 2;
+            }
+            config = argv[++i];
+        }
         if (!strcmp(argv[i], "--adapter"))
             a->adapters_from_flags = true;
     }
