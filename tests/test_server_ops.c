@@ -10,6 +10,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -476,6 +477,101 @@ START_TEST(test_concurrent_requests) {
 }
 END_TEST
 
+// ---- failures after the response started -------------------------------------------------
+
+// Reads a stream to its end into buf (NUL-terminated); returns the bytes read.
+static size_t read_all(hc_stream *st, char *buf, size_t cap) {
+    size_t n = 0;
+    ssize_t k;
+    while (n + 1 < cap && (k = hc_stream_read(st, buf + n, cap - 1 - n)) > 0)
+        n += (size_t)k;
+    buf[n] = 0;
+    return n;
+}
+
+START_TEST(test_engine_error_mid_stream) {
+    srv_env f;
+    srv_env_start(&f, NULL);
+    fake_eng_set_fail_after(3);
+    const char *q = "{\"prompt\": \"Hello there, world\", \"max_tokens\": 10, \"stream\": true}";
+    hc_stream st;
+    ck_assert_int_eq(hc_stream_open(f.port, "POST", "/v1/completions", NULL, q, strlen(q), &st),
+                     0);
+    ck_assert_int_eq(st.status, 200);
+    char buf[65536];
+    read_all(&st, buf, sizeof buf);
+    hc_stream_close(&st);
+    const char *err = strstr(buf, "data: {\"error\":");
+    ck_assert_msg(err != NULL, "%s", buf);
+    ck_assert_ptr_nonnull(strstr(err, "failed after 3 tokens"));
+    ck_assert_ptr_nonnull(strstr(err, "\"code\":500"));
+    ck_assert_str_eq(buf + strlen(buf) - 14, "data: [DONE]\n\n");
+    // not streamed: a 500 with the engine's message
+    json_t *j;
+    ck_assert_int_eq(srv_env_call(&f, "POST", "/v1/chat/completions", "{\"messages\": [{\"role\": "
+                                  "\"user\", \"content\": \"hi there\"}], \"max_tokens\": 9}",
+                                  NULL, &j, NULL), 500);
+    ck_assert_ptr_nonnull(strstr(json_string_value(json_object_get(json_object_get(j, "error"),
+                                                                   "message")),
+                                 "failed after 3 tokens"));
+    json_decref(j);
+    fake_eng_set_fail_after(-1);
+    srv_env_stop(&f);
+}
+END_TEST
+
+START_TEST(test_shutdown_aborts_after_grace) {
+    srv_env f;
+    srv_env_start(&f, NULL);
+    fake_eng_set_step_ms(20);
+    const char *q = "{\"prompt\": \"Hello there\", \"max_tokens\": 200, \"ignore_eos\": true, "
+                    "\"stream\": true}";
+    hc_stream st;
+    ck_assert_int_eq(hc_stream_open(f.port, "POST", "/v1/completions", NULL, q, strlen(q), &st),
+                     0);
+    char buf[65536];
+    ck_assert_int_gt(hc_stream_read(&st, buf, sizeof buf - 1), 0);
+    ck_assert_int_eq(srv_drain(f.s, 0.1), 1); // still running when the grace period ends
+    eng_shutdown(f.e, 0);                      // the engine ends it
+    read_all(&st, buf, sizeof buf);
+    hc_stream_close(&st);
+    ck_assert_msg(strstr(buf, "\"code\":503") && strstr(buf, "shutting down"), "%s", buf);
+    ck_assert_ptr_nonnull(strstr(buf, "data: [DONE]\n\n"));
+    fake_eng_set_step_ms(1);
+    srv_env_stop(&f);
+}
+END_TEST
+
+START_TEST(test_chunked_body_over_limit) {
+    srv_env f;
+    srv_env_start(&f, NULL);
+    // a chunked upload has no Content-Length to refuse up front: it is read, dropped past
+    // the limit, and answered 413
+    hc_stream st;
+    char chunk[70000];
+    memset(chunk, ' ', sizeof chunk);
+    int fd = hc_send(f.port, "POST", "/v1/completions", "Transfer-Encoding: chunked\r\n", NULL, 0);
+    ck_assert_int_ge(fd, 0);
+    char head[32];
+    for (int i = 0; i < 20; i++) { // 20 x 70000 bytes > 1 MiB
+        int k = snprintf(head, sizeof head, "%zx\r\n", sizeof chunk);
+        ck_assert_int_eq(send(fd, head, (size_t)k, MSG_NOSIGNAL), k);
+        ck_assert_int_eq(send(fd, chunk, sizeof chunk, MSG_NOSIGNAL), (ssize_t)sizeof chunk);
+        ck_assert_int_eq(send(fd, "\r\n", 2, MSG_NOSIGNAL), 2);
+    }
+    ck_assert_int_eq(send(fd, "0\r\n\r\n", 5, MSG_NOSIGNAL), 5);
+    memset(&st, 0, sizeof st);
+    st.fd = fd;
+    char resp[4096];
+    ssize_t n = recv(fd, resp, sizeof resp - 1, 0);
+    ck_assert_int_gt(n, 0);
+    resp[n] = 0;
+    ck_assert_msg(!strncmp(resp, "HTTP/1.1 413", 12), "%s", resp);
+    hc_stream_close(&st);
+    srv_env_stop(&f);
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("server_ops");
     TCase *tc = tcase_create("ops");
@@ -487,6 +583,9 @@ int main(void) {
     tcase_add_test(tc, test_metrics_and_log);
     tcase_add_test(tc, test_serve_command_drain);
     tcase_add_test(tc, test_concurrent_requests);
+    tcase_add_test(tc, test_engine_error_mid_stream);
+    tcase_add_test(tc, test_shutdown_aborts_after_grace);
+    tcase_add_test(tc, test_chunked_body_over_limit);
     suite_add_tcase(s, tc);
     return harness_run(s);
 }

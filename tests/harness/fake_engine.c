@@ -15,11 +15,12 @@
 
 #include "infer/engine/engine.h"
 
-static atomic_int step_ms = 1;
+static atomic_int step_ms = 1, fail_after = -1;
 static atomic_long n_cancels, n_submits;
 static atomic_int n_live;
 
 void fake_eng_set_step_ms(int ms) { atomic_store(&step_ms, ms); }
+void fake_eng_set_fail_after(int k) { atomic_store(&fail_after, k); }
 long fake_eng_cancels(void) { return atomic_load(&n_cancels); }
 long fake_eng_submits(void) { return atomic_load(&n_submits); }
 int fake_eng_live(void) { return atomic_load(&n_live); }
@@ -155,6 +156,15 @@ static void step(eng_req *q) {
             fill_top(&ev, q, q->prompt[j], -0.5 * (j % 3 + 1));
             push(q, &ev);
         }
+    }
+    int fail = atomic_load(&fail_after);
+    if (fail >= 0 && q->gen >= fail) {
+        eng_event ev = {.kind = ENG_EV_ERROR, .status = MOLT_EINTERNAL};
+        snprintf(ev.message, sizeof ev.message, "fake engine: failed after %d tokens", fail);
+        push(q, &ev);
+        q->finished = true;
+        atomic_fetch_sub(&n_live, 1);
+        return;
     }
     if (q->gen >= q->rq.max_tokens || q->n_prompt + q->gen >= q->e->max_len) {
         finish(q, ENG_FINISH_LENGTH);

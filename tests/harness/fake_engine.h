@@ -13,11 +13,13 @@
 //   the k-th adapter ever registered shifts ids by k; a path whose name contains "misfit" is
 //   refused as not fitting the base (MOLT_EFORMAT naming a tensor); a missing path MOLT_EIO;
 //   one token per step, steps fake_eng_set_step_ms apart (default 1 ms);
-//   the KV cache has 16-token blocks, kv_cache_mib * 4 of them.
+//   the KV cache has 16-token blocks, kv_cache_mib * 4 of them;
+//   after fake_eng_set_fail_after(k), requests end with ENG_EV_ERROR once k tokens are out.
 #ifndef MOLT_TESTS_FAKE_ENGINE_H
 #define MOLT_TESTS_FAKE_ENGINE_H
 
 void fake_eng_set_step_ms(int ms);
+void fake_eng_set_fail_after(int k); // requests fail (ENG_EV_ERROR) after k tokens; -1: never
 long fake_eng_cancels(void);  // eng_cancel / eng_release of unfinished requests, cumulative
 long fake_eng_submits(void);  // requests accepted, cumulative
 int fake_eng_live(void);      // requests not finished yet (all engines)
