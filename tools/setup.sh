@@ -3,8 +3,12 @@
 # (.venv in the repository root, git-ignored) with the official `openai` client that the
 # end-to-end tests of `molt serve` drive it with. Idempotent and non-interactive: packages
 # already present are skipped, `apt-get update` runs at most once, and the virtualenv is
-# left alone once it has the pinned client.
+# left alone once it has the pinned client. --no-venv skips the virtualenv (the quickstart
+# does not need it).
 set -euo pipefail
+
+venv_wanted=1
+[ "${1:-}" == "--no-venv" ] && venv_wanted=0
 
 pkgs=(build-essential cmake pkg-config libopenblas-dev libopenblas-openmp-dev libhdf5-dev libarchive-dev check
       libjansson-dev libpcre2-dev libyaml-dev libmicrohttpd-dev libzstd-dev zlib1g-dev
@@ -24,6 +28,7 @@ openai_pin="openai==3.57.0"
 # The virtualenv of the serve tests: created once, the client pinned.
 setup_venv() {
     local venv="$root/.venv"
+    [ "$venv_wanted" == 1 ] || return 0
     if "$venv/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("openai") != sys.argv[1])' \
         "${openai_pin#openai==}" 2>/dev/null; then
         echo "setup: $venv has $openai_pin"
