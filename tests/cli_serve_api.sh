@@ -11,13 +11,15 @@
 serve_model
 api_key=k-$RANDOM$RANDOM
 generated=$("$molt" generate --model "$tmp/m" --prompt "Once upon a time" --max-tokens 12 2>/dev/null)
+generated_ad=$("$molt" generate --model "$tmp/m" --adapter "$tmp/ad1" --prompt "Once upon a time" \
+    --max-tokens 12 2>/dev/null)
 serve_start api --model "$tmp/m" --served-model-name tiny --adapter "ad1=$tmp/ad1" \
     --allow-runtime-adapters --adapter-dir "$tmp" --api-key "$api_key" --max-body-bytes 4096 \
     --access-log "$tmp/access.log"
 has "start-up line: adapters" "$(cat "$tmp/api.out")" "ad1 = $tmp/ad1"
 has "start-up line: KV capacity" "$(cat "$tmp/api.out")" "KV cache"
 
-if "$py" "$src/tests/harness/serve_client.py" suite "$url" "$api_key" tiny ad1 "$generated" \
+if "$py" "$src/tests/harness/serve_client.py" suite "$url" "$api_key" tiny ad1 "$generated" "$generated_ad" \
     >"$tmp/suite.log" 2>&1; then
     ok "openai client suite ($(grep -c '^ok:' "$tmp/suite.log") checks)"
 else

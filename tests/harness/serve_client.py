@@ -1,9 +1,10 @@
 """tests/harness/serve_client.py: the official `openai` client against a running `molt serve`,
 for the end-to-end tests (tests/cli_serve_*.sh; run with the project virtualenv's python).
 
-    serve_client.py suite URL KEY BASE ADAPTER GENERATED   completions, chat, streaming with
-        usage, echo + logprobs, model = adapter, 404, 401, runtime load/unload; GENERATED is
-        `molt generate`'s greedy text for the same prompt, which the server must reproduce
+    serve_client.py suite URL KEY BASE ADAPTER GEN GEN_ADAPTER   completions, chat,
+        streaming with usage, echo + logprobs, model = adapter, 404, 401, runtime
+        load/unload; GEN and GEN_ADAPTER are `molt generate`'s greedy texts for the same
+        prompt without and with the adapter, which the server must reproduce
     serve_client.py concurrency URL KEY N MODEL...          N requests over the models, first
         one at a time, then all at once: every concurrent answer equals its solo one
     serve_client.py stream URL KEY MODEL MAX_TOKENS          streams, says "started" after the
@@ -46,12 +47,16 @@ def post(url, key, path, body):
         return e.code, e.read().decode()
 
 
-def suite(url, key, base, adapter, generated):
+def suite(url, key, base, adapter, generated, generated_adapter):
     c = client(url, key)
     r = c.completions.create(model=base, prompt=PROMPT, max_tokens=12, temperature=0)
     text = r.choices[0].text
     check(r.object == "text_completion" and r.model == base, "completion object and model")
-    check(text == generated, f"greedy completion equals molt generate: {text!r} vs {generated!r}")
+    # molt generate writes control tokens by name: ask the server to keep them too
+    for model, want in ((base, generated), (adapter, generated_adapter)):
+        g = c.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0,
+                                 extra_body={"skip_special_tokens": False}).choices[0].text
+        check(g == want, f"{model}: greedy completion equals molt generate: {g!r} vs {want!r}")
     check(r.usage.completion_tokens >= 1 and r.usage.total_tokens ==
           r.usage.prompt_tokens + r.usage.completion_tokens, "completion usage adds up")
     check(r.choices[0].finish_reason in ("stop", "length"), "finish_reason stop or length")
@@ -169,8 +174,9 @@ if __name__ == "__main__":
     if mode == "suite":
         # molt generate writes a last unfinished character as raw bytes; the server sends
         # U+FFFD for ill-formed bytes as Python's errors="replace" does
-        gen = sys.argv[6].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        suite(url, key, sys.argv[4], sys.argv[5], gen)
+        gen = [a.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+               for a in sys.argv[6:8]]
+        suite(url, key, sys.argv[4], sys.argv[5], *gen)
     elif mode == "concurrency":
         concurrency(url, key, int(sys.argv[4]), sys.argv[5:])
     elif mode == "stream":
