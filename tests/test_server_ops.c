@@ -372,6 +372,25 @@ START_TEST(test_serve_command_drain) {
     ck_assert_int_eq(exit_status(pid), 0);
     close(out);
     fake_eng_set_step_ms(1);
+    // MOLT_API_KEY works like --api-key; SIGINT stops the server as SIGTERM does
+    setenv("MOLT_API_KEY", "from-env", 1);
+    char *envargs[] = {"serve", "--model", dir, "--tokenizer", (char *)srv_env_tokenizer(),
+                       "--port", "0", "--access-log", "none", NULL};
+    pid = serve_child(envargs, 9, &out, errp);
+    unsetenv("MOLT_API_KEY");
+    startup = read_startup(out, &port);
+    ck_assert_ptr_nonnull(strstr(startup, "API key required"));
+    free(startup);
+    ck_assert_int_eq(hc_request(port, "GET", "/v1/models", NULL, NULL, 0, &r), 0);
+    ck_assert_int_eq(r.status, 401);
+    hc_free(&r);
+    ck_assert_int_eq(hc_request(port, "GET", "/v1/models", "Authorization: Bearer from-env\r\n",
+                                NULL, 0, &r), 0);
+    ck_assert_int_eq(r.status, 200);
+    hc_free(&r);
+    kill(pid, SIGINT);
+    ck_assert_int_eq(exit_status(pid), 0);
+    close(out);
     // --help, a bad flag, a bad config key
     char *help[] = {"serve", "--help", NULL};
     pid = serve_child(help, 2, &out, NULL);
