@@ -6,6 +6,7 @@
 #include "autograd/autograd.h"
 #include "data/data.h"
 #include "adapters/adapters.h"
+#include "infer/eval/eval.h"
 #include "infer/infer.h"
 #include "infer/server/server.h"
 #include "model/model.h"
@@ -31,6 +32,7 @@ static const command commands[] = {
     {"export", trn_cmd_export, "adapter (file, PEFT dir or checkpoint) to PEFT or molt"},
     {"merge", lora_cmd_merge, "adapter merged into the base weights (HF layout)"},
     {"train", trn_cmd_train, "train a LoRA adapter from a YAML config (resumable)"},
+    {"report", ev_cmd_report, "charts of a training run's metrics.jsonl as one HTML page"},
 #ifdef MOLT_HAVE_ENGINE
     {"serve", srv_cmd_serve, "OpenAI-compatible HTTP server: base + LoRA adapters"},
 #endif
@@ -76,5 +78,6 @@ static int cmd_bench(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
+    lora_set_checkpoint_loader(trn_checkpoint_adapter); // serving and eval read step-N.h5
     return dispatch(argc, argv, commands, sizeof commands / sizeof *commands, "molt");
 }

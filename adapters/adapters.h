@@ -85,6 +85,17 @@ molt_status lora_spec_format(const lora_spec *s, char *buf, size_t cap);
 // Whether pattern selects path (PEFT target_modules semantics plus '*' globs).
 bool lora_pattern_match(const char *pattern, const char *path);
 
+// How an adapter relates to the model it is made for.
+typedef enum {
+    LORA_WIRE_FILES = 0,   // files and merging: 2-D units are wired into the model's linears;
+                           // routed experts whose two stacks differ in rank are kept unwired
+    LORA_WIRE_FORWARD = 1, // training and single-adapter forwards: everything wired (experts
+                           // of unequal ranks refused)
+    LORA_WIRE_NONE = 2,    // banks (serving, evaluation): nothing of the model is touched, so
+                           // any number of adapters may be loaded for one model at once (the
+                           // model must stay unchanged while they live); experts as FORWARD
+} lora_wire;
+
 // One adapted unit.
 typedef struct {
     char path[LORA_NAME_MAX]; // HF module path (routed experts: ...mlp.experts.gate_up_proj)
@@ -112,16 +123,17 @@ typedef struct {
 } lora_adapter;
 
 // Allocates A/B (F32, requires_grad) for every unit the spec's targets select, initializes
-// them (spec.init, spec.seed: one ag_rng stream over units in model order) and wires them
-// into the model: the lora_a/lora_b/lora_scale fields of the selected mdl_lin, and each MoE
+// them (spec.init, spec.seed: one ag_rng stream over units in model order) and, unless
+// `wire` is LORA_WIRE_NONE, wires them into the model: the lora_a/lora_b/lora_scale fields of the selected mdl_lin, and each MoE
 // layer's experts_lora. 2-D units other than the router also get spec.dropout and the
-// adapter's dropout_rng (routed experts and the router, adapted as parameters, get none). The expert op takes one rank and scale for both expert stacks of a
-// layer: with `for_forward` a layer whose gate_up_proj and down_proj differ there is refused
-// (MOLT_EUNSUPPORTED); without it (files, merging) such experts are kept but not wired.
+// adapter's dropout_rng (routed experts and the router, adapted as parameters, get none).
+// The expert ops take one rank and scale for both expert stacks of a layer: with
+// LORA_WIRE_FORWARD or LORA_WIRE_NONE a layer whose gate_up_proj and down_proj differ there
+// is refused (MOLT_EUNSUPPORTED); with LORA_WIRE_FILES such experts are kept but not wired.
 // Errors: a target pattern matching nothing, or a unit (routed experts included) ending with
-// zero parameters (MOLT_EARG); a model already carrying LoRA (MOLT_EARG). On failure nothing
-// stays attached and *out is zeroed.
-molt_status lora_attach(mdl_model *m, const lora_spec *spec, bool for_forward,
+// zero parameters (MOLT_EARG); a model already carrying LoRA (MOLT_EARG, unless
+// LORA_WIRE_NONE). On failure nothing stays attached and *out is zeroed.
+molt_status lora_attach(mdl_model *m, const lora_spec *spec, lora_wire wire,
                         lora_adapter *out);
 // Clears the LoRA fields of the model's linears and frees the adapter (NULL-safe).
 void lora_detach(lora_adapter *ad);
@@ -144,11 +156,11 @@ void lora_peft_tensor_name(const lora_adapter *ad, const lora_unit *u, bool b, c
 // Writes dir/adapter_config.json and dir/adapter_model.safetensors (F32) as PEFT does.
 // base_model may be NULL (written as null).
 molt_status lora_export_peft(const lora_adapter *ad, const char *dir, const char *base_model);
-// Reads a PEFT directory and attaches it to m (see lora_attach for for_forward).
+// Reads a PEFT directory and attaches it to m (see lora_attach for `wire`).
 // MOLT_EFORMAT / MOLT_EUNSUPPORTED name the file and key: bad JSON, unsupported options
 // (use_dora, bias other than "none", modules_to_save, fan_in_fan_out, layers_to_transform),
 // tensors that match no unit, missing tensors, shape mismatches.
-molt_status lora_import_peft(mdl_model *m, const char *dir, bool for_forward,
+molt_status lora_import_peft(mdl_model *m, const char *dir, lora_wire wire,
                              lora_adapter *out);
 
 // ---- molt's adapter file (adapters/h5.c) ----------------------------------------------
@@ -157,16 +169,29 @@ molt_status lora_import_peft(mdl_model *m, const char *dir, bool for_forward,
 // lora_save writes path.tmp, syncs it and renames it over path; the same adapter always
 // gives the same bytes.
 molt_status lora_save(const lora_adapter *ad, const char *path);
-// Reads a molt adapter file and attaches it to m (see lora_attach for for_forward).
+// Reads a molt adapter file and attaches it to m (see lora_attach for `wire`).
 // MOLT_EFORMAT names the file and the attribute or dataset and says what was expected: not
 // an HDF5 file, a format other than "molt-lora", another version, a spec that does not
 // parse, a missing dataset, a dataset of another shape or type than f32, an object no unit
 // names, a truncated or damaged file (HDF5's checksums). Nothing stays attached on failure.
-molt_status lora_load(mdl_model *m, const char *path, bool for_forward, lora_adapter *out);
-// A directory holding adapter_config.json (lora_import_peft) or a regular file starting with
-// HDF5's signature (lora_load); anything else is MOLT_EFORMAT, a missing path MOLT_EIO.
-molt_status lora_load_any(mdl_model *m, const char *path, bool for_forward,
-                          lora_adapter *out);
+molt_status lora_load(mdl_model *m, const char *path, lora_wire wire, lora_adapter *out);
+// A directory holding adapter_config.json (lora_import_peft), a regular file starting with
+// HDF5's signature (lora_load), or a training checkpoint (step-N.h5, through the loader set
+// with lora_set_checkpoint_loader); anything else is MOLT_EFORMAT, a missing path MOLT_EIO.
+molt_status lora_load_any(mdl_model *m, const char *path, lora_wire wire, lora_adapter *out);
+// Reads the adapter of a training checkpoint (train/ provides it: adapters/ does not depend
+// on the trainer; molt.c sets it at start-up).
+typedef molt_status (*lora_checkpoint_loader)(mdl_model *m, const char *path, lora_wire wire,
+                                              lora_adapter *out);
+void lora_set_checkpoint_loader(lora_checkpoint_loader fn);
+
+// ---- banks (adapters/bank.c) ------------------------------------------------------------
+// Puts adapter ad (loaded with LORA_WIRE_NONE for m) into slot s of bank b: every 2-D unit on
+// its linear, the routed-expert units of each layer as one ag_expert_lora. The slot is
+// cleared first; the bank refers to ad's tensors, which must outlive the slot.
+molt_status lora_bank_put(const lora_adapter *ad, const mdl_model *m, mdl_bank *b, int s);
+// Largest rank over ad's units.
+int lora_max_rank(const lora_adapter *ad);
 
 // ---- merge (adapters/merge.c) ---------------------------------------------------------
 // Adds scale * B A into every adapted base weight (per expert for routed experts) and

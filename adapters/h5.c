@@ -430,10 +430,10 @@ static molt_status read_tensors(hid_t f, const char *file, lora_adapter *ad) {
 
 // Attaches a zero adapter with spec, then fills it from f; keeps spec's init setting.
 static molt_status attach_and_read(mdl_model *m, const lora_spec *spec, hid_t f,
-                                   const char *file, bool for_forward, lora_adapter *out) {
+                                   const char *file, lora_wire wire, lora_adapter *out) {
     lora_spec zs = *spec;
     zs.init = LORA_INIT_ZERO;
-    molt_status st = lora_attach(m, &zs, for_forward, out);
+    molt_status st = lora_attach(m, &zs, wire, out);
     if (st != MOLT_OK)
         return molt_err_wrap(st, "%s: attaching the adapter's spec", file);
     out->spec.init = spec->init;
@@ -443,7 +443,7 @@ static molt_status attach_and_read(mdl_model *m, const lora_spec *spec, hid_t f,
     return st;
 }
 
-molt_status lora_load(mdl_model *m, const char *path, bool for_forward, lora_adapter *out) {
+molt_status lora_load(mdl_model *m, const char *path, lora_wire wire, lora_adapter *out) {
     memset(out, 0, sizeof *out);
     hdf5_quiet();
     bool h5;
@@ -464,21 +464,40 @@ molt_status lora_load(mdl_model *m, const char *path, bool for_forward, lora_ada
     lora_spec spec;
     molt_status st = read_header(f, path, &spec);
     if (st == MOLT_OK)
-        st = attach_and_read(m, &spec, f, path, for_forward, out);
+        st = attach_and_read(m, &spec, f, path, wire, out);
     H5Fclose(f);
     return st;
 }
 
-molt_status lora_load_any(mdl_model *m, const char *path, bool for_forward,
-                          lora_adapter *out) {
+static lora_checkpoint_loader ckpt_loader;
+
+void lora_set_checkpoint_loader(lora_checkpoint_loader fn) { ckpt_loader = fn; }
+
+// Whether path starts with a training checkpoint's header ("MOLTCKPT" in HDF5's user block).
+static molt_status is_checkpoint(const char *path, bool *yes) {
+    *yes = false;
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return molt_err(MOLT_EIO, "%s: %s", path, strerror(errno));
+    char head[8];
+    size_t got = fread(head, 1, sizeof head, f);
+    bool err = ferror(f);
+    fclose(f);
+    if (err)
+        return molt_err(MOLT_EIO, "%s: read error", path);
+    *yes = got == sizeof head && !memcmp(head, "MOLTCKPT", sizeof head);
+    return MOLT_OK;
+}
+
+molt_status lora_load_any(mdl_model *m, const char *path, lora_wire wire, lora_adapter *out) {
     memset(out, 0, sizeof *out);
     struct stat sb;
     if (stat(path, &sb) != 0)
         return errno == ENOENT
                    ? molt_err(MOLT_EIO, "adapter %s: no such file or directory", path)
                    : molt_err(MOLT_EIO, "adapter %s: %s", path, strerror(errno));
-    const char *expected = "expected a PEFT directory holding adapter_config.json or a molt "
-                           "adapter file (HDF5)";
+    const char *expected = "expected a PEFT directory holding adapter_config.json, a molt "
+                           "adapter file (HDF5) or a training checkpoint";
     if (S_ISDIR(sb.st_mode)) {
         size_t n = strlen(path) + sizeof "/adapter_config.json";
         char *cfg = molt_malloc(n);
@@ -487,14 +506,20 @@ molt_status lora_load_any(mdl_model *m, const char *path, bool for_forward,
         snprintf(cfg, n, "%s/adapter_config.json", path);
         bool peft = stat(cfg, &sb) == 0;
         molt_free(cfg);
-        return peft ? lora_import_peft(m, path, for_forward, out)
+        return peft ? lora_import_peft(m, path, wire, out)
                     : molt_err(MOLT_EFORMAT, "adapter %s: a directory without "
                                "adapter_config.json (%s)", path, expected);
     }
-    bool h5;
+    bool h5, ckpt;
     MOLT_TRY(has_h5_signature(path, &h5));
     if (h5)
-        return lora_load(m, path, for_forward, out);
+        return lora_load(m, path, wire, out);
+    MOLT_TRY(is_checkpoint(path, &ckpt));
+    if (ckpt && !ckpt_loader)
+        return molt_err(MOLT_EUNSUPPORTED, "adapter %s: a training checkpoint, which this "
+                        "program cannot read (use molt export --checkpoint)", path);
+    if (ckpt)
+        return ckpt_loader(m, path, wire, out);
     size_t n = strlen(path);
     bool st_file = n > 12 && !strcmp(path + n - 12, ".safetensors");
     return molt_err(MOLT_EFORMAT, "adapter %s: not an HDF5 file (%s%s)", path, expected,

@@ -405,7 +405,7 @@ static molt_status alloc_unit(lora_adapter *ad, lora_unit *u, ag_rng *rng) {
 }
 
 // The model's expert adapter for layer l: one rank and scale for both stacks.
-static molt_status wire_experts(lora_adapter *ad, int l, bool for_forward) {
+static molt_status wire_experts(lora_adapter *ad, int l, lora_wire mode) {
     const lora_unit *gu = NULL, *dn = NULL;
     for (int i = 0; i < ad->n_units; i++)
         if (ad->units[i].group == LORA_GROUP_EXPERTS && ad->units[i].layer == l) {
@@ -415,13 +415,15 @@ static molt_status wire_experts(lora_adapter *ad, int l, bool for_forward) {
     if (!gu && !dn)
         return MOLT_OK;
     if (gu && dn && (gu->r != dn->r || gu->scale != dn->scale)) {
-        if (!for_forward)
+        if (mode == LORA_WIRE_FILES)
             return MOLT_OK; // kept for files and merging only
         return molt_err(MOLT_EUNSUPPORTED, "lora: layer %d: routed-expert LoRA needs the same "
                         "rank and scale on gate_up_proj (r %d, scale %g) and down_proj (r %d, "
                         "scale %g)", l, gu->r, gu->scale, dn->r, dn->scale);
     }
     const lora_unit *any = gu ? gu : dn;
+    if (mode == LORA_WIRE_NONE)
+        return MOLT_OK;
     ad->model->layers[l].experts_lora = (ag_expert_lora){
         .a_gate_up = gu ? gu->a : NULL, .b_gate_up = gu ? gu->b : NULL,
         .a_down = dn ? dn->a : NULL, .b_down = dn ? dn->b : NULL,
@@ -429,8 +431,8 @@ static molt_status wire_experts(lora_adapter *ad, int l, bool for_forward) {
     return MOLT_OK;
 }
 
-static molt_status wire(lora_adapter *ad, bool for_forward) {
-    for (int i = 0; i < ad->n_units; i++) {
+static molt_status wire(lora_adapter *ad, lora_wire mode) {
+    for (int i = 0; mode != LORA_WIRE_NONE && i < ad->n_units; i++) {
         lora_unit *u = &ad->units[i];
         if (u->lin) {
             u->lin->lora_a = u->a;
@@ -444,7 +446,7 @@ static molt_status wire(lora_adapter *ad, bool for_forward) {
         }
     }
     for (int l = 0; l < ad->model->cfg.num_hidden_layers; l++)
-        MOLT_TRY(wire_experts(ad, l, for_forward));
+        MOLT_TRY(wire_experts(ad, l, mode));
     return MOLT_OK;
 }
 
@@ -487,7 +489,7 @@ static molt_status select_units(const lora_spec *s, unit_list *all, lora_adapter
     return MOLT_OK;
 }
 
-molt_status lora_attach(mdl_model *m, const lora_spec *spec, bool for_forward,
+molt_status lora_attach(mdl_model *m, const lora_spec *spec, lora_wire mode,
                         lora_adapter *out) {
     memset(out, 0, sizeof *out);
     if (spec->r < 1)
@@ -496,7 +498,7 @@ molt_status lora_attach(mdl_model *m, const lora_spec *spec, bool for_forward,
         return molt_err(MOLT_EARG, "lora: no target modules");
     if (!(spec->dropout >= 0 && spec->dropout < 1))
         return molt_err(MOLT_EARG, "lora: dropout = %g is outside [0, 1)", spec->dropout);
-    if (model_has_lora(m))
+    if (mode != LORA_WIRE_NONE && model_has_lora(m))
         return molt_err(MOLT_EARG, "lora: the model already carries an adapter");
     unit_list all = {0};
     molt_status st = list_units(m, &all);
@@ -532,7 +534,7 @@ molt_status lora_attach(mdl_model *m, const lora_spec *spec, bool for_forward,
             st = alloc_unit(out, u, &rng);
     }
     if (st == MOLT_OK)
-        st = wire(out, for_forward);
+        st = wire(out, mode);
     if (st != MOLT_OK)
         lora_detach(out);
     return st;

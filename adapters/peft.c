@@ -247,10 +247,10 @@ static molt_status read_tensors(lora_adapter *ad, const st_reader *r, const char
 
 // Attaches with zero init, then fills A and B from r; keeps spec's init setting.
 static molt_status attach_and_fill(mdl_model *m, const lora_spec *spec, const st_reader *r,
-                                   const char *file, bool for_forward, lora_adapter *out) {
+                                   const char *file, lora_wire wire, lora_adapter *out) {
     lora_spec zs = *spec;
     zs.init = LORA_INIT_ZERO;
-    MOLT_TRY(lora_attach(m, &zs, for_forward, out));
+    MOLT_TRY(lora_attach(m, &zs, wire, out));
     out->spec.init = spec->init;
     molt_status st = read_tensors(out, r, file);
     if (st != MOLT_OK)
@@ -373,7 +373,7 @@ static molt_status spec_from_config(json_t *c, const char *file, lora_spec *s) {
                          s->alpha_pattern, &s->n_alpha_pattern, false);
 }
 
-molt_status lora_import_peft(mdl_model *m, const char *dir, bool for_forward,
+molt_status lora_import_peft(mdl_model *m, const char *dir, lora_wire wire,
                              lora_adapter *out) {
     memset(out, 0, sizeof *out);
     char cpath[PATH_CAP], tpath[PATH_CAP];
@@ -393,7 +393,7 @@ molt_status lora_import_peft(mdl_model *m, const char *dir, bool for_forward,
         return molt_err(MOLT_EIO, "%s: missing (adapter_model.bin pickles are not read)", tpath);
     st_reader *r;
     MOLT_TRY(st_open(tpath, &r));
-    st = attach_and_fill(m, &spec, r, tpath, for_forward, out);
+    st = attach_and_fill(m, &spec, r, tpath, wire, out);
     st_close(r);
     return st;
 }

@@ -154,7 +154,8 @@ ag_tensor *ag_dropout(ag_ctx *c, ag_tensor *a, double p, ag_rng *rng);
 // Neural-network ops.
 ag_tensor *ag_embedding(ag_ctx *c, ag_tensor *table /* [V, C] */, ag_tensor *ids /* I32 [T] */);
 // y = x W^T, x [..., in], W [out, in] -> [..., out]. W may be frozen (no grad for W) while
-// x still receives dx = dy W.
+// x still receives dx = dy W. In inference (nothing recorded) the product is batch-invariant
+// (cpu/k_bi.h): a row's result does not depend on the other rows.
 ag_tensor *ag_linear(ag_ctx *c, ag_tensor *x, ag_tensor *w);
 // y = x * rsqrt(mean(x^2, last dim) + eps) * w, w [C].
 ag_tensor *ag_rmsnorm(ag_ctx *c, ag_tensor *x, ag_tensor *w, double eps);
@@ -239,6 +240,43 @@ ag_tensor *ag_moe_experts_lora_q(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag
                                  const ag_qweight *gate_up, const ag_qweight *down,
                                  const ag_expert_lora *lora);
 // ---- end LoRA on routed experts ----
+
+// ---- several adapters in one batch (autograd/ops_lora_multi.c) ----
+// One adapter's LoRA on a linear [out, in]: delta = scale * (x A^T) B^T.
+typedef struct {
+    ag_tensor *a; // [r, in] or NULL: this adapter does not adapt the module
+    ag_tensor *b; // [out, r] (NULL with a)
+    double scale; // lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA
+} ag_lora_ab;
+// The LoRA terms of n adapters over one batch, row t under adapter slot[t]: x [T, in],
+// slot I32 [T] with values in [-1, n) -> [T, out], row t = set[slot[t]].scale *
+// (x_t A^T) B^T, zero for slot -1 or an adapter with a NULL. Ranks may differ between
+// adapters. Computed as linear -> linear -> scale would on each adapter alone (the same bits
+// when those linears run batch-invariantly), one gather and two low-rank products per
+// adapter present; a row's result does not depend on the other rows. Gradients reach x and
+// every A and B that requires grad. Add the result to the base projection.
+ag_tensor *ag_lora_multi(ag_ctx *c, ag_tensor *x, ag_tensor *slot, int n,
+                         const ag_lora_ab *set, int64_t out);
+// Routed-expert stacks for ag_moe_experts_multi: dense (gate_up [E, 2I, H], down [E, H, I],
+// frozen) or quantized (3-D qweights of the same shapes); exactly one pair is set.
+typedef struct {
+    ag_tensor *gate_up, *down;
+    const ag_qweight *gate_up_q, *down_q;
+} ag_expert_stacks;
+// Routed experts of a batch whose tokens carry different adapters: token t uses adapter
+// slot[t] (I32 [T], values in [-1, n); -1 = none), whose expert LoRA is set[slot[t]] (all four
+// matrices NULL = none; ranks may differ between adapters). x [T, H], weights [T, k],
+// idx I32 [T, k] -> [T, H]: per token what ag_moe_experts_lora (or ag_moe_experts) computes
+// with that adapter alone. The optimized kernel runs each expert's base products once over
+// all its rows (a quantized expert is decoded once per block of rows) and adds each
+// adapter's low-rank terms to its own rows; a token's result does not depend on the rest of
+// the batch. Gradients reach x, weights and every LoRA matrix that requires grad (computed
+// adapter group by adapter group with the single-adapter ops); the stacks stay frozen and
+// quantized ones must outlive the tape.
+ag_tensor *ag_moe_experts_multi(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,
+                                const ag_expert_stacks *w, ag_tensor *slot, int n,
+                                const ag_expert_lora *set);
+
 
 // Mean cross-entropy of softmax(h W^T) against targets over tokens with mask[t] != 0,
 // computed in vocabulary chunks of `chunk` columns: the [T, V] logits are never held.
@@ -362,7 +400,8 @@ double ag_qweight_bits_per_param(const ag_qweight *q);
 const char *ag_qformat_name(ag_qformat f);
 
 // y = x W^T with W a 2-D qweight [out, in]: x [..., in] (F32 or F64) -> [..., out]. Recorded
-// only when x requires grad; backward gives dx = dy W (W gets no gradient). The node keeps a
+// only when x requires grad; backward gives dx = dy W (W gets no gradient). In inference
+// (nothing recorded) a row's result does not depend on the other rows, as for ag_linear. The node keeps a
 // pointer to w, which must outlive the tape.
 ag_tensor *ag_linear_q(ag_ctx *c, ag_tensor *x, const ag_qweight *w);
 // ag_moe_experts with quantized experts: gate_up [E, 2I, H] (gate rows first) and down

@@ -36,9 +36,11 @@ typedef enum {
     AG_OP_MOE_EXPERTS_LORA,
     AG_OP_MOE_EXPERTS_LORA_Q,
     AG_OP_CHECKPOINT,
+    AG_OP_LORA_MULTI,
+    AG_OP_MOE_EXPERTS_MULTI,
     AG_OP_COUNT
 } ag_op;
-#define AG_OP_COUNT_EXPECTED 26
+#define AG_OP_COUNT_EXPECTED 28
 
 // A recorded op. Attributes go in f[]/i[]/ptr; state kept for backward in `saved`
 // (allocated by ag_node_save, released right after the node's backward runs or when the
@@ -83,6 +85,20 @@ molt_status ag_check_not_null(const char *op, const char *what, const ag_tensor 
 int64_t ag_rows(const ag_tensor *t);
 int64_t ag_cols(const ag_tensor *t);
 
+// Routed-expert operand checks shared by the expert ops (ops_moe_lora.c): idx values in
+// [0, E); x [T, H], weights [T, k], idx [T, k] with dense frozen stacks gu [E, 2I, H] and
+// down [E, H, I], or quantized ones; one adapter's four matrices (PEFT's target_parameters
+// layout, see ag_expert_lora) for E experts with I2 = 2I gate/up rows.
+molt_status ag_check_expert_idx(const char *op, const ag_tensor *idx, int64_t E);
+molt_status ag_check_expert_dense(const char *op, const ag_tensor *x, const ag_tensor *w,
+                                  const ag_tensor *idx, const ag_tensor *gu,
+                                  const ag_tensor *down);
+molt_status ag_check_expert_quant(const char *op, const ag_tensor *x, const ag_tensor *w,
+                                  const ag_tensor *idx, const ag_qweight *gu,
+                                  const ag_qweight *down);
+molt_status ag_check_expert_lora(const char *op, const ag_expert_lora *l, const ag_tensor *x,
+                                 int64_t E, int64_t I2);
+
 // Backward helpers ------------------------------------------------------------------------
 // Gradient buffer of input t if t requires grad (allocating it), else NULL. On allocation
 // failure returns NULL and sets *st.
@@ -115,6 +131,8 @@ molt_status ag_backward_moe_experts_q(ag_ctx *c, ag_node *n);
 molt_status ag_backward_moe_experts_lora(ag_ctx *c, ag_node *n);
 molt_status ag_backward_moe_experts_lora_q(ag_ctx *c, ag_node *n);
 molt_status ag_backward_checkpoint(ag_ctx *c, ag_node *n);
+molt_status ag_backward_lora_multi(ag_ctx *c, ag_node *n);
+molt_status ag_backward_moe_experts_multi(ag_ctx *c, ag_node *n);
 
 // Runs c's tape backward from the grads already set on node outputs (no seeding), then
 // drops it. ag_backward seeds the loss and calls this; checkpoint recomputation too.

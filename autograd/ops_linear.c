@@ -7,6 +7,7 @@
 
 #include <limits.h>
 #include <math.h>
+#include <omp.h>
 #include <string.h>
 
 // BLAS indexes with int: larger operands are refused up front rather than truncated.
@@ -46,12 +47,19 @@ ag_tensor *ag_linear(ag_ctx *c, ag_tensor *x, ag_tensor *w) {
     if (!y)
         return NULL;
     bool ref = ag_reference_kernels();
-    if (x->dtype == AG_F32)
+    ag_tensor *ins[2] = {x, w};
+    bool record = ag_should_record(c, 2, ins);
+    if (!ref && !record) { // inference: batch-invariant products (cpu/k_bi.h)
+        int nt = omp_get_max_threads();
+        if (x->dtype == AG_F32)
+            bi_linear_f32(y->data, x->data, w->data, T, out, in, nt);
+        else
+            bi_linear_f64(y->data, x->data, w->data, T, out, in, nt);
+    } else if (x->dtype == AG_F32)
         (ref ? linear_fwd_ref_f32 : linear_fwd_f32)(y->data, x->data, w->data, T, in, out);
     else
         (ref ? linear_fwd_ref_f64 : linear_fwd_f64)(y->data, x->data, w->data, T, in, out);
-    ag_tensor *ins[2] = {x, w};
-    if (ag_should_record(c, 2, ins) && !ag_record(c, AG_OP_LINEAR, y, 2, ins))
+    if (record && !ag_record(c, AG_OP_LINEAR, y, 2, ins))
         return NULL;
     return y;
 }

@@ -41,7 +41,7 @@
 // ---- checks ------------------------------------------------------------------------------
 
 // E and the slot count fit int32, and every idx value lies in [0, E).
-static molt_status check_idx(const char *op, const ag_tensor *idx, int64_t E) {
+molt_status ag_check_expert_idx(const char *op, const ag_tensor *idx, int64_t E) {
     if (E > INT32_MAX || idx->numel > INT32_MAX)
         return molt_err(MOLT_EARG, "%s: more than 2^31 experts or slots", op);
     const int32_t *ix = idx->data;
@@ -53,41 +53,42 @@ static molt_status check_idx(const char *op, const ag_tensor *idx, int64_t E) {
     return MOLT_OK;
 }
 
-static molt_status check_base(const ag_tensor *x, const ag_tensor *w, const ag_tensor *idx,
-                              const ag_tensor *gu, const ag_tensor *down) {
-    MOLT_TRY(ag_check_cpu_float(OP, "x", x));
-    MOLT_TRY(ag_check_cpu_float(OP, "weights", w));
-    MOLT_TRY(ag_check_i32(OP, "idx", idx));
-    MOLT_TRY(ag_check_cpu_float(OP, "w_gate_up", gu));
-    MOLT_TRY(ag_check_cpu_float(OP, "w_down", down));
-    MOLT_TRY(ag_check_same_dtype(OP, "x", x, "weights", w));
-    MOLT_TRY(ag_check_same_dtype(OP, "x", x, "w_gate_up", gu));
-    MOLT_TRY(ag_check_same_dtype(OP, "x", x, "w_down", down));
-    MOLT_TRY(ag_check_ndim(OP, "x", x, 2, 2));
-    MOLT_TRY(ag_check_ndim(OP, "weights", w, 2, 2));
-    MOLT_TRY(ag_check_ndim(OP, "idx", idx, 2, 2));
-    MOLT_TRY(ag_check_ndim(OP, "w_gate_up", gu, 3, 3));
-    MOLT_TRY(ag_check_ndim(OP, "w_down", down, 3, 3));
+molt_status ag_check_expert_dense(const char *op, const ag_tensor *x, const ag_tensor *w,
+                                  const ag_tensor *idx, const ag_tensor *gu,
+                                  const ag_tensor *down) {
+    MOLT_TRY(ag_check_cpu_float(op, "x", x));
+    MOLT_TRY(ag_check_cpu_float(op, "weights", w));
+    MOLT_TRY(ag_check_i32(op, "idx", idx));
+    MOLT_TRY(ag_check_cpu_float(op, "w_gate_up", gu));
+    MOLT_TRY(ag_check_cpu_float(op, "w_down", down));
+    MOLT_TRY(ag_check_same_dtype(op, "x", x, "weights", w));
+    MOLT_TRY(ag_check_same_dtype(op, "x", x, "w_gate_up", gu));
+    MOLT_TRY(ag_check_same_dtype(op, "x", x, "w_down", down));
+    MOLT_TRY(ag_check_ndim(op, "x", x, 2, 2));
+    MOLT_TRY(ag_check_ndim(op, "weights", w, 2, 2));
+    MOLT_TRY(ag_check_ndim(op, "idx", idx, 2, 2));
+    MOLT_TRY(ag_check_ndim(op, "w_gate_up", gu, 3, 3));
+    MOLT_TRY(ag_check_ndim(op, "w_down", down, 3, 3));
     if (gu->requires_grad || down->requires_grad)
-        return molt_err(MOLT_EARG, OP ": %s requires grad, but expert weights are frozen "
+        return molt_err(MOLT_EARG, "%s: %s requires grad, but expert weights are frozen "
                         "(train the LoRA matrices instead)",
-                        gu->requires_grad ? "w_gate_up" : "w_down");
+                        op, gu->requires_grad ? "w_gate_up" : "w_down");
     char b0[80], b1[80], b2[80];
     int64_t T = x->shape[0], H = x->shape[1];
     if (w->shape[0] != T || !ag_same_shape(idx, w))
-        return molt_err(MOLT_EARG, OP ": weights %s and idx %s must both be [%lld, k] for x %s",
-                        ag_shape_str(w, b0, sizeof b0), ag_shape_str(idx, b1, sizeof b1),
+        return molt_err(MOLT_EARG, "%s: weights %s and idx %s must both be [%lld, k] for x %s",
+                        op, ag_shape_str(w, b0, sizeof b0), ag_shape_str(idx, b1, sizeof b1),
                         (long long)T, ag_shape_str(x, b2, sizeof b2));
     if (gu->shape[2] != H || gu->shape[1] % 2 != 0)
-        return molt_err(MOLT_EARG, OP ": w_gate_up is %s, expected [E, 2I, %lld] for x %s",
-                        ag_shape_str(gu, b0, sizeof b0), (long long)H,
+        return molt_err(MOLT_EARG, "%s: w_gate_up is %s, expected [E, 2I, %lld] for x %s",
+                        op, ag_shape_str(gu, b0, sizeof b0), (long long)H,
                         ag_shape_str(x, b1, sizeof b1));
     int64_t E = gu->shape[0], I = gu->shape[1] / 2;
     if (down->shape[0] != E || down->shape[1] != H || down->shape[2] != I)
-        return molt_err(MOLT_EARG, OP ": w_down is %s, expected [%lld, %lld, %lld] "
-                        "(E, H, I from w_gate_up and x)", ag_shape_str(down, b0, sizeof b0),
+        return molt_err(MOLT_EARG, "%s: w_down is %s, expected [%lld, %lld, %lld] "
+                        "(E, H, I from w_gate_up and x)", op, ag_shape_str(down, b0, sizeof b0),
                         (long long)E, (long long)H, (long long)I);
-    return check_idx(OP, idx, E);
+    return ag_check_expert_idx(op, idx, E);
 }
 
 // x [T, H], weights [T, k] and idx I32 [T, k] (the operands both ops share).
@@ -109,18 +110,19 @@ static molt_status check_routing(const char *op, const ag_tensor *x, const ag_te
 }
 
 // Quantized stacks: gate_up [E, 2I, H] and down [E, H, I] qweights for x [T, H].
-static molt_status check_base_q(const ag_tensor *x, const ag_tensor *w, const ag_tensor *idx,
-                                const ag_qweight *gu, const ag_qweight *down) {
-    MOLT_TRY(check_routing(OPQ, x, w, idx));
-    MOLT_TRY(ag_qweight_check_operand(OPQ, "gate_up", gu));
-    MOLT_TRY(ag_qweight_check_operand(OPQ, "down", down));
-    MOLT_TRY(ag_check_expert_qweights(OPQ, x, gu, down));
+molt_status ag_check_expert_quant(const char *op, const ag_tensor *x, const ag_tensor *w,
+                                  const ag_tensor *idx, const ag_qweight *gu,
+                                  const ag_qweight *down) {
+    MOLT_TRY(check_routing(op, x, w, idx));
+    MOLT_TRY(ag_qweight_check_operand(op, "gate_up", gu));
+    MOLT_TRY(ag_qweight_check_operand(op, "down", down));
+    MOLT_TRY(ag_check_expert_qweights(op, x, gu, down));
     int64_t H = x->shape[1], E = gu->n_mat, I = gu->rows / 2;
     // BLAS indexes an expert's (2I, H) matrix with int
     if (2 * I * H > INT32_MAX)
-        return molt_err(MOLT_EARG, OPQ ": an expert's gate_up has %lld elements, more than "
-                        "2^31", (long long)(2 * I * H));
-    return check_idx(OPQ, idx, E);
+        return molt_err(MOLT_EARG, "%s: an expert's gate_up has %lld elements, more than "
+                        "2^31", op, (long long)(2 * I * H));
+    return ag_check_expert_idx(op, idx, E);
 }
 
 // One LoRA matrix: float, x's dtype, exactly [d0, d1]. `dims` spells the expected shape.
@@ -144,8 +146,8 @@ static molt_status check_pair(const char *op, const char *wa, const ag_tensor *a
 }
 
 // The adapters of E experts with gate_up rows I2 (= 2I) for x [T, H].
-static molt_status check_lora(const char *op, const ag_expert_lora *l, const ag_tensor *x,
-                              int64_t E, int64_t I2) {
+molt_status ag_check_expert_lora(const char *op, const ag_expert_lora *l, const ag_tensor *x,
+                                 int64_t E, int64_t I2) {
     if (!l)
         return molt_err(MOLT_EARG, "%s: lora is NULL (use %s without adapters)", op,
                         strcmp(op, OPQ) ? "ag_moe_experts" : "ag_moe_experts_q");
@@ -402,8 +404,8 @@ static molt_status run_any(void *y, const lora_grads *g, const void *dy, const l
 ag_tensor *ag_moe_experts_lora(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,
                                ag_tensor *w_gate_up, ag_tensor *w_down,
                                const ag_expert_lora *lora) {
-    if (check_base(x, weights, idx, w_gate_up, w_down) != MOLT_OK ||
-        check_lora(OP, lora, x, w_gate_up->shape[0], w_gate_up->shape[1]) != MOLT_OK)
+    if (ag_check_expert_dense(OP, x, weights, idx, w_gate_up, w_down) != MOLT_OK ||
+        ag_check_expert_lora(OP, lora, x, w_gate_up->shape[0], w_gate_up->shape[1]) != MOLT_OK)
         return NULL;
     ag_tensor *ins[9] = {x, weights, idx, w_gate_up, w_down, lora->a_gate_up, lora->b_gate_up,
                          lora->a_down, lora->b_down};
@@ -457,8 +459,8 @@ molt_status ag_backward_moe_experts_lora(ag_ctx *c, ag_node *n) {
 ag_tensor *ag_moe_experts_lora_q(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,
                                  const ag_qweight *gate_up, const ag_qweight *down,
                                  const ag_expert_lora *lora) {
-    if (check_base_q(x, weights, idx, gate_up, down) != MOLT_OK ||
-        check_lora(OPQ, lora, x, gate_up->n_mat, gate_up->rows) != MOLT_OK)
+    if (ag_check_expert_quant(OPQ, x, weights, idx, gate_up, down) != MOLT_OK ||
+        ag_check_expert_lora(OPQ, lora, x, gate_up->n_mat, gate_up->rows) != MOLT_OK)
         return NULL;
     ag_tensor *ins[9] = {x, weights, idx, NULL, NULL, lora->a_gate_up, lora->b_gate_up,
                          lora->a_down, lora->b_down};

@@ -13,8 +13,13 @@
 //             q_nope into the latent space, scores use the (RKV + DR)-wide cached rows
 //             directly, and W_UV (the next DV rows) is applied once to the probability-
 //             weighted sum of latents.
+// A batched forward (mdl_forward_spans) runs several sequences' new tokens through one pass
+// of the layers, projections shared, attention per sequence; with an adapter bank each
+// sequence uses its own adapter (forward.c's route). LoRA on kv_b_proj enters the absorbed
+// form in low rank: q_nope -> W_UK^T q + s A^T (B_UK^T q) and W_UV c + s B_UV (A c), never a
+// merged weight.
 // Not here: the cache's storage (kvcache.c), sampling and the decode loop (infer/).
-#include "model.h"
+#include "mdl_internal.h"
 
 #include <math.h>
 #include <omp.h>
@@ -85,7 +90,8 @@ static void attend_expanded(float *out, const float *q, const float *key, const 
 }
 
 static ag_tensor *cached_expanded(ag_ctx *c, const mdl_model *m, int l, const mdl_kvcache *kv,
-                                  int seq, ag_tensor *q, ag_tensor *qtemp, int64_t len) {
+                                  int seq, ag_tensor *q, ag_tensor *qtemp, int64_t len,
+                                  const mdl_route *r) {
     attn_dims d = dims_of(&m->cfg);
     int64_t n = q->shape[0], S = len + n;
     ag_tensor *lat = ag_tensor_new2(&c->act, AG_F32, S, d.rkv);
@@ -100,7 +106,7 @@ static ag_tensor *cached_expanded(ag_ctx *c, const mdl_model *m, int l, const md
         memcpy((float *)kr->data + s * d.dr, row + d.rkv, (size_t)d.dr * sizeof(float));
     }
     ag_tensor *key, *value;
-    if (mdl_attn_expand(c, m, l, lat, kr, &key, &value) != MOLT_OK)
+    if (mdl_attn_expand_r(c, m, l, lat, kr, r, &key, &value) != MOLT_OK)
         return NULL;
     ag_tensor *out = ag_tensor_new(&c->act, AG_F32, 3, (int64_t[]){n, d.nh, d.dv});
     double *scratch = ag_arena_alloc(&c->act, (size_t)omp_get_max_threads() * S * sizeof *scratch);
@@ -114,54 +120,47 @@ static ag_tensor *cached_expanded(ag_ctx *c, const mdl_model *m, int l, const md
 // ---------------------------------------------------------------------------------------
 // Absorbed form
 
-// kv_b_proj's weight with its LoRA merged in (W + s B A) when it has one, so the absorbed
-// form sees the same map as mdl_linear; the base weight itself otherwise.
-static const float *kv_b_weight(ag_ctx *c, const mdl_lin *lin) {
-    const float *base = lin->w->data;
-    if (lin->qw) { // quantized base (w has no data): dequantized for this step
-        ag_tensor *d = ag_qweight_dequantize(&c->act, lin->qw);
-        if (!d)
-            return NULL;
-        base = d->data;
-    }
-    if (!lin->lora_a)
-        return base;
-    const ag_tensor *a = lin->lora_a, *b = lin->lora_b;
-    if (!b || a->dtype != AG_F32 || b->dtype != AG_F32) {
-        molt_err(MOLT_EARG, "cached attention: kv_b_proj LoRA must be an F32 lora_a/lora_b pair");
-        return NULL;
-    }
-    int64_t out = lin->w->shape[0], in = lin->w->shape[1], r = a->shape[0];
-    float *w = ag_arena_alloc(&c->act, (size_t)(out * in) * sizeof *w);
-    if (!w)
-        return NULL;
-    const float *w0 = base, *pa = a->data, *pb = b->data;
-#pragma omp parallel for schedule(static)
-    for (int64_t o = 0; o < out; o++)
-        for (int64_t k = 0; k < in; k++) {
-            double acc = 0;
-            for (int64_t j = 0; j < r; j++)
-                acc += (double)pb[o * r + j] * pa[j * in + k];
-            w[o * in + k] = (float)(w0[o * in + k] + lin->lora_scale * acc);
-        }
-    return w;
+// kv_b_proj's base weight as floats (a quantized one dequantized for this step).
+static const float *kv_b_base(ag_ctx *c, const mdl_lin *lin) {
+    if (!lin->qw)
+        return lin->w->data;
+    ag_tensor *d = ag_qweight_dequantize(&c->act, lin->qw);
+    return d ? d->data : NULL;
 }
 
-// Per-thread scratch of the absorbed form: query in latent space, weighted latent sum,
-// scores.
+// A LoRA on kv_b_proj in the absorbed form: a [r, RKV], b [NH*(DN+DV), r] (a NULL: none).
 typedef struct {
-    double *ql, *ctx, *sc; // [RKV], [RKV], [S]
+    const float *a, *b;
+    int64_t r;
+    double s;
+} kvb_lora;
+
+// Per-thread scratch of the absorbed form: query in latent space, weighted latent sum,
+// low-rank intermediates, scores.
+typedef struct {
+    double *ql, *ctx, *u, *sc; // [RKV], [RKV], [r], [S]
 } absorb_scratch;
 
-// One (query i, head h) of the absorbed form into o [DV].
+// One (query i, head h) of the absorbed form into o [DV]; w_uk/w_uv are head h's rows of the
+// base kv_b, lo its LoRA (rows of head h start at h * (DN + DV) in lo->b).
 static void absorb_one(float *o, const float *qi, const float *w_uk, const float *w_uv,
-                       const mdl_kvcache *kv, int seq, int l, double coef, int64_t vis,
-                       attn_dims d, absorb_scratch t) {
+                       const kvb_lora *lo, int64_t h, const mdl_kvcache *kv, int seq, int l,
+                       double coef, int64_t vis, attn_dims d, absorb_scratch t) {
     for (int64_t r = 0; r < d.rkv; r++)
         t.ql[r] = 0;
     for (int64_t j = 0; j < d.dn; j++) // ql = W_UK^T q_nope
         for (int64_t r = 0; r < d.rkv; r++)
             t.ql[r] += (double)qi[j] * w_uk[j * d.rkv + r];
+    const float *bh = lo->a ? lo->b + h * (d.dn + d.dv) * lo->r : NULL;
+    if (lo->a) { // + s A^T (B_UK^T q_nope)
+        for (int64_t k = 0; k < lo->r; k++) {
+            double u = 0;
+            for (int64_t j = 0; j < d.dn; j++)
+                u += (double)qi[j] * bh[j * lo->r + k];
+            for (int64_t r = 0; r < d.rkv; r++)
+                t.ql[r] += lo->s * u * lo->a[k * d.rkv + r];
+        }
+    }
     const float *qr = qi + d.dn;
     for (int64_t s = 0; s < vis; s++) {
         const float *row = mdl_kv_row(kv, seq, l, (int)s);
@@ -178,21 +177,34 @@ static void absorb_one(float *o, const float *qi, const float *w_uk, const float
         for (int64_t r = 0; r < d.rkv; r++)
             t.ctx[r] += t.sc[s] * row[r];
     }
-    for (int64_t v = 0; v < d.dv; v++) { // out = W_UV (sum_s p_s c_s)
+    if (lo->a) // u = A ctx
+        for (int64_t k = 0; k < lo->r; k++) {
+            double u = 0;
+            for (int64_t r = 0; r < d.rkv; r++)
+                u += lo->a[k * d.rkv + r] * t.ctx[r];
+            t.u[k] = u;
+        }
+    for (int64_t v = 0; v < d.dv; v++) { // out = W_UV (sum_s p_s c_s) (+ s B_UV A ctx)
         double acc = 0;
         for (int64_t r = 0; r < d.rkv; r++)
             acc += (double)w_uv[v * d.rkv + r] * t.ctx[r];
+        if (lo->a) {
+            const float *bv = bh + (d.dn + v) * lo->r;
+            for (int64_t k = 0; k < lo->r; k++)
+                acc += lo->s * bv[k] * t.u[k];
+        }
         o[v] = (float)(acc / sum);
     }
 }
 
 static ag_tensor *cached_absorbed(ag_ctx *c, const mdl_model *m, int l, const mdl_kvcache *kv,
-                                  int seq, ag_tensor *q, ag_tensor *qtemp, int64_t len) {
+                                  int seq, ag_tensor *q, ag_tensor *qtemp, int64_t len,
+                                  const kvb_lora *lo) {
     attn_dims d = dims_of(&m->cfg);
     int64_t n = q->shape[0], S = len + n;
-    const float *w = kv_b_weight(c, &m->layers[l].kv_b);
+    const float *w = kv_b_base(c, &m->layers[l].kv_b);
     ag_tensor *out = ag_tensor_new(&c->act, AG_F32, 3, (int64_t[]){n, d.nh, d.dv});
-    int64_t per = 2 * d.rkv + S;
+    int64_t per = 2 * d.rkv + (lo->a ? lo->r : 0) + S;
     double *scratch = ag_arena_alloc(&c->act,
                                      (size_t)(omp_get_max_threads() * per) * sizeof *scratch);
     if (!w || !out || !scratch)
@@ -203,12 +215,40 @@ static ag_tensor *cached_absorbed(ag_ctx *c, const mdl_model *m, int l, const md
     for (int64_t k = 0; k < n * d.nh; k++) {
         int64_t i = k / d.nh, h = k % d.nh;
         double *base = scratch + (int64_t)omp_get_thread_num() * per;
-        absorb_scratch t = {base, base + d.rkv, base + 2 * d.rkv};
+        int64_t lr = lo->a ? lo->r : 0;
+        absorb_scratch t = {base, base + d.rkv, base + 2 * d.rkv, base + 2 * d.rkv + lr};
         const float *w_uk = w + h * (d.dn + d.dv) * d.rkv, *w_uv = w_uk + d.dn * d.rkv;
-        absorb_one(od + k * d.dv, qd + k * d.dqk, w_uk, w_uv, kv, seq, l,
+        absorb_one(od + k * d.dv, qd + k * d.dqk, w_uk, w_uv, lo, h, kv, seq, l,
                    row_coef(m, qtemp, i), len + i + 1, d, t);
     }
     return out;
+}
+
+// The kv_b LoRA the absorbed form of a sequence uses: the slot's in the bank, else the one
+// wired into the model (training's single adapter), else none.
+static molt_status kvb_lora_of(const mdl_model *m, int l, const mdl_bank *bank, int slot,
+                               kvb_lora *lo) {
+    const mdl_lin *lin = &m->layers[l].kv_b;
+    *lo = (kvb_lora){0};
+    const ag_tensor *a = NULL, *b = NULL;
+    double s = 0;
+    if (bank && slot >= 0) {
+        const ag_lora_ab *e = &bank->lin[(size_t)lin->id * bank->n_slots + slot];
+        a = e->a;
+        b = e->b;
+        s = e->scale;
+    } else if (!bank && lin->lora_a) {
+        a = lin->lora_a;
+        b = lin->lora_b;
+        s = lin->lora_scale;
+    }
+    if (!a)
+        return MOLT_OK;
+    if (!b || a->dtype != AG_F32 || b->dtype != AG_F32)
+        return molt_err(MOLT_EARG, "cached attention: kv_b_proj LoRA must be an F32 "
+                        "lora_a/lora_b pair");
+    *lo = (kvb_lora){a->data, b->data, a->shape[0], s};
+    return MOLT_OK;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -236,66 +276,234 @@ ag_tensor *mdl_attn_cached(ag_ctx *c, const mdl_model *m, int l, const mdl_kvcac
     // every row the queries will read must have been written (reserved room)
     if (!mdl_kv_row(kv, seq, l, len + (int)q->shape[0] - 1))
         return NULL;
-    return mode == MDL_ATTN_ABSORBED ? cached_absorbed(c, m, l, kv, seq, q, qtemp, len)
-                                     : cached_expanded(c, m, l, kv, seq, q, qtemp, len);
+    if (mode == MDL_ATTN_EXPANDED)
+        return cached_expanded(c, m, l, kv, seq, q, qtemp, len, NULL);
+    kvb_lora lo;
+    return kvb_lora_of(m, l, NULL, -1, &lo) == MOLT_OK
+               ? cached_absorbed(c, m, l, kv, seq, q, qtemp, len, &lo)
+               : NULL;
 }
 
-// Writes the n new tokens' latents of layer l at positions len..len+n-1.
-static molt_status store_latents(mdl_kvcache *kv, int seq, int l, int len,
-                                 const ag_tensor *lat, const ag_tensor *kr) {
-    int64_t n = lat->shape[0];
+
+// ---------------------------------------------------------------------------------------
+// Batched forward over spans
+
+// Writes rows [r0, r0 + n) of lat/kr (the span's tokens) at positions len..len+n-1 of layer l.
+static molt_status store_latents(mdl_kvcache *kv, int seq, int l, int len, const ag_tensor *lat,
+                                 const ag_tensor *kr, int64_t r0, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         float *row = mdl_kv_row(kv, seq, l, len + (int)i);
         if (!row)
             return MOLT_EARG;
-        memcpy(row, (const float *)lat->data + i * kv->rkv, (size_t)kv->rkv * sizeof(float));
-        memcpy(row + kv->rkv, (const float *)kr->data + i * kv->dr,
+        memcpy(row, (const float *)lat->data + (r0 + i) * kv->rkv,
+               (size_t)kv->rkv * sizeof(float));
+        memcpy(row + kv->rkv, (const float *)kr->data + (r0 + i) * kv->dr,
                (size_t)kv->dr * sizeof(float));
     }
     return MOLT_OK;
 }
 
-// mdl_layer_forward with cached attention.
-static ag_tensor *layer_cached(ag_ctx *c, const mdl_model *m, int l, mdl_kvcache *kv, int seq,
-                               ag_tensor *h, const mdl_attn_in *a, mdl_attn_mode mode) {
+// Where each span's tokens sit in the batch, and its committed length.
+typedef struct {
+    const mdl_span *sp;
+    int n_spans;
+    int64_t *row0; // [n_spans] first batch row of each span
+    int *len;      // [n_spans] committed tokens before this forward
+    int64_t T;
+    const mdl_bank *bank;
+} span_plan;
+
+// An I32 [n] tensor filled with v.
+static ag_tensor *filled_i32(ag_ctx *c, int64_t n, int32_t v) {
+    ag_tensor *t = ag_tensor_new1(&c->act, AG_I32, n);
+    for (int64_t i = 0; t && i < n; i++)
+        ((int32_t *)t->data)[i] = v;
+    return t;
+}
+
+// Attention of span s's queries (rows of q/qtemp) over its sequence's cache -> [n, NH, DV]:
+// the first n_expanded queries in the expanded form, the others absorbed.
+static ag_tensor *span_attention(ag_ctx *c, const mdl_model *m, int l, const mdl_kvcache *kv,
+                                 const span_plan *p, int s, ag_tensor *q, ag_tensor *qtemp) {
+    const mdl_span *sp = &p->sp[s];
+    int64_t r0 = p->row0[s], n = sp->n, ne = sp->n_expanded;
+    attn_dims d = dims_of(&m->cfg);
+    ag_tensor *out = ag_tensor_new(&c->act, AG_F32, 3, (int64_t[]){n, d.nh, d.dv});
+    if (!out)
+        return NULL;
+    if (ne > 0) {
+        ag_tensor *qe = ag_slice(c, q, 0, r0, ne), *te = qtemp ? ag_slice(c, qtemp, 0, r0, ne)
+                                                                : NULL;
+        int64_t S = p->len[s] + ne;
+        mdl_route rt = {p->bank, p->bank ? filled_i32(c, S, sp->slot) : NULL};
+        if (!qe || (p->bank && !rt.slot))
+            return NULL;
+        ag_tensor *o = cached_expanded(c, m, l, kv, sp->seq, qe, te, p->len[s],
+                                       p->bank ? &rt : NULL);
+        if (!o)
+            return NULL;
+        memcpy(out->data, o->data, (size_t)o->numel * sizeof(float));
+    }
+    if (ne < n) {
+        ag_tensor *qa = ag_slice(c, q, 0, r0 + ne, n - ne);
+        ag_tensor *ta = qtemp ? ag_slice(c, qtemp, 0, r0 + ne, n - ne) : NULL;
+        kvb_lora lo;
+        if (!qa || kvb_lora_of(m, l, p->bank, sp->slot, &lo) != MOLT_OK)
+            return NULL;
+        ag_tensor *o = cached_absorbed(c, m, l, kv, sp->seq, qa, ta, p->len[s] + ne, &lo);
+        if (!o)
+            return NULL;
+        memcpy((float *)out->data + ne * d.nh * d.dv, o->data,
+               (size_t)o->numel * sizeof(float));
+    }
+    return out;
+}
+
+// One decoder layer over the whole batch with per-span cached attention.
+static ag_tensor *layer_spans(ag_ctx *c, const mdl_model *m, int l, mdl_kvcache *kv,
+                              const span_plan *p, ag_tensor *h, const mdl_attn_in *a,
+                              const mdl_route *r) {
     const mdl_layer *y = &m->layers[l];
     double eps = m->cfg.rms_norm_eps;
+    attn_dims d = dims_of(&m->cfg);
     ag_tensor *x = ag_rmsnorm(c, h, y->attn_norm, eps), *lat, *kr;
-    ag_tensor *q = mdl_attn_query(c, m, l, x, a->pos);
-    if (!q || mdl_attn_latent(c, m, l, x, a->pos, &lat, &kr) != MOLT_OK ||
-        store_latents(kv, seq, l, mdl_kv_len(kv, seq), lat, kr) != MOLT_OK)
+    ag_tensor *q = mdl_attn_query_r(c, m, l, x, a->pos, r);
+    if (!q || mdl_attn_latent_r(c, m, l, x, a->pos, r, &lat, &kr) != MOLT_OK)
         return NULL;
-    ag_tensor *att = mdl_attn_out(c, m, l, mdl_attn_cached(c, m, l, kv, seq, q, a->qtemp, mode));
-    h = att ? ag_add(c, h, att) : NULL;
-    ag_tensor *f = h ? mdl_ffn(c, m, l, ag_rmsnorm(c, h, y->mlp_norm, eps)) : NULL;
+    for (int s = 0; s < p->n_spans; s++)
+        if (store_latents(kv, p->sp[s].seq, l, p->len[s], lat, kr, p->row0[s], p->sp[s].n) !=
+            MOLT_OK)
+            return NULL;
+    ag_tensor *att = ag_tensor_new(&c->act, AG_F32, 3, (int64_t[]){p->T, d.nh, d.dv});
+    if (!att)
+        return NULL;
+    for (int s = 0; s < p->n_spans; s++) {
+        ag_tensor *o = span_attention(c, m, l, kv, p, s, q, a->qtemp);
+        if (!o)
+            return NULL;
+        memcpy((float *)att->data + p->row0[s] * d.nh * d.dv, o->data,
+               (size_t)o->numel * sizeof(float));
+    }
+    ag_tensor *ao = mdl_attn_out_r(c, m, l, att, r);
+    h = ao ? ag_add(c, h, ao) : NULL;
+    ag_tensor *f = h ? mdl_ffn_r(c, m, l, ag_rmsnorm(c, h, y->mlp_norm, eps), r) : NULL;
     return f ? ag_add(c, h, f) : NULL;
 }
 
-// The whole model over the reserved rows; *logits as mdl_forward_cached describes.
-static molt_status run_cached(ag_ctx *c, const mdl_model *m, mdl_kvcache *kv, int seq,
-                              const int32_t *ids, int n, mdl_attn_mode mode, bool all_logits,
-                              ag_tensor **logits) {
-    int len = mdl_kv_len(kv, seq);
-    mdl_batch b = {.ids = ag_tensor_new1(&c->act, AG_I32, n),
-                   .pos = ag_tensor_new1(&c->act, AG_I32, n),
-                   .seg = ag_tensor_new1(&c->act, AG_I32, n)};
-    if (!b.ids || !b.pos || !b.seg)
-        return molt_err_wrap(MOLT_ENOMEM, "cached forward");
-    memcpy(b.ids->data, ids, (size_t)n * sizeof *ids);
-    for (int i = 0; i < n; i++)
-        ((int32_t *)b.pos->data)[i] = len + i;
+// The rows that want logits, through the final norm and lm_head.
+static molt_status spans_logits(ag_ctx *c, const mdl_model *m, const span_plan *p,
+                                ag_tensor *h, const ag_tensor *slot, ag_tensor **logits) {
+    int64_t R = 0, H = m->cfg.hidden_size;
+    for (int s = 0; s < p->n_spans; s++)
+        R += p->sp[s].n_logits;
+    if (R == 0)
+        return MOLT_OK;
+    ag_tensor *rows = ag_tensor_new2(&c->act, AG_F32, R, H);
+    ag_tensor *rslot = ag_tensor_new1(&c->act, AG_I32, R);
+    if (!rows || !rslot)
+        return molt_err_wrap(MOLT_ENOMEM, "batched forward");
+    int64_t at = 0;
+    for (int s = 0; s < p->n_spans; s++) {
+        int64_t first = p->row0[s] + p->sp[s].n - p->sp[s].n_logits;
+        for (int64_t i = 0; i < p->sp[s].n_logits; i++, at++) {
+            memcpy((float *)rows->data + at * H, (const float *)h->data + (first + i) * H,
+                   (size_t)H * sizeof(float));
+            ((int32_t *)rslot->data)[at] = ((const int32_t *)slot->data)[first + i];
+        }
+    }
+    ag_tensor *hn = ag_rmsnorm(c, rows, m->norm, m->cfg.rms_norm_eps);
+    mdl_route r = {p->bank, rslot};
+    *logits = hn ? mdl_linear_r(c, hn, &m->lm_head, p->bank ? &r : NULL) : NULL;
+    return *logits ? MOLT_OK : molt_err_wrap(MOLT_EARG, "batched forward (lm_head)");
+}
+
+static molt_status run_spans(ag_ctx *c, const mdl_model *m, mdl_kvcache *kv,
+                             const span_plan *p, ag_tensor **logits) {
+    int64_t T = p->T;
+    mdl_batch b = {.ids = ag_tensor_new1(&c->act, AG_I32, T),
+                   .pos = ag_tensor_new1(&c->act, AG_I32, T),
+                   .seg = ag_tensor_new1(&c->act, AG_I32, T)};
+    ag_tensor *slot = ag_tensor_new1(&c->act, AG_I32, T);
+    if (!b.ids || !b.pos || !b.seg || !slot)
+        return molt_err_wrap(MOLT_ENOMEM, "batched forward");
+    for (int s = 0; s < p->n_spans; s++) {
+        const mdl_span *sp = &p->sp[s];
+        for (int i = 0; i < sp->n; i++) {
+            int64_t t = p->row0[s] + i;
+            ((int32_t *)b.ids->data)[t] = sp->ids[i];
+            ((int32_t *)b.pos->data)[t] = p->len[s] + i;
+            ((int32_t *)b.seg->data)[t] = s;
+            ((int32_t *)slot->data)[t] = sp->slot;
+        }
+    }
     mdl_attn_in a;
     MOLT_TRY(mdl_attn_inputs(c, m, &b, &a));
+    mdl_route r = {p->bank, slot};
     ag_tensor *h = mdl_embed(c, m, b.ids);
     for (int l = 0; h && l < m->cfg.num_hidden_layers; l++)
-        h = layer_cached(c, m, l, kv, seq, h, &a, mode);
-    h = h ? ag_rmsnorm(c, h, m->norm, m->cfg.rms_norm_eps) : NULL;
-    if (h && !all_logits)
-        h = ag_slice(c, h, 0, n - 1, 1);
-    *logits = h ? mdl_logits(c, m, h) : NULL;
-    if (!*logits)
-        return molt_err_wrap(MOLT_EARG, "cached forward (layer stack)");
-    return mdl_kv_commit(kv, seq, n);
+        h = layer_spans(c, m, l, kv, p, h, &a, p->bank ? &r : NULL);
+    if (!h)
+        return molt_err_wrap(MOLT_EARG, "batched forward (layer stack)");
+    return spans_logits(c, m, p, h, slot, logits);
+}
+
+static molt_status check_spans(const mdl_model *m, const mdl_kvcache *kv, const mdl_bank *bank,
+                               const mdl_span *sp, int n_spans) {
+    if (!sp || n_spans < 1)
+        return molt_err(MOLT_EARG, "batched forward: %d spans", n_spans);
+    if (kv->n_layers != m->cfg.num_hidden_layers || kv->rkv != m->cfg.kv_lora_rank ||
+        kv->dr != m->cfg.qk_rope_head_dim)
+        return molt_err(MOLT_EARG, "batched forward: cache of %d layers x (%d + %d) for a model "
+                        "of %d layers x (%d + %d)", kv->n_layers, kv->rkv, kv->dr,
+                        m->cfg.num_hidden_layers, m->cfg.kv_lora_rank,
+                        m->cfg.qk_rope_head_dim);
+    if (bank && (bank->n_lins != mdl_lin_count(m) || bank->n_layers != m->cfg.num_hidden_layers))
+        return molt_err(MOLT_EARG, "batched forward: the adapter bank was made for another "
+                        "model");
+    for (int s = 0; s < n_spans; s++) {
+        const mdl_span *x = &sp[s];
+        if (mdl_kv_len(kv, x->seq) < 0)
+            return molt_err_wrap(MOLT_EARG, "batched forward: span %d", s);
+        if (!x->ids || x->n < 1 || x->n_expanded < 0 || x->n_expanded > x->n ||
+            x->n_logits < 0 || x->n_logits > x->n)
+            return molt_err(MOLT_EARG, "batched forward: span %d has %d tokens, %d expanded, %d "
+                            "logits", s, x->n, x->n_expanded, x->n_logits);
+        if (x->slot < -1 || x->slot >= (bank ? bank->n_slots : 0))
+            return molt_err(MOLT_EARG, "batched forward: span %d: adapter slot %d outside "
+                            "[-1, %d)", s, x->slot, bank ? bank->n_slots : 0);
+        for (int t = 0; t < s; t++)
+            if (sp[t].seq == x->seq)
+                return molt_err(MOLT_EARG, "batched forward: spans %d and %d are both sequence "
+                                "%d", t, s, x->seq);
+    }
+    return MOLT_OK;
+}
+
+molt_status mdl_forward_spans(ag_ctx *c, const mdl_model *m, mdl_kvcache *kv,
+                              const mdl_bank *bank, const mdl_span *spans, int n_spans,
+                              ag_tensor **logits) {
+    *logits = NULL;
+    MOLT_TRY(check_spans(m, kv, bank, spans, n_spans));
+    span_plan p = {.sp = spans, .n_spans = n_spans, .bank = bank};
+    p.row0 = ag_arena_alloc(&c->act, (size_t)n_spans * sizeof *p.row0);
+    p.len = ag_arena_alloc(&c->act, (size_t)n_spans * sizeof *p.len);
+    if (!p.row0 || !p.len)
+        return molt_err_wrap(MOLT_ENOMEM, "batched forward");
+    for (int s = 0; s < n_spans; s++) {
+        p.row0[s] = p.T;
+        p.T += spans[s].n;
+        p.len[s] = mdl_kv_len(kv, spans[s].seq);
+        MOLT_TRY(mdl_kv_reserve(kv, spans[s].seq, spans[s].n));
+    }
+    bool grad = c->grad_mode;
+    ag_ctx_set_grad(c, false);
+    molt_status st = run_spans(c, m, kv, &p, logits);
+    ag_ctx_set_grad(c, grad);
+    for (int s = 0; st == MOLT_OK && s < n_spans; s++)
+        st = mdl_kv_commit(kv, spans[s].seq, spans[s].n);
+    if (st != MOLT_OK)
+        *logits = NULL;
+    return st;
 }
 
 molt_status mdl_forward_cached(ag_ctx *c, const mdl_model *m, mdl_kvcache *kv, int seq,
@@ -306,18 +514,8 @@ molt_status mdl_forward_cached(ag_ctx *c, const mdl_model *m, mdl_kvcache *kv, i
         return molt_err(MOLT_EARG, "cached forward: %d tokens", n);
     if (mode != MDL_ATTN_ABSORBED && mode != MDL_ATTN_EXPANDED)
         return molt_err(MOLT_EARG, "cached forward: unknown attention mode %d", (int)mode);
-    if (kv->n_layers != m->cfg.num_hidden_layers || kv->rkv != m->cfg.kv_lora_rank ||
-        kv->dr != m->cfg.qk_rope_head_dim)
-        return molt_err(MOLT_EARG, "cached forward: cache of %d layers x (%d + %d) for a model "
-                        "of %d layers x (%d + %d)", kv->n_layers, kv->rkv, kv->dr,
-                        m->cfg.num_hidden_layers, m->cfg.kv_lora_rank,
-                        m->cfg.qk_rope_head_dim);
-    MOLT_TRY(mdl_kv_reserve(kv, seq, n));
-    bool grad = c->grad_mode;
-    ag_ctx_set_grad(c, false);
-    molt_status st = run_cached(c, m, kv, seq, ids, n, mode, all_logits, logits);
-    ag_ctx_set_grad(c, grad);
-    if (st != MOLT_OK)
-        *logits = NULL;
-    return st;
+    mdl_span sp = {.seq = seq, .ids = ids, .n = n,
+                   .n_expanded = mode == MDL_ATTN_EXPANDED ? n : 0, .slot = -1,
+                   .n_logits = all_logits ? n : 1};
+    return mdl_forward_spans(c, m, kv, NULL, &sp, 1, logits);
 }

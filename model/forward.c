@@ -7,7 +7,7 @@
 // The steps are exported one by one so a KV cache can reuse them. Quantized base weights
 // (mdl_lin.qw, the layer's expert qweights) go through ag_linear_q / ag_moe_experts_q. Not
 // here: the cache, sampling, adapters' storage, the quantized formats and their loading.
-#include "model.h"
+#include "mdl_internal.h"
 
 #include <math.h>
 #include <string.h>
@@ -15,13 +15,32 @@
 // Loss chunk over the vocabulary: bounds the [T, chunk] scratch of the fused loss.
 #define MDL_CE_CHUNK 8192
 
-ag_tensor *mdl_linear(ag_ctx *c, ag_tensor *x, const mdl_lin *lin) {
+// The bank's adapters on this linear, one per row of x by the route's slots (NULL when the
+// bank has none here).
+static ag_tensor *bank_terms(ag_ctx *c, ag_tensor *x, const mdl_lin *lin, const mdl_route *r) {
+    const mdl_bank *b = r->bank;
+    if (lin->id < 0 || lin->id >= b->n_lins || b->lin_users[lin->id] == 0)
+        return NULL;
+    int64_t out = lin->w ? lin->w->shape[0] : lin->qw->rows;
+    return ag_lora_multi(c, x, r->slot, b->n_slots, &b->lin[(size_t)lin->id * b->n_slots],
+                         out);
+}
+
+ag_tensor *mdl_linear_r(ag_ctx *c, ag_tensor *x, const mdl_lin *lin, const mdl_route *r) {
     if (!lin || (!lin->w && !lin->qw)) {
         molt_err(MOLT_EARG, "mdl_linear: no weight");
         return NULL;
     }
     // a quantized base: the adapter below still sees the un-quantized activations x
     ag_tensor *y = lin->qw ? ag_linear_q(c, x, lin->qw) : ag_linear(c, x, lin->w);
+    if (y && r && r->bank) {
+        if (lin->lora_a) {
+            molt_err(MOLT_EARG, "mdl_linear: a bank of adapters on a model that carries one");
+            return NULL;
+        }
+        ag_tensor *d = bank_terms(c, x, lin, r);
+        return d ? ag_add(c, y, d) : y;
+    }
     if (!y || !lin->lora_a)
         return y;
     if (!lin->lora_b) {
@@ -34,6 +53,10 @@ ag_tensor *mdl_linear(ag_ctx *c, ag_tensor *x, const mdl_lin *lin) {
         xa = ag_dropout(c, x, lin->lora_dropout, lin->lora_rng);
     ag_tensor *d = ag_linear(c, ag_linear(c, xa, lin->lora_a), lin->lora_b);
     return d ? ag_add(c, y, ag_scale(c, d, lin->lora_scale)) : NULL;
+}
+
+ag_tensor *mdl_linear(ag_ctx *c, ag_tensor *x, const mdl_lin *lin) {
+    return mdl_linear_r(c, x, lin, NULL);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -111,17 +134,19 @@ static const mdl_layer *layer_at(const mdl_model *m, int l) {
     return &m->layers[l];
 }
 
-ag_tensor *mdl_attn_query(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x, ag_tensor *pos) {
+ag_tensor *mdl_attn_query_r(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x, ag_tensor *pos,
+                            const mdl_route *r) {
     const mdl_layer *y = layer_at(m, l);
     if (!y || !x)
         return NULL;
     const mcfg *cf = &m->cfg;
     ag_tensor *q;
     if (y->q_a.w) {
-        ag_tensor *qa = ag_rmsnorm(c, mdl_linear(c, x, &y->q_a), y->q_a_norm, cf->rms_norm_eps);
-        q = mdl_linear(c, qa, &y->q_b);
+        ag_tensor *qa = ag_rmsnorm(c, mdl_linear_r(c, x, &y->q_a, r), y->q_a_norm,
+                                   cf->rms_norm_eps);
+        q = mdl_linear_r(c, qa, &y->q_b, r);
     } else
-        q = mdl_linear(c, x, &y->q);
+        q = mdl_linear_r(c, x, &y->q, r);
     if (!q)
         return NULL;
     int64_t dqk = cf->qk_nope_head_dim + cf->qk_rope_head_dim;
@@ -130,13 +155,18 @@ ag_tensor *mdl_attn_query(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x, ag
     return q ? ag_rope(c, q, pos, &m->rope, cf->qk_nope_head_dim) : NULL;
 }
 
-molt_status mdl_attn_latent(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x, ag_tensor *pos,
-                            ag_tensor **latent, ag_tensor **k_rot) {
+ag_tensor *mdl_attn_query(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x, ag_tensor *pos) {
+    return mdl_attn_query_r(c, m, l, x, pos, NULL);
+}
+
+molt_status mdl_attn_latent_r(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x,
+                              ag_tensor *pos, const mdl_route *r, ag_tensor **latent,
+                              ag_tensor **k_rot) {
     const mdl_layer *y = layer_at(m, l);
     if (!y)
         return MOLT_EARG;
     const mcfg *cf = &m->cfg;
-    ag_tensor *ckv = mdl_linear(c, x, &y->kv_a), *parts[2];
+    ag_tensor *ckv = mdl_linear_r(c, x, &y->kv_a, r), *parts[2];
     // rotating the whole row's tail first is the same as splitting first
     ckv = ckv ? ag_rope(c, ckv, pos, &m->rope, cf->kv_lora_rank) : NULL;
     if (!ckv)
@@ -148,14 +178,20 @@ molt_status mdl_attn_latent(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x, 
     return *latent ? MOLT_OK : MOLT_EARG;
 }
 
-molt_status mdl_attn_expand(ag_ctx *c, const mdl_model *m, int l, ag_tensor *latent,
-                            ag_tensor *k_rot, ag_tensor **key, ag_tensor **value) {
+molt_status mdl_attn_latent(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x, ag_tensor *pos,
+                            ag_tensor **latent, ag_tensor **k_rot) {
+    return mdl_attn_latent_r(c, m, l, x, pos, NULL, latent, k_rot);
+}
+
+molt_status mdl_attn_expand_r(ag_ctx *c, const mdl_model *m, int l, ag_tensor *latent,
+                              ag_tensor *k_rot, const mdl_route *r, ag_tensor **key,
+                              ag_tensor **value) {
     const mdl_layer *y = layer_at(m, l);
     if (!y || !latent || !k_rot)
         return MOLT_EARG;
     const mcfg *cf = &m->cfg;
     int64_t S = latent->shape[0], NH = cf->num_attention_heads, DN = cf->qk_nope_head_dim;
-    ag_tensor *kv = mdl_linear(c, latent, &y->kv_b), *kvp[2];
+    ag_tensor *kv = mdl_linear_r(c, latent, &y->kv_b, r), *kvp[2];
     kv = kv ? ag_reshape(c, kv, 3, (int64_t[]){S, NH, DN + cf->v_head_dim}) : NULL;
     if (!kv)
         return MOLT_EARG;
@@ -168,13 +204,23 @@ molt_status mdl_attn_expand(ag_ctx *c, const mdl_model *m, int l, ag_tensor *lat
     return *key ? MOLT_OK : MOLT_EARG;
 }
 
-ag_tensor *mdl_attn_out(ag_ctx *c, const mdl_model *m, int l, ag_tensor *att) {
+molt_status mdl_attn_expand(ag_ctx *c, const mdl_model *m, int l, ag_tensor *latent,
+                            ag_tensor *k_rot, ag_tensor **key, ag_tensor **value) {
+    return mdl_attn_expand_r(c, m, l, latent, k_rot, NULL, key, value);
+}
+
+ag_tensor *mdl_attn_out_r(ag_ctx *c, const mdl_model *m, int l, ag_tensor *att,
+                          const mdl_route *r) {
     const mdl_layer *y = layer_at(m, l);
     if (!y || !att)
         return NULL;
     int64_t hv = (int64_t)m->cfg.num_attention_heads * m->cfg.v_head_dim;
     ag_tensor *flat = ag_reshape(c, att, 2, (int64_t[]){att->shape[0], hv});
-    return flat ? mdl_linear(c, flat, &y->o) : NULL;
+    return flat ? mdl_linear_r(c, flat, &y->o, r) : NULL;
+}
+
+ag_tensor *mdl_attn_out(ag_ctx *c, const mdl_model *m, int l, ag_tensor *att) {
+    return mdl_attn_out_r(c, m, l, att, NULL);
 }
 
 ag_tensor *mdl_attention(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x,
@@ -190,24 +236,42 @@ ag_tensor *mdl_attention(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x,
 // ---------------------------------------------------------------------------------------
 // Feed-forward
 
-static ag_tensor *mlp(ag_ctx *c, const mdl_mlp *p, ag_tensor *x) {
-    ag_tensor *act = ag_swiglu(c, mdl_linear(c, x, &p->gate), mdl_linear(c, x, &p->up));
-    return act ? mdl_linear(c, act, &p->down) : NULL;
+static ag_tensor *mlp(ag_ctx *c, const mdl_mlp *p, ag_tensor *x, const mdl_route *r) {
+    ag_tensor *act = ag_swiglu(c, mdl_linear_r(c, x, &p->gate, r), mdl_linear_r(c, x, &p->up, r));
+    return act ? mdl_linear_r(c, act, &p->down, r) : NULL;
 }
 
-ag_tensor *mdl_ffn(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x) {
+// Routed experts under a bank: every token's adapter through ag_moe_experts_multi (also when
+// no adapter has expert LoRA here: its products are batch-invariant).
+static ag_tensor *experts_banked(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x,
+                                 ag_tensor *w, ag_tensor *idx, const mdl_route *r) {
+    const mdl_layer *y = &m->layers[l];
+    if (y->experts_lora.a_gate_up || y->experts_lora.a_down) {
+        molt_err(MOLT_EARG, "model layer %d: a bank of adapters on a model that carries one", l);
+        return NULL;
+    }
+    ag_expert_stacks st = y->gate_up_q ? (ag_expert_stacks){NULL, NULL, y->gate_up_q, y->down_q}
+                                       : (ag_expert_stacks){y->gate_up, y->down, NULL, NULL};
+    const mdl_bank *b = r->bank;
+    return ag_moe_experts_multi(c, x, w, idx, &st, r->slot, b->n_slots,
+                                &b->experts[(size_t)l * b->n_slots]);
+}
+
+ag_tensor *mdl_ffn_r(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x, const mdl_route *r) {
     const mdl_layer *y = layer_at(m, l);
     if (!y || !x)
         return NULL;
     if (!y->moe)
-        return mlp(c, &y->dense, x);
-    ag_tensor *idx = NULL, *logits = mdl_linear(c, x, &y->router);
+        return mlp(c, &y->dense, x, r);
+    ag_tensor *idx = NULL, *logits = mdl_linear_r(c, x, &y->router, r);
     ag_tensor *w = logits ? ag_moe_router(c, logits, &m->router, &idx) : NULL;
     const ag_expert_lora *el = &y->experts_lora;
     bool elora = el->a_gate_up || el->a_down;
     ag_tensor *routed;
     if (!w)
         routed = NULL;
+    else if (r && r->bank)
+        routed = experts_banked(c, m, l, x, w, idx, r);
     else if (elora && y->gate_up_q) // QLoRA: adapters over the frozen quantized experts
         routed = ag_moe_experts_lora_q(c, x, w, idx, y->gate_up_q, y->down_q, el);
     else if (elora)
@@ -218,8 +282,12 @@ ag_tensor *mdl_ffn(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x) {
         routed = ag_moe_experts(c, x, w, idx, y->gate_up, y->down);
     if (!routed || !y->shared.gate.w)
         return routed;
-    ag_tensor *shared = mlp(c, &y->shared, x);
+    ag_tensor *shared = mlp(c, &y->shared, x, r);
     return shared ? ag_add(c, routed, shared) : NULL;
+}
+
+ag_tensor *mdl_ffn(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x) {
+    return mdl_ffn_r(c, m, l, x, NULL);
 }
 
 ag_tensor *mdl_layer_forward(ag_ctx *c, const mdl_model *m, int l, ag_tensor *h,

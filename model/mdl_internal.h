@@ -61,6 +61,29 @@ molt_status mdl_open_weights(const char *dir, st_reader **r);
 // shape-only tensors (data NULL) for the caller to fill or replace by qweights.
 molt_status mdl_create_ex(mdl_model *m, const mcfg *cfg, bool shapes_only);
 
+// Sets every mdl_lin's id (mdl_lin_at order); mdl_create_ex calls it.
+void mdl_lin_number(mdl_model *m);
+
+// The model's steps with a route: which adapter slot of a bank each row of the activations
+// uses (bank NULL or route NULL: the single-adapter path, the mdl_lin LoRA fields). forward.c's
+// public functions are these with a NULL route; decode.c's batched forward passes one.
+typedef struct {
+    const mdl_bank *bank;
+    ag_tensor *slot; // I32 [rows] slot per row, -1 = base alone
+} mdl_route;
+ag_tensor *mdl_linear_r(ag_ctx *c, ag_tensor *x, const mdl_lin *lin, const mdl_route *r);
+ag_tensor *mdl_attn_query_r(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x, ag_tensor *pos,
+                            const mdl_route *r);
+molt_status mdl_attn_latent_r(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x,
+                              ag_tensor *pos, const mdl_route *r, ag_tensor **latent,
+                              ag_tensor **k_rot);
+molt_status mdl_attn_expand_r(ag_ctx *c, const mdl_model *m, int l, ag_tensor *latent,
+                              ag_tensor *k_rot, const mdl_route *r, ag_tensor **key,
+                              ag_tensor **value);
+ag_tensor *mdl_attn_out_r(ag_ctx *c, const mdl_model *m, int l, ag_tensor *att,
+                          const mdl_route *r);
+ag_tensor *mdl_ffn_r(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x, const mdl_route *r);
+
 // The HF per-tensor FP8 scale suffix and the Mistral one.
 #define MDL_HF_SCALE "_scale_inv"    // appended to "<...>.weight" and fused expert names
 #define MDL_MISTRAL_SCALE "qscale_weight"

@@ -183,6 +183,7 @@ typedef struct {
     double lora_dropout;  // dropout probability on the LoRA input x; used only in grad
                           // mode (training) and only when lora_rng is set, never at inference
     ag_rng *lora_rng;     // the adapter's dropout stream (owned by the adapter) or NULL
+    int id;               // index of this linear in the model (mdl_lin_at), for adapter banks
 } mdl_lin;
 
 // SwiGLU MLP: down(silu(gate(x)) * up(x)). Dense layers (IM) and the shared expert (IS).
@@ -346,6 +347,57 @@ molt_status mdl_forward(ag_ctx *c, const mdl_model *m, const mdl_batch *b, ag_te
 molt_status mdl_greedy(ag_ctx *c, const mdl_model *m, const int32_t *prompt, int n_prompt,
                        int n, bool stop_at_eos, int32_t *out, int *n_out);
 
+// ---- several adapters in one batch (model/bank.c) -------------------------------------
+// Serving and evaluation run many adapters through one forward: a bank holds, for n_slots
+// adapters, each adapter's LoRA on every linear of the model and on the routed experts,
+// without touching the mdl_lin LoRA fields that training wires. A batch then says per token
+// which slot applies (-1: the base alone): every projection runs once over all tokens and
+// ag_lora_multi adds each token's low-rank term; routed experts go through
+// ag_moe_experts_multi. With a bank, every token's result is batch-invariant: it does not
+// depend on what else is in the batch (inference only).
+
+// Number of linears of m (every mdl_lin has an id in [0, count), absent modules included):
+// per layer q_a, q_b, q, kv_a, kv_b, o, dense gate/up/down, router, shared gate/up/down, then
+// lm_head.
+int mdl_lin_count(const mdl_model *m);
+mdl_lin *mdl_lin_at(mdl_model *m, int id); // NULL when out of range
+
+typedef struct {
+    int n_slots;              // adapters the bank can hold
+    int n_lins, n_layers;     // of the model it was made for
+    ag_lora_ab *lin;          // [n_lins * n_slots]: slot s on linear id at [id * n_slots + s]
+    ag_expert_lora *experts;  // [n_layers * n_slots]: slot s on layer l's routed experts
+    int *lin_users;           // [n_lins] slots with a LoRA on each linear (0: nothing to add)
+    int *expert_users;        // [n_layers]
+} mdl_bank;
+
+// An empty bank of n_slots slots for m's shapes.
+molt_status mdl_bank_init(mdl_bank *b, const mdl_model *m, int n_slots);
+void mdl_bank_free(mdl_bank *b); // zeroes b; a zeroed bank is fine
+// Empties slot s (the tensors are not freed: they belong to whoever set them).
+void mdl_bank_clear(mdl_bank *b, int s);
+// Slot s's LoRA on linear `id` (a [r, in], bb [out, r] F32, shapes checked against the
+// model's linear) and on layer l's routed experts (as ag_expert_lora; NULL pairs allowed).
+// MOLT_EARG naming the linear or layer on a shape mismatch.
+molt_status mdl_bank_set_lin(mdl_bank *b, const mdl_model *m, int s, int id, ag_tensor *a,
+                             ag_tensor *bb, double scale);
+molt_status mdl_bank_set_experts(mdl_bank *b, const mdl_model *m, int s, int l,
+                                 const ag_expert_lora *el);
+// Whether slot s holds anything.
+bool mdl_bank_used(const mdl_bank *b, int s);
+
+// One sequence's part of a batched cached forward (mdl_forward_spans).
+typedef struct {
+    int seq;            // cache sequence: the tokens take positions len..len+n-1
+    const int32_t *ids; // [n] token ids
+    int n;              // >= 1
+    int n_expanded;     // the first n_expanded tokens attend in the expanded form, the rest in
+                        // the absorbed one (prompt tokens expanded, generated ones absorbed:
+                        // a sequence recomputed later, after preemption, gets the same bits)
+    int slot;           // adapter slot of the bank, -1 for the base alone
+    int n_logits;       // logits of the last n_logits tokens (0..n)
+} mdl_span;
+
 // ---- presets and commands -----------------------------------------------------------
 // Finds configs/models/NAME.json (NAME may also be a path to a .json file): searched in
 // $MOLT_PRESET_DIR, $MOLT_SOURCE_DIR/configs/models, then configs/models beside or above
@@ -431,6 +483,17 @@ typedef struct {
     bool live;       // slot in use
 } mdl_kv_seq;
 
+// Per-block record of the prefix cache (kvcache.c).
+typedef struct {
+    uint64_t tag;      // what computed the block besides its tokens (the adapter), 0 = base
+    uint64_t hash;     // of (tag, parent, parent_gen, tokens)
+    int32_t parent;    // the block before it in its prompt, -1 for the first
+    uint32_t parent_gen, gen; // gen changes whenever the block is reused for other content
+    int32_t *tokens;   // [block_tokens] the prompt tokens it holds (NULL until indexed once)
+    bool indexed;      // findable by its content
+    int32_t lru_prev, lru_next; // evictable list (indexed, no sequence holds it)
+} mdl_kv_pblock;
+
 typedef struct {
     int n_layers;     // L
     int rkv, dr;      // kv_lora_rank, qk_rope_head_dim
@@ -439,8 +502,15 @@ typedef struct {
     int max_blocks;   // pool limit (0 = grow without limit)
     float **pool;     // [n_pool] blocks, each [L, block_tokens, width]
     int n_pool, cap_pool;
-    int32_t *free_ids; // [n_free] pool blocks not owned by any sequence
+    int32_t *free_ids; // [n_free] pool blocks holding nothing anyone may want
     int n_free;
+    int32_t *ref;      // [cap_pool] sequences holding each block
+    int n_used;        // blocks with ref > 0
+    mdl_kv_pblock *pb; // [cap_pool] prefix-cache records
+    int32_t *pmap;     // [pmap_cap] hash table of indexed blocks (-1 empty, -2 deleted)
+    int pmap_cap, pmap_fill; // slots, slots not empty
+    int32_t lru_head, lru_tail; // evictable cached blocks, least recently used first
+    int n_cached;      // blocks in that list
     mdl_kv_seq *seqs; // [n_seqs] sequence slots
     int n_seqs;
 } mdl_kvcache;
@@ -466,8 +536,28 @@ molt_status mdl_kv_reserve(mdl_kvcache *kv, int seq, int n);
 float *mdl_kv_row(const mdl_kvcache *kv, int seq, int l, int t);
 // Marks n reserved tokens as written: len += n.
 molt_status mdl_kv_commit(mdl_kvcache *kv, int seq, int n);
-// Blocks in use by all sequences / held by the pool.
+// Blocks held by at least one sequence (a block shared by several counts once).
 int mdl_kv_blocks_used(const mdl_kvcache *kv);
+
+// Prefix caching: full blocks of prompt tokens are indexed by their content (the tag of
+// whatever else decides the values, e.g. the adapter, and every token from position 0 to the
+// block's end) and outlive their sequences while the pool has room: a later sequence with the
+// same leading blocks shares them instead of computing them again. Shared blocks are only
+// read (a sequence writes past them into blocks of its own). When a block is needed and none
+// is free (and the pool cannot grow), the least recently used cached block is given up.
+//
+// Shares, into the empty sequence seq, the longest chain of indexed blocks whose tag and
+// tokens equal ids[0..k*block_tokens) with k*block_tokens <= n; returns the tokens matched
+// (its committed length), 0 when none. Callers pass n = prompt length - 1 so that at least
+// the last prompt token is computed.
+int mdl_kv_prefix_match(mdl_kvcache *kv, int seq, uint64_t tag, const int32_t *ids, int n);
+// Indexes seq's first min(n, len) / block_tokens blocks as holding ids (its prompt) under tag.
+// Blocks already indexed stay as they are; a block whose content another block already holds
+// stays private. MOLT_ENOMEM leaves the index as it was.
+molt_status mdl_kv_prefix_publish(mdl_kvcache *kv, int seq, uint64_t tag, const int32_t *ids,
+                                  int n);
+// Evictable cached blocks (indexed, held by no sequence).
+int mdl_kv_blocks_cached(const mdl_kvcache *kv);
 
 // ---- cached forward (decode.c) ------------------------------------------------------
 // How cached attention runs (both inference-only, with plain loops outside the tape):
@@ -494,5 +584,16 @@ molt_status mdl_forward_cached(ag_ctx *c, const mdl_model *m, mdl_kvcache *kv, i
 // -> [n, NH, DV]. Exposed for tests comparing the two modes layer by layer.
 ag_tensor *mdl_attn_cached(ag_ctx *c, const mdl_model *m, int l, const mdl_kvcache *kv,
                            int seq, ag_tensor *q, ag_tensor *qtemp, mdl_attn_mode mode);
+
+// One forward over several sequences' new tokens at once: every projection, norm, router
+// and expert runs once over all of them (adapters per span through the bank, which may be
+// NULL when every slot is -1), attention runs per sequence over its cache. Reserves room
+// in the cache as needed, writes the new tokens' latents and commits them. *logits =
+// [sum n_logits, V] in span order (NULL when no span asks for any). Inference only: grad
+// mode is switched off for the call. With a bank, a token's logits and cache rows have the
+// same bits whatever the other spans are. On failure no sequence's length changes.
+molt_status mdl_forward_spans(ag_ctx *c, const mdl_model *m, mdl_kvcache *kv,
+                              const mdl_bank *bank, const mdl_span *spans, int n_spans,
+                              ag_tensor **logits);
 
 #endif

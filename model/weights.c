@@ -124,6 +124,8 @@ molt_status mdl_create_ex(mdl_model *m, const mcfg *cfg, bool shapes_only) {
     if (ok)
         m->lm_head.w = c->tie_word_embeddings ? m->embed : W2(c->vocab_size, c->hidden_size);
     m->shapes_only = false;
+    if (ok && m->lm_head.w)
+        mdl_lin_number(m);
     if (!ok || !m->lm_head.w) {
         mdl_free(m);
         return molt_err_wrap(MOLT_ENOMEM, "model weights (%lld parameters)",

@@ -57,7 +57,7 @@ echo "r=4,targets=q_a_proj" >"$tmp/notes.txt"
 run "$molt" merge --model "$tmp/m" --adapter "$tmp/notes.txt" --out "$tmp/x"
 same "a text file as adapter" "$rc" 1
 has "text file message" "$err" "adapter $tmp/notes.txt: not an HDF5 file (expected a PEFT \
-directory holding adapter_config.json or a molt adapter file (HDF5))"
+directory holding adapter_config.json, a molt adapter file (HDF5) or a training checkpoint)"
 run "$molt" export --checkpoint c.h5 --format peft --out "$tmp/x"
 same "checkpoint not yet readable" "$rc" 1
 run "$molt" merge --frobnicate

@@ -38,6 +38,9 @@ has "resolved config" "$(cat "$tmp/run/config.resolved.yaml")" 'quant: "nf4"'
 [ -s "$tmp/run/adapter/adapter_config.json" ] && ok "PEFT adapter" || bad "no PEFT adapter"
 [ -s "$tmp/run/adapter.h5" ] && ok "molt adapter" || bad "no molt adapter"
 has "eval at the end" "$(tail -n 1 "$tmp/run/metrics.jsonl")" '"eval_loss":'
+run "$molt" report --run "$tmp/run"
+same "molt report reads the run's metrics.jsonl" "$rc:$out" "0:$tmp/run/report.html"
+has "report draws the eval loss" "$(cat "$tmp/run/report.html")" "eval loss"
 
 run "$molt" train --config "$tmp/c.yaml" --eval-only --quiet
 same "--eval-only (base)" "$rc" 0

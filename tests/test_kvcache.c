@@ -169,6 +169,69 @@ START_TEST(test_paging) {
 }
 END_TEST
 
+// Prefix caching: shared blocks are counted once and read the same rows; published blocks
+// outlive their sequence and are matched by tag and content (whole blocks only, never past
+// n); the least recently used cached block is given up when the pool is full, and a block
+// reused for other content no longer continues the chains it ended.
+START_TEST(test_prefix_blocks) {
+    char path[4096];
+    mcfg cfg;
+    ck_assert_ok(mdl_preset_find("tiny", path, sizeof path));
+    ck_assert_ok(mcfg_load(path, &cfg));
+    mdl_kvcache kv;
+    ck_assert_ok(mdl_kv_init(&kv, &cfg, 4, 6 * 4));
+    int32_t p[10] = {10, 11, 12, 13, 14, 15, 16, 17, 18, 19};
+    int a, b, c, d;
+    ck_assert_ok(mdl_kv_seq_open(&kv, &a));
+    write_tokens(&kv, a, 10);
+    ck_assert_ok(mdl_kv_prefix_publish(&kv, a, 7, p, 10));
+    ck_assert_int_eq(mdl_kv_blocks_used(&kv), 3);
+    ck_assert_ok(mdl_kv_seq_open(&kv, &b));
+    ck_assert_int_eq(mdl_kv_prefix_match(&kv, b, 7, p, 9), 8); // two whole blocks of 9
+    ck_assert_int_eq(mdl_kv_len(&kv, b), 8);
+    ck_assert_int_eq(mdl_kv_blocks_used(&kv), 3);            // shared, counted once
+    for (int l = 0; l < kv.n_layers; l++)
+        for (int t = 0; t < 8; t++)
+            ck_assert_ptr_eq(mdl_kv_row(&kv, b, l, t), mdl_kv_row(&kv, a, l, t));
+    ck_assert_ok(mdl_kv_reserve(&kv, b, 1));                  // b writes past them: its own
+    ck_assert_ptr_ne(mdl_kv_row(&kv, b, 0, 8), mdl_kv_row(&kv, a, 0, 8));
+    ck_assert_int_eq(mdl_kv_prefix_match(&kv, b, 7, p, 9), 0); // b is not empty any more
+    mdl_kv_seq_close(&kv, a);
+    ck_assert_int_eq(mdl_kv_blocks_used(&kv), 3);             // b holds two, plus its own
+    mdl_kv_seq_close(&kv, b);
+    ck_assert_int_eq(mdl_kv_blocks_used(&kv), 0);
+    ck_assert_int_eq(mdl_kv_blocks_cached(&kv), 2);
+    ck_assert_ok(mdl_kv_seq_open(&kv, &c));
+    ck_assert_int_eq(mdl_kv_prefix_match(&kv, c, 8, p, 10), 0); // another tag
+    ck_assert_int_eq(mdl_kv_prefix_match(&kv, c, 7, p, 7), 4);  // n caps it at one block
+    ck_assert_int_eq(mdl_kv_blocks_cached(&kv), 1);
+    mdl_kv_seq_close(&kv, c);
+    int32_t q[10] = {10, 11, 12, 13, 99, 15, 16, 17, 18, 19}; // same first block only
+    ck_assert_ok(mdl_kv_seq_open(&kv, &d));
+    ck_assert_int_eq(mdl_kv_prefix_match(&kv, d, 7, q, 10), 4);
+    mdl_kv_seq_close(&kv, d);
+    // a full pool gives up cached blocks, least recently used first: the second block of p
+    // (used before the first one was matched again) goes first
+    ck_assert_ok(mdl_kv_seq_open(&kv, &a));
+    write_tokens(&kv, a, 4 * 5);
+    ck_assert_int_eq(mdl_kv_blocks_cached(&kv), 1);
+    ck_assert_int_eq(mdl_kv_blocks_used(&kv), 5);
+    ck_assert_ok(mdl_kv_seq_open(&kv, &b));
+    ck_assert_int_eq(mdl_kv_prefix_match(&kv, b, 7, p, 10), 4);
+    mdl_kv_seq_close(&kv, b);
+    write_tokens(&kv, a, 4);
+    ck_assert_int_eq(mdl_kv_blocks_cached(&kv), 0);
+    ck_assert_int_eq(mdl_kv_reserve(&kv, a, 1), MOLT_ENOMEM);
+    ck_assert_ok(mdl_kv_seq_open(&kv, &b));
+    ck_assert_int_eq(mdl_kv_prefix_match(&kv, b, 7, p, 10), 0);
+    mdl_kv_seq_close(&kv, b);
+    mdl_kv_seq_close(&kv, a);
+    ck_assert_int_eq(mdl_kv_blocks_used(&kv), 0);
+    ck_assert_int_eq(mdl_kv_blocks_cached(&kv), 0);
+    mdl_kv_free(&kv);
+}
+END_TEST
+
 // ---- cached forward against the full forward ----------------------------------------------
 
 // Prefill P tokens (all logits), then decode the rest one by one; worst row error.
@@ -340,7 +403,7 @@ START_TEST(test_positions_and_sequences) {
     ck_assert_ok(mdl_kv_seq_open(&kv2, &s2));
     ck_assert_int_eq(mdl_forward_cached(&c, &m, &kv2, s2, ids[0], 2, MDL_ATTN_ABSORBED, false, &lg),
                      MOLT_EARG);
-    ck_assert_str_eq(molt_err_msg(), "cached forward: cache of 3 layers x (17 + 8) for a model of "
+    ck_assert_str_eq(molt_err_msg(), "batched forward: cache of 3 layers x (17 + 8) for a model of "
                      "3 layers x (16 + 8)");
     mdl_kv_free(&kv2);
     mdl_kv_free(&kv);
@@ -419,6 +482,7 @@ static Suite *suite(void) {
     tcase_add_unchecked_fixture(tc, setup_all, teardown_all);
     tcase_set_timeout(tc, 600);
     tcase_add_test(tc, test_paging);
+    tcase_add_test(tc, test_prefix_blocks);
     tcase_add_loop_test(tc, test_cached_vs_full, 0, 4);
     tcase_add_test(tc, test_absorbed_vs_expanded);
     tcase_add_test(tc, test_positions_and_sequences);

@@ -248,7 +248,9 @@ START_TEST(test_model_loss) {
     ck_assert_msg(l1 == l1b, "same seed: %.17g vs %.17g", l1, l1b);
     ck_assert_msg(l2 != l1, "another seed gave the same loss %.17g", l1);
     ck_assert_msg(i1 == i0, "inference: %.17g with dropout vs %.17g without", i1, i0);
-    ck_assert_msg(i0 == l0, "p = 0: train %.17g vs inference %.17g", l0, i0);
+    // inference runs the batch-invariant products, training BLAS: same value up to rounding
+    ck_assert_msg(fabs(i0 - l0) <= 1e-6 * fabs(l0), "p = 0: train %.17g vs inference %.17g",
+                  l0, i0);
     mdl_free(&m);
 }
 END_TEST

@@ -757,19 +757,20 @@ START_TEST(test_load_any) {
     ck_assert_int_eq(unlink(path), 0);
     ck_assert_int_eq(lora_load_any(&m, dir, true, &ad), MOLT_EFORMAT);
     snprintf(msg, sizeof msg, "adapter %s: a directory without adapter_config.json (expected a "
-             "PEFT directory holding adapter_config.json or a molt adapter file (HDF5))", dir);
+             "PEFT directory holding adapter_config.json, a molt adapter file (HDF5) or a "
+             "training checkpoint)", dir);
     ck_assert_str_eq(molt_err_msg(), msg);
     snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
     ck_assert_int_eq(lora_load_any(&m, path, true, &ad), MOLT_EFORMAT);
     snprintf(msg, sizeof msg, "adapter %s: not an HDF5 file (expected a PEFT directory holding "
-             "adapter_config.json or a molt adapter file (HDF5); for a PEFT adapter, give its "
-             "directory)", path);
+             "adapter_config.json, a molt adapter file (HDF5) or a training checkpoint; for a "
+             "PEFT adapter, give its directory)", path);
     ck_assert_str_eq(molt_err_msg(), msg);
     snprintf(path, sizeof path, "%s/notes.txt", dir);
     write_text(path, "\x89HDF but not quite\n");
     ck_assert_int_eq(lora_load_any(&m, path, true, &ad), MOLT_EFORMAT);
     snprintf(msg, sizeof msg, "adapter %s: not an HDF5 file (expected a PEFT directory holding "
-             "adapter_config.json or a molt adapter file (HDF5))", path);
+             "adapter_config.json, a molt adapter file (HDF5) or a training checkpoint)", path);
     ck_assert_str_eq(molt_err_msg(), msg);
     ck_assert_ptr_null(m.layers[0].q_a.lora_a);
     rm_rf(dir);

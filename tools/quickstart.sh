@@ -52,3 +52,5 @@ echo "== generation (NF4 base) without and with the adapter: \"$prompt\""
 "$molt" generate --model out/quickstart/base --base-quant nf4 --chat --prompt "$prompt" --max-tokens 12 \
     --adapter out/quickstart/run/adapter
 echo "adapter: out/quickstart/run/adapter (PEFT) and out/quickstart/run/adapter.h5"
+echo "== training report (loss, learning rate, gradient norm, tokens/s against step)"
+"$molt" report --run out/quickstart/run

@@ -13,7 +13,7 @@ venv_wanted=1
 pkgs=(build-essential cmake pkg-config libopenblas-dev libopenblas-openmp-dev libhdf5-dev libarchive-dev check
       libjansson-dev libpcre2-dev libyaml-dev libmicrohttpd-dev libzstd-dev zlib1g-dev
       liblzma-dev libopenmpi-dev openmpi-bin
-      clang libclang-rt-14-dev libomp-14-dev python3 python3-venv curl)
+      librsvg2-bin clang libclang-rt-14-dev libomp-14-dev python3 python3-venv curl)
 
 missing=()
 for p in "${pkgs[@]}"; do

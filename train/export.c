@@ -106,13 +106,13 @@ static molt_status fill(const ckpt_state *s, const char *file, const char *name,
     return MOLT_OK;
 }
 
-// The adapter of checkpoint `file`, attached (not for forward) to *m, which is loaded here.
+// The adapter of checkpoint state s (read from `file`, configuration c), attached to m.
 static molt_status adapter_of(const ckpt_state *s, const char *file, const trn_config *c,
-                              mdl_model *m, lora_adapter *ad) {
+                              mdl_model *m, lora_wire wire, lora_adapter *ad) {
     lora_spec spec;
     MOLT_TRY(lora_spec_parse(c->adapter, &spec));
-    MOLT_TRY(mdl_load(c->model, m));
-    MOLT_TRY(lora_attach(m, &spec, false, ad));
+    spec.init = LORA_INIT_ZERO; // every value comes from the checkpoint
+    MOLT_TRY(lora_attach(m, &spec, wire, ad));
     char name[CKPT_NAME_MAX];
     molt_status st = MOLT_OK;
     for (int i = 0; st == MOLT_OK && i < ad->n_units; i++) {
@@ -125,6 +125,24 @@ static molt_status adapter_of(const ckpt_state *s, const char *file, const trn_c
     }
     if (st != MOLT_OK)
         lora_detach(ad);
+    return st;
+}
+
+molt_status trn_checkpoint_adapter(mdl_model *m, const char *path, lora_wire wire,
+                                   lora_adapter *out) {
+    memset(out, 0, sizeof *out);
+    trn_config *c = molt_malloc(sizeof *c);
+    if (!c)
+        return molt_err(MOLT_ENOMEM, "checkpoint %s: out of memory", path);
+    ckpt_state s;
+    ckpt_state_init(&s);
+    molt_status st = ckpt_read(path, &s);
+    if (st == MOLT_OK)
+        st = config_of(&s, path, NULL, c);
+    if (st == MOLT_OK)
+        st = adapter_of(&s, path, c, m, wire, out);
+    ckpt_state_free(&s);
+    molt_free(c);
     return st;
 }
 
@@ -143,7 +161,9 @@ static int export_checkpoint(const export_opts *o) {
     if (st == MOLT_OK)
         st = config_of(&s, o->checkpoint, o->model, c);
     if (st == MOLT_OK)
-        attached = (st = adapter_of(&s, o->checkpoint, c, &m, &ad)) == MOLT_OK;
+        st = mdl_load(c->model, &m);
+    if (st == MOLT_OK)
+        attached = (st = adapter_of(&s, o->checkpoint, c, &m, LORA_WIRE_FILES, &ad)) == MOLT_OK;
     if (st == MOLT_OK) {
         const char *base = o->base_name ? o->base_name : c->model;
         st = !strcmp(o->format, "peft") ? lora_export_peft(&ad, o->out, base)

@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "../common/err.h"
+#include "../adapters/adapters.h"
 #include "../data/data.h"
 #include "train.h"
 
@@ -81,6 +82,11 @@ void trn_config_print_keys(FILE *f);
 int trn_cmd_train(int argc, char **argv); // molt train
 // molt export: --checkpoint CKPT here (train/export.c), every other form is lora_cmd_export.
 int trn_cmd_export(int argc, char **argv);
+// The adapter of a training checkpoint (step-N.h5) attached to m as lora_attach does with
+// `wire`: the run's adapter spec from the checkpoint's configuration, every A and B from its
+// tensors. For adapters.h lora_set_checkpoint_loader. Errors name the file and tensor.
+molt_status trn_checkpoint_adapter(mdl_model *m, const char *path, lora_wire wire,
+                                   lora_adapter *out);
 int trn_cmd_bench_ckpt(int argc, char **argv); // molt bench ckpt (train/bench.c)
 
 #endif

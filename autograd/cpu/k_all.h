@@ -11,3 +11,5 @@
 #include "k_moe_lora.h"
 #include "k_vexp.h"
 #include "k_bi.h"
+#include "k_lora_multi.h"
+#include "k_moe_multi.h"

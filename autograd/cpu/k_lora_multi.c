@@ -1,0 +1,170 @@
+// autograd/cpu/k_lora_multi.c: several LoRA adapters over one batch, each row with its own
+// (contracts in k_lora_multi.h). The optimized kernels group the rows by adapter: one
+// gather, two low-rank products and one scatter per adapter present, whatever the ranks.
+#include "real.h"
+#include "k_quant.h"
+#include "k_bi.h"
+#include "k_lora_multi.h"
+
+#include <cblas.h>
+#include <stdbool.h>
+#include <string.h>
+
+static bool has(const K(lora_ab) *set, int n, int32_t s) {
+    return s >= 0 && s < n && set[s].a;
+}
+
+// ---- reference ------------------------------------------------------------------------------
+
+void K(lora_multi_fwd_ref)(real *y, const real *x, const int32_t *slot, const K(lora_ab) *set,
+                           int n, int64_t T, int64_t in, int64_t out) {
+    for (int64_t t = 0; t < T; t++) {
+        real *yt = y + t * out;
+        const real *xt = x + t * in;
+        if (!has(set, n, slot[t])) {
+            for (int64_t o = 0; o < out; o++)
+                yt[o] = 0;
+            continue;
+        }
+        const K(lora_ab) *l = &set[slot[t]];
+        for (int64_t o = 0; o < out; o++) {
+            double acc = 0;
+            for (int64_t k = 0; k < l->r; k++) {
+                double h = 0;
+                for (int64_t i = 0; i < in; i++)
+                    h += (double)xt[i] * l->a[k * in + i];
+                acc += h * l->b[o * l->r + k];
+            }
+            yt[o] = (real)(acc * l->s);
+        }
+    }
+}
+
+void K(lora_multi_bwd_ref)(real *dx, real *const *da, real *const *db, const real *dy,
+                           const real *x, const int32_t *slot, const K(lora_ab) *set, int n,
+                           int64_t T, int64_t in, int64_t out) {
+    for (int64_t t = 0; t < T; t++) {
+        if (!has(set, n, slot[t]))
+            continue;
+        int32_t s = slot[t];
+        const K(lora_ab) *l = &set[s];
+        const real *xt = x + t * in, *dyt = dy + t * out;
+        for (int64_t k = 0; k < l->r; k++) {
+            double g = 0, h = 0; // g = s (dy B)_k, h = (x A^T)_k
+            for (int64_t o = 0; o < out; o++)
+                g += (double)dyt[o] * l->b[o * l->r + k];
+            g *= l->s;
+            for (int64_t i = 0; i < in; i++)
+                h += (double)xt[i] * l->a[k * in + i];
+            for (int64_t i = 0; i < in; i++) {
+                if (dx)
+                    dx[t * in + i] += (real)(g * l->a[k * in + i]);
+                if (da && da[s])
+                    da[s][k * in + i] += (real)(g * xt[i]);
+            }
+            if (db && db[s])
+                for (int64_t o = 0; o < out; o++)
+                    db[s][o * l->r + k] += (real)(l->s * dyt[o] * h);
+        }
+    }
+}
+
+// ---- optimized ------------------------------------------------------------------------------
+
+static int64_t max_rank(const K(lora_ab) *set, int n) {
+    int64_t r = 1;
+    for (int s = 0; s < n; s++)
+        if (set[s].a && set[s].r > r)
+            r = set[s].r;
+    return r;
+}
+
+size_t K(lora_multi_ws_bytes)(const K(lora_ab) *set, int n, int64_t T, int64_t in,
+                              int64_t out) {
+    int64_t r = max_rank(set, n);
+    // row order, then the forward's gathered x, h, d or the backward's gathered x and dy,
+    // g, h and dx rows
+    return (size_t)T * sizeof(int64_t) +
+           (size_t)T * (size_t)(2 * in + 2 * out + 2 * r) * sizeof(real) + 64;
+}
+
+// The rows of slot s, in order, into rows[0..); returns their count.
+static int64_t rows_of(int64_t *rows, const int32_t *slot, int64_t T, int32_t s) {
+    int64_t m = 0;
+    for (int64_t t = 0; t < T; t++)
+        if (slot[t] == s)
+            rows[m++] = t;
+    return m;
+}
+
+static void gather(real *dst, const real *src, const int64_t *rows, int64_t m, int64_t w) {
+    for (int64_t i = 0; i < m; i++)
+        memcpy(dst + i * w, src + rows[i] * w, (size_t)w * sizeof(real));
+}
+
+void K(lora_multi_fwd)(real *y, const real *x, const int32_t *slot, const K(lora_ab) *set,
+                       int n, int64_t T, int64_t in, int64_t out, int nthreads, void *ws) {
+    int64_t r = max_rank(set, n);
+    int64_t *rows = ws;
+    real *xg = (real *)(rows + T), *h = xg + T * in, *d = h + T * r;
+    memset(y, 0, (size_t)(T * out) * sizeof(real));
+    for (int s = 0; s < n; s++) {
+        if (!set[s].a)
+            continue;
+        int64_t m = rows_of(rows, slot, T, s);
+        if (m == 0)
+            continue;
+        const K(lora_ab) *l = &set[s];
+        gather(xg, x, rows, m, in);
+        K(bi_linear)(h, xg, l->a, m, l->r, in, nthreads);
+        K(bi_linear)(d, h, l->b, m, out, l->r, nthreads);
+        for (int64_t i = 0; i < m; i++) {
+            real *yt = y + rows[i] * out;
+            const real *dt = d + i * out;
+            for (int64_t o = 0; o < out; o++)
+                yt[o] = dt[o] * l->s;
+        }
+    }
+}
+
+void K(lora_multi_bwd)(real *dx, real *const *da, real *const *db, const real *dy,
+                       const real *x, const int32_t *slot, const K(lora_ab) *set, int n,
+                       int64_t T, int64_t in, int64_t out, void *ws) {
+    int64_t r = max_rank(set, n);
+    int64_t *rows = ws;
+    real *xg = (real *)(rows + T), *dyg = xg + T * in, *g = dyg + T * out, *h = g + T * r,
+         *dxg = h + T * r;
+    for (int s = 0; s < n; s++) {
+        if (!set[s].a)
+            continue;
+        int64_t m = rows_of(rows, slot, T, s);
+        if (m == 0)
+            continue;
+        const K(lora_ab) *l = &set[s];
+        int M = (int)m, R = (int)l->r, IN = (int)in, OUT = (int)out;
+        gather(xg, x, rows, m, in);
+        gather(dyg, dy, rows, m, out);
+        // g (m, r) = s * dy B
+        R_GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, R, OUT, l->s, dyg, OUT, l->b, R, 0,
+               g, R);
+        if (dx) { // dx rows += g A
+            R_GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, IN, R, 1, g, R, l->a, IN, 0,
+                   dxg, IN);
+            for (int64_t i = 0; i < m; i++) {
+                real *d = dx + rows[i] * in;
+                const real *src = dxg + i * in;
+                for (int64_t j = 0; j < in; j++)
+                    d[j] += src[j];
+            }
+        }
+        if (da && da[s]) // da += g^T x
+            R_GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, R, IN, M, 1, g, R, xg, IN, 1, da[s],
+                   IN);
+        if (db && db[s]) { // db += s * dy^T (x A^T)
+            R_GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, M, R, IN, 1, xg, IN, l->a, IN, 0, h,
+                   R);
+            R_GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, OUT, R, M, l->s, dyg, OUT, h, R, 1,
+                   db[s], R);
+        }
+    }
+}

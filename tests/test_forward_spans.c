@@ -1,0 +1,300 @@
+// tests/test_forward_spans.c: the batched cached forward with an adapter bank
+// (mdl_forward_spans): each sequence's logits equal the full forward of the model with that
+// adapter wired alone (attention, MLP, shared and routed experts, router and lm_head
+// adapted; adapters of different ranks side by side), a sequence's logits and cache rows
+// have the same bits whatever else is in the batch and however its prompt is chunked (F32
+// and NF4 bases), and bad spans are refused without changing any sequence.
+#include "harness/harness.h"
+#include "adapters/adapters.h"
+#include "model/model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define N_AD 2
+static const char *specs[N_AD] = {
+    "r=4,alpha=8,seed=11,targets=q_a_proj+q_b_proj+kv_a_proj_with_mqa+kv_b_proj+o_proj+"
+    "gate_proj+up_proj+down_proj+experts.gate_up_proj+experts.down_proj+mlp.gate+lm_head",
+    "r=2,alpha=3,seed=12,targets=kv_b_proj+o_proj+experts.gate_up_proj+experts.down_proj"};
+
+static void tiny(mdl_model *m) {
+    const char *src = getenv("MOLT_SOURCE_DIR");
+    char path[4096];
+    snprintf(path, sizeof path, "%s/configs/models/tiny.json", src ? src : ".");
+    mcfg cfg;
+    ck_assert_ok(mcfg_load(path, &cfg));
+    ck_assert_ok(mdl_create(m, &cfg));
+    ck_assert_ok(mdl_init_random(m, 7, 0.1));
+}
+
+// Adapter i for m, B filled so that it changes the outputs.
+static void adapter(mdl_model *m, int i, lora_wire wire, lora_adapter *ad) {
+    lora_spec s;
+    ck_assert_ok(lora_spec_parse(specs[i], &s));
+    ck_assert_ok(lora_attach(m, &s, wire, ad));
+    lora_randomize_b(ad, 100 + i, 0.3);
+}
+
+static void some_ids(int32_t *ids, int n, uint64_t seed, int V) {
+    ag_rng r;
+    ag_rng_seed(&r, seed);
+    for (int i = 0; i < n; i++)
+        ids[i] = 1000 + (int32_t)(ag_rng_next(&r) % (uint64_t)(V - 1000));
+}
+
+// Logits [T, V] of the full forward of m as it is (adapter wired or not), on the heap.
+static float *full_logits(const mdl_model *m, const int32_t *ids, int T) {
+    ag_ctx c;
+    ck_assert_ok(ag_ctx_init(&c));
+    ag_ctx_set_grad(&c, false);
+    mdl_batch b = {.ids = ag_tensor_new1(&c.act, AG_I32, T),
+                   .pos = ag_tensor_new1(&c.act, AG_I32, T),
+                   .seg = ag_tensor_new1(&c.act, AG_I32, T)};
+    for (int t = 0; t < T; t++) {
+        ((int32_t *)b.ids->data)[t] = ids[t];
+        ((int32_t *)b.pos->data)[t] = t;
+    }
+    ag_tensor *lg;
+    ck_assert_ok(mdl_forward(&c, m, &b, &lg));
+    float *out = malloc((size_t)lg->numel * sizeof(float));
+    memcpy(out, lg->data, (size_t)lg->numel * sizeof(float));
+    ag_ctx_free(&c);
+    return out;
+}
+
+static double row_rel(const float *a, const float *b, int64_t n) {
+    double md = 0, mb = 0;
+    for (int64_t i = 0; i < n; i++) {
+        md = fmax(md, fabs((double)a[i] - b[i]));
+        mb = fmax(mb, fabs((double)b[i]));
+    }
+    return md / fmax(mb, 1e-30);
+}
+
+// Three sequences in one batch, each with its own adapter (slot 0, slot 1, base), prompts
+// prefilled together in chunks, then decoded together: every logits row matches the full
+// forward of the model with that adapter wired alone.
+START_TEST(test_matches_each_adapter_alone) {
+    mdl_model m = {0};
+    tiny(&m);
+    int64_t V = m.cfg.vocab_size;
+    enum { P = 9, G = 4, N = P + G };
+    int32_t ids[3][N];
+    float *want[3];
+    for (int k = 0; k < 3; k++)
+        some_ids(ids[k], N, 30 + k, (int)V);
+    for (int k = 0; k < 3; k++) {
+        lora_adapter w;
+        if (k < N_AD)
+            adapter(&m, k, LORA_WIRE_FORWARD, &w);
+        want[k] = full_logits(&m, ids[k], N);
+        if (k < N_AD)
+            lora_detach(&w);
+    }
+    lora_adapter ad[N_AD];
+    mdl_bank bank;
+    ck_assert_ok(mdl_bank_init(&bank, &m, 3));
+    for (int i = 0; i < N_AD; i++) {
+        adapter(&m, i, LORA_WIRE_NONE, &ad[i]);
+        ck_assert_ok(lora_bank_put(&ad[i], &m, &bank, i));
+    }
+    ck_assert(!mdl_bank_used(&bank, 2));
+    ag_ctx c;
+    ck_assert_ok(ag_ctx_init(&c));
+    mdl_kvcache kv;
+    ck_assert_ok(mdl_kv_init(&kv, &m.cfg, 4, 0));
+    int seq[3], slot[3] = {0, 1, -1};
+    for (int k = 0; k < 3; k++)
+        ck_assert_ok(mdl_kv_seq_open(&kv, &seq[k]));
+    // prefill: chunks of 5 then 4 (all logits of each chunk)
+    int at = 0;
+    for (int chunk = 5; at < P; at += chunk, chunk = P - at) {
+        mdl_span sp[3];
+        for (int k = 0; k < 3; k++)
+            sp[k] = (mdl_span){seq[k], &ids[k][at], chunk, chunk, slot[k], chunk};
+        ag_ctx_step_reset(&c);
+        ag_tensor *lg;
+        ck_assert_ok(mdl_forward_spans(&c, &m, &kv, &bank, sp, 3, &lg));
+        ck_assert_int_eq(lg->shape[0], 3 * chunk);
+        for (int k = 0; k < 3; k++)
+            for (int i = 0; i < chunk; i++) {
+                double rel = row_rel((float *)lg->data + (k * chunk + i) * V,
+                                     want[k] + (at + i) * V, V);
+                ck_assert_msg(rel < 1e-4, "seq %d prompt token %d: %g", k, at + i, rel);
+            }
+    }
+    for (int g = 0; g < G; g++) { // decode: one token each, absorbed attention
+        mdl_span sp[3];
+        for (int k = 0; k < 3; k++)
+            sp[k] = (mdl_span){seq[k], &ids[k][P + g], 1, 0, slot[k], 1};
+        ag_ctx_step_reset(&c);
+        ag_tensor *lg;
+        ck_assert_ok(mdl_forward_spans(&c, &m, &kv, &bank, sp, 3, &lg));
+        for (int k = 0; k < 3; k++) {
+            double rel = row_rel((float *)lg->data + k * V, want[k] + (P + g) * V, V);
+            ck_assert_msg(rel < 1e-4, "seq %d decode %d: %g", k, g, rel);
+        }
+    }
+    for (int k = 0; k < 3; k++)
+        free(want[k]);
+    mdl_kv_free(&kv);
+    ag_ctx_free(&c);
+    mdl_bank_free(&bank);
+    for (int i = 0; i < N_AD; i++)
+        lora_detach(&ad[i]);
+    mdl_free(&m);
+}
+END_TEST
+
+// Sequence X (adapter slot 1): 7 prompt tokens and 3 generated ones. Run alone (prompt in one
+// span) and in a crowd (prompt in chunks of 3 and 4 next to other sequences' prefill chunks
+// and decode steps of other adapters): its logits and its cache rows have the same bits.
+static void check_invariance(mdl_model *m) {
+    int64_t V = m->cfg.vocab_size;
+    enum { P = 7, G = 3, N = P + G, NY = 60 };
+    int32_t x[N], y[NY], z[N];
+    some_ids(x, N, 51, (int)V);
+    some_ids(y, NY, 52, (int)V);
+    some_ids(z, N, 53, (int)V);
+    lora_adapter ad[N_AD];
+    mdl_bank bank;
+    ck_assert_ok(mdl_bank_init(&bank, m, N_AD));
+    for (int i = 0; i < N_AD; i++) {
+        adapter(m, i, LORA_WIRE_NONE, &ad[i]);
+        ck_assert_ok(lora_bank_put(&ad[i], m, &bank, i));
+    }
+    ag_ctx c;
+    ck_assert_ok(ag_ctx_init(&c));
+    mdl_kvcache kv;
+    ck_assert_ok(mdl_kv_init(&kv, &m->cfg, 4, 0));
+    int sx, sy, sz, sx2;
+    ck_assert_ok(mdl_kv_seq_open(&kv, &sx));
+    ck_assert_ok(mdl_kv_seq_open(&kv, &sy));
+    ck_assert_ok(mdl_kv_seq_open(&kv, &sz));
+    ck_assert_ok(mdl_kv_seq_open(&kv, &sx2));
+    float *alone = malloc((size_t)(G + 1) * V * sizeof(float));
+    ag_tensor *lg;
+    mdl_span s1 = {sx, x, P, P, 1, 1};
+    ck_assert_ok(mdl_forward_spans(&c, m, &kv, &bank, &s1, 1, &lg));
+    memcpy(alone, lg->data, (size_t)V * sizeof(float));
+    for (int g = 0; g < G; g++) {
+        ag_ctx_step_reset(&c);
+        mdl_span d = {sx, &x[P + g], 1, 0, 1, 1};
+        ck_assert_ok(mdl_forward_spans(&c, m, &kv, &bank, &d, 1, &lg));
+        memcpy(alone + (g + 1) * V, lg->data, (size_t)V * sizeof(float));
+    }
+    // the crowd: z gets a head start so that it decodes while x prefills; y's long prompt
+    // makes the batches large (BLAS products change with the row count past a few dozen)
+    mdl_span zs = {sz, z, 5, 5, 0, 1};
+    ck_assert_ok(mdl_forward_spans(&c, m, &kv, &bank, &zs, 1, &lg));
+    mdl_span st1[3] = {{sz, &z[5], 1, 0, 0, 1}, {sx2, x, 3, 3, 1, 0}, {sy, y, 50, 50, -1, 2}};
+    ag_ctx_step_reset(&c);
+    ck_assert_ok(mdl_forward_spans(&c, m, &kv, &bank, st1, 3, &lg));
+    mdl_span st2[3] = {{sy, &y[50], 1, 1, -1, 1}, {sx2, &x[3], 4, 4, 1, 1}, {sz, &z[6], 1, 0, 0, 1}};
+    ag_ctx_step_reset(&c);
+    ck_assert_ok(mdl_forward_spans(&c, m, &kv, &bank, st2, 3, &lg));
+    ck_assert_msg(!memcmp((float *)lg->data + V, alone, (size_t)V * sizeof(float)),
+                  "last prompt token's logits differ in the crowd");
+    for (int g = 0; g < G; g++) {
+        mdl_span st3[3] = {{sz, &z[7 + g], 1, 0, 0, 1}, {sx2, &x[P + g], 1, 0, 1, 1},
+                           {sy, &y[51 + g], 1, 0, -1, 1}};
+        ag_ctx_step_reset(&c);
+        ck_assert_ok(mdl_forward_spans(&c, m, &kv, &bank, st3, 3, &lg));
+        ck_assert_msg(!memcmp((float *)lg->data + V, alone + (g + 1) * V,
+                              (size_t)V * sizeof(float)),
+                      "decode step %d differs in the crowd", g);
+    }
+    for (int l = 0; l < m->cfg.num_hidden_layers; l++)
+        for (int t = 0; t < N; t++)
+            ck_assert(!memcmp(mdl_kv_row(&kv, sx, l, t), mdl_kv_row(&kv, sx2, l, t),
+                              (size_t)kv.width * sizeof(float)));
+    free(alone);
+    mdl_kv_free(&kv);
+    ag_ctx_free(&c);
+    mdl_bank_free(&bank);
+    for (int i = 0; i < N_AD; i++)
+        lora_detach(&ad[i]);
+}
+
+START_TEST(test_sequences_do_not_depend_on_the_batch) {
+    mdl_model m = {0};
+    tiny(&m);
+    check_invariance(&m);
+    mdl_free(&m);
+}
+END_TEST
+
+// The same on an NF4 base (quantized projections and experts).
+START_TEST(test_invariance_on_a_quantized_base) {
+    char dir[] = "/tmp/molt-spans-XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    const char *src = getenv("MOLT_SOURCE_DIR");
+    char preset[4096];
+    snprintf(preset, sizeof preset, "%s/configs/models/tiny.json", src ? src : ".");
+    mdl_init_opts o = {.preset = preset, .out_dir = dir, .seed = 3, .no_tokenizer = true};
+    ck_assert_ok(mdl_init_model(&o));
+    mdl_qspec q;
+    ck_assert_ok(mdl_qspec_parse("nf4", &q));
+    mdl_model m = {0};
+    ck_assert_ok(mdl_load_quant(dir, &q, &m));
+    ck_assert_ptr_nonnull(m.layers[1].gate_up_q);
+    check_invariance(&m);
+    mdl_free(&m);
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    ck_assert_int_eq(system(cmd), 0);
+}
+END_TEST
+
+START_TEST(test_bad_spans) {
+    mdl_model m = {0};
+    tiny(&m);
+    mdl_bank bank;
+    ck_assert_ok(mdl_bank_init(&bank, &m, 2));
+    ag_ctx c;
+    ck_assert_ok(ag_ctx_init(&c));
+    mdl_kvcache kv;
+    ck_assert_ok(mdl_kv_init(&kv, &m.cfg, 4, 0));
+    int a, b;
+    ck_assert_ok(mdl_kv_seq_open(&kv, &a));
+    ck_assert_ok(mdl_kv_seq_open(&kv, &b));
+    int32_t ids[3] = {5, 6, 7}, bad = (int32_t)m.cfg.vocab_size;
+    ag_tensor *lg;
+    mdl_span twice[2] = {{a, ids, 3, 3, -1, 1}, {a, ids, 1, 0, -1, 1}};
+    ck_assert_int_eq(mdl_forward_spans(&c, &m, &kv, &bank, twice, 2, &lg), MOLT_EARG);
+    ck_assert_str_eq(molt_err_msg(), "batched forward: spans 0 and 1 are both sequence 0");
+    mdl_span far = {a, ids, 3, 3, 2, 1};
+    ck_assert_int_eq(mdl_forward_spans(&c, &m, &kv, &bank, &far, 1, &lg), MOLT_EARG);
+    ck_assert_str_eq(molt_err_msg(), "batched forward: span 0: adapter slot 2 outside [-1, 2)");
+    ck_assert_int_eq(mdl_forward_spans(&c, &m, &kv, NULL, &(mdl_span){a, ids, 3, 3, 0, 1}, 1,
+                                       &lg), MOLT_EARG);
+    mdl_span ok_and_bad[2] = {{a, ids, 3, 3, -1, 1}, {b, &bad, 1, 0, -1, 1}};
+    ck_assert_int_eq(mdl_forward_spans(&c, &m, &kv, &bank, ok_and_bad, 2, &lg), MOLT_EARG);
+    ck_assert_ptr_null(lg);
+    ck_assert_int_eq(mdl_kv_len(&kv, a), 0);
+    ck_assert_int_eq(mdl_kv_len(&kv, b), 0);
+    mdl_span none = {a, ids, 3, 3, -1, 0}; // no logits wanted: the cache still fills
+    ck_assert_ok(mdl_forward_spans(&c, &m, &kv, &bank, &none, 1, &lg));
+    ck_assert_ptr_null(lg);
+    ck_assert_int_eq(mdl_kv_len(&kv, a), 3);
+    mdl_kv_free(&kv);
+    ag_ctx_free(&c);
+    mdl_bank_free(&bank);
+    mdl_free(&m);
+}
+END_TEST
+
+int main(void) {
+    Suite *s = suite_create("forward_spans");
+    TCase *tc = tcase_create("core");
+    tcase_set_timeout(tc, 600);
+    tcase_add_test(tc, test_matches_each_adapter_alone);
+    tcase_add_test(tc, test_sequences_do_not_depend_on_the_batch);
+    tcase_add_test(tc, test_invariance_on_a_quantized_base);
+    tcase_add_test(tc, test_bad_spans);
+    suite_add_tcase(s, tc);
+    return harness_run(s);
+}
