@@ -8,6 +8,7 @@
 #include "adapters/adapters.h"
 #include "infer/eval/eval.h"
 #include "infer/infer.h"
+#include "infer/server/server.h"
 #include "model/model.h"
 #include "train/trainer.h"
 
@@ -32,6 +33,9 @@ static const command commands[] = {
     {"merge", lora_cmd_merge, "adapter merged into the base weights (HF layout)"},
     {"train", trn_cmd_train, "train a LoRA adapter from a YAML config (resumable)"},
     {"report", ev_cmd_report, "charts of a training run's metrics.jsonl as one HTML page"},
+#ifdef MOLT_HAVE_ENGINE
+    {"serve", srv_cmd_serve, "OpenAI-compatible HTTP server: base + LoRA adapters"},
+#endif
     {"bench", cmd_bench, "benchmarks: ops, tokenize"},
 };
 

@@ -310,6 +310,10 @@ int32_t tok_special(const tok_tokenizer *t, const char *name) {
     return id == TOK_NONE ? -1 : (int32_t)id;
 }
 
+bool tok_is_special(const tok_tokenizer *t, int32_t id) {
+    return id >= 0 && (size_t)id < t->n_ids && (t->flags[id] & TOK_F_SPECIAL);
+}
+
 size_t tok_vocab_size(const tok_tokenizer *t) { return t->n_ids; }
 
 const char *tok_kind(const tok_tokenizer *t) {

@@ -10,6 +10,7 @@
 #ifndef MOLT_DATA_TOKENIZER_H
 #define MOLT_DATA_TOKENIZER_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -43,6 +44,9 @@ molt_status tok_decode(const tok_tokenizer *t, const int32_t *ids, size_t n, cha
 // Id of the special token with this name ("<s>", "[INST]"), or -1 when absent. For a
 // tokenizer.json: any added token, special or not, by its text ("<｜User｜>").
 int32_t tok_special(const tok_tokenizer *t, const char *name);
+// Whether id is a special (control) token, one plain text never yields ("<s>", "[INST]");
+// false for ids outside the vocabulary.
+bool tok_is_special(const tok_tokenizer *t, int32_t id);
 // Ids of the sequence start and end tokens ("<s>", "</s>" for Tekken; for tokenizer.json
 // bos_token/eos_token of a tokenizer_config.json beside the file), or -1 when unknown.
 int32_t tok_bos(const tok_tokenizer *t);

@@ -160,6 +160,12 @@ START_TEST(test_tekken_unnamed_special_slots) {
     ck_assert_int_eq(tok_special(t, "<SPECIAL_3>"), 3);
     ck_assert_int_eq(tok_special(t, "<SPECIAL_9>"), 9);
     ck_assert_int_eq(tok_special(t, "<SPECIAL_10>"), -1);
+    for (int32_t id = 0; id < 10; id++) // the special slots, named or not
+        ck_assert(tok_is_special(t, id));
+    ck_assert(!tok_is_special(t, 10));      // the first byte token
+    ck_assert(!tok_is_special(t, 10 + 256)); // a merged token
+    ck_assert(!tok_is_special(t, -1));
+    ck_assert(!tok_is_special(t, 1 << 30));
     EXPECT_IDS(t, "ab", 10 + 256);
     tok_free(t);
 }

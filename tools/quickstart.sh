@@ -11,7 +11,7 @@ jobs=$(nproc 2>/dev/null || echo 2)
 cfg=configs/train/quickstart.yaml
 
 echo "== 1/6 dependencies"
-./tools/setup.sh
+./tools/setup.sh --no-venv
 
 echo "== 2/6 build (build-quickstart/, -j$jobs)"
 cmake -S . -B build-quickstart -DCMAKE_BUILD_TYPE=Release -DMOLT_TESTS=OFF >/dev/null

@@ -2,6 +2,7 @@
 // lists of scalars, read with libyaml) flattened to dotted keys, then --set overrides, then
 // typed values checked against a table of known keys; and the resolved config written back
 // as YAML. Every error names the key and where its value came from (FILE:LINE or --set).
+// The YAML file itself is walked by common/yamlkv.
 //
 // Not here: what the settings do (train/trainer.c), the command line (train/cli.c).
 #include "trainer.h"
@@ -12,9 +13,9 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
-#include <yaml.h>
 
 #include "../adapters/adapters.h"
+#include "../common/yamlkv.h"
 
 // Adapter keys are collected apart and turned into a compact lora spec at the end.
 typedef struct {
@@ -118,14 +119,6 @@ static const key_def *find_key(const char *k) {
         if (!strcmp(keys[i].key, k))
             return &keys[i];
     return NULL;
-}
-
-// "FILE:LINE" or "--set" for messages.
-static void where_str(char *buf, size_t cap, const char *src, int line) {
-    if (line > 0)
-        snprintf(buf, cap, "%s:%d", src, line);
-    else
-        snprintf(buf, cap, "%s", src);
 }
 
 static molt_status bad_value(const key_def *k, const char *where, const char *v,
@@ -232,80 +225,31 @@ static molt_status unknown_key(const char *key, const char *where) {
                     "list)", where, key);
 }
 
-// Walks a YAML mapping node, applying every scalar (or list of scalars) under prefix.
-static molt_status walk_map(cfg_all *a, yaml_document_t *doc, yaml_node_t *map,
-                            const char *prefix, const char *path) {
-    char where[TRN_PATH_MAX + 32];
-    for (yaml_node_pair_t *p = map->data.mapping.pairs.start; p < map->data.mapping.pairs.top;
-         p++) {
-        yaml_node_t *kn = yaml_document_get_node(doc, p->key);
-        yaml_node_t *vn = yaml_document_get_node(doc, p->value);
-        where_str(where, sizeof where, path, (int)kn->start_mark.line + 1);
-        if (kn->type != YAML_SCALAR_NODE)
-            return molt_err(MOLT_EARG, "config %s: keys must be plain words", where);
-        char key[256];
-        snprintf(key, sizeof key, "%s%s%s", prefix, *prefix ? "." : "",
-                 (const char *)kn->data.scalar.value);
-        if (vn->type == YAML_MAPPING_NODE) {
-            MOLT_TRY(walk_map(a, doc, vn, key, path));
-            continue;
-        }
-        const key_def *k = find_key(key);
-        if (!k)
-            return unknown_key(key, where);
-        where_str(where, sizeof where, path, (int)vn->start_mark.line + 1);
-        if (k->kind == K_LIST) {
-            *(int *)((char *)a + k->cap) = 0;
-            if (vn->type == YAML_SCALAR_NODE) {
-                MOLT_TRY(list_add(a, k, (const char *)vn->data.scalar.value, where));
-                continue;
-            }
-            for (yaml_node_item_t *it = vn->data.sequence.items.start;
-                 it < vn->data.sequence.items.top; it++) {
-                yaml_node_t *in = yaml_document_get_node(doc, *it);
-                where_str(where, sizeof where, path, (int)in->start_mark.line + 1);
-                if (in->type != YAML_SCALAR_NODE)
-                    return molt_err(MOLT_EARG, "config %s: key '%s': list items must be "
-                                    "scalars", where, key);
-                MOLT_TRY(list_add(a, k, (const char *)in->data.scalar.value, where));
-            }
-        } else if (vn->type != YAML_SCALAR_NODE) {
+// One leaf of the YAML file (common/yamlkv.h) into its key.
+static molt_status yaml_leaf(void *user, ykv_event ev, const char *key, const char *v,
+                             const char *where) {
+    cfg_all *a = user;
+    const key_def *k = find_key(key);
+    if (!k)
+        return unknown_key(key, where);
+    switch (ev) {
+    case YKV_SCALAR:
+        if (k->kind != K_LIST)
+            return set_scalar(a, k, v, where);
+        *(int *)((char *)a + k->cap) = 0;
+        return list_add(a, k, v, where);
+    case YKV_LIST_BEGIN:
+        if (k->kind != K_LIST)
             return molt_err(MOLT_EARG, "config %s: key '%s' takes a single value", where, key);
-        } else {
-            MOLT_TRY(set_scalar(a, k, (const char *)vn->data.scalar.value, where));
-        }
+        *(int *)((char *)a + k->cap) = 0;
+        return MOLT_OK;
+    case YKV_LIST_ITEM:
+        return list_add(a, k, v, where);
     }
-    return MOLT_OK;
+    return molt_err(MOLT_EINTERNAL, "config %s: key '%s': unknown YAML event", where, key);
 }
 
-static molt_status load_yaml(cfg_all *a, const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return molt_err(MOLT_EIO, "config %s: cannot open: %s", path, strerror(errno));
-    yaml_parser_t parser;
-    yaml_document_t doc;
-    yaml_parser_initialize(&parser);
-    yaml_parser_set_input_file(&parser, f);
-    molt_status st = MOLT_OK;
-    if (!yaml_parser_load(&parser, &doc)) {
-        st = molt_err(MOLT_EARG, "config %s:%d: YAML error: %s", path,
-                      (int)parser.problem_mark.line + 1,
-                      parser.problem ? parser.problem : "unknown");
-        yaml_parser_delete(&parser);
-        fclose(f);
-        return st;
-    }
-    yaml_node_t *root = yaml_document_get_root_node(&doc);
-    if (root && root->type != YAML_MAPPING_NODE)
-        st = molt_err(MOLT_EARG, "config %s:%d: the top level must be a mapping of keys",
-                      path, (int)root->start_mark.line + 1);
-    else if (root)
-        st = walk_map(a, &doc, root, "", path);
-    yaml_document_delete(&doc);
-    yaml_parser_delete(&parser);
-    fclose(f);
-    return st;
-}
+static molt_status load_yaml(cfg_all *a, const char *path) { return ykv_load(path, yaml_leaf, a); }
 
 static molt_status apply_set(cfg_all *a, const char *kv) {
     const char *eq = strchr(kv, '=');
