@@ -418,6 +418,68 @@ START_TEST(test_logprobs) {
     ck_assert_int_eq(ev.finish, ENG_FINISH_LENGTH);
     ck_assert_int_eq(ev.n_gen, 0);
     eng_release(q);
+    // from index 18 only: the same values, bit for bit, with the leading block from the prefix
+    // cache; and a request that only computes its prompt (reusing what is cached)
+    double full[20];
+    r.prompt_logprobs_from = 0;
+    ck_assert_ok(eng_submit(e, &r, &q));
+    while (eng_next(q, &ev, 60000) && ev.kind == ENG_EV_PROMPT)
+        full[ev.index] = ev.logprob;
+    eng_release(q);
+    eng_request prime = r;
+    prime.prompt_logprobs = false;
+    prime.compute_prompt = true;
+    ck_assert_ok(eng_submit(e, &prime, &q));
+    ck_assert_int_eq(eng_next(q, &ev, 60000), 1);
+    ck_assert_int_eq(ev.kind, ENG_EV_DONE);
+    ck_assert_int_eq(ev.n_cached, 16); // the first request's prompt block
+    eng_release(q);
+    r.prompt_logprobs_from = 18;
+    ck_assert_ok(eng_submit(e, &r, &q));
+    int want = 18;
+    while (eng_next(q, &ev, 60000) && ev.kind == ENG_EV_PROMPT) {
+        ck_assert_int_eq(ev.index, want++);
+        ck_assert(ev.logprob == full[ev.index]);
+    }
+    ck_assert_int_eq(want, 20);
+    ck_assert_int_eq(ev.n_cached, 16); // rows 17 on are computed; the block before is cached
+    eng_release(q);
+    eng_free(e);
+}
+END_TEST
+
+// A stop id ends generation and is named in the DONE event.
+START_TEST(test_stop_token) {
+    eng_engine *e = engine(0, 16, 4, 512);
+    int32_t p[6];
+    some_ids(p, 6, 8);
+    job j = {0};
+    memcpy(j.prompt, p, sizeof p);
+    j.np = 6;
+    j.adapter = -1;
+    j.max_tokens = 8;
+    inf_sample_opts_default(&j.so);
+    submit(e, &j);
+    drain(&j);
+    ck_assert_int_ge(j.n_got, 3);
+    eng_request r;
+    eng_request_default(&r);
+    r.prompt = p;
+    r.n_prompt = 6;
+    r.max_tokens = 8;
+    r.stop_ids = &j.got[2];
+    r.n_stop_ids = 1;
+    eng_req *q;
+    ck_assert_ok(eng_submit(e, &r, &q));
+    eng_event ev;
+    int n = 0;
+    while (eng_next(q, &ev, 60000) && ev.kind == ENG_EV_TOKEN)
+        n++;
+    ck_assert_int_eq(ev.kind, ENG_EV_DONE);
+    ck_assert_int_eq(ev.finish, ENG_FINISH_STOP);
+    ck_assert_int_eq(ev.stop_token, j.got[2]);
+    ck_assert_int_le(n, 3);
+    eng_release(q);
     eng_free(e);
 }
 END_TEST
@@ -460,6 +522,7 @@ int main(void) {
     tcase_add_test(tc, test_cancel_remove_and_errors);
     tcase_add_test(tc, test_logprobs);
     tcase_add_test(tc, test_shutdown);
+    tcase_add_test(tc, test_stop_token);
     suite_add_tcase(s, tc);
     return harness_run(s);
 }

@@ -66,6 +66,7 @@ struct eng_req {
     int n_computed;         // tokens whose latents are in the cache
     int n_cached;           // prompt tokens served by the prefix cache
     int next_prompt_lp;     // next prompt index whose log-probability is due (>= 1)
+    int32_t stop_token;     // the id that ended it, -1 while none
     int kv_seq;             // cache sequence, -1 when none
     bool published;         // prompt blocks offered to the prefix cache
     eng_entry *ad;          // adapter, NULL for the base

@@ -229,6 +229,13 @@ int eng_vocab_size(const eng_engine *e) { return e->model.cfg.vocab_size; }
 int eng_kv_capacity_tokens(const eng_engine *e) { return e->kv.max_blocks * e->kv.block_tokens; }
 int32_t eng_eos(const eng_engine *e) { return e->eos; }
 
+bool eng_healthy(eng_engine *e) {
+    pthread_mutex_lock(&e->mu);
+    bool ok = e->started && !e->stop && e->accepting;
+    pthread_mutex_unlock(&e->mu);
+    return ok;
+}
+
 void eng_get_stats(eng_engine *e, eng_stats *s) {
     pthread_mutex_lock(&e->mu);
     *s = e->st;
@@ -259,6 +266,9 @@ static molt_status check_request(const eng_engine *e, const eng_request *r) {
     if (r->logprobs < -1 || r->logprobs > ENG_MAX_LOGPROBS)
         return molt_err(MOLT_EARG, "logprobs: %d is outside [0, %d]", r->logprobs,
                         ENG_MAX_LOGPROBS);
+    if (r->prompt_logprobs_from < 0)
+        return molt_err(MOLT_EARG, "prompt_logprobs_from: %d is negative",
+                        r->prompt_logprobs_from);
     if (r->n_stop_ids < 0 || (r->n_stop_ids > 0 && !r->stop_ids))
         return molt_err(MOLT_EARG, "stop_token_ids: bad list");
     for (int i = 0; i < r->n_stop_ids; i++)
@@ -308,7 +318,8 @@ static eng_req *req_new(const eng_request *r) {
     q->r.stop_ids = q->stops;
     q->r.adapter = NULL;
     q->n_tokens = r->n_prompt;
-    q->next_prompt_lp = 1;
+    q->next_prompt_lp = r->prompt_logprobs_from > 1 ? r->prompt_logprobs_from : 1;
+    q->stop_token = -1;
     q->kv_seq = -1;
     q->refs = 2;
     ag_rng_seed(&q->rng, r->sample.seed);

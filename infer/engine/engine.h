@@ -59,6 +59,9 @@ int eng_max_model_len(const eng_engine *e);
 int eng_vocab_size(const eng_engine *e);
 int eng_kv_capacity_tokens(const eng_engine *e);         // blocks in the pool x block_tokens
 int32_t eng_eos(const eng_engine *e);                    // the tokenizer's </s>, or -1
+// Whether the engine thread is running and taking requests (false before eng_start, after
+// eng_shutdown, and once it has stopped).
+bool eng_healthy(eng_engine *e);
 
 // ---- adapters -----------------------------------------------------------------------------
 // An adapter is registered under a unique name with the path it loads from: a PEFT directory,
@@ -107,6 +110,11 @@ typedef struct {
                              // token's log-probability, 1..ENG_MAX_LOGPROBS the top-n too
     bool prompt_logprobs;    // deliver the log-probability of every prompt token after the
                              // first (with `logprobs` alternatives each when >= 0)
+    int prompt_logprobs_from; // with prompt_logprobs: only for prompt indices >= this (>= 1;
+                             // 0 = 1); the rows before it are not projected to the vocabulary
+    bool compute_prompt;     // with max_tokens 0 and no prompt log-probabilities: compute the
+                             // prompt into the cache anyway (its blocks then serve later
+                             // requests with the same leading tokens through the prefix cache)
 } eng_request;
 void eng_request_default(eng_request *r); // greedy, max_tokens 16, logprobs -1
 
@@ -138,6 +146,7 @@ typedef struct {
     eng_finish finish;
     int n_prompt, n_gen;     // usage
     int n_cached;            // prompt tokens served from the prefix cache
+    int32_t stop_token;      // ENG_FINISH_STOP: the id that ended it (eos or stop id), else -1
     // ERROR
     molt_status status;
     char message[512];

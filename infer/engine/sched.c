@@ -89,7 +89,8 @@ static void finish(eng_engine *e, eng_req *q, eng_finish why) {
     unlist(e, q);
     release_adapter(e, q);
     eng_event ev = {.kind = ENG_EV_DONE, .finish = why, .n_prompt = q->r.n_prompt,
-                    .n_gen = q->n_tokens - q->r.n_prompt, .n_cached = q->n_cached};
+                    .n_gen = q->n_tokens - q->r.n_prompt, .n_cached = q->n_cached,
+                    .stop_token = why == ENG_FINISH_STOP ? q->stop_token : -1};
     eng_req_push(q, &ev);
     eng_req_unref(q);
 }
@@ -179,8 +180,10 @@ static bool next_token(eng_engine *e, eng_req *q, const float *row) {
     q->tokens[q->n_tokens++] = tok;
     eng_req_push(q, &ev);
     e->acc.generated_tokens++;
-    if (is_stop(e, q, tok))
+    if (is_stop(e, q, tok)) {
+        q->stop_token = tok;
         finish(e, q, ENG_FINISH_STOP);
+    }
     else if (n_gen + 1 >= q->r.max_tokens || q->n_tokens >= e->max_model_len)
         finish(e, q, ENG_FINISH_LENGTH);
     else
@@ -292,10 +295,13 @@ static int plan_decode(eng_engine *e, plan *p) {
 static molt_status open_sequence(eng_engine *e, eng_req *q) {
     MOLT_TRY(mdl_kv_seq_open(&e->kv, &q->kv_seq));
     q->n_computed = 0;
-    // prompt log-probabilities need the logits of every prompt token: nothing is skipped
-    if (!e->o.no_prefix_caching && !q->r.prompt_logprobs) {
+    // prompt log-probabilities need the logits of the rows before the tokens they score
+    int limit = q->r.n_prompt - 1;
+    if (q->r.prompt_logprobs && q->next_prompt_lp - 1 < limit)
+        limit = q->next_prompt_lp - 1;
+    if (!e->o.no_prefix_caching) {
         uint64_t tag = q->ad ? q->ad->uid : 0;
-        int n = mdl_kv_prefix_match(&e->kv, q->kv_seq, tag, q->tokens, q->r.n_prompt - 1);
+        int n = mdl_kv_prefix_match(&e->kv, q->kv_seq, tag, q->tokens, limit);
         q->n_computed = n;
         if (q->n_cached == 0)
             q->n_cached = n;
@@ -333,7 +339,8 @@ static void plan_prefill(eng_engine *e, plan *p, int budget) {
         eng_req *next = q->next;
         if (q->kv_seq < 0 && active >= e->o.max_num_seqs)
             break;
-        if (q->r.max_tokens == 0 && !q->r.prompt_logprobs) { // nothing to compute
+        if (q->r.max_tokens == 0 && !q->r.prompt_logprobs && !q->r.compute_prompt) {
+            // nothing to compute
             finish(e, q, ENG_FINISH_LENGTH);
             q = next;
             continue;
@@ -356,8 +363,16 @@ static void plan_prefill(eng_engine *e, plan *p, int budget) {
             break; // the cache is full: the running sequences go first
         int start = q->n_computed, end = start + chunk, np = q->r.n_prompt;
         int expanded = (end < np ? end : np) - start;
-        bool lp = q->r.prompt_logprobs && q->next_prompt_lp < np;
-        int n_logits = lp ? chunk : end == q->n_tokens ? 1 : 0;
+        // rows whose logits are needed: those predicting a prompt token due for its
+        // log-probability (a suffix of the chunk), and the last known token's to sample
+        int n_logits = 0;
+        if (q->r.prompt_logprobs && q->next_prompt_lp < np && q->next_prompt_lp - 1 < end) {
+            int from = q->next_prompt_lp - 1 > start ? q->next_prompt_lp - 1 : start;
+            n_logits = end - from;
+        }
+        if (end == q->n_tokens && q->n_tokens - q->r.n_prompt < q->r.max_tokens &&
+            n_logits == 0)
+            n_logits = 1;
         mdl_span s = {q->kv_seq, &q->tokens[start], chunk, expanded > 0 ? expanded : 0,
                       slot_of(q), n_logits};
         if (!plan_add(p, q, s))
@@ -405,6 +420,10 @@ static void deliver(eng_engine *e, plan *p, const ag_tensor *logits) {
         }
         if (q->n_computed < q->n_tokens)
             continue; // more of the prompt to come
+        if (q->n_tokens - q->r.n_prompt >= q->r.max_tokens) { // e.g. max_tokens 0
+            finish(e, q, ENG_FINISH_LENGTH);
+            continue;
+        }
         if (!next_token(e, q, rows + (int64_t)(s->n_logits - 1) * V))
             continue;
         if (q->state == RQ_WAITING) { // prompt done: it decodes from now on
