@@ -229,6 +229,14 @@ int eng_vocab_size(const eng_engine *e) { return e->model.cfg.vocab_size; }
 int eng_kv_capacity_tokens(const eng_engine *e) { return e->kv.max_blocks * e->kv.block_tokens; }
 int32_t eng_eos(const eng_engine *e) { return e->eos; }
 
+bool eng_is_eos(const eng_engine *e, int32_t t) {
+    const mcfg *c = &e->model.cfg;
+    for (int i = 0; i < c->n_eos; i++)
+        if (c->eos_token_ids[i] == t)
+            return true;
+    return e->eos >= 0 && t == e->eos;
+}
+
 bool eng_healthy(eng_engine *e) {
     pthread_mutex_lock(&e->mu);
     bool ok = e->started && !e->stop && e->accepting;

@@ -59,6 +59,9 @@ int eng_max_model_len(const eng_engine *e);
 int eng_vocab_size(const eng_engine *e);
 int eng_kv_capacity_tokens(const eng_engine *e);         // blocks in the pool x block_tokens
 int32_t eng_eos(const eng_engine *e);                    // the tokenizer's </s>, or -1
+// Whether t ends a sequence by itself: the tokenizer's </s> or an eos id of the model's
+// config (what stops a request unless ignore_eos).
+bool eng_is_eos(const eng_engine *e, int32_t t);
 // Whether the engine thread is running and taking requests (false before eng_start, after
 // eng_shutdown, and once it has stopped).
 bool eng_healthy(eng_engine *e);

@@ -147,13 +147,7 @@ static bool is_stop(const eng_engine *e, const eng_req *q, int32_t t) {
     for (int i = 0; i < q->r.n_stop_ids; i++)
         if (q->r.stop_ids[i] == t)
             return true;
-    if (q->r.ignore_eos)
-        return false;
-    const mcfg *c = &e->model.cfg;
-    for (int i = 0; i < c->n_eos; i++)
-        if (c->eos_token_ids[i] == t)
-            return true;
-    return e->eos >= 0 && t == e->eos;
+    return !q->r.ignore_eos && eng_is_eos(e, t);
 }
 
 // Samples q's next token from its logits row, delivers it, and ends q when it should stop.

@@ -246,7 +246,7 @@ static void on_token(srv_job *j, srv_choice *c, const eng_event *ev) {
     if (!push_lp(c, ev, c->text_chars + srv_utf8_chars(c->u.buf, c->u.n)))
         goto oom;
     int32_t t = ev->token;
-    if ((t == eng_eos(j->s->eng) && !j->rq.ignore_eos) || is_stop_id(j, t)) {
+    if ((eng_is_eos(j->s->eng, t) && !j->rq.ignore_eos) || is_stop_id(j, t)) {
         if (is_stop_id(j, t))
             c->stop_reason = json_integer(t);
         return; // the token that ends the sequence adds no text
@@ -271,6 +271,7 @@ oom:
 }
 
 static void on_done(srv_job *j, srv_choice *c, const eng_event *ev) {
+    c->n_cached = ev->n_cached;
     if (c->done) // a stop string ended it; the engine's word comes after
         return;
     if (c->u.n && !add_text(j, c, "", 0, true))
@@ -366,13 +367,16 @@ json_t *srv_token_str(srv_job *j, int32_t id) {
 }
 
 json_t *srv_job_usage(const srv_job *j) {
-    long long prompt = 0, gen = 0;
+    long long prompt = 0, gen = 0, cached = 0;
     for (int p = 0; p < j->n_prompts; p++)
         prompt += (long long)j->prompts[p].n;
-    for (int i = 0; i < j->n_choices; i++)
+    for (int i = 0; i < j->n_choices; i++) {
         gen += j->c[i].n_gen;
-    return json_pack("{s:I, s:I, s:I}", "prompt_tokens", prompt, "total_tokens", prompt + gen,
-                     "completion_tokens", gen);
+        cached += j->c[i].n_cached;
+    }
+    return json_pack("{s:I, s:I, s:I, s:{s:I}}", "prompt_tokens", prompt, "total_tokens",
+                     prompt + gen, "completion_tokens", gen, "prompt_tokens_details",
+                     "cached_tokens", cached);
 }
 
 bool srv_job_ok(const srv_job *j, srv_error *e) {

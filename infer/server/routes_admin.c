@@ -25,8 +25,11 @@ bool srv_resolve_model(srv_server *s, const json_t *body, const char **adapter,
     return true;
 }
 
+// 200 while the engine takes requests; 503 once it has stopped (or is draining).
 enum MHD_Result srv_route_health(srv_req *r, json_t *body) {
     (void)body;
+    if (!eng_healthy(r->s->eng))
+        return srv_reply_text(r, 503, "text/plain", "engine stopped\n", 15);
     return srv_reply_text(r, 200, "text/plain", "", 0);
 }
 

@@ -158,6 +158,7 @@ typedef struct {
     json_t *stop_reason;    // the stop string or id, or NULL (null)
     srv_error err;          // err.status != 0: the choice failed
     int n_gen;              // tokens counted for usage (up to a stop string)
+    int n_cached;           // prompt tokens the engine took from its prefix cache
     srv_buf text;           // generated text (special tokens left out)
     size_t text_chars;      // code points of text
     size_t sent;            // bytes of text already streamed
