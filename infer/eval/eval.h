@@ -270,4 +270,87 @@ void ev_report_print(const ev_report *r, FILE *f);
 // HTML file (default OUTPUT_DIR/report.html); prints its path. Exit 0, 1 (error), 2 (usage).
 int ev_cmd_report(int argc, char **argv);
 
+// ---- molt eval: the runner (run.c, records.c, cli_eval.c) -------------------------------
+// Every system (the base and each adapter) runs every example of every dataset through one
+// serving engine (infer/engine/): one base model in memory plus the adapters, each engine
+// step one batched forward over requests of all systems. Records are read and tokenized once.
+typedef enum { EV_TASK_LOSS, EV_TASK_CHOICE, EV_TASK_GENERATE, EV_TASK_COUNT } ev_task;
+const char *ev_task_name(ev_task t);                 // "loss", "choice", "generate"
+molt_status ev_task_parse(const char *s, ev_task *t); // MOLT_EARG naming s
+
+#define EV_MAX_SYSTEMS 64
+#define EV_MAX_DATA 32
+#define EV_MAX_METRICS 16
+#define EV_MAX_STOP 8
+#define EV_MAX_CHOICES 64
+
+// One dataset of a run.
+//   loss      metric "loss": per example, the mean negative log-likelihood of its trained
+//             tokens (the training template and loss mask); the summary also gives the
+//             token-weighted mean over the dataset (what molt train --eval-only prints) and
+//             its perplexity
+//   choice    metrics "acc" (the choice with the highest total log-likelihood is the answer)
+//             and "acc_norm" (the same with the total divided by the choice's length in
+//             characters), as lm-evaluation-harness defines them; the context is computed
+//             once per example and system and its cache blocks reused by every choice
+//   generate  text metrics (see ev_text_metric_parse; default exact_match) of the answer
+//             generated after the prompt against the reference
+typedef struct {
+    const char *path;   // JSONL file (compressed files and archives as the data layer reads)
+    const char *name;   // name in the reports (NULL: the path)
+    ev_task task;
+    int n_metrics;      // generate: text metric specs (0: exact_match)
+    const char *metrics[EV_MAX_METRICS];
+    int max_tokens;     // generate: tokens at most per answer (0: 64)
+    double temperature; // generate: 0 = greedy (default); else seeded sampling
+    int top_k;
+    double top_p;       // 0 = 1
+    uint64_t seed;      // sampling seed (each example and system: seed + example index)
+    int n_stop;         // generate: stop strings (the answer ends before the first one)
+    const char *stop[EV_MAX_STOP];
+} ev_data_spec;
+
+typedef struct {
+    const char *model_dir;
+    const char *base_quant;   // SPEC (model.h) or NULL
+    const char *tokenizer;    // NULL: beside the model
+    bool base;                // the base model is a system, named "base"
+    int n_adapters;
+    const char *adapter_name[EV_MAX_SYSTEMS];
+    const char *adapter_path[EV_MAX_SYSTEMS]; // PEFT dir, .h5 adapter or step-N.h5
+    const char *baseline;     // NULL: "base" when present, else the first adapter
+    int64_t limit;            // examples per dataset (0: all)
+    bool skip_bad;            // count and skip bad records instead of stopping
+    ev_boot_opts boot;
+    const char *out_dir;      // reports go here (NULL: none written)
+    int n_data;
+    ev_data_spec data[EV_MAX_DATA];
+    int kv_cache_mib, max_batch_tokens, max_num_seqs; // engine sizes (0: defaults)
+    bool progress;            // progress on stderr (a bar on a terminal, lines otherwise)
+    const char *config_json;  // the resolved configuration, for report.json (NULL: {})
+} ev_run_opts;
+void ev_run_opts_default(ev_run_opts *o);
+
+// What a run measured besides the report (per dataset d and system s at d*n_systems+s).
+typedef struct {
+    int n_systems, n_data;
+    double token_loss[EV_MAX_DATA * EV_MAX_SYSTEMS];   // loss task: token-weighted mean NLL
+    int64_t tokens_computed;  // prompt tokens the engine computed for the whole run
+    int64_t tokens_naive;     // what recomputing every choice's context would have computed
+    int64_t tokens_cached;    // prompt tokens taken from the prefix cache
+    double seconds;           // wall time of the run (model load included)
+    int64_t examples, bad;    // examples used, bad records skipped (all datasets)
+} ev_run_summary;
+
+// Runs the evaluation: loads the model and adapters, reads every dataset, runs every
+// system on it, computes the statistics, prints the summary table to stdout and, with
+// out_dir, writes report.md, report.json, samples.jsonl and report.html there. Errors: an
+// adapter that does not fit the base (its name and tensor), two systems with one name, no
+// system, a baseline that is not a system, a bad record (FILE:LINE) unless skip_bad, an
+// empty dataset.
+molt_status ev_run(const ev_run_opts *o, ev_run_summary *sum);
+
+// `molt eval ...` (cli_eval.c). Exit 0, 1 (error), 2 (usage).
+int ev_cmd_eval(int argc, char **argv);
+
 #endif
