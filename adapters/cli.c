@@ -4,6 +4,8 @@
 // adapter logic itself (lora.c, peft.c, h5.c, merge.c).
 #include "adapters.h"
 
+#include "../common/opt.h"
+
 #include <errno.h>
 #include <jansson.h>
 #include <stdlib.h>
@@ -27,40 +29,10 @@ static const char merge_usage[] =
     "  model.safetensors (Hugging Face layout) and a copy of DIR's tokenizer files.\n";
 
 typedef struct {
-    const char *model, *adapter, *out, *format, *base_name, *dtype, *checkpoint;
+    const char *model, *adapter, *out, *format, *base_name, *dtype;
     const char *spec, *b_std, *b_seed;
+    bool force;
 } cli_opts;
-
-// Parses --key value pairs into o; returns 0, or 2 after printing the problem.
-static int parse(int argc, char **argv, cli_opts *o, const char *cmd, const char *usage) {
-    struct {
-        const char *flag;
-        const char **dst;
-    } known[] = {{"--model", &o->model},         {"--adapter", &o->adapter},
-                 {"--out", &o->out},             {"--format", &o->format},
-                 {"--base-name", &o->base_name}, {"--dtype", &o->dtype},
-                 {"--checkpoint", &o->checkpoint}, {"--spec", &o->spec},
-                 {"--b-std", &o->b_std},         {"--b-seed", &o->b_seed}};
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            fputs(usage, stdout);
-            return -1;
-        }
-        size_t k = 0;
-        while (k < sizeof known / sizeof *known && strcmp(argv[i], known[k].flag))
-            k++;
-        if (k == sizeof known / sizeof *known) {
-            fprintf(stderr, "%s: unknown option '%s'\n%s", cmd, argv[i], usage);
-            return 2;
-        }
-        if (i + 1 >= argc) {
-            fprintf(stderr, "%s: %s needs a value\n", cmd, argv[i]);
-            return 2;
-        }
-        *known[k].dst = argv[++i];
-    }
-    return 0;
-}
 
 static int fail(const char *cmd) {
     fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
@@ -87,21 +59,22 @@ static molt_status fresh_or_load(mdl_model *m, const cli_opts *o, lora_adapter *
 int lora_cmd_export(int argc, char **argv) {
     const char *cmd = "molt export";
     cli_opts o = {0};
-    int rc = parse(argc, argv, &o, cmd, export_usage);
+    const molt_opt opts[] = {MOLT_OPT("--model", &o.model),   MOLT_OPT("--adapter", &o.adapter),
+                             MOLT_OPT("--out", &o.out),       MOLT_OPT("--format", &o.format),
+                             MOLT_OPT("--base-name", &o.base_name), MOLT_OPT("--spec", &o.spec),
+                             MOLT_OPT("--b-std", &o.b_std),   MOLT_OPT("--b-seed", &o.b_seed),
+                             MOLT_OPT_FLAG("--force", &o.force), MOLT_OPT_END};
+    int rc = molt_opts_parse(cmd, export_usage, opts, argc, argv, 1, NULL);
     if (rc)
         return rc < 0 ? 0 : rc;
-    if (o.checkpoint) {
-        fprintf(stderr, "%s: --checkpoint is not readable by this build; pass the adapter "
-                "file with --adapter\n", cmd);
-        return 1;
-    }
-    const char *fmt = o.format ? o.format : "peft";
-    bool one_src = !o.adapter != !o.spec;
-    if (!o.model || !o.out || !one_src || (strcmp(fmt, "peft") && strcmp(fmt, "molt"))) {
-        fprintf(stderr, "%s: --model, --out and one of --adapter, --spec are required; --format "
-                "is peft or molt\n%s", cmd, export_usage);
+    static const char *const formats[] = {"peft", "molt"};
+    int fmt_i = 0;
+    if (!molt_opt_choice(cmd, "--format", o.format, formats, 2, &fmt_i))
         return 2;
-    }
+    const char *fmt = formats[fmt_i];
+    if (!o.model || !o.out || !o.adapter == !o.spec)
+        return molt_opt_usage_error(cmd, "--model, --out and one of --adapter, --spec are "
+                                    "required");
     mdl_model m = {0};
     lora_adapter ad;
     if (mdl_load(o.model, &m) != MOLT_OK)
@@ -178,15 +151,19 @@ static molt_status write_merged(const mdl_model *m, const cli_opts *o, bool bf16
 int lora_cmd_merge(int argc, char **argv) {
     const char *cmd = "molt merge";
     cli_opts o = {0};
-    int rc = parse(argc, argv, &o, cmd, merge_usage);
+    const molt_opt opts[] = {MOLT_OPT("--model", &o.model), MOLT_OPT("--adapter", &o.adapter),
+                             MOLT_OPT("--out", &o.out),     MOLT_OPT("--dtype", &o.dtype),
+                             MOLT_OPT_FLAG("--force", &o.force), MOLT_OPT_END};
+    int rc = molt_opts_parse(cmd, merge_usage, opts, argc, argv, 1, NULL);
     if (rc)
         return rc < 0 ? 0 : rc;
-    const char *dt = o.dtype ? o.dtype : "f32";
-    if (!o.model || !o.adapter || !o.out || (strcmp(dt, "f32") && strcmp(dt, "bf16"))) {
-        fprintf(stderr, "%s: --model, --adapter, --out are required; --dtype is bf16 or "
-                "f32\n%s", cmd, merge_usage);
+    static const char *const dtypes[] = {"f32", "bf16"};
+    int dt_i = 0;
+    if (!molt_opt_choice(cmd, "--dtype", o.dtype, dtypes, 2, &dt_i))
         return 2;
-    }
+    const char *dt = dtypes[dt_i];
+    if (!o.model || !o.adapter || !o.out)
+        return molt_opt_usage_error(cmd, "--model, --adapter and --out are required");
     mdl_model m = {0};
     lora_adapter ad;
     if (mdl_load(o.model, &m) != MOLT_OK)

@@ -5,6 +5,8 @@
 // quant_io.c. Exit status: 0 success, 1 failure, 2 bad usage.
 #include "mdl_quant.h"
 
+#include "../common/opt.h"
+
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -62,33 +64,28 @@ static const char quant_usage[] =
 
 int mdl_cmd_quantize(int argc, char **argv) {
     const char *model = NULL, *spec_s = NULL, *out = NULL, *dq = "on", *cmd = "molt quantize";
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            fputs(quant_usage, stdout);
-            return 0;
-        }
-        const char **dst = !strcmp(a, "--model") ? &model : !strcmp(a, "--quant") ? &spec_s
-                           : !strcmp(a, "--out") ? &out : !strcmp(a, "--double-quant") ? &dq
-                                                                                     : NULL;
-        if (!dst || i + 1 >= argc) {
-            fprintf(stderr, "%s: %s '%s'\n%s", cmd, dst ? "missing value for" : "unknown option",
-                    a, quant_usage);
-            return 2;
-        }
-        *dst = argv[++i];
-    }
-    mdl_qspec spec;
-    if (!model || !spec_s || !out || (strcmp(dq, "on") && strcmp(dq, "off"))) {
-        fprintf(stderr, "%s: --model, --quant and --out are required; --double-quant is on or "
-                "off\n%s", cmd, quant_usage);
+    bool force = false;
+    const molt_opt opts[] = {MOLT_OPT("--model", &model),
+                             MOLT_OPT("--quant", &spec_s),
+                             MOLT_OPT("--out", &out),
+                             MOLT_OPT("--double-quant", &dq),
+                             MOLT_OPT_FLAG("--force", &force),
+                             MOLT_OPT_END};
+    int rc = molt_opts_parse(cmd, quant_usage, opts, argc, argv, 1, NULL);
+    if (rc)
+        return rc < 0 ? 0 : rc;
+    static const char *const on_off[] = {"off", "on"};
+    int dq_on = 1;
+    if (!molt_opt_choice(cmd, "--double-quant", dq, on_off, 2, &dq_on))
         return 2;
-    }
+    if (!model || !spec_s || !out)
+        return molt_opt_usage_error(cmd, "--model, --quant and --out are required");
+    mdl_qspec spec;
     if (mdl_qspec_parse(spec_s, &spec) != MOLT_OK) {
         fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
         return 2;
     }
-    spec.nf4_double_quant = strcmp(dq, "on") == 0;
+    spec.nf4_double_quant = dq_on == 1;
     mdl_model m;
     double t0 = now_s();
     molt_status st = mdl_load_quant(model, &spec, &m);
@@ -250,31 +247,22 @@ static const char bench_usage[] =
 
 int mdl_cmd_bench_quant_model(int argc, char **argv) {
     const char *model = NULL, *preset = NULL, *full = "mistral-small-4";
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            fputs(bench_usage, stdout);
-            return 0;
-        }
-        const char **dst = !strcmp(a, "--model") ? &model : !strcmp(a, "--preset") ? &preset
-                           : !strcmp(a, "--full") ? &full : NULL;
-        if (!dst || i + 1 >= argc) {
-            fprintf(stderr, "molt bench quant-model: bad option '%s'\n%s", a, bench_usage);
-            return 2;
-        }
-        *dst = argv[++i];
-    }
-    if (!model == !preset) {
-        fprintf(stderr, "molt bench quant-model: give --model or --preset\n%s", bench_usage);
-        return 2;
-    }
+    const molt_opt opts[] = {MOLT_OPT("--model", &model),
+                             MOLT_OPT("--preset", &preset),
+                             MOLT_OPT("--full", &full),
+                             MOLT_OPT_END};
+    int rc = molt_opts_parse("molt bench quant-model", bench_usage, opts, argc, argv, 1, NULL);
+    if (rc)
+        return rc < 0 ? 0 : rc;
+    if (!model == !preset)
+        return molt_opt_usage_error("molt bench quant-model", "give --model or --preset");
     if (model)
         return bench_model(model, full);
     char dir[] = "/tmp/molt-bench-model-XXXXXX";
     if (!mkdtemp(dir))
         return 1;
     mdl_init_opts o = {.preset = preset, .out_dir = dir, .seed = 1, .no_tokenizer = true};
-    int rc = 1;
+    rc = 1;
     if (mdl_init_model(&o) == MOLT_OK)
         rc = bench_model(dir, full);
     else

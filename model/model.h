@@ -353,11 +353,12 @@ molt_status mdl_greedy(ag_ctx *c, const mdl_model *m, const int32_t *prompt, int
 molt_status mdl_preset_find(const char *name, char *path, size_t cap);
 typedef struct {
     const char *preset;    // preset name or .json path
-    const char *out_dir;   // created when missing
+    const char *out_dir;   // created when missing; a non-empty one is refused unless force
     uint64_t seed;
     mdl_save_opts save;    // dtype and layout of the written weights
     const char *tokenizer; // tokenizer file to copy; NULL = tekken.json found beside presets
     bool no_tokenizer;     // write no tokenizer
+    bool force;            // replace a non-empty out_dir whole
     double max_gb;         // refuse models whose F32 weights exceed this (0 = 16)
 } mdl_init_opts;
 // Writes out_dir/config.json (the preset, with dtype set), the weights

@@ -11,6 +11,7 @@
 #include "trainer.h"
 
 #include "../adapters/adapters.h"
+#include "../common/opt.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,39 +28,37 @@ static const char usage[] =
 
 typedef struct {
     const char *checkpoint, *out, *format, *model, *base_name;
+    bool force;
 } export_opts;
 
-// Parses the --checkpoint form; returns 0, or 2 after printing the problem.
+// Parses the --checkpoint form; returns 0, -1 after --help, or 2 after printing the problem.
 static int parse(int argc, char **argv, export_opts *o) {
-    struct {
-        const char *flag;
-        const char **dst;
-    } known[] = {{"--checkpoint", &o->checkpoint}, {"--out", &o->out},
-                 {"--format", &o->format},         {"--model", &o->model},
-                 {"--base-name", &o->base_name}};
-    size_t n_known = sizeof known / sizeof *known;
-    for (int i = 1; i < argc; i++) {
-        size_t k = 0;
-        while (k < n_known && strcmp(argv[i], known[k].flag))
-            k++;
-        if (k == n_known) {
-            fprintf(stderr, "molt export: option '%s' does not go with --checkpoint\n%s",
-                    argv[i], usage);
-            return 2;
+    const char *cmd = "molt export";
+    const molt_opt opts[] = {MOLT_OPT("--checkpoint", &o->checkpoint),
+                             MOLT_OPT("--out", &o->out),
+                             MOLT_OPT("--format", &o->format),
+                             MOLT_OPT("--model", &o->model),
+                             MOLT_OPT("--base-name", &o->base_name),
+                             MOLT_OPT_FLAG("--force", &o->force),
+                             MOLT_OPT_END};
+    static const char *const other_form[] = {"--adapter", "--spec", "--b-std", "--b-seed"};
+    for (int i = 1; i < argc; i++)
+        for (size_t k = 0; k < sizeof other_form / sizeof *other_form; k++) {
+            size_t n = strlen(other_form[k]);
+            if (!strncmp(argv[i], other_form[k], n) && (!argv[i][n] || argv[i][n] == '='))
+                return molt_opt_usage_error(cmd, "option '%s' does not go with --checkpoint",
+                                            other_form[k]);
         }
-        if (i + 1 >= argc) {
-            fprintf(stderr, "molt export: %s needs a value\n", argv[i]);
-            return 2;
-        }
-        *known[k].dst = argv[++i];
-    }
-    const char *fmt = o->format ? o->format : "peft";
-    if (!o->out || (strcmp(fmt, "peft") && strcmp(fmt, "molt"))) {
-        fprintf(stderr, "molt export: --checkpoint needs --out; --format is peft or molt\n%s",
-                usage);
+    int rc = molt_opts_parse(cmd, usage, opts, argc, argv, 1, NULL);
+    if (rc)
+        return rc;
+    static const char *const formats[] = {"peft", "molt"};
+    int f = 0;
+    if (!molt_opt_choice(cmd, "--format", o->format, formats, 2, &f))
         return 2;
-    }
-    o->format = fmt;
+    o->format = formats[f];
+    if (!o->out)
+        return molt_opt_usage_error(cmd, "--checkpoint needs --out");
     return 0;
 }
 
@@ -165,7 +164,8 @@ static int export_checkpoint(const export_opts *o) {
 int trn_cmd_export(int argc, char **argv) {
     bool from_ckpt = false, help = false;
     for (int i = 1; i < argc; i++) {
-        from_ckpt = from_ckpt || !strcmp(argv[i], "--checkpoint");
+        from_ckpt = from_ckpt || !strcmp(argv[i], "--checkpoint") ||
+                    !strncmp(argv[i], "--checkpoint=", 13);
         help = help || !strcmp(argv[i], "--help") || !strcmp(argv[i], "-h");
     }
     if (help) {
@@ -176,5 +176,5 @@ int trn_cmd_export(int argc, char **argv) {
         return lora_cmd_export(argc, argv);
     export_opts o = {0};
     int rc = parse(argc, argv, &o);
-    return rc ? rc : export_checkpoint(&o);
+    return rc ? (rc < 0 ? 0 : rc) : export_checkpoint(&o);
 }
