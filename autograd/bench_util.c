@@ -4,7 +4,7 @@
 
 #include "../common/opt.h"
 
-#include <cblas.h>
+#include "cpu/k_blas.h"
 #include <errno.h>
 #include <math.h>
 #include <omp.h>
@@ -54,7 +54,7 @@ void ag_bench_usage_opts(FILE *f) {
 void ag_bench_setup(const ag_bench_opts *o) {
     if (o->threads > 0) {
         omp_set_num_threads(o->threads);
-        openblas_set_num_threads(o->threads);
+        ag_blas_set_threads(o->threads);
     }
     ag_set_reference_kernels(false);
 }

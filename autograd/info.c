@@ -4,7 +4,6 @@
 #include "../common/opt.h"
 #include "../common/version.h"
 
-#include <cblas.h>
 #include <omp.h>
 #include <stdio.h>
 #include <string.h>
@@ -49,7 +48,7 @@ int ag_cmd_info(int argc, char **argv) {
         return rc < 0 ? 0 : rc;
     printf("molt %s\n", molt_version_string());
     printf("build:\n");
-    printf("  BLAS:      %s\n", openblas_get_config());
+    printf("  BLAS:      %s\n", ag_blas_describe());
     printf("  OpenMP:    yes, %d threads\n", omp_get_max_threads());
     print_cuda();
     printf("  MPI:       no (not built yet)\n");
