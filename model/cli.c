@@ -4,6 +4,7 @@
 // Exit status: 0 success, 1 failure, 2 bad usage.
 #include "model.h"
 
+#include "../common/fsio.h"
 #include "../common/opt.h"
 
 #include <errno.h>
@@ -17,13 +18,15 @@
 static const char init_usage[] =
     "usage: molt init-model --preset NAME --out DIR [--seed S] [--dtype f32|bf16|fp8]\n"
     "                       [--layout hf|per-expert|mistral] [--tokenizer FILE | --no-tokenizer]\n"
-    "                       [--max-gb N]\n"
+    "                       [--max-gb N] [--force]\n"
     "Writes a randomly initialized model (config.json, weights, tekken.json) in Hugging Face\n"
     "layout. NAME is a preset of configs/models (tiny, tiny-grouped, small, mistral-small-4)\n"
     "or a path to a config.json. Weights are normal(0, initializer_range), norms 1; the same\n"
     "seed gives the same file. --dtype fp8: E4M3 with a per-tensor scale (lm_head,\n"
     "embeddings, norms and router in bf16). --layout: fused experts (hf), one matrix per\n"
-    "expert (per-expert), or Mistral's consolidated names (mistral).\n";
+    "expert (per-expert), or Mistral's consolidated names (mistral). DIR must not exist or\n"
+    "be empty; --force replaces it whole (nothing of the old directory is kept). DIR may not\n"
+    "be, hold or lie inside the tokenizer file or the preset file.\n";
 
 int mdl_cmd_init_model(int argc, char **argv) {
     const char *cmd = "molt init-model", *seed = NULL, *dtype = NULL, *layout = NULL;
@@ -56,7 +59,8 @@ int mdl_cmd_init_model(int argc, char **argv) {
         return molt_opt_usage_error(cmd, "--preset and --out are required");
     if (o.tokenizer && o.no_tokenizer)
         return molt_opt_usage_error(cmd, "--tokenizer and --no-tokenizer exclude each other");
-    if (mdl_init_model(&o) != MOLT_OK) {
+    molt_status st = mdl_init_model(&o);
+    if (st != MOLT_OK) {
         fprintf(stderr, "molt init-model: %s\n", molt_err_msg());
         return 1;
     }
@@ -226,6 +230,13 @@ int mdl_cmd_forward(int argc, char **argv, const mdl_adapter_hook *hook) {
         return molt_opt_usage_error(cmd, "--model, --tokens and --out are required");
     if (adapter && !hook)
         return molt_opt_usage_error(cmd, "--adapter is not available in this build");
+    static const char *const in_opt[] = {"--model", "--tokens", "--adapter"};
+    const char *in[] = {model, tokens, adapter};
+    for (int k = 0; k < 3; k++)
+        if (molt_check_overlap("--out", out, in_opt[k], in[k]) != MOLT_OK) {
+            fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
+            return 1;
+        }
     mdl_qspec qspec;
     bool quant = base_quant != NULL;
     if (quant && mdl_qspec_parse(base_quant, &qspec) != MOLT_OK) {

@@ -5,6 +5,7 @@
 // quant_io.c. Exit status: 0 success, 1 failure, 2 bad usage.
 #include "mdl_quant.h"
 
+#include "../common/fsio.h"
 #include "../common/opt.h"
 
 #include <math.h>
@@ -21,20 +22,6 @@ static double now_s(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static molt_status copy_file(const char *from, const char *to) {
-    FILE *in = fopen(from, "rb"), *out = in ? fopen(to, "wb") : NULL;
-    char buf[65536];
-    size_t n;
-    bool ok = in && out;
-    while (ok && (n = fread(buf, 1, sizeof buf, in)) > 0)
-        ok = fwrite(buf, 1, n, out) == n;
-    if (in)
-        fclose(in);
-    if (out && fclose(out) != 0)
-        ok = false;
-    return ok ? MOLT_OK : molt_err(MOLT_EIO, "cannot copy %s to %s", from, to);
-}
-
 // Writes dir_out with config.json (and tekken.json when present) and the quantized weights.
 static molt_status quantize_dir(const mdl_model *m, const char *src, const char *dst) {
     char a[4096], b[4096];
@@ -45,22 +32,23 @@ static molt_status quantize_dir(const mdl_model *m, const char *src, const char 
     }
     snprintf(a, sizeof a, "%s/config.json", src);
     snprintf(b, sizeof b, "%s/config.json", dst);
-    MOLT_TRY(copy_file(a, b));
+    MOLT_TRY(molt_copy_file(a, b));
     snprintf(a, sizeof a, "%s/tekken.json", src);
     snprintf(b, sizeof b, "%s/tekken.json", dst);
     if (access(a, R_OK) == 0)
-        MOLT_TRY(copy_file(a, b));
+        MOLT_TRY(molt_copy_file(a, b));
     snprintf(b, sizeof b, "%s/model.safetensors", dst);
     return mdl_save_quant(m, b);
 }
 
 static const char quant_usage[] =
-    "usage: molt quantize --model DIR --quant SPEC [--double-quant on|off] --out DIR2\n"
+    "usage: molt quantize --model DIR --quant SPEC [--double-quant on|off] --out DIR2 [--force]\n"
     "Writes DIR2 (config.json, tekken.json, model.safetensors) with the projections stored\n"
     "quantized and their state beside them (bitsandbytes names), loadable without\n"
     "re-quantizing. SPEC: nf4|int8|fp8|bf16|f32, then ,GROUP=FORMAT overrides (groups\n"
     "attention router shared_experts experts dense_mlp lm_head; router and lm_head stay f32\n"
-    "unless named). FP8 checkpoints keep their E4M3 codes and scales with fp8.\n";
+    "unless named). FP8 checkpoints keep their E4M3 codes and scales with fp8. DIR2 must not\n"
+    "exist or be empty; --force replaces it whole. It may not be, hold or lie inside DIR.\n";
 
 int mdl_cmd_quantize(int argc, char **argv) {
     const char *model = NULL, *spec_s = NULL, *out = NULL, *dq = "on", *cmd = "molt quantize";
@@ -86,12 +74,22 @@ int mdl_cmd_quantize(int argc, char **argv) {
         return 2;
     }
     spec.nf4_double_quant = dq_on == 1;
-    mdl_model m;
+    if (molt_check_overlap("--out", out, "--model", model) != MOLT_OK) {
+        fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
+        return 1;
+    }
+    mdl_model m = {0};
+    molt_outdir d = {0};
     double t0 = now_s();
-    molt_status st = mdl_load_quant(model, &spec, &m);
+    molt_status st = molt_outdir_begin(&d, out, force, "--out");
     if (st == MOLT_OK)
-        st = quantize_dir(&m, model, out);
+        st = mdl_load_quant(model, &spec, &m);
+    if (st == MOLT_OK)
+        st = quantize_dir(&m, model, d.tmp);
+    if (st == MOLT_OK)
+        st = molt_outdir_commit(&d);
     if (st != MOLT_OK) {
+        molt_outdir_abort(&d);
         fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
         mdl_free(&m);
         return 1;

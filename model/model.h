@@ -99,8 +99,9 @@ typedef struct {
     const char *key, *value;
 } st_meta;
 // Writes a valid safetensors file holding tensors[0..n) in that order (offsets contiguous,
-// header padded with spaces to a multiple of 8). Names must be unique. MOLT_EARG on bad
-// tensors, MOLT_EIO on write failure (the partial file is removed).
+// header padded with spaces to a multiple of 8), through a temporary name beside path that
+// is synced and renamed over it. Names must be unique. MOLT_EARG on bad tensors, MOLT_EIO
+// with errno's text on write failure (path is then untouched).
 molt_status st_write(const char *path, const st_tensor *tensors, int n, const st_meta *meta,
                      int n_meta);
 

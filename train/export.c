@@ -11,6 +11,7 @@
 #include "trainer.h"
 
 #include "../adapters/adapters.h"
+#include "../common/fsio.h"
 #include "../common/opt.h"
 
 #include <stdio.h>
@@ -20,7 +21,7 @@
 
 static const char usage[] =
     "usage: molt export --checkpoint CKPT --out DEST [--format peft|molt] [--model DIR]\n"
-    "                   [--base-name NAME]\n"
+    "                   [--base-name NAME] [--force]\n"
     "  CKPT is a training checkpoint (output_dir/checkpoints/step-N.h5); its resolved\n"
     "  configuration supplies the base model (unless --model) and the adapter spec.\n"
     "  --base-name (default: the model path) goes into PEFT's base_model_name_or_path.\n"
@@ -127,6 +128,18 @@ static molt_status adapter_of(const ckpt_state *s, const char *file, const trn_c
     return st;
 }
 
+// A PEFT directory, built beside --out and swapped in whole (a non-empty --out only with
+// --force).
+static molt_status export_dir(const lora_adapter *ad, const export_opts *o, const char *base) {
+    molt_outdir d;
+    MOLT_TRY(molt_outdir_begin(&d, o->out, o->force, "--out"));
+    molt_status st = lora_export_peft(ad, d.tmp, base);
+    if (st == MOLT_OK)
+        return molt_outdir_commit(&d);
+    molt_outdir_abort(&d);
+    return st;
+}
+
 static int export_checkpoint(const export_opts *o) {
     trn_config *c = molt_malloc(sizeof *c);
     if (!c) {
@@ -138,15 +151,18 @@ static int export_checkpoint(const export_opts *o) {
     mdl_model m = {0};
     lora_adapter ad;
     bool attached = false;
-    molt_status st = ckpt_read(o->checkpoint, &s);
+    molt_status st = molt_check_overlap("--out", o->out, "--checkpoint", o->checkpoint);
+    if (st == MOLT_OK)
+        st = ckpt_read(o->checkpoint, &s);
     if (st == MOLT_OK)
         st = config_of(&s, o->checkpoint, o->model, c);
     if (st == MOLT_OK)
         attached = (st = adapter_of(&s, o->checkpoint, c, &m, &ad)) == MOLT_OK;
+    if (st == MOLT_OK)
+        st = molt_check_overlap("--out", o->out, "--model", c->model);
     if (st == MOLT_OK) {
         const char *base = o->base_name ? o->base_name : c->model;
-        st = !strcmp(o->format, "peft") ? lora_export_peft(&ad, o->out, base)
-                                        : lora_save(&ad, o->out);
+        st = !strcmp(o->format, "peft") ? export_dir(&ad, o, base) : lora_save(&ad, o->out);
     }
     if (st == MOLT_OK)
         printf("wrote %s (%s) from %s (step %lld)\n", o->out, o->format, o->checkpoint,
