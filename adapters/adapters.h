@@ -153,7 +153,9 @@ lora_unit *lora_find_unit(lora_adapter *ad, const char *path);
 // parameters are adapted, as PEFT nests its parameter wrappers).
 void lora_peft_tensor_name(const lora_adapter *ad, const lora_unit *u, bool b, char *buf,
                            size_t cap);
-// Writes dir/adapter_config.json and dir/adapter_model.safetensors (F32) as PEFT does.
+// Writes dir/adapter_config.json and dir/adapter_model.safetensors (F32) as PEFT does,
+// creating dir when missing. Each file is written to a temporary name and renamed; to
+// replace a whole directory at once, write into molt_outdir's temporary (common/fsio.h).
 // base_model may be NULL (written as null).
 molt_status lora_export_peft(const lora_adapter *ad, const char *dir, const char *base_model);
 // Reads a PEFT directory and attaches it to m (see lora_attach for `wire`).
@@ -166,7 +168,8 @@ molt_status lora_import_peft(mdl_model *m, const char *dir, lora_wire wire,
 // ---- molt's adapter file (adapters/h5.c) ----------------------------------------------
 // One HDF5 file, the adapter only: root attributes format = "molt-lora", version = 1 and
 // spec = lora_spec_format, and one f32 dataset per A and B named by lora_peft_tensor_name.
-// lora_save writes path.tmp, syncs it and renames it over path; the same adapter always
+// lora_save writes a temporary file beside path, syncs it and renames it over path (an HDF5
+// failure, such as a full disk, is an error with errno's text); the same adapter always
 // gives the same bytes.
 molt_status lora_save(const lora_adapter *ad, const char *path);
 // Reads a molt adapter file and attaches it to m (see lora_attach for `wire`).

@@ -4,63 +4,40 @@
 // adapter logic itself (lora.c, peft.c, h5.c, merge.c).
 #include "adapters.h"
 
+#include "../common/fsio.h"
+#include "../common/opt.h"
+
 #include <errno.h>
 #include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #define PATH_CAP 4096
 
 static const char export_usage[] =
     "usage: molt export --model DIR (--adapter SRC | --spec SPEC [--b-std X] [--b-seed N])\n"
-    "                   --out DEST [--format peft|molt] [--base-name NAME]\n"
+    "                   --out DEST [--format peft|molt] [--base-name NAME] [--force]\n"
     "  SRC is a PEFT directory or a molt adapter file; the model supplies the shapes.\n"
     "  --spec starts from a freshly initialized adapter (compact LoRA spec, e.g.\n"
     "  r=8,alpha=16,targets=q_a_proj+o_proj); --b-std fills B with N(0, X) (default 0).\n"
     "  peft (default) writes DEST/adapter_config.json and adapter_model.safetensors;\n"
-    "  molt writes DEST as one molt adapter file (HDF5).\n";
+    "  molt writes DEST as one molt adapter file (HDF5). A PEFT DEST must not exist or be\n"
+    "  empty; --force replaces it whole. DEST may not be, hold or lie inside DIR or SRC.\n";
 
 static const char merge_usage[] =
-    "usage: molt merge --model DIR --adapter A --out DIR2 [--dtype bf16|f32]\n"
+    "usage: molt merge --model DIR --adapter A --out DIR2 [--dtype bf16|f32] [--force]\n"
     "  A is a PEFT directory or a molt adapter file. DIR2 gets config.json and\n"
-    "  model.safetensors (Hugging Face layout) and a copy of DIR's tokenizer files.\n";
+    "  model.safetensors (Hugging Face layout) and a copy of DIR's tokenizer files.\n"
+    "  DIR2 must not exist or be empty; --force replaces it whole. It may not be, hold or\n"
+    "  lie inside DIR or A.\n";
 
 typedef struct {
-    const char *model, *adapter, *out, *format, *base_name, *dtype, *checkpoint;
+    const char *model, *adapter, *out, *format, *base_name, *dtype;
     const char *spec, *b_std, *b_seed;
+    bool force;
 } cli_opts;
-
-// Parses --key value pairs into o; returns 0, or 2 after printing the problem.
-static int parse(int argc, char **argv, cli_opts *o, const char *cmd, const char *usage) {
-    struct {
-        const char *flag;
-        const char **dst;
-    } known[] = {{"--model", &o->model},         {"--adapter", &o->adapter},
-                 {"--out", &o->out},             {"--format", &o->format},
-                 {"--base-name", &o->base_name}, {"--dtype", &o->dtype},
-                 {"--checkpoint", &o->checkpoint}, {"--spec", &o->spec},
-                 {"--b-std", &o->b_std},         {"--b-seed", &o->b_seed}};
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            fputs(usage, stdout);
-            return -1;
-        }
-        size_t k = 0;
-        while (k < sizeof known / sizeof *known && strcmp(argv[i], known[k].flag))
-            k++;
-        if (k == sizeof known / sizeof *known) {
-            fprintf(stderr, "%s: unknown option '%s'\n%s", cmd, argv[i], usage);
-            return 2;
-        }
-        if (i + 1 >= argc) {
-            fprintf(stderr, "%s: %s needs a value\n", cmd, argv[i]);
-            return 2;
-        }
-        *known[k].dst = argv[++i];
-    }
-    return 0;
-}
 
 static int fail(const char *cmd) {
     fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
@@ -84,24 +61,45 @@ static molt_status fresh_or_load(mdl_model *m, const cli_opts *o, lora_adapter *
     return MOLT_OK;
 }
 
+// Refuses an --out that is, holds or lies inside --model or --adapter.
+static molt_status check_outputs(const cli_opts *o) {
+    MOLT_TRY(molt_check_overlap("--out", o->out, "--model", o->model));
+    return molt_check_overlap("--out", o->out, "--adapter", o->adapter);
+}
+
+// A PEFT directory, built beside --out and swapped in whole (a non-empty --out only with
+// --force).
+static molt_status export_dir(const lora_adapter *ad, const cli_opts *o) {
+    molt_outdir d;
+    MOLT_TRY(molt_outdir_begin(&d, o->out, o->force, "--out"));
+    molt_status st = lora_export_peft(ad, d.tmp, o->base_name);
+    if (st == MOLT_OK)
+        return molt_outdir_commit(&d);
+    molt_outdir_abort(&d);
+    return st;
+}
+
 int lora_cmd_export(int argc, char **argv) {
     const char *cmd = "molt export";
     cli_opts o = {0};
-    int rc = parse(argc, argv, &o, cmd, export_usage);
+    const molt_opt opts[] = {MOLT_OPT("--model", &o.model),   MOLT_OPT("--adapter", &o.adapter),
+                             MOLT_OPT("--out", &o.out),       MOLT_OPT("--format", &o.format),
+                             MOLT_OPT("--base-name", &o.base_name), MOLT_OPT("--spec", &o.spec),
+                             MOLT_OPT("--b-std", &o.b_std),   MOLT_OPT("--b-seed", &o.b_seed),
+                             MOLT_OPT_FLAG("--force", &o.force), MOLT_OPT_END};
+    int rc = molt_opts_parse(cmd, export_usage, opts, argc, argv, 1, NULL);
     if (rc)
         return rc < 0 ? 0 : rc;
-    if (o.checkpoint) {
-        fprintf(stderr, "%s: --checkpoint is not readable by this build; pass the adapter "
-                "file with --adapter\n", cmd);
-        return 1;
-    }
-    const char *fmt = o.format ? o.format : "peft";
-    bool one_src = !o.adapter != !o.spec;
-    if (!o.model || !o.out || !one_src || (strcmp(fmt, "peft") && strcmp(fmt, "molt"))) {
-        fprintf(stderr, "%s: --model, --out and one of --adapter, --spec are required; --format "
-                "is peft or molt\n%s", cmd, export_usage);
+    static const char *const formats[] = {"peft", "molt"};
+    int fmt_i = 0;
+    if (!molt_opt_choice(cmd, "--format", o.format, formats, 2, &fmt_i))
         return 2;
-    }
+    const char *fmt = formats[fmt_i];
+    if (!o.model || !o.out || !o.adapter == !o.spec)
+        return molt_opt_usage_error(cmd, "--model, --out and one of --adapter, --spec are "
+                                    "required");
+    if (check_outputs(&o) != MOLT_OK)
+        return fail(cmd);
     mdl_model m = {0};
     lora_adapter ad;
     if (mdl_load(o.model, &m) != MOLT_OK)
@@ -111,8 +109,7 @@ int lora_cmd_export(int argc, char **argv) {
         return fail(cmd);
     }
     lora_print_table(&ad, stdout);
-    molt_status st = !strcmp(fmt, "peft") ? lora_export_peft(&ad, o.out, o.base_name)
-                                          : lora_save(&ad, o.out);
+    molt_status st = !strcmp(fmt, "peft") ? export_dir(&ad, &o) : lora_save(&ad, o.out);
     lora_detach(&ad);
     mdl_free(&m);
     if (st != MOLT_OK)
@@ -121,21 +118,9 @@ int lora_cmd_export(int argc, char **argv) {
     return 0;
 }
 
-static molt_status copy_file(const char *from, const char *to) {
-    FILE *f = fopen(from, "rb");
-    if (!f)
-        return MOLT_OK; // optional file
-    FILE *g = fopen(to, "wb");
-    molt_status st = g ? MOLT_OK : molt_err(MOLT_EIO, "cannot write %s", to);
-    char buf[1 << 14];
-    size_t n;
-    while (st == MOLT_OK && (n = fread(buf, 1, sizeof buf, f)) > 0)
-        if (fwrite(buf, 1, n, g) != n)
-            st = molt_err(MOLT_EIO, "cannot write %s", to);
-    fclose(f);
-    if (g && fclose(g) != 0 && st == MOLT_OK)
-        st = molt_err(MOLT_EIO, "cannot write %s", to);
-    return st;
+// Copies an optional file of the model directory.
+static molt_status copy_optional(const char *from, const char *to) {
+    return access(from, F_OK) == 0 ? molt_copy_file(from, to) : MOLT_OK;
 }
 
 // config.json of the merged model: the base's, with its dtype set to the written one.
@@ -152,52 +137,70 @@ static molt_status write_config(const char *model_dir, const char *out_dir, bool
     json_object_set_new(c, "dtype", json_string(dt));
     if (json_is_object(tc))
         json_object_set_new(tc, "dtype", json_string(dt));
-    int rc = json_dump_file(c, to, JSON_INDENT(2));
+    char *text = json_dumps(c, JSON_INDENT(2));
     json_decref(c);
-    return rc == 0 ? MOLT_OK : molt_err(MOLT_EIO, "cannot write %s", to);
+    if (!text)
+        return molt_err(MOLT_ENOMEM, "%s: out of memory", to);
+    molt_status st = molt_write_atomic(to, text, strlen(text));
+    free(text); // from jansson
+    return st;
 }
 
-static molt_status write_merged(const mdl_model *m, const cli_opts *o, bool bf16) {
-    if (mkdir(o->out, 0777) != 0 && errno != EEXIST)
-        return molt_err(MOLT_EIO, "cannot create %s", o->out);
-    MOLT_TRY(write_config(o->model, o->out, bf16));
+// Writes the merged model into dir (the output directory's temporary).
+static molt_status write_merged(const mdl_model *m, const cli_opts *o, const char *dir,
+                                bool bf16) {
+    MOLT_TRY(write_config(o->model, dir, bf16));
     static const char *tok[] = {"tekken.json", "tokenizer.json", "tokenizer_config.json",
                                 "generation_config.json"};
     char from[PATH_CAP], to[PATH_CAP];
     for (size_t i = 0; i < sizeof tok / sizeof *tok; i++) {
         snprintf(from, sizeof from, "%s/%s", o->model, tok[i]);
-        snprintf(to, sizeof to, "%s/%s", o->out, tok[i]);
-        MOLT_TRY(copy_file(from, to));
+        snprintf(to, sizeof to, "%s/%s", dir, tok[i]);
+        MOLT_TRY(copy_optional(from, to));
     }
     mdl_save_opts so = {.layout = MDL_LAYOUT_HF, .dtype = bf16 ? MDL_SAVE_BF16 : MDL_SAVE_F32,
                         .wrapped = m->wrapped};
-    snprintf(to, sizeof to, "%s/model.safetensors", o->out);
+    snprintf(to, sizeof to, "%s/model.safetensors", dir);
     return mdl_save(m, to, &so);
 }
 
 int lora_cmd_merge(int argc, char **argv) {
     const char *cmd = "molt merge";
     cli_opts o = {0};
-    int rc = parse(argc, argv, &o, cmd, merge_usage);
+    const molt_opt opts[] = {MOLT_OPT("--model", &o.model), MOLT_OPT("--adapter", &o.adapter),
+                             MOLT_OPT("--out", &o.out),     MOLT_OPT("--dtype", &o.dtype),
+                             MOLT_OPT_FLAG("--force", &o.force), MOLT_OPT_END};
+    int rc = molt_opts_parse(cmd, merge_usage, opts, argc, argv, 1, NULL);
     if (rc)
         return rc < 0 ? 0 : rc;
-    const char *dt = o.dtype ? o.dtype : "f32";
-    if (!o.model || !o.adapter || !o.out || (strcmp(dt, "f32") && strcmp(dt, "bf16"))) {
-        fprintf(stderr, "%s: --model, --adapter, --out are required; --dtype is bf16 or "
-                "f32\n%s", cmd, merge_usage);
+    static const char *const dtypes[] = {"f32", "bf16"};
+    int dt_i = 0;
+    if (!molt_opt_choice(cmd, "--dtype", o.dtype, dtypes, 2, &dt_i))
         return 2;
-    }
+    const char *dt = dtypes[dt_i];
+    if (!o.model || !o.adapter || !o.out)
+        return molt_opt_usage_error(cmd, "--model, --adapter and --out are required");
+    if (check_outputs(&o) != MOLT_OK)
+        return fail(cmd);
     mdl_model m = {0};
     lora_adapter ad;
-    if (mdl_load(o.model, &m) != MOLT_OK)
-        return fail(cmd);
-    molt_status st = lora_load_any(&m, o.adapter, false, &ad);
+    molt_outdir d = {0};
+    // the output directory is checked before the (long) load and merge
+    molt_status st = molt_outdir_begin(&d, o.out, o.force, "--out");
+    if (st == MOLT_OK)
+        st = mdl_load(o.model, &m);
+    if (st == MOLT_OK)
+        st = lora_load_any(&m, o.adapter, false, &ad);
     if (st == MOLT_OK) {
         lora_print_table(&ad, stdout);
         st = lora_merge_into(&ad);
     }
     if (st == MOLT_OK)
-        st = write_merged(&m, &o, !strcmp(dt, "bf16"));
+        st = write_merged(&m, &o, d.tmp, !strcmp(dt, "bf16"));
+    if (st == MOLT_OK)
+        st = molt_outdir_commit(&d);
+    else
+        molt_outdir_abort(&d);
     mdl_free(&m);
     if (st != MOLT_OK)
         return fail(cmd);

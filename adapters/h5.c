@@ -17,6 +17,9 @@
 // Not here: PEFT directories (peft.c), attaching (lora.c), training checkpoints (train/).
 #include "internal.h"
 
+#include "../common/fsio.h"
+#include "../common/h5io.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <hdf5.h>
@@ -32,29 +35,9 @@
 
 static const unsigned char h5_signature[8] = {0x89, 'H', 'D', 'F', '\r', '\n', 0x1a, '\n'};
 
-// HDF5 prints its error stack on stderr by default; molt reports its own messages instead.
-static void hdf5_quiet(void) {
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-}
-
-static herr_t innermost_error(unsigned n, const H5E_error2_t *e, void *user) {
-    char *buf = user;
-    if (n == 0 && e->desc)
-        snprintf(buf, 256, "%s", e->desc);
-    return 0;
-}
-
-// What HDF5 found wrong in the call that just failed (the innermost entry of its error
-// stack), as " (HDF5: ...)", or "" when it recorded nothing.
-static const char *h5_reason(char buf[300]) {
-    char desc[256] = "";
-    H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, innermost_error, desc);
-    if (desc[0])
-        snprintf(buf, 300, " (HDF5: %s)", desc);
-    else
-        buf[0] = '\0';
-    return buf;
-}
+// What HDF5 found wrong in the call that just failed, as ": <system error>" or
+// " (HDF5: ...)", or "" when it recorded nothing.
+static const char *h5_reason(char buf[300]) { return molt_h5_reason(buf, 300); }
 
 // ---------------------------------------------------------------------------------------
 // Writing
@@ -131,7 +114,13 @@ static molt_status write_file(const lora_adapter *ad, const char *path, const ch
         H5Pclose(fapl);
     if (st != MOLT_OK)
         return st;
-    st = write_attr_str(f, path, "format", ADAPTER_FORMAT);
+    // a full disk is found before HDF5 writes: the data plus generous metadata room
+    uint64_t bytes = 64 << 10;
+    for (int i = 0; i < ad->n_units; i++)
+        bytes += 4 * (uint64_t)(ad->units[i].a->numel + ad->units[i].b->numel) + 8192;
+    st = molt_h5_reserve(path, bytes);
+    if (st == MOLT_OK)
+        st = write_attr_str(f, path, "format", ADAPTER_FORMAT);
     if (st == MOLT_OK)
         st = write_attr_i64(f, path, "version", ADAPTER_VERSION);
     if (st == MOLT_OK)
@@ -144,48 +133,27 @@ static molt_status write_file(const lora_adapter *ad, const char *path, const ch
     }
     if (H5Fclose(f) < 0 && st == MOLT_OK)
         st = molt_err(MOLT_EIO, "%s: cannot close the file%s", path, h5_reason(why));
+    molt_h5_unreserve(path);
     return st;
 }
 
-static molt_status fsync_path(const char *path, bool dir) {
-    int fd = open(path, dir ? O_RDONLY : O_RDWR);
-    if (fd < 0)
-        return molt_err(MOLT_EIO, "cannot open %s to sync it: %s", path, strerror(errno));
-    int rc = fsync(fd);
-    int e = errno;
-    close(fd);
-    if (rc != 0)
-        return molt_err(MOLT_EIO, "fsync of %s failed: %s", path, strerror(e));
-    return MOLT_OK;
-}
-
 molt_status lora_save(const lora_adapter *ad, const char *path) {
-    hdf5_quiet();
-    size_t n = strlen(path);
-    char *spec = molt_malloc(SPEC_CAP), *tmp = molt_malloc(n + 8), *dir = molt_malloc(n + 2);
-    if (!spec || !tmp || !dir) {
-        molt_free(spec), molt_free(tmp), molt_free(dir);
+    molt_h5_init();
+    char *spec = molt_malloc(SPEC_CAP), *tmp = NULL;
+    if (!spec)
         return molt_err(MOLT_ENOMEM, "%s: out of memory", path);
-    }
     // written beside the destination and renamed over it: a reader never sees half a file
-    snprintf(tmp, n + 8, "%s.tmp", path);
-    const char *slash = strrchr(path, '/');
-    if (!slash)
-        snprintf(dir, n + 2, ".");
-    else
-        snprintf(dir, n + 2, "%.*s", slash == path ? 1 : (int)(slash - path), path);
     molt_status st = lora_spec_format(&ad->spec, spec, SPEC_CAP);
+    if (st == MOLT_OK)
+        st = molt_tmp_path(path, &tmp);
     if (st == MOLT_OK)
         st = write_file(ad, tmp, spec);
     if (st == MOLT_OK)
-        st = fsync_path(tmp, false);
-    if (st == MOLT_OK && rename(tmp, path) != 0)
-        st = molt_err(MOLT_EIO, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
-    if (st == MOLT_OK)
-        st = fsync_path(dir, true);
-    if (st != MOLT_OK)
+        st = molt_commit_tmp(tmp, path);
+    else if (tmp)
         unlink(tmp);
-    molt_free(spec), molt_free(tmp), molt_free(dir);
+    molt_free(spec);
+    molt_free(tmp);
     return st;
 }
 
@@ -445,7 +413,7 @@ static molt_status attach_and_read(mdl_model *m, const lora_spec *spec, hid_t f,
 
 molt_status lora_load(mdl_model *m, const char *path, lora_wire wire, lora_adapter *out) {
     memset(out, 0, sizeof *out);
-    hdf5_quiet();
+    molt_h5_init();
     bool h5;
     MOLT_TRY(has_h5_signature(path, &h5));
     if (!h5)

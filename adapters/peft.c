@@ -5,6 +5,10 @@
 // attaching (lora.c), merging (merge.c).
 #include "internal.h"
 
+#include "../common/fsio.h"
+
+#include <errno.h>
+
 #include <jansson.h>
 #include <math.h>
 #include <string.h>
@@ -177,16 +181,20 @@ molt_status lora_export_peft(const lora_adapter *ad, const char *dir, const char
     if (mkdir(dir, 0777) != 0) {
         struct stat sb;
         if (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode))
-            return molt_err(MOLT_EIO, "export: cannot create directory %s", dir);
+            return molt_err(MOLT_EIO, "export: cannot create directory %s: %s", dir,
+                            strerror(errno));
     }
     json_t *c = config_json(ad, base_model);
     if (!c)
         return molt_err(MOLT_ENOMEM, "export: cannot build adapter_config.json");
     snprintf(path, sizeof path, "%s/adapter_config.json", dir);
-    int rc = json_dump_file(c, path, JSON_INDENT(2) | JSON_SORT_KEYS | JSON_REAL_PRECISION(17));
+    char *text = json_dumps(c, JSON_INDENT(2) | JSON_SORT_KEYS | JSON_REAL_PRECISION(17));
     json_decref(c);
-    if (rc != 0)
-        return molt_err(MOLT_EIO, "export: cannot write %s", path);
+    if (!text)
+        return molt_err(MOLT_ENOMEM, "export: cannot build adapter_config.json");
+    molt_status st = molt_write_atomic(path, text, strlen(text));
+    free(text); // from jansson
+    MOLT_TRY(st);
     snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
     st_meta meta = {"format", "pt"};
     return write_tensors(ad, path, &meta, 1);

@@ -104,7 +104,16 @@ typedef struct {
     bool prof_borrowed;      // prof belongs to a parent context (activation checkpointing)
 } ag_ctx;
 
+// Sets up a context and makes sure the BLAS library is loaded (ag_blas_init): its error is
+// returned with the context usable for everything but BLAS-backed kernels.
 molt_status ag_ctx_init(ag_ctx *c);
+// Loads the BLAS library (OpenBLAS) once, with as many threads (OPENBLAS_NUM_THREADS, else
+// OpenMP's count) as the free address space holds buffers for. MOLT_ENOMEM saying so when
+// not even one thread fits (ulimit -v), MOLT_EUNSUPPORTED when the library cannot be
+// loaded; later calls return the same result at once.
+molt_status ag_blas_init(void);
+// openblas_get_config() of the loaded library, or why it could not be loaded.
+const char *ag_blas_describe(void);
 // Frees the context; with MOLT_PROFILE=1 in the environment at ag_ctx_init, first prints
 // the per-op profile to stderr (see ag_profile_print).
 void ag_ctx_free(ag_ctx *c);

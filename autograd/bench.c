@@ -1,11 +1,11 @@
 // autograd/bench.c: `molt bench ops`: forward and backward throughput of ag_linear,
 // ag_attention and the fused loss ag_cross_entropy_linear (optimized CPU kernels, f32) next
-// to plain cblas_sgemm measured in the same run, printed as a table. Not here: end-to-end
+// to plain ag_blas_sgemm measured in the same run, printed as a table. Not here: end-to-end
 // model benchmarks or the CUDA kernels.
 #include "bench_util.h"
 #include "internal.h"
 
-#include <cblas.h>
+#include "cpu/k_blas.h"
 #include <math.h>
 #include <stdio.h>
 
@@ -42,7 +42,7 @@ static const ce_size ce_quick[] = {{16, 8, 300}};
 static void usage(FILE *f) {
     fprintf(f, "usage: " CMD " [--threads N] [--repeat R] [--quick]\n\n"
                "Times ag_linear, ag_attention and ag_cross_entropy_linear (f32, optimized CPU\n"
-               "kernels), forward and backward, and cblas_sgemm on matching shapes in the\n"
+               "kernels), forward and backward, and ag_blas_sgemm on matching shapes in the\n"
                "same run.\n\n");
     ag_bench_usage_opts(f);
 }
@@ -84,7 +84,7 @@ static molt_status sgemm_job_init(sgemm_job *j, int64_t M, int64_t N, int64_t K)
 
 static double sgemm_job_run(const sgemm_job *j) {
     double t0 = ag_bench_now();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)j->M, (int)j->N, (int)j->K, 1,
+    ag_blas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)j->M, (int)j->N, (int)j->K, 1,
                 j->a, (int)j->K, j->b, (int)j->K, 0, j->c, (int)j->N);
     return ag_bench_now() - t0;
 }
@@ -251,7 +251,7 @@ static void print_header(const ag_bench_opts *o) {
     ag_bench_print_title(CMD, "f32, optimized CPU kernels", o);
     printf("flops: linear fwd 2*T*in*out, bwd 4*T*in*out (dx and dW); attention over the causal\n"
            "pairs P = T(T+1)/2: fwd 2*P*H*(Dqk+Dv), bwd 2*P*H*(3*Dqk+2*Dv) (scores recomputed).\n"
-           "vs_sgemm = the row's GFLOP/s / cblas_sgemm's GFLOP/s in this run: for linear on the\n"
+           "vs_sgemm = the row's GFLOP/s / ag_blas_sgemm's GFLOP/s in this run: for linear on the\n"
            "same GEMM shape [T x in] x [in x out]; for attention on [T x K] x [K x T] with\n"
            "K = H*(Dqk+Dv)/2, a GEMM with the flops of the causal forward. ce_linear: the\n"
            "fused loss with w frozen, fwd 4*T*C*V (logits and the gradient to h, made by the\n"

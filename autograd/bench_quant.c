@@ -1,12 +1,12 @@
 // autograd/bench_quant.c: `molt bench quant`: storage bits per parameter of each weight
 // format, and the throughput of the fused quantized linear (ag_linear_q forward and its
-// input gradient dx = dy W, optimized CPU kernels, f32) next to cblas_sgemm on the
+// input gradient dx = dy W, optimized CPU kernels, f32) next to ag_blas_sgemm on the
 // dequantized matrix, same shapes, measured in the same run. Not here: the routed experts
 // (they are these GEMMs per expert), CUDA.
 #include "bench_util.h"
 #include "quant_internal.h"
 
-#include <cblas.h>
+#include "cpu/k_blas.h"
 #include <stdio.h>
 #include <string.h>
 
@@ -25,7 +25,7 @@ static void usage(FILE *f) {
     fprintf(f, "usage: " CMD " [--threads N] [--repeat R] [--quick]\n\n"
                "Prints the storage bits per parameter of each weight format, then times the\n"
                "fused quantized linear (NF4 with double quantization, INT8) forward and input\n"
-               "gradient against cblas_sgemm on the dequantized f32 matrix, same shapes, same "
+               "gradient against ag_blas_sgemm on the dequantized f32 matrix, same shapes, same "
                "run.\n\n");
     ag_bench_usage_opts(f);
 }
@@ -111,10 +111,10 @@ static molt_status run_once(void *user, double *t) {
     double t2 = ag_bench_now();
     MOLT_TRY(ag_backward_linear_q(c, c->tape[0]));
     double t3 = ag_bench_now();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, out, in, 1, x->data, in, wd->data,
+    ag_blas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, out, in, 1, x->data, in, wd->data,
                 in, 0, b->ybuf, out);
     double t4 = ag_bench_now();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, in, out, 1, dy->data, out,
+    ag_blas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, in, out, 1, dy->data, out,
                 wd->data, in, 0, b->dxbuf, in);
     double t5 = ag_bench_now();
     t[PART_FWD] = t1 - t0;
@@ -178,7 +178,7 @@ int ag_cmd_bench_quant(int argc, char **argv) {
     if (print_storage(&o) != 0)
         return 1;
     printf("fused linear: fwd y = x W^T and dx = dy W, 2*T*in*out flops each; sgemm = "
-           "cblas_sgemm of the\nsame product on the dequantized f32 W (in memory all along), "
+           "ag_blas_sgemm of the\nsame product on the dequantized f32 W (in memory all along), "
            "timed in the same run.\nvs_sgemm = fused GFLOP/s / sgemm GFLOP/s; W_MiB = the "
            "quantized weight's storage.\n\n");
     printf("%-5s %-20s %-4s %9s %9s %9s %9s %9s %10s %8s\n", "fmt", "shape", "pass", "ms",

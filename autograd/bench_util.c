@@ -2,7 +2,9 @@
 // autograd/ (see bench_util.h).
 #include "bench_util.h"
 
-#include <cblas.h>
+#include "../common/opt.h"
+
+#include "cpu/k_blas.h"
 #include <errno.h>
 #include <math.h>
 #include <omp.h>
@@ -10,42 +12,35 @@
 #include <string.h>
 #include <time.h>
 
-static bool parse_count(const char *cmd, const char *flag, const char *s, int lo, int hi,
-                        int *out) {
-    char *end;
-    errno = 0;
-    long v = s ? strtol(s, &end, 10) : 0;
-    if (!s || errno || end == s || *end || v < lo || v > hi) {
-        fprintf(stderr, "%s: %s expects an integer in %d..%d, got '%s'\n", cmd, flag, lo, hi,
-                s ? s : "");
-        return false;
-    }
-    *out = (int)v;
-    return true;
+// The --help text: the benchmark's usage, captured (its printer writes to a FILE).
+static char *usage_text(void (*usage)(FILE *f)) {
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    if (!f)
+        return NULL;
+    usage(f);
+    fclose(f);
+    return buf;
 }
 
 int ag_bench_parse_opts(const char *cmd, void (*usage)(FILE *f), int argc, char **argv,
                         ag_bench_opts *o) {
     *o = (ag_bench_opts){.repeat = 3};
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            usage(stdout);
-            return 0;
-        } else if (!strcmp(a, "--quick")) {
-            o->quick = true;
-        } else if (!strcmp(a, "--threads")) {
-            if (!parse_count(cmd, a, i + 1 < argc ? argv[++i] : NULL, 1, 1024, &o->threads))
-                return 2;
-        } else if (!strcmp(a, "--repeat")) {
-            if (!parse_count(cmd, a, i + 1 < argc ? argv[++i] : NULL, 1, 1000, &o->repeat))
-                return 2;
-        } else {
-            fprintf(stderr, "%s: unknown option '%s'\n\n", cmd, a);
-            usage(stderr);
-            return 2;
-        }
-    }
+    const char *threads = NULL, *repeat = NULL;
+    const molt_opt opts[] = {MOLT_OPT("--threads", &threads), MOLT_OPT("--repeat", &repeat),
+                             MOLT_OPT_FLAG("--quick", &o->quick), MOLT_OPT_END};
+    char *text = usage_text(usage);
+    int rc = molt_opts_parse(cmd, text ? text : "", opts, argc, argv, 1, NULL);
+    free(text); // from open_memstream
+    if (rc)
+        return rc < 0 ? 0 : rc;
+    int64_t t = 0, r = 3;
+    if (!molt_opt_int(cmd, "--threads", threads, 1, 1024, &t) ||
+        !molt_opt_int(cmd, "--repeat", repeat, 1, 1000, &r))
+        return 2;
+    o->threads = (int)t;
+    o->repeat = (int)r;
     return -1;
 }
 
@@ -59,7 +54,7 @@ void ag_bench_usage_opts(FILE *f) {
 void ag_bench_setup(const ag_bench_opts *o) {
     if (o->threads > 0) {
         omp_set_num_threads(o->threads);
-        openblas_set_num_threads(o->threads);
+        ag_blas_set_threads(o->threads);
     }
     ag_set_reference_kernels(false);
 }

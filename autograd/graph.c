@@ -105,7 +105,7 @@ molt_status ag_ctx_init(ag_ctx *c) {
             return molt_err(MOLT_ENOMEM, "MOLT_PROFILE: out of memory for the profile");
         c->prof->last = now_s();
     }
-    return MOLT_OK;
+    return ag_blas_init();
 }
 
 void ag_ctx_set_grad(ag_ctx *c, bool on) { c->grad_mode = on; }

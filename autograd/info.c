@@ -1,7 +1,9 @@
 // autograd/info.c: `molt info`: version, build features and the devices visible.
 #include "autograd.h"
 
-#include <cblas.h>
+#include "../common/opt.h"
+#include "../common/version.h"
+
 #include <omp.h>
 #include <stdio.h>
 #include <string.h>
@@ -38,18 +40,15 @@ static void print_cuda(void) {
 }
 
 int ag_cmd_info(int argc, char **argv) {
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            printf("usage: molt info\n\nPrints the version, the features compiled into this "
-                   "build and the devices visible.\n");
-            return 0;
-        }
-        fprintf(stderr, "molt info: unknown option '%s'\n", argv[i]);
-        return 2;
-    }
-    printf("molt %s\n", MOLT_VERSION);
+    const molt_opt opts[] = {MOLT_OPT_END};
+    int rc = molt_opts_parse("molt info", "usage: molt info\n\nPrints the version, the features "
+                             "compiled into this build and the devices visible.\n", opts, argc,
+                             argv, 1, NULL);
+    if (rc)
+        return rc < 0 ? 0 : rc;
+    printf("molt %s\n", molt_version_string());
     printf("build:\n");
-    printf("  BLAS:      %s\n", openblas_get_config());
+    printf("  BLAS:      %s\n", ag_blas_describe());
     printf("  OpenMP:    yes, %d threads\n", omp_get_max_threads());
     print_cuda();
     printf("  MPI:       no (not built yet)\n");

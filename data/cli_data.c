@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "ds_internal.h"
+#include "../common/opt.h"
 
 typedef struct {
     ds_input in[DS_MAX_INPUTS];
@@ -42,41 +43,19 @@ static const char usage[] =
     "  --rows N                bench: rows per batch (default 8)\n";
 
 static int bad_usage(const char *cmd, const char *fmt, const char *arg) {
-    fprintf(stderr, "molt data %s: ", cmd);
-    fprintf(stderr, fmt, arg);
-    fprintf(stderr, "\n\n%s", usage);
-    return 2;
+    char name[32];
+    snprintf(name, sizeof name, "molt data %s", cmd);
+    return molt_opt_usage_error(name, fmt, arg);
 }
 
-static bool parse_int(const char *s, long lo, long *out) {
-    char *end;
-    long v = strtol(s, &end, 10);
-    if (!*s || *end || v < lo)
-        return false;
-    *out = v;
-    return true;
-}
-
-// FILE or FILE@WEIGHT (the suffix counts as a weight only when it parses as one); the path
-// is copied into buf.
-static bool parse_input(const char *arg, ds_input *in, char *buf, size_t cap) {
-    const char *at = strrchr(arg, '@');
-    size_t n = strlen(arg);
-    in->weight = 1.0;
-    if (at && at != arg && at[1]) {
-        char *end;
-        double w = strtod(at + 1, &end);
-        if (!*end && w > 0) {
-            n = (size_t)(at - arg);
-            in->weight = w;
-        }
-    }
-    if (n >= cap)
-        return false;
-    memcpy(buf, arg, n);
-    buf[n] = 0;
-    in->path = buf;
-    return true;
+static int add_data(void *user, const char *v) {
+    cli_opts *o = user;
+    if (o->n_in == DS_MAX_INPUTS)
+        return molt_opt_usage_error("molt data", "too many --data (at most 32): %s", v);
+    if (ds_input_parse(v, &o->in[o->n_in], o->path[o->n_in], sizeof o->path[0]) != MOLT_OK)
+        return molt_opt_usage_error("molt data", "--data: %s", molt_err_msg());
+    o->n_in++;
+    return 0;
 }
 
 static int parse_opts(int argc, char **argv, const char *cmd, cli_opts *o) {
@@ -84,62 +63,54 @@ static int parse_opts(int argc, char **argv, const char *cmd, cli_opts *o) {
     o->rows = 8;
     o->limit = -1;
     chat_opts_default(&o->chat);
-    for (int i = 2; i < argc; i++) {
-        const char *a = argv[i];
-        bool has_value = i + 1 < argc;
-        const char *v = has_value ? argv[i + 1] : NULL;
-        long n;
-        if (!strcmp(a, "--train-last-only")) {
-            o->chat.train_last_only = true;
-            continue;
-        }
-        if (!strcmp(a, "--train-on-inputs")) {
-            o->chat.train_on_inputs = true;
-            continue;
-        }
-        if (strncmp(a, "--", 2))
-            return bad_usage(cmd, "unexpected argument '%s'", a);
-        if (!has_value)
-            return bad_usage(cmd, "%s needs a value", a);
-        i++;
-        if (!strcmp(a, "--data")) {
-            if (o->n_in == DS_MAX_INPUTS)
-                return bad_usage(cmd, "too many --data (at most 32): %s", v);
-            if (!parse_input(v, &o->in[o->n_in], o->path[o->n_in], sizeof o->path[0]))
-                return bad_usage(cmd, "--data path too long: %s", v);
-            o->n_in++;
-        } else if (!strcmp(a, "--tokenizer")) {
-            o->tokenizer = v;
-        } else if (!strcmp(a, "--max-seq-len")) {
-            if (!parse_int(v, 1, &n) || n > 1 << 24)
-                return bad_usage(cmd, "--max-seq-len needs a positive integer, not '%s'", v);
-            o->max_seq_len = (int)n;
-        } else if (!strcmp(a, "--rows")) {
-            if (!parse_int(v, 1, &n) || n > 1 << 16)
-                return bad_usage(cmd, "--rows needs a positive integer, not '%s'", v);
-            o->rows = (int)n;
-        } else if (!strcmp(a, "--limit")) {
-            if (!parse_int(v, 0, &o->limit))
-                return bad_usage(cmd, "--limit needs a count, not '%s'", v);
-        } else if (!strcmp(a, "--format")) {
-            if (ds_format_parse(v, &o->format) != MOLT_OK)
-                return bad_usage(cmd, "%s", molt_err_msg());
-        } else if (!strcmp(a, "--on-bad-record")) {
-            if (ds_on_bad_parse(v, &o->on_bad) != MOLT_OK)
-                return bad_usage(cmd, "%s", molt_err_msg());
-        } else if (!strcmp(a, "--chat-version")) {
-            if (strcmp(v, "13") && strcmp(v, "15"))
-                return bad_usage(cmd, "--chat-version is 13 or 15, not '%s'", v);
-            o->chat.version = (chat_version)atoi(v);
-        } else if (!strcmp(a, "--reasoning-default")) {
-            if (strcmp(v, "none") && strcmp(v, "high") && strcmp(v, "absent"))
-                return bad_usage(cmd, "--reasoning-default is none, high or absent, not '%s'",
-                                 v);
-            o->chat.reasoning_default = strcmp(v, "absent") ? v : NULL;
-        } else {
-            return bad_usage(cmd, "unknown option '%s'", a);
-        }
+    const char *max_seq = NULL, *rows = NULL, *limit = NULL, *format = NULL, *on_bad = NULL;
+    const char *version = NULL, *reasoning = NULL;
+    char name[32];
+    snprintf(name, sizeof name, "molt data %s", cmd);
+    const molt_opt opts[] = {MOLT_OPT_EACH("--data", add_data),
+                             MOLT_OPT("--tokenizer", &o->tokenizer),
+                             MOLT_OPT("--max-seq-len", &max_seq),
+                             MOLT_OPT("--rows", &rows),
+                             MOLT_OPT("--limit", &limit),
+                             MOLT_OPT("--format", &format),
+                             MOLT_OPT("--on-bad-record", &on_bad),
+                             MOLT_OPT("--chat-version", &version),
+                             MOLT_OPT("--reasoning-default", &reasoning),
+                             MOLT_OPT_FLAG("--train-last-only", &o->chat.train_last_only),
+                             MOLT_OPT_FLAG("--train-on-inputs", &o->chat.train_on_inputs),
+                             MOLT_OPT_END};
+    int rc = molt_opts_parse(name, usage, opts, argc, argv, 2, o);
+    if (rc)
+        return rc < 0 ? -1 : rc;
+    int64_t n;
+    if (max_seq) {
+        if (!molt_opt_int(name, "--max-seq-len", max_seq, 1, 1 << 24, &n))
+            return 2;
+        o->max_seq_len = (int)n;
     }
+    if (rows) {
+        if (!molt_opt_int(name, "--rows", rows, 1, 1 << 16, &n))
+            return 2;
+        o->rows = (int)n;
+    }
+    if (limit) {
+        if (!molt_opt_int(name, "--limit", limit, 0, INT64_MAX, &n))
+            return 2;
+        o->limit = (long)n;
+    }
+    if (format && ds_format_parse(format, &o->format) != MOLT_OK)
+        return bad_usage(cmd, "%s", molt_err_msg());
+    if (on_bad && ds_on_bad_parse(on_bad, &o->on_bad) != MOLT_OK)
+        return bad_usage(cmd, "%s", molt_err_msg());
+    static const char *const versions[] = {"13", "15"};
+    static const char *const reasonings[] = {"none", "high", "absent"};
+    int vi = o->chat.version == 13 ? 0 : 1, ri = 0;
+    if (!molt_opt_choice(name, "--chat-version", version, versions, 2, &vi) ||
+        !molt_opt_choice(name, "--reasoning-default", reasoning, reasonings, 3, &ri))
+        return 2;
+    o->chat.version = (chat_version)(vi ? 15 : 13);
+    if (reasoning)
+        o->chat.reasoning_default = ri == 2 ? NULL : reasonings[ri];
     if (!o->n_in)
         return bad_usage(cmd, "%s", "no --data given");
     if (!o->tokenizer)
@@ -232,7 +203,7 @@ static int walk(int argc, char **argv, bool render) {
     cli_opts o;
     int rc = parse_opts(argc, argv, cmd, &o);
     if (rc)
-        return rc;
+        return rc < 0 ? 0 : rc;
     tok_tokenizer *t;
     chat_template *ct = NULL;
     if (tok_load(o.tokenizer, &t) != MOLT_OK)
@@ -274,7 +245,7 @@ static int bench(int argc, char **argv) {
     cli_opts o;
     int rc = parse_opts(argc, argv, "bench", &o);
     if (rc)
-        return rc;
+        return rc < 0 ? 0 : rc;
     if (o.n_in != 1)
         return bad_usage("bench", "%s", "give exactly one --data");
     ds_bench_result r;

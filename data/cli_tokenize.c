@@ -9,17 +9,9 @@
 #include <time.h>
 
 #include "data.h"
+#include "../common/opt.h"
 
 // ---- shared ----------------------------------------------------------------------------
-
-// Value of option argv[*i] (advancing *i), or NULL with a message when it is missing.
-static const char *opt_value(int argc, char **argv, int *i, const char *cmd) {
-    if (*i + 1 >= argc) {
-        fprintf(stderr, "%s: %s needs a value\n", cmd, argv[*i]);
-        return NULL;
-    }
-    return argv[++*i];
-}
 
 static double now_s(void) {
     struct timespec ts;
@@ -127,32 +119,16 @@ static int tokenize_jsonl(tok_job *j, const char *path) {
 }
 
 int data_cmd_tokenize(int argc, char **argv) {
-    const char *tok_path = NULL, *text = NULL, *jsonl = NULL;
+    const char *tok_path = NULL, *text = NULL, *jsonl = NULL, *cmd = "molt tokenize";
     tok_job j = {0};
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            fputs(tokenize_usage, stdout);
-            return 0;
-        } else if (!strcmp(a, "--bos"))
-            j.bos = true;
-        else if (!strcmp(a, "--eos"))
-            j.eos = true;
-        else if (!strcmp(a, "--tokenizer") || !strcmp(a, "--text") || !strcmp(a, "--jsonl")) {
-            const char *v = opt_value(argc, argv, &i, "molt tokenize");
-            if (!v)
-                return 2;
-            *(!strcmp(a, "--tokenizer") ? &tok_path : !strcmp(a, "--text") ? &text : &jsonl) = v;
-        } else {
-            fprintf(stderr, "molt tokenize: unknown option '%s'\n\n%s", a, tokenize_usage);
-            return 2;
-        }
-    }
-    if (!tok_path || !text == !jsonl) {
-        fprintf(stderr, "molt tokenize: need --tokenizer and one of --text, --jsonl\n\n%s",
-                tokenize_usage);
-        return 2;
-    }
+    const molt_opt opts[] = {MOLT_OPT("--tokenizer", &tok_path), MOLT_OPT("--text", &text),
+                             MOLT_OPT("--jsonl", &jsonl),        MOLT_OPT_FLAG("--bos", &j.bos),
+                             MOLT_OPT_FLAG("--eos", &j.eos),  MOLT_OPT_END};
+    int rc0 = molt_opts_parse(cmd, tokenize_usage, opts, argc, argv, 1, NULL);
+    if (rc0)
+        return rc0 < 0 ? 0 : rc0;
+    if (!tok_path || !text == !jsonl)
+        return molt_opt_usage_error(cmd, "need --tokenizer and one of --text, --jsonl");
     tok_tokenizer *t;
     if (tok_load(tok_path, &t) != MOLT_OK) {
         fprintf(stderr, "molt tokenize: %s\n", molt_err_msg());
@@ -329,36 +305,45 @@ static int bench_data_pipeline(const char *tok_path, const char *data_path) {
     return 0;
 }
 
+typedef struct {
+    const char *paths[16];
+    int n;
+} tok_list;
+
+static int add_tokenizer(void *user, const char *v) {
+    tok_list *l = user;
+    if (l->n == 16)
+        return molt_opt_usage_error("molt bench tokenize", "at most 16 --tokenizer");
+    l->paths[l->n++] = v;
+    return 0;
+}
+
 int data_cmd_bench_tokenize(int argc, char **argv) {
-    const char *toks[16], *input = NULL, *data = NULL;
-    int n_toks = 0;
-    bool jsonl = true, tsv = false;
+    const char *cmd = "molt bench tokenize", *text = NULL, *jsonl_in = NULL, *data = NULL;
+    const char *secs = NULL, *input = NULL;
+    tok_list tl = {.n = 0};
+    bool tsv = false, jsonl = true;
     double seconds = 2;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v;
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            fputs(bench_usage, stdout);
-            return 0;
-        } else if (!strcmp(a, "--tsv")) {
-            tsv = true;
-            continue;
-        }
-        if (!(v = opt_value(argc, argv, &i, "molt bench tokenize")))
-            return 2;
-        if (!strcmp(a, "--tokenizer") && n_toks < 16)
-            toks[n_toks++] = v;
-        else if (!strcmp(a, "--text") || !strcmp(a, "--jsonl")) {
-            input = v;
-            jsonl = !strcmp(a, "--jsonl");
-        } else if (!strcmp(a, "--data"))
-            data = v;
-        else if (!strcmp(a, "--seconds") && sscanf(v, "%lf", &seconds) == 1 && seconds >= 0)
-            continue;
-        else {
-            fprintf(stderr, "molt bench tokenize: bad option '%s %s'\n\n%s", a, v, bench_usage);
-            return 2;
-        }
+    const molt_opt opts[] = {MOLT_OPT_EACH("--tokenizer", add_tokenizer),
+                             MOLT_OPT("--text", &text),
+                             MOLT_OPT("--jsonl", &jsonl_in),
+                             MOLT_OPT("--data", &data),
+                             MOLT_OPT("--seconds", &secs),
+                             MOLT_OPT_FLAG("--tsv", &tsv),
+                             MOLT_OPT_END};
+    int rc0 = molt_opts_parse(cmd, bench_usage, opts, argc, argv, 1, &tl);
+    if (rc0)
+        return rc0 < 0 ? 0 : rc0;
+    if (!molt_opt_double(cmd, "--seconds", secs, 0, 1e6, &seconds))
+        return 2;
+    if (text && jsonl_in)
+        return molt_opt_usage_error(cmd, "--text and --jsonl exclude each other");
+    if (text || jsonl_in) {
+        input = text ? text : jsonl_in;
+        jsonl = !text;
     }
+    const char **toks = tl.paths;
+    int n_toks = tl.n;
     if (n_toks == 0) {
         toks[n_toks++] = "configs/tokenizers/tekken.json";
         toks[n_toks++] = "configs/tokenizers/deepseek-v3-tokenizer.json";

@@ -160,6 +160,11 @@ typedef struct {
     double weight; // > 0: passes over this input per epoch (2.5: twice, then half of it);
                    // also its share of the interleave while it has records left
 } ds_input;
+// Reads "FILE" or "FILE@W" (W: the mixing weight, a number > 0) into in, the path copied
+// into buf[cap]. The text after the last '@' is a weight when it reads as a number and the
+// whole argument is not an existing file; a weight that is not a finite number > 0 (@0,
+// @-1, @inf) is MOLT_EARG naming it, as is a path that does not fit.
+molt_status ds_input_parse(const char *arg, ds_input *in, char *buf, size_t cap);
 
 typedef struct {
     ds_input inputs[DS_MAX_INPUTS];

@@ -3,10 +3,12 @@
 // names. Not here: anything that reads files or knows a record format.
 #include "ds_internal.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 // ---- buffers and examples ---------------------------------------------------------------
 
@@ -300,4 +302,31 @@ molt_status ds_format_parse(const char *s, ds_format *out) {
         }
     return molt_err(MOLT_EARG, "unknown data format '%s' (expected auto, chat, alpaca, "
                                "completion or text)", s);
+}
+
+molt_status ds_input_parse(const char *arg, ds_input *in, char *buf, size_t cap) {
+    const char *at = strrchr(arg, '@');
+    size_t n = strlen(arg);
+    in->weight = 1.0;
+    struct stat sb;
+    if (at && at != arg && stat(arg, &sb) != 0) {
+        char *end;
+        errno = 0;
+        double w = strtod(at + 1, &end);
+        bool number = at[1] && !*end && end != at + 1;
+        if (number && !(isfinite(w) && w > 0 && errno == 0))
+            return molt_err(MOLT_EARG, "data input '%s': mixing weight '%s' is not a number > 0",
+                            arg, at + 1);
+        if (number) {
+            n = (size_t)(at - arg);
+            in->weight = w;
+        }
+    }
+    if (n == 0 || n >= cap)
+        return molt_err(MOLT_EARG, "data input '%s': the path is empty or longer than %zu bytes",
+                        arg, cap - 1);
+    memcpy(buf, arg, n);
+    buf[n] = 0;
+    in->path = buf;
+    return MOLT_OK;
 }

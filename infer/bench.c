@@ -5,6 +5,8 @@
 // Not here: correctness (tests/test_kvcache.c), sampling cost (greedy steps only).
 #include "infer.h"
 
+#include "../common/opt.h"
+
 #include <errno.h>
 #include <omp.h>
 #include <stdio.h>
@@ -54,48 +56,24 @@ typedef struct {
 } bench_args;
 
 static int bench_parse(int argc, char **argv, bench_args *a) {
-    for (int i = 1; i < argc; i++) {
-        const char *o = argv[i];
-        if (strcmp(o, "--help") == 0 || strcmp(o, "-h") == 0) {
-            fputs(bench_usage, stdout);
-            return -1;
-        }
-        bool known = !strcmp(o, "--model") || !strcmp(o, "--preset") ||
-                     !strcmp(o, "--base-quant") ||
-                     !strcmp(o, "--prompt-tokens") || !strcmp(o, "--gen-tokens") ||
-                     !strcmp(o, "--seed");
-        if (!known || i + 1 >= argc) {
-            fprintf(stderr, "molt bench generate: %s '%s'\n%s",
-                    known ? "missing value for" : "unknown option", o, bench_usage);
-            return 2;
-        }
-        const char *v = argv[++i];
-        char *end;
-        errno = 0;
-        long n = strtol(v, &end, 10);
-        bool num_ok = *v && !*end && !errno && n >= 1 && n <= 1000000;
-        if (!strcmp(o, "--model"))
-            a->model = v;
-        else if (!strcmp(o, "--preset"))
-            a->preset = v;
-        else if (!strcmp(o, "--base-quant"))
-            a->base_quant = v;
-        else if (!num_ok) {
-            fprintf(stderr, "molt bench generate: %s '%s' is not an integer in [1, 1000000]\n",
-                    o, v);
-            return 2;
-        } else if (!strcmp(o, "--prompt-tokens"))
-            a->prompt_tokens = (int)n;
-        else if (!strcmp(o, "--gen-tokens"))
-            a->gen_tokens = (int)n;
-        else
-            a->seed = (uint64_t)n;
-    }
-    if (!a->model == !a->preset) {
-        fprintf(stderr, "molt bench generate: give exactly one of --model and --preset\n%s",
-                bench_usage);
+    const char *cmd = "molt bench generate", *prompt = NULL, *gen = NULL, *seed = NULL;
+    const molt_opt opts[] = {MOLT_OPT("--model", &a->model), MOLT_OPT("--preset", &a->preset),
+                             MOLT_OPT("--base-quant", &a->base_quant),
+                             MOLT_OPT("--prompt-tokens", &prompt),
+                             MOLT_OPT("--gen-tokens", &gen), MOLT_OPT("--seed", &seed),
+                             MOLT_OPT_END};
+    int rc = molt_opts_parse(cmd, bench_usage, opts, argc, argv, 1, NULL);
+    if (rc)
+        return rc;
+    int64_t p = a->prompt_tokens, g = a->gen_tokens;
+    if (!molt_opt_int(cmd, "--prompt-tokens", prompt, 1, 1000000, &p) ||
+        !molt_opt_int(cmd, "--gen-tokens", gen, 1, 1000000, &g) ||
+        !molt_opt_uint64(cmd, "--seed", seed, &a->seed))
         return 2;
-    }
+    a->prompt_tokens = (int)p;
+    a->gen_tokens = (int)g;
+    if (!a->model == !a->preset)
+        return molt_opt_usage_error(cmd, "give exactly one of --model and --preset");
     return 0;
 }
 

@@ -4,6 +4,8 @@
 // model's cached forward. Exit status: 0 success, 1 failure, 2 bad usage.
 #include "infer.h"
 
+#include "../common/opt.h"
+
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -28,43 +30,6 @@ static const char gen_usage[] =
     "--base-quant quantizes the projections on load (see molt quantize --help).\n"
     "--adapter applies a LoRA adapter: a PEFT directory, a molt adapter file (.h5) or a\n"
     "training checkpoint (step-N.h5).\n";
-
-static bool parse_int(const char *s, int lo, int *out) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (!*s || *end || errno || v < lo || v > INT32_MAX)
-        return false;
-    *out = (int)v;
-    return true;
-}
-
-static bool parse_num(const char *s, double *out) {
-    char *end;
-    errno = 0;
-    *out = strtod(s, &end);
-    return *s && !*end && !errno && isfinite(*out);
-}
-
-static bool parse_seed(const char *s, uint64_t *out) {
-    char *end;
-    errno = 0;
-    if (!*s || *s == '-')
-        return false;
-    unsigned long long v = strtoull(s, &end, 10);
-    *out = v;
-    return !*end && !errno;
-}
-
-static bool parse_attn(const char *s, mdl_attn_mode *m) {
-    if (strcmp(s, "absorbed") == 0)
-        *m = MDL_ATTN_ABSORBED;
-    else if (strcmp(s, "expanded") == 0)
-        *m = MDL_ATTN_EXPANDED;
-    else
-        return false;
-    return true;
-}
 
 // Whole file into a NUL-terminated buffer (molt_malloc'ed).
 static molt_status read_file(const char *path, char **out, size_t *len) {
@@ -111,86 +76,57 @@ typedef struct {
     inf_gen_opts g;
 } gen_args;
 
-// One option; returns 0 when handled, 2 on bad usage (message printed).
-static int gen_option(int argc, char **argv, int *i, gen_args *a) {
-    const char *o = argv[*i], *cmd = "molt generate";
-    if (strcmp(o, "--chat") == 0) {
-        a->chat = true;
-        return 0;
+// --top-p: a number in (0, 1].
+static bool top_p_ok(const char *cmd, const char *v, double *out) {
+    double p = *out;
+    if (!molt_opt_double(cmd, "--top-p", v, 0, 1, &p))
+        return false;
+    if (v && p == 0) {
+        fprintf(stderr, "%s: --top-p '%s' is not a number in (0, 1]\n", cmd, v);
+        return false;
     }
-    static const char *const with_value[] = {
-        "--model", "--prompt", "--prompt-file", "--tokenizer", "--max-tokens", "--temperature",
-        "--top-p", "--top-k",  "--seed",        "--attn",        "--base-quant", "--adapter"};
-    bool known = false;
-    for (size_t k = 0; k < sizeof with_value / sizeof *with_value; k++)
-        known |= strcmp(o, with_value[k]) == 0;
-    if (!known) {
-        fprintf(stderr, "%s: unknown option '%s'\n%s", cmd, o, gen_usage);
-        return 2;
-    }
-    if (*i + 1 >= argc) {
-        fprintf(stderr, "%s: %s needs a value\n", cmd, o);
-        return 2;
-    }
-    const char *v = argv[++*i];
-    bool ok = true;
-    inf_sample_opts *s = &a->g.sample;
-    if (strcmp(o, "--model") == 0)
-        a->model = v;
-    else if (strcmp(o, "--prompt") == 0)
-        a->prompt = v;
-    else if (strcmp(o, "--prompt-file") == 0)
-        a->prompt_file = v;
-    else if (strcmp(o, "--tokenizer") == 0)
-        a->tokenizer = v;
-    else if (strcmp(o, "--max-tokens") == 0)
-        ok = parse_int(v, 0, &a->g.max_tokens);
-    else if (strcmp(o, "--temperature") == 0)
-        ok = parse_num(v, &s->temperature) && s->temperature >= 0;
-    else if (strcmp(o, "--top-p") == 0)
-        ok = parse_num(v, &s->top_p) && s->top_p > 0 && s->top_p <= 1;
-    else if (strcmp(o, "--top-k") == 0)
-        ok = parse_int(v, 0, &s->top_k);
-    else if (strcmp(o, "--seed") == 0)
-        ok = parse_seed(v, &s->seed);
-    else if (strcmp(o, "--base-quant") == 0)
-        a->base_quant = v; // checked when the model loads
-    else if (strcmp(o, "--adapter") == 0)
-        a->adapter = v; // loaded after the model
-    else
-        ok = parse_attn(v, &a->g.decode_mode);
-    if (!ok) {
-        static const char *const want[][2] = {
-            {"--max-tokens", "an integer >= 0"}, {"--temperature", "a number >= 0"},
-            {"--top-p", "a number in (0, 1]"},   {"--top-k", "an integer >= 0 (0 = off)"},
-            {"--seed", "a non-negative integer"}, {"--attn", "absorbed or expanded"}};
-        for (size_t k = 0; k < sizeof want / sizeof *want; k++)
-            if (strcmp(o, want[k][0]) == 0)
-                fprintf(stderr, "%s: %s '%s' is not %s\n", cmd, o, v, want[k][1]);
-        return 2;
-    }
-    return 0;
+    *out = p;
+    return true;
 }
 
 static int gen_parse(int argc, char **argv, gen_args *a) {
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            fputs(gen_usage, stdout);
-            return -1;
-        }
-        int rc = gen_option(argc, argv, &i, a);
-        if (rc)
-            return rc;
-    }
-    if (!a->model) {
-        fprintf(stderr, "molt generate: --model is required\n%s", gen_usage);
+    const char *cmd = "molt generate", *max_tokens = NULL, *temperature = NULL, *top_p = NULL;
+    const char *top_k = NULL, *seed = NULL, *attn = NULL;
+    const molt_opt opts[] = {MOLT_OPT("--model", &a->model),
+                             MOLT_OPT("--prompt", &a->prompt),
+                             MOLT_OPT("--prompt-file", &a->prompt_file),
+                             MOLT_OPT("--tokenizer", &a->tokenizer),
+                             MOLT_OPT("--max-tokens", &max_tokens),
+                             MOLT_OPT("--temperature", &temperature),
+                             MOLT_OPT("--top-p", &top_p),
+                             MOLT_OPT("--top-k", &top_k),
+                             MOLT_OPT("--seed", &seed),
+                             MOLT_OPT("--attn", &attn),
+                             MOLT_OPT("--base-quant", &a->base_quant),
+                             MOLT_OPT("--adapter", &a->adapter),
+                             MOLT_OPT_FLAG("--chat", &a->chat),
+                             MOLT_OPT_END};
+    int rc = molt_opts_parse(cmd, gen_usage, opts, argc, argv, 1, NULL);
+    if (rc)
+        return rc;
+    inf_sample_opts *s = &a->g.sample;
+    int64_t mt = a->g.max_tokens, tk = s->top_k;
+    static const char *const modes[] = {"absorbed", "expanded"};
+    int mode = a->g.decode_mode == MDL_ATTN_EXPANDED;
+    if (!molt_opt_int(cmd, "--max-tokens", max_tokens, 0, INT32_MAX - 1, &mt) ||
+        !molt_opt_double(cmd, "--temperature", temperature, 0, 1e300, &s->temperature) ||
+        !top_p_ok(cmd, top_p, &s->top_p) ||
+        !molt_opt_int(cmd, "--top-k", top_k, 0, INT32_MAX, &tk) ||
+        !molt_opt_uint64(cmd, "--seed", seed, &s->seed) ||
+        !molt_opt_choice(cmd, "--attn", attn, modes, 2, &mode))
         return 2;
-    }
-    if (!a->prompt == !a->prompt_file) {
-        fprintf(stderr, "molt generate: give exactly one of --prompt and --prompt-file\n%s",
-                gen_usage);
-        return 2;
-    }
+    a->g.max_tokens = (int)mt;
+    s->top_k = (int)tk;
+    a->g.decode_mode = mode ? MDL_ATTN_EXPANDED : MDL_ATTN_ABSORBED;
+    if (!a->model)
+        return molt_opt_usage_error(cmd, "--model is required");
+    if (!a->prompt == !a->prompt_file)
+        return molt_opt_usage_error(cmd, "give exactly one of --prompt and --prompt-file");
     return 0;
 }
 

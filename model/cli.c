@@ -4,31 +4,13 @@
 // Exit status: 0 success, 1 failure, 2 bad usage.
 #include "model.h"
 
+#include "../common/fsio.h"
+#include "../common/opt.h"
+
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-// Value of option argv[*i] (advancing *i), or NULL with a message when it is missing.
-static const char *opt_value(int argc, char **argv, int *i, const char *cmd) {
-    if (*i + 1 >= argc) {
-        fprintf(stderr, "%s: %s needs a value\n", cmd, argv[*i]);
-        return NULL;
-    }
-    return argv[++*i];
-}
-
-static bool parse_u64(const char *s, uint64_t *out) {
-    char *end;
-    errno = 0;
-    if (!s || !*s || *s == '-')
-        return false;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || *end)
-        return false;
-    *out = (uint64_t)v;
-    return true;
-}
 
 // ---------------------------------------------------------------------------------------
 // molt init-model
@@ -36,105 +18,49 @@ static bool parse_u64(const char *s, uint64_t *out) {
 static const char init_usage[] =
     "usage: molt init-model --preset NAME --out DIR [--seed S] [--dtype f32|bf16|fp8]\n"
     "                       [--layout hf|per-expert|mistral] [--tokenizer FILE | --no-tokenizer]\n"
-    "                       [--max-gb N]\n"
+    "                       [--max-gb N] [--force]\n"
     "Writes a randomly initialized model (config.json, weights, tekken.json) in Hugging Face\n"
     "layout. NAME is a preset of configs/models (tiny, tiny-grouped, small, mistral-small-4)\n"
     "or a path to a config.json. Weights are normal(0, initializer_range), norms 1; the same\n"
     "seed gives the same file. --dtype fp8: E4M3 with a per-tensor scale (lm_head,\n"
     "embeddings, norms and router in bf16). --layout: fused experts (hf), one matrix per\n"
-    "expert (per-expert), or Mistral's consolidated names (mistral).\n";
-
-static bool parse_dtype(const char *s, mdl_save_dtype *dt) {
-    static const char *const names[] = {"f32", "bf16", "fp8"};
-    for (int i = 0; i < 3; i++)
-        if (strcmp(s, names[i]) == 0) {
-            *dt = (mdl_save_dtype)i;
-            return true;
-        }
-    return false;
-}
-
-static bool parse_layout(const char *s, mdl_layout *l) {
-    static const char *const names[] = {"hf", "per-expert", "mistral"};
-    for (int i = 0; i < 3; i++)
-        if (strcmp(s, names[i]) == 0) {
-            *l = (mdl_layout)i;
-            return true;
-        }
-    return false;
-}
-
-// One option of init-model; returns 0 when handled, 2 on bad usage.
-static int init_option(int argc, char **argv, int *i, mdl_init_opts *o) {
-    const char *a = argv[*i], *cmd = "molt init-model";
-    if (strcmp(a, "--no-tokenizer") == 0) {
-        o->no_tokenizer = true;
-        return 0;
-    }
-    static const char *const with_value[] = {"--preset", "--out",    "--tokenizer", "--seed",
-                                             "--dtype",  "--layout", "--max-gb"};
-    bool known = false;
-    for (size_t k = 0; k < sizeof with_value / sizeof *with_value; k++)
-        known |= strcmp(a, with_value[k]) == 0;
-    if (!known) {
-        fprintf(stderr, "%s: unknown option '%s'\n%s", cmd, a, init_usage);
-        return 2;
-    }
-    const char *v = opt_value(argc, argv, i, cmd);
-    if (!v)
-        return 2;
-    if (strcmp(a, "--preset") == 0)
-        o->preset = v;
-    else if (strcmp(a, "--out") == 0)
-        o->out_dir = v;
-    else if (strcmp(a, "--tokenizer") == 0)
-        o->tokenizer = v;
-    else if (strcmp(a, "--seed") == 0) {
-        if (!parse_u64(v, &o->seed)) {
-            fprintf(stderr, "%s: --seed '%s' is not a non-negative integer\n", cmd, v);
-            return 2;
-        }
-    } else if (strcmp(a, "--dtype") == 0) {
-        if (!parse_dtype(v, &o->save.dtype)) {
-            fprintf(stderr, "%s: --dtype '%s' is not one of f32, bf16, fp8\n", cmd, v);
-            return 2;
-        }
-    } else if (strcmp(a, "--layout") == 0) {
-        if (!parse_layout(v, &o->save.layout)) {
-            fprintf(stderr, "%s: --layout '%s' is not one of hf, per-expert, mistral\n", cmd, v);
-            return 2;
-        }
-    } else {
-        char *end;
-        o->max_gb = strtod(v, &end);
-        if (*end || !(o->max_gb > 0)) {
-            fprintf(stderr, "%s: --max-gb '%s' is not a positive number\n", cmd, v);
-            return 2;
-        }
-    }
-    return 0;
-}
+    "expert (per-expert), or Mistral's consolidated names (mistral). DIR must not exist or\n"
+    "be empty; --force replaces it whole (nothing of the old directory is kept). DIR may not\n"
+    "be, hold or lie inside the tokenizer file or the preset file.\n";
 
 int mdl_cmd_init_model(int argc, char **argv) {
+    const char *cmd = "molt init-model", *seed = NULL, *dtype = NULL, *layout = NULL;
+    const char *max_gb = NULL;
     mdl_init_opts o = {.save = {.layout = MDL_LAYOUT_HF, .dtype = MDL_SAVE_F32}};
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            fputs(init_usage, stdout);
-            return 0;
-        }
-        int rc = init_option(argc, argv, &i, &o);
-        if (rc)
-            return rc;
-    }
-    if (!o.preset || !o.out_dir) {
-        fprintf(stderr, "molt init-model: --preset and --out are required\n%s", init_usage);
+    const molt_opt opts[] = {MOLT_OPT("--preset", &o.preset),
+                             MOLT_OPT("--out", &o.out_dir),
+                             MOLT_OPT("--tokenizer", &o.tokenizer),
+                             MOLT_OPT("--seed", &seed),
+                             MOLT_OPT("--dtype", &dtype),
+                             MOLT_OPT("--layout", &layout),
+                             MOLT_OPT("--max-gb", &max_gb),
+                             MOLT_OPT_FLAG("--no-tokenizer", &o.no_tokenizer),
+                             MOLT_OPT_FLAG("--force", &o.force),
+                             MOLT_OPT_END};
+    int rc = molt_opts_parse(cmd, init_usage, opts, argc, argv, 1, NULL);
+    if (rc)
+        return rc < 0 ? 0 : rc;
+    static const char *const dtypes[] = {"f32", "bf16", "fp8"};
+    static const char *const layouts[] = {"hf", "per-expert", "mistral"};
+    int dt = (int)o.save.dtype, ly = (int)o.save.layout;
+    if (!molt_opt_uint64(cmd, "--seed", seed, &o.seed) ||
+        !molt_opt_choice(cmd, "--dtype", dtype, dtypes, 3, &dt) ||
+        !molt_opt_choice(cmd, "--layout", layout, layouts, 3, &ly) ||
+        !molt_opt_double(cmd, "--max-gb", max_gb, 1e-9, 1e12, &o.max_gb))
         return 2;
-    }
-    if (o.tokenizer && o.no_tokenizer) {
-        fprintf(stderr, "molt init-model: --tokenizer and --no-tokenizer exclude each other\n");
-        return 2;
-    }
-    if (mdl_init_model(&o) != MOLT_OK) {
+    o.save.dtype = (mdl_save_dtype)dt;
+    o.save.layout = (mdl_layout)ly;
+    if (!o.preset || !o.out_dir)
+        return molt_opt_usage_error(cmd, "--preset and --out are required");
+    if (o.tokenizer && o.no_tokenizer)
+        return molt_opt_usage_error(cmd, "--tokenizer and --no-tokenizer exclude each other");
+    molt_status st = mdl_init_model(&o);
+    if (st != MOLT_OK) {
         fprintf(stderr, "molt init-model: %s\n", molt_err_msg());
         return 1;
     }
@@ -293,42 +219,28 @@ static molt_status forward_all(const mdl_model *m, const seqs *s, const char *ou
 int mdl_cmd_forward(int argc, char **argv, const mdl_adapter_hook *hook) {
     const char *model = NULL, *tokens = NULL, *out = NULL, *adapter = NULL;
     const char *cmd = "molt forward";
+    const char *base_quant = NULL;
+    const molt_opt opts[] = {MOLT_OPT("--model", &model),     MOLT_OPT("--tokens", &tokens),
+                             MOLT_OPT("--out", &out),         MOLT_OPT("--adapter", &adapter),
+                             MOLT_OPT("--base-quant", &base_quant), MOLT_OPT_END};
+    int rc = molt_opts_parse(cmd, fwd_usage, opts, argc, argv, 1, NULL);
+    if (rc)
+        return rc < 0 ? 0 : rc;
+    if (!model || !tokens || !out)
+        return molt_opt_usage_error(cmd, "--model, --tokens and --out are required");
+    if (adapter && !hook)
+        return molt_opt_usage_error(cmd, "--adapter is not available in this build");
+    static const char *const in_opt[] = {"--model", "--tokens", "--adapter"};
+    const char *in[] = {model, tokens, adapter};
+    for (int k = 0; k < 3; k++)
+        if (molt_check_overlap("--out", out, in_opt[k], in[k]) != MOLT_OK) {
+            fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
+            return 1;
+        }
     mdl_qspec qspec;
-    bool quant = false;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v;
-        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
-            fputs(fwd_usage, stdout);
-            return 0;
-        }
-        bool known = !strcmp(a, "--model") || !strcmp(a, "--tokens") || !strcmp(a, "--out") ||
-                     !strcmp(a, "--adapter") || !strcmp(a, "--base-quant");
-        if (!known) {
-            fprintf(stderr, "%s: unknown option '%s'\n%s", cmd, a, fwd_usage);
-            return 2;
-        }
-        if (!(v = opt_value(argc, argv, &i, cmd)))
-            return 2;
-        if (strcmp(a, "--adapter") == 0) {
-            if (!hook) {
-                fprintf(stderr, "%s: --adapter is not available in this build\n", cmd);
-                return 2;
-            }
-            adapter = v;
-            continue;
-        }
-        if (strcmp(a, "--base-quant") == 0) {
-            if (mdl_qspec_parse(v, &qspec) != MOLT_OK) {
-                fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
-                return 2;
-            }
-            quant = true;
-            continue;
-        }
-        *(strcmp(a, "--model") == 0 ? &model : strcmp(a, "--tokens") == 0 ? &tokens : &out) = v;
-    }
-    if (!model || !tokens || !out) {
-        fprintf(stderr, "%s: --model, --tokens and --out are required\n%s", cmd, fwd_usage);
+    bool quant = base_quant != NULL;
+    if (quant && mdl_qspec_parse(base_quant, &qspec) != MOLT_OK) {
+        fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
         return 2;
     }
     mdl_model m;

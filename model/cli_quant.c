@@ -5,6 +5,9 @@
 // quant_io.c. Exit status: 0 success, 1 failure, 2 bad usage.
 #include "mdl_quant.h"
 
+#include "../common/fsio.h"
+#include "../common/opt.h"
+
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,20 +22,6 @@ static double now_s(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static molt_status copy_file(const char *from, const char *to) {
-    FILE *in = fopen(from, "rb"), *out = in ? fopen(to, "wb") : NULL;
-    char buf[65536];
-    size_t n;
-    bool ok = in && out;
-    while (ok && (n = fread(buf, 1, sizeof buf, in)) > 0)
-        ok = fwrite(buf, 1, n, out) == n;
-    if (in)
-        fclose(in);
-    if (out && fclose(out) != 0)
-        ok = false;
-    return ok ? MOLT_OK : molt_err(MOLT_EIO, "cannot copy %s to %s", from, to);
-}
-
 // Writes dir_out with config.json (and tekken.json when present) and the quantized weights.
 static molt_status quantize_dir(const mdl_model *m, const char *src, const char *dst) {
     char a[4096], b[4096];
@@ -43,58 +32,64 @@ static molt_status quantize_dir(const mdl_model *m, const char *src, const char 
     }
     snprintf(a, sizeof a, "%s/config.json", src);
     snprintf(b, sizeof b, "%s/config.json", dst);
-    MOLT_TRY(copy_file(a, b));
+    MOLT_TRY(molt_copy_file(a, b));
     snprintf(a, sizeof a, "%s/tekken.json", src);
     snprintf(b, sizeof b, "%s/tekken.json", dst);
     if (access(a, R_OK) == 0)
-        MOLT_TRY(copy_file(a, b));
+        MOLT_TRY(molt_copy_file(a, b));
     snprintf(b, sizeof b, "%s/model.safetensors", dst);
     return mdl_save_quant(m, b);
 }
 
 static const char quant_usage[] =
-    "usage: molt quantize --model DIR --quant SPEC [--double-quant on|off] --out DIR2\n"
+    "usage: molt quantize --model DIR --quant SPEC [--double-quant on|off] --out DIR2 [--force]\n"
     "Writes DIR2 (config.json, tekken.json, model.safetensors) with the projections stored\n"
     "quantized and their state beside them (bitsandbytes names), loadable without\n"
     "re-quantizing. SPEC: nf4|int8|fp8|bf16|f32, then ,GROUP=FORMAT overrides (groups\n"
     "attention router shared_experts experts dense_mlp lm_head; router and lm_head stay f32\n"
-    "unless named). FP8 checkpoints keep their E4M3 codes and scales with fp8.\n";
+    "unless named). FP8 checkpoints keep their E4M3 codes and scales with fp8. DIR2 must not\n"
+    "exist or be empty; --force replaces it whole. It may not be, hold or lie inside DIR.\n";
 
 int mdl_cmd_quantize(int argc, char **argv) {
     const char *model = NULL, *spec_s = NULL, *out = NULL, *dq = "on", *cmd = "molt quantize";
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            fputs(quant_usage, stdout);
-            return 0;
-        }
-        const char **dst = !strcmp(a, "--model") ? &model : !strcmp(a, "--quant") ? &spec_s
-                           : !strcmp(a, "--out") ? &out : !strcmp(a, "--double-quant") ? &dq
-                                                                                     : NULL;
-        if (!dst || i + 1 >= argc) {
-            fprintf(stderr, "%s: %s '%s'\n%s", cmd, dst ? "missing value for" : "unknown option",
-                    a, quant_usage);
-            return 2;
-        }
-        *dst = argv[++i];
-    }
-    mdl_qspec spec;
-    if (!model || !spec_s || !out || (strcmp(dq, "on") && strcmp(dq, "off"))) {
-        fprintf(stderr, "%s: --model, --quant and --out are required; --double-quant is on or "
-                "off\n%s", cmd, quant_usage);
+    bool force = false;
+    const molt_opt opts[] = {MOLT_OPT("--model", &model),
+                             MOLT_OPT("--quant", &spec_s),
+                             MOLT_OPT("--out", &out),
+                             MOLT_OPT("--double-quant", &dq),
+                             MOLT_OPT_FLAG("--force", &force),
+                             MOLT_OPT_END};
+    int rc = molt_opts_parse(cmd, quant_usage, opts, argc, argv, 1, NULL);
+    if (rc)
+        return rc < 0 ? 0 : rc;
+    static const char *const on_off[] = {"off", "on"};
+    int dq_on = 1;
+    if (!molt_opt_choice(cmd, "--double-quant", dq, on_off, 2, &dq_on))
         return 2;
-    }
+    if (!model || !spec_s || !out)
+        return molt_opt_usage_error(cmd, "--model, --quant and --out are required");
+    mdl_qspec spec;
     if (mdl_qspec_parse(spec_s, &spec) != MOLT_OK) {
         fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
         return 2;
     }
-    spec.nf4_double_quant = strcmp(dq, "on") == 0;
-    mdl_model m;
+    spec.nf4_double_quant = dq_on == 1;
+    if (molt_check_overlap("--out", out, "--model", model) != MOLT_OK) {
+        fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
+        return 1;
+    }
+    mdl_model m = {0};
+    molt_outdir d = {0};
     double t0 = now_s();
-    molt_status st = mdl_load_quant(model, &spec, &m);
+    molt_status st = molt_outdir_begin(&d, out, force, "--out");
     if (st == MOLT_OK)
-        st = quantize_dir(&m, model, out);
+        st = mdl_load_quant(model, &spec, &m);
+    if (st == MOLT_OK)
+        st = quantize_dir(&m, model, d.tmp);
+    if (st == MOLT_OK)
+        st = molt_outdir_commit(&d);
     if (st != MOLT_OK) {
+        molt_outdir_abort(&d);
         fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
         mdl_free(&m);
         return 1;
@@ -250,31 +245,22 @@ static const char bench_usage[] =
 
 int mdl_cmd_bench_quant_model(int argc, char **argv) {
     const char *model = NULL, *preset = NULL, *full = "mistral-small-4";
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            fputs(bench_usage, stdout);
-            return 0;
-        }
-        const char **dst = !strcmp(a, "--model") ? &model : !strcmp(a, "--preset") ? &preset
-                           : !strcmp(a, "--full") ? &full : NULL;
-        if (!dst || i + 1 >= argc) {
-            fprintf(stderr, "molt bench quant-model: bad option '%s'\n%s", a, bench_usage);
-            return 2;
-        }
-        *dst = argv[++i];
-    }
-    if (!model == !preset) {
-        fprintf(stderr, "molt bench quant-model: give --model or --preset\n%s", bench_usage);
-        return 2;
-    }
+    const molt_opt opts[] = {MOLT_OPT("--model", &model),
+                             MOLT_OPT("--preset", &preset),
+                             MOLT_OPT("--full", &full),
+                             MOLT_OPT_END};
+    int rc = molt_opts_parse("molt bench quant-model", bench_usage, opts, argc, argv, 1, NULL);
+    if (rc)
+        return rc < 0 ? 0 : rc;
+    if (!model == !preset)
+        return molt_opt_usage_error("molt bench quant-model", "give --model or --preset");
     if (model)
         return bench_model(model, full);
     char dir[] = "/tmp/molt-bench-model-XXXXXX";
     if (!mkdtemp(dir))
         return 1;
     mdl_init_opts o = {.preset = preset, .out_dir = dir, .seed = 1, .no_tokenizer = true};
-    int rc = 1;
+    rc = 1;
     if (mdl_init_model(&o) == MOLT_OK)
         rc = bench_model(dir, full);
     else

@@ -5,6 +5,8 @@
 // (safetensors.c, save.c).
 #include "mdl_internal.h"
 
+#include "../common/fsio.h"
+
 #include <errno.h>
 #include <jansson.h>
 #include <stdarg.h>
@@ -159,52 +161,17 @@ static molt_status tokenizer_find(const char *preset_path, char *out, size_t cap
 // ---------------------------------------------------------------------------------------
 // Writing the directory
 
-static molt_status mkdirs(const char *dir) {
-    if (!dir || !*dir)
-        return molt_err(MOLT_EARG, "output directory: empty path");
-    char p[PATH_CAP];
-    fmt_path(p, sizeof p, "%s", dir);
-    for (char *s = p + 1; *s; s++) {
-        if (*s != '/')
-            continue;
-        *s = 0;
-        if (mkdir(p, 0777) != 0 && errno != EEXIST)
-            return molt_err(MOLT_EIO, "%s: cannot create: %s", p, strerror(errno));
-        *s = '/';
-    }
-    if (mkdir(p, 0777) != 0 && errno != EEXIST)
-        return molt_err(MOLT_EIO, "%s: cannot create: %s", p, strerror(errno));
-    return MOLT_OK;
-}
-
-static molt_status copy_file(const char *from, const char *to) {
-    FILE *in = fopen(from, "rb");
-    if (!in)
-        return molt_err(MOLT_EIO, "%s: cannot open", from);
-    FILE *out = fopen(to, "wb");
-    if (!out) {
-        fclose(in);
-        return molt_err(MOLT_EIO, "%s: cannot create", to);
-    }
-    char buf[1 << 16];
-    size_t n;
-    bool ok = true;
-    while (ok && (n = fread(buf, 1, sizeof buf, in)) > 0)
-        ok = fwrite(buf, 1, n, out) == n;
-    ok = ok && !ferror(in);
-    fclose(in);
-    ok = fclose(out) == 0 && ok;
-    return ok ? MOLT_OK : molt_err(MOLT_EIO, "copying %s to %s failed", from, to);
-}
-
 // config.json: the preset with the dtype of the written weights.
 static molt_status write_config(json_t *cfg, const mdl_save_opts *so, const char *path) {
     const char *dt = so->dtype == MDL_SAVE_F32 ? "float32" : "bfloat16";
     if (json_object_set_new(cfg, "dtype", json_string(dt)) != 0)
         return molt_err(MOLT_ENOMEM, "config.json: out of memory");
-    if (json_dump_file(cfg, path, JSON_INDENT(2)) != 0)
-        return molt_err(MOLT_EIO, "%s: cannot write", path);
-    return MOLT_OK;
+    char *text = json_dumps(cfg, JSON_INDENT(2));
+    if (!text)
+        return molt_err(MOLT_ENOMEM, "config.json: out of memory");
+    molt_status st = molt_write_atomic(path, text, strlen(text));
+    free(text); // from jansson
+    return st;
 }
 
 // The preset's JSON, validated as a config, and its initializer_range.
@@ -233,16 +200,15 @@ static molt_status check_size(const char *preset, const mcfg *cfg, double max_gb
                     (double)mdl_param_count(cfg), gb, lim);
 }
 
-static molt_status write_model(const mdl_init_opts *o, const mcfg *cfg, json_t *root,
-                               double std) {
+static molt_status write_model(const mdl_init_opts *o, const char *dir, const mcfg *cfg,
+                               json_t *root, double std) {
     char p[PATH_CAP + 64];
-    MOLT_TRY(mkdirs(o->out_dir));
-    fmt_path(p, sizeof p, "%s/config.json", o->out_dir);
+    fmt_path(p, sizeof p, "%s/config.json", dir);
     MOLT_TRY(write_config(root, &o->save, p));
     mdl_model m;
     MOLT_TRY(mdl_create(&m, cfg));
     molt_status st = mdl_init_random(&m, o->seed, std);
-    fmt_path(p, sizeof p, "%s/%s", o->out_dir,
+    fmt_path(p, sizeof p, "%s/%s", dir,
              o->save.layout == MDL_LAYOUT_MISTRAL ? "consolidated.safetensors"
                                                   : "model.safetensors");
     if (st == MOLT_OK)
@@ -264,17 +230,27 @@ molt_status mdl_init_model(const mdl_init_opts *o) {
         else
             MOLT_TRY(tokenizer_find(preset, tok, sizeof tok));
     }
+    // the inputs must survive the output: nothing is written over or into them
+    MOLT_TRY(molt_check_overlap("--out", o->out_dir, "--preset", preset));
+    if (!o->no_tokenizer)
+        MOLT_TRY(molt_check_overlap("--out", o->out_dir, "--tokenizer", tok));
     mcfg cfg;
     json_t *root;
     double std = 0.02;
     MOLT_TRY(read_preset(preset, &cfg, &root, &std));
     molt_status st = check_size(o->preset, &cfg, o->max_gb);
+    molt_outdir d = {0};
     if (st == MOLT_OK)
-        st = write_model(o, &cfg, root, std);
+        st = molt_outdir_begin(&d, o->out_dir, o->force, "--out");
+    if (st == MOLT_OK)
+        st = write_model(o, d.tmp, &cfg, root, std);
     json_decref(root);
     if (st == MOLT_OK && !o->no_tokenizer) {
-        fmt_path(p, sizeof p, "%s/tekken.json", o->out_dir);
-        st = copy_file(tok, p);
+        fmt_path(p, sizeof p, "%s/tekken.json", d.tmp);
+        st = molt_copy_file(tok, p);
     }
+    if (st == MOLT_OK)
+        return molt_outdir_commit(&d);
+    molt_outdir_abort(&d);
     return st;
 }

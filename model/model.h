@@ -99,8 +99,9 @@ typedef struct {
     const char *key, *value;
 } st_meta;
 // Writes a valid safetensors file holding tensors[0..n) in that order (offsets contiguous,
-// header padded with spaces to a multiple of 8). Names must be unique. MOLT_EARG on bad
-// tensors, MOLT_EIO on write failure (the partial file is removed).
+// header padded with spaces to a multiple of 8), through a temporary name beside path that
+// is synced and renamed over it. Names must be unique. MOLT_EARG on bad tensors, MOLT_EIO
+// with errno's text on write failure (path is then untouched).
 molt_status st_write(const char *path, const st_tensor *tensors, int n, const st_meta *meta,
                      int n_meta);
 
@@ -405,11 +406,12 @@ typedef struct {
 molt_status mdl_preset_find(const char *name, char *path, size_t cap);
 typedef struct {
     const char *preset;    // preset name or .json path
-    const char *out_dir;   // created when missing
+    const char *out_dir;   // created when missing; a non-empty one is refused unless force
     uint64_t seed;
     mdl_save_opts save;    // dtype and layout of the written weights
     const char *tokenizer; // tokenizer file to copy; NULL = tekken.json found beside presets
     bool no_tokenizer;     // write no tokenizer
+    bool force;            // replace a non-empty out_dir whole
     double max_gb;         // refuse models whose F32 weights exceed this (0 = 16)
 } mdl_init_opts;
 // Writes out_dir/config.json (the preset, with dtype set), the weights

@@ -6,6 +6,8 @@
 // Not here: mapping HF or Mistral tensor names to model parts, quantization.
 #include "model.h"
 
+#include "../common/fsio.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
@@ -726,27 +728,27 @@ static molt_status build_header(const st_tensor *ts, int n, const st_meta *meta,
     return MOLT_OK;
 }
 
+// Written to a temporary name beside path, synced and renamed (common/fsio.h).
 static molt_status write_file(const char *path, const char *hdr, const st_tensor *ts, int n,
                               const size_t *sizes) {
     size_t hl = strlen(hdr), padded = (hl + 7) / 8 * 8;
     uint8_t len8[8];
     for (int i = 0; i < 8; i++)
         len8[i] = (uint8_t)((uint64_t)padded >> (8 * i));
-    FILE *f = fopen(path, "wb");
-    if (!f)
-        return molt_err(MOLT_EIO, "%s: cannot create: %s", path, strerror(errno));
+    molt_wfile w;
+    MOLT_TRY(molt_wfile_open(&w, path));
+    FILE *f = w.f;
     bool ok = fwrite(len8, 1, 8, f) == 8 && fwrite(hdr, 1, hl, f) == hl;
     for (size_t i = hl; ok && i < padded; i++)
         ok = fputc(' ', f) != EOF;
     for (int i = 0; ok && i < n; i++)
         ok = sizes[i] == 0 || fwrite(ts[i].data, 1, sizes[i], f) == sizes[i];
-    if (fclose(f) != 0)
-        ok = false;
     if (!ok) {
-        remove(path);
-        return molt_err(MOLT_EIO, "%s: write failed: %s", path, strerror(errno));
+        molt_status st = molt_err(MOLT_EIO, "%s: write failed: %s", path, strerror(errno));
+        molt_wfile_abort(&w);
+        return st;
     }
-    return MOLT_OK;
+    return molt_wfile_commit(&w);
 }
 
 molt_status st_write(const char *path, const st_tensor *tensors, int n, const st_meta *meta,

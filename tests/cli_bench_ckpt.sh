@@ -23,7 +23,7 @@ awk -v m="$mib" -v p="$params" 'BEGIN { b = 12 * p / 1048576; exit !(m >= b && m
 
 "$molt" bench ckpt --bogus 2>/dev/null && fail "unknown option accepted"
 "$molt" bench ckpt --r 0 2>"$tmp/err" && fail "--r 0 accepted"
-grep -q "wants an integer in \[1, 4096\], got '0'" "$tmp/err" || fail "no message for --r 0"
+grep -q "\-\-r '0' is not an integer in \[1, 4096\]" "$tmp/err" || fail "no message for --r 0"
 "$molt" bench ckpt --help | grep -q -- "--quick" || fail "--help does not describe --quick"
 ok "bench ckpt"
 cli_done

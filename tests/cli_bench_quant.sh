@@ -23,7 +23,7 @@ bad=$(awk '($1 == "nf4" || $1 == "int8") && ($3 == "fwd" || $3 == "dx") {
 
 "$molt" bench quant --bogus 2>/dev/null && fail "unknown option accepted"
 "$molt" bench quant --repeat 0 2>"$tmp/err" && fail "--repeat 0 accepted"
-grep -q "expects an integer in 1..1000, got '0'" "$tmp/err" || fail "no message for --repeat 0"
+grep -q "\-\-repeat '0' is not an integer in \[1, 1000\]" "$tmp/err" || fail "no message for --repeat 0"
 "$molt" bench quant --threads 2>/dev/null && fail "--threads without a value accepted"
 "$molt" bench quant --help | grep -q -- "--quick" || fail "--help does not describe --quick"
 ok "bench quant"

@@ -83,11 +83,11 @@ has_err "negative temperature: message" "--temperature '-1' is not a number >= 0
 run "$molt" generate --model "$m" --prompt x --top-p 0
 has_err "top-p 0: message" "--top-p '0' is not a number in (0, 1]"
 run "$molt" generate --model "$m" --prompt x --top-k five
-has_err "top-k: message" "--top-k 'five' is not an integer >= 0 (0 = off)"
+has_err "top-k: message" "--top-k 'five' is not an integer >= 0"
 run "$molt" generate --model "$m" --prompt x --max-tokens -3
 has_err "max-tokens: message" "--max-tokens '-3' is not an integer >= 0"
 run "$molt" generate --model "$m" --prompt x --attn flash
-has_err "attn: message" "--attn 'flash' is not absorbed or expanded"
+has_err "attn: message" "--attn 'flash' is not one of absorbed, expanded"
 run "$molt" generate --model "$m" --prompt x --max-tokens
 same "missing value: status" "$rc" 2
 has_err "missing value: message" "--max-tokens needs a value"

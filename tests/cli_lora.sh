@@ -44,7 +44,7 @@ same "a merged model loads again" "$rc" 0
 
 run "$molt" merge --model "$tmp/m" --adapter "$tmp/peft" --out "$tmp/x" --dtype fp16
 same "bad dtype" "$rc" 2
-has "bad dtype message" "$err" "--dtype is bf16 or f32"
+has "bad dtype message" "$err" "--dtype 'fp16' is not one of f32, bf16"
 run "$molt" export --model "$tmp/m" --out "$tmp/x"
 same "export without a source" "$rc" 2
 run "$molt" export --model "$tmp/m" --spec "r=4,targets=q_proj" --out "$tmp/x"

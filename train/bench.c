@@ -11,6 +11,7 @@
 #include "trainer.h"
 
 #include "../adapters/adapters.h"
+#include "../common/opt.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,32 +42,26 @@ static double now_s(void) {
 }
 
 static int parse(int argc, char **argv, bench_opts *o) {
-    *o = (bench_opts){.preset = "small", .r = 16, .reps = 3};
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            fputs(usage, stdout);
-            return -1;
-        } else if (!strcmp(a, "--quick")) {
-            *o = (bench_opts){.preset = "tiny", .r = 4, .reps = 1};
-        } else if (!strcmp(a, "--preset") && v) {
-            o->preset = argv[++i];
-        } else if ((!strcmp(a, "--r") || !strcmp(a, "--reps")) && v) {
-            char *end;
-            long n = strtol(v, &end, 10);
-            if (*end || n < 1 || n > 4096) {
-                fprintf(stderr, "molt bench ckpt: %s wants an integer in [1, 4096], got '%s'\n",
-                        a, v);
-                return 2;
-            }
-            *(!strcmp(a, "--r") ? &o->r : &o->reps) = (int)n;
-            i++;
-        } else {
-            fprintf(stderr, "molt bench ckpt: unknown option or missing value '%s'\n%s", a,
-                    usage);
-            return 2;
-        }
-    }
+    const char *cmd = "molt bench ckpt", *r = NULL, *reps = NULL, *preset = NULL;
+    bool quick = false;
+    const molt_opt opts[] = {MOLT_OPT("--preset", &preset),
+                             MOLT_OPT("--r", &r),
+                             MOLT_OPT("--reps", &reps),
+                             MOLT_OPT_FLAG("--quick", &quick),
+                             MOLT_OPT_END};
+    int rc = molt_opts_parse(cmd, usage, opts, argc, argv, 1, NULL);
+    if (rc)
+        return rc;
+    *o = quick ? (bench_opts){.preset = "tiny", .r = 4, .reps = 1}
+               : (bench_opts){.preset = "small", .r = 16, .reps = 3};
+    int64_t rv = o->r, repsv = o->reps;
+    if (!molt_opt_int(cmd, "--r", r, 1, 4096, &rv) ||
+        !molt_opt_int(cmd, "--reps", reps, 1, 4096, &repsv))
+        return 2;
+    o->r = (int)rv;
+    o->reps = (int)repsv;
+    if (preset)
+        o->preset = preset;
     return 0;
 }
 

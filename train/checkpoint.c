@@ -1,19 +1,26 @@
-// train/checkpoint.c: checkpoint files (HDF5): writing them atomically, keeping the last K,
-// reading and validating them, and finding the newest valid one to resume from.
+// train/checkpoint.c: writing checkpoint files (HDF5) atomically, keeping the last K, and
+// finding the newest valid one to resume from.
 //
-// File layout (output_dir/checkpoints/step-<N>.h5):
+// File layout (output_dir/checkpoints/step-<N>.h5), format version 2:
 //   bytes [0, 512)   a text header in HDF5's user block: "MOLTCKPT", the format version,
-//                    the file size and the SHA-256 of every byte after the header. It is
-//                    checked before HDF5 sees the file, so truncated or damaged files are
-//                    rejected without trusting HDF5's handling of malformed metadata.
-//   HDF5 root attributes  molt_format_version (i64), step (i64), checksum (64-char string:
-//                    ckpt_state_digest of the contents, a second, format-independent check)
-//   /tensors/<name>  f32 datasets of the tensor's shape
-//   /ints/<name>, /floats/<name>  scalar i64 / f64 datasets
-//   /blobs/<name>    1-D u8 datasets (a null dataspace when empty)
-// HDF5's latest file format is requested, which also checksums HDF5's own metadata.
+//                    the file size, the user block size U, the step, the number of entries,
+//                    the digest of the contents (ckpt_state_digest) and the SHA-256 of
+//                    every byte from 512 to the end;
+//   bytes [512, U)   the manifest, one line per entry: its kind (T tensor, I int, F float,
+//                    B blob), the offset and length of its raw little-endian data in this
+//                    file, its dims and its name; NUL padding after the last line;
+//   bytes [U, end)   the HDF5 file proper: root attributes molt_format_version, step,
+//                    checksum; /tensors/<name> f32 datasets of the tensor's shape;
+//                    /ints/<name>, /floats/<name> scalar i64 / f64 datasets; /blobs/<name>
+//                    1-D u8 datasets (a null dataspace when empty). Datasets are contiguous,
+//                    their data where the manifest says (HDF5's own offsets, H5Dget_offset).
+// molt reads checkpoints through the header and the manifest alone (ckpt_read.c), never
+// through HDF5: HDF5 can crash on crafted metadata, and a checkpoint is a file a user may
+// be handed. The HDF5 part keeps the file readable by h5py and other HDF5 tools.
+// A full disk is found before HDF5 writes (common/h5io.h reserves the space), and any HDF5
+// failure is an error carrying errno's text.
 //
-// Not here: what the trainer stores (names of tensors, RNG and cursor blobs); the in-memory
+// Not here: reading and validation (ckpt_read.c), what the trainer stores, the in-memory
 // container (ckpt_state.c).
 #include "train.h"
 
@@ -26,15 +33,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define HEADER_BYTES 512
-#define HEADER_MAGIC "MOLTCKPT"
+#include "../common/fsio.h"
+#include "../common/h5io.h"
+
 
 static const char *const group_names[4] = {"tensors", "ints", "floats", "blobs"};
-
-// HDF5 prints an error stack on stderr by default; molt reports its own messages instead.
-static void hdf5_quiet(void) {
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-}
 
 // ---------------------------------------------------------------------------------------
 // Paths and directories.
@@ -45,30 +48,6 @@ static char *path_join(const char *a, const char *b) {
     if (p)
         snprintf(p, n, "%s/%s", a, b);
     return p;
-}
-
-// mkdir -p for dir (an existing directory is fine).
-static molt_status make_dirs(const char *dir) {
-    char *p = molt_strdup(dir);
-    if (!p)
-        return molt_err(MOLT_ENOMEM, "checkpoint: out of memory");
-    for (char *s = p + 1;; s++) {
-        char c = *s;
-        if (c != '/' && c != '\0')
-            continue;
-        *s = '\0';
-        if (mkdir(p, 0777) != 0 && errno != EEXIST) {
-            molt_status st = molt_err(MOLT_EIO, "cannot create directory %s: %s", p,
-                                      strerror(errno));
-            molt_free(p);
-            return st;
-        }
-        *s = c;
-        if (c == '\0')
-            break;
-    }
-    molt_free(p);
-    return MOLT_OK;
 }
 
 static molt_status fsync_path(const char *path, bool dir) {
@@ -162,102 +141,179 @@ static molt_status list_checkpoints(const char *dir, ckpt_entry **out, int *n_ou
 // ---------------------------------------------------------------------------------------
 // Writing.
 
-static molt_status write_attr_i64(hid_t loc, const char *name, int64_t v) {
+// One entry of the manifest: what it is and where HDF5 put its data.
+typedef struct {
+    char kind;          // 'T', 'I', 'F', 'B'
+    const char *name;
+    int ndim;           // T: 1..4; I, F: 0; B: 1
+    const int64_t *shape; // T only
+    uint64_t len;       // B: its length
+    uint64_t offset, bytes;
+} man_entry;
+
+static molt_status write_attr_i64(hid_t loc, const char *path, const char *name, int64_t v) {
     hid_t sp = H5Screate(H5S_SCALAR);
     hid_t a = H5Acreate2(loc, name, H5T_STD_I64LE, sp, H5P_DEFAULT, H5P_DEFAULT);
     herr_t rc = a < 0 ? -1 : H5Awrite(a, H5T_NATIVE_INT64, &v);
+    char why[300];
+    molt_status st = rc < 0 ? molt_err(MOLT_EIO, "%s: cannot write attribute %s%s", path, name,
+                                       molt_h5_reason(why, sizeof why))
+                            : MOLT_OK;
     if (a >= 0)
         H5Aclose(a);
     H5Sclose(sp);
-    return rc < 0 ? molt_err(MOLT_EIO, "HDF5: cannot write attribute %s", name) : MOLT_OK;
+    return st;
 }
 
-static molt_status write_attr_hex(hid_t loc, const char *name, const char hex[65]) {
+static molt_status write_attr_hex(hid_t loc, const char *path, const char *name,
+                                  const char hex[65]) {
     hid_t t = H5Tcopy(H5T_C_S1);
     H5Tset_size(t, 64);
     H5Tset_strpad(t, H5T_STR_NULLPAD);
     hid_t sp = H5Screate(H5S_SCALAR);
     hid_t a = H5Acreate2(loc, name, t, sp, H5P_DEFAULT, H5P_DEFAULT);
     herr_t rc = a < 0 ? -1 : H5Awrite(a, t, hex);
+    char why[300];
+    molt_status st = rc < 0 ? molt_err(MOLT_EIO, "%s: cannot write attribute %s%s", path, name,
+                                       molt_h5_reason(why, sizeof why))
+                            : MOLT_OK;
     if (a >= 0)
         H5Aclose(a);
     H5Sclose(sp);
     H5Tclose(t);
-    return rc < 0 ? molt_err(MOLT_EIO, "HDF5: cannot write attribute %s", name) : MOLT_OK;
+    return st;
 }
 
-// One dataset of file type ft holding n_dims dims (0 = scalar, -1 = null dataspace).
-static molt_status write_dataset(hid_t grp, const char *name, hid_t ft, hid_t mt, int n_dims,
-                                 const int64_t *dims, const void *data) {
+// One contiguous dataset of file type ft for e (n_dims dims, 0 = scalar, -1 = null
+// dataspace); e->offset gets where HDF5 placed its data.
+static molt_status write_dataset(hid_t grp, const char *path, man_entry *e, hid_t ft, hid_t mt,
+                                 int n_dims, const int64_t *dims, const void *data) {
     hsize_t hd[AG_MAX_DIMS];
     for (int i = 0; i < n_dims; i++)
         hd[i] = (hsize_t)dims[i];
     hid_t sp = n_dims < 0    ? H5Screate(H5S_NULL)
                : n_dims == 0 ? H5Screate(H5S_SCALAR)
                              : H5Screate_simple(n_dims, hd, NULL);
-    hid_t ds = sp < 0 ? -1
-                      : H5Dcreate2(grp, name, ft, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-    herr_t rc = ds < 0       ? -1
-                : n_dims < 0 ? 0 // a null dataspace holds no data
-                             : H5Dwrite(ds, mt, H5S_ALL, H5S_ALL, H5P_DEFAULT, data);
+    hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
+    bool ok = sp >= 0 && dcpl >= 0 && H5Pset_layout(dcpl, H5D_CONTIGUOUS) >= 0 &&
+              H5Pset_alloc_time(dcpl, H5D_ALLOC_TIME_EARLY) >= 0;
+    hid_t ds = ok ? H5Dcreate2(grp, e->name, ft, sp, H5P_DEFAULT, dcpl, H5P_DEFAULT) : -1;
+    ok = ds >= 0 && (n_dims < 0 || // a null dataspace holds no data
+                     H5Dwrite(ds, mt, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) >= 0);
+    e->offset = 0;
+    if (ok && e->bytes > 0) {
+        haddr_t at = H5Dget_offset(ds);
+        ok = at != HADDR_UNDEF;
+        e->offset = (uint64_t)at;
+    }
+    char why[300];
+    molt_status st = ok ? MOLT_OK
+                        : molt_err(MOLT_EIO, "%s: cannot write dataset %s%s", path, e->name,
+                                   molt_h5_reason(why, sizeof why));
     if (ds >= 0)
         H5Dclose(ds);
+    if (dcpl >= 0)
+        H5Pclose(dcpl);
     if (sp >= 0)
         H5Sclose(sp);
-    return rc < 0 ? molt_err(MOLT_EIO, "HDF5: cannot write dataset %s", name) : MOLT_OK;
-}
-
-static molt_status write_groups(hid_t f, const ckpt_state *s) {
-    hid_t g[4];
-    for (int k = 0; k < 4; k++)
-        g[k] = H5Gcreate2(f, group_names[k], H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-    molt_status st = MOLT_OK;
-    if (g[0] < 0 || g[1] < 0 || g[2] < 0 || g[3] < 0)
-        st = molt_err(MOLT_EIO, "HDF5: cannot create the checkpoint groups");
-    for (int i = 0; st == MOLT_OK && i < s->n_tensors; i++) {
-        const ckpt_tensor *t = &s->tensors[i];
-        st = write_dataset(g[0], t->name, H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, t->ndim, t->shape,
-                           t->data);
-    }
-    for (int i = 0; st == MOLT_OK && i < s->n_ints; i++)
-        st = write_dataset(g[1], s->ints[i].name, H5T_STD_I64LE, H5T_NATIVE_INT64, 0, NULL,
-                           &s->ints[i].i);
-    for (int i = 0; st == MOLT_OK && i < s->n_floats; i++)
-        st = write_dataset(g[2], s->floats[i].name, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, 0, NULL,
-                           &s->floats[i].f);
-    for (int i = 0; st == MOLT_OK && i < s->n_blobs; i++) {
-        const ckpt_blob *b = &s->blobs[i];
-        int64_t len = (int64_t)b->len;
-        st = write_dataset(g[3], b->name, H5T_STD_U8LE, H5T_NATIVE_UINT8, b->len ? 1 : -1, &len,
-                           b->data);
-    }
-    for (int k = 0; k < 4; k++)
-        if (g[k] >= 0)
-            H5Gclose(g[k]);
     return st;
 }
 
-// Writes the HDF5 part of the file at path (with an empty user block for the header).
-static molt_status write_hdf5(const char *path, const ckpt_state *s) {
+// The manifest entries of s, in the order the groups are written.
+static man_entry *list_entries(const ckpt_state *s, int *n_out) {
+    int n = s->n_tensors + s->n_ints + s->n_floats + s->n_blobs, k = 0;
+    man_entry *e = molt_calloc((size_t)(n ? n : 1), sizeof *e);
+    if (!e)
+        return NULL;
+    for (int i = 0; i < s->n_tensors; i++, k++) {
+        const ckpt_tensor *t = &s->tensors[i];
+        e[k] = (man_entry){'T', t->name, t->ndim, t->shape, 0, 0, (uint64_t)t->numel * 4};
+    }
+    for (int i = 0; i < s->n_ints; i++, k++)
+        e[k] = (man_entry){'I', s->ints[i].name, 0, NULL, 0, 0, 8};
+    for (int i = 0; i < s->n_floats; i++, k++)
+        e[k] = (man_entry){'F', s->floats[i].name, 0, NULL, 0, 0, 8};
+    for (int i = 0; i < s->n_blobs; i++, k++)
+        e[k] = (man_entry){'B', s->blobs[i].name, 1, NULL, s->blobs[i].len, 0, s->blobs[i].len};
+    *n_out = n;
+    return e;
+}
+
+// Longest manifest line of e: kind, offset, bytes, ndim, dims (20 digits each), name.
+static size_t line_bound(const man_entry *e) { return 2 + 21 + 21 + 2 + 21 * 4 + strlen(e->name) + 1; }
+
+static molt_status write_groups(hid_t f, const char *path, const ckpt_state *s, man_entry *e) {
+    hid_t g[4];
+    for (int k = 0; k < 4; k++)
+        g[k] = H5Gcreate2(f, group_names[k], H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    char why[300];
+    molt_status st = MOLT_OK;
+    if (g[0] < 0 || g[1] < 0 || g[2] < 0 || g[3] < 0)
+        st = molt_err(MOLT_EIO, "%s: cannot create the checkpoint groups%s", path,
+                      molt_h5_reason(why, sizeof why));
+    int k = 0;
+    for (int i = 0; st == MOLT_OK && i < s->n_tensors; i++, k++) {
+        const ckpt_tensor *t = &s->tensors[i];
+        st = write_dataset(g[0], path, &e[k], H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, t->ndim,
+                           t->shape, t->data);
+    }
+    for (int i = 0; st == MOLT_OK && i < s->n_ints; i++, k++)
+        st = write_dataset(g[1], path, &e[k], H5T_STD_I64LE, H5T_NATIVE_INT64, 0, NULL,
+                           &s->ints[i].i);
+    for (int i = 0; st == MOLT_OK && i < s->n_floats; i++, k++)
+        st = write_dataset(g[2], path, &e[k], H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, 0, NULL,
+                           &s->floats[i].f);
+    for (int i = 0; st == MOLT_OK && i < s->n_blobs; i++, k++) {
+        const ckpt_blob *b = &s->blobs[i];
+        int64_t len = (int64_t)b->len;
+        st = write_dataset(g[3], path, &e[k], H5T_STD_U8LE, H5T_NATIVE_UINT8, b->len ? 1 : -1,
+                           &len, b->data);
+    }
+    for (int j = 0; j < 4; j++)
+        if (g[j] >= 0)
+            H5Gclose(g[j]);
+    return st;
+}
+
+// Writes the HDF5 part of the file at path with an empty user block of *ub bytes, sized
+// for the manifest of e; the offsets of the data go into e.
+static molt_status write_hdf5(const char *path, const ckpt_state *s, man_entry *e, int n,
+                              uint64_t *ub) {
+    uint64_t need = CKPT_HEADER_BYTES, data = 0;
+    for (int i = 0; i < n; i++) {
+        need += line_bound(&e[i]);
+        data += e[i].bytes;
+    }
+    *ub = CKPT_HEADER_BYTES;
+    while (*ub < need)
+        *ub *= 2;
     hid_t fcpl = H5Pcreate(H5P_FILE_CREATE), fapl = H5Pcreate(H5P_FILE_ACCESS);
-    H5Pset_userblock(fcpl, HEADER_BYTES);
+    H5Pset_userblock(fcpl, (hsize_t)*ub);
     H5Pset_libver_bounds(fapl, H5F_LIBVER_LATEST, H5F_LIBVER_LATEST);
     hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, fcpl, fapl);
+    char why[300];
+    molt_h5_reason(why, sizeof why); // before the next calls clear HDF5's error stack
     H5Pclose(fcpl);
     H5Pclose(fapl);
     if (f < 0)
-        return molt_err(MOLT_EIO, "HDF5: cannot create %s", path);
+        return molt_err(MOLT_EIO, "%s: cannot create the file%s", path, why);
+    // a full disk is found here, before HDF5 writes: the data, HDF5's metadata (well below
+    // 4 KiB per object) and the user block
+    molt_status st = molt_h5_reserve(path, *ub + data + 4096 * (uint64_t)(n + 8) + (64 << 10));
     char hex[65];
     ckpt_state_digest(s, hex);
-    molt_status st = write_attr_i64(f, "molt_format_version", CKPT_FORMAT_VERSION);
     if (st == MOLT_OK)
-        st = write_attr_i64(f, "step", s->step);
+        st = write_attr_i64(f, path, "molt_format_version", CKPT_FORMAT_VERSION);
     if (st == MOLT_OK)
-        st = write_attr_hex(f, "checksum", hex);
+        st = write_attr_i64(f, path, "step", s->step);
     if (st == MOLT_OK)
-        st = write_groups(f, s);
+        st = write_attr_hex(f, path, "checksum", hex);
+    if (st == MOLT_OK)
+        st = write_groups(f, path, s, e);
     if (H5Fclose(f) < 0 && st == MOLT_OK)
-        st = molt_err(MOLT_EIO, "HDF5: cannot close %s", path);
+        st = molt_err(MOLT_EIO, "%s: cannot close the file%s", path,
+                      molt_h5_reason(why, sizeof why));
+    molt_h5_unreserve(path);
     return st;
 }
 
@@ -282,22 +338,46 @@ static molt_status hash_tail(FILE *f, long from, char hex[65], int64_t *n) {
     return MOLT_OK;
 }
 
-// Fills the user block with the header describing the rest of the file, and fsyncs it.
-static molt_status write_header(const char *path) {
+// Fills the user block: the manifest, then the header describing the rest of the file
+// (hashed after the manifest is in place); syncs the file.
+static molt_status write_header(const char *path, const ckpt_state *s, const man_entry *e,
+                                int n, uint64_t ub) {
     FILE *f = fopen(path, "r+b");
     if (!f)
         return molt_err(MOLT_EIO, "cannot reopen %s: %s", path, strerror(errno));
-    char hex[65], hdr[HEADER_BYTES];
-    int64_t n = 0;
-    molt_status st = hash_tail(f, HEADER_BYTES, hex, &n);
+    char *man = molt_calloc(1, (size_t)(ub - CKPT_HEADER_BYTES));
+    molt_status st = man ? MOLT_OK : molt_err(MOLT_ENOMEM, "checkpoint: out of memory");
+    size_t at = 0, cap = (size_t)(ub - CKPT_HEADER_BYTES);
+    for (int i = 0; st == MOLT_OK && i < n; i++) {
+        at += (size_t)snprintf(man + at, cap - at, "%c %" PRIu64 " %" PRIu64 " %d", e[i].kind,
+                               e[i].offset, e[i].bytes, e[i].ndim);
+        for (int d = 0; d < e[i].ndim; d++)
+            at += (size_t)snprintf(man + at, cap - at, " %" PRIu64,
+                                   e[i].kind == 'B' ? e[i].len : (uint64_t)e[i].shape[d]);
+        at += (size_t)snprintf(man + at, cap - at, " %s\n", e[i].name);
+        if (at >= cap)
+            st = molt_err(MOLT_EINTERNAL, "checkpoint: manifest larger than its bound");
+    }
+    if (st == MOLT_OK && (fseek(f, CKPT_HEADER_BYTES, SEEK_SET) != 0 ||
+                          fwrite(man, 1, cap, f) != cap || fflush(f) != 0))
+        st = molt_err(MOLT_EIO, "cannot write the manifest of %s: %s", path, strerror(errno));
+    char hex[65], digest[65], hdr[CKPT_HEADER_BYTES];
+    int64_t tail = 0;
+    if (st == MOLT_OK)
+        st = hash_tail(f, CKPT_HEADER_BYTES, hex, &tail);
     if (st == MOLT_OK) {
+        ckpt_state_digest(s, digest);
         memset(hdr, 0, sizeof hdr);
-        snprintf(hdr, sizeof hdr, "%s\nversion %d\nsize %" PRId64 "\nsha256 %s\n", HEADER_MAGIC,
-                 CKPT_FORMAT_VERSION, n + HEADER_BYTES, hex);
+        snprintf(hdr, sizeof hdr,
+                 "%s\nversion %d\nsize %" PRId64 "\nuserblock %" PRIu64 "\nstep %" PRId64
+                 "\nentries %d\ndigest %s\nsha256 %s\n",
+                 CKPT_MAGIC, CKPT_FORMAT_VERSION, tail + CKPT_HEADER_BYTES, ub, s->step, n,
+                 digest, hex);
         if (fseek(f, 0, SEEK_SET) != 0 || fwrite(hdr, 1, sizeof hdr, f) != sizeof hdr ||
             fflush(f) != 0 || fsync(fileno(f)) != 0)
             st = molt_err(MOLT_EIO, "cannot write the header of %s: %s", path, strerror(errno));
     }
+    molt_free(man);
     if (fclose(f) != 0 && st == MOLT_OK)
         st = molt_err(MOLT_EIO, "cannot close %s: %s", path, strerror(errno));
     return st;
@@ -319,7 +399,7 @@ static molt_status prune(const char *dir, int keep, const char *written) {
 
 molt_status ckpt_write(const char *output_dir, const ckpt_state *s, int keep_last,
                        char **path_out) {
-    hdf5_quiet();
+    molt_h5_init();
     if (path_out)
         *path_out = NULL;
     if (s->step < 0)
@@ -332,11 +412,17 @@ molt_status ckpt_write(const char *output_dir, const ckpt_state *s, int keep_las
     molt_status st = dir && path && tmp ? MOLT_OK
                                         : molt_err(MOLT_ENOMEM, "checkpoint: out of memory");
     if (st == MOLT_OK)
-        st = make_dirs(dir);
+        st = molt_mkdirs(dir);
+    int n = 0;
+    uint64_t ub = 0;
+    man_entry *e = st == MOLT_OK ? list_entries(s, &n) : NULL;
+    if (st == MOLT_OK && !e)
+        st = molt_err(MOLT_ENOMEM, "checkpoint: out of memory");
     if (st == MOLT_OK)
-        st = write_hdf5(tmp, s);
+        st = write_hdf5(tmp, s, e, n, &ub);
     if (st == MOLT_OK)
-        st = write_header(tmp);
+        st = write_header(tmp, s, e, n, ub);
+    molt_free(e);
     if (st == MOLT_OK && rename(tmp, path) != 0)
         st = molt_err(MOLT_EIO, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
     if (st == MOLT_OK)
@@ -359,215 +445,7 @@ molt_status ckpt_write(const char *output_dir, const ckpt_state *s, int keep_las
 }
 
 // ---------------------------------------------------------------------------------------
-// Reading and validation.
-
-// Checks the header: magic, version, that the file has the recorded size, and the hash of
-// everything after the header.
-static molt_status check_header(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return molt_err(MOLT_EIO, "cannot open: %s", strerror(errno));
-    char hdr[HEADER_BYTES + 1] = {0}, want[65] = {0}, have[65];
-    int version = 0;
-    int64_t size = -1, tail = 0;
-    molt_status st = MOLT_OK;
-    size_t got = fread(hdr, 1, HEADER_BYTES, f);
-    if (got < HEADER_BYTES || strncmp(hdr, HEADER_MAGIC "\n", sizeof HEADER_MAGIC) != 0)
-        st = molt_err(MOLT_EFORMAT, "not a molt checkpoint (no %s header)", HEADER_MAGIC);
-    else if (sscanf(hdr + sizeof HEADER_MAGIC, "version %d\nsize %" SCNd64 "\nsha256 %64s",
-                    &version, &size, want) != 3 ||
-             strlen(want) != 64)
-        st = molt_err(MOLT_EFORMAT, "damaged checkpoint header");
-    else if (version != CKPT_FORMAT_VERSION)
-        st = molt_err(MOLT_EFORMAT, "checkpoint format version %d (this build reads %d)",
-                      version, CKPT_FORMAT_VERSION);
-    if (st == MOLT_OK)
-        st = hash_tail(f, HEADER_BYTES, have, &tail);
-    if (st == MOLT_OK && tail + HEADER_BYTES != size)
-        st = molt_err(MOLT_EFORMAT, "truncated or extended: %lld bytes, expected %lld",
-                      (long long)(tail + HEADER_BYTES), (long long)size);
-    else if (st == MOLT_OK && strcmp(have, want) != 0)
-        st = molt_err(MOLT_EFORMAT, "corrupt: file checksum mismatch");
-    fclose(f);
-    return st;
-}
-
-static molt_status read_attr_i64(hid_t loc, const char *name, int64_t *v) {
-    hid_t a = H5Aopen(loc, name, H5P_DEFAULT);
-    hid_t sp = a < 0 ? -1 : H5Aget_space(a);
-    bool ok = sp >= 0 && H5Sget_simple_extent_type(sp) == H5S_SCALAR &&
-              H5Aread(a, H5T_NATIVE_INT64, v) >= 0;
-    if (sp >= 0)
-        H5Sclose(sp);
-    if (a >= 0)
-        H5Aclose(a);
-    return ok ? MOLT_OK : molt_err(MOLT_EFORMAT, "missing or bad attribute %s", name);
-}
-
-static molt_status read_attr_hex(hid_t loc, const char *name, char hex[65]) {
-    hid_t a = H5Aopen(loc, name, H5P_DEFAULT);
-    hid_t t = a < 0 ? -1 : H5Aget_type(a);
-    bool ok = t >= 0 && H5Tget_class(t) == H5T_STRING && H5Tget_size(t) == 64 &&
-              !H5Tis_variable_str(t) && H5Aread(a, t, hex) >= 0;
-    hex[64] = '\0';
-    if (t >= 0)
-        H5Tclose(t);
-    if (a >= 0)
-        H5Aclose(a);
-    return ok ? MOLT_OK : molt_err(MOLT_EFORMAT, "missing or bad attribute %s", name);
-}
-
-// Opens grp/name, checks its file type equals ft and returns its rank (-1 for a null
-// dataspace) and dims. The caller closes *ds.
-static molt_status open_dataset(hid_t grp, const char *kind, const char *name, hid_t ft,
-                                hid_t *ds, int *rank, hsize_t dims[AG_MAX_DIMS]) {
-    *ds = H5Dopen2(grp, name, H5P_DEFAULT);
-    if (*ds < 0)
-        return molt_err(MOLT_EFORMAT, "%s/%s is not a readable dataset", kind, name);
-    hid_t t = H5Dget_type(*ds), sp = H5Dget_space(*ds);
-    bool type_ok = t >= 0 && H5Tequal(t, ft) > 0;
-    H5S_class_t cls = sp >= 0 ? H5Sget_simple_extent_type(sp) : H5S_NO_CLASS;
-    *rank = cls == H5S_NULL ? -1 : sp >= 0 ? H5Sget_simple_extent_ndims(sp) : -2;
-    bool rank_ok = *rank >= -1 && *rank <= AG_MAX_DIMS;
-    if (rank_ok && *rank > 0)
-        H5Sget_simple_extent_dims(sp, dims, NULL);
-    if (t >= 0)
-        H5Tclose(t);
-    if (sp >= 0)
-        H5Sclose(sp);
-    if (!type_ok || !rank_ok) {
-        H5Dclose(*ds);
-        *ds = -1;
-        return molt_err(MOLT_EFORMAT, "%s/%s has the wrong %s", kind, name,
-                        type_ok ? "rank" : "data type");
-    }
-    return MOLT_OK;
-}
-
-static molt_status read_tensor(hid_t grp, const char *name, ckpt_state *s) {
-    hid_t ds;
-    int rank;
-    hsize_t dims[AG_MAX_DIMS];
-    MOLT_TRY(open_dataset(grp, "tensors", name, H5T_IEEE_F32LE, &ds, &rank, dims));
-    int64_t shape[AG_MAX_DIMS], numel = 1;
-    bool ok = rank >= 1;
-    for (int d = 0; ok && d < rank; d++) {
-        shape[d] = (int64_t)dims[d];
-        ok = shape[d] >= 1 && shape[d] <= ((int64_t)1 << 40) / numel;
-        numel *= ok ? shape[d] : 1;
-    }
-    float *buf = ok ? molt_malloc((size_t)numel * sizeof(float)) : NULL;
-    ok = ok && buf && H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf) >= 0;
-    H5Dclose(ds);
-    molt_status st = ok ? ckpt_set_tensor(s, name, rank, shape, buf)
-                        : molt_err(MOLT_EFORMAT, "tensors/%s: bad shape or unreadable data", name);
-    molt_free(buf);
-    return st;
-}
-
-static molt_status read_scalar(hid_t grp, const char *kind, const char *name, ckpt_state *s) {
-    bool is_int = strcmp(kind, "ints") == 0;
-    hid_t ds;
-    int rank;
-    hsize_t dims[AG_MAX_DIMS];
-    MOLT_TRY(open_dataset(grp, kind, name, is_int ? H5T_STD_I64LE : H5T_IEEE_F64LE, &ds, &rank,
-                          dims));
-    int64_t iv = 0;
-    double fv = 0;
-    bool ok = rank == 0 && H5Dread(ds, is_int ? H5T_NATIVE_INT64 : H5T_NATIVE_DOUBLE, H5S_ALL,
-                                   H5S_ALL, H5P_DEFAULT, is_int ? (void *)&iv : (void *)&fv) >= 0;
-    H5Dclose(ds);
-    if (!ok)
-        return molt_err(MOLT_EFORMAT, "%s/%s is not a readable scalar", kind, name);
-    return is_int ? ckpt_set_int(s, name, iv) : ckpt_set_float(s, name, fv);
-}
-
-static molt_status read_blob(hid_t grp, const char *name, ckpt_state *s) {
-    hid_t ds;
-    int rank;
-    hsize_t dims[AG_MAX_DIMS];
-    MOLT_TRY(open_dataset(grp, "blobs", name, H5T_STD_U8LE, &ds, &rank, dims));
-    if (rank == -1) {
-        H5Dclose(ds);
-        return ckpt_set_blob(s, name, "", 0);
-    }
-    bool ok = rank == 1 && dims[0] <= ((hsize_t)1 << 40);
-    uint8_t *buf = ok ? molt_malloc((size_t)dims[0]) : NULL;
-    ok = ok && buf && H5Dread(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf) >= 0;
-    H5Dclose(ds);
-    molt_status st = ok ? ckpt_set_blob(s, name, buf, (size_t)dims[0])
-                        : molt_err(MOLT_EFORMAT, "blobs/%s: bad shape or unreadable data", name);
-    molt_free(buf);
-    return st;
-}
-
-typedef struct {
-    int kind;
-    ckpt_state *s;
-    molt_status st;
-} read_walk;
-
-static herr_t read_member(hid_t grp, const char *name, const H5L_info_t *info, void *user) {
-    read_walk *w = user;
-    if (info->type != H5L_TYPE_HARD) {
-        w->st = molt_err(MOLT_EFORMAT, "%s/%s is a link", group_names[w->kind], name);
-        return -1;
-    }
-    if (w->kind == 0)
-        w->st = read_tensor(grp, name, w->s);
-    else if (w->kind == 3)
-        w->st = read_blob(grp, name, w->s);
-    else
-        w->st = read_scalar(grp, group_names[w->kind], name, w->s);
-    return w->st == MOLT_OK ? 0 : -1;
-}
-
-static molt_status read_contents(hid_t f, ckpt_state *s) {
-    int64_t version = 0;
-    char want[65], have[65];
-    MOLT_TRY(read_attr_i64(f, "molt_format_version", &version));
-    if (version != CKPT_FORMAT_VERSION)
-        return molt_err(MOLT_EFORMAT, "format version %lld (this build reads %d)",
-                        (long long)version, CKPT_FORMAT_VERSION);
-    MOLT_TRY(read_attr_i64(f, "step", &s->step));
-    MOLT_TRY(read_attr_hex(f, "checksum", want));
-    for (int k = 0; k < 4; k++) {
-        hid_t g = H5Gopen2(f, group_names[k], H5P_DEFAULT);
-        if (g < 0)
-            return molt_err(MOLT_EFORMAT, "missing group /%s", group_names[k]);
-        read_walk w = {k, s, MOLT_OK};
-        herr_t rc = H5Literate(g, H5_INDEX_NAME, H5_ITER_INC, NULL, read_member, &w);
-        H5Gclose(g);
-        if (w.st != MOLT_OK)
-            return w.st;
-        if (rc < 0)
-            return molt_err(MOLT_EFORMAT, "cannot list group /%s", group_names[k]);
-    }
-    ckpt_state_digest(s, have);
-    if (strcmp(have, want) != 0)
-        return molt_err(MOLT_EFORMAT, "corrupt: contents checksum mismatch");
-    return MOLT_OK;
-}
-
-molt_status ckpt_read(const char *path, ckpt_state *s) {
-    hdf5_quiet();
-    ckpt_state_init(s);
-    molt_status st = check_header(path);
-    if (st == MOLT_OK) {
-        hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
-        if (f < 0) {
-            st = molt_err(MOLT_EFORMAT, "HDF5 cannot open it");
-        } else {
-            st = read_contents(f, s);
-            H5Fclose(f);
-        }
-    }
-    if (st != MOLT_OK) {
-        ckpt_state_free(s);
-        molt_err_wrap(st, "checkpoint %s", path);
-    }
-    return st;
-}
+// Resuming.
 
 molt_status ckpt_find_latest_valid(const char *output_dir, ckpt_report_fn report, void *user,
                                    char **path_out, ckpt_state *s) {

@@ -5,6 +5,8 @@
 // Not here: the configuration keys (config.c), the training loop (trainer.c).
 #include "trainer.h"
 
+#include "../common/opt.h"
+
 #include <string.h>
 
 static const char usage[] =
@@ -22,56 +24,45 @@ static const char usage[] =
     "\n"
     "keys:\n";
 
-static int bad_usage(const char *fmt, const char *arg) {
-    fprintf(stderr, "molt train: ");
-    fprintf(stderr, fmt, arg);
-    fprintf(stderr, "\n(see molt train --help)\n");
-    return 2;
+typedef struct {
+    char **sets;
+    int n_sets;
+} set_list;
+
+static int add_set(void *user, const char *v) {
+    set_list *l = user;
+    l->sets[l->n_sets++] = (char *)v;
+    return 0;
 }
 
 int trn_cmd_train(int argc, char **argv) {
-    const char *config = NULL;
+    const char *cmd = "molt train", *config = NULL;
     trn_run_opts o = {0};
-    char **sets = molt_calloc((size_t)argc + 1, sizeof *sets);
-    int n_sets = 0, rc = 0;
-    if (!sets)
+    set_list sl = {molt_calloc((size_t)argc + 1, sizeof *sl.sets), 0};
+    if (!sl.sets)
         return 1;
-    for (int i = 1; i < argc && rc == 0; i++) {
-        const char *a = argv[i];
-        bool has_val = i + 1 < argc;
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            fputs(usage, stdout);
-            trn_config_print_keys(stdout);
-            molt_free(sets);
-            return 0;
-        } else if (!strcmp(a, "--config") && has_val) {
-            config = argv[++i];
-        } else if (!strcmp(a, "--set") && has_val) {
-            sets[n_sets++] = argv[++i];
-        } else if (!strcmp(a, "--resume") && has_val) {
-            o.resume = argv[++i];
-        } else if (!strcmp(a, "--adapter") && has_val) {
-            o.eval_adapter = argv[++i];
-        } else if (!strcmp(a, "--force")) {
-            o.force = true;
-        } else if (!strcmp(a, "--eval-only")) {
-            o.eval_only = true;
-        } else if (!strcmp(a, "--quiet")) {
-            o.quiet = true;
-        } else {
-            bool valued = !strcmp(a, "--config") || !strcmp(a, "--set") ||
-                          !strcmp(a, "--resume") || !strcmp(a, "--adapter");
-            rc = bad_usage(valued ? "'%s' needs a value" : "unknown option '%s'", a);
-        }
+    const molt_opt opts[] = {MOLT_OPT("--config", &config),
+                             MOLT_OPT_EACH("--set", add_set),
+                             MOLT_OPT("--resume", &o.resume),
+                             MOLT_OPT("--adapter", &o.eval_adapter),
+                             MOLT_OPT_FLAG("--force", &o.force),
+                             MOLT_OPT_FLAG("--eval-only", &o.eval_only),
+                             MOLT_OPT_FLAG("--quiet", &o.quiet),
+                             MOLT_OPT_END};
+    int rc = molt_opts_parse(cmd, usage, opts, argc, argv, 1, &sl);
+    if (rc < 0) {
+        trn_config_print_keys(stdout);
+        molt_free(sl.sets);
+        return 0;
     }
     if (rc == 0 && !config)
-        rc = bad_usage("%s", "--config is required");
+        rc = molt_opt_usage_error(cmd, "--config is required");
     if (rc == 0 && o.eval_adapter && !o.eval_only)
-        rc = bad_usage("%s", "--adapter goes with --eval-only");
+        rc = molt_opt_usage_error(cmd, "--adapter goes with --eval-only");
     trn_config *c = rc == 0 ? molt_malloc(sizeof *c) : NULL;
     if (rc == 0 && !c)
         rc = 1;
-    if (rc == 0 && trn_config_load(config, sets, n_sets, c) != MOLT_OK) {
+    if (rc == 0 && trn_config_load(config, sl.sets, sl.n_sets, c) != MOLT_OK) {
         fprintf(stderr, "molt train: %s\n", molt_err_msg());
         rc = 2;
     }
@@ -83,6 +74,6 @@ int trn_cmd_train(int argc, char **argv) {
     if (rc == 0 && interrupted)
         rc = 130;
     molt_free(c);
-    molt_free(sets);
+    molt_free(sl.sets);
     return rc;
 }

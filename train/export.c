@@ -11,6 +11,8 @@
 #include "trainer.h"
 
 #include "../adapters/adapters.h"
+#include "../common/fsio.h"
+#include "../common/opt.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,7 +21,7 @@
 
 static const char usage[] =
     "usage: molt export --checkpoint CKPT --out DEST [--format peft|molt] [--model DIR]\n"
-    "                   [--base-name NAME]\n"
+    "                   [--base-name NAME] [--force]\n"
     "  CKPT is a training checkpoint (output_dir/checkpoints/step-N.h5); its resolved\n"
     "  configuration supplies the base model (unless --model) and the adapter spec.\n"
     "  --base-name (default: the model path) goes into PEFT's base_model_name_or_path.\n"
@@ -27,39 +29,37 @@ static const char usage[] =
 
 typedef struct {
     const char *checkpoint, *out, *format, *model, *base_name;
+    bool force;
 } export_opts;
 
-// Parses the --checkpoint form; returns 0, or 2 after printing the problem.
+// Parses the --checkpoint form; returns 0, -1 after --help, or 2 after printing the problem.
 static int parse(int argc, char **argv, export_opts *o) {
-    struct {
-        const char *flag;
-        const char **dst;
-    } known[] = {{"--checkpoint", &o->checkpoint}, {"--out", &o->out},
-                 {"--format", &o->format},         {"--model", &o->model},
-                 {"--base-name", &o->base_name}};
-    size_t n_known = sizeof known / sizeof *known;
-    for (int i = 1; i < argc; i++) {
-        size_t k = 0;
-        while (k < n_known && strcmp(argv[i], known[k].flag))
-            k++;
-        if (k == n_known) {
-            fprintf(stderr, "molt export: option '%s' does not go with --checkpoint\n%s",
-                    argv[i], usage);
-            return 2;
+    const char *cmd = "molt export";
+    const molt_opt opts[] = {MOLT_OPT("--checkpoint", &o->checkpoint),
+                             MOLT_OPT("--out", &o->out),
+                             MOLT_OPT("--format", &o->format),
+                             MOLT_OPT("--model", &o->model),
+                             MOLT_OPT("--base-name", &o->base_name),
+                             MOLT_OPT_FLAG("--force", &o->force),
+                             MOLT_OPT_END};
+    static const char *const other_form[] = {"--adapter", "--spec", "--b-std", "--b-seed"};
+    for (int i = 1; i < argc; i++)
+        for (size_t k = 0; k < sizeof other_form / sizeof *other_form; k++) {
+            size_t n = strlen(other_form[k]);
+            if (!strncmp(argv[i], other_form[k], n) && (!argv[i][n] || argv[i][n] == '='))
+                return molt_opt_usage_error(cmd, "option '%s' does not go with --checkpoint",
+                                            other_form[k]);
         }
-        if (i + 1 >= argc) {
-            fprintf(stderr, "molt export: %s needs a value\n", argv[i]);
-            return 2;
-        }
-        *known[k].dst = argv[++i];
-    }
-    const char *fmt = o->format ? o->format : "peft";
-    if (!o->out || (strcmp(fmt, "peft") && strcmp(fmt, "molt"))) {
-        fprintf(stderr, "molt export: --checkpoint needs --out; --format is peft or molt\n%s",
-                usage);
+    int rc = molt_opts_parse(cmd, usage, opts, argc, argv, 1, NULL);
+    if (rc)
+        return rc;
+    static const char *const formats[] = {"peft", "molt"};
+    int f = 0;
+    if (!molt_opt_choice(cmd, "--format", o->format, formats, 2, &f))
         return 2;
-    }
-    o->format = fmt;
+    o->format = formats[f];
+    if (!o->out)
+        return molt_opt_usage_error(cmd, "--checkpoint needs --out");
     return 0;
 }
 
@@ -146,6 +146,18 @@ molt_status trn_checkpoint_adapter(mdl_model *m, const char *path, lora_wire wir
     return st;
 }
 
+// A PEFT directory, built beside --out and swapped in whole (a non-empty --out only with
+// --force).
+static molt_status export_dir(const lora_adapter *ad, const export_opts *o, const char *base) {
+    molt_outdir d;
+    MOLT_TRY(molt_outdir_begin(&d, o->out, o->force, "--out"));
+    molt_status st = lora_export_peft(ad, d.tmp, base);
+    if (st == MOLT_OK)
+        return molt_outdir_commit(&d);
+    molt_outdir_abort(&d);
+    return st;
+}
+
 static int export_checkpoint(const export_opts *o) {
     trn_config *c = molt_malloc(sizeof *c);
     if (!c) {
@@ -157,17 +169,20 @@ static int export_checkpoint(const export_opts *o) {
     mdl_model m = {0};
     lora_adapter ad;
     bool attached = false;
-    molt_status st = ckpt_read(o->checkpoint, &s);
+    molt_status st = molt_check_overlap("--out", o->out, "--checkpoint", o->checkpoint);
+    if (st == MOLT_OK)
+        st = ckpt_read(o->checkpoint, &s);
     if (st == MOLT_OK)
         st = config_of(&s, o->checkpoint, o->model, c);
     if (st == MOLT_OK)
         st = mdl_load(c->model, &m);
     if (st == MOLT_OK)
         attached = (st = adapter_of(&s, o->checkpoint, c, &m, LORA_WIRE_FILES, &ad)) == MOLT_OK;
+    if (st == MOLT_OK)
+        st = molt_check_overlap("--out", o->out, "--model", c->model);
     if (st == MOLT_OK) {
         const char *base = o->base_name ? o->base_name : c->model;
-        st = !strcmp(o->format, "peft") ? lora_export_peft(&ad, o->out, base)
-                                        : lora_save(&ad, o->out);
+        st = !strcmp(o->format, "peft") ? export_dir(&ad, o, base) : lora_save(&ad, o->out);
     }
     if (st == MOLT_OK)
         printf("wrote %s (%s) from %s (step %lld)\n", o->out, o->format, o->checkpoint,
@@ -185,7 +200,8 @@ static int export_checkpoint(const export_opts *o) {
 int trn_cmd_export(int argc, char **argv) {
     bool from_ckpt = false, help = false;
     for (int i = 1; i < argc; i++) {
-        from_ckpt = from_ckpt || !strcmp(argv[i], "--checkpoint");
+        from_ckpt = from_ckpt || !strcmp(argv[i], "--checkpoint") ||
+                    !strncmp(argv[i], "--checkpoint=", 13);
         help = help || !strcmp(argv[i], "--help") || !strcmp(argv[i], "-h");
     }
     if (help) {
@@ -196,5 +212,5 @@ int trn_cmd_export(int argc, char **argv) {
         return lora_cmd_export(argc, argv);
     export_opts o = {0};
     int rc = parse(argc, argv, &o);
-    return rc ? rc : export_checkpoint(&o);
+    return rc ? (rc < 0 ? 0 : rc) : export_checkpoint(&o);
 }

@@ -5,6 +5,8 @@
 // Not here: timing, terminal control (the caller decides where and how often to print).
 #include "train.h"
 
+#include "../common/fsio.h"
+
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
@@ -53,30 +55,25 @@ static molt_status truncate_log(const char *path, int64_t keep) {
     if (!in)
         return errno == ENOENT ? MOLT_OK
                                : molt_err(MOLT_EIO, "cannot open %s: %s", path, strerror(errno));
-    size_t n = strlen(path) + 5;
-    char *tmp = molt_malloc(n);
-    FILE *out = NULL;
-    if (tmp) {
-        snprintf(tmp, n, "%s.tmp", path);
-        out = fopen(tmp, "wb");
-    }
-    molt_status st = out ? MOLT_OK : molt_err(MOLT_EIO, "cannot rewrite %s", path);
+    molt_wfile w;
+    molt_status st = molt_wfile_open(&w, path);
     char *line = NULL;
     size_t cap = 0;
     ssize_t len;
     while (st == MOLT_OK && (len = getline(&line, &cap, in)) > 0) {
         if (line[len - 1] != '\n')
             break; // a half-written last line from a killed run
-        if (line_step(line) <= keep && fwrite(line, 1, (size_t)len, out) != (size_t)len)
-            st = molt_err(MOLT_EIO, "cannot write %s", tmp);
+        if (line_step(line) <= keep && fwrite(line, 1, (size_t)len, w.f) != (size_t)len)
+            st = molt_err(MOLT_EIO, "cannot rewrite %s: %s", path, strerror(errno));
     }
     free(line); // allocated by getline with malloc
+    if (st == MOLT_OK && ferror(in))
+        st = molt_err(MOLT_EIO, "cannot read %s", path);
     fclose(in);
-    if (out && fclose(out) != 0 && st == MOLT_OK)
-        st = molt_err(MOLT_EIO, "cannot write %s", tmp);
-    if (st == MOLT_OK && rename(tmp, path) != 0)
-        st = molt_err(MOLT_EIO, "cannot replace %s: %s", path, strerror(errno));
-    molt_free(tmp);
+    if (st == MOLT_OK)
+        return molt_wfile_commit(&w);
+    if (w.f)
+        molt_wfile_abort(&w);
     return st;
 }
 

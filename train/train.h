@@ -98,7 +98,10 @@ void sched_advance(sched_state *s);                      // s->step += 1
 // double scalars (steps, scheduler state), and byte blobs (RNG states, data cursor,
 // resolved config YAML, hashes). Names are unique per kind, 1-127 characters, no '/'.
 #define CKPT_NAME_MAX 128
-#define CKPT_FORMAT_VERSION 1
+#define CKPT_FORMAT_VERSION 2
+#define CKPT_MAGIC "MOLTCKPT"    // first line of the file
+#define CKPT_HEADER_BYTES 512    // the text header; the manifest follows, up to the user block
+#define CKPT_MAX_ENTRIES 1000000 // more entries than any real run writes
 
 typedef struct {
     char name[CKPT_NAME_MAX];
@@ -173,10 +176,15 @@ molt_status ckpt_check_hashes(const ckpt_state *s, const char *path, const ckpt_
 // written goes to path_out (owned by the caller, molt_free) when not NULL.
 molt_status ckpt_write(const char *output_dir, const ckpt_state *s, int keep_last,
                        char **path_out);
-// Reads and validates a checkpoint file: format version, structure, dtypes and shapes, and
-// the checksum over all contents. MOLT_EFORMAT / MOLT_EIO with a message naming the file.
-// On success s holds the contents (call ckpt_state_free); on failure s is left empty.
+// Reads and validates a checkpoint file: the header (format version, size, SHA-256 of the
+// rest), the manifest (kinds, dims, data ranges inside the file, names: 1-127 characters,
+// no '/', no control characters, no duplicates), and the digest of the contents. The data
+// are read where the manifest says; HDF5 is not used, so a crafted file cannot reach its
+// parser. MOLT_EFORMAT / MOLT_EIO with a message naming the file. On success s holds the
+// contents (call ckpt_state_free); on failure s is left empty.
 molt_status ckpt_read(const char *path, ckpt_state *s);
+// The same from a buffer of len bytes (label names it in messages).
+molt_status ckpt_read_memory(const void *buf, size_t len, const char *label, ckpt_state *s);
 
 // Called for each checkpoint file that fails validation while scanning.
 typedef void (*ckpt_report_fn)(void *user, const char *path, const char *message);

@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "../adapters/adapters.h"
+#include "../common/fsio.h"
 #include "../model/model.h"
 
 typedef struct {
@@ -75,12 +76,7 @@ static molt_status mkdir_p(const char *path) {
 static bool file_exists(const char *p) { return access(p, F_OK) == 0; }
 
 static molt_status write_text(const char *path, const char *text) {
-    FILE *f = fopen(path, "wb");
-    if (!f)
-        return molt_err(MOLT_EIO, "cannot write %s: %s", path, strerror(errno));
-    bool ok = fputs(text, f) >= 0;
-    ok = (fclose(f) == 0) && ok;
-    return ok ? MOLT_OK : molt_err(MOLT_EIO, "cannot write %s", path);
+    return molt_write_atomic(path, text, strlen(text));
 }
 
 // ---- setup ------------------------------------------------------------------------------
@@ -512,13 +508,30 @@ static molt_status train_step(trn *t, double *loss, double *gnorm, double *lr) {
     return MOLT_OK;
 }
 
+// Both forms of the adapter are written completely (the PEFT directory beside adapter/, the
+// HDF5 file under a temporary name) before either replaces the previous one, so a failure
+// leaves the two files of the same step as they were.
 static molt_status save_adapter(trn *t) {
-    char p[TRN_PATH_MAX + 64];
+    char p[TRN_PATH_MAX + 64], *h5_tmp = NULL;
     snprintf(p, sizeof p, "%s/adapter", t->cfg->output_dir);
-    MOLT_TRY(mkdir_p(p));
-    MOLT_TRY(lora_export_peft(&t->ad, p, t->cfg->model));
+    molt_outdir d;
+    MOLT_TRY(molt_outdir_begin(&d, p, true, "adapter directory"));
+    molt_status st = lora_export_peft(&t->ad, d.tmp, t->cfg->model);
     snprintf(p, sizeof p, "%s/adapter.h5", t->cfg->output_dir);
-    MOLT_TRY(lora_save(&t->ad, p));
+    if (st == MOLT_OK)
+        st = molt_tmp_path(p, &h5_tmp);
+    if (st == MOLT_OK)
+        st = lora_save(&t->ad, h5_tmp);
+    if (st == MOLT_OK)
+        st = molt_outdir_commit(&d);
+    else
+        molt_outdir_abort(&d);
+    if (st == MOLT_OK)
+        st = molt_commit_tmp(h5_tmp, p);
+    else if (h5_tmp)
+        unlink(h5_tmp);
+    molt_free(h5_tmp);
+    MOLT_TRY(st);
     if (!t->o->quiet)
         fprintf(stderr, "molt train: adapter saved to %s/adapter (PEFT) and %s\n",
                 t->cfg->output_dir, p);

@@ -8,7 +8,6 @@
 #include "k_attention.h"
 #include "k_blas.h"
 
-#include <cblas.h>
 #include <omp.h>
 #include <stdbool.h>
 

@@ -11,7 +11,7 @@
 #include "k_ce.h"
 #include "k_vexp.h"
 
-#include <cblas.h>
+#include "k_blas.h"
 #include <stdbool.h>
 #include <string.h>
 

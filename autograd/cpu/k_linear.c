@@ -5,7 +5,7 @@
 #include "real.h"
 #include "k_linear.h"
 
-#include <cblas.h>
+#include "k_blas.h"
 
 // ---- linear ---------------------------------------------------------------------------
 

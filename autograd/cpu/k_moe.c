@@ -5,7 +5,7 @@
 #include "k_moe.h"
 #include "k_nn.h"
 
-#include <cblas.h>
+#include "k_blas.h"
 // OpenBLAS's cblas.h includes complex.h; its `I` would clash with the intermediate size.
 #undef I
 #include <string.h>

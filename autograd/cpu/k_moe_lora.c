@@ -9,13 +9,12 @@
 #include "k_quant.h"
 #include "k_moe_lora.h"
 
-#include <cblas.h>
+#include "k_blas.h"
 // OpenBLAS's cblas.h includes complex.h; its `I` would clash with the intermediate size.
 #undef I
 #include <omp.h>
 #include <string.h>
 
-#include "k_blas.h"
 
 static real sigmoid(real v) { return 1 / (1 + R_EXP(-v)); }
 

@@ -7,13 +7,12 @@
 #include "k_moe.h"
 #include "k_quant.h"
 
-#include <cblas.h>
+#include "k_blas.h"
 // OpenBLAS's cblas.h includes complex.h; its `I` would clash with the intermediate size.
 #undef I
 #include <omp.h>
 #include <string.h>
 
-#include "k_blas.h"
 
 // ---- decoding --------------------------------------------------------------------------
 

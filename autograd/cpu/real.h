@@ -16,9 +16,9 @@ typedef float real;
 #define R_COS cosf
 #define R_SIN sinf
 #define R_FABS fabsf
-#define R_GEMM cblas_sgemm
-#define R_AXPY cblas_saxpy
-#define R_DOT cblas_sdot
+#define R_GEMM ag_blas_sgemm
+#define R_AXPY ag_blas_saxpy
+#define R_DOT ag_blas_sdot
 #elif MOLT_REAL == 64
 typedef double real;
 #define K(name) name##_f64
@@ -28,9 +28,9 @@ typedef double real;
 #define R_COS cos
 #define R_SIN sin
 #define R_FABS fabs
-#define R_GEMM cblas_dgemm
-#define R_AXPY cblas_daxpy
-#define R_DOT cblas_ddot
+#define R_GEMM ag_blas_dgemm
+#define R_AXPY ag_blas_daxpy
+#define R_DOT ag_blas_ddot
 #else
 #error "compile cpu kernels with MOLT_REAL=32 or MOLT_REAL=64"
 #endif
