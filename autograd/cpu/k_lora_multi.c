@@ -6,7 +6,7 @@
 #include "k_bi.h"
 #include "k_lora_multi.h"
 
-#include <cblas.h>
+#include "k_blas.h"
 #include <stdbool.h>
 #include <string.h>
 

@@ -8,6 +8,7 @@
 #include "../../common/yamlkv.h"
 
 #include <jansson.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,10 +53,10 @@ static const char usage[] =
 typedef struct {
     const char *key;
     const char *value;
-} kv;
+} setting;
 
 typedef struct {
-    kv *kv;
+    setting *kv;
     int n, cap;
     char **owned;
     int n_owned, cap_owned;
@@ -95,13 +96,13 @@ static molt_status set(settings *s, const char *key, const char *value, bool app
         }
     if (s->n == s->cap) {
         int cap = s->cap ? 2 * s->cap : 32;
-        kv *n = molt_realloc(s->kv, (size_t)cap * sizeof *n);
+        setting *n = molt_realloc(s->kv, (size_t)cap * sizeof *n);
         if (!n)
             return molt_err(MOLT_ENOMEM, "eval: out of memory");
         s->kv = n;
         s->cap = cap;
     }
-    s->kv[s->n++] = (kv){k, v};
+    s->kv[s->n++] = (setting){k, v};
     return MOLT_OK;
 }
 
@@ -119,16 +120,32 @@ static bool is_list_key(const char *key) {
     return (n > 8 && !strcmp(key + n - 8, ".metrics")) || (n > 5 && !strcmp(key + n - 5, ".stop"));
 }
 
-static molt_status yaml_leaf(void *user, ykv_event ev, const char *key, const char *value,
-                             const char *where) {
-    settings *s = user;
+// Whether a suite key exists (datasets.NAME.FIELD with a known field).
+static bool known_key(const char *key) {
     static const char *const top[] = {"model", "base_quant", "tokenizer", "base", "baseline",
                                       "limit", "seed", "resamples", "on_bad_record", "out",
                                       "kv_cache_mib", "max_batch_tokens"};
-    bool known = !strncmp(key, "adapters.", 9) || !strncmp(key, "datasets.", 9);
-    for (size_t i = 0; !known && i < sizeof top / sizeof *top; i++)
-        known = !strcmp(key, top[i]);
-    if (!known)
+    static const char *const field[] = {"path", "task", "metrics", "max_tokens", "stop",
+                                        "temperature", "top_k", "top_p", "seed"};
+    if (!strncmp(key, "adapters.", 9))
+        return key[9] != 0;
+    if (!strncmp(key, "datasets.", 9)) {
+        const char *dot = strchr(key + 9, '.');
+        for (size_t i = 0; dot && dot > key + 9 && i < sizeof field / sizeof *field; i++)
+            if (!strcmp(dot + 1, field[i]))
+                return true;
+        return false;
+    }
+    for (size_t i = 0; i < sizeof top / sizeof *top; i++)
+        if (!strcmp(key, top[i]))
+            return true;
+    return false;
+}
+
+static molt_status yaml_leaf(void *user, ykv_event ev, const char *key, const char *value,
+                             const char *where) {
+    settings *s = user;
+    if (!known_key(key))
         return molt_err(MOLT_EARG, "config %s: unknown key '%s' (run 'molt eval --help')", where,
                         key);
     if (ev == YKV_LIST_BEGIN) {
@@ -179,6 +196,10 @@ static int add_set(void *user, const char *v) {
     }
     char key[300];
     snprintf(key, sizeof key, "%.*s", (int)(eq - v), v);
+    if (!known_key(key)) {
+        fprintf(stderr, CMD ": --set: unknown key '%s' (run 'molt eval --help')\n", key);
+        return 2;
+    }
     const char *val = eq + 1;
     if (!is_list_key(key))
         return set(c->s, key, val, false) == MOLT_OK ? 0 : 2;
