@@ -59,6 +59,7 @@ class Result:
     ttft_s: float  # time 0 to the first generated token
     latency_s: float  # time 0 to the last generated token
     service_s: float  # the generate call that served it
+    itl_s: float  # mean time between its generated tokens (after the first)
 
 
 @dataclass
@@ -80,11 +81,13 @@ class Report:
         lat = sorted(r.latency_s for r in self.results)
         ttft = sorted(r.ttft_s for r in self.results)
         svc = sorted(r.service_s for r in self.results)
+        itl = sorted(r.itl_s for r in self.results)
         return {
             "requests": len(self.results), "output_tokens": self.output_tokens,
             "wall_s": round(self.wall_s, 3), "output_tok_s": round(self.output_tok_s, 2),
             "latency_p50_s": round(pct(lat, 50), 3), "latency_p99_s": round(pct(lat, 99), 3),
             "ttft_p50_s": round(pct(ttft, 50), 3), "ttft_p99_s": round(pct(ttft, 99), 3),
+            "itl_p50_s": round(pct(itl, 50), 4), "itl_p99_s": round(pct(itl, 99), 4),
             "service_p50_s": round(pct(svc, 50), 3), "load_s": round(self.load_s, 2),
             "peak_rss_mib": round(self.peak_rss_mib, 1), "threads": self.threads,
             "batch": self.batch, "quant": self.quant,
@@ -219,9 +222,10 @@ class HFServer:
             new, first_s, call_s = self.generate([r.prompt_ids for r in requests[i:j]],
                                                  key[0], key[1])
             done = time.perf_counter() - start
+            itl = (call_s - first_s) / (key[1] - 1) if key[1] > 1 else 0.0
             for k in range(i, j):
                 results[k] = Result(k, key[0], len(requests[k].prompt_ids), new[k - i],
-                                    t_call - start + first_s, done, call_s)
+                                    t_call - start + first_s, done, call_s, itl)
             i = j
         wall = time.perf_counter() - start
         rep = Report(self.threads, batch, self.quant, self.load_s, wall,
