@@ -44,10 +44,13 @@ WORDS = ("the a of to and in is it that for on with as was by at be this from or
 
 
 def run(cmd, env=None, timeout=3600):
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    # generated text from random weights need not be UTF-8
+    p = subprocess.run(cmd, capture_output=True, env=env, timeout=timeout)
+    out = p.stdout.decode("utf-8", "replace")
+    err = p.stderr.decode("utf-8", "replace")
     if p.returncode != 0:
-        raise RuntimeError(f"{shlex.join(cmd)}: exit {p.returncode}\n{p.stderr[-3000:]}")
-    return p.stdout, p.stderr
+        raise RuntimeError(f"{shlex.join(cmd)}: exit {p.returncode}\n{err[-3000:]}")
+    return out, err
 
 
 def gguf_type(path):
@@ -223,14 +226,16 @@ def main():
                 print(f"# {os.path.basename(gguf)} round {rnd + 1}/{a.rounds} done "
                       f"(load {loads[-1]:.2f})", file=sys.stderr)
             for p in prompts:
-                rows.append({
+                row = {
                     "gguf": os.path.basename(gguf), "llama_type": ftype,
                     "molt_weights": quant or "f32",
                     "molt_tool": "bench generate" if use_bench else "generate",
                     "prompt": p, "gen": a.gen_tokens,
                     "molt_prefill": best_m[("pp", p)], "llama_prefill": best_l[("pp", p)],
                     "molt_decode": best_m[("tg", p)], "llama_decode": best_l[("tg", p)],
-                    "load_min": min(loads), "load_max": max(loads), "notes": sorted(notes)})
+                    "load_min": min(loads), "load_max": max(loads), "notes": sorted(notes)}
+                rows.append(row)
+                print("# " + json.dumps(row), file=sys.stderr, flush=True)
     print(f"threads {a.threads}, best of {a.rounds} alternating rounds; decode = "
           f"{a.gen_tokens} tokens after the prompt (llama-bench -d P); molt attention "
           f"{a.molt_attn}; llama-bench extra args: '{a.llama_args}'")
