@@ -47,7 +47,10 @@ static molt_status linear_q_check(const ag_tensor *x, const ag_qweight *w) {
     return check_int(LINQ, "out features", w->rows);
 }
 
-static molt_status linear_q_fwd(ag_tensor *y, const ag_tensor *x, const ag_qweight *w) {
+// rec: the op is being recorded (training: the BLAS kernels); otherwise the batch-invariant
+// ones (cpu/k_bi.h).
+static molt_status linear_q_fwd(ag_tensor *y, const ag_tensor *x, const ag_qweight *w,
+                                bool rec) {
     kq_weight v;
     ag_qweight_view(&v, w);
     int64_t T = ag_rows(x);
@@ -58,10 +61,16 @@ static molt_status linear_q_fwd(ag_tensor *y, const ag_tensor *x, const ag_qweig
         return MOLT_OK;
     }
     int nt = omp_get_max_threads();
-    void *ws = scratch(LINQ, f32 ? qlinear_ws_bytes_f32(&v, T, nt) : qlinear_ws_bytes_f64(&v, T, nt));
+    size_t bytes = rec && f32 ? qlinear_ws_bytes_f32(&v, T, nt)
+                   : rec      ? qlinear_ws_bytes_f64(&v, T, nt)
+                   : f32      ? bi_linear_q_ws_bytes_f32(&v, T, nt)
+                              : bi_linear_q_ws_bytes_f64(&v, T, nt);
+    void *ws = scratch(LINQ, bytes);
     if (!ws)
         return MOLT_ENOMEM;
-    if (f32) qlinear_fwd_f32(y->data, x->data, &v, 0, T, nt, ws);
+    if (!rec && f32) bi_linear_q_f32(y->data, x->data, &v, 0, T, nt, ws);
+    else if (!rec) bi_linear_q_f64(y->data, x->data, &v, 0, T, nt, ws);
+    else if (f32) qlinear_fwd_f32(y->data, x->data, &v, 0, T, nt, ws);
     else qlinear_fwd_f64(y->data, x->data, &v, 0, T, nt, ws);
     molt_free(ws);
     return MOLT_OK;
@@ -75,9 +84,10 @@ ag_tensor *ag_linear_q(ag_ctx *c, ag_tensor *x, const ag_qweight *w) {
     memcpy(shape, x->shape, sizeof shape);
     shape[x->ndim - 1] = w->rows;
     ag_tensor *y = ag_out_new(c, x->dtype, x->ndim, shape);
-    if (!y || linear_q_fwd(y, x, w) != MOLT_OK)
+    bool rec = ag_should_record(c, 1, &x);
+    if (!y || linear_q_fwd(y, x, w, rec) != MOLT_OK)
         return NULL;
-    if (ag_should_record(c, 1, &x)) {
+    if (rec) {
         ag_node *n = ag_record(c, AG_OP_LINEAR_Q, y, 1, &x);
         if (!n)
             return NULL;

@@ -1,0 +1,14 @@
+// autograd/cpu/k_bi_avx512vbmi.c: the AVX-512F + VBMI copy of the f32 batch-invariant tile
+// kernels (body in k_bi_avx512.h; VBMI only changes how NF4 nibbles become indices). Built
+// only in the f32 pass; chosen at run time by k_bi.c.
+#include "real.h"
+
+#if MOLT_REAL == 32
+
+#pragma GCC target("avx512f,avx512vbmi,fma")
+
+#define BI_VBMI 1
+#define BI_TABLE bi_kernels_avx512vbmi
+#include "k_bi_avx512.h"
+
+#endif
