@@ -210,7 +210,10 @@ ag_tensor *ag_moe_router(ag_ctx *c, ag_tensor *logits, const ag_router_config *c
                          ag_tensor **idx);
 // Routed experts with frozen weights. x [T, H], weights [T, k], idx I32 [T, k],
 // w_gate_up [E, 2I, H] (gate rows first), w_down [E, H, I] -> [T, H] = sum_j weights[t,j] *
-// down_e(silu(gate_e x) * up_e x). Gradients reach x and weights.
+// down_e(silu(gate_e x) * up_e x). Gradients reach x and weights. In inference (not
+// recorded, reference kernels not forced) a token's row does not depend on the other rows:
+// its products are batch-invariant (as ag_linear's) and its experts are added in
+// increasing expert order.
 ag_tensor *ag_moe_experts(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,
                           ag_tensor *w_gate_up, ag_tensor *w_down);
 
@@ -373,7 +376,8 @@ const char *ag_qformat_name(ag_qformat f);
 // matrix); recorded, the forward goes through BLAS on dequantized tiles.
 ag_tensor *ag_linear_q(ag_ctx *c, ag_tensor *x, const ag_qweight *w);
 // ag_moe_experts with quantized experts: gate_up [E, 2I, H] (gate rows first) and down
-// [E, H, I] qweights (3-D, one matrix per expert); gradients reach x and weights.
+// [E, H, I] qweights (3-D, one matrix per expert); gradients reach x and weights. In
+// inference a token's row does not depend on the other rows, as for ag_moe_experts.
 ag_tensor *ag_moe_experts_q(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,
                             const ag_qweight *gate_up, const ag_qweight *down);
 

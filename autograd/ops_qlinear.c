@@ -207,9 +207,10 @@ static molt_status experts_run_init(experts_run *r, const ag_tensor *idx, const 
     return r->ws ? MOLT_OK : MOLT_ENOMEM;
 }
 
+// rec: the op is being recorded (training: BLAS); otherwise the batch-invariant products.
 static molt_status experts_q_fwd(ag_tensor *y, const ag_tensor *x, const ag_tensor *w,
                                  const ag_tensor *idx, const ag_qweight *gu,
-                                 const ag_qweight *down) {
+                                 const ag_qweight *down, bool rec) {
     experts_run r;
     MOLT_TRY(experts_run_init(&r, idx, gu, down, x->dtype));
     bool f32 = x->dtype == AG_F32;
@@ -217,6 +218,12 @@ static molt_status experts_q_fwd(ag_tensor *y, const ag_tensor *x, const ag_tens
         qmoe_fwd_ref_f32(y->data, x->data, w->data, idx->data, &r.gu, &r.down, r.T, r.k);
     else if (!r.ws)
         qmoe_fwd_ref_f64(y->data, x->data, w->data, idx->data, &r.gu, &r.down, r.T, r.k);
+    else if (!rec && f32)
+        qmoe_fwd_bi_f32(y->data, x->data, w->data, idx->data, &r.gu, &r.down, r.T, r.k, r.nt,
+                        r.ws);
+    else if (!rec)
+        qmoe_fwd_bi_f64(y->data, x->data, w->data, idx->data, &r.gu, &r.down, r.T, r.k, r.nt,
+                        r.ws);
     else if (f32)
         qmoe_fwd_f32(y->data, x->data, w->data, idx->data, &r.gu, &r.down, r.T, r.k, r.nt, r.ws);
     else
@@ -232,10 +239,11 @@ ag_tensor *ag_moe_experts_q(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tens
     if (experts_q_check(x, weights, idx, gate_up, down) != MOLT_OK)
         return NULL;
     ag_tensor *y = ag_out_new(c, x->dtype, 2, x->shape);
-    if (!y || experts_q_fwd(y, x, weights, idx, gate_up, down) != MOLT_OK)
-        return NULL;
     ag_tensor *ins[3] = {x, weights, idx};
-    if (ag_should_record(c, 3, ins)) {
+    bool rec = ag_should_record(c, 3, ins);
+    if (!y || experts_q_fwd(y, x, weights, idx, gate_up, down, rec) != MOLT_OK)
+        return NULL;
+    if (rec) {
         ag_node *n = ag_record(c, AG_OP_MOE_EXPERTS_Q, y, 3, ins);
         const ag_qweight **saved = n ? ag_node_save(c, n, 2 * sizeof *saved) : NULL;
         if (!saved)

@@ -10,7 +10,8 @@
 //  - accuracy against the double-accumulating reference kernels (linear_fwd_ref,
 //    qlinear_fwd_ref) within the error bound of a float dot product in that order;
 //  - ag_linear / ag_linear_q give the batch-invariant bits with grad off, and BLAS's while
-//    recording (training).
+//    recording (training); ag_moe_experts / ag_moe_experts_q with grad off give each token
+//    the same row alone or in any batch, close to the reference kernels.
 #include "harness/harness.h"
 #include "autograd/quant_internal.h"
 
@@ -502,6 +503,112 @@ START_TEST(test_ag_linear_q) {
 }
 END_TEST
 
+// ---- routed experts with grad off ----------------------------------------------------------
+
+// x [T, H], routing weights [T, k] and expert choices (any, duplicates included) for E
+// experts; the experts' output row of each token must not depend on the other tokens.
+typedef struct {
+    int64_t T, k, E, H, I;
+    ag_tensor *x, *w, *idx, *gu, *down;
+} moe_case;
+
+static void moe_case_init(moe_case *m, ag_arena *a, int64_t T, int64_t H, int64_t I) {
+    *m = (moe_case){.T = T, .k = 2, .E = 5, .H = H, .I = I};
+    ag_rng r;
+    ag_rng_seed(&r, 31);
+    m->x = ag_tensor_new2(a, AG_F32, T, H);
+    m->w = ag_tensor_new2(a, AG_F32, T, m->k);
+    m->idx = ag_tensor_new2(a, AG_I32, T, m->k);
+    m->gu = ag_tensor_new(a, AG_F32, 3, (int64_t[]){m->E, 2 * I, H});
+    m->down = ag_tensor_new(a, AG_F32, 3, (int64_t[]){m->E, H, I});
+    ck_assert(m->x && m->w && m->idx && m->gu && m->down);
+    ag_fill_uniform(m->x, &r, -1, 1);
+    ag_fill_uniform(m->w, &r, 0, 1);
+    ag_fill_normal(m->gu, &r, 0, 0.2);
+    ag_fill_normal(m->down, &r, 0, 0.2);
+    int32_t *ix = m->idx->data;
+    for (int64_t s = 0; s < T * m->k; s++)
+        ix[s] = (int32_t)(ag_rng_next(&r) % (uint64_t)m->E);
+}
+
+// Rows [t0, t0 + n) of the case as their own batch (new tensors in arena a).
+static void moe_rows(ag_tensor **out, ag_arena *a, const moe_case *m, int64_t t0, int64_t n) {
+    ag_tensor *src[3] = {m->x, m->w, m->idx};
+    for (int i = 0; i < 3; i++) {
+        int64_t cols = src[i]->shape[1];
+        out[i] = ag_tensor_new2(a, src[i]->dtype, n, cols);
+        ck_assert_tensor(out[i]);
+        memcpy(out[i]->data, (char *)src[i]->data + t0 * cols * 4, (size_t)(n * cols) * 4);
+    }
+}
+
+// ag_moe_experts (dense), or ag_moe_experts_q when gu/down qweights are given.
+static ag_tensor *run_experts(ag_ctx *c, ag_tensor **in, const moe_case *m,
+                              const ag_qweight *qgu, const ag_qweight *qd) {
+    return qgu ? ag_moe_experts_q(c, in[0], in[1], in[2], qgu, qd)
+               : ag_moe_experts(c, in[0], in[1], in[2], m->gu, m->down);
+}
+
+static void check_experts_invariant(const moe_case *m, const ag_qweight *qgu,
+                                    const ag_qweight *qd, const char *name) {
+    ag_arena a;
+    ag_arena_init(&a, "t", 0);
+    ag_ctx c;
+    ag_ctx_init(&c);
+    ag_ctx_set_grad(&c, false);
+    omp_set_num_threads(2);
+    ag_tensor *all[3] = {m->x, m->w, m->idx};
+    ag_tensor *full = run_experts(&c, all, m, qgu, qd);
+    ck_assert_tensor(full);
+    // accuracy: the reference kernels on the same operands
+    ag_set_reference_kernels(true);
+    ag_tensor *ref = run_experts(&c, all, m, qgu, qd);
+    ag_set_reference_kernels(false);
+    ck_assert_tensor(ref);
+    double rel = gc_max_rel_diff(full, ref);
+    ck_assert_msg(rel <= 2e-5, "%s: max rel diff to the reference %g", name, rel);
+    static const int64_t spans[][2] = {{0, 1}, {5, 1}, {3, 8}, {0, 17}, {20, 44}};
+    for (int nt = 1; nt <= 3; nt++) {
+        omp_set_num_threads(nt);
+        for (size_t i = 0; i < sizeof spans / sizeof *spans; i++) {
+            int64_t t0 = spans[i][0], n = spans[i][1];
+            ag_tensor *in[3];
+            moe_rows(in, &a, m, t0, n);
+            ag_tensor *y = run_experts(&c, in, m, qgu, qd);
+            ck_assert_tensor(y);
+            char what[96];
+            snprintf(what, sizeof what, "%s rows %lld..%lld, %d threads", name, (long long)t0,
+                     (long long)(t0 + n - 1), nt);
+            same_rows(what, y->data, (float *)full->data + t0 * m->H, NULL, n, m->H);
+        }
+    }
+    omp_set_num_threads(2);
+    ag_ctx_free(&c);
+    ag_arena_free(&a);
+}
+
+// _i = 0: dense experts; 1: NF4 + DQ; 2: INT8.
+START_TEST(test_experts_invariant) {
+    ag_arena a;
+    ag_arena_init(&a, "t", 0);
+    moe_case m;
+    moe_case_init(&m, &a, 64, 128, 96);
+    if (_i == 0) {
+        check_experts_invariant(&m, NULL, NULL, "moe_experts");
+    } else {
+        const fmt_case *f = &fmts[_i == 1 ? 5 : 2];
+        ag_qweight qgu, qd;
+        ag_qopts o = {.nf4_double_quant = f->dq, .fp8_per_row = true};
+        ck_assert_ok(ag_qweight_quantize(&qgu, m.gu, f->f, &o));
+        ck_assert_ok(ag_qweight_quantize(&qd, m.down, f->f, &o));
+        check_experts_invariant(&m, &qgu, &qd, f->name);
+        ag_qweight_free(&qgu);
+        ag_qweight_free(&qd);
+    }
+    ag_arena_free(&a);
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("bi_linear");
     TCase *tc = tcase_create("core");
@@ -515,6 +622,7 @@ int main(void) {
     tcase_add_test(tc, test_f64);
     tcase_add_test(tc, test_ag_linear);
     tcase_add_loop_test(tc, test_ag_linear_q, 0, N_FMTS);
+    tcase_add_loop_test(tc, test_experts_invariant, 0, 3);
     suite_add_tcase(s, tc);
     return harness_run(s);
 }
