@@ -33,11 +33,13 @@
 #endif
 
 // Work below this many multiply-adds runs on one thread.
-#define BI_PAR_MIN ((int64_t)1 << 17)
+#define BI_PAR_MIN ((int64_t)1 << 20)
 // Bytes of f32 weights in one panel (one thread's unit of work, kept in its L2).
 #define BI_PANEL_BYTES ((int64_t)512 << 10)
 // Largest T for which quantized weights are decoded in registers.
 #define BI_REG_T 8
+// Bytes of x up to which every row of x goes through a tile of weight rows in turn.
+#define BI_X_L1_BYTES (24 << 10)
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -115,22 +117,35 @@ float bi_read(const float *p, int64_t n, int nthreads) {
 
 // ---- dense ---------------------------------------------------------------------------------------
 
-// y rows t0.. of columns [o0, o1) from weight rows w[o0..o1) (any stride-cols storage).
+// One dense tile: rows t0 .. t0+mr-1 of x against weight rows o .. o+n-1 of the panel
+// starting at row o0 (w: its first row; rows stored one after another).
+static void dense_tile(const bi_kernels *kn, float *y, const float *x, const float *w,
+                       int64_t T, int64_t rows, int64_t cols, int64_t t0, int64_t o0,
+                       int64_t o, int64_t o1) {
+    int mr = (int)min64(kn->mr, T - t0), n = (int)min64(kn->nr, o1 - o);
+    const float *xr[BI_MR_CAP], *wr[BI_NR_CAP];
+    for (int i = 0; i < mr; i++)
+        xr[i] = x + (t0 + i) * cols;
+    for (int j = 0; j < kn->nr; j++)
+        wr[j] = w + (o - o0 + (j < n ? j : n - 1)) * cols;
+    kn->dense(y + t0 * rows + o, rows, xr, mr, wr, n, cols, kn->nr * cols);
+}
+
+// y (T, columns [o0, o1) of rows) from weight rows w[0 .. o1-o0) (stride cols). When x fits
+// in L1 each tile of weight rows meets every row of x before the next is read (decode:
+// the weights come from memory once); otherwise each group of rows of x meets the whole
+// panel, which stays in L2 (prefill).
 static void dense_panel(const bi_kernels *kn, float *y, const float *x, const float *w,
                         int64_t T, int64_t rows, int64_t cols, int64_t o0, int64_t o1) {
-    for (int64_t t0 = 0; t0 < T; t0 += kn->mr) {
-        int mr = (int)min64(kn->mr, T - t0);
-        const float *xr[BI_MR_CAP];
-        for (int i = 0; i < mr; i++)
-            xr[i] = x + (t0 + i) * cols;
-        for (int64_t o = o0; o < o1; o += kn->nr) {
-            int n = (int)min64(kn->nr, o1 - o);
-            const float *wr[BI_NR_CAP];
-            for (int j = 0; j < kn->nr; j++)
-                wr[j] = w + (o - o0 + (j < n ? j : n - 1)) * cols;
-            kn->dense(y + t0 * rows + o, rows, xr, mr, wr, n, cols);
-        }
+    if (T * cols * 4 <= BI_X_L1_BYTES) {
+        for (int64_t o = o0; o < o1; o += kn->nr)
+            for (int64_t t0 = 0; t0 < T; t0 += kn->mr)
+                dense_tile(kn, y, x, w, T, rows, cols, t0, o0, o, o1);
+        return;
     }
+    for (int64_t t0 = 0; t0 < T; t0 += kn->mr)
+        for (int64_t o = o0; o < o1; o += kn->nr)
+            dense_tile(kn, y, x, w, T, rows, cols, t0, o0, o, o1);
 }
 
 void K(bi_linear)(real *y, const real *x, const real *w, int64_t T, int64_t rows, int64_t cols,

@@ -80,7 +80,7 @@ TM_INLINE V tm_tail(const kq_weight *w, int fmt, const unsigned char *row, int64
 // ---- dense tile ----------------------------------------------------------------------------
 
 TM_INLINE void tm_dense(float *y, int64_t ldy, const float *const *x, const float *const *w,
-                        int n_out, int64_t K, const int MR) {
+                        int n_out, int64_t K, int64_t pf, const int MR) {
     V acc[BI_MR][BI_NR];
 #pragma GCC unroll 8
     for (int i = 0; i < MR; i++)
@@ -95,6 +95,7 @@ TM_INLINE void tm_dense(float *y, int64_t ldy, const float *const *x, const floa
             xv[i] = v_load(x[i] + k);
 #pragma GCC unroll 8
         for (int j = 0; j < BI_NR; j++) {
+            __builtin_prefetch(w[j] + k + pf, 0, 3);
             V wv = v_load(w[j] + k);
 #pragma GCC unroll 8
             for (int i = 0; i < MR; i++)
@@ -241,8 +242,8 @@ static float tm_read(const float *p, int64_t n) {
 
 #define TM_DENSE(MR)                                                                          \
     static void tm_dense_##MR(float *y, int64_t ldy, const float *const *x,                   \
-                              const float *const *w, int n_out, int64_t K) {                  \
-        tm_dense(y, ldy, x, w, n_out, K, MR);                                                 \
+                              const float *const *w, int n_out, int64_t K, int64_t pf) {      \
+        tm_dense(y, ldy, x, w, n_out, K, pf, MR);                                             \
     }
 #define TM_QUANT(MR)                                                                          \
     static void tm_quant_##MR(float *y, int64_t ldy, const float *const *x,                   \
@@ -289,18 +290,18 @@ TM_QUANT(8)
 #endif
 
 static void tm_dense_any(float *y, int64_t ldy, const float *const *x, int mr,
-                         const float *const *w, int n_out, int64_t K) {
+                         const float *const *w, int n_out, int64_t K, int64_t pf) {
     switch (mr) {
 #if BI_MR >= 4
-    case 4: tm_dense_4(y, ldy, x, w, n_out, K); break;
+    case 4: tm_dense_4(y, ldy, x, w, n_out, K, pf); break;
 #endif
 #if BI_MR >= 3
-    case 3: tm_dense_3(y, ldy, x, w, n_out, K); break;
+    case 3: tm_dense_3(y, ldy, x, w, n_out, K, pf); break;
 #endif
 #if BI_MR >= 2
-    case 2: tm_dense_2(y, ldy, x, w, n_out, K); break;
+    case 2: tm_dense_2(y, ldy, x, w, n_out, K, pf); break;
 #endif
-    default: tm_dense_1(y, ldy, x, w, n_out, K); break;
+    default: tm_dense_1(y, ldy, x, w, n_out, K, pf); break;
     }
 }
 
