@@ -8,10 +8,15 @@
 
 #if MOLT_REAL == 32
 
-#pragma GCC target("avx2,fma")
-
 #include <immintrin.h>
 #include <string.h>
+
+// Every function below is compiled for AVX2 + FMA (GCC and clang spell it differently).
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC target("avx2,fma")
+#endif
 
 #include "k_bi_isa.h"
 
@@ -104,5 +109,9 @@ static inline __m256 nf4_8(const unsigned char *p, NL lut) {
 static inline V v_nf4(const unsigned char *p, NL lut) { return (V){nf4_8(p, lut), nf4_8(p + 4, lut)}; }
 
 #include "k_bi_tmpl.h"
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
 
 #endif

@@ -5,10 +5,7 @@
 // (the 8 bytes of 16 weights broadcast and shifted per lane) and values through one vpermps
 // over the block's 16-entry table; FP8 E4M3 is decoded arithmetically (exponent rebias,
 // subnormals m * 2^-9, the NaN code kept) to the values of the format's table. Both copies
-// give the same values, so the same bits.
-#include <immintrin.h>
-#include <string.h>
-
+// give the same values, so the same bits. The includer has <immintrin.h> and <string.h>.
 #include "k_bi_isa.h"
 
 typedef __m512 V;
