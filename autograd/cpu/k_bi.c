@@ -14,13 +14,16 @@
 //
 // f32 tiling: panels of weight rows (about BI_PANEL_BYTES of f32 weights, at least one panel
 // per thread) are handed to the threads; inside a panel, tiles of up to mr rows of x times
-// nr weight rows run through the copy's register-blocked kernel, every row of x against the
-// whole panel, so the panel stays in cache while x streams past it. Quantized weights are
-// decoded in registers for T <= BI_REG_T (decode: the weight bytes are read once); above
-// that each panel is decoded once into the thread's workspace and the dense kernel runs on
-// it (prefill: the decode is spread over T rows). Both give the same values, so the same
-// bits. NF4 with cols % 64 != 0 (rows starting inside a block) is decoded through
-// kq_dequant_range. f64 (gradient checks) runs plain loops in the same order.
+// nr weight rows run through the copy's register-blocked kernel. When x fits in L1 (decode)
+// each tile of weight rows meets every row of x before the next tile is read, and the next
+// tile's rows are prefetched meanwhile; otherwise (prefill) each group of rows of x meets
+// the whole panel, which stays in L2 while x streams past it. Quantized weights are decoded
+// in registers for T <= BI_REG_T (up to 8 rows of x per decoded vector: measured faster
+// than the decode buffer up to T = 16 even where that decodes twice); above that each panel
+// is decoded once into the thread's workspace and the dense kernel runs on it (prefill: the
+// decode is spread over T rows). Both give the same values, so the same bits. NF4 with
+// cols % 64 != 0 (rows starting inside a block) is decoded through kq_dequant_range. f64
+// (gradient checks) runs plain loops in the same order.
 #include "real.h"
 #include "k_quant.h"
 #include "k_bi.h"
@@ -37,7 +40,7 @@
 // Bytes of f32 weights in one panel (one thread's unit of work, kept in its L2).
 #define BI_PANEL_BYTES ((int64_t)512 << 10)
 // Largest T for which quantized weights are decoded in registers.
-#define BI_REG_T 8
+#define BI_REG_T 16
 // Bytes of x up to which every row of x goes through a tile of weight rows in turn.
 #define BI_X_L1_BYTES (24 << 10)
 

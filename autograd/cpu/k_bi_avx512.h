@@ -13,7 +13,7 @@ typedef __m512 V;
 #define BI_MR 4
 #define BI_NR 6
 // up to 4 rows of x against 4 weight rows, 5 to 8 rows against 2 (each decoded vector
-// serves every row: T <= 8 decodes the weights once)
+// serves up to 8 rows)
 #define BI_QMR 8
 #define BI_QNR_MAX 4
 #define BI_QNR_OF(mr) ((mr) <= 4 ? 4 : 2)
