@@ -20,9 +20,13 @@ typedef struct {
 } bi_shape;
 
 static const bi_shape shapes_full[] = {
-    {"small", "q_a", 256, 512, true},          {"small", "expert.gate_up", 768, 512, true},
-    {"small", "expert.down", 512, 384, true},  {"small", "lm_head", 131072, 512, false},
-    {"ms4", "expert.gate_up", 4096, 4096, true}, {"ms4", "expert.down", 4096, 2048, true},
+    {"small", "q_a", 256, 512, true},
+    {"small", "kv_b", 768, 128, true},
+    {"small", "expert.gate_up", 768, 512, true},
+    {"small", "expert.down", 512, 384, true},
+    {"small", "lm_head", 131072, 512, false},
+    {"ms4", "expert.gate_up", 4096, 4096, true},
+    {"ms4", "expert.down", 4096, 2048, true},
 };
 static const bi_shape shapes_quick[] = {{"quick", "a", 96, 128, true},
                                         {"quick", "b", 70, 192, true}};
