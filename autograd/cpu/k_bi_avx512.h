@@ -35,6 +35,35 @@ static inline float v_hsum(V v) {
     return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
 }
 
+// v_hsum of a[0..16) into out[0..16), four levels of the tree on 16 sums at once: at each
+// level pairs of vectors are regrouped by 128-bit quarters (then by lane pairs) so that one
+// add does that level for several sums. Each sum sees the additions of v_hsum.
+#define BI_HSUM16 1
+static inline void v_hsum16(const V *a, float *out) {
+    V r1[8], r2[4], r3[2];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) // l + (l+8): [a0 level 1 | a1 level 1]
+        r1[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                              _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xee));
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) // l + (l+4): quarters of 4 sums
+        r2[i] = _mm512_add_ps(_mm512_shuffle_f32x4(r1[2 * i], r1[2 * i + 1], 0x88),
+                              _mm512_shuffle_f32x4(r1[2 * i], r1[2 * i + 1], 0xdd));
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; i++) // l + (l+2) within each quarter
+        r3[i] = _mm512_add_ps(_mm512_shuffle_ps(r2[2 * i], r2[2 * i + 1], 0x44),
+                              _mm512_shuffle_ps(r2[2 * i], r2[2 * i + 1], 0xee));
+    V r4 = _mm512_add_ps(_mm512_shuffle_ps(r3[0], r3[1], 0x88),
+                         _mm512_shuffle_ps(r3[0], r3[1], 0xdd)); // l + (l+1)
+    float t[16];
+    _mm512_storeu_ps(t, r4);
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; q++) // lane 4q + r holds sum 4r + q
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++)
+            out[4 * r + q] = t[4 * q + r];
+}
+
 static inline V v_bf16(const unsigned char *p) {
     __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));

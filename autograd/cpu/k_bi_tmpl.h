@@ -16,6 +16,34 @@
 
 #define TM_INLINE static inline __attribute__((always_inline))
 
+#ifndef BI_HSUM16
+// v_hsum of a[0..16) into out[0..16) (copies may do the 16 at once).
+static inline void v_hsum16(const V *a, float *out) {
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++)
+        out[i] = v_hsum(a[i]);
+}
+#endif
+
+// The sums of a tile's mr x nr vectors (acc, row-major, n = mr * nr of them) into
+// y[i * ldy + j] for i < mr, j < n_out.
+TM_INLINE void tm_reduce(float *y, int64_t ldy, const V *acc, const int mr, const int nr,
+                         int n_out) {
+    float s[32];
+    int n = mr * nr, g = 0;
+    for (; g + 16 <= n; g += 16)
+        v_hsum16(acc + g, s + g);
+#pragma GCC unroll 16
+    for (; g < n; g++)
+        s[g] = v_hsum(acc[g]);
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++)
+#pragma GCC unroll 8
+        for (int j = 0; j < nr; j++)
+            if (j < n_out)
+                y[i * ldy + j] = s[i * nr + j];
+}
+
 // ---- scalar decoding (tails, scales), as k_quant.c ---------------------------------------
 
 // Absmax of NF4 block b: stored, or code * second-level scale, then + offset (two roundings;
@@ -116,9 +144,7 @@ TM_INLINE void tm_dense(float *y, int64_t ldy, const float *const *x, const floa
                 acc[i][j] = v_fma(xv[i], wv, acc[i][j]);
         }
     }
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < n_out; j++)
-            y[i * ldy + j] = v_hsum(acc[i][j]);
+    tm_reduce(y, ldy, &acc[0][0], MR, BI_NR, n_out);
 }
 
 // ---- quantized tile: weights decoded in registers --------------------------------------------
@@ -191,9 +217,11 @@ TM_INLINE void tm_quant(float *y, int64_t ldy, const float *const *x, const kq_w
             }
         }
     }
+    V flat[BI_QMR * BI_QNR_MAX];
     for (int i = 0; i < MR; i++)
-        for (int j = 0; j < n_out; j++)
-            y[i * ldy + j] = v_hsum(acc[i][j]);
+        for (int j = 0; j < NR; j++)
+            flat[i * NR + j] = acc[i][j];
+    tm_reduce(y, ldy, flat, MR, NR, n_out);
 }
 
 // ---- decoding whole rows ----------------------------------------------------------------------
