@@ -149,10 +149,14 @@ static ag_tensor *cached_expanded(ag_ctx *c, const mdl_model *m, int l, const md
 // ---------------------------------------------------------------------------------------
 // Absorbed form
 
-// kv_b_proj's base weight as floats (a quantized one dequantized for this step).
-static const float *kv_b_base(ag_ctx *c, const mdl_lin *lin) {
+// kv_b_proj's base weight as floats (a quantized one as decoded at load, or for this step
+// when the model was quantized some other way).
+static const float *kv_b_base(ag_ctx *c, const mdl_layer *y) {
+    const mdl_lin *lin = &y->kv_b;
     if (!lin->qw)
         return lin->w->data;
+    if (y->kv_b_f32)
+        return y->kv_b_f32;
     ag_tensor *d = ag_qweight_dequantize(&c->act, lin->qw);
     return d ? d->data : NULL;
 }
@@ -219,7 +223,7 @@ static ag_tensor *cached_absorbed(ag_ctx *c, const mdl_model *m, int l, const md
                                   const kvb_lora *lo) {
     attn_dims d = dims_of(&m->cfg);
     int64_t n = q->shape[0], S = len + n;
-    const float *w = kv_b_base(c, &m->layers[l].kv_b);
+    const float *w = kv_b_base(c, &m->layers[l]);
     const float **rows = cache_rows(c, kv, seq, l, S);
     ag_tensor *out = ag_tensor_new(&c->act, AG_F32, 3, (int64_t[]){n, d.nh, d.dv});
     int64_t lr = lo->a ? lo->r : 0, per = 2 * d.rkv + lr + S;
