@@ -111,7 +111,7 @@ static molt_status adapter_of(const ckpt_state *s, const char *file, const trn_c
                               mdl_model *m, lora_adapter *ad) {
     lora_spec spec;
     MOLT_TRY(lora_spec_parse(c->adapter, &spec));
-    MOLT_TRY(mdl_load(c->model, m));
+    MOLT_TRY(mdl_load_quant(c->model, NULL, m)); // shapes only: pre-quantized bases do too
     MOLT_TRY(lora_attach(m, &spec, false, ad));
     char name[CKPT_NAME_MAX];
     molt_status st = MOLT_OK;
