@@ -27,6 +27,7 @@ import http.client
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -82,7 +83,8 @@ class Server:
                "--max-loaded-adapters", str(max(1, len(adapters))),
                "--max-num-seqs", str(max(args.concurrency, 1)),
                "--max-batch-tokens", str(args.max_batch_tokens),
-               "--kv-cache-mib", str(args.kv_cache_mib), "--access-log", "none"]
+               "--kv-cache-mib", str(args.kv_cache_mib), "--access-log", "none",
+               "--served-model-name", "base"]
         if args.quant != "none":
             cmd += ["--base-quant", args.quant]
         for i, p in enumerate(adapters):
@@ -93,7 +95,8 @@ class Server:
         self.port = None
         t0 = time.time()
         for line in self.p.stdout:
-            print("  " + line.rstrip(), flush=True)
+            if not re.match(r"\s+a\d{3} = ", line):  # one line per adapter: too many
+                print("  " + line.rstrip(), flush=True)
             if "listening on" in line or "http://" in line:
                 tail = line.rsplit(":", 1)[-1]
                 digits = "".join(ch for ch in tail if ch.isdigit())
