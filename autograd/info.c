@@ -16,7 +16,7 @@ static void print_cuda(void) {
 #ifdef MOLT_HAVE_CUDA
     int rt = 0, cublas = 0;
     molt_cuda_runtime_version(&rt);
-    printf("  CUDA:      compiled in (sm_90), runtime %d.%d\n", rt / 1000, (rt % 1000) / 10);
+    printf("  CUDA:      compiled in (sm_80, sm_90), runtime %d.%d\n", rt / 1000, (rt % 1000) / 10);
     if (molt_cuda_cublas_version(&cublas) == 0)
         printf("  cuBLAS:    compiled in, loaded on first use, %d.%d.%d\n", cublas / 10000,
                (cublas % 10000) / 100, cublas % 100);

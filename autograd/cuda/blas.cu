@@ -1,0 +1,271 @@
+// autograd/cuda/blas.cu: matrix products on the GPU. cuBLASLt serves every single GEMM
+// (row-major callers, f32 compute: bf16 operands with f32 accumulation, or f32 operands with
+// TF32 off); cuBLAS serves the grouped GEMM of the routed experts
+// (cublasGemmGroupedBatchedEx, cuBLAS 12.5 or newer), with a loop of single GEMMs where the
+// library lacks it or refuses the types. Both libraries are opened on first use rather than
+// linked: linking maps cuBLASLt and costs about 150 MB of resident memory in every molt
+// process, GPU or not. Not here: the ops built on these products (k_*.cu).
+#include "cu_internal.cuh"
+
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdio.h>
+
+// Workspace handed to cuBLASLt so that it may pick its split-K and stream-K kernels.
+#define LT_WORKSPACE_BYTES ((size_t)32 << 20)
+
+#define LT_FN(x) decltype(&::x) f_##x
+static struct {
+    int state; // 0 not tried, 1 ready, -1 failed
+    char why[256];
+    void *lt_lib, *blas_lib;
+    LT_FN(cublasLtCreate);
+    LT_FN(cublasLtMatmulDescCreate);
+    LT_FN(cublasLtMatmulDescDestroy);
+    LT_FN(cublasLtMatmulDescSetAttribute);
+    LT_FN(cublasLtMatrixLayoutCreate);
+    LT_FN(cublasLtMatrixLayoutDestroy);
+    LT_FN(cublasLtMatmul);
+    LT_FN(cublasCreate_v2);
+    LT_FN(cublasSetStream_v2);
+    LT_FN(cublasSetMathMode);
+    decltype(&cublasGemmGroupedBatchedEx) grouped; // NULL before cuBLAS 12.5
+    cublasLtHandle_t lt;
+    cublasHandle_t blas;
+    void *lt_ws;
+    bool grouped_refused[2][2]; // [ab][c]: the grouped call said NOT_SUPPORTED once
+} B;
+static pthread_mutex_t blas_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static int open_lib(void **h, const char *name) {
+    *h = dlopen(name, RTLD_NOW | RTLD_LOCAL);
+    if (!*h) {
+        const char *e = dlerror();
+        snprintf(B.why, sizeof B.why, "cannot open %s: %s", name, e ? e : "?");
+        return 1;
+    }
+    return 0;
+}
+
+#define SYM(lib, field, name)                                                      \
+    do {                                                                           \
+        *(void **)&B.f_##field = dlsym(lib, name);                                     \
+        if (!B.f_##field) {                                                            \
+            snprintf(B.why, sizeof B.why, "symbol %s missing from cuBLAS", name);  \
+            return 1;                                                              \
+        }                                                                          \
+    } while (0)
+
+static int blas_open(void) {
+    if (open_lib(&B.lt_lib, "libcublasLt.so." CUBLAS_SONAME_MAJOR) ||
+        open_lib(&B.blas_lib, "libcublas.so." CUBLAS_SONAME_MAJOR))
+        return 1;
+    SYM(B.lt_lib, cublasLtCreate, "cublasLtCreate");
+    SYM(B.lt_lib, cublasLtMatmulDescCreate, "cublasLtMatmulDescCreate");
+    SYM(B.lt_lib, cublasLtMatmulDescDestroy, "cublasLtMatmulDescDestroy");
+    SYM(B.lt_lib, cublasLtMatmulDescSetAttribute, "cublasLtMatmulDescSetAttribute");
+    SYM(B.lt_lib, cublasLtMatrixLayoutCreate, "cublasLtMatrixLayoutCreate");
+    SYM(B.lt_lib, cublasLtMatrixLayoutDestroy, "cublasLtMatrixLayoutDestroy");
+    SYM(B.lt_lib, cublasLtMatmul, "cublasLtMatmul");
+    SYM(B.blas_lib, cublasCreate_v2, "cublasCreate_v2");
+    SYM(B.blas_lib, cublasSetStream_v2, "cublasSetStream_v2");
+    SYM(B.blas_lib, cublasSetMathMode, "cublasSetMathMode");
+    *(void **)&B.grouped = dlsym(B.blas_lib, "cublasGemmGroupedBatchedEx"); // optional
+    if (B.f_cublasLtCreate(&B.lt) != CUBLAS_STATUS_SUCCESS) {
+        snprintf(B.why, sizeof B.why, "cublasLtCreate failed");
+        return 1;
+    }
+    if (B.f_cublasCreate_v2(&B.blas) != CUBLAS_STATUS_SUCCESS ||
+        B.f_cublasSetStream_v2(B.blas, cu_stream()) != CUBLAS_STATUS_SUCCESS ||
+        B.f_cublasSetMathMode(B.blas, CUBLAS_DEFAULT_MATH) != CUBLAS_STATUS_SUCCESS) {
+        snprintf(B.why, sizeof B.why, "cublasCreate failed");
+        return 1;
+    }
+    cudaError_t e = cudaMalloc(&B.lt_ws, LT_WORKSPACE_BYTES);
+    if (e != cudaSuccess) {
+        snprintf(B.why, sizeof B.why, "cannot allocate the cuBLASLt workspace: %s",
+                 cudaGetErrorString(e));
+        return 1;
+    }
+    return 0;
+}
+
+int cu_blas_ready(void) {
+    CU_TRY(cu_ready());
+    pthread_mutex_lock(&blas_mu);
+    if (B.state == 0)
+        B.state = blas_open() ? -1 : 1;
+    int st = B.state;
+    pthread_mutex_unlock(&blas_mu);
+    if (st < 0)
+        return cu_fail(__FILE__, __LINE__, "cuBLAS: %s", B.why);
+    return 0;
+}
+
+// The version of the cuBLAS library that would be opened; needs no GPU.
+extern "C" int molt_cuda_cublas_version(int *v) {
+    *v = 0;
+    void *h = dlopen("libcublas.so." CUBLAS_SONAME_MAJOR, RTLD_NOW | RTLD_LOCAL);
+    if (!h)
+        return 1;
+    typedef int (*get_property_fn)(int, int *); // cublasGetProperty(libraryPropertyType, int*)
+    get_property_fn get = (get_property_fn)dlsym(h, "cublasGetProperty");
+    int major = 0, minor = 0, patch = 0;
+    int rc = !get || get(0, &major) || get(1, &minor) || get(2, &patch);
+    if (!rc)
+        *v = major * 10000 + minor * 100 + patch;
+    dlclose(h);
+    return rc;
+}
+
+extern "C" int molt_cuda_has_grouped_gemm(void) {
+    return cu_blas_ready() == 0 && B.grouped != NULL;
+}
+
+static cudaDataType_t cuda_type(molt_cuda_dtype dt) {
+    return dt == MOLT_CUDA_BF16 ? CUDA_R_16BF : CUDA_R_32F;
+}
+
+static int check_dims(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc) {
+    if (M < 0 || N < 0 || K < 0 || lda < 1 || ldb < 1 || ldc < 1)
+        return cu_fail(__FILE__, __LINE__, "gemm: bad sizes M %lld N %lld K %lld lda %lld "
+                       "ldb %lld ldc %lld", (long long)M, (long long)N, (long long)K,
+                       (long long)lda, (long long)ldb, (long long)ldc);
+    return 0;
+}
+
+// Column-major view: row-major C (M, N) = op(A) op(B) is column-major C^T (N, M) =
+// op(B)^T op(A)^T, so cuBLAS sees (m, n, k) = (N, M, K), its A is our B and its B our A,
+// each transposed as we transpose ours.
+int cu_gemm(molt_cuda_dtype ab, molt_cuda_dtype c, bool ta, bool tb, int64_t M, int64_t N,
+            int64_t K, float alpha, const void *A, int64_t lda, const void *B_, int64_t ldb,
+            float beta, void *C, int64_t ldc) {
+    CU_TRY(check_dims(M, N, K, lda, ldb, ldc));
+    if (M == 0 || N == 0)
+        return 0;
+    CU_TRY(cu_blas_ready());
+    if (K == 0) { // C = beta C: cuBLASLt needs K >= 1
+        if (beta == 1.0f)
+            return 0;
+        return cu_fail(__FILE__, __LINE__, "gemm: K == 0 with beta %g is not supported",
+                       (double)beta);
+    }
+    cublasOperation_t opa = tb ? CUBLAS_OP_T : CUBLAS_OP_N; // cuBLAS's A = our B
+    cublasOperation_t opb = ta ? CUBLAS_OP_T : CUBLAS_OP_N; // cuBLAS's B = our A
+    uint64_t m = (uint64_t)N, n = (uint64_t)M, k = (uint64_t)K;
+    cublasLtMatmulDesc_t op = NULL;
+    cublasLtMatrixLayout_t la = NULL, lb = NULL, lc = NULL;
+    cublasStatus_t s = B.f_cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = B.f_cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = B.f_cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb);
+    // stored shapes (column-major): cuBLAS's A is m x k (k x m when transposed), B k x n
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = B.f_cublasLtMatrixLayoutCreate(&la, cuda_type(ab), tb ? k : m, tb ? m : k,
+                                         (int64_t)ldb);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = B.f_cublasLtMatrixLayoutCreate(&lb, cuda_type(ab), ta ? n : k, ta ? k : n,
+                                         (int64_t)lda);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = B.f_cublasLtMatrixLayoutCreate(&lc, cuda_type(c), m, n, (int64_t)ldc);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = B.f_cublasLtMatmul(B.lt, op, &alpha, B_, la, A, lb, &beta, C, lc, C, lc, NULL,
+                             B.lt_ws, LT_WORKSPACE_BYTES, cu_stream());
+    if (lc)
+        B.f_cublasLtMatrixLayoutDestroy(lc);
+    if (lb)
+        B.f_cublasLtMatrixLayoutDestroy(lb);
+    if (la)
+        B.f_cublasLtMatrixLayoutDestroy(la);
+    if (op)
+        B.f_cublasLtMatmulDescDestroy(op);
+    if (s != CUBLAS_STATUS_SUCCESS)
+        return cu_fail(__FILE__, __LINE__, "cublasLtMatmul (%s x %s -> %s, M %lld N %lld K "
+                       "%lld, ta %d tb %d): cuBLAS status %d",
+                       ab == MOLT_CUDA_BF16 ? "bf16" : "f32", ab == MOLT_CUDA_BF16 ? "bf16" : "f32",
+                       c == MOLT_CUDA_BF16 ? "bf16" : "f32", (long long)M, (long long)N,
+                       (long long)K, (int)ta, (int)tb, (int)s);
+    return 0;
+}
+
+static int gemm_loop(molt_cuda_dtype ab, molt_cuda_dtype c, bool ta, bool tb, int n,
+                     const int64_t *M, const int64_t *N, const int64_t *K, float alpha,
+                     const void *const *A, int64_t lda, const void *const *B_, int64_t ldb,
+                     float beta, void *const *C, int64_t ldc) {
+    for (int i = 0; i < n; i++)
+        if (M[i] > 0 && N[i] > 0 && K[i] > 0)
+            CU_TRY(cu_gemm(ab, c, ta, tb, M[i], N[i], K[i], alpha, A[i], lda, B_[i], ldb, beta,
+                           C[i], ldc));
+    return 0;
+}
+
+#define GROUP_MAX 1024
+
+int cu_gemm_grouped(molt_cuda_dtype ab, molt_cuda_dtype c, bool ta, bool tb, int n,
+                    const int64_t *M, const int64_t *N, const int64_t *K, float alpha,
+                    const void *const *A, int64_t lda, const void *const *B_, int64_t ldb,
+                    float beta, void *const *C, int64_t ldc, void **ptrs) {
+    CU_TRY(cu_blas_ready());
+    bool fits = n <= GROUP_MAX && lda <= INT32_MAX && ldb <= INT32_MAX && ldc <= INT32_MAX;
+    for (int i = 0; fits && i < n; i++)
+        fits = M[i] <= INT32_MAX && N[i] <= INT32_MAX && K[i] <= INT32_MAX;
+    if (!B.grouped || !fits || B.grouped_refused[ab][c])
+        return gemm_loop(ab, c, ta, tb, n, M, N, K, alpha, A, lda, B_, ldb, beta, C, ldc);
+    // host arrays of the non-empty problems, in cuBLAS's column-major terms
+    static thread_local cublasOperation_t opa[GROUP_MAX], opb[GROUP_MAX];
+    static thread_local int m[GROUP_MAX], nn[GROUP_MAX], k[GROUP_MAX], la[GROUP_MAX],
+        lb[GROUP_MAX], lc[GROUP_MAX], one[GROUP_MAX];
+    static thread_local float al[GROUP_MAX], be[GROUP_MAX];
+    static thread_local const void *ha[GROUP_MAX], *hb[GROUP_MAX];
+    static thread_local void *hc[GROUP_MAX];
+    int g = 0;
+    for (int i = 0; i < n; i++) {
+        if (M[i] == 0 || N[i] == 0 || K[i] == 0)
+            continue;
+        opa[g] = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+        opb[g] = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+        m[g] = (int)N[i];
+        nn[g] = (int)M[i];
+        k[g] = (int)K[i];
+        la[g] = (int)ldb;
+        lb[g] = (int)lda;
+        lc[g] = (int)ldc;
+        one[g] = 1;
+        al[g] = alpha;
+        be[g] = beta;
+        ha[g] = B_[i]; // cuBLAS's A is our B
+        hb[g] = A[i];
+        hc[g] = C[i];
+        g++;
+    }
+    if (g == 0)
+        return 0;
+    // device pointer arrays: ptrs[0..g) A, [g..2g) B, [2g..3g) C (one copy, stream-ordered)
+    static thread_local void *hp[3 * GROUP_MAX];
+    for (int i = 0; i < g; i++) {
+        hp[i] = (void *)ha[i];
+        hp[g + i] = (void *)hb[i];
+        hp[2 * g + i] = hc[i];
+    }
+    CU_CHECK(cudaMemcpyAsync(ptrs, hp, 3 * (size_t)g * sizeof(void *), cudaMemcpyHostToDevice,
+                             cu_stream()));
+    cudaDataType_t t = cuda_type(ab), tc = cuda_type(c);
+    cublasStatus_t s = B.grouped(B.blas, opa, opb, m, nn, k, al, (const void *const *)ptrs, t,
+                                 la, (const void *const *)(ptrs + g), t, lb, be, ptrs + 2 * g,
+                                 tc, lc, g, one, CUBLAS_COMPUTE_32F);
+    if (s == CUBLAS_STATUS_NOT_SUPPORTED) { // this type combination: loop from now on
+        B.grouped_refused[ab][c] = true;
+        return gemm_loop(ab, c, ta, tb, n, M, N, K, alpha, A, lda, B_, ldb, beta, C, ldc);
+    }
+    if (s != CUBLAS_STATUS_SUCCESS)
+        return cu_fail(__FILE__, __LINE__, "cublasGemmGroupedBatchedEx (%d problems): cuBLAS "
+                       "status %d", g, (int)s);
+    return 0;
+}
+
+extern "C" int molt_cuda_gemm(molt_cuda_dtype ab, molt_cuda_dtype c, int ta, int tb, int64_t M,
+                              int64_t N, int64_t K, float alpha, const void *A, int64_t lda,
+                              const void *B_, int64_t ldb, float beta, void *C, int64_t ldc) {
+    return cu_gemm(ab, c, ta != 0, tb != 0, M, N, K, alpha, A, lda, B_, ldb, beta, C, ldc);
+}
