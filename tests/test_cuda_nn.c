@@ -147,8 +147,11 @@ START_TEST(test_swiglu) {
     ck_close(got, dg64, n, 1e-5, "swiglu dgate");
     cu_down(got, dDU, n * 4);
     ck_close(got, du64, n, 1e-5, "swiglu dup");
-    // only one gradient wanted
+    // only one gradient wanted: du accumulates a second time, dg is not touched
     ck_cuda(molt_cuda_swiglu_bwd(MOLT_CUDA_F32, NULL, dDU, dG, dU, dDY, n));
+    swiglu_bwd_ref_f64(dg64, du64, g64, u64, dy64, n); // dg64 is scratch from here on
+    cu_down(got, dDU, n * 4);
+    ck_close(got, du64, n, 1e-5, "swiglu dup (no dgate)");
     molt_free(g), molt_free(u), molt_free(dy), molt_free(dg0), molt_free(du0), molt_free(got);
     molt_free(g64), molt_free(u64), molt_free(dy64), molt_free(y64), molt_free(dg64);
     molt_free(du64);

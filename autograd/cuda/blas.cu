@@ -10,6 +10,7 @@
 #include <dlfcn.h>
 #include <pthread.h>
 #include <stdio.h>
+#include <string.h>
 
 // Workspace handed to cuBLASLt so that it may pick its split-K and stream-K kernels.
 #define LT_WORKSPACE_BYTES ((size_t)32 << 20)
@@ -26,9 +27,18 @@ static struct {
     LT_FN(cublasLtMatrixLayoutCreate);
     LT_FN(cublasLtMatrixLayoutDestroy);
     LT_FN(cublasLtMatmul);
+    LT_FN(cublasLtMatmulPreferenceCreate);
+    LT_FN(cublasLtMatmulPreferenceDestroy);
+    LT_FN(cublasLtMatmulPreferenceSetAttribute);
+    LT_FN(cublasLtMatmulAlgoGetHeuristic);
     LT_FN(cublasCreate_v2);
     LT_FN(cublasSetStream_v2);
     LT_FN(cublasSetMathMode);
+    // cublasGemmEx is overloaded in C++ (cublas_api.h): the C signature spelled out
+    cublasStatus_t (*f_cublasGemmEx)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int,
+                                     int, int, const void *, const void *, cudaDataType, int,
+                                     const void *, cudaDataType, int, const void *, void *,
+                                     cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
     decltype(&cublasGemmGroupedBatchedEx) grouped; // NULL before cuBLAS 12.5
     cublasLtHandle_t lt;
     cublasHandle_t blas;
@@ -67,9 +77,14 @@ static int blas_open(void) {
     SYM(B.lt_lib, cublasLtMatrixLayoutCreate, "cublasLtMatrixLayoutCreate");
     SYM(B.lt_lib, cublasLtMatrixLayoutDestroy, "cublasLtMatrixLayoutDestroy");
     SYM(B.lt_lib, cublasLtMatmul, "cublasLtMatmul");
+    SYM(B.lt_lib, cublasLtMatmulPreferenceCreate, "cublasLtMatmulPreferenceCreate");
+    SYM(B.lt_lib, cublasLtMatmulPreferenceDestroy, "cublasLtMatmulPreferenceDestroy");
+    SYM(B.lt_lib, cublasLtMatmulPreferenceSetAttribute, "cublasLtMatmulPreferenceSetAttribute");
+    SYM(B.lt_lib, cublasLtMatmulAlgoGetHeuristic, "cublasLtMatmulAlgoGetHeuristic");
     SYM(B.blas_lib, cublasCreate_v2, "cublasCreate_v2");
     SYM(B.blas_lib, cublasSetStream_v2, "cublasSetStream_v2");
     SYM(B.blas_lib, cublasSetMathMode, "cublasSetMathMode");
+    SYM(B.blas_lib, cublasGemmEx, "cublasGemmEx");
     *(void **)&B.grouped = dlsym(B.blas_lib, "cublasGemmGroupedBatchedEx"); // optional
     if (B.f_cublasLtCreate(&B.lt) != CUBLAS_STATUS_SUCCESS) {
         snprintf(B.why, sizeof B.why, "cublasLtCreate failed");
@@ -134,6 +149,91 @@ static int check_dims(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb,
     return 0;
 }
 
+// ---- algorithm choice -------------------------------------------------------------------
+// cuBLASLt's heuristic is asked once per problem shape and operand alignment (pointers into
+// the middle of a buffer, such as an expert's rows, are often aligned to less than the
+// 256 bytes the heuristic otherwise assumes) and the answer is kept in a small per-thread
+// cache.
+
+typedef struct {
+    int ab, c, ta, tb;
+    int64_t M, N, K, lda, ldb, ldc;
+    uint32_t al_a, al_b, al_c;
+} algo_key;
+
+typedef struct {
+    bool used;
+    algo_key key;
+    cublasLtMatmulAlgo_t algo;
+} algo_entry;
+
+#define ALGO_CACHE 256
+static thread_local algo_entry algo_cache[ALGO_CACHE];
+
+static uint32_t alignment_of(const void *p) {
+    uintptr_t a = (uintptr_t)p;
+    uint32_t al = 256;
+    while (al > 1 && a % al != 0)
+        al >>= 1;
+    return al;
+}
+
+static unsigned key_hash(const algo_key *k) {
+    uint64_t h = 1469598103934665603ull;
+    const unsigned char *p = (const unsigned char *)k;
+    for (size_t i = 0; i < sizeof *k; i++)
+        h = (h ^ p[i]) * 1099511628211ull;
+    return (unsigned)(h % ALGO_CACHE);
+}
+
+// The algorithm for one call (descriptors already built); 0 or a failure.
+static int pick_algo(const algo_key *key, cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t la,
+                     cublasLtMatrixLayout_t lb, cublasLtMatrixLayout_t lc,
+                     cublasLtMatmulAlgo_t *algo) {
+    algo_entry *e = &algo_cache[key_hash(key)];
+    if (e->used && memcmp(&e->key, key, sizeof *key) == 0) {
+        *algo = e->algo;
+        return 0;
+    }
+    cublasLtMatmulPreference_t pref = NULL;
+    uint64_t ws = LT_WORKSPACE_BYTES;
+    // cuBLAS's A is our B and its B our A (see cu_gemm)
+    uint32_t al_a = key->al_b, al_b = key->al_a, al_c = key->al_c;
+    cublasStatus_t s = B.f_cublasLtMatmulPreferenceCreate(&pref);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = B.f_cublasLtMatmulPreferenceSetAttribute(
+            pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = B.f_cublasLtMatmulPreferenceSetAttribute(
+            pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof al_a);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = B.f_cublasLtMatmulPreferenceSetAttribute(
+            pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof al_b);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = B.f_cublasLtMatmulPreferenceSetAttribute(
+            pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof al_c);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = B.f_cublasLtMatmulPreferenceSetAttribute(
+            pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof al_c);
+    cublasLtMatmulHeuristicResult_t res;
+    int found = 0;
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = B.f_cublasLtMatmulAlgoGetHeuristic(B.lt, op, la, lb, lc, lc, pref, 1, &res, &found);
+    if (pref)
+        B.f_cublasLtMatmulPreferenceDestroy(pref);
+    if (s != CUBLAS_STATUS_SUCCESS || found < 1)
+        return cu_fail(__FILE__, __LINE__, "cuBLASLt has no algorithm for M %lld N %lld K %lld "
+                       "(lda %lld ldb %lld ldc %lld, alignments %u/%u/%u): cuBLAS status %d",
+                       (long long)key->M, (long long)key->N, (long long)key->K,
+                       (long long)key->lda, (long long)key->ldb, (long long)key->ldc,
+                       key->al_a, key->al_b, key->al_c, (int)s);
+    e->used = true;
+    e->key = *key;
+    e->algo = res.algo;
+    *algo = res.algo;
+    return 0;
+}
+
 // Column-major view: row-major C (M, N) = op(A) op(B) is column-major C^T (N, M) =
 // op(B)^T op(A)^T, so cuBLAS sees (m, n, k) = (N, M, K), its A is our B and its B our A,
 // each transposed as we transpose ours.
@@ -163,15 +263,35 @@ int cu_gemm(molt_cuda_dtype ab, molt_cuda_dtype c, bool ta, bool tb, int64_t M, 
     // stored shapes (column-major): cuBLAS's A is m x k (k x m when transposed), B k x n
     if (s == CUBLAS_STATUS_SUCCESS)
         s = B.f_cublasLtMatrixLayoutCreate(&la, cuda_type(ab), tb ? k : m, tb ? m : k,
-                                         (int64_t)ldb);
+                                           (int64_t)ldb);
     if (s == CUBLAS_STATUS_SUCCESS)
         s = B.f_cublasLtMatrixLayoutCreate(&lb, cuda_type(ab), ta ? n : k, ta ? k : n,
-                                         (int64_t)lda);
+                                           (int64_t)lda);
     if (s == CUBLAS_STATUS_SUCCESS)
         s = B.f_cublasLtMatrixLayoutCreate(&lc, cuda_type(c), m, n, (int64_t)ldc);
-    if (s == CUBLAS_STATUS_SUCCESS)
-        s = B.f_cublasLtMatmul(B.lt, op, &alpha, B_, la, A, lb, &beta, C, lc, C, lc, NULL,
-                             B.lt_ws, LT_WORKSPACE_BYTES, cu_stream());
+    int rc = 0;
+    if (s == CUBLAS_STATUS_SUCCESS) {
+        algo_key key;
+        memset(&key, 0, sizeof key); // padding too: the key is hashed and compared as bytes
+        key.ab = (int)ab;
+        key.c = (int)c;
+        key.ta = ta;
+        key.tb = tb;
+        key.M = M;
+        key.N = N;
+        key.K = K;
+        key.lda = lda;
+        key.ldb = ldb;
+        key.ldc = ldc;
+        key.al_a = alignment_of(A);
+        key.al_b = alignment_of(B_);
+        key.al_c = alignment_of(C);
+        cublasLtMatmulAlgo_t algo;
+        rc = pick_algo(&key, op, la, lb, lc, &algo);
+        if (!rc)
+            s = B.f_cublasLtMatmul(B.lt, op, &alpha, B_, la, A, lb, &beta, C, lc, C, lc, &algo,
+                                   B.lt_ws, LT_WORKSPACE_BYTES, cu_stream());
+    }
     if (lc)
         B.f_cublasLtMatrixLayoutDestroy(lc);
     if (lb)
@@ -180,6 +300,8 @@ int cu_gemm(molt_cuda_dtype ab, molt_cuda_dtype c, bool ta, bool tb, int64_t M, 
         B.f_cublasLtMatrixLayoutDestroy(la);
     if (op)
         B.f_cublasLtMatmulDescDestroy(op);
+    if (rc)
+        return rc;
     if (s != CUBLAS_STATUS_SUCCESS)
         return cu_fail(__FILE__, __LINE__, "cublasLtMatmul (%s x %s -> %s, M %lld N %lld K "
                        "%lld, ta %d tb %d): cuBLAS status %d",
@@ -268,4 +390,24 @@ extern "C" int molt_cuda_gemm(molt_cuda_dtype ab, molt_cuda_dtype c, int ta, int
                               int64_t N, int64_t K, float alpha, const void *A, int64_t lda,
                               const void *B_, int64_t ldb, float beta, void *C, int64_t ldc) {
     return cu_gemm(ab, c, ta != 0, tb != 0, M, N, K, alpha, A, lda, B_, ldb, beta, C, ldc);
+}
+
+// The classic cuBLAS GEMM on the same row-major problem: the baseline of the benchmarks.
+extern "C" int molt_cuda_gemm_cublas(molt_cuda_dtype ab, molt_cuda_dtype c, int ta, int tb,
+                                     int64_t M, int64_t N, int64_t K, float alpha, const void *A,
+                                     int64_t lda, const void *B_, int64_t ldb, float beta, void *C,
+                                     int64_t ldc) {
+    CU_TRY(check_dims(M, N, K, lda, ldb, ldc));
+    if (M > INT32_MAX || N > INT32_MAX || K > INT32_MAX || lda > INT32_MAX || ldb > INT32_MAX ||
+        ldc > INT32_MAX)
+        return cu_fail(__FILE__, __LINE__, "gemm_cublas: sizes beyond int");
+    if (M == 0 || N == 0 || K == 0)
+        return 0;
+    CU_TRY(cu_blas_ready());
+    CUBLAS_CHECK(B.f_cublasGemmEx(B.blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                  ta ? CUBLAS_OP_T : CUBLAS_OP_N, (int)N, (int)M, (int)K, &alpha,
+                                  B_, cuda_type(ab), (int)ldb, A, cuda_type(ab), (int)lda, &beta,
+                                  C, cuda_type(c), (int)ldc, CUBLAS_COMPUTE_32F,
+                                  CUBLAS_GEMM_DEFAULT));
+    return 0;
 }

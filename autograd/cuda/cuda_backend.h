@@ -54,6 +54,10 @@ int molt_cuda_timer_stop(void **ev, double *seconds);
 int molt_cuda_gemm(molt_cuda_dtype ab, molt_cuda_dtype c, int ta, int tb, int64_t M, int64_t N,
                    int64_t K, float alpha, const void *A, int64_t lda, const void *B,
                    int64_t ldb, float beta, void *C, int64_t ldc);
+// The same product through the classic cublasGemmEx (the benchmarks' baseline).
+int molt_cuda_gemm_cublas(molt_cuda_dtype ab, molt_cuda_dtype c, int ta, int tb, int64_t M,
+                          int64_t N, int64_t K, float alpha, const void *A, int64_t lda,
+                          const void *B, int64_t ldb, float beta, void *C, int64_t ldc);
 // 1 when cuBLAS has cublasGemmGroupedBatchedEx (12.5 or newer), 0 otherwise or without GPU.
 int molt_cuda_has_grouped_gemm(void);
 

@@ -308,16 +308,16 @@ template <typename T>
 __global__ static void dweight_kernel(T *dw, const T *dy, const T *O, const int32_t *inv,
                                       int64_t n, int k, int64_t H) {
     int lane = threadIdx.x & 31;
-    int64_t s = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    if (s >= n)
-        return;
-    const T *o = O + (int64_t)inv[s] * H, *d = dy + (s / k) * H;
-    float acc = 0;
-    for (int64_t h = lane; h < H; h += 32)
-        acc = fmaf(cu_ld(d, h), cu_ld(o, h), acc);
-    acc = cu_warp_sum(acc);
-    if (lane == 0)
-        cu_st(dw, s, __fadd_rn(cu_ld(dw, s), acc));
+    int64_t warps = ((int64_t)gridDim.x * blockDim.x) >> 5;
+    for (int64_t s = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; s < n; s += warps) {
+        const T *o = O + (int64_t)inv[s] * H, *d = dy + (s / k) * H;
+        float acc = 0;
+        for (int64_t h = lane; h < H; h += 32)
+            acc = fmaf(cu_ld(d, h), cu_ld(o, h), acc);
+        acc = cu_warp_sum(acc);
+        if (lane == 0)
+            cu_st(dw, s, __fadd_rn(cu_ld(dw, s), acc));
+    }
 }
 
 // dO[p] = w[slot] dy[token of slot], slot = perm[p]

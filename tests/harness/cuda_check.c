@@ -36,7 +36,7 @@ void *cu_alloc(size_t bytes) {
     ck_assert_msg(n_bufs < MAX_BUFS, "too many device buffers in one test");
     void *p = NULL;
     ck_cuda(molt_cuda_malloc(&p, bytes));
-    ck_cuda(molt_cuda_memset(p, 0, bytes));
+    ck_cuda(molt_cuda_memset(p, 0xFF, bytes));
     bufs[n_bufs++] = p;
     return p;
 }

@@ -27,7 +27,10 @@
 int cuda_test_main(Suite *s);
 
 // Device memory for one test (all freed by cu_free_all, which each test calls at its end).
-void *cu_alloc(size_t bytes);                        // zeroed
+// cu_alloc poisons: every byte 0xFF (NaN as f32 and as bf16, -1 as int32), so an element
+// that a kernel should have written and did not shows up in the comparison (never zeros:
+// they hide unwritten outputs). Buffers a kernel accumulates into come from cu_up.
+void *cu_alloc(size_t bytes);
 void *cu_up(const void *host, size_t bytes);         // a device copy of host
 void cu_down(void *host, const void *dev, size_t bytes);
 void cu_free_all(void);
