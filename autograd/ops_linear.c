@@ -395,6 +395,11 @@ molt_status ag_cpu_ce_forward(ag_ctx *c, const ag_ce_args *a, double *lse, void 
                                      scale, &p.d);
         else ce_fwd_f64(lse, zt, p.work, h->data, w->data, targets->data, &p.d);
     }
+    if (ag_interrupt_pending()) { // the kernel stopped early: its results are incomplete
+        molt_free(zt);
+        ce_plan_free(&p);
+        return molt_err(MOLT_EINTERRUPTED, CE ": interrupted");
+    }
     double acc = 0;
     for (int64_t t = 0; t < T; t++) {
         double m = mask_at(mask, t);
@@ -508,6 +513,8 @@ molt_status ag_cpu_ce_backward(ag_ctx *c, const ag_ce_args *a, const double *lse
         else ce_bwd_f64(pdh, pdw, p.work, h->data, w->data, tg, pm, scale, lse, &p.d);
     }
     ce_plan_free(&p);
+    if (ag_interrupt_pending()) // the kernel stopped early: the gradients are incomplete
+        return molt_err(MOLT_EINTERRUPTED, CE " backward: interrupted");
     return MOLT_OK;
 }
 

@@ -1,14 +1,16 @@
 // train/trainer.c: the training loop of `molt train`: loads the tokenizer and the base model
 // (optionally quantized), attaches the LoRA adapter, streams packed batches, runs forward,
 // backward, gradient accumulation, clipping, AdamW and the schedule, evaluates, logs metrics,
-// writes checkpoints holding everything a bit-exact resume needs, and saves the adapter.
+// writes checkpoints, and saves the adapter. It checks its inputs before it commits (data,
+// outputs; sizes in preflight.c), stops a step whose loss or update is not finite, and acts
+// on Ctrl-C / SIGTERM between layers (the step in progress is abandoned and repeated on
+// resume).
 //
-// Not here: configuration parsing (config.c), the command line (cli.c), the optimizer,
-// schedules, checkpoint files and metrics formats (optim.c, schedule.c, checkpoint.c,
-// metrics.c).
-#include "trainer.h"
+// Not here: configuration parsing (config.c), the command line (cli.c), the checkpoints of
+// a run and resuming (trn_resume.c), the optimizer, schedules, checkpoint files and metrics
+// formats (optim.c, schedule.c, checkpoint.c, metrics.c).
+#include "trn_internal.h"
 
-#include <dirent.h>
 #include <errno.h>
 #include <math.h>
 #include <signal.h>
@@ -21,33 +23,30 @@
 #include "../common/fsio.h"
 #include "../model/model.h"
 
-typedef struct {
-    const trn_config *cfg;
-    const trn_run_opts *o;
-    tok_tokenizer *tok;
-    chat_template *ct;
-    mdl_model model;
-    lora_adapter ad;
-    bool attached;
-    int n_params;
-    ag_tensor **params;             // [n_params] A and B of every unit, in unit order
-    char (*names)[CKPT_NAME_MAX];   // [n_params] "<unit path>.lora_A" / ".lora_B"
-    opt_adamw opt;
-    bool opt_init;
-    sched_state sched;
-    ds_loader *loader;
-    ds_batch batch;
-    ag_ctx ctx;
-    int64_t step, total_steps, tokens, tokens_run;
-    double elapsed_prev;            // seconds trained before this run (resumed)
-    ckpt_hashes hashes;
-    char *resolved;                 // config.resolved.yaml text
-    metrics_log mlog;
-    bool mlog_open;
-} trn;
 
+// Where a step started: what a checkpoint needs when the step is abandoned half-way.
+typedef struct {
+    ds_cursor cursor;
+    ag_rng dropout;
+    int64_t tokens, tokens_run;
+} step_start;
+
+// The first stop signal asks for a stop: the forward and backward check it between layers
+// and nodes, the loop between steps, and a checkpoint is written. A second one leaves at
+// once: the checkpoints on disk are complete files (written under a temporary name and
+// renamed), so the newest one stays intact.
 static volatile sig_atomic_t g_stop;
-static void on_signal(int sig) { g_stop = sig; }
+static void on_signal(int sig) {
+    if (g_stop) {
+        static const char msg[] = "\nmolt train: second stop signal: exiting now (the last "
+                                  "checkpoint on disk is intact)\n";
+        ssize_t w = write(STDERR_FILENO, msg, sizeof msg - 1);
+        (void)w;
+        _exit(128 + sig);
+    }
+    g_stop = sig;
+    ag_interrupt_set(sig);
+}
 
 static double now_s(void) {
     struct timespec ts;
@@ -81,6 +80,8 @@ static molt_status write_text(const char *path, const char *text) {
 
 // ---- setup ------------------------------------------------------------------------------
 static molt_status tokenizer_path(const trn_config *c, char *buf, size_t cap) {
+    if (mdl_check_dir(c->model) != MOLT_OK)
+        return molt_err_wrap(MOLT_EARG, "config key 'model.path'");
     if (*c->tokenizer) {
         snprintf(buf, cap, "%s", c->tokenizer);
         return MOLT_OK;
@@ -117,14 +118,19 @@ static molt_status compute_hashes(const trn_config *c, const char *tok_path, ckp
     return molt_sha256_file(tok_path, h->tokenizer);
 }
 
+// The base, quantized on load as model.quant says; a pre-quantized base (molt quantize)
+// keeps its own quantization whatever model.quant says.
 static molt_status load_model(trn *t) {
     const trn_config *c = t->cfg;
-    if (!strcmp(c->quant, "none") || !*c->quant)
-        return mdl_load(c->model, &t->model);
     mdl_qspec q;
-    if (mdl_qspec_parse(c->quant, &q) != MOLT_OK)
+    bool none = !strcmp(c->quant, "none") || !*c->quant;
+    if (!none && mdl_qspec_parse(c->quant, &q) != MOLT_OK)
         return molt_err_wrap(MOLT_EARG, "config key 'model.quant'");
-    return mdl_load_quant(c->model, &q, &t->model);
+    MOLT_TRY(mdl_load_quant(c->model, none ? NULL : &q, &t->model));
+    if (none && t->model.n_qw > 0 && !t->o->quiet)
+        fprintf(stderr, "molt train: %s is a pre-quantized base: training on its stored "
+                "quantization (model.quant: none keeps it as it is)\n", c->model);
+    return MOLT_OK;
 }
 
 // Collects A and B of every unit as the optimizer's parameter list.
@@ -152,8 +158,12 @@ static molt_status open_loader(trn *t, bool eval, ds_loader **out) {
     // with a split, both sides read data.train and keep complementary sets of lines
     bool own_files = eval && c->eval_split == 0;
     int n = own_files ? c->n_eval : c->n_train;
-    for (int i = 0; i < n; i++)
-        d.inputs[i] = (ds_input){own_files ? c->eval_files[i] : c->train_files[i], 1.0};
+    for (int i = 0; i < n; i++) {
+        MOLT_TRY(ds_input_parse(own_files ? c->eval_files[i] : c->train_files[i], &d.inputs[i],
+                                t->paths[eval][i], TRN_PATH_MAX));
+        if (eval) // mixing weights are for training; evaluation reads every record once
+            d.inputs[i].weight = 1.0;
+    }
     d.holdout_frac = c->eval_split;
     d.holdout_seed = c->seed;
     d.holdout_keep = eval;
@@ -192,6 +202,68 @@ static molt_status count_steps(trn *t) {
     if (t->total_steps < 1)
         t->total_steps = 1;
     return MOLT_OK;
+}
+
+// The next-token targets of a batch (labels that are not ignored).
+static molt_status batch_targets(const ds_batch *b, int64_t *n) {
+    int32_t *labels = molt_malloc((size_t)b->rows * (size_t)b->seq_len * sizeof *labels);
+    if (!labels)
+        return molt_err(MOLT_ENOMEM, "train: labels of a batch");
+    ds_batch_labels(b, labels);
+    *n = 0;
+    for (int64_t i = 0; i < (int64_t)b->rows * b->seq_len; i++)
+        *n += labels[i] >= 0;
+    molt_free(labels);
+    return MOLT_OK;
+}
+
+// Every data input a run needs is opened and checked before the run commits, so that a
+// missing, empty or unreadable file is found now rather than after hours of training: the
+// first batch of data.train, and the evaluation set (as much as one evaluation reads),
+// each of which must hold trained tokens.
+static molt_status check_data(trn *t) {
+    const trn_config *c = t->cfg;
+    ds_loader *l;
+    ds_batch b = {0};
+    int64_t n = 0;
+    MOLT_TRY(open_loader(t, false, &l));
+    molt_status st = ds_loader_next(l, &b);
+    if (st == MOLT_OK)
+        st = batch_targets(&b, &n);
+    ds_loader_close(l);
+    if (st == MOLT_OK && n == 0)
+        st = molt_err(MOLT_EARG, "the first batch holds no trained token (every example in it "
+                      "is masked out, or was cut away by data.on_bad: truncate)");
+    if (st != MOLT_OK) {
+        ds_batch_free(&b);
+        return molt_err_wrap(st, "train: data.train");
+    }
+    if (!trn_config_has_eval(c)) {
+        ds_batch_free(&b);
+        return MOLT_OK;
+    }
+    int64_t total = 0;
+    l = NULL;
+    st = open_loader(t, true, &l);
+    for (int k = 0; st == MOLT_OK; k++) {
+        if (c->eval_max_batches > 0 && k >= c->eval_max_batches)
+            break;
+        st = ds_loader_next(l, &b);
+        if (st == MOLT_OK)
+            st = batch_targets(&b, &n);
+        total += st == MOLT_OK ? n : 0;
+        if (st == MOLT_OK && ds_loader_epoch_end(l))
+            break;
+    }
+    if (l)
+        ds_loader_close(l);
+    ds_batch_free(&b);
+    if (st == MOLT_OK && total == 0)
+        st = molt_err(MOLT_EARG, "no trained token in the evaluation set (every record is bad, "
+                      "longer than data.max_seq_len, or masked out)");
+    return st == MOLT_OK ? MOLT_OK
+                         : molt_err_wrap(st, "train: %s", c->n_eval ? "data.eval"
+                                                                    : "data.eval_split");
 }
 
 // ---- one batch through the model --------------------------------------------------------
@@ -248,6 +320,8 @@ static molt_status run_batch(trn *t, const ds_batch *b, bool train, double *loss
 
 // Token-weighted mean loss over the eval files (one pass, or eval.max_batches batches).
 static molt_status evaluate(trn *t, double *out, int64_t *n_tokens) {
+    if (trn_env_long("MOLT_TEST_FAIL_EVAL_AT_STEP") == t->step) // test hook: a failing evaluation
+        return molt_err(MOLT_EIO, "evaluation: test failure at step %lld", (long long)t->step);
     ds_loader *l;
     MOLT_TRY(open_loader(t, true, &l));
     ds_batch b = {0};
@@ -276,189 +350,6 @@ static molt_status evaluate(trn *t, double *out, int64_t *n_tokens) {
     return st;
 }
 
-// ---- checkpoints ------------------------------------------------------------------------
-static molt_status fill_ckpt(trn *t, ckpt_state *s) {
-    char name[CKPT_NAME_MAX + 16];
-    s->step = t->step;
-    for (int i = 0; i < t->n_params; i++) {
-        ag_tensor *p = t->params[i];
-        MOLT_TRY(ckpt_set_tensor(s, t->names[i], p->ndim, p->shape, p->data));
-        snprintf(name, sizeof name, "adam_m.%s", t->names[i]);
-        MOLT_TRY(ckpt_set_tensor(s, name, p->ndim, p->shape, t->opt.m[i]));
-        snprintf(name, sizeof name, "adam_v.%s", t->names[i]);
-        MOLT_TRY(ckpt_set_tensor(s, name, p->ndim, p->shape, t->opt.v[i]));
-        snprintf(name, sizeof name, "adam_step.%s", t->names[i]);
-        MOLT_TRY(ckpt_set_int(s, name, t->opt.steps[i]));
-    }
-    MOLT_TRY(ckpt_set_int(s, "train.step", t->step));
-    MOLT_TRY(ckpt_set_int(s, "train.tokens", t->tokens));
-    MOLT_TRY(ckpt_set_float(s, "train.elapsed_s", t->elapsed_prev));
-    MOLT_TRY(ckpt_set_int(s, "sched.step", t->sched.step));
-    MOLT_TRY(ckpt_set_int(s, "sched.kind", t->sched.kind));
-    MOLT_TRY(ckpt_set_int(s, "sched.total_steps", t->sched.total_steps));
-    MOLT_TRY(ckpt_set_int(s, "sched.warmup_steps", t->sched.warmup_steps));
-    MOLT_TRY(ckpt_set_float(s, "sched.lr_max", t->sched.lr_max));
-    // the adapter's LoRA-dropout stream: exact resume replays the same masks
-    const ag_rng *drop = t->ad.dropout_rng;
-    MOLT_TRY(ckpt_set_blob(s, "rng.dropout", drop->s, sizeof drop->s));
-    ds_cursor cur;
-    uint8_t buf[DS_CURSOR_BYTES];
-    ds_loader_cursor(t->loader, &cur);
-    size_t n = ds_cursor_save(&cur, buf, sizeof buf);
-    MOLT_TRY(ckpt_set_blob(s, "data.cursor", buf, n));
-    MOLT_TRY(ckpt_set_string(s, "config.resolved", t->resolved));
-    return ckpt_set_hashes(s, &t->hashes);
-}
-
-// Test hook: what a crash in the middle of writing leaves behind: half of the new file
-// under its temporary name, then the process dies.
-static void die_in_write(trn *t, const char *path) {
-    char tmp[TRN_PATH_MAX + 64];
-    snprintf(tmp, sizeof tmp, "%s/checkpoints/step-%lld.h5.tmp", t->cfg->output_dir,
-             (long long)t->step);
-    FILE *in = fopen(path, "rb"), *out = fopen(tmp, "wb");
-    if (in && out) {
-        fseek(in, 0, SEEK_END);
-        long n = ftell(in) / 2;
-        fseek(in, 0, SEEK_SET);
-        for (long i = 0; i < n; i++)
-            fputc(fgetc(in), out);
-        fflush(out);
-    }
-    remove(path);
-    raise(SIGKILL);
-}
-
-static long env_long(const char *name) {
-    const char *v = getenv(name);
-    return v && *v ? strtol(v, NULL, 10) : -1;
-}
-
-static molt_status save_ckpt(trn *t, double elapsed_run) {
-    ckpt_state s;
-    ckpt_state_init(&s);
-    double keep = t->elapsed_prev;
-    t->elapsed_prev += elapsed_run;
-    molt_status st = fill_ckpt(t, &s);
-    t->elapsed_prev = keep;
-    char *path = NULL;
-    if (st == MOLT_OK) {
-        bool kill_in_write = env_long("MOLT_TEST_KILL_IN_CKPT_WRITE") == t->step;
-        // the hook writes the full file elsewhere first, so the keep-last pruning cannot
-        // remove the checkpoint a resume must find
-        char dir[TRN_PATH_MAX + 32];
-        snprintf(dir, sizeof dir, "%s%s", t->cfg->output_dir, kill_in_write ? "/.kill" : "");
-        st = ckpt_write(dir, &s, kill_in_write ? 0 : t->cfg->keep_last, &path);
-        if (st == MOLT_OK && kill_in_write)
-            die_in_write(t, path);
-    }
-    ckpt_state_free(&s);
-    molt_free(path);
-    if (st == MOLT_OK && env_long("MOLT_TEST_KILL_AT_STEP") == t->step)
-        raise(SIGKILL);
-    return st;
-}
-
-static void report_bad(void *user, const char *path, const char *message) {
-    (void)user;
-    fprintf(stderr, "molt train: skipping checkpoint %s: %s\n", path, message);
-}
-
-static molt_status restore_tensor(const ckpt_state *s, const char *file, const char *name,
-                                  float *dst, int64_t numel) {
-    const ckpt_tensor *ct = ckpt_get_tensor(s, name);
-    if (!ct)
-        return molt_err(MOLT_EFORMAT, "checkpoint %s: no tensor '%s' (another adapter spec?)",
-                        file, name);
-    if (ct->numel != numel)
-        return molt_err(MOLT_EFORMAT, "checkpoint %s: tensor '%s' has %lld elements, the "
-                        "adapter %lld (another adapter spec?)", file, name,
-                        (long long)ct->numel, (long long)numel);
-    memcpy(dst, ct->data, (size_t)numel * sizeof *dst);
-    return MOLT_OK;
-}
-
-static molt_status restore(trn *t, const ckpt_state *s, const char *file) {
-    char warn[1024], name[CKPT_NAME_MAX + 16];
-    MOLT_TRY(ckpt_check_hashes(s, file, &t->hashes, t->o->force, warn, sizeof warn));
-    if (*warn)
-        fprintf(stderr, "molt train: warning (--force): %s\n", warn);
-    for (int i = 0; i < t->n_params; i++) {
-        ag_tensor *p = t->params[i];
-        MOLT_TRY(restore_tensor(s, file, t->names[i], p->data, p->numel));
-        snprintf(name, sizeof name, "adam_m.%s", t->names[i]);
-        MOLT_TRY(restore_tensor(s, file, name, t->opt.m[i], p->numel));
-        snprintf(name, sizeof name, "adam_v.%s", t->names[i]);
-        MOLT_TRY(restore_tensor(s, file, name, t->opt.v[i], p->numel));
-        snprintf(name, sizeof name, "adam_step.%s", t->names[i]);
-        MOLT_TRY(ckpt_get_int(s, name, &t->opt.steps[i]));
-    }
-    MOLT_TRY(ckpt_get_int(s, "train.step", &t->step));
-    MOLT_TRY(ckpt_get_int(s, "train.tokens", &t->tokens));
-    MOLT_TRY(ckpt_get_float(s, "train.elapsed_s", &t->elapsed_prev));
-    MOLT_TRY(ckpt_get_int(s, "sched.step", &t->sched.step));
-    const ckpt_blob *rng = ckpt_get_blob(s, "rng.dropout");
-    const ckpt_blob *cur = ckpt_get_blob(s, "data.cursor");
-    ag_rng *drop = t->ad.dropout_rng;
-    if (!rng || rng->len != sizeof drop->s || !cur)
-        return molt_err(MOLT_EFORMAT, "checkpoint %s: missing or bad rng/cursor state", file);
-    memcpy(drop->s, rng->data, sizeof drop->s);
-    ds_cursor c;
-    MOLT_TRY(ds_cursor_load(&c, cur->data, cur->len));
-    if (ds_loader_restore(t->loader, &c) != MOLT_OK)
-        return molt_err_wrap(MOLT_EFORMAT, "checkpoint %s: data cursor (other data files or "
-                             "data settings?)", file);
-    return MOLT_OK;
-}
-
-static bool has_checkpoints(const char *dir) {
-    char p[TRN_PATH_MAX + 32];
-    snprintf(p, sizeof p, "%s/checkpoints", dir);
-    DIR *d = opendir(p);
-    bool any = false;
-    for (struct dirent *e; d && !any && (e = readdir(d));)
-        any = !strncmp(e->d_name, "step-", 5) && strstr(e->d_name, ".h5") &&
-              !strstr(e->d_name, ".tmp");
-    if (d)
-        closedir(d);
-    return any;
-}
-
-// Applies --resume: nothing, the newest valid checkpoint, or a given file.
-static molt_status maybe_resume(trn *t, bool *resumed) {
-    const char *r = t->o->resume, *dir = t->cfg->output_dir;
-    *resumed = false;
-    if (!r) {
-        if (has_checkpoints(dir))
-            return molt_err(MOLT_EARG, "train: %s/checkpoints already holds checkpoints: pass "
-                            "--resume auto (or a checkpoint path), or use another output_dir",
-                            dir);
-        return MOLT_OK;
-    }
-    ckpt_state s;
-    ckpt_state_init(&s);
-    char *path = NULL;
-    molt_status st;
-    if (!strcmp(r, "auto")) {
-        st = ckpt_find_latest_valid(dir, report_bad, NULL, &path, &s);
-    } else {
-        path = molt_strdup(r);
-        st = path ? ckpt_read(r, &s) : molt_err(MOLT_ENOMEM, "train: resume path");
-    }
-    if (st == MOLT_OK && path) {
-        st = restore(t, &s, path);
-        if (st == MOLT_OK && !t->o->quiet)
-            fprintf(stderr, "molt train: resumed from %s (step %lld)\n", path,
-                    (long long)t->step);
-        *resumed = st == MOLT_OK;
-    } else if (st == MOLT_OK && !t->o->quiet) {
-        fprintf(stderr, "molt train: no checkpoint in %s/checkpoints: starting fresh\n", dir);
-    }
-    molt_free(path);
-    ckpt_state_free(&s);
-    return st;
-}
-
 // ---- the loop ---------------------------------------------------------------------------
 static void progress(trn *t, double loss, double lr, double run_s, int64_t steps_run) {
     if (t->o->quiet)
@@ -483,26 +374,84 @@ static void progress(trn *t, double loss, double lr, double run_s, int64_t steps
     fprintf(stderr, "\r\033[K[%s] %s%s", bar, line, last ? "\n" : "");
 }
 
-// One optimizer step: grad_accum micro-batches, scaling, clipping, AdamW, schedule.
-static molt_status train_step(trn *t, double *loss, double *gnorm, double *lr) {
+static void step_snapshot(const trn *t, step_start *s) {
+    ds_loader_cursor(t->loader, &s->cursor);
+    s->dropout = *t->ad.dropout_rng;
+    s->tokens = t->tokens;
+    s->tokens_run = t->tokens_run;
+}
+
+// Back to where the step started (it was abandoned before its update): the data loader,
+// the dropout stream and the token counts. Parameters and optimizer state were not touched.
+static molt_status step_rewind(trn *t, const step_start *s) {
+    *t->ad.dropout_rng = s->dropout;
+    t->tokens = s->tokens;
+    t->tokens_run = s->tokens_run;
+    return ds_loader_restore(t->loader, &s->cursor);
+}
+
+// Why the update of this step must not be applied (a non-finite loss, gradient norm or
+// update), into why; false when it may.
+static bool nonfinite(const trn *t, double loss, double gnorm, double lr, char *why,
+                      size_t cap) {
+    if (!isfinite(loss))
+        snprintf(why, cap, "the loss is %s", isnan(loss) ? "NaN" : "infinite");
+    else if (!isfinite(gnorm))
+        snprintf(why, cap, "the gradient norm is %s", isnan(gnorm) ? "NaN" : "infinite");
+    else {
+        int i = opt_adamw_nonfinite(&t->opt, lr);
+        if (i < 0)
+            return false;
+        snprintf(why, cap, "the update of %s would not be finite (at lr %g)", t->names[i], lr);
+    }
+    return true;
+}
+
+// One optimizer step: grad_accum micro-batches, scaling, clipping, AdamW, schedule. A step
+// whose batches hold no target, or whose loss, gradient norm or update is not finite, is an
+// error naming the step (train.on_nonfinite: skip skips the update of the latter instead and
+// sets *skipped). MOLT_EINTERRUPTED when a stop request came before the update.
+static molt_status train_step(trn *t, double *loss, double *gnorm, double *lr, bool *skipped) {
     const trn_config *c = t->cfg;
+    int64_t step = t->step + 1;
+    *skipped = false;
     opt_grads_zero(t->params, t->n_params);
-    double sum = 0;
+    double sum = 0, targets = 0;
     for (int k = 0; k < c->grad_accum; k++) {
         double l, w;
         MOLT_TRY(ds_loader_next(t->loader, &t->batch));
         MOLT_TRY(run_batch(t, &t->batch, true, &l, &w));
         sum += l;
+        targets += w;
         t->tokens += t->batch.n_tokens;
         t->tokens_run += t->batch.n_tokens;
     }
     ag_ctx_step_reset(&t->ctx);
+    if (targets == 0)
+        return molt_err(MOLT_EARG, "train: step %lld: its batches hold no trained token (loss "
+                        "and gradient would be 0): check data.train and data.on_bad",
+                        (long long)step);
     *loss = sum / c->grad_accum;
     if (c->grad_accum > 1)
         opt_grads_scale(t->params, t->n_params, 1.0 / c->grad_accum);
     MOLT_TRY(opt_clip_grad_norm(t->params, t->n_params, c->max_grad_norm, gnorm));
     *lr = sched_lr(&t->sched);
-    MOLT_TRY(opt_adamw_step(&t->opt, *lr));
+    if (ag_interrupt_pending())
+        return molt_err(MOLT_EINTERRUPTED, "train: step %lld interrupted", (long long)step);
+    char why[300];
+    if (nonfinite(t, *loss, *gnorm, *lr, why, sizeof why)) {
+        if (!c->nonfinite_skip)
+            return molt_err(MOLT_EARG, "train: step %lld: %s: training stopped before this "
+                            "update (the last checkpoint and adapter are as they were). Lower "
+                            "optim.lr, set optim.max_grad_norm > 0, raise optim.eps, or set "
+                            "train.on_nonfinite: skip", (long long)step, why);
+        *skipped = true;
+        t->skipped++; // a warning even under --quiet
+        fprintf(stderr, "%smolt train: step %lld: %s: update skipped (train.on_nonfinite: "
+                "skip)\n", t->o->quiet ? "" : "\n", (long long)step, why);
+    } else {
+        MOLT_TRY(opt_adamw_step(&t->opt, *lr));
+    }
     sched_advance(&t->sched);
     t->step++;
     return MOLT_OK;
@@ -538,48 +487,122 @@ static molt_status save_adapter(trn *t) {
     return MOLT_OK;
 }
 
+static const char *signal_name(int sig) {
+    return sig == SIGINT ? "Ctrl-C (SIGINT)" : sig == SIGTERM ? "SIGTERM" : "a stop signal";
+}
+
+// The run stops on a stop request after step t->step, whose checkpoint is on disk.
+static molt_status report_stop(trn *t, const char *during, bool *interrupted) {
+    fprintf(stderr, "\nmolt train: interrupted by %s%s: checkpoint of step %lld written; "
+            "continue with --resume auto\n", signal_name((int)g_stop), during,
+            (long long)t->step);
+    *interrupted = true;
+    return MOLT_OK;
+}
+
 static molt_status loop(trn *t, bool *interrupted) {
     const trn_config *c = t->cfg;
     double t0 = now_s();
     int64_t start = t->step;
     while (t->step < t->total_steps) {
-        double loss, gnorm, lr;
-        MOLT_TRY(train_step(t, &loss, &gnorm, &lr));
+        double loss = 0, gnorm = 0, lr = 0;
+        bool skipped;
+        step_start snap;
+        step_snapshot(t, &snap);
+        molt_status st = train_step(t, &loss, &gnorm, &lr, &skipped);
+        if (st != MOLT_OK && ag_interrupt_pending()) // an op gave up on the stop request
+            st = MOLT_EINTERRUPTED;
+        if (st == MOLT_EINTERRUPTED) {
+            // abandoned before its update: back to where the step started, so that a resume
+            // runs it again exactly
+            ag_ctx_step_reset(&t->ctx);
+            MOLT_TRY(step_rewind(t, &snap));
+            if (t->step > t->last_ckpt_step)
+                MOLT_TRY(trn_save_ckpt(t, now_s() - t0));
+            return report_stop(t, " during the next step (abandoned)", interrupted);
+        }
+        MOLT_TRY(st);
         double run_s = now_s() - t0;
         metrics_row r = {.step = t->step, .loss = loss, .lr = lr, .grad_norm = gnorm,
-                         .tokens = t->tokens, .tokens_per_s = run_s > 0 ? t->tokens_run / run_s : 0,
+                         .tokens = t->tokens,
+                         .tokens_per_s = run_s > 0 ? t->tokens_run / run_s : 0,
                          .elapsed_s = t->elapsed_prev + run_s};
         bool last = t->step == t->total_steps;
-        if (trn_config_has_eval(c) && (last || (c->eval_every > 0 && t->step % c->eval_every == 0))) {
-            MOLT_TRY(evaluate(t, &r.eval_loss, NULL));
-            r.has_eval = true;
+        molt_status eval_st = MOLT_OK;
+        char eval_err[1024] = "";
+        if (trn_config_has_eval(c) &&
+            (last || (c->eval_every > 0 && t->step % c->eval_every == 0))) {
+            eval_st = evaluate(t, &r.eval_loss, NULL);
+            if (eval_st != MOLT_OK && ag_interrupt_pending())
+                eval_st = MOLT_EINTERRUPTED;
+            r.has_eval = eval_st == MOLT_OK;
+            snprintf(eval_err, sizeof eval_err, "%s", eval_st ? molt_err_msg() : "");
         }
         MOLT_TRY(metrics_append(&t->mlog, &r));
         progress(t, loss, lr, run_s, t->step - start);
         if (r.has_eval && !t->o->quiet)
             fprintf(stderr, "molt train: step %lld eval_loss %.4f\n", (long long)t->step,
                     r.eval_loss);
-        bool ckpt = last || g_stop || (c->ckpt_every > 0 && t->step % c->ckpt_every == 0) ||
-                    env_long("MOLT_TEST_KILL_AT_STEP") == t->step ||
-                    env_long("MOLT_TEST_KILL_IN_CKPT_WRITE") == t->step;
+        bool stop = g_stop != 0;
+        // a failed evaluation still gets the checkpoint of its step before the run stops
+        bool ckpt = last || stop || eval_st != MOLT_OK ||
+                    (c->ckpt_every > 0 && t->step % c->ckpt_every == 0) ||
+                    trn_env_long("MOLT_TEST_KILL_AT_STEP") == t->step ||
+                    trn_env_long("MOLT_TEST_KILL_IN_CKPT_WRITE") == t->step;
         if (ckpt)
-            MOLT_TRY(save_ckpt(t, now_s() - t0));
-        if (g_stop && !last) {
-            fprintf(stderr, "\nmolt train: interrupted: checkpoint of step %lld written; "
-                    "continue with --resume auto\n", (long long)t->step);
-            *interrupted = true;
-            return MOLT_OK;
-        }
+            MOLT_TRY(trn_save_ckpt(t, now_s() - t0));
+        if (eval_st != MOLT_OK && eval_st != MOLT_EINTERRUPTED)
+            return molt_err(eval_st, "train: evaluation after step %lld failed (the "
+                            "checkpoint of step %lld was written first): %s",
+                            (long long)t->step, (long long)t->step, eval_err);
+        if (stop && !last)
+            return report_stop(t, eval_st ? " during evaluation" : "", interrupted);
     }
+    if (t->skipped)
+        fprintf(stderr, "molt train: %lld step%s skipped for a non-finite loss or update\n",
+                (long long)t->skipped, t->skipped == 1 ? "" : "s");
     return save_adapter(t);
 }
 
+// The files a run writes may not be, hold or lie inside what it reads, and output_dir may
+// not be or lie inside the model directory.
+static molt_status check_outputs(const trn_config *c, const char *tok) {
+    static const char *const outs[] = {"adapter", "adapter.h5", "metrics.jsonl",
+                                       "config.resolved.yaml", "checkpoints"};
+    char out[TRN_PATH_MAX + 32], what[64];
+    MOLT_TRY(molt_check_not_inside("output_dir", c->output_dir, "model.path", c->model));
+    for (size_t k = 0; k < sizeof outs / sizeof *outs; k++) {
+        snprintf(out, sizeof out, "%s/%s", c->output_dir, outs[k]);
+        snprintf(what, sizeof what, "output_dir's %s", outs[k]);
+        MOLT_TRY(molt_check_overlap(what, out, "model.path", c->model));
+        MOLT_TRY(molt_check_overlap(what, out, "the tokenizer", tok));
+        for (int i = 0; i < c->n_train; i++) {
+            char file[TRN_PATH_MAX];
+            ds_input in;
+            MOLT_TRY(ds_input_parse(c->train_files[i], &in, file, sizeof file));
+            MOLT_TRY(molt_check_overlap(what, out, "data.train", file));
+        }
+        for (int i = 0; i < c->n_eval; i++)
+            MOLT_TRY(molt_check_overlap(what, out, "data.eval", c->eval_files[i]));
+    }
+    return MOLT_OK;
+}
+
+// Everything a run needs, checked before the (long) model load: the model directory and
+// the sizes it takes, the data inputs, the output paths, then the tokenizer and the model.
 static molt_status setup(trn *t) {
     const trn_config *c = t->cfg;
     char tok[TRN_PATH_MAX + 32];
     MOLT_TRY(tokenizer_path(c, tok, sizeof tok));
+    MOLT_TRY(trn_check_sizes(c));
+    if (!t->o->eval_only)
+        MOLT_TRY(check_outputs(c, tok));
     MOLT_TRY(tok_load(tok, &t->tok));
     MOLT_TRY(chat_template_new(t->tok, NULL, &t->ct));
+    if (!t->o->eval_only) {
+        MOLT_TRY(check_data(t));
+        MOLT_TRY(count_steps(t));
+    }
     MOLT_TRY(compute_hashes(c, tok, &t->hashes));
     MOLT_TRY(load_model(t));
     t->model.checkpoint_layers = c->activation_checkpointing;
@@ -598,15 +621,20 @@ static molt_status setup_training(trn *t) {
     MOLT_TRY(collect_params(t));
     MOLT_TRY(opt_adamw_init(&t->opt, t->n_params, t->params, &c->adamw));
     t->opt_init = true;
-    MOLT_TRY(count_steps(t));
     MOLT_TRY(sched_init(&t->sched, c->schedule, c->lr, c->warmup_steps, t->total_steps));
     MOLT_TRY(open_loader(t, false, &t->loader));
-    MOLT_TRY(mkdir_p(c->output_dir));
     t->resolved = trn_config_yaml(c);
     if (!t->resolved)
         return molt_err(MOLT_ENOMEM, "train: resolved config");
+    return MOLT_OK;
+}
+
+// Once every check passed and any resume took: output_dir and its resolved configuration
+// (a refused run leaves both as they were).
+static molt_status start_outputs(trn *t) {
     char p[TRN_PATH_MAX + 32];
-    snprintf(p, sizeof p, "%s/config.resolved.yaml", c->output_dir);
+    MOLT_TRY(mkdir_p(t->cfg->output_dir));
+    snprintf(p, sizeof p, "%s/config.resolved.yaml", t->cfg->output_dir);
     return write_text(p, t->resolved);
 }
 
@@ -652,6 +680,7 @@ molt_status trn_run(const trn_config *c, const trn_run_opts *o, bool *interrupte
     t->o = o;
     *interrupted = false;
     g_stop = 0;
+    ag_interrupt_clear();
     molt_status st = setup(t);
     if (st == MOLT_OK && o->eval_only) {
         st = eval_only(t);
@@ -659,7 +688,10 @@ molt_status trn_run(const trn_config *c, const trn_run_opts *o, bool *interrupte
         bool resumed = false;
         st = setup_training(t);
         if (st == MOLT_OK)
-            st = maybe_resume(t, &resumed);
+            st = trn_maybe_resume(t, &resumed);
+        t->last_ckpt_step = resumed ? t->step : -1;
+        if (st == MOLT_OK)
+            st = start_outputs(t);
         if (st == MOLT_OK)
             st = metrics_open(&t->mlog, c->output_dir, resumed ? t->step : 0);
         t->mlog_open = st == MOLT_OK;
