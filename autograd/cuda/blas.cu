@@ -48,13 +48,8 @@ static struct {
 static pthread_mutex_t blas_mu = PTHREAD_MUTEX_INITIALIZER;
 
 static int open_lib(void **h, const char *name) {
-    *h = dlopen(name, RTLD_NOW | RTLD_LOCAL);
-    if (!*h) {
-        const char *e = dlerror();
-        snprintf(B.why, sizeof B.why, "cannot open %s: %s", name, e ? e : "?");
-        return 1;
-    }
-    return 0;
+    *h = cu_dlopen(name, B.why, sizeof B.why);
+    return *h ? 0 : 1;
 }
 
 #define SYM(lib, field, name)                                                      \
@@ -120,7 +115,7 @@ int cu_blas_ready(void) {
 // The version of the cuBLAS library that would be opened; needs no GPU.
 extern "C" int molt_cuda_cublas_version(int *v) {
     *v = 0;
-    void *h = dlopen("libcublas.so." CUBLAS_SONAME_MAJOR, RTLD_NOW | RTLD_LOCAL);
+    void *h = cu_dlopen("libcublas.so." CUBLAS_SONAME_MAJOR, NULL, 0);
     if (!h)
         return 1;
     typedef int (*get_property_fn)(int, int *); // cublasGetProperty(libraryPropertyType, int*)

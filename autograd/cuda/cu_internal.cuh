@@ -52,6 +52,10 @@ int cu_after_launch(const char *file, int line, const char *kernel);
 cudaStream_t cu_stream(void);
 // Makes sure the stream, the cuBLAS/cuBLASLt handles and the tables exist.
 int cu_ready(void);
+// dlopen of a CUDA library by soname, then from the toolkit's library folder of the build
+// (MOLT_CUDA_LIBDIR) when the loader's paths lack it; NULL with the loader's message in
+// why (why_cap bytes) when neither opens.
+void *cu_dlopen(const char *soname, char *why, size_t why_cap);
 
 // Grid size for n independent items at `threads` per block, capped at 65535 x 8 blocks;
 // kernels loop with a grid stride.

@@ -1,20 +1,15 @@
 // autograd/cuda/cuda_backend.cu: the CUDA runtime side of molt: device query, the one
 // compute stream, the per-thread error message, memory and copies (all ordered on the
-// compute stream), and library versions. Kernels live in the k_*.cu files, matrix products
-// in blas.cu.
+// compute stream), and library versions (cuDNN and NCCL are only opened to read theirs:
+// nothing uses them yet). Kernels live in the k_*.cu files, matrix products in blas.cu.
 #include "cu_internal.cuh"
 
+#include <dlfcn.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef MOLT_HAVE_CUDNN
-#include <cudnn.h>
-#endif
-#ifdef MOLT_HAVE_NCCL
-#include <nccl.h>
-#endif
 
 static thread_local char err_buf[512];
 
@@ -40,6 +35,14 @@ static struct {
 } R;
 static pthread_mutex_t init_mu = PTHREAD_MUTEX_INITIALIZER;
 
+// The runtime says "driver version is insufficient" also when there is no driver at all
+// (a machine without a GPU): both cases are named.
+static const char *no_device_hint(cudaError_t e) {
+    return e == cudaErrorInsufficientDriver
+               ? " (no NVIDIA driver, or one too old)"
+               : "";
+}
+
 static int runtime_open(void) {
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
@@ -50,7 +53,7 @@ static int runtime_open(void) {
     if (e == cudaSuccess)
         e = cudaStreamCreateWithFlags(&R.stream, cudaStreamNonBlocking);
     if (e != cudaSuccess) {
-        snprintf(R.why, sizeof R.why, "%s", cudaGetErrorString(e));
+        snprintf(R.why, sizeof R.why, "%s%s", cudaGetErrorString(e), no_device_hint(e));
         return 1;
     }
     const char *s = getenv("MOLT_CUDA_SYNC");
@@ -88,7 +91,7 @@ extern "C" int molt_cuda_device_count(int *n) {
     cudaError_t e = cudaGetDeviceCount(n);
     if (e != cudaSuccess) {
         *n = 0;
-        return cu_fail(__FILE__, __LINE__, "%s", cudaGetErrorString(e));
+        return cu_fail(__FILE__, __LINE__, "%s%s", cudaGetErrorString(e), no_device_hint(e));
     }
     return 0;
 }
@@ -199,22 +202,46 @@ extern "C" int molt_cuda_timer_stop(void **ev, double *seconds) {
     return 0;
 }
 
-// ---- library versions --------------------------------------------------------------------
+// ---- libraries opened at run time ------------------------------------------------------
 
-extern "C" int molt_cuda_cudnn_version(void) {
-#ifdef MOLT_HAVE_CUDNN
-    return (int)cudnnGetVersion();
-#else
-    return 0;
+void *cu_dlopen(const char *soname, char *why, size_t why_cap) {
+    void *h = dlopen(soname, RTLD_NOW | RTLD_LOCAL);
+    if (h)
+        return h;
+    const char *e = dlerror();
+    if (why)
+        snprintf(why, why_cap, "cannot open %s: %s", soname, e ? e : "?");
+#ifdef MOLT_CUDA_LIBDIR
+    char path[1024];
+    int n = snprintf(path, sizeof path, "%s/%s", MOLT_CUDA_LIBDIR, soname);
+    if (n > 0 && (size_t)n < sizeof path)
+        h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
 #endif
+    return h;
 }
 
-extern "C" int molt_cuda_nccl_version(void) {
-#ifdef MOLT_HAVE_NCCL
-    int v = 0;
-    ncclGetVersion(&v);
+// cudnnGetVersion (size_t (void)): major*10000 + minor*100 + patch since cuDNN 9.
+extern "C" int molt_cuda_cudnn_version(void) {
+    void *h = cu_dlopen("libcudnn.so.9", NULL, 0);
+    if (!h)
+        return 0;
+    typedef size_t (*get_fn)(void);
+    get_fn get = (get_fn)dlsym(h, "cudnnGetVersion");
+    int v = get ? (int)get() : 0;
+    dlclose(h);
     return v;
-#else
-    return 0;
-#endif
+}
+
+// ncclGetVersion (ncclResult_t (int *)), 0 = ncclSuccess.
+extern "C" int molt_cuda_nccl_version(void) {
+    void *h = cu_dlopen("libnccl.so.2", NULL, 0);
+    if (!h)
+        return 0;
+    typedef int (*get_fn)(int *);
+    get_fn get = (get_fn)dlsym(h, "ncclGetVersion");
+    int v = 0;
+    if (!get || get(&v) != 0)
+        v = 0;
+    dlclose(h);
+    return v;
 }

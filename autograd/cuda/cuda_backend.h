@@ -31,8 +31,8 @@ int molt_cuda_device_props(int dev, char *name, size_t name_cap, int *sm_major, 
 int molt_cuda_mem_info(size_t *free_bytes, size_t *total_bytes);
 int molt_cuda_runtime_version(int *v);
 int molt_cuda_cublas_version(int *v); // major*10000 + minor*100 + patch; needs no GPU
-int molt_cuda_cudnn_version(void);    // 0 when not linked
-int molt_cuda_nccl_version(void);     // 0 when not linked
+int molt_cuda_cudnn_version(void);    // opened to read it (unused yet); 0 when absent
+int molt_cuda_nccl_version(void);     // opened to read it (unused yet); 0 when absent
 // Device 0, its compute stream; every other function calls it first. Idempotent.
 int molt_cuda_init(void);
 int molt_cuda_malloc(void **p, size_t bytes); // one cudaMalloc (arenas call it once each)
