@@ -30,7 +30,7 @@ molt_status ag_arena_init_device(ag_arena *a, const char *name, ag_device dev, s
         return MOLT_OK;
     const ag_backend *be = ag_backend_get("arena", dev);
     if (!be)
-        return molt_err(MOLT_EDEVICE, "arena %s: %s", a->name, molt_err_msg());
+        return molt_err_wrap(MOLT_EDEVICE, "arena %s", a->name);
     ag_arena *meta = molt_malloc(sizeof *meta);
     if (!meta)
         return molt_err(MOLT_ENOMEM, "arena %s: out of memory", a->name);

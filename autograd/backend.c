@@ -114,7 +114,7 @@ molt_status ag_check_float(const char *op, const char *what, const ag_tensor *t)
     MOLT_TRY(ag_check_not_null(op, what, t));
     const ag_backend *be = ag_backend_get(op, t->device);
     if (!be)
-        return molt_err(MOLT_EDEVICE, "%s", molt_err_msg());
+        return MOLT_EDEVICE; // ag_backend_get said why
     return float_ok(op, what, t, be);
 }
 

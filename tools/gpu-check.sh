@@ -43,6 +43,7 @@ case "${1:-}" in
     mode=${1#--}
     file=${2:-}
     [ -n "$file" ] || { echo "gpu-check: $1 needs a file name" >&2; exit 2; }
+    file=$(realpath -m "$file")
     ;;
 -h | --help)
     sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
@@ -153,6 +154,7 @@ if [ "$mode" = from ]; then
     if tar -C "$bin" -xzf "$file"; then
         export LD_LIBRARY_PATH="$bin/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
         [ -f "$bin/lib/libopenblas.so.0" ] && export MOLT_BLAS_LIBRARY="$bin/lib/libopenblas.so.0"
+        export MOLT_DATA_DIR=$root/configs # the bundle's own build tree is not here
         bin=$bin/bin
         row "build (bundle)" PASS $(( $(date +%s) - t0 )) "programs from $file"
     else
@@ -228,8 +230,9 @@ else
         i=$((i + 1))
         secs=$(( $(date +%s) - t0 ))
         errs=$(grep -Eo 'ERROR SUMMARY: [0-9]+ errors?' "$log/memcheck-$t.log" | tail -1)
-        if grep -q -E 'Device not supported|unsupported|not supported on this' "$log/memcheck-$t.log"; then
-            row "memcheck $t" "NOT RUN" $secs "the tool refuses this device: $(grep -m1 -iE 'not supported' "$log/memcheck-$t.log" | cut -c1-120)"
+        refused=$(grep -m1 -E 'Device not supported|^=+ .*[Nn]ot supported' "$log/memcheck-$t.log")
+        if [ -n "$refused" ]; then
+            row "memcheck $t" "NOT RUN" $secs "the tool refuses this device: $(cut -c1-120 <<<"$refused")"
         elif [ $rc -eq 0 ]; then
             row "memcheck $t" PASS $secs "${errs:-no errors}"
         elif [ $rc -eq 124 ]; then
