@@ -3,7 +3,8 @@
 # and attention size and for the fused loss, each with positive timings and rates, then the
 # batch-invariant products' decode and prefill rows (f32 and nf4); bad options are refused.
 # --device cuda: with a GPU, the quick GPU tables (linear, NF4 linear, NF4 GEMV rows with
-# positive rates); without one (or in a build without CUDA), exit 1 with the reason.
+# positive rates); without one (or in a build without CUDA), exit 1 with the reason, unless
+# MOLT_EXPECT_GPU=1 (tools/gpu-check.sh) says there must be a GPU.
 . "$(dirname "$0")/harness/cli_lib.sh" "$@" || exit 1
 
 out=$("$molt" bench ops --quick --repeat 2 --threads 2) || fail "molt bench ops --quick exited $?"
@@ -60,6 +61,7 @@ if "$molt" bench ops --device cuda --quick >"$tmp/gpu" 2>"$tmp/err"; then
     ok "bench ops --device cuda (GPU tables)"
 else
     rc=$?
+    [ "${MOLT_EXPECT_GPU:-0}" = 1 ] && fail "--device cuda failed on a GPU machine: $(cat "$tmp/err")"
     [ "$rc" -eq 1 ] || fail "--device cuda without a GPU exited $rc, expected 1"
     grep -Eq "no CUDA device visible|this build has no CUDA" "$tmp/err" ||
         fail "--device cuda without a GPU: no reason given: $(cat "$tmp/err")"
