@@ -1,10 +1,14 @@
-// autograd/arena.c: bump allocators by lifetime. A reset keeps the largest chunk so that a
-// steady training loop stops allocating after its first step.
-#include "autograd.h"
+// autograd/arena.c: bump allocators by lifetime. A host arena's reset keeps the largest
+// chunk so that a steady training loop stops allocating after its first step. A device
+// arena is one block taken from its device's backend at init and never grows (the device
+// allocator is slow and fragments; an op must never allocate); its tensor structs go to a
+// host arena beside it.
+#include "backend.h"
 
 #include <string.h>
 
 #define ARENA_ALIGN 64
+#define DEVICE_ALIGN 256 // vector loads and cuBLAS's favourite alignment
 
 struct ag_arena_chunk {
     ag_arena_chunk *next;
@@ -17,6 +21,31 @@ void ag_arena_init(ag_arena *a, const char *name, size_t chunk_bytes) {
     memset(a, 0, sizeof *a);
     a->name = name ? name : "arena";
     a->chunk_bytes = chunk_bytes ? chunk_bytes : ((size_t)1 << 20);
+    a->device = AG_CPU;
+}
+
+molt_status ag_arena_init_device(ag_arena *a, const char *name, ag_device dev, size_t bytes) {
+    ag_arena_init(a, name, dev == AG_CPU ? bytes : 0);
+    if (dev == AG_CPU)
+        return MOLT_OK;
+    const ag_backend *be = ag_backend_get("arena", dev);
+    if (!be)
+        return molt_err_wrap(MOLT_EDEVICE, "arena %s", a->name);
+    ag_arena *meta = molt_malloc(sizeof *meta);
+    if (!meta)
+        return molt_err(MOLT_ENOMEM, "arena %s: out of memory", a->name);
+    void *base = NULL;
+    molt_status st = be->mem_alloc(&base, bytes);
+    if (st != MOLT_OK) {
+        molt_free(meta);
+        return molt_err_wrap(st, "arena %s: taking %zu bytes on %s", a->name, bytes, be->name);
+    }
+    ag_arena_init(meta, a->name, (size_t)1 << 16);
+    a->device = dev;
+    a->dev_base = base;
+    a->reserved = bytes;
+    a->meta = meta;
+    return MOLT_OK;
 }
 
 static ag_arena_chunk *chunk_new(size_t cap) {
@@ -31,7 +60,27 @@ static ag_arena_chunk *chunk_new(size_t cap) {
     return ch;
 }
 
+static void *device_alloc(ag_arena *a, size_t bytes) {
+    size_t need = (bytes + DEVICE_ALIGN - 1) & ~(size_t)(DEVICE_ALIGN - 1);
+    if (need < bytes || need > a->reserved - a->used) {
+        molt_err(MOLT_ENOMEM, "arena %s (%s): %zu bytes requested with %zu of %zu in use; a "
+                 "device arena does not grow: give it more room", a->name,
+                 ag_device_name(a->device), bytes, a->used, a->reserved);
+        return NULL;
+    }
+    void *p = (unsigned char *)a->dev_base + a->used;
+    const ag_backend *be = ag_backend_get("arena", a->device);
+    if (!be || be->mem_zero(p, bytes) != MOLT_OK)
+        return NULL;
+    a->used += need;
+    if (a->used > a->peak)
+        a->peak = a->used;
+    return p;
+}
+
 void *ag_arena_alloc(ag_arena *a, size_t bytes) {
+    if (a->device != AG_CPU)
+        return device_alloc(a, bytes);
     size_t need = (bytes + ARENA_ALIGN - 1) & ~(size_t)(ARENA_ALIGN - 1);
     if (need < bytes) {
         molt_err(MOLT_ENOMEM, "arena %s: request of %zu bytes overflows", a->name, bytes);
@@ -59,7 +108,23 @@ void *ag_arena_alloc(ag_arena *a, size_t bytes) {
     return p;
 }
 
+void *ag_arena_alloc_meta(ag_arena *a, size_t bytes) {
+    return ag_arena_alloc(a->device != AG_CPU ? a->meta : a, bytes);
+}
+
+size_t ag_arena_mark(const ag_arena *a) { return a->used; }
+
+void ag_arena_rewind(ag_arena *a, size_t mark) {
+    MOLT_ASSERT(a->device != AG_CPU && mark <= a->used);
+    a->used = mark;
+}
+
 void ag_arena_reset(ag_arena *a) {
+    if (a->device != AG_CPU) {
+        a->used = 0;
+        ag_arena_reset(a->meta);
+        return;
+    }
     ag_arena_chunk *keep = NULL;
     for (ag_arena_chunk *ch = a->head; ch;) {
         ag_arena_chunk *next = ch->next;
@@ -86,6 +151,19 @@ void ag_arena_reset(ag_arena *a) {
 }
 
 void ag_arena_free(ag_arena *a) {
+    if (a->device != AG_CPU) {
+        const ag_backend *be = ag_backend_get("arena", a->device);
+        if (be && a->dev_base)
+            be->mem_free(a->dev_base);
+        if (a->meta) {
+            ag_arena_free(a->meta);
+            molt_free(a->meta);
+        }
+        a->dev_base = NULL;
+        a->meta = NULL;
+        a->used = a->reserved = 0;
+        return;
+    }
     for (ag_arena_chunk *ch = a->head; ch;) {
         ag_arena_chunk *next = ch->next;
         molt_free(ch);

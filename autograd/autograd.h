@@ -28,21 +28,36 @@ size_t ag_dtype_size(ag_dtype dt);
 
 // ---------------------------------------------------------------------------------------
 // Arenas: bump allocators by lifetime (weights, params, per-step activations, KV pages).
-// Memory is handed out in 64-byte aligned pieces from chunks; reset keeps the first chunk.
+// Host arenas hand out 64-byte aligned pieces from chunks; reset keeps the largest chunk.
+// Device arenas (ag_arena_init_device) hold ONE block of device memory, taken at init and
+// carved in 256-byte aligned pieces: no device allocation per op; a request that does not
+// fit is an error naming the arena and its sizes. The tensor structs of a device arena live
+// in a host arena beside it.
 typedef struct ag_arena_chunk ag_arena_chunk;
-typedef struct {
+typedef struct ag_arena {
     const char *name;      // for messages ("activations", "params", ...)
-    ag_arena_chunk *head;  // newest chunk first
-    size_t chunk_bytes;    // default chunk size
+    ag_arena_chunk *head;  // host arenas: newest chunk first
+    size_t chunk_bytes;    // host arenas: default chunk size
     size_t used;           // bytes handed out since the last reset
     size_t peak;           // high-water mark of `used`
-    size_t reserved;       // bytes held in chunks
+    size_t reserved;       // bytes held in chunks (device arenas: the block's size)
+    ag_device device;      // where the memory lives: AG_CPU for host arenas
+    void *dev_base;        // device arenas: the block
+    struct ag_arena *meta; // device arenas: the host arena of their tensor structs
 } ag_arena;
 
 void ag_arena_init(ag_arena *a, const char *name, size_t chunk_bytes);
+// A device arena of `bytes` on dev (AG_CPU gives a host arena with that chunk size).
+// MOLT_EDEVICE when the device has no backend or the allocation fails.
+molt_status ag_arena_init_device(ag_arena *a, const char *name, ag_device dev, size_t bytes);
 void *ag_arena_alloc(ag_arena *a, size_t bytes); // NULL and an error message on failure
 void ag_arena_reset(ag_arena *a);
 void ag_arena_free(ag_arena *a);
+// Device arenas: everything allocated after a mark is given back by rewinding to it
+// (workspace of one op). Work already queued on the device's stream that uses that memory
+// is ordered before any later use, so rewinding needs no synchronization.
+size_t ag_arena_mark(const ag_arena *a);
+void ag_arena_rewind(ag_arena *a, size_t mark);
 
 // ---------------------------------------------------------------------------------------
 // Tensors: contiguous, row-major, up to 4 dims. Data and struct live in `arena`.
@@ -67,10 +82,12 @@ void ag_tensor_set_name(ag_tensor *t, const char *name);
 // "[2, 3, 4] f32" into buf; returns buf (for messages).
 const char *ag_shape_str(const ag_tensor *t, char *buf, size_t cap);
 bool ag_same_shape(const ag_tensor *a, const ag_tensor *b);
-// Element access for tests and slow paths (converts through double).
+// Element access for tests and slow paths (converts through double). On a device tensor each
+// call is one synchronous copy of one element.
 double ag_get(const ag_tensor *t, int64_t i);
 void ag_set(ag_tensor *t, int64_t i, double v);
-// Allocates t->grad (zeroed) if missing; returns it or NULL.
+// Allocates t->grad (zeroed, in t's arena, so on t's device) if missing; returns it or NULL
+// (also when t has no arena: tensors made by ag_to_device cannot take gradients).
 ag_tensor *ag_grad_ensure(ag_tensor *t);
 void ag_grad_zero(ag_tensor *t);
 
@@ -102,6 +119,8 @@ typedef struct {
     size_t saved_peak;
     struct ag_profile *prof; // per-op times when MOLT_PROFILE is set (else NULL)
     bool prof_borrowed;      // prof belongs to a parent context (activation checkpointing)
+    ag_arena dev_act;        // device activations, grads, saved state and op workspace;
+                             // set up by ag_ctx_use_device, reset with act
 } ag_ctx;
 
 // Sets up a context and makes sure the BLAS library is loaded (ag_blas_init): its error is
@@ -132,6 +151,11 @@ void ag_ctx_free(ag_ctx *c);
 // sorted by total time; nothing when profiling is off or nothing was recorded.
 void ag_profile_print(const ag_ctx *c, FILE *f);
 void ag_ctx_set_grad(ag_ctx *c, bool on);
+// Gives the context a device arena of `bytes` on dev for the results of ops on that device
+// (one allocation, reset by ag_ctx_step_reset). Without it the first device op takes
+// MOLT_DEVICE_ACT_MIB (environment; default 1024) MiB. Calling it again replaces the arena
+// (every device tensor of the context is gone). MOLT_EDEVICE when the device is missing.
+molt_status ag_ctx_use_device(ag_ctx *c, ag_device dev, size_t bytes);
 // Drops the tape (releasing saved state) and resets the activation arena.
 void ag_ctx_step_reset(ag_ctx *c);
 // Seeds loss->grad with 1 (loss must have one element) and runs the tape backward.
@@ -334,19 +358,55 @@ ag_tensor *ag_checkpoint(ag_ctx *c, ag_checkpoint_fn fn, void *user, int n_in,
 
 // ---------------------------------------------------------------------------------------
 // Devices (CPU always; CUDA when compiled in and a GPU is visible).
+//
+// Every tensor lives on one device (t->device, the device of its arena). Ops run on the
+// device of their operands, through that device's backend table (autograd/backend.h):
+// results, gradients and saved state are allocated there (device activations come from the
+// context's device arena, see ag_ctx_use_device); an op given operands on two devices fails
+// with a message naming both ("linear: x is on cuda, w is on cpu"); an op that has no
+// kernel on that device yet fails with MOLT_EUNSUPPORTED naming the op and the device.
+// Only explicit copies (ag_tensor_to, ag_tensor_copy, ag_to_device, ag_qweight_to, ag_get
+// and ag_set) move data between devices.
 typedef struct {
     int cuda_compiled;   // 1 when built with CUDA
     int cuda_devices;    // visible GPUs (0 when none or not compiled)
     char cuda_error[128];// why none are visible, when cuda_compiled
 } ag_device_info;
 void ag_device_query(ag_device_info *info);
+const char *ag_device_name(ag_device dev); // "cpu", "cuda"
 // One-line description of device i ("NVIDIA H100 80GB HBM3, sm_90, 79.1 GiB").
 molt_status ag_cuda_describe(int i, char *buf, size_t cap);
 // Copies t to a new tensor on `dev` (allocated outside arenas; free with ag_device_tensor_free).
 ag_tensor *ag_to_device(ag_tensor *t, ag_device dev);
 void ag_device_tensor_free(ag_tensor *t);
+// Copy of t (same shape, dtype and stored bits) in arena a, on a's device; requires_grad is
+// false and there is no grad. NULL with a message on error.
+ag_tensor *ag_tensor_to(ag_arena *a, const ag_tensor *t);
+// Copies src into dst (same shape and dtype, any devices). Synchronous when dst is on the CPU.
+molt_status ag_tensor_copy(ag_tensor *dst, const ag_tensor *src);
 // Elementwise y = a + b on whatever device a and b live on (both the same); y same device.
 molt_status ag_device_add(ag_tensor *y, const ag_tensor *a, const ag_tensor *b);
+// Waits until the device has finished the work queued so far (no-op on the CPU).
+molt_status ag_device_sync(ag_device dev);
+
+// Fused optimizer steps over many tensors (one launch each on CUDA; no CPU kernels here:
+// the CPU optimizer is train/optim.c, which these reproduce). One AdamW update of an f32
+// parameter p with gradient g and moments m, v, the float scalars formed as train/optim.c
+// forms them for this step.
+typedef struct {
+    ag_tensor *p;
+    const ag_tensor *g;
+    ag_tensor *m, *v;
+    float decay, w1, b2, c2, neg_step, bc2_sqrt, eps;
+    bool apply_decay;
+} ag_adamw_item;
+// All tensors on one device, f32, each p, g, m, v of the same size; bits equal to
+// train/optim.c's update on the CPU.
+molt_status ag_adamw_multi(ag_ctx *c, const ag_adamw_item *items, int n);
+// out[i] = sum of squares of ts[i] (f32), in double; synchronizes.
+molt_status ag_sumsq_multi(ag_ctx *c, ag_tensor *const *ts, int n, double *out);
+// ts[i] *= s for every tensor (f32).
+molt_status ag_scale_multi(ag_ctx *c, ag_tensor *const *ts, int n, double s);
 
 // ---------------------------------------------------------------------------------------
 // Frozen quantized weights (autograd/quant.c, ops_qlinear.c). A qweight is only ever the
@@ -393,7 +453,9 @@ typedef struct ag_qweight { // tagged: ag_moe_experts_lora_q above declares it f
     int64_t n_blocks;          // NF4: ceil(numel / 64)
     int64_t n_blocks2;         // NF4 + DQ: ceil(n_blocks / 256)
     size_t bytes;              // bytes of all storage above
-    void *mem;                 // the single allocation behind the storage pointers
+    void *mem;                 // the single allocation behind the storage pointers (host
+                               // qweights; NULL for device copies, owned by their arena)
+    ag_device device;          // where the storage lives
 } ag_qweight;
 
 // Defaults: NF4 double quantization on, FP8 per-row scales.
@@ -414,6 +476,11 @@ molt_status ag_qweight_from_fp8(ag_qweight *q, const uint8_t *e4m3, int ndim,
                                 const int64_t *shape, const float *scales);
 // Validates a qweight (format, shape, storage sizes, finite scales, no FP8 NaN codes).
 molt_status ag_qweight_check(const ag_qweight *q);
+// Copies a host qweight to arena a's device in its stored form (NF4 stays packed with its
+// absmax codes and second-level scales, FP8 stays E4M3 with its scales: the same bytes).
+// dst's storage belongs to the arena (ag_qweight_free releases nothing of it). The source is
+// checked first (ag_qweight_check): device copies are not checked again by the ops.
+molt_status ag_qweight_to(ag_qweight *dst, const ag_qweight *src, ag_arena *a);
 // The F32 tensor the qweight stands for (shape [out, in] or [E, out, in]) in arena a.
 ag_tensor *ag_qweight_dequantize(ag_arena *a, const ag_qweight *q);
 void ag_qweight_free(ag_qweight *q);

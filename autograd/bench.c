@@ -41,7 +41,10 @@ static const ce_size ce_quick[] = {{16, 8, 300}};
 #define BENCH_CE_CHUNK 8192
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: " CMD " [--threads N] [--repeat R] [--quick]\n\n"
+    fprintf(f, "usage: " CMD " [--device cpu|cuda] [--threads N] [--repeat R] [--quick]\n\n"
+               "--device cuda: the GPU's tables instead (linear through cuBLASLt against\n"
+               "cublasGemmEx, the NF4 linear against cuBLAS bf16 on the decoded matrix, the NF4\n"
+               "decode GEMV in GB/s against a device-to-device copy).\n\n"
                "Times ag_linear, ag_attention and ag_cross_entropy_linear (f32, optimized CPU\n"
                "kernels), forward and backward, and ag_blas_sgemm on matching shapes in the\n"
                "same run. Then the batch-invariant inference products (F32 and NF4 weights):\n"
@@ -277,9 +280,11 @@ static void print_row(const bench_row *r) {
 
 int ag_cmd_bench_ops(int argc, char **argv) {
     ag_bench_opts o;
-    int rc = ag_bench_parse_opts(CMD, usage, argc, argv, &o);
+    int rc = ag_bench_parse_opts(CMD, usage, true, argc, argv, &o);
     if (rc >= 0)
         return rc;
+    if (o.cuda)
+        return ag_bench_cuda(&o);
     ag_bench_setup(&o);
     print_header(&o);
     const linear_size *ls = o.quick ? linear_quick : linear_full;

@@ -169,7 +169,7 @@ static void print_row(ag_qformat f, bq_size s, const char *pass, double sec, dou
 
 int ag_cmd_bench_quant(int argc, char **argv) {
     ag_bench_opts o;
-    int rc = ag_bench_parse_opts(CMD, usage, argc, argv, &o);
+    int rc = ag_bench_parse_opts(CMD, usage, false, argc, argv, &o);
     if (rc >= 0)
         return rc;
     ag_bench_setup(&o);

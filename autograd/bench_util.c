@@ -24,21 +24,27 @@ static char *usage_text(void (*usage)(FILE *f)) {
     return buf;
 }
 
-int ag_bench_parse_opts(const char *cmd, void (*usage)(FILE *f), int argc, char **argv,
-                        ag_bench_opts *o) {
+int ag_bench_parse_opts(const char *cmd, void (*usage)(FILE *f), bool device, int argc,
+                        char **argv, ag_bench_opts *o) {
     *o = (ag_bench_opts){.repeat = 3};
-    const char *threads = NULL, *repeat = NULL;
-    const molt_opt opts[] = {MOLT_OPT("--threads", &threads), MOLT_OPT("--repeat", &repeat),
-                             MOLT_OPT_FLAG("--quick", &o->quick), MOLT_OPT_END};
+    const char *threads = NULL, *repeat = NULL, *dev = NULL;
+    molt_opt opts[] = {MOLT_OPT("--threads", &threads), MOLT_OPT("--repeat", &repeat),
+                       MOLT_OPT_FLAG("--quick", &o->quick), MOLT_OPT_END, MOLT_OPT_END};
+    if (device)
+        opts[3] = (molt_opt)MOLT_OPT("--device", &dev);
     char *text = usage_text(usage);
     int rc = molt_opts_parse(cmd, text ? text : "", opts, argc, argv, 1, NULL);
     free(text); // from open_memstream
     if (rc)
         return rc < 0 ? 0 : rc;
     int64_t t = 0, r = 3;
+    static const char *const devices[] = {"cpu", "cuda"};
+    int d = 0;
     if (!molt_opt_int(cmd, "--threads", threads, 1, 1024, &t) ||
-        !molt_opt_int(cmd, "--repeat", repeat, 1, 1000, &r))
+        !molt_opt_int(cmd, "--repeat", repeat, 1, 1000, &r) ||
+        !molt_opt_choice(cmd, "--device", dev, devices, 2, &d))
         return 2;
+    o->cuda = d == 1;
     o->threads = (int)t;
     o->repeat = (int)r;
     return -1;

@@ -13,17 +13,19 @@ typedef struct {
     int threads; // 0: leave the OpenMP/OpenBLAS defaults
     int repeat;  // timed runs per row (after one warm-up); the best is reported
     bool quick;  // tiny sizes: checks that everything runs, numbers mean little
+    bool cuda;   // --device cuda (only where the command takes --device)
 } ag_bench_opts;
 
 // The most parts one timed run may report to ag_bench_best_of.
 #define AG_BENCH_MAX_PARTS 8
 
 // Reads argv[1..argc-1] into *o: --threads N (1..1024), --repeat R (1..1000, default 3),
-// --quick, --help or -h. Messages go to stderr and start with "cmd: "; usage prints the
-// command's help text (to stdout for --help, to stderr after an unknown option). Returns -1
-// when the benchmark should run, else the exit status: 0 after --help, 2 on a bad option.
-int ag_bench_parse_opts(const char *cmd, void (*usage)(FILE *f), int argc, char **argv,
-                        ag_bench_opts *o);
+// --quick, --help or -h, and --device cpu|cuda when `device` is true (refused as unknown
+// otherwise). Messages go to stderr and start with "cmd: "; usage prints the command's help
+// text (to stdout for --help, to stderr after an unknown option). Returns -1 when the
+// benchmark should run, else the exit status: 0 after --help, 2 on a bad option.
+int ag_bench_parse_opts(const char *cmd, void (*usage)(FILE *f), bool device, int argc,
+                        char **argv, ag_bench_opts *o);
 // Prints the lines of a usage text that describe those options.
 void ag_bench_usage_opts(FILE *f);
 // Applies o->threads to OpenMP and OpenBLAS (when set) and selects the optimized kernels.
@@ -46,6 +48,9 @@ typedef molt_status (*ag_bench_run_fn)(void *user, double *seconds);
 // Stops at the first run that fails and returns its status.
 molt_status ag_bench_best_of(const ag_bench_opts *o, ag_bench_run_fn run, void *user, int n,
                              double *best);
+
+// `molt bench ops --device cuda` (bench_cuda.c): the GPU's tables; returns the exit status.
+int ag_bench_cuda(const ag_bench_opts *o);
 
 // The batch-invariant inference products' tables of `molt bench ops` (bench_bi.c); returns
 // the exit status (1 after printing the error).

@@ -113,7 +113,10 @@ molt_status ag_ctx_init(ag_ctx *c) {
 void ag_ctx_set_grad(ag_ctx *c, bool on) { c->grad_mode = on; }
 
 static void node_release(ag_ctx *c, ag_node *n) {
-    if (n->saved) {
+    if (n->saved_dev) { // the device arena's, given back at the step's reset
+        n->saved = NULL;
+        n->saved_dev = false;
+    } else if (n->saved) {
         molt_free(n->saved);
         c->saved_bytes -= n->saved_bytes;
         n->saved = NULL;
@@ -132,6 +135,8 @@ static void tape_drop(ag_ctx *c) {
 void ag_ctx_step_reset(ag_ctx *c) {
     tape_drop(c);
     ag_arena_reset(&c->act);
+    if (c->dev_act.device != AG_CPU)
+        ag_arena_reset(&c->dev_act);
     if (c->prof)
         c->prof->last = now_s();
 }
@@ -144,11 +149,41 @@ void ag_ctx_free(ag_ctx *c) {
     tape_drop(c);
     molt_free(c->tape);
     ag_arena_free(&c->act);
+    ag_arena_free(&c->dev_act);
     memset(c, 0, sizeof *c);
+}
+
+molt_status ag_ctx_use_device(ag_ctx *c, ag_device dev, size_t bytes) {
+    if (dev == AG_CPU)
+        return MOLT_OK;
+    tape_drop(c);
+    ag_arena_free(&c->dev_act);
+    memset(&c->dev_act, 0, sizeof c->dev_act);
+    return ag_arena_init_device(&c->dev_act, "device activations", dev, bytes);
+}
+
+ag_arena *ag_ctx_arena(ag_ctx *c, ag_device dev) {
+    if (dev == AG_CPU)
+        return &c->act;
+    if (c->dev_act.device != dev) {
+        const char *e = getenv("MOLT_DEVICE_ACT_MIB");
+        long mib = e && *e ? strtol(e, NULL, 10) : 1024;
+        if (mib < 1)
+            mib = 1024;
+        if (ag_ctx_use_device(c, dev, (size_t)mib << 20) != MOLT_OK)
+            return NULL;
+    }
+    return &c->dev_act;
 }
 
 ag_tensor *ag_out_new(ag_ctx *c, ag_dtype dt, int ndim, const int64_t *shape) {
     return ag_tensor_new(&c->act, dt, ndim, shape);
+}
+
+ag_tensor *ag_out_new_on(ag_ctx *c, ag_device dev, ag_dtype dt, int ndim,
+                         const int64_t *shape) {
+    ag_arena *a = ag_ctx_arena(c, dev);
+    return a ? ag_tensor_new(a, dt, ndim, shape) : NULL;
 }
 
 bool ag_should_record(const ag_ctx *c, int n, ag_tensor *const *ins) {
@@ -201,6 +236,19 @@ void *ag_node_save(ag_ctx *c, ag_node *n, size_t bytes) {
     c->saved_bytes += bytes;
     if (c->saved_bytes > c->saved_peak)
         c->saved_peak = c->saved_bytes;
+    return p;
+}
+
+void *ag_node_save_on(ag_ctx *c, ag_node *n, ag_device dev, size_t bytes) {
+    if (dev == AG_CPU)
+        return ag_node_save(c, n, bytes);
+    ag_arena *a = ag_ctx_arena(c, dev);
+    void *p = a ? ag_arena_alloc(a, bytes) : NULL;
+    if (!p)
+        return NULL;
+    MOLT_ASSERT(n->saved == NULL);
+    n->saved = p;
+    n->saved_dev = true;
     return p;
 }
 

@@ -19,23 +19,26 @@ static void print_cuda(void) {
 #ifdef MOLT_HAVE_CUDA
     int rt = 0, cublas = 0;
     molt_cuda_runtime_version(&rt);
-    printf("  CUDA:      compiled in (sm_90), runtime %d.%d\n", rt / 1000, (rt % 1000) / 10);
+    printf("  CUDA:      compiled in (%s), runtime %d.%d (linked statically)\n",
+           MOLT_CUDA_ARCH_LIST, rt / 1000, (rt % 1000) / 10);
     if (molt_cuda_cublas_version(&cublas) == 0)
         printf("  cuBLAS:    compiled in, loaded on first use, %d.%d.%d\n", cublas / 10000,
                (cublas % 10000) / 100, cublas % 100);
     else
         printf("  cuBLAS:    compiled in, but libcublas.so could not be loaded\n");
+    // cuDNN and NCCL: only their presence is read (attention and collectives on the GPU are
+    // not built yet)
     int cudnn = molt_cuda_cudnn_version(), nccl = molt_cuda_nccl_version();
     if (cudnn)
-        printf("  cuDNN:     compiled in, %d.%d.%d\n", cudnn / 10000, (cudnn % 10000) / 100,
-               cudnn % 100);
+        printf("  cuDNN:     %d.%d.%d found, not used yet\n", cudnn / 10000,
+               (cudnn % 10000) / 100, cudnn % 100);
     else
-        printf("  cuDNN:     no\n");
+        printf("  cuDNN:     not found (not used yet)\n");
     if (nccl)
-        printf("  NCCL:      compiled in, %d.%d.%d\n", nccl / 10000, (nccl % 10000) / 100,
+        printf("  NCCL:      %d.%d.%d found, not used yet\n", nccl / 10000, (nccl % 10000) / 100,
                nccl % 100);
     else
-        printf("  NCCL:      no\n");
+        printf("  NCCL:      not found (not used yet)\n");
 #else
     printf("  CUDA:      no (built without nvcc)\n  cuBLAS:    no\n  cuDNN:     no\n"
            "  NCCL:      no\n");

@@ -54,6 +54,7 @@ struct ag_node {
     const void *ptr;      // attribute owned elsewhere that outlives the tape (rope table)
     void *saved;
     size_t saved_bytes;
+    bool saved_dev;       // saved lives in the context's device arena (not freed per node)
     int n_in;
     ag_tensor *in[];      // n_in inputs (NULL allowed for optional operands)
 };
@@ -65,6 +66,14 @@ const char *ag_op_name(ag_op op);
 // Builder helpers -------------------------------------------------------------------------
 // New result tensor in the activation arena (zeroed).
 ag_tensor *ag_out_new(ag_ctx *c, ag_dtype dt, int ndim, const int64_t *shape);
+// The same on device dev: the host activation arena for AG_CPU, else the context's device
+// arena (set up on first use, see ag_ctx_use_device).
+ag_tensor *ag_out_new_on(ag_ctx *c, ag_device dev, ag_dtype dt, int ndim,
+                         const int64_t *shape);
+// The arena of dev's activations (NULL with a message when it cannot be set up).
+ag_arena *ag_ctx_arena(ag_ctx *c, ag_device dev);
+// A host arena's piece, or for a device arena a piece of its host arena (tensor structs).
+void *ag_arena_alloc_meta(ag_arena *a, size_t bytes);
 // True when grad mode is on and some non-NULL input requires grad.
 bool ag_should_record(const ag_ctx *c, int n, ag_tensor *const *ins);
 // Records a node with n inputs producing out (marks out->requires_grad). NULL on no memory.
@@ -73,10 +82,22 @@ void ag_ctx_borrow_profile(ag_ctx *sub, const ag_ctx *parent);
 ag_node *ag_record(ag_ctx *c, ag_op op, ag_tensor *out, int n, ag_tensor *const *ins);
 // Allocates `bytes` of saved state on node n (released after its backward).
 void *ag_node_save(ag_ctx *c, ag_node *n, size_t bytes);
+// The same in dev's memory: ag_node_save for AG_CPU, else zeroed memory from the context's
+// device arena (given back at the step's reset).
+void *ag_node_save_on(ag_ctx *c, ag_node *n, ag_device dev, size_t bytes);
 
 // Checks that return MOLT_EARG with "<op>: <what> ..." messages.
 molt_status ag_check_cpu_float(const char *op, const char *what, const ag_tensor *t);
 molt_status ag_check_i32(const char *op, const char *what, const ag_tensor *t);
+// Device-aware versions (backend.c): a float dtype that t's device's kernels take ("x is
+// [2, 3] bf16, expected f32 or f64 (cast bf16/f16 first)" on the CPU), an I32 tensor on any
+// device.
+molt_status ag_check_float(const char *op, const char *what, const ag_tensor *t);
+molt_status ag_check_int32(const char *op, const char *what, const ag_tensor *t);
+// Host-readable values of t: t->data on the CPU, else a copy made with molt_malloc into
+// *copy (free it with molt_free; NULL when none was made). For checks of ids and targets
+// (one synchronizing copy per call on a device).
+molt_status ag_host_view(const char *op, const ag_tensor *t, const void **data, void **copy);
 molt_status ag_check_same_dtype(const char *op, const char *wa, const ag_tensor *a,
                                 const char *wb, const ag_tensor *b);
 molt_status ag_check_ndim(const char *op, const char *what, const ag_tensor *t, int lo, int hi);

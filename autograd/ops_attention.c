@@ -2,7 +2,7 @@
 // causal packed-sequence attention (ag_attention): builders and backward rules. The kernels
 // live in cpu/k_rope.c and cpu/k_attention.c. Not here: the MLA projections, the KV cache or
 // the llama-4 query temperature itself (the model computes qtemp and passes it in).
-#include "internal.h"
+#include "backend.h"
 #include "cpu/kernels.h"
 
 #include <limits.h>
@@ -95,12 +95,15 @@ molt_status ag_rope_table_init(ag_rope_table *t, const ag_rope_config *cfg) {
 
 // ---- rope ------------------------------------------------------------------------------
 
-static molt_status check_rope(const ag_tensor *x, const ag_tensor *pos, const ag_rope_table *tb,
-                              int start) {
+static molt_status check_rope(ag_tensor *x, ag_tensor *pos, const ag_rope_table *tb,
+                              int start, const ag_backend **be) {
+    static const char *const names[2] = {"x", "pos"};
     char bx[80], bp[80];
-    MOLT_TRY(ag_check_cpu_float("rope", "x", x));
+    MOLT_TRY(ag_check_float("rope", "x", x));
     MOLT_TRY(ag_check_ndim("rope", "x", x, 2, 4));
-    MOLT_TRY(ag_check_i32("rope", "pos", pos));
+    MOLT_TRY(ag_check_int32("rope", "pos", pos));
+    ag_tensor *ts[2] = {x, pos};
+    MOLT_TRY(ag_backend_pick("rope", 2, ts, names, be));
     if (pos->ndim != 1 || pos->shape[0] != x->shape[0])
         return molt_err(MOLT_EARG, "rope: pos is %s, expected [%lld] (one position per row of x "
                         "%s)", ag_shape_str(pos, bp, sizeof bp), (long long)x->shape[0],
@@ -115,12 +118,17 @@ static molt_status check_rope(const ag_tensor *x, const ag_tensor *pos, const ag
         return molt_err(MOLT_EARG, "rope: rotary dims [%d, %lld) do not fit in the last dim of "
                         "x %s", start, (long long)start + tb->rot_dim,
                         ag_shape_str(x, bx, sizeof bx));
-    const int32_t *p = pos->data;
-    for (int64_t t = 0; t < pos->numel; t++)
+    const void *pv;
+    void *copy;
+    MOLT_TRY(ag_host_view("rope", pos, &pv, &copy));
+    const int32_t *p = pv;
+    molt_status st = MOLT_OK;
+    for (int64_t t = 0; t < pos->numel && st == MOLT_OK; t++)
         if (p[t] < 0)
-            return molt_err(MOLT_EARG, "rope: pos[%lld] is %d, expected >= 0", (long long)t,
-                            (int)p[t]);
-    return MOLT_OK;
+            st = molt_err(MOLT_EARG, "rope: pos[%lld] is %d, expected >= 0", (long long)t,
+                          (int)p[t]);
+    molt_free(copy);
+    return st;
 }
 
 typedef struct {
@@ -133,27 +141,49 @@ static rope_dims rope_dims_of(const ag_tensor *x) {
     return r;
 }
 
-// Rotates dims [start, start + rot_dim) of x's last dim; see autograd.h. f32 inputs get
-// float angles, float(pos) * float(inv_freq), like transformers (cpu/k_rope.c); f64 inputs
-// double ones. The table is kept by pointer for backward: it must outlive the tape (model
-// tables do).
-ag_tensor *ag_rope(ag_ctx *c, ag_tensor *x, ag_tensor *pos, const ag_rope_table *table,
-                   int start) {
-    if (check_rope(x, pos, table, start) != MOLT_OK)
-        return NULL;
-    ag_tensor *y = ag_out_new(c, x->dtype, x->ndim, x->shape);
-    if (!y)
-        return NULL;
+// f32 inputs get float angles, float(pos) * float(inv_freq), like transformers
+// (cpu/k_rope.c); f64 inputs double ones.
+molt_status ag_cpu_rope_fwd(ag_tensor *y, const ag_tensor *x, const ag_tensor *pos,
+                            const ag_rope_table *tb, int start) {
     rope_dims r = rope_dims_of(x);
-    int half = table->rot_dim / 2;
-    double af = table->attn_factor;
+    int half = tb->rot_dim / 2;
+    double af = tb->attn_factor;
     bool ref = ag_reference_kernels();
     if (x->dtype == AG_F32)
-        (ref ? rope_fwd_ref_f32 : rope_fwd_fast_f32)(y->data, x->data, pos->data, table->inv_freq,
+        (ref ? rope_fwd_ref_f32 : rope_fwd_fast_f32)(y->data, x->data, pos->data, tb->inv_freq,
                                                      half, af, r.T, r.rows, r.D, start);
     else
-        (ref ? rope_fwd_ref_f64 : rope_fwd_fast_f64)(y->data, x->data, pos->data, table->inv_freq,
+        (ref ? rope_fwd_ref_f64 : rope_fwd_fast_f64)(y->data, x->data, pos->data, tb->inv_freq,
                                                      half, af, r.T, r.rows, r.D, start);
+    return MOLT_OK;
+}
+
+molt_status ag_cpu_rope_bwd(ag_tensor *dx, const ag_tensor *dy, const ag_tensor *pos,
+                            const ag_rope_table *tb, int start) {
+    rope_dims r = rope_dims_of(dx);
+    int half = tb->rot_dim / 2;
+    bool ref = ag_reference_kernels();
+    if (dx->dtype == AG_F32)
+        (ref ? rope_bwd_ref_f32 : rope_bwd_fast_f32)(dx->data, dy->data, pos->data, tb->inv_freq,
+                                                     half, tb->attn_factor, r.T, r.rows, r.D,
+                                                     start);
+    else
+        (ref ? rope_bwd_ref_f64 : rope_bwd_fast_f64)(dx->data, dy->data, pos->data, tb->inv_freq,
+                                                     half, tb->attn_factor, r.T, r.rows, r.D,
+                                                     start);
+    return MOLT_OK;
+}
+
+// Rotates dims [start, start + rot_dim) of x's last dim; see autograd.h. The table is kept
+// by pointer for backward: it must outlive the tape (model tables do).
+ag_tensor *ag_rope(ag_ctx *c, ag_tensor *x, ag_tensor *pos, const ag_rope_table *table,
+                   int start) {
+    const ag_backend *be;
+    if (check_rope(x, pos, table, start, &be) != MOLT_OK)
+        return NULL;
+    ag_tensor *y = ag_out_new_on(c, x->device, x->dtype, x->ndim, x->shape);
+    if (!y || AG_BE_CALL(be, rope_fwd, "rope", y, x, pos, table, start) != MOLT_OK)
+        return NULL;
     if (ag_should_record(c, 1, &x)) {
         ag_tensor *ins[2] = {x, pos};
         ag_node *n = ag_record(c, AG_OP_ROPE, y, 2, ins);
@@ -174,19 +204,8 @@ molt_status ag_backward_rope(ag_ctx *c, ag_node *n) {
     ag_tensor *g = ag_grad_of(x, &st);
     if (!g)
         return st;
-    const ag_rope_table *tb = n->ptr;
-    rope_dims r = rope_dims_of(x);
-    int half = tb->rot_dim / 2;
-    bool ref = ag_reference_kernels();
-    if (x->dtype == AG_F32)
-        (ref ? rope_bwd_ref_f32 : rope_bwd_fast_f32)(g->data, dy->data, pos->data, tb->inv_freq,
-                                                     half, tb->attn_factor, r.T, r.rows, r.D,
-                                                     n->i[0]);
-    else
-        (ref ? rope_bwd_ref_f64 : rope_bwd_fast_f64)(g->data, dy->data, pos->data, tb->inv_freq,
-                                                     half, tb->attn_factor, r.T, r.rows, r.D,
-                                                     n->i[0]);
-    return MOLT_OK;
+    return AG_BE_CALL(ag_backend_node(n), rope_bwd, "rope backward", g, dy, pos, n->ptr,
+                      (int)n->i[0]);
 }
 
 // ---- attention -------------------------------------------------------------------------

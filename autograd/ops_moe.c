@@ -15,7 +15,7 @@
 // Expert backward memory: nothing is saved. The gate/up activations of each (token, choice)
 // would cost 2*T*k*I numbers per layer (268 MB in f32 for T = 4096 at Mistral Small 4 size);
 // the backward recomputes them instead with one more GEMM (a third of the forward's work).
-#include "internal.h"
+#include "backend.h"
 #include "cpu/kernels.h"
 
 #include <omp.h>
@@ -46,11 +46,13 @@ static molt_status check_router_cfg(const ag_router_config *cfg, int64_t E) {
     return MOLT_OK;
 }
 
-static molt_status check_router(const ag_tensor *logits, const ag_router_config *cfg,
-                                ag_tensor **idx) {
+static molt_status check_router(ag_tensor *logits, const ag_router_config *cfg,
+                                ag_tensor **idx, const ag_backend **be) {
+    static const char *const names[1] = {"logits"};
     if (!idx)
         return molt_err(MOLT_EARG, ROUTER ": idx (the output pointer) is NULL");
-    MOLT_TRY(ag_check_cpu_float(ROUTER, "logits", logits));
+    MOLT_TRY(ag_check_float(ROUTER, "logits", logits));
+    MOLT_TRY(ag_backend_pick(ROUTER, 1, &logits, names, be));
     MOLT_TRY(ag_check_ndim(ROUTER, "logits", logits, 2, 2));
     if (logits->shape[1] > INT32_MAX)
         return molt_err(MOLT_EARG, ROUTER ": %lld experts do not fit i32 indices",
@@ -58,9 +60,10 @@ static molt_status check_router(const ag_tensor *logits, const ag_router_config 
     return check_router_cfg(cfg, logits->shape[1]);
 }
 
-// Runs the router kernel; probs (T*E reals of the logits' dtype) receives the softmax.
-static molt_status router_run(ag_tensor *w, ag_tensor *idx, void *probs, const ag_tensor *logits,
-                              const ag_router_config *cfg) {
+// The CPU router kernel; probs (T*E reals of the logits' dtype) receives the softmax.
+molt_status ag_cpu_router_fwd(ag_ctx *c, ag_tensor *w, ag_tensor *idx, void *probs,
+                              const ag_tensor *logits, const ag_router_config *cfg) {
+    (void)c;
     int64_t T = logits->shape[0], E = logits->shape[1];
     void *gs = molt_malloc((size_t)(T * cfg->n_group) * ag_dtype_size(logits->dtype));
     if (!gs)
@@ -78,17 +81,33 @@ static molt_status router_run(ag_tensor *w, ag_tensor *idx, void *probs, const a
     return MOLT_OK;
 }
 
+molt_status ag_cpu_router_bwd(ag_ctx *c, ag_tensor *dl, const ag_tensor *dw, const void *probs,
+                              const ag_tensor *idx, const ag_router_config *cfg) {
+    (void)c;
+    int64_t T = dl->shape[0], E = dl->shape[1], k = idx->shape[1];
+    int norm = cfg->norm_topk_prob;
+    if (dl->dtype == AG_F32)
+        moe_router_bwd_f32(dl->data, dw->data, probs, idx->data, T, E, k, norm,
+                           (float)cfg->scaling);
+    else
+        moe_router_bwd_f64(dl->data, dw->data, probs, idx->data, T, E, k, norm, cfg->scaling);
+    return MOLT_OK;
+}
+
 // Contract (autograd.h): weights [T, k] differentiable w.r.t. logits; *idx = I32 [T, k] (the
-// node's aux output, never differentiated). The softmax [T, E] is saved for backward.
+// node's aux output, never differentiated). The softmax [T, E] is saved for backward (on
+// the logits' device).
 ag_tensor *ag_moe_router(ag_ctx *c, ag_tensor *logits, const ag_router_config *cfg,
                          ag_tensor **idx) {
     if (idx)
         *idx = NULL;
-    if (check_router(logits, cfg, idx) != MOLT_OK)
+    const ag_backend *be;
+    if (check_router(logits, cfg, idx, &be) != MOLT_OK)
         return NULL;
+    ag_device dev = logits->device;
     int64_t T = logits->shape[0], E = logits->shape[1], k = cfg->top_k;
-    ag_tensor *w = ag_out_new(c, logits->dtype, 2, (int64_t[]){T, k});
-    ag_tensor *ix = ag_out_new(c, AG_I32, 2, (int64_t[]){T, k});
+    ag_tensor *w = ag_out_new_on(c, dev, logits->dtype, 2, (int64_t[]){T, k});
+    ag_tensor *ix = ag_out_new_on(c, dev, AG_I32, 2, (int64_t[]){T, k});
     if (!w || !ix)
         return NULL;
     size_t pbytes = (size_t)(T * E) * ag_dtype_size(logits->dtype);
@@ -100,16 +119,19 @@ ag_tensor *ag_moe_router(ag_ctx *c, ag_tensor *logits, const ag_router_config *c
         n->aux = ix;
         n->i[0] = cfg->norm_topk_prob;
         n->f[0] = cfg->scaling;
-        probs = ag_node_save(c, n, pbytes);
-    } else {
+        probs = ag_node_save_on(c, n, dev, pbytes);
+    } else if (dev == AG_CPU) {
         probs = molt_malloc(pbytes);
         if (!probs)
             molt_err(MOLT_ENOMEM, ROUTER ": out of memory for %zu bytes of scores", pbytes);
+    } else { // the device arena's until the step's reset
+        ag_arena *a = ag_ctx_arena(c, dev);
+        probs = a ? ag_arena_alloc(a, pbytes) : NULL;
     }
     if (!probs)
         return NULL;
-    molt_status st = router_run(w, ix, probs, logits, cfg);
-    if (!n)
+    molt_status st = AG_BE_CALL(be, router_fwd, ROUTER, c, w, ix, probs, logits, cfg);
+    if (!n && dev == AG_CPU)
         molt_free(probs);
     if (st != MOLT_OK)
         return NULL;
@@ -118,21 +140,16 @@ ag_tensor *ag_moe_router(ag_ctx *c, ag_tensor *logits, const ag_router_config *c
 }
 
 molt_status ag_backward_moe_router(ag_ctx *c, ag_node *n) {
-    (void)c;
     molt_status st = MOLT_OK;
     ag_tensor *dl = ag_grad_of(n->in[0], &st), *dw = n->out->grad;
     if (!dl)
         return st;
     if (!n->saved || !n->aux)
         return molt_err(MOLT_EINTERNAL, ROUTER ": node lost its saved scores");
-    int64_t T = dl->shape[0], E = dl->shape[1], k = n->out->shape[1];
-    int norm = (int)n->i[0];
-    if (dl->dtype == AG_F32)
-        moe_router_bwd_f32(dl->data, dw->data, n->saved, n->aux->data, T, E, k, norm,
-                           (float)n->f[0]);
-    else
-        moe_router_bwd_f64(dl->data, dw->data, n->saved, n->aux->data, T, E, k, norm, n->f[0]);
-    return MOLT_OK;
+    ag_router_config cfg = {.top_k = (int)n->out->shape[1], .n_group = 1, .topk_group = 1,
+                            .norm_topk_prob = n->i[0] != 0, .scaling = n->f[0]};
+    return AG_BE_CALL(ag_backend_node(n), router_bwd, ROUTER " backward", c, dl, dw, n->saved,
+                      n->aux, &cfg);
 }
 
 // ---- experts -----------------------------------------------------------------------------
@@ -167,24 +184,16 @@ static molt_status check_expert_shapes(const ag_tensor *x, const ag_tensor *w,
     return MOLT_OK;
 }
 
-static molt_status check_idx_range(const ag_tensor *idx, int64_t E) {
-    const int32_t *ix = idx->data;
-    int64_t k = idx->shape[1];
-    for (int64_t s = 0; s < idx->numel; s++)
-        if (ix[s] < 0 || ix[s] >= E)
-            return molt_err(MOLT_EARG, EXPERTS ": idx[t=%lld, j=%lld] = %d is out of range "
-                            "[0, %lld)", (long long)(s / k), (long long)(s % k), ix[s],
-                            (long long)E);
-    return MOLT_OK;
-}
-
-static molt_status check_experts(const ag_tensor *x, const ag_tensor *w, const ag_tensor *idx,
-                                 const ag_tensor *gu, const ag_tensor *down) {
-    MOLT_TRY(ag_check_cpu_float(EXPERTS, "x", x));
-    MOLT_TRY(ag_check_cpu_float(EXPERTS, "weights", w));
-    MOLT_TRY(ag_check_i32(EXPERTS, "idx", idx));
-    MOLT_TRY(ag_check_cpu_float(EXPERTS, "w_gate_up", gu));
-    MOLT_TRY(ag_check_cpu_float(EXPERTS, "w_down", down));
+static molt_status check_experts(ag_tensor *x, ag_tensor *w, ag_tensor *idx, ag_tensor *gu,
+                                 ag_tensor *down, const ag_backend **be) {
+    static const char *const names[5] = {"x", "weights", "idx", "w_gate_up", "w_down"};
+    MOLT_TRY(ag_check_float(EXPERTS, "x", x));
+    MOLT_TRY(ag_check_float(EXPERTS, "weights", w));
+    MOLT_TRY(ag_check_int32(EXPERTS, "idx", idx));
+    MOLT_TRY(ag_check_float(EXPERTS, "w_gate_up", gu));
+    MOLT_TRY(ag_check_float(EXPERTS, "w_down", down));
+    ag_tensor *ts[5] = {x, w, idx, gu, down};
+    MOLT_TRY(ag_backend_pick(EXPERTS, 5, ts, names, be));
     MOLT_TRY(ag_check_same_dtype(EXPERTS, "x", x, "weights", w));
     MOLT_TRY(ag_check_same_dtype(EXPERTS, "x", x, "w_gate_up", gu));
     MOLT_TRY(ag_check_same_dtype(EXPERTS, "x", x, "w_down", down));
@@ -196,9 +205,7 @@ static molt_status check_experts(const ag_tensor *x, const ag_tensor *w, const a
     MOLT_TRY(check_frozen("w_gate_up", gu));
     MOLT_TRY(check_frozen("w_down", down));
     MOLT_TRY(check_expert_shapes(x, w, idx, gu, down));
-    if (gu->shape[0] > INT32_MAX || idx->numel > INT32_MAX)
-        return molt_err(MOLT_EARG, EXPERTS ": more than 2^31 experts or slots");
-    return check_idx_range(idx, gu->shape[0]);
+    return ag_check_expert_idx(EXPERTS, idx, gu->shape[0]);
 }
 
 typedef struct {
@@ -220,9 +227,9 @@ static void *experts_ws(const expert_dims *d, ag_dtype dt) {
 }
 
 // rec: the op is being recorded (training: BLAS); otherwise the batch-invariant products.
-static molt_status experts_fwd(ag_tensor *y, const ag_tensor *x, const ag_tensor *w,
-                               const ag_tensor *idx, const ag_tensor *gu, const ag_tensor *down,
-                               bool rec) {
+molt_status ag_cpu_moe_dense_fwd(ag_tensor *y, const ag_tensor *x, const ag_tensor *w,
+                                 const ag_tensor *idx, const ag_tensor *gu,
+                                 const ag_tensor *down, bool rec) {
     expert_dims d = dims_of(x, w, gu);
     bool f32 = x->dtype == AG_F32;
     if (ag_reference_kernels()) {
@@ -254,32 +261,10 @@ static molt_status experts_fwd(ag_tensor *y, const ag_tensor *x, const ag_tensor
     return MOLT_OK;
 }
 
-// Contract (autograd.h): y [T, H] = sum_j weights[t,j] * expert_idx[t,j](x_t). x and weights
-// may require grad; w_gate_up and w_down must not (frozen base weights). idx values must lie
-// in [0, E); duplicates within a row are allowed and simply add up.
-ag_tensor *ag_moe_experts(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,
-                          ag_tensor *w_gate_up, ag_tensor *w_down) {
-    if (check_experts(x, weights, idx, w_gate_up, w_down) != MOLT_OK)
-        return NULL;
-    ag_tensor *y = ag_out_new(c, x->dtype, 2, x->shape);
-    ag_tensor *ins[5] = {x, weights, idx, w_gate_up, w_down};
-    bool rec = ag_should_record(c, 5, ins);
-    if (!y || experts_fwd(y, x, weights, idx, w_gate_up, w_down, rec) != MOLT_OK)
-        return NULL;
-    if (rec && !ag_record(c, AG_OP_MOE_EXPERTS, y, 5, ins))
-        return NULL;
-    return y;
-}
-
-molt_status ag_backward_moe_experts(ag_ctx *c, ag_node *n) {
-    (void)c;
-    molt_status st = MOLT_OK;
-    ag_tensor *x = n->in[0], *w = n->in[1], *idx = n->in[2], *gu = n->in[3], *down = n->in[4];
-    ag_tensor *gx = ag_grad_of(x, &st), *gw = st == MOLT_OK ? ag_grad_of(w, &st) : NULL;
-    if (st != MOLT_OK || (!gx && !gw))
-        return st;
+molt_status ag_cpu_moe_dense_bwd(ag_tensor *gx, ag_tensor *gw, const ag_tensor *dy,
+                                 const ag_tensor *x, const ag_tensor *w, const ag_tensor *idx,
+                                 const ag_tensor *gu, const ag_tensor *down) {
     expert_dims d = dims_of(x, w, gu);
-    const ag_tensor *dy = n->out->grad;
     bool f32 = x->dtype == AG_F32;
     void *dxp = gx ? gx->data : NULL, *dwp = gw ? gw->data : NULL;
     if (ag_reference_kernels()) {
@@ -302,4 +287,35 @@ molt_status ag_backward_moe_experts(ag_ctx *c, ag_node *n) {
                             down->data, d.T, d.k, d.E, d.H, d.I, ws);
     molt_free(ws);
     return MOLT_OK;
+}
+
+// Contract (autograd.h): y [T, H] = sum_j weights[t,j] * expert_idx[t,j](x_t). x and weights
+// may require grad; w_gate_up and w_down must not (frozen base weights). idx values must lie
+// in [0, E); duplicates within a row are allowed and simply add up.
+ag_tensor *ag_moe_experts(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,
+                          ag_tensor *w_gate_up, ag_tensor *w_down) {
+    const ag_backend *be;
+    if (check_experts(x, weights, idx, w_gate_up, w_down, &be) != MOLT_OK)
+        return NULL;
+    ag_tensor *y = ag_out_new_on(c, x->device, x->dtype, 2, x->shape);
+    ag_tensor *ins[5] = {x, weights, idx, w_gate_up, w_down};
+    bool rec = ag_should_record(c, 5, ins);
+    ag_experts_args a = {x, weights, idx, w_gate_up, w_down, NULL, NULL, NULL};
+    if (!y || AG_BE_CALL(be, experts_fwd, EXPERTS, c, y, &a, rec) != MOLT_OK)
+        return NULL;
+    if (rec && !ag_record(c, AG_OP_MOE_EXPERTS, y, 5, ins))
+        return NULL;
+    return y;
+}
+
+molt_status ag_backward_moe_experts(ag_ctx *c, ag_node *n) {
+    molt_status st = MOLT_OK;
+    ag_tensor *x = n->in[0], *w = n->in[1], *idx = n->in[2], *gu = n->in[3], *down = n->in[4];
+    ag_tensor *gx = ag_grad_of(x, &st), *gw = st == MOLT_OK ? ag_grad_of(w, &st) : NULL;
+    if (st != MOLT_OK || (!gx && !gw))
+        return st;
+    ag_experts_args a = {x, w, idx, gu, down, NULL, NULL, NULL};
+    ag_experts_grads g = {gx, gw, NULL, NULL, NULL, NULL};
+    return AG_BE_CALL(ag_backend_node(n), experts_bwd, EXPERTS " backward", c, &a,
+                      n->out->grad, &g);
 }

@@ -31,6 +31,7 @@
 // reference decodes both whole stacks element by element (kq_elem) and runs the dense
 // reference; the optimized kernel decodes one busy expert at a time into a per-thread buffer.
 #include "quant_internal.h"
+#include "backend.h"
 
 #include <math.h>
 #include <string.h>
@@ -40,27 +41,38 @@
 
 // ---- checks ------------------------------------------------------------------------------
 
-// E and the slot count fit int32, and every idx value lies in [0, E).
+// E and the slot count fit int32, and every idx value lies in [0, E) (read back once when
+// idx lives on a device).
 molt_status ag_check_expert_idx(const char *op, const ag_tensor *idx, int64_t E) {
     if (E > INT32_MAX || idx->numel > INT32_MAX)
         return molt_err(MOLT_EARG, "%s: more than 2^31 experts or slots", op);
-    const int32_t *ix = idx->data;
-    for (int64_t s = 0; s < idx->numel; s++)
+    const void *iv;
+    void *copy;
+    MOLT_TRY(ag_host_view(op, idx, &iv, &copy));
+    const int32_t *ix = iv;
+    molt_status st = MOLT_OK;
+    for (int64_t s = 0; s < idx->numel && st == MOLT_OK; s++)
         if (ix[s] < 0 || ix[s] >= E)
-            return molt_err(MOLT_EARG, "%s: idx[t=%lld, j=%lld] = %d is out of range [0, %lld)",
-                            op, (long long)(s / idx->shape[1]), (long long)(s % idx->shape[1]),
-                            ix[s], (long long)E);
-    return MOLT_OK;
+            st = molt_err(MOLT_EARG, "%s: idx[t=%lld, j=%lld] = %d is out of range [0, %lld)",
+                          op, (long long)(s / idx->shape[1]), (long long)(s % idx->shape[1]),
+                          ix[s], (long long)E);
+    molt_free(copy);
+    return st;
 }
 
 molt_status ag_check_expert_dense(const char *op, const ag_tensor *x, const ag_tensor *w,
                                   const ag_tensor *idx, const ag_tensor *gu,
                                   const ag_tensor *down) {
-    MOLT_TRY(ag_check_cpu_float(op, "x", x));
-    MOLT_TRY(ag_check_cpu_float(op, "weights", w));
-    MOLT_TRY(ag_check_i32(op, "idx", idx));
-    MOLT_TRY(ag_check_cpu_float(op, "w_gate_up", gu));
-    MOLT_TRY(ag_check_cpu_float(op, "w_down", down));
+    static const char *const names[5] = {"x", "weights", "idx", "w_gate_up", "w_down"};
+    MOLT_TRY(ag_check_float(op, "x", x));
+    MOLT_TRY(ag_check_float(op, "weights", w));
+    MOLT_TRY(ag_check_int32(op, "idx", idx));
+    MOLT_TRY(ag_check_float(op, "w_gate_up", gu));
+    MOLT_TRY(ag_check_float(op, "w_down", down));
+    ag_tensor *ts[5] = {(ag_tensor *)x, (ag_tensor *)w, (ag_tensor *)idx, (ag_tensor *)gu,
+                        (ag_tensor *)down};
+    const ag_backend *be;
+    MOLT_TRY(ag_backend_pick(op, 5, ts, names, &be));
     MOLT_TRY(ag_check_same_dtype(op, "x", x, "weights", w));
     MOLT_TRY(ag_check_same_dtype(op, "x", x, "w_gate_up", gu));
     MOLT_TRY(ag_check_same_dtype(op, "x", x, "w_down", down));
@@ -91,12 +103,16 @@ molt_status ag_check_expert_dense(const char *op, const ag_tensor *x, const ag_t
     return ag_check_expert_idx(op, idx, E);
 }
 
-// x [T, H], weights [T, k] and idx I32 [T, k] (the operands both ops share).
+// x [T, H], weights [T, k] and idx I32 [T, k] (the operands both ops share), on one device.
 static molt_status check_routing(const char *op, const ag_tensor *x, const ag_tensor *w,
                                  const ag_tensor *idx) {
-    MOLT_TRY(ag_check_cpu_float(op, "x", x));
-    MOLT_TRY(ag_check_cpu_float(op, "weights", w));
-    MOLT_TRY(ag_check_i32(op, "idx", idx));
+    static const char *const names[3] = {"x", "weights", "idx"};
+    MOLT_TRY(ag_check_float(op, "x", x));
+    MOLT_TRY(ag_check_float(op, "weights", w));
+    MOLT_TRY(ag_check_int32(op, "idx", idx));
+    ag_tensor *ts[3] = {(ag_tensor *)x, (ag_tensor *)w, (ag_tensor *)idx};
+    const ag_backend *be;
+    MOLT_TRY(ag_backend_pick(op, 3, ts, names, &be));
     MOLT_TRY(ag_check_same_dtype(op, "x", x, "weights", w));
     MOLT_TRY(ag_check_ndim(op, "x", x, 2, 2));
     MOLT_TRY(ag_check_ndim(op, "weights", w, 2, 2));
@@ -116,6 +132,8 @@ molt_status ag_check_expert_quant(const char *op, const ag_tensor *x, const ag_t
     MOLT_TRY(check_routing(op, x, w, idx));
     MOLT_TRY(ag_qweight_check_operand(op, "gate_up", gu));
     MOLT_TRY(ag_qweight_check_operand(op, "down", down));
+    MOLT_TRY(ag_check_qweight_device(op, "x", x, "gate_up", gu));
+    MOLT_TRY(ag_check_qweight_device(op, "x", x, "down", down));
     MOLT_TRY(ag_check_expert_qweights(op, x, gu, down));
     int64_t H = x->shape[1], E = gu->n_mat, I = gu->rows / 2;
     // BLAS indexes an expert's (2I, H) matrix with int
@@ -128,8 +146,12 @@ molt_status ag_check_expert_quant(const char *op, const ag_tensor *x, const ag_t
 // One LoRA matrix: float, x's dtype, exactly [d0, d1]. `dims` spells the expected shape.
 static molt_status check_factor(const char *op, const char *what, const ag_tensor *t,
                                 const ag_tensor *x, int64_t d0, int64_t d1, const char *dims) {
-    MOLT_TRY(ag_check_cpu_float(op, what, t));
+    MOLT_TRY(ag_check_float(op, what, t));
     MOLT_TRY(ag_check_same_dtype(op, "x", x, what, t));
+    if (t->device != x->device)
+        return molt_err(MOLT_EARG, "%s: x is on %s, %s is on %s: an op's operands must be on "
+                        "one device (copy with ag_tensor_to)", op, ag_device_name(x->device),
+                        what, ag_device_name(t->device));
     if (t->ndim == 2 && t->shape[0] == d0 && t->shape[1] == d1)
         return MOLT_OK;
     char b[80];
@@ -396,6 +418,49 @@ static molt_status run_any(void *y, const lora_grads *g, const void *dy, const l
     return y ? ref_fwd(y, p) : ref_bwd(g, dy, p);
 }
 
+// ---- the CPU entries of every routed-expert variant ---------------------------------------
+
+// The nine operands of the LoRA kernels, in the nodes' order.
+static void lora_ins(ag_tensor **ins, const ag_experts_args *a) {
+    const ag_expert_lora *l = a->lora;
+    ag_tensor *v[9] = {a->x, a->w, a->idx, a->gu, a->down, l->a_gate_up, l->b_gate_up,
+                       l->a_down, l->b_down};
+    memcpy(ins, v, sizeof v);
+}
+
+molt_status ag_cpu_experts_fwd(ag_ctx *c, ag_tensor *y, const ag_experts_args *a, bool rec) {
+    (void)c;
+    if (!a->lora && a->qgu)
+        return ag_cpu_moe_q_fwd(y, a->x, a->w, a->idx, a->qgu, a->qdown, rec);
+    if (!a->lora)
+        return ag_cpu_moe_dense_fwd(y, a->x, a->w, a->idx, a->gu, a->down, rec);
+    ag_tensor *ins[9];
+    lora_ins(ins, a);
+    lora_run p = a->qgu ? run_of_q(ins, a->qgu, a->qdown, a->lora->r, a->lora->scale)
+                        : run_of(ins, a->gu->shape[0], a->gu->shape[1] / 2, a->lora->r,
+                                 a->lora->scale);
+    return run_any(y->data, NULL, NULL, &p);
+}
+
+static void *data_of(ag_tensor *t) { return t ? t->data : NULL; }
+
+molt_status ag_cpu_experts_bwd(ag_ctx *c, const ag_experts_args *a, const ag_tensor *dy,
+                               const ag_experts_grads *g) {
+    (void)c;
+    if (!a->lora && a->qgu)
+        return ag_cpu_moe_q_bwd(g->dx, g->dw, dy, a->x, a->w, a->idx, a->qgu, a->qdown);
+    if (!a->lora)
+        return ag_cpu_moe_dense_bwd(g->dx, g->dw, dy, a->x, a->w, a->idx, a->gu, a->down);
+    ag_tensor *ins[9];
+    lora_ins(ins, a);
+    lora_run p = a->qgu ? run_of_q(ins, a->qgu, a->qdown, a->lora->r, a->lora->scale)
+                        : run_of(ins, a->gu->shape[0], a->gu->shape[1] / 2, a->lora->r,
+                                 a->lora->scale);
+    lora_grads lg = {data_of(g->dx), data_of(g->dw), data_of(g->da_gu), data_of(g->db_gu),
+                     data_of(g->da_d), data_of(g->db_d)};
+    return run_any(NULL, &lg, dy->data, &p);
+}
+
 // ---- builders and backward ---------------------------------------------------------------
 
 // Contract (autograd.h): y [T, H] = sum_j weights[t,j] * expert_e(x_t) with e = idx[t,j]
@@ -407,16 +472,17 @@ ag_tensor *ag_moe_experts_lora(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_t
     if (ag_check_expert_dense(OP, x, weights, idx, w_gate_up, w_down) != MOLT_OK ||
         ag_check_expert_lora(OP, lora, x, w_gate_up->shape[0], w_gate_up->shape[1]) != MOLT_OK)
         return NULL;
+    const ag_backend *be = ag_backend_get(OP, x->device);
     ag_tensor *ins[9] = {x, weights, idx, w_gate_up, w_down, lora->a_gate_up, lora->b_gate_up,
                          lora->a_down, lora->b_down};
-    ag_tensor *y = ag_out_new(c, x->dtype, 2, x->shape);
+    ag_tensor *y = be ? ag_out_new_on(c, x->device, x->dtype, 2, x->shape) : NULL;
     if (!y)
         return NULL;
-    lora_run p = run_of(ins, w_gate_up->shape[0], w_gate_up->shape[1] / 2, lora->r,
-                        lora->scale);
-    if (run_any(y->data, NULL, NULL, &p) != MOLT_OK)
+    bool rec = ag_should_record(c, 9, ins);
+    ag_experts_args a = {x, weights, idx, w_gate_up, w_down, NULL, NULL, lora};
+    if (AG_BE_CALL(be, experts_fwd, OP, c, y, &a, rec) != MOLT_OK)
         return NULL;
-    if (ag_should_record(c, 9, ins)) {
+    if (rec) {
         ag_node *n = ag_record(c, AG_OP_MOE_EXPERTS_LORA, y, 9, ins);
         if (!n)
             return NULL;
@@ -428,7 +494,7 @@ ag_tensor *ag_moe_experts_lora(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_t
 
 // Gradient buffers of x, weights and the four LoRA matrices (those that require grad);
 // false when none does (or on error, with *st set).
-static bool grads_of(ag_node *n, lora_grads *g, molt_status *st) {
+static bool grads_of(ag_node *n, ag_experts_grads *g, molt_status *st) {
     ag_tensor *gt[6] = {NULL};
     static const int which[6] = {0, 1, 5, 6, 7, 8}; // x, weights, a_gu, b_gu, a_d, b_d
     bool any = false;
@@ -436,21 +502,24 @@ static bool grads_of(ag_node *n, lora_grads *g, molt_status *st) {
         gt[i] = ag_grad_of(n->in[which[i]], st);
         any = any || gt[i];
     }
-    *g = (lora_grads){gt[0] ? gt[0]->data : NULL, gt[1] ? gt[1]->data : NULL,
-                      gt[2] ? gt[2]->data : NULL, gt[3] ? gt[3]->data : NULL,
-                      gt[4] ? gt[4]->data : NULL, gt[5] ? gt[5]->data : NULL};
+    *g = (ag_experts_grads){gt[0], gt[1], gt[2], gt[3], gt[4], gt[5]};
     return *st == MOLT_OK && any;
 }
 
+// The node's LoRA, rebuilt from its inputs and attributes.
+static ag_expert_lora lora_of(const ag_node *n) {
+    return (ag_expert_lora){n->in[5], n->in[6], n->in[7], n->in[8], (int)n->i[0], n->f[0]};
+}
+
 molt_status ag_backward_moe_experts_lora(ag_ctx *c, ag_node *n) {
-    (void)c;
     molt_status st = MOLT_OK;
-    lora_grads g;
+    ag_experts_grads g;
     if (!grads_of(n, &g, &st))
         return st;
-    const ag_tensor *gu = n->in[3];
-    lora_run p = run_of(n->in, gu->shape[0], gu->shape[1] / 2, (int)n->i[0], n->f[0]);
-    return run_any(NULL, &g, n->out->grad->data, &p);
+    ag_expert_lora l = lora_of(n);
+    ag_experts_args a = {n->in[0], n->in[1], n->in[2], n->in[3], n->in[4], NULL, NULL, &l};
+    return AG_BE_CALL(ag_backend_node(n), experts_bwd, OP " backward", c, &a, n->out->grad,
+                      &g);
 }
 
 // Contract (autograd.h): ag_moe_experts_lora on the decoded quantized stacks. The node has
@@ -462,15 +531,17 @@ ag_tensor *ag_moe_experts_lora_q(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag
     if (ag_check_expert_quant(OPQ, x, weights, idx, gate_up, down) != MOLT_OK ||
         ag_check_expert_lora(OPQ, lora, x, gate_up->n_mat, gate_up->rows) != MOLT_OK)
         return NULL;
+    const ag_backend *be = ag_backend_get(OPQ, x->device);
     ag_tensor *ins[9] = {x, weights, idx, NULL, NULL, lora->a_gate_up, lora->b_gate_up,
                          lora->a_down, lora->b_down};
-    ag_tensor *y = ag_out_new(c, x->dtype, 2, x->shape);
+    ag_tensor *y = be ? ag_out_new_on(c, x->device, x->dtype, 2, x->shape) : NULL;
     if (!y)
         return NULL;
-    lora_run p = run_of_q(ins, gate_up, down, lora->r, lora->scale);
-    if (run_any(y->data, NULL, NULL, &p) != MOLT_OK)
+    bool rec = ag_should_record(c, 9, ins);
+    ag_experts_args a = {x, weights, idx, NULL, NULL, gate_up, down, lora};
+    if (AG_BE_CALL(be, experts_fwd, OPQ, c, y, &a, rec) != MOLT_OK)
         return NULL;
-    if (ag_should_record(c, 9, ins)) {
+    if (rec) {
         ag_node *n = ag_record(c, AG_OP_MOE_EXPERTS_LORA_Q, y, 9, ins);
         const ag_qweight **saved = n ? ag_node_save(c, n, 2 * sizeof *saved) : NULL;
         if (!saved)
@@ -484,14 +555,15 @@ ag_tensor *ag_moe_experts_lora_q(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag
 }
 
 molt_status ag_backward_moe_experts_lora_q(ag_ctx *c, ag_node *n) {
-    (void)c;
     molt_status st = MOLT_OK;
-    lora_grads g;
+    ag_experts_grads g;
     if (!grads_of(n, &g, &st))
         return st;
     const ag_qweight *const *qw = n->saved;
     if (!qw)
         return molt_err(MOLT_EINTERNAL, OPQ ": node lost its weights");
-    lora_run p = run_of_q(n->in, qw[0], qw[1], (int)n->i[0], n->f[0]);
-    return run_any(NULL, &g, n->out->grad->data, &p);
+    ag_expert_lora l = lora_of(n);
+    ag_experts_args a = {n->in[0], n->in[1], n->in[2], NULL, NULL, qw[0], qw[1], &l};
+    return AG_BE_CALL(ag_backend_node(n), experts_bwd, OPQ " backward", c, &a, n->out->grad,
+                      &g);
 }

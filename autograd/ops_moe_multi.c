@@ -29,6 +29,10 @@ static molt_status check(const ag_tensor *x, const ag_tensor *w, const ag_tensor
                          const ag_expert_lora *set) {
     if (!st)
         return molt_err(MOLT_EARG, OP ": no expert stacks");
+    MOLT_TRY(ag_check_cpu_float(OP, "x", x)); // this op runs on the CPU only
+    if (st->gate_up_q && st->gate_up_q->device != AG_CPU)
+        return molt_err(MOLT_EUNSUPPORTED, OP ": the quantized stacks live on %s; this op "
+                        "runs on the CPU only", ag_device_name(st->gate_up_q->device));
     bool dense = st->gate_up || st->down, quant = st->gate_up_q || st->down_q;
     if (dense == quant)
         return molt_err(MOLT_EARG, OP ": give either the dense stacks or the quantized ones");

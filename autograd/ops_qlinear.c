@@ -4,6 +4,7 @@
 // cpu/k_quant.c; the formats in quant.c. Not here: bias terms, LoRA (built on top of these
 // by the model), quantizing activations.
 #include "quant_internal.h"
+#include "backend.h"
 
 #include <limits.h>
 #include <omp.h>
@@ -30,9 +31,12 @@ static void *scratch(const char *op, size_t bytes) {
 
 // ---- linear ---------------------------------------------------------------------------------
 
-static molt_status linear_q_check(const ag_tensor *x, const ag_qweight *w) {
-    MOLT_TRY(ag_check_cpu_float(LINQ, "x", x));
+static molt_status linear_q_check(ag_tensor *x, const ag_qweight *w, const ag_backend **be) {
+    static const char *const names[1] = {"x"};
+    MOLT_TRY(ag_check_float(LINQ, "x", x));
+    MOLT_TRY(ag_backend_pick(LINQ, 1, &x, names, be));
     MOLT_TRY(ag_qweight_check_operand(LINQ, "w", w));
+    MOLT_TRY(ag_check_qweight_device(LINQ, "x", x, "w", w));
     char bx[80], bw[96];
     if (w->ndim != 2)
         return molt_err(MOLT_EARG, LINQ ": w %s is a stack of %lld matrices; a linear takes "
@@ -49,8 +53,9 @@ static molt_status linear_q_check(const ag_tensor *x, const ag_qweight *w) {
 
 // rec: the op is being recorded (training: the BLAS kernels); otherwise the batch-invariant
 // ones (cpu/k_bi.h).
-static molt_status linear_q_fwd(ag_tensor *y, const ag_tensor *x, const ag_qweight *w,
-                                bool rec) {
+molt_status ag_cpu_linear_q_fwd(ag_ctx *c, ag_tensor *y, const ag_tensor *x,
+                                const ag_qweight *w, bool rec) {
+    (void)c;
     kq_weight v;
     ag_qweight_view(&v, w);
     int64_t T = ag_rows(x);
@@ -78,14 +83,15 @@ static molt_status linear_q_fwd(ag_tensor *y, const ag_tensor *x, const ag_qweig
 
 // Contract in autograd.h. Nothing is saved: backward reads x's shape and w itself.
 ag_tensor *ag_linear_q(ag_ctx *c, ag_tensor *x, const ag_qweight *w) {
-    if (linear_q_check(x, w) != MOLT_OK)
+    const ag_backend *be;
+    if (linear_q_check(x, w, &be) != MOLT_OK)
         return NULL;
     int64_t shape[AG_MAX_DIMS];
     memcpy(shape, x->shape, sizeof shape);
     shape[x->ndim - 1] = w->rows;
-    ag_tensor *y = ag_out_new(c, x->dtype, x->ndim, shape);
+    ag_tensor *y = ag_out_new_on(c, x->device, x->dtype, x->ndim, shape);
     bool rec = ag_should_record(c, 1, &x);
-    if (!y || linear_q_fwd(y, x, w, rec) != MOLT_OK)
+    if (!y || AG_BE_CALL(be, linear_q_fwd, LINQ, c, y, x, w, rec) != MOLT_OK)
         return NULL;
     if (rec) {
         ag_node *n = ag_record(c, AG_OP_LINEAR_Q, y, 1, &x);
@@ -96,20 +102,13 @@ ag_tensor *ag_linear_q(ag_ctx *c, ag_tensor *x, const ag_qweight *w) {
     return y;
 }
 
-// dx += dy W (W is frozen: no gradient for it).
-molt_status ag_backward_linear_q(ag_ctx *c, ag_node *n) {
+molt_status ag_cpu_linear_q_bwd(ag_ctx *c, ag_tensor *dx, const ag_tensor *dy,
+                                const ag_qweight *w) {
     (void)c;
-    molt_status st = MOLT_OK;
-    ag_tensor *x = n->in[0], *dx = ag_grad_of(x, &st), *dy = n->out->grad;
-    const ag_qweight *w = n->ptr;
-    if (!dx)
-        return st;
-    if (!w)
-        return molt_err(MOLT_EINTERNAL, LINQ ": node lost its weight");
     kq_weight v;
     ag_qweight_view(&v, w);
-    int64_t T = ag_rows(x);
-    bool f32 = x->dtype == AG_F32;
+    int64_t T = ag_rows(dx);
+    bool f32 = dx->dtype == AG_F32;
     if (ag_reference_kernels()) {
         if (f32) qlinear_bwd_x_ref_f32(dx->data, dy->data, &v, 0, T);
         else qlinear_bwd_x_ref_f64(dx->data, dy->data, &v, 0, T);
@@ -123,6 +122,18 @@ molt_status ag_backward_linear_q(ag_ctx *c, ag_node *n) {
     else qlinear_bwd_x_f64(dx->data, dy->data, &v, 0, T, nt, ws);
     molt_free(ws);
     return MOLT_OK;
+}
+
+// dx += dy W (W is frozen: no gradient for it).
+molt_status ag_backward_linear_q(ag_ctx *c, ag_node *n) {
+    molt_status st = MOLT_OK;
+    ag_tensor *x = n->in[0], *dx = ag_grad_of(x, &st), *dy = n->out->grad;
+    const ag_qweight *w = n->ptr;
+    if (!dx)
+        return st;
+    if (!w)
+        return molt_err(MOLT_EINTERNAL, LINQ ": node lost its weight");
+    return AG_BE_CALL(ag_backend_node(n), linear_q_bwd, LINQ " backward", c, dx, dy, w);
 }
 
 // ---- routed experts -------------------------------------------------------------------------
@@ -158,30 +169,29 @@ molt_status ag_check_expert_qweights(const char *op, const ag_tensor *x, const a
     return MOLT_OK;
 }
 
-static molt_status experts_q_check(const ag_tensor *x, const ag_tensor *w, const ag_tensor *idx,
-                                   const ag_qweight *gu, const ag_qweight *down) {
-    MOLT_TRY(ag_check_cpu_float(EXPQ, "x", x));
-    MOLT_TRY(ag_check_cpu_float(EXPQ, "weights", w));
-    MOLT_TRY(ag_check_i32(EXPQ, "idx", idx));
+static molt_status experts_q_check(ag_tensor *x, ag_tensor *w, ag_tensor *idx,
+                                   const ag_qweight *gu, const ag_qweight *down,
+                                   const ag_backend **be) {
+    static const char *const names[3] = {"x", "weights", "idx"};
+    MOLT_TRY(ag_check_float(EXPQ, "x", x));
+    MOLT_TRY(ag_check_float(EXPQ, "weights", w));
+    MOLT_TRY(ag_check_int32(EXPQ, "idx", idx));
+    ag_tensor *ts[3] = {x, w, idx};
+    MOLT_TRY(ag_backend_pick(EXPQ, 3, ts, names, be));
     MOLT_TRY(ag_check_same_dtype(EXPQ, "x", x, "weights", w));
     MOLT_TRY(ag_check_ndim(EXPQ, "x", x, 2, 2));
     MOLT_TRY(ag_check_ndim(EXPQ, "weights", w, 2, 2));
     MOLT_TRY(ag_check_ndim(EXPQ, "idx", idx, 2, 2));
     MOLT_TRY(ag_qweight_check_operand(EXPQ, "gate_up", gu));
     MOLT_TRY(ag_qweight_check_operand(EXPQ, "down", down));
+    MOLT_TRY(ag_check_qweight_device(EXPQ, "x", x, "gate_up", gu));
+    MOLT_TRY(ag_check_qweight_device(EXPQ, "x", x, "down", down));
     MOLT_TRY(experts_q_shapes(x, w, idx, gu, down));
     MOLT_TRY(check_int(EXPQ, "the slot count T*k", idx->numel));
     MOLT_TRY(check_int(EXPQ, "the expert count", gu->n_mat));
     MOLT_TRY(check_int(EXPQ, "2I", gu->rows));
     MOLT_TRY(check_int(EXPQ, "H", gu->cols));
-    const int32_t *ix = idx->data;
-    int64_t k = idx->shape[1];
-    for (int64_t s = 0; s < idx->numel; s++)
-        if (ix[s] < 0 || ix[s] >= gu->n_mat)
-            return molt_err(MOLT_EARG, EXPQ ": idx[t=%lld, j=%lld] = %d is out of range "
-                            "[0, %lld)", (long long)(s / k), (long long)(s % k), ix[s],
-                            (long long)gu->n_mat);
-    return MOLT_OK;
+    return ag_check_expert_idx(EXPQ, idx, gu->n_mat);
 }
 
 typedef struct {
@@ -208,9 +218,9 @@ static molt_status experts_run_init(experts_run *r, const ag_tensor *idx, const 
 }
 
 // rec: the op is being recorded (training: BLAS); otherwise the batch-invariant products.
-static molt_status experts_q_fwd(ag_tensor *y, const ag_tensor *x, const ag_tensor *w,
-                                 const ag_tensor *idx, const ag_qweight *gu,
-                                 const ag_qweight *down, bool rec) {
+molt_status ag_cpu_moe_q_fwd(ag_tensor *y, const ag_tensor *x, const ag_tensor *w,
+                             const ag_tensor *idx, const ag_qweight *gu, const ag_qweight *down,
+                             bool rec) {
     experts_run r;
     MOLT_TRY(experts_run_init(&r, idx, gu, down, x->dtype));
     bool f32 = x->dtype == AG_F32;
@@ -236,12 +246,14 @@ static molt_status experts_q_fwd(ag_tensor *y, const ag_tensor *x, const ag_tens
 // The node saves the two qweight pointers (16 bytes); both must outlive the tape.
 ag_tensor *ag_moe_experts_q(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,
                             const ag_qweight *gate_up, const ag_qweight *down) {
-    if (experts_q_check(x, weights, idx, gate_up, down) != MOLT_OK)
+    const ag_backend *be;
+    if (experts_q_check(x, weights, idx, gate_up, down, &be) != MOLT_OK)
         return NULL;
-    ag_tensor *y = ag_out_new(c, x->dtype, 2, x->shape);
+    ag_tensor *y = ag_out_new_on(c, x->device, x->dtype, 2, x->shape);
     ag_tensor *ins[3] = {x, weights, idx};
     bool rec = ag_should_record(c, 3, ins);
-    if (!y || experts_q_fwd(y, x, weights, idx, gate_up, down, rec) != MOLT_OK)
+    ag_experts_args a = {x, weights, idx, NULL, NULL, gate_up, down, NULL};
+    if (!y || AG_BE_CALL(be, experts_fwd, EXPQ, c, y, &a, rec) != MOLT_OK)
         return NULL;
     if (rec) {
         ag_node *n = ag_record(c, AG_OP_MOE_EXPERTS_Q, y, 3, ins);
@@ -254,19 +266,11 @@ ag_tensor *ag_moe_experts_q(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tens
     return y;
 }
 
-molt_status ag_backward_moe_experts_q(ag_ctx *c, ag_node *n) {
-    (void)c;
-    molt_status st = MOLT_OK;
-    ag_tensor *x = n->in[0], *w = n->in[1], *idx = n->in[2];
-    ag_tensor *gx = ag_grad_of(x, &st), *gw = st == MOLT_OK ? ag_grad_of(w, &st) : NULL;
-    if (st != MOLT_OK || (!gx && !gw))
-        return st;
-    const ag_qweight *const *qw = n->saved;
-    if (!qw)
-        return molt_err(MOLT_EINTERNAL, EXPQ ": node lost its weights");
+molt_status ag_cpu_moe_q_bwd(ag_tensor *gx, ag_tensor *gw, const ag_tensor *dy,
+                             const ag_tensor *x, const ag_tensor *w, const ag_tensor *idx,
+                             const ag_qweight *gu, const ag_qweight *down) {
     experts_run r;
-    MOLT_TRY(experts_run_init(&r, idx, qw[0], qw[1], x->dtype));
-    const ag_tensor *dy = n->out->grad;
+    MOLT_TRY(experts_run_init(&r, idx, gu, down, x->dtype));
     void *dxp = gx ? gx->data : NULL, *dwp = gw ? gw->data : NULL;
     bool f32 = x->dtype == AG_F32;
     if (!r.ws && f32)
@@ -283,4 +287,19 @@ molt_status ag_backward_moe_experts_q(ag_ctx *c, ag_node *n) {
                      r.nt, r.ws);
     molt_free(r.ws);
     return MOLT_OK;
+}
+
+molt_status ag_backward_moe_experts_q(ag_ctx *c, ag_node *n) {
+    molt_status st = MOLT_OK;
+    ag_tensor *x = n->in[0], *w = n->in[1], *idx = n->in[2];
+    ag_tensor *gx = ag_grad_of(x, &st), *gw = st == MOLT_OK ? ag_grad_of(w, &st) : NULL;
+    if (st != MOLT_OK || (!gx && !gw))
+        return st;
+    const ag_qweight *const *qw = n->saved;
+    if (!qw)
+        return molt_err(MOLT_EINTERNAL, EXPQ ": node lost its weights");
+    ag_experts_args a = {x, w, idx, NULL, NULL, qw[0], qw[1], NULL};
+    ag_experts_grads g = {gx, gw, NULL, NULL, NULL, NULL};
+    return AG_BE_CALL(ag_backend_node(n), experts_bwd, EXPQ " backward", c, &a, n->out->grad,
+                      &g);
 }

@@ -15,8 +15,12 @@
 //   seed of a counter-based hash over element indices; the node saves the rng state from
 //   before that draw and backward redraws the same seed, so no mask is ever stored.
 //
+// Devices: cast, reshape, dropout, embedding, softmax and swiglu run on any device through
+// its backend table (backend.h; their CPU entries ag_cpu_* are here); transpose, slice,
+// split, concat and expand walk host memory and run on the CPU only.
+//
 // Not here: the layout-free elementwise ops (ops_elem.c) and the big fused ops.
-#include "internal.h"
+#include "backend.h"
 #include "cpu/kernels.h"
 
 #include <math.h>
@@ -154,7 +158,7 @@ static void walk_acc(const walk *w, ag_tensor *g, const ag_tensor *dy) {
 }
 
 // g += dy elementwise over the flat buffers; dtypes may differ (cast backward).
-static void acc_flat(ag_tensor *g, const ag_tensor *dy) {
+molt_status ag_cpu_acc_cast(ag_tensor *g, const ag_tensor *dy) {
     if (g->dtype == AG_F32 && dy->dtype == AG_F32) {
         acc_f32(g->data, dy->data, g->numel);
     } else if (g->dtype == AG_F64 && dy->dtype == AG_F64) {
@@ -168,6 +172,7 @@ static void acc_flat(ag_tensor *g, const ag_tensor *dy) {
         for (int64_t i = 0; i < g->numel; i++)
             ag_set(g, i, ag_get(g, i) + ag_get(dy, i));
     }
+    return MOLT_OK;
 }
 
 // Backward shared by the one-input walk ops: rebuild the forward walk, add along it.
@@ -186,7 +191,7 @@ static bool is_float(ag_dtype dt) {
 }
 
 // y = a converted to y's dtype (round to nearest even; f64 -> bf16/f16 rounds via f32).
-static void convert(ag_tensor *y, const ag_tensor *a) {
+molt_status ag_cpu_cast(ag_tensor *y, const ag_tensor *a) {
     if (y->dtype == a->dtype) {
         memcpy(y->data, a->data, (size_t)a->numel * ag_dtype_size(a->dtype));
     } else if (y->dtype == AG_F32 && a->dtype == AG_F64) {
@@ -198,13 +203,14 @@ static void convert(ag_tensor *y, const ag_tensor *a) {
         for (int64_t i = 0; i < a->numel; i++)
             ag_set(y, i, ag_get(a, i));
     }
+    return MOLT_OK;
 }
 
 // a converted to `to` (f32, f64, bf16, f16; i32 either way is refused). Backward adds dy,
 // converted, into a's gradient, which has a's dtype.
 ag_tensor *ag_cast(ag_ctx *c, ag_tensor *a, ag_dtype to) {
     char b[80];
-    if (check_cpu("cast", "a", a) != MOLT_OK)
+    if (ag_check_not_null("cast", "a", a) != MOLT_OK)
         return NULL;
     if (!is_float(a->dtype)) {
         molt_err(MOLT_EARG, "cast: a is %s; cast converts between " FLOATS,
@@ -220,10 +226,12 @@ ag_tensor *ag_cast(ag_ctx *c, ag_tensor *a, ag_dtype to) {
                  FLOATS, ag_dtype_name(to));
         return NULL;
     }
-    ag_tensor *y = ag_out_new(c, to, a->ndim, a->shape);
-    if (!y)
+    const ag_backend *be = ag_backend_get("cast", a->device);
+    if (!be)
         return NULL;
-    convert(y, a);
+    ag_tensor *y = ag_out_new_on(c, a->device, to, a->ndim, a->shape);
+    if (!y || AG_BE_CALL(be, cast, "cast", y, a) != MOLT_OK)
+        return NULL;
     return record1(c, AG_OP_CAST, y, a, 0, 0) ? y : NULL;
 }
 
@@ -232,17 +240,23 @@ molt_status ag_backward_cast(ag_ctx *c, ag_node *n) {
     molt_status st = MOLT_OK;
     ag_tensor *g = ag_grad_of(n->in[0], &st);
     if (g)
-        acc_flat(g, n->out->grad);
+        st = AG_BE_CALL(ag_backend_node(n), acc_cast, "cast backward", g, n->out->grad);
     return st;
 }
 
 // ---- reshape ---------------------------------------------------------------------------
 
 // Same elements in row-major order under a new shape with the same count; the result shares
-// a's data. No -1 wildcard: every dim is given.
+// a's data (on a's device). No -1 wildcard: every dim is given.
 ag_tensor *ag_reshape(ag_ctx *c, ag_tensor *a, int ndim, const int64_t *shape) {
-    if (check_movable("reshape", "a", a) != MOLT_OK)
+    if (ag_check_not_null("reshape", "a", a) != MOLT_OK)
         return NULL;
+    if (a->dtype == AG_I32 && a->requires_grad) {
+        char b[80];
+        molt_err(MOLT_EARG, "reshape: a is %s and requires grad; integer tensors are not "
+                 "differentiable", ag_shape_str(a, b, sizeof b));
+        return NULL;
+    }
     if (!shape) {
         molt_err(MOLT_EARG, "reshape: shape is NULL");
         return NULL;
@@ -274,7 +288,8 @@ ag_tensor *ag_reshape(ag_ctx *c, ag_tensor *a, int ndim, const int64_t *shape) {
         return NULL;
     }
     // a new header over the same data: tensors are never written after creation
-    ag_tensor *y = ag_arena_alloc(&c->act, sizeof *y);
+    ag_arena *ar = ag_ctx_arena(c, a->device);
+    ag_tensor *y = ar ? ag_arena_alloc_meta(ar, sizeof *y) : NULL;
     if (!y)
         return NULL;
     y->dtype = a->dtype;
@@ -284,7 +299,7 @@ ag_tensor *ag_reshape(ag_ctx *c, ag_tensor *a, int ndim, const int64_t *shape) {
         y->shape[i] = i < ndim ? shape[i] : 1;
     y->numel = a->numel;
     y->data = a->data;
-    y->arena = &c->act;
+    y->arena = ar;
     return record1(c, AG_OP_RESHAPE, y, a, 0, 0) ? y : NULL;
 }
 
@@ -293,7 +308,7 @@ molt_status ag_backward_reshape(ag_ctx *c, ag_node *n) {
     molt_status st = MOLT_OK;
     ag_tensor *g = ag_grad_of(n->in[0], &st);
     if (g)
-        acc_flat(g, n->out->grad);
+        st = AG_BE_CALL(ag_backend_node(n), acc_cast, "reshape backward", g, n->out->grad);
     return st;
 }
 
@@ -540,9 +555,9 @@ molt_status ag_backward_expand(ag_ctx *c, ag_node *n) {
 
 // Inverted dropout, p in [0, 1). Applied whenever called, grad mode or not: inference
 // passes p = 0, which returns an exact copy. Takes one draw from rng (see the top of the
-// file); a failed call leaves rng as it was.
+// file); a failed call leaves rng as it was. Every device draws the same mask from the seed.
 ag_tensor *ag_dropout(ag_ctx *c, ag_tensor *a, double p, ag_rng *rng) {
-    if (ag_check_cpu_float("dropout", "a", a) != MOLT_OK)
+    if (ag_check_float("dropout", "a", a) != MOLT_OK)
         return NULL;
     if (!rng) {
         molt_err(MOLT_EARG, "dropout: rng is NULL");
@@ -552,13 +567,16 @@ ag_tensor *ag_dropout(ag_ctx *c, ag_tensor *a, double p, ag_rng *rng) {
         molt_err(MOLT_EARG, "dropout: p = %g is outside [0, 1)", p);
         return NULL;
     }
-    ag_tensor *y = ag_out_new(c, a->dtype, a->ndim, a->shape);
+    const ag_backend *be = ag_backend_get("dropout", a->device);
+    ag_tensor *y = be ? ag_out_new_on(c, a->device, a->dtype, a->ndim, a->shape) : NULL;
     if (!y)
         return NULL;
     ag_rng before = *rng;
     uint64_t seed = ag_rng_next(rng);
-    if (a->dtype == AG_F32) dropout_fwd_f32(y->data, a->data, seed, p, a->numel);
-    else dropout_fwd_f64(y->data, a->data, seed, p, a->numel);
+    if (AG_BE_CALL(be, dropout_fwd, "dropout", y, a, seed, p) != MOLT_OK) {
+        *rng = before;
+        return NULL;
+    }
     if (!ag_should_record(c, 1, &a))
         return y;
     ag_node *n = ag_record(c, AG_OP_DROPOUT, y, 1, &a);
@@ -572,6 +590,18 @@ ag_tensor *ag_dropout(ag_ctx *c, ag_tensor *a, double p, ag_rng *rng) {
     return y;
 }
 
+molt_status ag_cpu_dropout_fwd(ag_tensor *y, const ag_tensor *a, uint64_t seed, double p) {
+    if (a->dtype == AG_F32) dropout_fwd_f32(y->data, a->data, seed, p, a->numel);
+    else dropout_fwd_f64(y->data, a->data, seed, p, a->numel);
+    return MOLT_OK;
+}
+
+molt_status ag_cpu_dropout_bwd(ag_tensor *dx, const ag_tensor *dy, uint64_t seed, double p) {
+    if (dx->dtype == AG_F32) dropout_bwd_f32(dx->data, dy->data, seed, p, dx->numel);
+    else dropout_bwd_f64(dx->data, dy->data, seed, p, dx->numel);
+    return MOLT_OK;
+}
+
 molt_status ag_backward_dropout(ag_ctx *c, ag_node *n) {
     (void)c;
     molt_status st = MOLT_OK;
@@ -580,50 +610,75 @@ molt_status ag_backward_dropout(ag_ctx *c, ag_node *n) {
         return st;
     ag_rng r = *(const ag_rng *)n->saved;
     uint64_t seed = ag_rng_next(&r); // the same draw the forward made
-    if (g->dtype == AG_F32) dropout_bwd_f32(g->data, dy->data, seed, n->f[0], g->numel);
-    else dropout_bwd_f64(g->data, dy->data, seed, n->f[0], g->numel);
-    return MOLT_OK;
+    return AG_BE_CALL(ag_backend_node(n), dropout_bwd, "dropout backward", g, dy, seed, n->f[0]);
 }
 
 // ---- embedding -------------------------------------------------------------------------
 
-static molt_status check_embedding(const ag_tensor *table, const ag_tensor *ids) {
-    MOLT_TRY(ag_check_cpu_float("embedding", "table", table));
+static molt_status check_embedding(ag_tensor *table, ag_tensor *ids, const ag_backend **be) {
+    static const char *const names[2] = {"table", "ids"};
+    MOLT_TRY(ag_check_float("embedding", "table", table));
     MOLT_TRY(ag_check_ndim("embedding", "table", table, 2, 2));
-    MOLT_TRY(ag_check_i32("embedding", "ids", ids));
+    MOLT_TRY(ag_check_int32("embedding", "ids", ids));
     MOLT_TRY(ag_check_ndim("embedding", "ids", ids, 1, AG_MAX_DIMS - 1));
-    const int32_t *id = ids->data;
+    ag_tensor *ts[2] = {table, ids};
+    MOLT_TRY(ag_backend_pick("embedding", 2, ts, names, be));
+    const void *idv;
+    void *copy;
+    MOLT_TRY(ag_host_view("embedding", ids, &idv, &copy));
+    const int32_t *id = idv;
     int64_t v = table->shape[0];
-    for (int64_t t = 0; t < ids->numel; t++) {
+    molt_status st = MOLT_OK;
+    for (int64_t t = 0; t < ids->numel && st == MOLT_OK; t++) {
         if (id[t] < 0 || id[t] >= v) {
             char bt[80], bi[80];
-            return molt_err(MOLT_EARG, "embedding: id %d at position %lld of ids %s is out "
-                            "of range for table %s (valid ids 0..%lld)", (int)id[t],
-                            (long long)t, ag_shape_str(ids, bi, sizeof bi),
-                            ag_shape_str(table, bt, sizeof bt), (long long)(v - 1));
+            st = molt_err(MOLT_EARG, "embedding: id %d at position %lld of ids %s is out "
+                          "of range for table %s (valid ids 0..%lld)", (int)id[t],
+                          (long long)t, ag_shape_str(ids, bi, sizeof bi),
+                          ag_shape_str(table, bt, sizeof bt), (long long)(v - 1));
         }
     }
-    return MOLT_OK;
+    molt_free(copy);
+    return st;
 }
 
-// Rows of table [V, C] picked by ids (I32, 1..3 dims) -> ids.shape + [C]. Every id is
-// checked first. Only the table can receive a gradient (scatter-added, repeats sum).
-ag_tensor *ag_embedding(ag_ctx *c, ag_tensor *table, ag_tensor *ids) {
-    if (check_embedding(table, ids) != MOLT_OK)
-        return NULL;
-    int64_t shape[AG_MAX_DIMS], ch = table->shape[1];
-    memcpy(shape, ids->shape, sizeof shape);
-    shape[ids->ndim] = ch;
-    ag_tensor *y = ag_out_new(c, table->dtype, ids->ndim + 1, shape);
-    if (!y)
-        return NULL;
+molt_status ag_cpu_embedding_fwd(ag_tensor *y, const ag_tensor *table, const ag_tensor *ids) {
     bool ref = ag_reference_kernels();
+    int64_t ch = table->shape[1];
     if (table->dtype == AG_F32)
         (ref ? embedding_fwd_ref_f32 : embedding_fwd_f32)(y->data, table->data, ids->data,
                                                           ids->numel, ch);
     else
         (ref ? embedding_fwd_ref_f64 : embedding_fwd_f64)(y->data, table->data, ids->data,
                                                           ids->numel, ch);
+    return MOLT_OK;
+}
+
+molt_status ag_cpu_embedding_bwd(ag_tensor *dtable, const ag_tensor *dy, const ag_tensor *ids) {
+    bool ref = ag_reference_kernels();
+    int64_t ch = dtable->shape[1];
+    if (dtable->dtype == AG_F32)
+        (ref ? embedding_bwd_ref_f32 : embedding_bwd_f32)(dtable->data, dy->data, ids->data,
+                                                          ids->numel, ch);
+    else
+        (ref ? embedding_bwd_ref_f64 : embedding_bwd_f64)(dtable->data, dy->data, ids->data,
+                                                          ids->numel, ch);
+    return MOLT_OK;
+}
+
+// Rows of table [V, C] picked by ids (I32, 1..3 dims) -> ids.shape + [C]. Every id is
+// checked first (ids on a device are read back for that). Only the table can receive a
+// gradient (scatter-added, repeats sum).
+ag_tensor *ag_embedding(ag_ctx *c, ag_tensor *table, ag_tensor *ids) {
+    const ag_backend *be;
+    if (check_embedding(table, ids, &be) != MOLT_OK)
+        return NULL;
+    int64_t shape[AG_MAX_DIMS], ch = table->shape[1];
+    memcpy(shape, ids->shape, sizeof shape);
+    shape[ids->ndim] = ch;
+    ag_tensor *y = ag_out_new_on(c, table->device, table->dtype, ids->ndim + 1, shape);
+    if (!y || AG_BE_CALL(be, embedding_fwd, "embedding", y, table, ids) != MOLT_OK)
+        return NULL;
     // ids ride along for backward but never decide whether to record
     ag_tensor *ins[2] = {table, ids};
     if (ag_should_record(c, 1, ins) && !ag_record(c, AG_OP_EMBEDDING, y, 2, ins))
@@ -637,32 +692,39 @@ molt_status ag_backward_embedding(ag_ctx *c, ag_node *n) {
     ag_tensor *g = ag_grad_of(n->in[0], &st), *ids = n->in[1], *dy = n->out->grad;
     if (!g)
         return st;
-    bool ref = ag_reference_kernels();
-    int64_t ch = g->shape[1];
-    if (g->dtype == AG_F32)
-        (ref ? embedding_bwd_ref_f32 : embedding_bwd_f32)(g->data, dy->data, ids->data,
-                                                          ids->numel, ch);
-    else
-        (ref ? embedding_bwd_ref_f64 : embedding_bwd_f64)(g->data, dy->data, ids->data,
-                                                          ids->numel, ch);
-    return MOLT_OK;
+    return AG_BE_CALL(ag_backend_node(n), embedding_bwd, "embedding backward", g, dy, ids);
 }
 
 // ---- softmax ---------------------------------------------------------------------------
 
-// Softmax over the last dim, max-subtracted so large inputs do not overflow.
-ag_tensor *ag_softmax(ag_ctx *c, ag_tensor *x) {
-    if (ag_check_cpu_float("softmax", "x", x) != MOLT_OK)
-        return NULL;
-    ag_tensor *y = ag_out_new(c, x->dtype, x->ndim, x->shape);
-    if (!y)
-        return NULL;
+molt_status ag_cpu_softmax_fwd(ag_tensor *y, const ag_tensor *x) {
     bool ref = ag_reference_kernels();
     int64_t rows = ag_rows(x), cols = ag_cols(x);
     if (x->dtype == AG_F32)
         (ref ? softmax_fwd_ref_f32 : softmax_fwd_f32)(y->data, x->data, rows, cols);
     else
         (ref ? softmax_fwd_ref_f64 : softmax_fwd_f64)(y->data, x->data, rows, cols);
+    return MOLT_OK;
+}
+
+molt_status ag_cpu_softmax_bwd(ag_tensor *dx, const ag_tensor *y, const ag_tensor *dy) {
+    bool ref = ag_reference_kernels();
+    int64_t rows = ag_rows(y), cols = ag_cols(y);
+    if (dx->dtype == AG_F32)
+        (ref ? softmax_bwd_ref_f32 : softmax_bwd_f32)(dx->data, y->data, dy->data, rows, cols);
+    else
+        (ref ? softmax_bwd_ref_f64 : softmax_bwd_f64)(dx->data, y->data, dy->data, rows, cols);
+    return MOLT_OK;
+}
+
+// Softmax over the last dim, max-subtracted so large inputs do not overflow.
+ag_tensor *ag_softmax(ag_ctx *c, ag_tensor *x) {
+    if (ag_check_float("softmax", "x", x) != MOLT_OK)
+        return NULL;
+    const ag_backend *be = ag_backend_get("softmax", x->device);
+    ag_tensor *y = be ? ag_out_new_on(c, x->device, x->dtype, x->ndim, x->shape) : NULL;
+    if (!y || AG_BE_CALL(be, softmax_fwd, "softmax", y, x) != MOLT_OK)
+        return NULL;
     return record1(c, AG_OP_SOFTMAX, y, x, 0, 0) ? y : NULL;
 }
 
@@ -673,21 +735,40 @@ molt_status ag_backward_softmax(ag_ctx *c, ag_node *n) {
     ag_tensor *g = ag_grad_of(n->in[0], &st), *y = n->out, *dy = n->out->grad;
     if (!g)
         return st;
-    bool ref = ag_reference_kernels();
-    int64_t rows = ag_rows(y), cols = ag_cols(y);
-    if (g->dtype == AG_F32)
-        (ref ? softmax_bwd_ref_f32 : softmax_bwd_f32)(g->data, y->data, dy->data, rows, cols);
-    else
-        (ref ? softmax_bwd_ref_f64 : softmax_bwd_f64)(g->data, y->data, dy->data, rows, cols);
-    return MOLT_OK;
+    return AG_BE_CALL(ag_backend_node(n), softmax_bwd, "softmax backward", g, y, dy);
 }
 
 // ---- swiglu ----------------------------------------------------------------------------
 
+molt_status ag_cpu_swiglu_fwd(ag_tensor *y, const ag_tensor *g, const ag_tensor *u) {
+    bool ref = ag_reference_kernels();
+    if (g->dtype == AG_F32)
+        (ref ? swiglu_fwd_ref_f32 : swiglu_fwd_f32)(y->data, g->data, u->data, y->numel);
+    else
+        (ref ? swiglu_fwd_ref_f64 : swiglu_fwd_f64)(y->data, g->data, u->data, y->numel);
+    return MOLT_OK;
+}
+
+molt_status ag_cpu_swiglu_bwd(ag_tensor *dg, ag_tensor *du, const ag_tensor *g,
+                              const ag_tensor *u, const ag_tensor *dy) {
+    bool ref = ag_reference_kernels();
+    if (g->dtype == AG_F32)
+        (ref ? swiglu_bwd_ref_f32 : swiglu_bwd_f32)(dg ? dg->data : NULL, du ? du->data : NULL,
+                                                    g->data, u->data, dy->data, g->numel);
+    else
+        (ref ? swiglu_bwd_ref_f64 : swiglu_bwd_f64)(dg ? dg->data : NULL, du ? du->data : NULL,
+                                                    g->data, u->data, dy->data, g->numel);
+    return MOLT_OK;
+}
+
 // silu(gate) * up elementwise (same shape and dtype); gradients reach both.
 ag_tensor *ag_swiglu(ag_ctx *c, ag_tensor *gate, ag_tensor *up) {
-    if (ag_check_cpu_float("swiglu", "gate", gate) != MOLT_OK ||
-        ag_check_cpu_float("swiglu", "up", up) != MOLT_OK ||
+    static const char *const names[2] = {"gate", "up"};
+    const ag_backend *be;
+    ag_tensor *ins[2] = {gate, up};
+    if (ag_check_float("swiglu", "gate", gate) != MOLT_OK ||
+        ag_check_float("swiglu", "up", up) != MOLT_OK ||
+        ag_backend_pick("swiglu", 2, ins, names, &be) != MOLT_OK ||
         ag_check_same_dtype("swiglu", "gate", gate, "up", up) != MOLT_OK)
         return NULL;
     if (!ag_same_shape(gate, up)) {
@@ -696,15 +777,9 @@ ag_tensor *ag_swiglu(ag_ctx *c, ag_tensor *gate, ag_tensor *up) {
                  ag_shape_str(gate, bg, sizeof bg), ag_shape_str(up, bu, sizeof bu));
         return NULL;
     }
-    ag_tensor *y = ag_out_new(c, gate->dtype, gate->ndim, gate->shape);
-    if (!y)
+    ag_tensor *y = ag_out_new_on(c, gate->device, gate->dtype, gate->ndim, gate->shape);
+    if (!y || AG_BE_CALL(be, swiglu_fwd, "swiglu", y, gate, up) != MOLT_OK)
         return NULL;
-    bool ref = ag_reference_kernels();
-    if (gate->dtype == AG_F32)
-        (ref ? swiglu_fwd_ref_f32 : swiglu_fwd_f32)(y->data, gate->data, up->data, y->numel);
-    else
-        (ref ? swiglu_fwd_ref_f64 : swiglu_fwd_f64)(y->data, gate->data, up->data, y->numel);
-    ag_tensor *ins[2] = {gate, up};
     if (ag_should_record(c, 2, ins) && !ag_record(c, AG_OP_SWIGLU, y, 2, ins))
         return NULL;
     return y;
@@ -717,13 +792,6 @@ molt_status ag_backward_swiglu(ag_ctx *c, ag_node *n) {
     ag_tensor *du = st == MOLT_OK ? ag_grad_of(n->in[1], &st) : NULL;
     if (st != MOLT_OK)
         return st;
-    ag_tensor *g = n->in[0], *u = n->in[1], *dy = n->out->grad;
-    bool ref = ag_reference_kernels();
-    if (g->dtype == AG_F32)
-        (ref ? swiglu_bwd_ref_f32 : swiglu_bwd_f32)(dg ? dg->data : NULL, du ? du->data : NULL,
-                                                    g->data, u->data, dy->data, g->numel);
-    else
-        (ref ? swiglu_bwd_ref_f64 : swiglu_bwd_f64)(dg ? dg->data : NULL, du ? du->data : NULL,
-                                                    g->data, u->data, dy->data, g->numel);
-    return MOLT_OK;
+    return AG_BE_CALL(ag_backend_node(n), swiglu_bwd, "swiglu backward", dg, du, n->in[0],
+                      n->in[1], n->out->grad);
 }

@@ -12,6 +12,7 @@
 // absmax (summed in torch's order), absmax - offset quantized in blocks of 256 with the
 // signed dynamic map through bitsandbytes' 65536-entry lookup table.
 #include "quant_internal.h"
+#include "backend.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -364,6 +365,8 @@ static molt_status check_struct(const char *op, const char *what, const ag_qweig
 
 molt_status ag_qweight_check_operand(const char *op, const char *what, const ag_qweight *q) {
     MOLT_TRY(check_struct(op, what, q));
+    if (q->device != AG_CPU) // its values were checked on the host by ag_qweight_to
+        return MOLT_OK;
     char b[96];
     const char *d = ag_qweight_str(q, b, sizeof b);
     switch (q->format) {
@@ -396,7 +399,47 @@ static molt_status check_full(const char *op, const ag_qweight *q) {
     return MOLT_OK;
 }
 
-molt_status ag_qweight_check(const ag_qweight *q) { return check_full("qweight_check", q); }
+molt_status ag_qweight_check(const ag_qweight *q) {
+    if (q && q->device != AG_CPU)
+        return molt_err(MOLT_EARG, "qweight_check: the qweight lives on %s; check the host "
+                        "copy", ag_device_name(q->device));
+    return check_full("qweight_check", q);
+}
+
+// The storage lies in one block (ag_qweight_alloc's layout): the device copy keeps the
+// offsets, so each pointer moves by the same amount.
+molt_status ag_qweight_to(ag_qweight *dst, const ag_qweight *src, ag_arena *a) {
+    const char *op = "qweight_to";
+    if (!dst || !src || !a)
+        return molt_err(MOLT_EARG, "%s: %s is NULL", op, !dst ? "dst" : !src ? "src" : "arena");
+    memset(dst, 0, sizeof *dst);
+    MOLT_TRY(ag_qweight_check(src));
+    if (!src->mem)
+        return molt_err(MOLT_EARG, "%s: the source has no storage block (not made by "
+                        "ag_qweight_alloc)", op);
+    q_sizes s = sizes_of(src);
+    size_t total = round64(s.data) + round64(s.scale) + round64(s.absmax_q) + s.absmax_scale;
+    unsigned char *mem = ag_arena_alloc(a, total ? total : 1);
+    if (!mem)
+        return molt_err_wrap(MOLT_ENOMEM, "%s", op);
+    const ag_backend *be = ag_backend_get(op, a->device);
+    if (!be)
+        return MOLT_EDEVICE;
+    molt_status st = be->from_host(mem, src->mem, total);
+    if (st != MOLT_OK)
+        return molt_err_wrap(st, "%s: copying %zu bytes to %s", op, total, be->name);
+    *dst = *src;
+    const unsigned char *base = src->mem;
+    dst->mem = NULL;
+    dst->device = a->device;
+    dst->data = mem + ((const unsigned char *)src->data - base);
+    dst->scale = src->scale ? (float *)(mem + ((const unsigned char *)src->scale - base)) : NULL;
+    dst->absmax_q = src->absmax_q ? mem + (src->absmax_q - base) : NULL;
+    dst->absmax_scale =
+        src->absmax_scale ? (float *)(mem + ((const unsigned char *)src->absmax_scale - base))
+                          : NULL;
+    return MOLT_OK;
+}
 
 void ag_qweight_view(kq_weight *v, const ag_qweight *q) {
     tables_init();
@@ -609,6 +652,10 @@ molt_status ag_qweight_from_fp8(ag_qweight *q, const uint8_t *e4m3, int ndim,
 ag_tensor *ag_qweight_dequantize(ag_arena *a, const ag_qweight *q) {
     if (ag_qweight_check_operand("qweight_dequantize", "q", q) != MOLT_OK)
         return NULL;
+    if (q->device != AG_CPU || a->device != AG_CPU) {
+        molt_err(MOLT_EUNSUPPORTED, "qweight_dequantize: host qweights and arenas only");
+        return NULL;
+    }
     ag_tensor *t = ag_tensor_new(a, AG_F32, q->ndim, q->shape);
     if (!t)
         return NULL;

@@ -1,5 +1,7 @@
 // autograd/tensor.c: tensor creation, element access, bf16 conversion, shape strings.
-#include "autograd.h"
+// Tensors of a device arena get their data on that device (their struct stays on the
+// host); element access to them goes through the device's backend, one element at a time.
+#include "backend.h"
 
 #include <math.h>
 #include <string.h>
@@ -38,14 +40,14 @@ ag_tensor *ag_tensor_new(ag_arena *a, ag_dtype dt, int ndim, const int64_t *shap
         }
         numel *= shape[i];
     }
-    ag_tensor *t = ag_arena_alloc(a, sizeof *t);
+    ag_tensor *t = ag_arena_alloc_meta(a, sizeof *t);
     if (!t)
         return NULL;
     t->data = ag_arena_alloc(a, (size_t)numel * dtype_sizes[dt]);
     if (!t->data)
         return NULL;
     t->dtype = dt;
-    t->device = AG_CPU;
+    t->device = a->device;
     t->ndim = ndim;
     for (int i = 0; i < AG_MAX_DIMS; i++)
         t->shape[i] = i < ndim ? shape[i] : 1;
@@ -141,36 +143,76 @@ static uint16_t f32_to_f16(float f) {
     return sign | (uint16_t)(((e + 14) << 10) | (mant - 1024));
 }
 
-double ag_get(const ag_tensor *t, int64_t i) {
-    switch (t->dtype) {
-    case AG_F32: return ((const float *)t->data)[i];
-    case AG_F64: return ((const double *)t->data)[i];
-    case AG_BF16: return ag_bf16_to_f32(((const uint16_t *)t->data)[i]);
-    case AG_F16: return f16_to_f32(((const uint16_t *)t->data)[i]);
-    case AG_I32: return ((const int32_t *)t->data)[i];
+static double get_host(const void *data, ag_dtype dt, int64_t i) {
+    switch (dt) {
+    case AG_F32: return ((const float *)data)[i];
+    case AG_F64: return ((const double *)data)[i];
+    case AG_BF16: return ag_bf16_to_f32(((const uint16_t *)data)[i]);
+    case AG_F16: return f16_to_f32(((const uint16_t *)data)[i]);
+    case AG_I32: return ((const int32_t *)data)[i];
     default: return NAN;
     }
 }
 
-void ag_set(ag_tensor *t, int64_t i, double v) {
-    switch (t->dtype) {
-    case AG_F32: ((float *)t->data)[i] = (float)v; break;
-    case AG_F64: ((double *)t->data)[i] = v; break;
-    case AG_BF16: ((uint16_t *)t->data)[i] = ag_f32_to_bf16((float)v); break;
-    case AG_F16: ((uint16_t *)t->data)[i] = f32_to_f16((float)v); break;
-    case AG_I32: ((int32_t *)t->data)[i] = (int32_t)v; break;
+static void set_host(void *data, ag_dtype dt, int64_t i, double v) {
+    switch (dt) {
+    case AG_F32: ((float *)data)[i] = (float)v; break;
+    case AG_F64: ((double *)data)[i] = v; break;
+    case AG_BF16: ((uint16_t *)data)[i] = ag_f32_to_bf16((float)v); break;
+    case AG_F16: ((uint16_t *)data)[i] = f32_to_f16((float)v); break;
+    case AG_I32: ((int32_t *)data)[i] = (int32_t)v; break;
     default: break;
     }
+}
+
+// A device element goes through the backend; a failed copy reads as NaN (for ag_get) or
+// leaves the element (ag_set), with the error message set.
+double ag_get(const ag_tensor *t, int64_t i) {
+    if (t->device == AG_CPU)
+        return get_host(t->data, t->dtype, i);
+    const ag_backend *be = ag_backend_get("get", t->device);
+    size_t es = dtype_sizes[t->dtype];
+    unsigned char buf[8];
+    if (!be || be->to_host(buf, (const unsigned char *)t->data + (size_t)i * es, es) != MOLT_OK)
+        return NAN;
+    return get_host(buf, t->dtype, 0);
+}
+
+void ag_set(ag_tensor *t, int64_t i, double v) {
+    if (t->device == AG_CPU) {
+        set_host(t->data, t->dtype, i, v);
+        return;
+    }
+    const ag_backend *be = ag_backend_get("set", t->device);
+    size_t es = dtype_sizes[t->dtype];
+    unsigned char buf[8];
+    set_host(buf, t->dtype, 0, v);
+    if (be)
+        be->from_host((unsigned char *)t->data + (size_t)i * es, buf, es);
 }
 
 ag_tensor *ag_grad_ensure(ag_tensor *t) {
     if (t->grad)
         return t->grad;
+    if (!t->arena) {
+        char b[80];
+        molt_err(MOLT_EARG, "gradient of %s: the tensor has no arena (made by ag_to_device?); "
+                 "copy it into one with ag_tensor_to", ag_shape_str(t, b, sizeof b));
+        return NULL;
+    }
     t->grad = ag_tensor_new(t->arena, t->dtype, t->ndim, t->shape);
     return t->grad;
 }
 
 void ag_grad_zero(ag_tensor *t) {
-    if (t->grad)
-        memset(t->grad->data, 0, (size_t)t->grad->numel * ag_dtype_size(t->grad->dtype));
+    if (!t->grad)
+        return;
+    size_t bytes = (size_t)t->grad->numel * ag_dtype_size(t->grad->dtype);
+    if (t->grad->device == AG_CPU) {
+        memset(t->grad->data, 0, bytes);
+        return;
+    }
+    const ag_backend *be = ag_backend_get("grad_zero", t->grad->device);
+    if (be)
+        be->mem_zero(t->grad->data, bytes);
 }

@@ -2,6 +2,9 @@
 # tests/cli_bench_ops.sh: `molt bench ops --quick` prints a fwd and a bwd row for every linear
 # and attention size and for the fused loss, each with positive timings and rates, then the
 # batch-invariant products' decode and prefill rows (f32 and nf4); bad options are refused.
+# --device cuda: with a GPU, the quick GPU tables (linear, NF4 linear, NF4 GEMV rows with
+# positive rates); without one (or in a build without CUDA), exit 1 with the reason, unless
+# MOLT_EXPECT_GPU=1 (tools/gpu-check.sh) says there must be a GPU.
 . "$(dirname "$0")/harness/cli_lib.sh" "$@" || exit 1
 
 out=$("$molt" bench ops --quick --repeat 2 --threads 2) || fail "molt bench ops --quick exited $?"
@@ -43,5 +46,25 @@ bad=$(awk '($1 == "f32" || $1 == "nf4") && $2 == "quick" {
 grep -q "\-\-threads '0' is not an integer in \[1, 1024\]" "$tmp/err" || fail "no message for --threads 0"
 "$molt" bench ops --repeat 2>/dev/null && fail "--repeat without a value accepted"
 "$molt" bench ops --help | grep -q -- "--quick" || fail "--help does not describe --quick"
+
+"$molt" bench ops --device tpu 2>"$tmp/err" && fail "--device tpu accepted"
+grep -q "\-\-device 'tpu' is not one of cpu, cuda" "$tmp/err" || fail "no message for --device tpu: $(cat "$tmp/err")"
+"$molt" bench quant --device cuda 2>/dev/null && fail "molt bench quant accepted --device"
+if "$molt" bench ops --device cuda --quick >"$tmp/gpu" 2>"$tmp/err"; then
+    for op in linear linear_q nf4_gemv; do
+        grep -q "^$op " "$tmp/gpu" || fail "no '$op' row in the GPU tables: $(cat "$tmp/gpu")"
+    done
+    # columns: op shape dtype ms TFLOP/s GB/s baseline... vs: ms and vs positive
+    bad=$(awk '$1 == "linear" || $1 == "linear_q" || $1 == "nf4_gemv" {
+        if (!($4 + 0 > 0) || !($NF + 0 > 0)) print }' "$tmp/gpu")
+    [ -z "$bad" ] || fail "non-positive numbers in the GPU tables: $bad"
+    ok "bench ops --device cuda (GPU tables)"
+else
+    rc=$?
+    [ "${MOLT_EXPECT_GPU:-0}" = 1 ] && fail "--device cuda failed on a GPU machine: $(cat "$tmp/err")"
+    [ "$rc" -eq 1 ] || fail "--device cuda without a GPU exited $rc, expected 1"
+    grep -Eq "no CUDA device visible|this build has no CUDA" "$tmp/err" ||
+        fail "--device cuda without a GPU: no reason given: $(cat "$tmp/err")"
+fi
 ok "bench ops"
 cli_done

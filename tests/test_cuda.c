@@ -1,6 +1,7 @@
-// tests/test_cuda.c: the CUDA plumbing: device query, host<->device copies and the
-// elementwise add kernel against the CPU. Exits 77 (skipped) when no GPU is visible.
-#include "harness/harness.h"
+// tests/test_cuda.c: the CUDA plumbing: device query, host<->device copies, the
+// elementwise add kernel against the CPU, and the one-device rule of the ops with the real
+// CUDA table. Exits 77 (skipped) when no GPU is visible.
+#include "harness/cuda_check.h"
 
 #include <stdlib.h>
 
@@ -26,11 +27,12 @@ START_TEST(test_cuda_roundtrip_and_add) {
         ck_assert_float_eq(((float *)back->data)[i], ((float *)x->data)[i]);
         ck_assert_float_eq(((float *)z->data)[i], ((float *)x->data)[i] + ((float *)y->data)[i]);
     }
-    // CPU ops refuse device tensors with a clear message instead of reading device memory
+    // an op given tensors on two devices names both instead of reading device memory
     ag_ctx c;
     ag_ctx_init(&c);
-    ck_assert_ptr_null(ag_add(&c, dx, dy));
-    ck_assert_str_eq(molt_err_msg(), "add: a lives on a CUDA device; this op runs on the CPU only");
+    ck_assert_ptr_null(ag_add(&c, dx, y));
+    ck_assert_str_eq(molt_err_msg(), "add: a is on cuda, b is on cpu: an op's operands must be "
+                                     "on one device (copy with ag_tensor_to)");
     ag_ctx_free(&c);
     ag_device_tensor_free(dx);
     ag_device_tensor_free(dy);
@@ -49,16 +51,10 @@ START_TEST(test_cuda_describe) {
 END_TEST
 
 int main(void) {
-    ag_device_info info;
-    ag_device_query(&info);
-    if (info.cuda_devices < 1) {
-        printf("SKIP: no CUDA device visible (%s)\n", info.cuda_error);
-        return 77;
-    }
     Suite *s = suite_create("cuda");
     TCase *tc = tcase_create("plumbing");
     tcase_add_test(tc, test_cuda_roundtrip_and_add);
     tcase_add_test(tc, test_cuda_describe);
     suite_add_tcase(s, tc);
-    return harness_run(s);
+    return cuda_test_main(s);
 }

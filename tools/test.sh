@@ -10,9 +10,16 @@ start=$(date +%s)
 
 tools/setup.sh
 
-echo "== build (Release, warnings are errors)"
-cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOLT_WERROR=ON >build-configure.log 2>&1 \
-    || { cat build-configure.log; exit 1; }
+# Where nvcc is installed the CUDA code must build (sm_80 and sm_90, warnings are errors,
+# GPU or not): MOLT_CUDA=ON makes a failed detection an error instead of a CPU-only build.
+cuda=(-DMOLT_CUDA=AUTO)
+nvcc=$(command -v nvcc || true)
+[ -z "$nvcc" ] && [ -x /usr/local/cuda/bin/nvcc ] && nvcc=/usr/local/cuda/bin/nvcc
+[ -n "$nvcc" ] && cuda=(-DMOLT_CUDA=ON "-DCMAKE_CUDA_COMPILER=$nvcc")
+echo "== build (Release, warnings are errors, ${cuda[0]})"
+cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOLT_WERROR=ON "${cuda[@]}" \
+    >build-configure.log 2>&1 || { cat build-configure.log; exit 1; }
+grep "molt: CUDA" build-configure.log || true
 cmake --build build -j"$jobs"
 
 echo "== test suite"
