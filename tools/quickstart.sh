@@ -51,6 +51,7 @@ for n in "$steps" "$limit"; do
     [[ -z "$n" || "$n" =~ ^[1-9][0-9]*$ ]] || { echo "quickstart: '$n' is not a positive integer" >&2; exit 2; }
 done
 
+jobs=$(nproc 2>/dev/null || echo 2) # before OMP_NUM_THREADS is set: nproc honours it
 # The tiny model's operations are too small for a second OpenMP thread to pay off, and on a
 # machine shared with other jobs two spinning threads on two cores train ten times slower
 # than one (measured: 480-800 tok/s against 5000). One thread unless the caller says otherwise.
@@ -61,7 +62,6 @@ echo "quickstart: load average $(load) at the start; OMP_NUM_THREADS=$OMP_NUM_TH
 if [ -z "$molt" ]; then
     echo "== 1/7 dependencies"
     ./tools/setup.sh --no-venv
-    jobs=$(nproc 2>/dev/null || echo 2)
     echo "== 2/7 build (build-quickstart/, -j$jobs)"
     cmake -S . -B build-quickstart -DCMAKE_BUILD_TYPE=Release -DMOLT_TESTS=OFF >/dev/null
     cmake --build build-quickstart -j"$jobs" --target molt >/dev/null
