@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # tests/cli_quickstart.sh: tools/quickstart.sh itself, with the binary under test (no set-up,
-# no build), 20 training steps and 10 held-out questions, bars off: each step leaves its
-# output (the base model, the adapter, molt eval's two tables with intervals and the paired
-# test and its four report files, molt report's page, the two curl answers, the server's
-# clean exit). Then the bars on a 2-step run: the script must fail, saying the adapter does
-# not beat the base; and bad arguments. Accuracy itself is the quickstart's own bar, not this
-# test's. Needs curl and python3 (skipped without them). $1: the molt binary.
+# no build), data and seeds drawn with --seed 3, 20 training steps and 10 held-out questions,
+# bars off: each step leaves its output (the drawn data, the base model, the adapter, molt
+# eval's two tables with intervals and the paired test and its four report files, molt
+# report's page, the two curl answers, the server's clean exit). Then the bars on a 2-step
+# run on the committed data: the script must fail, saying the adapter does not beat the base;
+# and bad arguments. Accuracy itself is the quickstart's own bar, not this test's. Needs curl
+# and python3 (skipped without them). $1: the molt binary.
 . "$(dirname "$0")/harness/cli_lib.sh" "$@" || exit 1
 "$molt" serve --help >/dev/null 2>&1 || { echo "skip: molt has no serve command"; exit 77; }
 for t in curl python3; do
@@ -14,10 +15,17 @@ done
 molt=$(cd "$(dirname "$molt")" && pwd)/$(basename "$molt")
 qs=$src/tools/quickstart.sh
 
-run bash "$qs" --molt "$molt" --out "$tmp/q" --steps 20 --limit 10 --no-bars
+run bash "$qs" --molt "$molt" --out "$tmp/q" --seed 3 --steps 20 --limit 10 --no-bars
 same "short quickstart: exit status" "$rc" 0
 [ "$rc" == 0 ] || fail "short quickstart: $(tail -20 "$tmp/err")"
 [ -s "$tmp/q/base/config.json" ] && ok "base model written" || bad "no $tmp/q/base/config.json"
+# --seed 3 draws its own data into the run's directory and trains and evaluates on it
+same "--seed: training set drawn" "$(wc -l <"$tmp/q/data/count-train.jsonl" 2>/dev/null)" 2000
+same "--seed: held-out set drawn" "$(wc -l <"$tmp/q/data/count-eval.jsonl" 2>/dev/null)" 200
+cmp -s "$tmp/q/data/count-eval.jsonl" "$src/configs/data/count-eval.jsonl" \
+    && bad "--seed 3 drew the committed held-out set" || ok "--seed 3: other questions"
+has "resolved config trains on the drawn set" "$(cat "$tmp/q/run/config.resolved.yaml" 2>/dev/null)" \
+    "$tmp/q/data/count-train.jsonl"
 has_err "training logged its last step" "molt train: step 20 eval_loss"
 [ -s "$tmp/q/run/adapter.h5" ] && [ -d "$tmp/q/run/adapter" ] && ok "adapter saved (PEFT and .h5)" \
     || bad "no adapter in $tmp/q/run"
@@ -68,6 +76,9 @@ has_err "says it failed" "quickstart: FAILED"
 run bash "$qs" --molt "$molt" --steps 0
 same "--steps 0: exit 2" "$rc" 2
 has_err "--steps 0: says why" "'0' is not a positive integer"
+run bash "$qs" --molt "$molt" --seed x1
+same "--seed x1: exit 2" "$rc" 2
+has_err "--seed x1: says why" "seed 'x1' is not an integer"
 run bash "$qs" --frobnicate
 same "unknown option: exit 2" "$rc" 2
 has_err "unknown option: usage" "usage:"

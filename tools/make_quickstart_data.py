@@ -12,12 +12,13 @@ problem whose answer is one number, given as a word:
 
 The answer depends on one token of the prompt (the digit 0-9) through a fixed mapping the
 random-init base does not know; the name and the object around it are distractors. The
-held-out set is disjoint from the training set by construction: the names and the objects
-are shuffled (seeded) and split, 8 of 48 names and 6 of 36 objects for evaluation only, so
-no held-out question shares its name or its object with any training question (each digit
-and the sentence pattern do occur in both). 2000 distinct training questions, 200 distinct
-held-out ones. --seed S draws another split and other questions (the quickstart's
-robustness check over seeds); the committed files use the default seed.
+held-out set is disjoint from the training set by construction: the 95 names are shuffled
+(seeded) and split, 16 for evaluation only, so no held-out question names a person that
+occurs in any training question (the 36 objects, each digit and the sentence pattern occur
+in both). Names are one to three tokens long, so the digit's position varies within each set.
+2000 distinct training questions, 200 distinct held-out ones. --seed S draws another split
+and other questions (tools/quickstart.sh --seed S); the committed files use the default
+seed.
 
 digits-train.jsonl, digits-eval.jsonl: spelling out 2-5 digits as words ("4 0 7" ->
 "four zero seven"), 400 + 60 examples (held-out digit strings never occur in the training
@@ -36,13 +37,17 @@ NAMES = ["Ada", "Alex", "Anna", "Ben", "Bob", "Carl", "Dana", "Emma", "Eve", "Fi
          "Hugo", "Ivan", "Jack", "Kate", "Leo", "Lily", "Max", "Mia", "Nina", "Omar", "Paul",
          "Rosa", "Ruth", "Sam", "Tina", "Uma", "Vera", "Will", "Zoe", "Adam", "Clara", "Ella",
          "Igor", "Lucy", "Nora", "Oscar", "Pia", "Ravi", "Sara", "Theo", "Yara", "Hans", "Iris",
-         "Kofi", "Lena", "Mark", "Olga"]
+         "Kofi", "Lena", "Mark", "Olga", "Amir", "Bea", "Chen", "Dev", "Edgar", "Fatima",
+         "Gus", "Hana", "Ines", "Jonas", "Kai", "Lars", "Mei", "Nils", "Otto", "Priya", "Quinn",
+         "Rita", "Sven", "Tom", "Ugo", "Vik", "Wen", "Xena", "Yusuf", "Zara", "Aiko", "Boris",
+         "Cora", "Dmitri", "Elif", "Femi", "Greta", "Hiro", "Ilse", "Jana", "Karl", "Luis",
+         "Mona", "Nadia", "Oleg", "Pedro", "Rahel", "Saul", "Tariq", "Wanda", "Alma"]
 OBJECTS = ["apple", "pear", "book", "cat", "dog", "pen", "coin", "card", "shoe", "hat", "cup",
            "key", "bird", "boat", "egg", "ring", "stamp", "plum", "shell", "toy", "lamp",
            "cake", "kite", "sock", "vase", "bead", "star", "bell", "rock", "bag", "drum", "coat",
            "bowl", "duck", "frog", "nut"]
 COUNT_SEED = 20240615
-EVAL_NAMES, EVAL_OBJECTS = 8, 0
+EVAL_NAMES = 16
 N_TRAIN, N_EVAL = 2000, 200
 
 
@@ -58,8 +63,7 @@ def count_sets(seed):
     names, objects = NAMES[:], OBJECTS[:]
     rng.shuffle(names)
     rng.shuffle(objects)
-    held = (names[:EVAL_NAMES], objects[:EVAL_OBJECTS] if EVAL_OBJECTS else objects)
-    train = (names[EVAL_NAMES:], objects[EVAL_OBJECTS:])
+    held, train = (names[:EVAL_NAMES], objects), (names[EVAL_NAMES:], objects)
 
     def draw(part, n):
         combos = list(itertools.product(part[0], part[1], range(10)))
@@ -92,7 +96,8 @@ def main():
                     help=f"seed of the counting task's split and draws (default {COUNT_SEED})")
     a = ap.parse_args()
     train, held = count_sets(a.seed)
-    assert not ({r["instruction"] for r in train} & {r["instruction"] for r in held})
+    assert not ({r["instruction"].split()[0] for r in train}
+                & {r["instruction"].split()[0] for r in held}), "a held-out name occurs in training"
     write(f"{a.out}/count-train.jsonl", train)
     write(f"{a.out}/count-eval.jsonl", held)
     train, held = digits_sets()

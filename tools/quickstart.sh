@@ -14,11 +14,14 @@
 # for the adapter, at most 0.10 for the base, the paired difference significant (McNemar,
 # p < 0.01) and the held-out loss lower. Everything goes to out/quickstart/.
 #
-#   tools/quickstart.sh [--molt BIN] [--out DIR] [--steps N] [--limit N] [--no-bars]
+#   tools/quickstart.sh [--molt BIN] [--out DIR] [--seed S] [--steps N] [--limit N] [--no-bars]
 #
 #   --molt BIN  use this molt binary: no set-up, no build (the CLI test does this)
 #   --out DIR   write into DIR instead of out/quickstart (it is replaced)
-#   --steps N   train N steps instead of the config's 400
+#   --seed S    another draw of everything random: the base model's weights (init seed S),
+#               the data (make_quickstart_data.py --seed S, written to DIR/data) and the
+#               training seed S; without it: init seed 1, the committed data, training seed 1
+#   --steps N   train N steps instead of the config's 600
 #   --limit N   evaluate the first N held-out questions only
 #   --no-bars   print the figures but do not fail on them (short runs)
 #
@@ -30,23 +33,26 @@ t0=$SECONDS
 
 molt=""
 out=out/quickstart
+seed=""
 steps=""
 limit=""
 bars=1
 usage() {
-    echo "usage: $0 [--molt BIN] [--out DIR] [--steps N] [--limit N] [--no-bars]" >&2
+    echo "usage: $0 [--molt BIN] [--out DIR] [--seed S] [--steps N] [--limit N] [--no-bars]" >&2
     exit 2
 }
 while [ $# -gt 0 ]; do
     case $1 in
     --molt) [ $# -ge 2 ] || usage; molt=$2; shift 2 ;;
     --out) [ $# -ge 2 ] || usage; out=$2; shift 2 ;;
+    --seed) [ $# -ge 2 ] || usage; seed=$2; shift 2 ;;
     --steps) [ $# -ge 2 ] || usage; steps=$2; shift 2 ;;
     --limit) [ $# -ge 2 ] || usage; limit=$2; shift 2 ;;
     --no-bars) bars=0; shift ;;
     *) usage ;;
     esac
 done
+[[ -z "$seed" || "$seed" =~ ^(0|[1-9][0-9]{0,8})$ ]] || { echo "quickstart: seed '$seed' is not an integer 0-999999999" >&2; exit 2; }
 for n in "$steps" "$limit"; do
     [[ -z "$n" || "$n" =~ ^[1-9][0-9]*$ ]] || { echo "quickstart: '$n' is not a positive integer" >&2; exit 2; }
 done
@@ -78,21 +84,29 @@ cfg=configs/train/quickstart.yaml
 suite=configs/eval/quickstart.yaml
 train_set=configs/data/count-train.jsonl
 held_set=configs/data/count-eval.jsonl
-echo "== 3/7 base model: the tiny preset, random init, Tekken tokenizer -> $out/base"
+echo "== 3/7 base model: the tiny preset, random init (seed ${seed:-1}), Tekken tokenizer -> $out/base"
 rm -rf "$out"
 mkdir -p "$out"
-"$molt" init-model --preset tiny --seed 1 --out "$out/base"
+"$molt" init-model --preset tiny --seed "${seed:-1}" --out "$out/base"
+if [ -n "$seed" ]; then
+    mkdir -p "$out/data"
+    python3 tools/make_quickstart_data.py "$out/data" --seed "$seed"
+    train_set=$out/data/count-train.jsonl
+    held_set=$out/data/count-eval.jsonl
+fi
 echo "task: $(wc -l <"$train_set") training questions ($train_set), such as"
 head -n 2 "$train_set" | sed 's/^/    /'
 echo "held out: $(wc -l <"$held_set") questions about people never named in training ($held_set)"
 
 echo "== 4/7 training the adapter: QLoRA on the NF4 base ($cfg)"
-train_args=(--set "model.path=$out/base" --set "output_dir=$out/run")
+train_args=(--set "model.path=$out/base" --set "output_dir=$out/run"
+            --set "data.train=$train_set" --set "data.eval=$held_set" --set "train.seed=${seed:-1}")
 [ -n "$steps" ] && train_args+=(--set "train.steps=$steps" --set "checkpoint.every=$steps" --set "eval.every=$steps")
 "$molt" train --config "$cfg" "${train_args[@]}"
 
 echo "== 5/7 molt eval: base against base + adapter on the held-out questions ($suite)"
-eval_args=(--set "model=$out/base" --set "adapters.count=$out/run/adapter" --set "out=$out/eval")
+eval_args=(--set "model=$out/base" --set "adapters.count=$out/run/adapter" --set "out=$out/eval"
+           --set "datasets.held_out_loss.path=$held_set" --set "datasets.held_out_answers.path=$held_set")
 [ -n "$limit" ] && eval_args+=(--set "limit=$limit")
 "$molt" eval --config "$suite" --quiet "${eval_args[@]}" | tee "$out/eval.txt"
 # The bars, read from report.json: exact match and loss per system, the paired test.
