@@ -12,10 +12,13 @@ problem whose answer is one number, given as a word:
 
 The answer depends on one token of the prompt (the digit 0-9) through a fixed mapping the
 random-init base does not know; the name and the object around it are distractors. The
-held-out set is disjoint from the training set by construction: the 95 names are shuffled
-(seeded) and split, 16 for evaluation only, so no held-out question names a person that
-occurs in any training question (the 36 objects, each digit and the sentence pattern occur
-in both). Names are one to three tokens long, so the digit's position varies within each set.
+held-out set is disjoint from the training set by construction: the 95 real names are
+shuffled (seeded) and split, 16 for evaluation only, so no held-out question names a person
+that occurs in any training question (the 36 objects, each digit and the sentence pattern
+occur in both). The training questions also name ~300 made-up people ("Fagika", "Sejize":
+2-3 random consonant-vowel syllables, never one of the real names), so that the adapter sees
+many different tokens where the name stands and learns to look past them; real names are
+one to three tokens long, made-up ones one to four, so the digit's position varies too.
 2000 distinct training questions, 200 distinct held-out ones. --seed S draws another split
 and other questions (tools/quickstart.sh --seed S); the committed files use the default
 seed.
@@ -48,6 +51,8 @@ OBJECTS = ["apple", "pear", "book", "cat", "dog", "pen", "coin", "card", "shoe",
            "bowl", "duck", "frog", "nut"]
 COUNT_SEED = 20240615
 EVAL_NAMES = 16
+MADE_NAMES = 300  # drawn; the few that equal a real name are dropped
+CONSONANTS, VOWELS = "bdfghjklmnprstvz", "aeiou"
 N_TRAIN, N_EVAL = 2000, 200
 
 
@@ -63,7 +68,12 @@ def count_sets(seed):
     names, objects = NAMES[:], OBJECTS[:]
     rng.shuffle(names)
     rng.shuffle(objects)
-    held, train = (names[:EVAL_NAMES], objects), (names[EVAL_NAMES:], objects)
+    made = set()
+    while len(made) < MADE_NAMES:
+        n = "".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(rng.randrange(2, 4)))
+        made.add(n.capitalize())
+    made = sorted(made - set(NAMES))
+    held, train = (names[:EVAL_NAMES], objects), (names[EVAL_NAMES:] + made, objects)
 
     def draw(part, n):
         combos = list(itertools.product(part[0], part[1], range(10)))

@@ -21,7 +21,7 @@
 #   --seed S    another draw of everything random: the base model's weights (init seed S),
 #               the data (make_quickstart_data.py --seed S, written to DIR/data) and the
 #               training seed S; without it: init seed 1, the committed data, training seed 1
-#   --steps N   train N steps instead of the config's 600
+#   --steps N   train N steps instead of the config's 800
 #   --limit N   evaluate the first N held-out questions only
 #   --no-bars   print the figures but do not fail on them (short runs)
 #
