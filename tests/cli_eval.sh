@@ -15,8 +15,8 @@ has "--help names the tasks" "$out" "acc_norm"
 
 run "$molt" init-model --preset tiny --seed 1 --out "$tmp/base"
 same "init-model" "$rc" 0
-head -n 40 "$src/configs/data/quickstart-train.jsonl" >"$tmp/train.jsonl"
-head -n 12 "$src/configs/data/quickstart-eval.jsonl" >"$tmp/eval.jsonl"
+head -n 40 "$src/configs/data/digits-train.jsonl" >"$tmp/train.jsonl"
+head -n 12 "$src/configs/data/digits-eval.jsonl" >"$tmp/eval.jsonl"
 cat >"$tmp/c.yaml" <<YAML
 model: {path: $tmp/base}
 adapter: {r: 4, alpha: 8, targets: [q_a_proj, o_proj, experts.gate_up_proj, experts.down_proj]}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # tests/cli_eval_split.sh: `molt train` with data.eval_split: --help documents the key; a
-# 2-step run on the tiny preset holds out part of the quickstart training data and logs an
+# 2-step run on the tiny preset holds out part of the digit-spelling training data and logs an
 # eval_loss; --eval-only evaluates on the held-out part; the split together with data.eval,
 # and a split that leaves one side empty, fail with their messages. $1: the molt binary.
 . "$(dirname "$0")/harness/cli_lib.sh" "$@" || exit 1
@@ -11,11 +11,11 @@ has "--help lists data.eval_split" "$out" "data.eval_split"
 
 run "$molt" init-model --preset tiny --seed 1 --out "$tmp/base"
 same "init-model" "$rc" 0
-head -n 40 "$src/configs/data/quickstart-train.jsonl" >"$tmp/train.jsonl"
+head -n 40 "$src/configs/data/digits-train.jsonl" >"$tmp/train.jsonl"
 cat >"$tmp/c.yaml" <<YAML
 model: {path: $tmp/base}
 adapter: {r: 4, alpha: 8, targets: [q_a_proj, o_proj]}
-data: {train: $tmp/train.jsonl, eval: $src/configs/data/quickstart-eval.jsonl, format: alpaca, max_seq_len: 48}
+data: {train: $tmp/train.jsonl, eval: $src/configs/data/digits-eval.jsonl, format: alpaca, max_seq_len: 48}
 train: {steps: 2, seed: 3}
 optim: {lr: 0.01}
 output_dir: $tmp/run

@@ -14,7 +14,7 @@ same_file() { cmp -s "$2" "$3" && ok "$1" || bad "$1: $2 and $3 differ"; }
 run "$molt" init-model --preset tiny --seed 1 --out "$tmp/base"
 same "init-model" "$rc" 0
 cp -r "$tmp/base" "$tmp/base2"
-head -n 12 "$src/configs/data/quickstart-train.jsonl" >"$tmp/train.jsonl"
+head -n 12 "$src/configs/data/digits-train.jsonl" >"$tmp/train.jsonl"
 cat >"$tmp/c.yaml" <<YAML
 model: {path: $tmp/base}
 adapter: {r: 4, alpha: 8, dropout: 0.1, targets: [q_a_proj, o_proj, shared_experts.up_proj, experts]}

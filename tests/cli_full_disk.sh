@@ -41,7 +41,7 @@ mkdir -p "$disk"
 mount -t tmpfs -o size=2m tmpfs "$disk" || { echo "cannot mount a tmpfs: skipped"; exit 77; }
 trap 'umount "$disk" 2>/dev/null; rm -rf "$tmp"' EXIT
 
-head -n 16 "$src/configs/data/quickstart-train.jsonl" >"$tmp/train.jsonl"
+head -n 16 "$src/configs/data/digits-train.jsonl" >"$tmp/train.jsonl"
 cat >"$tmp/c.yaml" <<YAML
 model: {path: $tmp/base}
 adapter: {r: 4, targets: [q_a_proj, o_proj]}

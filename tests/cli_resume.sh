@@ -14,8 +14,8 @@ run "$molt" init-model --preset tiny --seed 1 --out "$tmp/base"
 same "init-model" "$rc" 0
 run "$molt" init-model --preset tiny --seed 2 --out "$tmp/other"
 same "init-model (another base)" "$rc" 0
-head -n 60 "$src/configs/data/quickstart-train.jsonl" >"$tmp/train.jsonl"
-head -n 8 "$src/configs/data/quickstart-eval.jsonl" >"$tmp/eval.jsonl"
+head -n 60 "$src/configs/data/digits-train.jsonl" >"$tmp/train.jsonl"
+head -n 8 "$src/configs/data/digits-eval.jsonl" >"$tmp/eval.jsonl"
 cat >"$tmp/c.yaml" <<YAML
 model:
   path: $tmp/base

@@ -16,8 +16,8 @@ same "no --config" "$rc" 2
 
 run "$molt" init-model --preset tiny --seed 1 --out "$tmp/base"
 same "init-model" "$rc" 0
-head -n 40 "$src/configs/data/quickstart-train.jsonl" >"$tmp/train.jsonl"
-head -n 6 "$src/configs/data/quickstart-eval.jsonl" >"$tmp/eval.jsonl"
+head -n 40 "$src/configs/data/digits-train.jsonl" >"$tmp/train.jsonl"
+head -n 6 "$src/configs/data/digits-eval.jsonl" >"$tmp/eval.jsonl"
 cat >"$tmp/c.yaml" <<YAML
 model: {path: $tmp/base, quant: nf4}
 adapter: {r: 4, alpha: 8, targets: [q_a_proj, o_proj, shared_experts.down_proj]}

@@ -9,7 +9,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 "$molt" init-model --preset tiny --seed 3 --out "$tmp/base" >/dev/null 2>"$tmp/err" \
     || { cat "$tmp/err"; exit 1; }
-head -n 24 "$src/configs/data/quickstart-train.jsonl" >"$tmp/train.jsonl"
+head -n 24 "$src/configs/data/digits-train.jsonl" >"$tmp/train.jsonl"
 cat >"$tmp/c.yaml" <<YAML
 model: {path: $tmp/base, quant: none}
 adapter:

@@ -9,7 +9,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 "$molt" init-model --preset tiny --seed 3 --out "$tmp/base" >/dev/null 2>"$tmp/err" \
     || fail "init-model: $(cat "$tmp/err")"
-head -n 1 "$src/configs/data/quickstart-train.jsonl" >"$tmp/one.jsonl"
+head -n 1 "$src/configs/data/digits-train.jsonl" >"$tmp/one.jsonl"
 cat >"$tmp/c.yaml" <<YAML
 model: {path: $tmp/base, quant: nf4}
 adapter: {r: 4, alpha: 16, targets: [experts]}

@@ -9,7 +9,7 @@
 
 run "$molt" init-model --preset tiny --seed 1 --out "$tmp/base"
 same "init-model (no limit)" "$rc" 0
-head -n 8 "$src/configs/data/quickstart-train.jsonl" >"$tmp/train.jsonl"
+head -n 8 "$src/configs/data/digits-train.jsonl" >"$tmp/train.jsonl"
 printf '1 22 333 4444\n' >"$tmp/tokens"
 cat >"$tmp/c.yaml" <<YAML
 model: {path: $tmp/base}

@@ -10,7 +10,7 @@
 # Without --model it writes the tiny random-init model; with --adapter the requests name the
 # adapter ("model": "adapter"). lm-eval goes into a virtualenv outside the repository
 # ($MOLT_LMEVAL_VENV, default ~/.cache/molt/lm-eval-venv), made on the first run.
-# lm_eval/digits.jsonl holds the first 20 records of configs/data/quickstart-eval.jsonl, each
+# lm_eval/digits.jsonl holds the first 20 records of configs/data/digits-eval.jsonl, each
 # with the answer of the record 7 further on as the other choice (the right one first on
 # even lines).
 set -euo pipefail
