@@ -200,6 +200,12 @@ ag_tensor *ag_embedding(ag_ctx *c, ag_tensor *table /* [V, C] */, ag_tensor *ids
 // same bits for any row count, row order or thread count. Recorded (training), the forward
 // is a BLAS GEMM, whose rounding may change with the row count.
 ag_tensor *ag_linear(ag_ctx *c, ag_tensor *x, ag_tensor *w);
+// The inference product of ag_linear on plain arrays, on the calling thread (for kernels
+// that already run one work item per thread): y (T, rows) = x (T, cols) . w (rows, cols)^T,
+// y overwritten, each element summed in bi_linear's fixed order (the bits of ag_linear in
+// inference for any T). f32 only.
+void ag_bi_matmul(float *y, const float *x, const float *w, int64_t T, int64_t rows,
+                  int64_t cols);
 // y = x * rsqrt(mean(x^2, last dim) + eps) * w, w [C].
 ag_tensor *ag_rmsnorm(ag_ctx *c, ag_tensor *x, ag_tensor *w, double eps);
 ag_tensor *ag_softmax(ag_ctx *c, ag_tensor *x);               // over the last dim

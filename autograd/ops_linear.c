@@ -95,6 +95,11 @@ ag_tensor *ag_linear(ag_ctx *c, ag_tensor *x, ag_tensor *w) {
     return y;
 }
 
+void ag_bi_matmul(float *y, const float *x, const float *w, int64_t T, int64_t rows,
+                  int64_t cols) {
+    bi_linear_f32(y, x, w, T, rows, cols, 1);
+}
+
 // dx += dy W whenever x requires grad (also with W frozen); dW += dy^T x only when W does.
 molt_status ag_backward_linear(ag_ctx *c, ag_node *n) {
     ag_tensor *x = n->in[0], *w = n->in[1], *dy = n->out->grad;

@@ -94,27 +94,56 @@ static double row_coef(const mdl_model *m, const ag_tensor *qtemp, int64_t i) {
 // ---------------------------------------------------------------------------------------
 // Expanded form
 
+// Query rows attended together (one work item: a head and up to QROWS consecutive rows).
+#define QROWS 8
+
 // out [n, NH, DV] from q [n, NH, DQK], key [S, NH, DQK], value [S, NH, DV]; query i sees
-// keys 0..len+i.
+// keys 0..len+i. Per head the keys are gathered into kh [S, DQK] and the values transposed
+// into vt [DV, S] (ws: NH * S * (DQK + DV) floats), so that scores and outputs are
+// batch-invariant products (ag_bi_matmul): a score is summed over DQK and an output element
+// over the S positions in an order fixed by DQK and S, the positions a row does not see
+// entering as exact zeros. A row's result therefore depends on its sequence alone, not on
+// the rows grouped with it. scratch holds QROWS * (DQK + S + DV) floats per thread.
 static void attend_expanded(float *out, const float *q, const float *key, const float *value,
                             const mdl_model *m, const ag_tensor *qtemp, attn_dims d,
-                            int64_t n, int64_t len, float *scratch, int64_t S) {
-#pragma omp parallel for schedule(dynamic, 4) if (n * S * d.nh > 65536)
-    for (int64_t k = 0; k < n * d.nh; k++) {
-        int64_t i = k / d.nh, h = k % d.nh, vis = len + i + 1;
-        float *sc = scratch + (int64_t)omp_get_thread_num() * S;
-        const float *qi = q + k * d.dqk;
-        float coef = (float)row_coef(m, qtemp, i);
-        for (int64_t s = 0; s < vis; s++)
-            sc[s] = coef * dot_lanes(qi, key + (s * d.nh + h) * d.dqk, d.dqk);
-        double sum = softmax_inplace(sc, vis);
-        float *o = out + k * d.dv;
-        memset(o, 0, (size_t)d.dv * sizeof *o);
-        for (int64_t s = 0; s < vis; s++)
-            axpy_f(o, sc[s], value + (s * d.nh + h) * d.dv, d.dv);
-        float inv = (float)(1.0 / sum);
-        for (int64_t v = 0; v < d.dv; v++)
-            o[v] *= inv;
+                            int64_t n, int64_t len, float *scratch, float *ws, int64_t S) {
+    float *kall = ws, *vall = ws + d.nh * S * d.dqk;
+#pragma omp parallel for schedule(static) if (S * d.nh * (d.dqk + d.dv) > 65536)
+    for (int64_t h = 0; h < d.nh; h++) {
+        float *kh = kall + h * S * d.dqk, *vt = vall + h * d.dv * S;
+        for (int64_t s = 0; s < S; s++) {
+            memcpy(kh + s * d.dqk, key + (s * d.nh + h) * d.dqk, (size_t)d.dqk * sizeof *kh);
+            const float *vr = value + (s * d.nh + h) * d.dv;
+            for (int64_t v = 0; v < d.dv; v++)
+                vt[v * S + s] = vr[v];
+        }
+    }
+    int64_t nb = (n + QROWS - 1) / QROWS, per = QROWS * (d.dqk + S + d.dv);
+#pragma omp parallel for schedule(dynamic, 1) if (n * S * d.nh > 65536)
+    for (int64_t k = 0; k < nb * d.nh; k++) {
+        int64_t i0 = (k / d.nh) * QROWS, h = k % d.nh;
+        int64_t nr = n - i0 < QROWS ? n - i0 : QROWS;
+        float *qb = scratch + (int64_t)omp_get_thread_num() * per;
+        float *sc = qb + QROWS * d.dqk, *ob = sc + QROWS * S;
+        for (int64_t r = 0; r < nr; r++)
+            memcpy(qb + r * d.dqk, q + ((i0 + r) * d.nh + h) * d.dqk,
+                   (size_t)d.dqk * sizeof *qb);
+        ag_bi_matmul(sc, qb, kall + h * S * d.dqk, nr, S, d.dqk);
+        double sum[QROWS] = {0};
+        for (int64_t r = 0; r < nr; r++) {
+            float *row = sc + r * S, coef = (float)row_coef(m, qtemp, i0 + r);
+            int64_t vis = len + i0 + r + 1;
+            for (int64_t s = 0; s < vis; s++)
+                row[s] *= coef;
+            sum[r] = softmax_inplace(row, vis);
+            memset(row + vis, 0, (size_t)(S - vis) * sizeof *row);
+        }
+        ag_bi_matmul(ob, sc, vall + h * d.dv * S, nr, d.dv, S);
+        for (int64_t r = 0; r < nr; r++) {
+            float inv = (float)(1.0 / sum[r]), *o = out + ((i0 + r) * d.nh + h) * d.dv;
+            for (int64_t v = 0; v < d.dv; v++)
+                o[v] = ob[r * d.dv + v] * inv;
+        }
     }
 }
 
@@ -138,11 +167,13 @@ static ag_tensor *cached_expanded(ag_ctx *c, const mdl_model *m, int l, const md
     if (mdl_attn_expand_r(c, m, l, lat, kr, r, &key, &value) != MOLT_OK)
         return NULL;
     ag_tensor *out = ag_tensor_new(&c->act, AG_F32, 3, (int64_t[]){n, d.nh, d.dv});
-    float *scratch = ag_arena_alloc(&c->act, (size_t)omp_get_max_threads() * S * sizeof *scratch);
-    if (!out || !scratch)
+    size_t per = (size_t)(QROWS * (d.dqk + S + d.dv));
+    float *scratch = ag_arena_alloc(&c->act, (size_t)omp_get_max_threads() * per * sizeof *scratch);
+    float *ws = ag_arena_alloc(&c->act, (size_t)(d.nh * S * (d.dqk + d.dv)) * sizeof *ws);
+    if (!out || !scratch || !ws)
         return NULL;
     attend_expanded(out->data, q->data, key->data, value->data, m, qtemp, d, n, len, scratch,
-                    S);
+                    ws, S);
     return out;
 }
 

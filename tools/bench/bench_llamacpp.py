@@ -8,7 +8,8 @@ sides see the same spells of machine noise, and keeps each side's best round:
   llama.cpp  `llama-bench -t THREADS -p P -n 0` (prefill of P tokens) and
              `llama-bench -t THREADS -p 0 -n G -d P` (G decode tokens after P of context)
   molt       F32 GGUF: `molt bench generate --model DIR --prompt-tokens P --gen-tokens G`
-             (its absorbed-attention row, the path `molt generate` takes);
+             (prefill from its expanded row and decode from its absorbed row: the
+             forms molt serve runs; --molt-attn picks one row for both);
              quantized GGUF: the same with --base-quant SPEC when the molt binary's bench
              accepts it, else `molt generate --base-quant SPEC --prompt-file F` with a
              prompt of exactly P tokens (<s> + P-1 one-token words) and its summary line
@@ -118,11 +119,17 @@ def molt_bench(a, prompt, gen, quant):
     cmd = [a.molt, "bench", "generate", "--model", a.model, "--prompt-tokens", str(prompt),
            "--gen-tokens", str(gen)] + (["--base-quant", quant] if quant else [])
     out, _ = run(cmd, env=molt_env(a.threads))
+    rows = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 9 and cells[4] == a.molt_attn:
-            return float(cells[6]), float(cells[8]), ""
-    raise RuntimeError(f"no '{a.molt_attn}' row in molt bench generate output:\n{out}")
+        if len(cells) >= 9 and cells[4] in ("absorbed", "expanded"):
+            rows[cells[4]] = (float(cells[6]), float(cells[8]))
+    # serve: molt serve's paths, prompts in the expanded form and decode in the absorbed one
+    pre = "expanded" if a.molt_attn == "serve" else a.molt_attn
+    dec = "absorbed" if a.molt_attn == "serve" else a.molt_attn
+    if pre not in rows or dec not in rows:
+        raise RuntimeError(f"no {pre}/{dec} rows in molt bench generate output:\n{out}")
+    return rows[pre][0], rows[dec][1], ""
 
 
 def one_token_words(molt, tokenizer):
@@ -156,7 +163,8 @@ GEN_RE = re.compile(r"(\d+) prompt tokens, generated (\d+) tokens \(([^)]*)\), p
 
 def molt_generate(a, pfile, gen, quant):
     cmd = [a.molt, "generate", "--model", a.model, "--prompt-file", pfile, "--max-tokens",
-           str(gen), "--attn", a.molt_attn] + (["--base-quant", quant] if quant else [])
+           str(gen)] + ([] if a.molt_attn == "serve" else ["--attn", a.molt_attn]) + \
+          (["--base-quant", quant] if quant else [])
     _, err = run(cmd, env=molt_env(a.threads))
     m = GEN_RE.search(err)
     if not m:
@@ -185,8 +193,9 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=128, help="decode tokens")
     ap.add_argument("--molt-quant", default="nf4,lm_head=nf4",
                     help="molt --base-quant SPEC for quantized GGUF files")
-    ap.add_argument("--molt-attn", default="absorbed", choices=["absorbed", "expanded"],
-                    help="molt's cached-attention form")
+    ap.add_argument("--molt-attn", default="serve", choices=["serve", "absorbed", "expanded"],
+                    help="molt's cached-attention form: serve (default) = prefill expanded and "
+                         "decode absorbed, as molt serve and molt generate run them")
     ap.add_argument("--llama-args", default="",
                     help="extra llama-bench arguments, e.g. '--repack 0'")
     ap.add_argument("--llama-reps", type=int, default=1, help="llama-bench -r per round")
