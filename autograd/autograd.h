@@ -286,6 +286,34 @@ ag_tensor *ag_moe_experts_multi(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_
                                 const ag_expert_stacks *w, ag_tensor *slot, int n,
                                 const ag_expert_lora *set);
 
+// ---- expert parallelism (autograd/ops_ep.c; the collectives are autograd/comm/comm.h) ----
+// The E routed experts are split in contiguous blocks over the ranks of a communicator (rank
+// p owns experts [p*E/size, (p+1)*E/size)). A route sends each routing slot (token t,
+// choice j) of this rank's tokens to the owner of expert idx[t, j]; the owner runs its
+// experts on the rows it receives without weights, and the results come back to be weighted
+// and summed per token. Both ops are collectives: every rank of the communicator calls them
+// in the same order (and, when recorded, their backward runs on every rank too).
+typedef struct ag_comm ag_comm;
+typedef struct ag_ep_route ag_ep_route;
+// Builds the route of idx I32 [T, k] (expert ids in [0, n_experts)) with optional per-token
+// tags I32 [T] (adapter slots; NULL = none) carried to the owners. idx NULL: this rank has no
+// tokens (it only serves its experts). Collective (two small all-to-alls); lives in c's
+// activation arena until the next step reset. NULL with a message on bad operands (E not
+// divisible by the ranks, idx out of range) or a failed collective.
+ag_ep_route *ag_ep_route_new(ag_ctx *c, ag_comm *comm, ag_tensor *idx, ag_tensor *tag,
+                             int64_t n_experts);
+int64_t ag_ep_route_rows(const ag_ep_route *r);         // R: rows this rank receives
+ag_tensor *ag_ep_route_local_idx(const ag_ep_route *r); // I32 [R, 1]: expert among this
+                                                        // rank's (NULL when R is 0)
+ag_tensor *ag_ep_route_tags(const ag_ep_route *r);      // I32 [R] tags (-1 without), or NULL
+// x [T, H] -> [R, H] (one zero placeholder row when R is 0): the rows routed to this rank's
+// experts, in rank order of their senders, each sender's in (t, j) order. For a route
+// without tokens x is any [1, H] tensor (only H and its dtype are used). Gradients reach x.
+ag_tensor *ag_ep_dispatch(ag_ctx *c, const ag_ep_route *r, ag_tensor *x);
+// y [R, H] (the experts' unweighted outputs of the received rows; any [1, H] tensor when R is
+// 0), w [T, k] (NULL for a route without tokens) -> [T, H]: out[t] = sum_j w[t, j] * y of
+// row (t, j) back from its owner ([1, H] zeros without tokens). Gradients reach y and w.
+ag_tensor *ag_ep_combine(ag_ctx *c, const ag_ep_route *r, ag_tensor *y, ag_tensor *w);
 
 // Mean cross-entropy of softmax(h W^T) against targets over tokens with mask[t] != 0,
 // computed in vocabulary chunks of `chunk` columns: the [T, V] logits are never held.
