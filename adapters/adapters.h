@@ -147,6 +147,24 @@ int64_t lora_group_params(const lora_adapter *ad, lora_group g);
 // The unit with this path, or NULL.
 lora_unit *lora_find_unit(lora_adapter *ad, const char *path);
 
+// ---- shards of routed-expert units (adapters/shard.c) ----------------------------------
+// On a model holding experts [first, first + count) of E (expert parallelism, model.h's
+// mdl_experts_shard), a routed-expert unit holds its experts' part of PEFT's layout: A
+// [r*count, in] = rows first*r .. of the full A [r*E, in]; B [out, r*count] with column
+// k*count + e = the full B's column k*E + first + e. Files, checkpoints and initialization
+// always deal in full matrices (lora_attach draws the full A and keeps its rows, the loaders
+// read full tensors and keep their part). Other units are whole on every rank.
+bool lora_unit_is_shard(const lora_adapter *ad, const lora_unit *u);
+// The full shape of u's A (b false) or B.
+void lora_unit_full_shape(const lora_adapter *ad, const lora_unit *u, bool b, int64_t shape[2]);
+// shard[numel of u's A or B] = this model's part of the full matrix.
+void lora_shard_from_full(const lora_adapter *ad, const lora_unit *u, bool b, const float *full,
+                          float *shard);
+// full = the matrix whose parts are the shards of every rank of the expert group, given one
+// after the other in rank order (an allgather of the shards).
+void lora_full_from_shards(const lora_adapter *ad, const lora_unit *u, bool b,
+                           const float *shards, float *full);
+
 // ---- PEFT directories (adapters/peft.c) -----------------------------------------------
 // PEFT's tensor name of a unit's A or B (`base_model.model.<path>.lora_A.weight`; routed
 // experts under their module, with ".base_layer" for gate_up_proj when both expert

@@ -102,6 +102,9 @@ typedef struct {
     size_t saved_peak;
     struct ag_profile *prof; // per-op times when MOLT_PROFILE is set (else NULL)
     bool prof_borrowed;      // prof belongs to a parent context (activation checkpointing)
+    int64_t row_offset;      // the first dim of this process's activations starts at this
+                             // row of the whole batch (data parallelism; 0 otherwise):
+                             // dropout masks follow the global row, whatever the split
 } ag_ctx;
 
 // Sets up a context and makes sure the BLAS library is loaded (ag_blas_init): its error is
@@ -435,6 +438,26 @@ void ag_qweight_free(ag_qweight *q);
 // Storage bits per parameter (8 * bytes / numel).
 double ag_qweight_bits_per_param(const ag_qweight *q);
 const char *ag_qformat_name(ag_qformat f);
+
+// Shards of NF4 expert stacks (autograd/quant_shard.c). The double-quantized absmax state of
+// a whole stack of n_blocks blocks: codes [n_blocks], scales [ceil(n_blocks / 256)], offset.
+typedef struct {
+    const uint8_t *codes;
+    const float *scales;
+    float offset;
+    int64_t n_blocks;
+} ag_nf4_dq_state;
+// q is NF4 with plain absmax and holds blocks [first_block, first_block + q->n_blocks) of a
+// stack whose double quantization is st. Re-expresses q's absmax as st stores them: double
+// quantized with st's codes, scales and offset when q's blocks start on a group of 256 and
+// end on one (or at the stack's end), else plain absmax holding the values st decodes to
+// (4.5 bits per parameter instead of 4.127). Either way q dequantizes bit for bit as the
+// whole stack does. On error q is unchanged.
+molt_status ag_qweight_nf4_restate(ag_qweight *q, const ag_nf4_dq_state *st,
+                                   int64_t first_block);
+// The double quantization of a stack's plain absmax (nb values, overwritten): what
+// ag_qweight_quantize stores (codes [nb], scales [ceil(nb / 256)], *offset).
+void ag_nf4_dq_encode(float *absmax, int64_t nb, uint8_t *codes, float *scales, float *offset);
 
 // y = x W^T with W a 2-D qweight [out, in]: x [..., in] (F32 or F64) -> [..., out]. Recorded
 // only when x requires grad; backward gives dx = dy W (W gets no gradient). In inference

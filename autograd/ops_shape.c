@@ -557,8 +557,11 @@ ag_tensor *ag_dropout(ag_ctx *c, ag_tensor *a, double p, ag_rng *rng) {
         return NULL;
     ag_rng before = *rng;
     uint64_t seed = ag_rng_next(rng);
-    if (a->dtype == AG_F32) dropout_fwd_f32(y->data, a->data, seed, p, a->numel);
-    else dropout_fwd_f64(y->data, a->data, seed, p, a->numel);
+    // a rank holding rows row_offset.. of a batch draws the masks those rows have in the
+    // whole batch (data parallelism: the same masks for any split)
+    int64_t first = c->row_offset * (a->numel / a->shape[0]);
+    if (a->dtype == AG_F32) dropout_fwd_f32(y->data, a->data, seed, p, first, a->numel);
+    else dropout_fwd_f64(y->data, a->data, seed, p, first, a->numel);
     if (!ag_should_record(c, 1, &a))
         return y;
     ag_node *n = ag_record(c, AG_OP_DROPOUT, y, 1, &a);
@@ -569,6 +572,7 @@ ag_tensor *ag_dropout(ag_ctx *c, ag_tensor *a, double p, ag_rng *rng) {
     }
     *saved = before;
     n->f[0] = p;
+    n->i[0] = first;
     return y;
 }
 
@@ -580,8 +584,8 @@ molt_status ag_backward_dropout(ag_ctx *c, ag_node *n) {
         return st;
     ag_rng r = *(const ag_rng *)n->saved;
     uint64_t seed = ag_rng_next(&r); // the same draw the forward made
-    if (g->dtype == AG_F32) dropout_bwd_f32(g->data, dy->data, seed, n->f[0], g->numel);
-    else dropout_bwd_f64(g->data, dy->data, seed, n->f[0], g->numel);
+    if (g->dtype == AG_F32) dropout_bwd_f32(g->data, dy->data, seed, n->f[0], n->i[0], g->numel);
+    else dropout_bwd_f64(g->data, dy->data, seed, n->f[0], n->i[0], g->numel);
     return MOLT_OK;
 }
 

@@ -481,13 +481,19 @@ static molt_status nf4_quantize(ag_qweight *q, const float *x) {
         nf4_encode_block(p, am + b, x, numel, b);
     if (!q->nf4_double_quant)
         return MOLT_OK;
-    q->absmax_offset = ag_torch_style_sum_f32(am, nb) / (float)nb;
-    for (int64_t b = 0; b < nb; b++)
-        am[b] -= q->absmax_offset;
-    for (int64_t g = 0; g < q->n_blocks2; g++)
-        dq_encode_group(q->absmax_q, q->absmax_scale, am, nb, g);
+    ag_nf4_dq_encode(am, nb, q->absmax_q, q->absmax_scale, &q->absmax_offset);
     molt_free(am);
     return MOLT_OK;
+}
+
+void ag_nf4_dq_encode(float *absmax, int64_t nb, uint8_t *codes, float *scales, float *offset) {
+    tables_init();
+    *offset = ag_torch_style_sum_f32(absmax, nb) / (float)nb;
+    for (int64_t b = 0; b < nb; b++)
+        absmax[b] -= *offset;
+    int64_t ng = (nb + AG_NF4_DQ_BLOCK - 1) / AG_NF4_DQ_BLOCK;
+    for (int64_t g = 0; g < ng; g++)
+        dq_encode_group(codes, scales, absmax, nb, g);
 }
 
 // INT8: per row absmax a, scale a / 127, code round-half-even(x * (127 / a)).

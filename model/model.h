@@ -224,8 +224,21 @@ typedef enum {
     MDL_LAYOUT_COUNT
 } mdl_layout;
 
+// Expert parallelism: the routed experts of every MoE layer split in contiguous blocks over
+// the ranks of a communicator (autograd/comm/comm.h). A sharded model holds its block's base
+// weights only (read from the checkpoint's byte ranges of those experts, never the whole
+// stack): gate_up [count, 2I, H], down [count, H, I]; its MoE layers send each token's rows to
+// the experts' owners (ag_ep_dispatch) and take the results back (ag_ep_combine).
+// Everything else is replicated.
+typedef struct {
+    ag_comm *comm; // the expert group; NULL: every expert is here (then first 0, count E)
+    int first;     // this rank's experts are [first, first + count) of n_routed_experts
+    int count;
+} mdl_experts_shard;
+
 typedef struct {
     mcfg cfg;
+    mdl_experts_shard ep;   // which routed experts this model holds
     ag_arena arena;         // holds every weight below
     ag_tensor *embed;       // embed_tokens [V, H]
     mdl_layer *layers;      // [L]
@@ -259,6 +272,9 @@ typedef struct {
     ag_tensor *qtemp; // F32 [T] llama-4 query temperature, or NULL when its beta is 0
 } mdl_attn_in;
 
+// This rank's block of cfg's routed experts over the ranks of `experts` (NULL or one rank:
+// all of them). MOLT_EARG when the experts do not split evenly over the ranks.
+molt_status mdl_experts_range(const mcfg *cfg, ag_comm *experts, mdl_experts_shard *out);
 // Allocates zeroed weights for cfg in m->arena and sets up the rope table, attention
 // scale and router settings. mdl_load and mdl_init_random start here. On failure m is
 // freed (safe to mdl_free again).
@@ -446,6 +462,13 @@ const char *mdl_qspec_str(const mdl_qspec *q, char *buf, size_t cap);
 // (written by mdl_save_quant) loads its stored state as is and `spec` is ignored; spec NULL
 // with a plain checkpoint loads it unquantized. MOLT_EFORMAT names a corrupt tensor/field.
 molt_status mdl_load_quant(const char *dir, const mdl_qspec *spec, mdl_model *m);
+// mdl_load_quant holding only this rank's routed experts of the expert group `experts`
+// (NULL: all; see mdl_experts_shard). Collective over `experts` when NF4 with double
+// quantization is asked for the experts: the offset of the stack's absmax is the mean over
+// every expert, so the ranks exchange their absmax (1/64 of the stack's values) and each
+// stores exactly what quantizing the whole stack gives for its experts.
+molt_status mdl_load_quant_ex(const char *dir, const mdl_qspec *spec, ag_comm *experts,
+                              mdl_model *m);
 // Writes a pre-quantized checkpoint (HF names; NF4 state stored beside each weight in
 // bitsandbytes' quant_state convention, INT8 with .SCB, FP8 with _scale_inv) to path.
 molt_status mdl_save_quant(const mdl_model *m, const char *path);
