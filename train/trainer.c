@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "../adapters/adapters.h"
+#include "../autograd/comm/comm.h"
 #include "../common/fsio.h"
 #include "../model/model.h"
 
@@ -44,6 +45,10 @@ typedef struct {
     char *resolved;                 // config.resolved.yaml text
     metrics_log mlog;
     bool mlog_open;
+    trn_par par;                    // the ranks (one process: a world of one)
+    bool quiet;                     // no progress output (--quiet, or not rank 0)
+    bool *shard;                    // [n_params] a routed-expert LoRA shard (expert parallel)
+    double comm_s0;                 // seconds in collectives when the loop started
 } trn;
 
 static volatile sig_atomic_t g_stop;
@@ -119,12 +124,14 @@ static molt_status compute_hashes(const trn_config *c, const char *tok_path, ckp
 
 static molt_status load_model(trn *t) {
     const trn_config *c = t->cfg;
+    ag_comm *experts = trn_par_experts(&t->par);
     if (!strcmp(c->quant, "none") || !*c->quant)
-        return mdl_load(c->model, &t->model);
+        return experts ? mdl_load_quant_ex(c->model, NULL, experts, &t->model)
+                       : mdl_load(c->model, &t->model);
     mdl_qspec q;
     if (mdl_qspec_parse(c->quant, &q) != MOLT_OK)
         return molt_err_wrap(MOLT_EARG, "config key 'model.quant'");
-    return mdl_load_quant(c->model, &q, &t->model);
+    return mdl_load_quant_ex(c->model, &q, experts, &t->model);
 }
 
 // Collects A and B of every unit as the optimizer's parameter list.
@@ -132,12 +139,14 @@ static molt_status collect_params(trn *t) {
     int n = 2 * t->ad.n_units;
     t->params = molt_calloc((size_t)(n ? n : 1), sizeof *t->params);
     t->names = molt_calloc((size_t)(n ? n : 1), sizeof *t->names);
-    if (!t->params || !t->names)
+    t->shard = molt_calloc((size_t)(n ? n : 1), sizeof *t->shard);
+    if (!t->params || !t->names || !t->shard)
         return molt_err(MOLT_ENOMEM, "train: parameter list");
     for (int i = 0; i < t->ad.n_units; i++) {
         lora_unit *u = &t->ad.units[i];
         t->params[2 * i] = u->a;
         t->params[2 * i + 1] = u->b;
+        t->shard[2 * i] = t->shard[2 * i + 1] = lora_unit_is_shard(&t->ad, u);
         snprintf(t->names[2 * i], CKPT_NAME_MAX, "%.100s.lora_A", u->path);
         snprintf(t->names[2 * i + 1], CKPT_NAME_MAX, "%.100s.lora_B", u->path);
     }
@@ -195,11 +204,27 @@ static molt_status count_steps(trn *t) {
 }
 
 // ---- one batch through the model --------------------------------------------------------
-// Flattens the (rows, seq_len) batch into one packed sequence of T tokens: segment ids are
-// made unique per row (padding gets its own segment per row) so rows never attend to one
-// another; targets are the next-token labels with weight 0 where there is none.
-static molt_status build_batch(ag_ctx *c, const ds_batch *b, mdl_batch *mb, double *weight) {
-    int64_t S = b->seq_len, T = (int64_t)b->rows_used * S;
+// Flattens rows [row0, row0 + n) of the (rows, seq_len) batch into one packed sequence of T
+// tokens: segment ids are made unique per row (padding gets its own segment per row) so rows
+// never attend to one another; targets are the next-token labels with weight 0 where there
+// is none. A rank without rows (the end of an epoch split over ranks) gets one padding token
+// that trains nothing: it still takes part in its expert group's all-to-alls.
+static molt_status build_batch(ag_ctx *c, const ds_batch *b, int row0, int n, mdl_batch *mb,
+                               double *weight) {
+    int64_t S = b->seq_len, T = (int64_t)n * S, base = (int64_t)row0 * S;
+    c->row_offset = base; // dropout masks as the whole batch has them
+    if (n == 0) {
+        ag_tensor *one[5] = {ag_tensor_new1(&c->act, AG_I32, 1), ag_tensor_new1(&c->act, AG_I32, 1),
+                             ag_tensor_new1(&c->act, AG_I32, 1), ag_tensor_new1(&c->act, AG_I32, 1),
+                             ag_tensor_new1(&c->act, AG_F32, 1)};
+        for (int i = 0; i < 5; i++)
+            if (!one[i])
+                return molt_err(MOLT_ENOMEM, "train: batch of one token");
+        *mb = (mdl_batch){.ids = one[0], .pos = one[1], .seg = one[2], .targets = one[3],
+                          .mask = one[4]};
+        *weight = 0;
+        return MOLT_OK;
+    }
     ag_tensor *ids = ag_tensor_new1(&c->act, AG_I32, T), *pos = ag_tensor_new1(&c->act, AG_I32, T);
     ag_tensor *seg = ag_tensor_new1(&c->act, AG_I32, T), *tg = ag_tensor_new1(&c->act, AG_I32, T);
     ag_tensor *mask = ag_tensor_new1(&c->act, AG_F32, T);
@@ -213,12 +238,12 @@ static molt_status build_batch(ag_ctx *c, const ds_batch *b, mdl_batch *mb, doub
     float *pm = mask->data;
     double w = 0;
     for (int64_t i = 0; i < T; i++) {
-        int64_t row = i / S;
-        pi[i] = b->ids[i];
-        pp[i] = b->pos[i];
-        ps[i] = (int32_t)(row * (S + 2) + (b->segment[i] ? b->segment[i] : S + 1));
-        pt[i] = labels[i] >= 0 ? labels[i] : 0;
-        pm[i] = labels[i] >= 0 ? 1.0f : 0.0f;
+        int64_t g = base + i, row = g / S;
+        pi[i] = b->ids[g];
+        pp[i] = b->pos[g];
+        ps[i] = (int32_t)(row * (S + 2) + (b->segment[g] ? b->segment[g] : S + 1));
+        pt[i] = labels[g] >= 0 ? labels[g] : 0;
+        pm[i] = labels[g] >= 0 ? 1.0f : 0.0f;
         w += pm[i];
     }
     molt_free(labels);
@@ -227,22 +252,52 @@ static molt_status build_batch(ag_ctx *c, const ds_batch *b, mdl_batch *mb, doub
     return MOLT_OK;
 }
 
-// Forward (and backward when train) of one batch; *loss is the mean loss over its targets,
-// *weight the number of targets (0: nothing to learn, no backward).
+// Test hooks of parallel runs: MOLT_TEST_KILL_RANK / MOLT_TEST_STOP_RANK = "R@S" make rank R
+// die (SIGKILL) or hang (SIGSTOP) in the middle of step S, after its first forward.
+static void rank_hooks(const trn *t) {
+    const char *names[2] = {"MOLT_TEST_KILL_RANK", "MOLT_TEST_STOP_RANK"};
+    for (int i = 0; i < 2; i++) {
+        const char *v = getenv(names[i]);
+        int r = -1;
+        long long s = -1;
+        if (v && sscanf(v, "%d@%lld", &r, &s) == 2 && r == t->par.rank && s == t->step + 1)
+            raise(i == 0 ? SIGKILL : SIGSTOP);
+    }
+}
+
+// Forward (and backward when train) of one batch, this rank's rows of it; *loss is the mean
+// loss over the whole batch's targets, *weight their number (0: nothing to learn, no
+// backward on any rank). Each rank's loss is weighted by its share of the targets before
+// backward, so the gradients summed over ranks are those of the whole batch.
 static molt_status run_batch(trn *t, const ds_batch *b, bool train, double *loss,
                              double *weight) {
     mdl_batch mb;
     ag_ctx_step_reset(&t->ctx);
     ag_ctx_set_grad(&t->ctx, train);
-    MOLT_TRY(build_batch(&t->ctx, b, &mb, weight));
+    int row0, n;
+    trn_par_rows(&t->par, b->rows, b->rows_used, &row0, &n);
+    double mine;
+    MOLT_TRY(build_batch(&t->ctx, b, row0, n, &mb, &mine));
+    *weight = mine;
+    MOLT_TRY(trn_par_sum(&t->par, weight, 1));
     *loss = 0;
     if (*weight == 0)
         return MOLT_OK;
     ag_tensor *out;
     MOLT_TRY(mdl_forward(&t->ctx, &t->model, &mb, &out));
     *loss = ag_get(out, 0);
-    if (train)
+    if (t->par.size > 1) {
+        double part = *loss * mine;
+        MOLT_TRY(trn_par_sum(&t->par, &part, 1));
+        *loss = part / *weight;
+        out = train ? ag_scale(&t->ctx, out, mine / *weight) : out;
+        if (!out)
+            return molt_err_wrap(MOLT_EARG, "train: weighting the loss");
+    }
+    if (train) {
+        rank_hooks(t);
         MOLT_TRY(ag_backward(&t->ctx, out));
+    }
     return MOLT_OK;
 }
 
@@ -277,19 +332,46 @@ static molt_status evaluate(trn *t, double *out, int64_t *n_tokens) {
 }
 
 // ---- checkpoints ------------------------------------------------------------------------
+// Parameter i's unit and whether it is that unit's B.
+static lora_unit *unit_of(trn *t, int i) { return &t->ad.units[i / 2]; }
+
+// Sets tensor `name` of s to parameter i's full value of `local` (a shard's whole matrix
+// gathered over its expert group; s NULL: a rank that only helps gathering).
+static molt_status set_full(trn *t, ckpt_state *s, int i, const char *name, const float *local) {
+    lora_unit *u = unit_of(t, i);
+    int64_t shape[2];
+    lora_unit_full_shape(&t->ad, u, i % 2, shape);
+    if (!t->shard[i])
+        return s ? ckpt_set_tensor(s, name, 2, shape, local) : MOLT_OK;
+    float *full = molt_malloc((size_t)(shape[0] * shape[1]) * sizeof *full);
+    if (!full)
+        return molt_err(MOLT_ENOMEM, "train: out of memory gathering %s", name);
+    molt_status st = trn_par_gather(&t->par, &t->ad, u, i % 2, local, full);
+    if (st == MOLT_OK && s)
+        st = ckpt_set_tensor(s, name, 2, shape, full);
+    molt_free(full);
+    return st;
+}
+
+// The whole adapter and optimizer state, whatever the ranks: shards gathered (s is NULL on
+// the ranks that only gather).
 static molt_status fill_ckpt(trn *t, ckpt_state *s) {
     char name[CKPT_NAME_MAX + 16];
-    s->step = t->step;
+    if (s)
+        s->step = t->step;
     for (int i = 0; i < t->n_params; i++) {
         ag_tensor *p = t->params[i];
-        MOLT_TRY(ckpt_set_tensor(s, t->names[i], p->ndim, p->shape, p->data));
+        MOLT_TRY(set_full(t, s, i, t->names[i], p->data));
         snprintf(name, sizeof name, "adam_m.%s", t->names[i]);
-        MOLT_TRY(ckpt_set_tensor(s, name, p->ndim, p->shape, t->opt.m[i]));
+        MOLT_TRY(set_full(t, s, i, name, t->opt.m[i]));
         snprintf(name, sizeof name, "adam_v.%s", t->names[i]);
-        MOLT_TRY(ckpt_set_tensor(s, name, p->ndim, p->shape, t->opt.v[i]));
+        MOLT_TRY(set_full(t, s, i, name, t->opt.v[i]));
         snprintf(name, sizeof name, "adam_step.%s", t->names[i]);
-        MOLT_TRY(ckpt_set_int(s, name, t->opt.steps[i]));
+        if (s)
+            MOLT_TRY(ckpt_set_int(s, name, t->opt.steps[i]));
     }
+    if (!s)
+        return MOLT_OK;
     MOLT_TRY(ckpt_set_int(s, "train.step", t->step));
     MOLT_TRY(ckpt_set_int(s, "train.tokens", t->tokens));
     MOLT_TRY(ckpt_set_float(s, "train.elapsed_s", t->elapsed_prev));
@@ -335,6 +417,10 @@ static long env_long(const char *name) {
 }
 
 static molt_status save_ckpt(trn *t, double elapsed_run) {
+    if (!trn_par_gathers(&t->par))
+        return MOLT_OK;
+    if (!trn_par_writes(&t->par))
+        return fill_ckpt(t, NULL);
     ckpt_state s;
     ckpt_state_init(&s);
     double keep = t->elapsed_prev;
@@ -360,21 +446,24 @@ static molt_status save_ckpt(trn *t, double elapsed_run) {
 }
 
 static void report_bad(void *user, const char *path, const char *message) {
-    (void)user;
-    fprintf(stderr, "molt train: skipping checkpoint %s: %s\n", path, message);
+    if (!*(const bool *)user)
+        fprintf(stderr, "molt train: skipping checkpoint %s: %s\n", path, message);
 }
 
-static molt_status restore_tensor(const ckpt_state *s, const char *file, const char *name,
-                                  float *dst, int64_t numel) {
+// Parameter i's `name` from the checkpoint (the whole matrix; a shard keeps its part).
+static molt_status restore_tensor(trn *t, const ckpt_state *s, const char *file, int i,
+                                  const char *name, float *dst) {
     const ckpt_tensor *ct = ckpt_get_tensor(s, name);
     if (!ct)
         return molt_err(MOLT_EFORMAT, "checkpoint %s: no tensor '%s' (another adapter spec?)",
                         file, name);
-    if (ct->numel != numel)
+    int64_t shape[2];
+    lora_unit_full_shape(&t->ad, unit_of(t, i), i % 2, shape);
+    if (ct->numel != shape[0] * shape[1])
         return molt_err(MOLT_EFORMAT, "checkpoint %s: tensor '%s' has %lld elements, the "
                         "adapter %lld (another adapter spec?)", file, name,
-                        (long long)ct->numel, (long long)numel);
-    memcpy(dst, ct->data, (size_t)numel * sizeof *dst);
+                        (long long)ct->numel, (long long)(shape[0] * shape[1]));
+    lora_shard_from_full(&t->ad, unit_of(t, i), i % 2, ct->data, dst);
     return MOLT_OK;
 }
 
@@ -385,11 +474,11 @@ static molt_status restore(trn *t, const ckpt_state *s, const char *file) {
         fprintf(stderr, "molt train: warning (--force): %s\n", warn);
     for (int i = 0; i < t->n_params; i++) {
         ag_tensor *p = t->params[i];
-        MOLT_TRY(restore_tensor(s, file, t->names[i], p->data, p->numel));
+        MOLT_TRY(restore_tensor(t, s, file, i, t->names[i], p->data));
         snprintf(name, sizeof name, "adam_m.%s", t->names[i]);
-        MOLT_TRY(restore_tensor(s, file, name, t->opt.m[i], p->numel));
+        MOLT_TRY(restore_tensor(t, s, file, i, name, t->opt.m[i]));
         snprintf(name, sizeof name, "adam_v.%s", t->names[i]);
-        MOLT_TRY(restore_tensor(s, file, name, t->opt.v[i], p->numel));
+        MOLT_TRY(restore_tensor(t, s, file, i, name, t->opt.v[i]));
         snprintf(name, sizeof name, "adam_step.%s", t->names[i]);
         MOLT_TRY(ckpt_get_int(s, name, &t->opt.steps[i]));
     }
@@ -439,19 +528,20 @@ static molt_status maybe_resume(trn *t, bool *resumed) {
     ckpt_state_init(&s);
     char *path = NULL;
     molt_status st;
+    bool quiet = t->quiet;
     if (!strcmp(r, "auto")) {
-        st = ckpt_find_latest_valid(dir, report_bad, NULL, &path, &s);
+        st = ckpt_find_latest_valid(dir, report_bad, &quiet, &path, &s);
     } else {
         path = molt_strdup(r);
         st = path ? ckpt_read(r, &s) : molt_err(MOLT_ENOMEM, "train: resume path");
     }
     if (st == MOLT_OK && path) {
         st = restore(t, &s, path);
-        if (st == MOLT_OK && !t->o->quiet)
+        if (st == MOLT_OK && !t->quiet)
             fprintf(stderr, "molt train: resumed from %s (step %lld)\n", path,
                     (long long)t->step);
         *resumed = st == MOLT_OK;
-    } else if (st == MOLT_OK && !t->o->quiet) {
+    } else if (st == MOLT_OK && !t->quiet) {
         fprintf(stderr, "molt train: no checkpoint in %s/checkpoints: starting fresh\n", dir);
     }
     molt_free(path);
@@ -461,7 +551,7 @@ static molt_status maybe_resume(trn *t, bool *resumed) {
 
 // ---- the loop ---------------------------------------------------------------------------
 static void progress(trn *t, double loss, double lr, double run_s, int64_t steps_run) {
-    if (t->o->quiet)
+    if (t->quiet)
         return;
     bool tty = isatty(STDERR_FILENO);
     bool last = t->step == t->total_steps;
@@ -498,9 +588,14 @@ static molt_status train_step(trn *t, double *loss, double *gnorm, double *lr) {
     }
     ag_ctx_step_reset(&t->ctx);
     *loss = sum / c->grad_accum;
+    MOLT_TRY(trn_par_reduce_grads(&t->par, t->params, t->shard, t->n_params));
     if (c->grad_accum > 1)
         opt_grads_scale(t->params, t->n_params, 1.0 / c->grad_accum);
-    MOLT_TRY(opt_clip_grad_norm(t->params, t->n_params, c->max_grad_norm, gnorm));
+    if (t->par.size > 1)
+        MOLT_TRY(trn_par_clip(&t->par, t->params, t->shard, t->n_params, c->max_grad_norm,
+                              gnorm));
+    else
+        MOLT_TRY(opt_clip_grad_norm(t->params, t->n_params, c->max_grad_norm, gnorm));
     *lr = sched_lr(&t->sched);
     MOLT_TRY(opt_adamw_step(&t->opt, *lr));
     sched_advance(&t->sched);
@@ -508,20 +603,70 @@ static molt_status train_step(trn *t, double *loss, double *gnorm, double *lr) {
     return MOLT_OK;
 }
 
+static molt_status write_adapter(trn *t, const lora_adapter *ad);
+
+// The adapter with whole matrices: t->ad itself, or (expert parallel) a copy of its unit list
+// whose expert shards are replaced by the gathered matrices, allocated in `ar`. Collective
+// over the expert group of replica 0; full->units is molt_free'd by the caller when it is not
+// t->ad's.
+static molt_status whole_adapter(trn *t, ag_arena *ar, lora_adapter *full) {
+    *full = t->ad;
+    bool any = false;
+    for (int i = 0; i < t->n_params; i++)
+        any = any || t->shard[i];
+    if (!any)
+        return MOLT_OK;
+    full->units = molt_malloc((size_t)t->ad.n_units * sizeof *full->units);
+    if (!full->units)
+        return molt_err(MOLT_ENOMEM, "train: adapter copy");
+    memcpy(full->units, t->ad.units, (size_t)t->ad.n_units * sizeof *full->units);
+    for (int i = 0; i < t->n_params; i++) {
+        if (!t->shard[i])
+            continue;
+        lora_unit *u = &full->units[i / 2];
+        int64_t shape[2];
+        lora_unit_full_shape(&t->ad, unit_of(t, i), i % 2, shape);
+        ag_tensor *w = ag_tensor_new2(ar, AG_F32, shape[0], shape[1]);
+        if (!w)
+            return molt_err_wrap(MOLT_ENOMEM, "train: whole adapter");
+        MOLT_TRY(trn_par_gather(&t->par, &t->ad, unit_of(t, i), i % 2, t->params[i]->data,
+                                w->data));
+        *(i % 2 ? &u->b : &u->a) = w;
+        u->n_exp = t->model.cfg.n_routed_experts;
+    }
+    return MOLT_OK;
+}
+
 // Both forms of the adapter are written completely (the PEFT directory beside adapter/, the
 // HDF5 file under a temporary name) before either replaces the previous one, so a failure
-// leaves the two files of the same step as they were.
+// leaves the two files of the same step as they were. Across ranks: the shards are gathered
+// on replica 0 and rank 0 writes.
 static molt_status save_adapter(trn *t) {
+    if (!trn_par_gathers(&t->par))
+        return MOLT_OK;
+    ag_arena ar;
+    ag_arena_init(&ar, "whole adapter", 1 << 20);
+    lora_adapter ad;
+    molt_status st = whole_adapter(t, &ar, &ad);
+    if (st == MOLT_OK && trn_par_writes(&t->par))
+        st = write_adapter(t, &ad);
+    if (ad.units != t->ad.units)
+        molt_free(ad.units);
+    ag_arena_free(&ar);
+    return st;
+}
+
+static molt_status write_adapter(trn *t, const lora_adapter *ad) {
     char p[TRN_PATH_MAX + 64], *h5_tmp = NULL;
     snprintf(p, sizeof p, "%s/adapter", t->cfg->output_dir);
     molt_outdir d;
     MOLT_TRY(molt_outdir_begin(&d, p, true, "adapter directory"));
-    molt_status st = lora_export_peft(&t->ad, d.tmp, t->cfg->model);
+    molt_status st = lora_export_peft(ad, d.tmp, t->cfg->model);
     snprintf(p, sizeof p, "%s/adapter.h5", t->cfg->output_dir);
     if (st == MOLT_OK)
         st = molt_tmp_path(p, &h5_tmp);
     if (st == MOLT_OK)
-        st = lora_save(&t->ad, h5_tmp);
+        st = lora_save(ad, h5_tmp);
     if (st == MOLT_OK)
         st = molt_outdir_commit(&d);
     else
@@ -532,7 +677,7 @@ static molt_status save_adapter(trn *t) {
         unlink(h5_tmp);
     molt_free(h5_tmp);
     MOLT_TRY(st);
-    if (!t->o->quiet)
+    if (!t->quiet)
         fprintf(stderr, "molt train: adapter saved to %s/adapter (PEFT) and %s\n",
                 t->cfg->output_dir, p);
     return MOLT_OK;
@@ -554,19 +699,26 @@ static molt_status loop(trn *t, bool *interrupted) {
             MOLT_TRY(evaluate(t, &r.eval_loss, NULL));
             r.has_eval = true;
         }
-        MOLT_TRY(metrics_append(&t->mlog, &r));
+        if (t->mlog_open)
+            MOLT_TRY(metrics_append(&t->mlog, &r));
         progress(t, loss, lr, run_s, t->step - start);
-        if (r.has_eval && !t->o->quiet)
+        if (r.has_eval && !t->quiet)
             fprintf(stderr, "molt train: step %lld eval_loss %.4f\n", (long long)t->step,
                     r.eval_loss);
+        // a signal seen by one rank stops every rank after the same step
+        bool stop = g_stop != 0;
+        MOLT_TRY(trn_par_any(&t->par, &stop));
+        if (stop && !g_stop)
+            g_stop = SIGTERM;
         bool ckpt = last || g_stop || (c->ckpt_every > 0 && t->step % c->ckpt_every == 0) ||
                     env_long("MOLT_TEST_KILL_AT_STEP") == t->step ||
                     env_long("MOLT_TEST_KILL_IN_CKPT_WRITE") == t->step;
         if (ckpt)
             MOLT_TRY(save_ckpt(t, now_s() - t0));
         if (g_stop && !last) {
-            fprintf(stderr, "\nmolt train: interrupted: checkpoint of step %lld written; "
-                    "continue with --resume auto\n", (long long)t->step);
+            if (!t->quiet)
+                fprintf(stderr, "\nmolt train: interrupted: checkpoint of step %lld written; "
+                        "continue with --resume auto\n", (long long)t->step);
             *interrupted = true;
             return MOLT_OK;
         }
@@ -576,6 +728,8 @@ static molt_status loop(trn *t, bool *interrupted) {
 
 static molt_status setup(trn *t) {
     const trn_config *c = t->cfg;
+    MOLT_TRY(trn_par_init(&t->par, t->o->world, c));
+    t->quiet = t->o->quiet || t->par.rank != 0;
     char tok[TRN_PATH_MAX + 32];
     MOLT_TRY(tokenizer_path(c, tok, sizeof tok));
     MOLT_TRY(tok_load(tok, &t->tok));
@@ -593,7 +747,7 @@ static molt_status setup_training(trn *t) {
     MOLT_TRY(lora_spec_parse(c->adapter, &spec));
     MOLT_TRY(lora_attach(&t->model, &spec, true, &t->ad));
     t->attached = true;
-    if (!t->o->quiet)
+    if (!t->quiet)
         lora_print_table(&t->ad, stderr);
     MOLT_TRY(collect_params(t));
     MOLT_TRY(opt_adamw_init(&t->opt, t->n_params, t->params, &c->adamw));
@@ -601,10 +755,12 @@ static molt_status setup_training(trn *t) {
     MOLT_TRY(count_steps(t));
     MOLT_TRY(sched_init(&t->sched, c->schedule, c->lr, c->warmup_steps, t->total_steps));
     MOLT_TRY(open_loader(t, false, &t->loader));
-    MOLT_TRY(mkdir_p(c->output_dir));
     t->resolved = trn_config_yaml(c);
     if (!t->resolved)
         return molt_err(MOLT_ENOMEM, "train: resolved config");
+    if (!trn_par_writes(&t->par))
+        return MOLT_OK;
+    MOLT_TRY(mkdir_p(c->output_dir));
     char p[TRN_PATH_MAX + 32];
     snprintf(p, sizeof p, "%s/config.resolved.yaml", c->output_dir);
     return write_text(p, t->resolved);
@@ -621,8 +777,9 @@ static molt_status eval_only(trn *t) {
     double loss;
     int64_t n;
     MOLT_TRY(evaluate(t, &loss, &n));
-    printf("eval_loss %.6f (%lld target tokens, %s)\n", loss, (long long)n,
-           t->o->eval_adapter ? t->o->eval_adapter : "base model");
+    if (trn_par_writes(&t->par))
+        printf("eval_loss %.6f (%lld target tokens, %s)\n", loss, (long long)n,
+               t->o->eval_adapter ? t->o->eval_adapter : "base model");
     return MOLT_OK;
 }
 
@@ -635,6 +792,7 @@ static void trn_free(trn *t) {
         opt_adamw_free(&t->opt);
     molt_free(t->params);
     molt_free(t->names);
+    molt_free(t->shard);
     if (t->attached)
         lora_detach(&t->ad);
     mdl_free(&t->model);
@@ -642,6 +800,7 @@ static void trn_free(trn *t) {
     chat_template_free(t->ct);
     tok_free(t->tok);
     molt_free(t->resolved);
+    trn_par_free(&t->par);
 }
 
 molt_status trn_run(const trn_config *c, const trn_run_opts *o, bool *interrupted) {
@@ -660,9 +819,10 @@ molt_status trn_run(const trn_config *c, const trn_run_opts *o, bool *interrupte
         st = setup_training(t);
         if (st == MOLT_OK)
             st = maybe_resume(t, &resumed);
-        if (st == MOLT_OK)
+        if (st == MOLT_OK && trn_par_writes(&t->par)) {
             st = metrics_open(&t->mlog, c->output_dir, resumed ? t->step : 0);
-        t->mlog_open = st == MOLT_OK;
+            t->mlog_open = st == MOLT_OK;
+        }
         struct sigaction sa = {.sa_handler = on_signal}, old_int, old_term;
         sigemptyset(&sa.sa_mask);
         sigaction(SIGINT, &sa, &old_int);

@@ -47,6 +47,9 @@ typedef struct {
     char output_dir[TRN_PATH_MAX];
     int ckpt_every, keep_last;    // checkpoint.every (0: at the end only), keep_last
     int eval_every, eval_max_batches; // eval.every (0: at the end only), eval.max_batches
+    int par_data;                 // parallel.data: replicas (0: ranks / parallel.expert)
+    int par_expert;               // parallel.expert: ranks the routed experts are split over
+    double par_timeout_s;         // parallel.timeout_s: a collective waiting longer fails
 } trn_config;
 
 // Fills c with the defaults (the required paths empty).
@@ -68,6 +71,7 @@ typedef struct {
     bool eval_only;      // evaluate (base, or base + eval_adapter) and exit
     const char *eval_adapter; // adapter file or PEFT directory for eval_only (may be NULL)
     bool quiet;          // no progress output
+    ag_comm *world;      // every rank of the job (autograd/comm/comm.h); NULL: one process
 } trn_run_opts;
 
 // Runs training (or evaluation) as configured. Writes output_dir/{config.resolved.yaml,
@@ -78,6 +82,44 @@ molt_status trn_run(const trn_config *c, const trn_run_opts *o, bool *interrupte
 
 // The known keys with a line of help each, for --help.
 void trn_config_print_keys(FILE *f);
+
+// ---- across ranks (train/parallel.c) ----------------------------------------------------
+// World rank r = d * expert + e: replica d of parallel.data holds expert block e of
+// parallel.expert. Each rank trains on batch_size / ranks rows of every batch.
+typedef struct {
+    ag_comm *world;        // not owned
+    ag_comm *ep;           // the ranks of replica d (expert group; NULL with one rank)
+    ag_comm *dp;           // the ranks holding expert block e (NULL with one rank)
+    int rank, size, data, expert, d, e;
+} trn_par;
+// Checks data x expert = ranks and batch_size % ranks == 0 (MOLT_EARG naming the keys), sets
+// the world's timeout and splits the groups (collective).
+molt_status trn_par_init(trn_par *p, ag_comm *world, const trn_config *c);
+void trn_par_free(trn_par *p);
+// The expert group to shard the model over (NULL when parallel.expert is 1).
+ag_comm *trn_par_experts(const trn_par *p);
+// This rank's rows [*row0, *row0 + *n) of a batch of `rows` rows, rows_used of them real
+// (*n may be 0 in the last batch of an epoch).
+void trn_par_rows(const trn_par *p, int rows, int rows_used, int *row0, int *n);
+// v[0..n) summed over the world; *flag true on every rank when it is true on one.
+molt_status trn_par_sum(const trn_par *p, double *v, int n);
+molt_status trn_par_any(const trn_par *p, bool *flag);
+// Gradients summed: params with shard[i] false over the world, shard[i] true (routed-expert
+// LoRA of a sharded model) over the replicas of the shard. Afterwards every parameter has a
+// gradient, the same on every rank that holds it.
+molt_status trn_par_reduce_grads(const trn_par *p, ag_tensor *const *params, const bool *shard,
+                                 int n);
+// opt_clip_grad_norm over the whole adapter: the shards' squares summed over the expert group.
+molt_status trn_par_clip(const trn_par *p, ag_tensor *const *params, const bool *shard, int n,
+                         double max_norm, double *total_norm);
+// Rank 0 writes files; the ranks of replica 0 take part in gathering shards.
+bool trn_par_writes(const trn_par *p);
+bool trn_par_gathers(const trn_par *p);
+// full = unit u's whole A (b false) or B from every rank's `local` (collective over the
+// expert group for a shard; a copy otherwise). Only ranks where trn_par_gathers is true call
+// it.
+molt_status trn_par_gather(const trn_par *p, const lora_adapter *ad, const lora_unit *u, bool b,
+                           const float *local, float *full);
 
 int trn_cmd_train(int argc, char **argv); // molt train
 // molt export: --checkpoint CKPT here (train/export.c), every other form is lora_cmd_export.
