@@ -330,6 +330,13 @@ ag_tensor *ag_cross_entropy_linear(ag_ctx *c, ag_tensor *h, ag_tensor *w, ag_ten
 ag_tensor *ag_cross_entropy_linear2(ag_ctx *c, ag_tensor *h, ag_tensor *w, ag_tensor *h2,
                                     ag_tensor *w2, ag_tensor *targets, ag_tensor *mask,
                                     int64_t chunk);
+// The same with the summed loss divided by norm instead of the mask's sum (norm 0: the
+// mask's sum; a mask summing to 0 still gives 0): the rows of one rank of a batch split over
+// ranks give their share of the whole batch's mean, with the per-token gradients one process
+// computes.
+ag_tensor *ag_cross_entropy_linear_norm(ag_ctx *c, ag_tensor *h, ag_tensor *w, ag_tensor *h2,
+                                        ag_tensor *w2, ag_tensor *targets, ag_tensor *mask,
+                                        int64_t chunk, double norm);
 
 // ---- activation checkpointing (autograd/ops_checkpoint.c) ----
 // fn builds a sub-graph on c from inputs[0..n_in) (and whatever it captures through user)

@@ -433,7 +433,8 @@ ag_tensor *mdl_logits(ag_ctx *c, const mdl_model *m, ag_tensor *hidden) {
 // adapter arithmetic as mdl_linear, without [T, V] logits or a merged weight).
 static ag_tensor *fused_loss(ag_ctx *c, const mdl_lin *lin, ag_tensor *h, const mdl_batch *b) {
     if (!lin->lora_a)
-        return ag_cross_entropy_linear(c, h, lin->w, b->targets, b->mask, MDL_CE_CHUNK);
+        return ag_cross_entropy_linear_norm(c, h, lin->w, NULL, NULL, b->targets, b->mask,
+                                            MDL_CE_CHUNK, b->loss_norm);
     if (!lin->lora_b) {
         molt_err(MOLT_EARG, "mdl_linear: lora_a without lora_b");
         return NULL;
@@ -443,8 +444,8 @@ static ag_tensor *fused_loss(ag_ctx *c, const mdl_lin *lin, ag_tensor *h, const 
         xa = ag_dropout(c, h, lin->lora_dropout, lin->lora_rng);
     ag_tensor *xr = xa ? ag_linear(c, xa, lin->lora_a) : NULL;
     ag_tensor *h2 = xr ? ag_scale(c, xr, lin->lora_scale) : NULL;
-    return h2 ? ag_cross_entropy_linear2(c, h, lin->w, h2, lin->lora_b, b->targets, b->mask,
-                                         MDL_CE_CHUNK)
+    return h2 ? ag_cross_entropy_linear_norm(c, h, lin->w, h2, lin->lora_b, b->targets, b->mask,
+                                             MDL_CE_CHUNK, b->loss_norm)
               : NULL;
 }
 

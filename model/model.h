@@ -263,6 +263,8 @@ typedef struct {
     ag_tensor *seg;     // I32 [T] segment ids: token t attends to s <= t with seg[s] == seg[t]
     ag_tensor *targets; // I32 [T] next-token ids for the loss; NULL: logits are wanted
     ag_tensor *mask;    // F32 [T] loss weight per token (NULL = all ones); loss only
+    double loss_norm;   // the summed loss is divided by this (0: by the mask's sum): a rank's
+                        // rows of a batch split over ranks give their share of its mean
 } mdl_batch;
 
 // Per-batch attention inputs shared by all layers (see mdl_attn_inputs).

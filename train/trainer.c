@@ -49,6 +49,7 @@ typedef struct {
     bool quiet;                     // no progress output (--quiet, or not rank 0)
     bool *shard;                    // [n_params] a routed-expert LoRA shard (expert parallel)
     double comm_s0;                 // seconds in collectives when the loop started
+    bool grads_dumped;              // MOLT_TEST_GRADS written
 } trn;
 
 static volatile sig_atomic_t g_stop;
@@ -283,17 +284,13 @@ static molt_status run_batch(trn *t, const ds_batch *b, bool train, double *loss
     *loss = 0;
     if (*weight == 0)
         return MOLT_OK;
+    if (t->par.size > 1) // this rank's share of the batch's mean loss
+        mb.loss_norm = *weight;
     ag_tensor *out;
     MOLT_TRY(mdl_forward(&t->ctx, &t->model, &mb, &out));
     *loss = ag_get(out, 0);
-    if (t->par.size > 1) {
-        double part = *loss * mine;
-        MOLT_TRY(trn_par_sum(&t->par, &part, 1));
-        *loss = part / *weight;
-        out = train ? ag_scale(&t->ctx, out, mine / *weight) : out;
-        if (!out)
-            return molt_err_wrap(MOLT_EARG, "train: weighting the loss");
-    }
+    if (t->par.size > 1)
+        MOLT_TRY(trn_par_sum(&t->par, loss, 1));
     if (train) {
         rank_hooks(t);
         MOLT_TRY(ag_backward(&t->ctx, out));
@@ -573,6 +570,40 @@ static void progress(trn *t, double loss, double lr, double run_s, int64_t steps
     fprintf(stderr, "\r\033[K[%s] %s%s", bar, line, last ? "\n" : "");
 }
 
+// Test hook: MOLT_TEST_GRADS=FILE writes the whole adapter's gradient of the first step this
+// process runs (summed over ranks, averaged over micro-batches, before clipping) to FILE as
+// safetensors, named like the checkpoint's tensors, so runs on any number of ranks can be
+// compared.
+static molt_status dump_grads(trn *t) {
+    const char *path = getenv("MOLT_TEST_GRADS");
+    if (!path || !*path || t->grads_dumped || !trn_par_gathers(&t->par))
+        return MOLT_OK;
+    t->grads_dumped = true;
+    st_tensor *ts = molt_calloc((size_t)t->n_params + 1, sizeof *ts);
+    float **bufs = molt_calloc((size_t)t->n_params + 1, sizeof *bufs);
+    molt_status st = ts && bufs ? MOLT_OK : molt_err(MOLT_ENOMEM, "train: gradient dump");
+    for (int i = 0; st == MOLT_OK && i < t->n_params; i++) {
+        int64_t shape[2];
+        lora_unit_full_shape(&t->ad, unit_of(t, i), i % 2, shape);
+        bufs[i] = molt_malloc((size_t)(shape[0] * shape[1]) * sizeof(float));
+        if (!bufs[i]) {
+            st = molt_err(MOLT_ENOMEM, "train: gradient dump");
+            break;
+        }
+        st = trn_par_gather(&t->par, &t->ad, unit_of(t, i), i % 2, t->params[i]->grad->data,
+                            bufs[i]);
+        ts[i] = (st_tensor){.name = t->names[i], .dtype = ST_F32, .ndim = 2,
+                            .shape = {shape[0], shape[1]}, .data = bufs[i]};
+    }
+    if (st == MOLT_OK && trn_par_writes(&t->par))
+        st = st_write(path, ts, t->n_params, NULL, 0);
+    for (int i = 0; bufs && i < t->n_params; i++)
+        molt_free(bufs[i]);
+    molt_free(bufs);
+    molt_free(ts);
+    return st;
+}
+
 // One optimizer step: grad_accum micro-batches, scaling, clipping, AdamW, schedule.
 static molt_status train_step(trn *t, double *loss, double *gnorm, double *lr) {
     const trn_config *c = t->cfg;
@@ -591,6 +622,7 @@ static molt_status train_step(trn *t, double *loss, double *gnorm, double *lr) {
     MOLT_TRY(trn_par_reduce_grads(&t->par, t->params, t->shard, t->n_params));
     if (c->grad_accum > 1)
         opt_grads_scale(t->params, t->n_params, 1.0 / c->grad_accum);
+    MOLT_TRY(dump_grads(t));
     if (t->par.size > 1)
         MOLT_TRY(trn_par_clip(&t->par, t->params, t->shard, t->n_params, c->max_grad_norm,
                               gnorm));
