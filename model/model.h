@@ -350,6 +350,11 @@ ag_tensor *mdl_attention(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x,
                          const mdl_attn_in *a);
 // Feed-forward of layer l (x normalized): dense MLP, or routed experts + shared expert.
 ag_tensor *mdl_ffn(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x);
+// For a rank of a sharded model that has no tokens of its own while the other ranks of its
+// expert group run mdl_forward (or mdl_hidden): for every MoE layer in order, this rank's
+// experts run on the rows the others send (the collectives their forward makes). Inference
+// only (grad mode is off for the call).
+molt_status mdl_serve_experts(ag_ctx *c, const mdl_model *m);
 // One decoder layer: h + attn(norm(h)), then + ffn(norm(.)). h [T, H] -> [T, H].
 ag_tensor *mdl_layer_forward(ag_ctx *c, const mdl_model *m, int l, ag_tensor *h,
                              const mdl_attn_in *a);
