@@ -135,6 +135,10 @@ typedef struct {
 // LORA_WIRE_NONE). On failure nothing stays attached and *out is zeroed.
 molt_status lora_attach(mdl_model *m, const lora_spec *spec, lora_wire wire,
                         lora_adapter *out);
+// The units lora_attach would adapt on m with spec, their ranks and scales, without
+// allocating or wiring anything (a and b stay NULL): for memory plans (m may come from
+// mdl_create_plan). *units is molt_free'd by the caller. Errors as lora_attach's.
+molt_status lora_plan_units(mdl_model *m, const lora_spec *spec, lora_unit **units, int *n);
 // Clears the LoRA fields of the model's linears and frees the adapter (NULL-safe).
 void lora_detach(lora_adapter *ad);
 // Fills every B with N(0, std) from one ag_rng stream seeded with seed (units in order):

@@ -556,6 +556,35 @@ molt_status lora_attach(mdl_model *m, const lora_spec *spec, lora_wire mode,
     return st;
 }
 
+molt_status lora_plan_units(mdl_model *m, const lora_spec *spec, lora_unit **units, int *n) {
+    *units = NULL;
+    *n = 0;
+    if (spec->r < 1 || spec->n_targets < 1)
+        return molt_err(MOLT_EARG, "lora: r = %d and %d targets (both must be positive)",
+                        spec->r, spec->n_targets);
+    unit_list all = {0};
+    lora_adapter tmp;
+    memset(&tmp, 0, sizeof tmp);
+    molt_status st = list_units(m, &all);
+    if (st == MOLT_OK)
+        st = select_units(spec, &all, &tmp); // tmp.units is all.u, kept ones first
+    if (st != MOLT_OK && !tmp.units)
+        molt_free(all.u);
+    for (int i = 0; st == MOLT_OK && i < tmp.n_units; i++) {
+        lora_unit *u = &tmp.units[i];
+        st = unit_rank(spec, u);
+        if (st == MOLT_OK && u->r == 0)
+            st = molt_err(MOLT_EARG, "lora: %s ends up with rank 0 (zero parameters)", u->path);
+    }
+    if (st != MOLT_OK) {
+        molt_free(tmp.units);
+        return st;
+    }
+    *units = tmp.units;
+    *n = tmp.n_units;
+    return MOLT_OK;
+}
+
 void lora_detach(lora_adapter *ad) {
     if (!ad)
         return;

@@ -19,8 +19,12 @@ void ag_arena_init(ag_arena *a, const char *name, size_t chunk_bytes) {
     a->chunk_bytes = chunk_bytes ? chunk_bytes : ((size_t)1 << 20);
 }
 
+// Chunks are not counted by the memory accounting (common/err.h): the bytes an arena hands
+// out are, as they go (untouched chunk space costs nothing but address space).
+static void chunk_free(ag_arena_chunk *ch) { molt_free_uncounted(ch); }
+
 static ag_arena_chunk *chunk_new(size_t cap) {
-    ag_arena_chunk *ch = molt_malloc(sizeof *ch + cap + ARENA_ALIGN);
+    ag_arena_chunk *ch = molt_malloc_uncounted(sizeof *ch + cap + ARENA_ALIGN);
     if (!ch)
         return NULL;
     ch->next = NULL;
@@ -53,6 +57,7 @@ void *ag_arena_alloc(ag_arena *a, size_t bytes) {
     void *p = ch->base + ch->off;
     ch->off += need;
     a->used += need;
+    molt_mem_adjust((long long)need);
     if (a->used > a->peak)
         a->peak = a->used;
     memset(p, 0, bytes);
@@ -60,15 +65,16 @@ void *ag_arena_alloc(ag_arena *a, size_t bytes) {
 }
 
 void ag_arena_reset(ag_arena *a) {
+    molt_mem_adjust(-(long long)a->used);
     ag_arena_chunk *keep = NULL;
     for (ag_arena_chunk *ch = a->head; ch;) {
         ag_arena_chunk *next = ch->next;
         if (!keep || ch->cap > keep->cap) {
             if (keep)
-                molt_free(keep);
+                chunk_free(keep);
             keep = ch;
         } else {
-            molt_free(ch);
+            chunk_free(ch);
         }
         ch = next;
     }
@@ -86,9 +92,10 @@ void ag_arena_reset(ag_arena *a) {
 }
 
 void ag_arena_free(ag_arena *a) {
+    molt_mem_adjust(-(long long)a->used);
     for (ag_arena_chunk *ch = a->head; ch;) {
         ag_arena_chunk *next = ch->next;
-        molt_free(ch);
+        chunk_free(ch);
         ch = next;
     }
     a->head = NULL;

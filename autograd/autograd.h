@@ -427,6 +427,10 @@ ag_qopts ag_qopts_default(void);
 // it and then calls ag_qweight_check. On error *q is left empty (safe to free).
 molt_status ag_qweight_alloc(ag_qweight *q, ag_qformat format, int ndim, const int64_t *shape,
                              const ag_qopts *opts);
+// Bytes ag_qweight_alloc takes for such a qweight (its one allocation, 64-byte aligned
+// pieces); 0 for a bad format or shape. For memory plans.
+size_t ag_qweight_storage_bytes(ag_qformat format, int ndim, const int64_t *shape,
+                                const ag_qopts *opts);
 // Quantizes an F32 CPU tensor [out, in] or [E, out, in] (finite values) to `format`
 // (opts NULL = defaults). NF4 follows bitsandbytes' quantize_4bit (nf4, blocksize 64,
 // compress_statistics = nf4_double_quant) bit for bit; INT8 rounds w * 127 / absmax(row) to

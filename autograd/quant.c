@@ -299,6 +299,17 @@ molt_status ag_qweight_alloc(ag_qweight *q, ag_qformat format, int ndim, const i
     return MOLT_OK;
 }
 
+size_t ag_qweight_storage_bytes(ag_qformat format, int ndim, const int64_t *shape,
+                                const ag_qopts *opts) {
+    if (check_shape_args("qweight_storage_bytes", format, ndim, shape) != MOLT_OK)
+        return 0;
+    ag_qopts o = opts ? *opts : ag_qopts_default();
+    ag_qweight t;
+    set_shape(&t, format, ndim, shape, &o);
+    q_sizes s = sizes_of(&t);
+    return round64(s.data) + round64(s.scale) + round64(s.absmax_q) + s.absmax_scale;
+}
+
 void ag_qweight_free(ag_qweight *q) {
     if (!q)
         return;

@@ -252,6 +252,7 @@ typedef struct {
     ag_qweight *qw;         // [n_qw] storage of every quantized weight (owned), or NULL
     int n_qw;
     bool shapes_only;       // while creating: projections/experts get no data (quant load)
+    bool plan_only;         // made by mdl_create_plan: no tensor holds data
     bool checkpoint_layers; // grad mode: wrap each decoder layer in ag_checkpoint (its
                             // activations are recomputed in backward; same results)
 } mdl_model;
@@ -274,6 +275,10 @@ typedef struct {
     ag_tensor *qtemp; // F32 [T] llama-4 query temperature, or NULL when its beta is 0
 } mdl_attn_in;
 
+// The model's tensors as shapes only (no data anywhere), holding expert_count of the routed
+// experts per MoE layer (a shard's stacks): for memory plans and parameter counts, never for
+// a forward. MOLT_EARG when expert_count does not divide n_routed_experts.
+molt_status mdl_create_plan(mdl_model *m, const mcfg *cfg, int expert_count);
 // This rank's block of cfg's routed experts over the ranks of `experts` (NULL or one rank:
 // all of them). MOLT_EARG when the experts do not split evenly over the ranks.
 molt_status mdl_experts_range(const mcfg *cfg, ag_comm *experts, mdl_experts_shard *out);
@@ -481,6 +486,22 @@ molt_status mdl_load_quant_ex(const char *dir, const mdl_qspec *spec, ag_comm *e
 molt_status mdl_save_quant(const mdl_model *m, const char *path);
 // Bytes held by the weights: F32 tensors with data plus every qweight's storage.
 size_t mdl_weight_bytes(const mdl_model *m);
+// The weights of one rank by group, as the loaders store them (model/plan.c): spec NULL for
+// F32; expert_count of the routed experts per MoE layer (a shard holds n_routed / expert).
+typedef enum {
+    MDL_PG_EMBED,
+    MDL_PG_NORMS,
+    MDL_PG_ATTENTION,
+    MDL_PG_ROUTER,
+    MDL_PG_SHARED,
+    MDL_PG_EXPERTS,
+    MDL_PG_DENSE,
+    MDL_PG_LM_HEAD,
+    MDL_PG_COUNT
+} mdl_plan_group;
+const char *mdl_plan_group_name(mdl_plan_group g);
+molt_status mdl_plan_weights(const mcfg *cfg, const mdl_qspec *spec, int expert_count,
+                             size_t bytes[MDL_PG_COUNT]);
 int mdl_cmd_quantize(int argc, char **argv);         // molt quantize
 int mdl_cmd_bench_quant_model(int argc, char **argv); // molt bench quant-model
 

@@ -16,7 +16,7 @@
 // Allocation
 
 static ag_tensor *wnew(mdl_model *m, int ndim, const int64_t *shape) {
-    if (!m->shapes_only || ndim < 2)
+    if (!m->plan_only && (!m->shapes_only || ndim < 2))
         return ag_tensor_new(&m->arena, AG_F32, ndim, shape);
     // a quantizing loader decides later whether this matrix gets F32 data or a qweight
     ag_tensor *t = ag_arena_alloc(&m->arena, sizeof *t);
@@ -107,6 +107,35 @@ static molt_status derived_init(mdl_model *m) {
 
 molt_status mdl_create(mdl_model *m, const mcfg *cfg) {
     return mdl_create_ex(m, cfg, false, NULL);
+}
+
+molt_status mdl_create_plan(mdl_model *m, const mcfg *cfg, int expert_count) {
+    memset(m, 0, sizeof *m);
+    if (expert_count < 1 || cfg->n_routed_experts % expert_count != 0)
+        return molt_err(MOLT_EARG, "model plan: %d experts of %d", expert_count,
+                        cfg->n_routed_experts);
+    // mdl_create_ex's steps with every tensor shape-only (no weight bytes at all)
+    m->cfg = *cfg;
+    m->plan_only = true;
+    m->ep = (mdl_experts_shard){.comm = NULL, .first = 0, .count = expert_count};
+    ag_arena_init(&m->arena, "weights (plan)", 1 << 20);
+    const mcfg *c = &m->cfg;
+    molt_status st = derived_init(m);
+    m->layers = st == MOLT_OK ? molt_calloc((size_t)c->num_hidden_layers, sizeof *m->layers)
+                              : NULL;
+    bool ok = m->layers && (m->embed = W2(c->vocab_size, c->hidden_size)) != NULL;
+    for (int l = 0; ok && l < c->num_hidden_layers; l++)
+        ok = layer_alloc(m, l);
+    ok = ok && (m->norm = W1(c->hidden_size)) != NULL;
+    if (ok)
+        m->lm_head.w = c->tie_word_embeddings ? m->embed : W2(c->vocab_size, c->hidden_size);
+    if (ok && m->lm_head.w)
+        mdl_lin_number(m);
+    if (!ok || !m->lm_head.w) {
+        mdl_free(m);
+        return st != MOLT_OK ? st : molt_err_wrap(MOLT_ENOMEM, "model plan");
+    }
+    return MOLT_OK;
 }
 
 molt_status mdl_experts_range(const mcfg *cfg, ag_comm *experts, mdl_experts_shard *out) {

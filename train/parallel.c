@@ -14,6 +14,8 @@
 #include "trainer.h"
 
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "../autograd/comm/comm.h"
@@ -171,6 +173,47 @@ molt_status trn_par_gather(const trn_par *p, const lora_adapter *ad, const lora_
     molt_status st = ag_comm_allgather(p->ep, local, all, t->numel, AG_F32);
     if (st == MOLT_OK)
         lora_full_from_shards(ad, u, b, all, full);
+    molt_free(all);
+    return st;
+}
+
+// VmHWM of this process in MiB (0 when /proc is not there).
+static double vm_hwm_mib(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    double kb = 0;
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "VmHWM:", 6))
+            kb = strtod(line + 6, NULL);
+    if (f)
+        fclose(f);
+    return kb / 1024.0;
+}
+
+molt_status trn_par_report(const trn_par *p, FILE *f, double loop_s, int64_t steps) {
+    enum { K = 4 };
+    double mine[K] = {(double)molt_mem_peak() / (1024.0 * 1024.0), vm_hwm_mib(),
+                      ag_comm_seconds_total(), loop_s};
+    double *all = molt_calloc((size_t)K * (size_t)p->size, sizeof *all);
+    if (!all)
+        return molt_err(MOLT_ENOMEM, "train: report");
+    molt_status st = p->size > 1 ? ag_comm_allgather(p->world, mine, all, K, AG_F64) : MOLT_OK;
+    if (p->size == 1)
+        memcpy(all, mine, sizeof mine);
+    if (st == MOLT_OK && f) {
+        fprintf(f, "molt train: memory per rank (MiB): molt's data at its peak / VmHWM:");
+        for (int r = 0; r < p->size; r++)
+            fprintf(f, " %d: %.1f / %.1f", r, all[K * r], all[K * r + 1]);
+        fprintf(f, "\n");
+        if (p->size > 1) {
+            fprintf(f, "molt train: time in collectives per rank (of %.2f s for %lld steps):",
+                    loop_s, (long long)steps);
+            for (int r = 0; r < p->size; r++)
+                fprintf(f, " %d: %.2f s (%.0f%%)", r, all[K * r + 2],
+                        all[K * r + 3] > 0 ? 100 * all[K * r + 2] / all[K * r + 3] : 0.0);
+            fprintf(f, "\n");
+        }
+    }
     molt_free(all);
     return st;
 }

@@ -755,7 +755,17 @@ static molt_status loop(trn *t, bool *interrupted) {
             return MOLT_OK;
         }
     }
-    return save_adapter(t);
+    MOLT_TRY(save_adapter(t));
+    const char *prof = getenv("MOLT_PROFILE");
+    bool show = t->par.size > 1 || (prof && *prof && strcmp(prof, "0") != 0);
+    if (!show)
+        return MOLT_OK;
+    if (t->par.size > 1 && prof && *prof && strcmp(prof, "0") != 0) {
+        ag_comm_profile_print(t->par.world, stderr); // every rank: its own bytes and seconds
+        ag_comm_profile_print(t->par.ep, stderr);
+        ag_comm_profile_print(t->par.dp, stderr);
+    }
+    return trn_par_report(&t->par, t->quiet ? NULL : stderr, now_s() - t0, t->step - start);
 }
 
 static molt_status setup(trn *t) {

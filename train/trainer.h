@@ -115,6 +115,9 @@ molt_status trn_par_clip(const trn_par *p, ag_tensor *const *params, const bool 
 // Rank 0 writes files; the ranks of replica 0 take part in gathering shards.
 bool trn_par_writes(const trn_par *p);
 bool trn_par_gathers(const trn_par *p);
+// Prints (rank 0, f not NULL) each rank's memory peak (molt's data, common/err.h, and the
+// process's VmHWM) and, across ranks, its seconds in collectives against loop_s. Collective.
+molt_status trn_par_report(const trn_par *p, FILE *f, double loop_s, int64_t steps);
 // full = unit u's whole A (b false) or B from every rank's `local` (collective over the
 // expert group for a shard; a copy otherwise). Only ranks where trn_par_gathers is true call
 // it.
@@ -130,5 +133,37 @@ int trn_cmd_export(int argc, char **argv);
 molt_status trn_checkpoint_adapter(mdl_model *m, const char *path, lora_wire wire,
                                    lora_adapter *out);
 int trn_cmd_bench_ckpt(int argc, char **argv); // molt bench ckpt (train/bench.c)
+
+// ---- memory plans (train/plan.c; the command in train/plan_cli.c) ------------------------
+typedef struct {
+    mcfg cfg;               // the model
+    int ranks, data, expert; // data 0: ranks / expert; expert 0: 1
+    mdl_qspec quant;        // the base's formats when quant_set (else f32)
+    bool quant_set;
+    lora_spec adapter;
+    int seq_len, batch;     // the global batch: batch rows of seq_len tokens
+    bool act_ckpt;          // count the activations with checkpointing
+    double tokenizer_bytes; // what loading the tokenizer takes (measured by the caller)
+} trn_plan_opts;
+// Bytes per rank (doubles: counts of bytes), parameters per rank.
+typedef struct {
+    int data, expert, rows;          // the layout, rows per rank
+    int64_t tokens;                  // tokens per rank and micro-batch
+    size_t weights[MDL_PG_COUNT];    // base weights by group
+    double weights_total;
+    double params_replicated, params_shard, params_full; // LoRA parameters
+    double adapter, grads, optimizer;
+    double act_plain, act_ckpt;      // activation peak without / with checkpointing
+    double activations;              // the one counted
+    double workspace;                // the largest kernel scratch (inside the activations)
+    double comm;                     // the gradient-reduction bucket
+    double kv_cache, ckpt_staging, host;
+    double total;                    // the training peak of a rank
+    double total_rank0;              // with a checkpoint being staged on rank 0
+    double total_infer;              // weights, adapter, KV cache, host
+} trn_plan;
+// The plan of one rank. MOLT_EARG when the layout does not fit the model or the batch.
+molt_status trn_plan_compute(const trn_plan_opts *o, trn_plan *p);
+int trn_cmd_plan(int argc, char **argv); // molt plan
 
 #endif
