@@ -319,14 +319,17 @@ molt_status trn_plan_compute(const trn_plan_opts *o, trn_plan *p) {
                       (c->kv_lora_rank + c->qk_rope_head_dim) * 4.0;
         // rank 0 stages a checkpoint: the whole adapter, m and v
         p->ckpt_staging = 3 * 4.0 * p->params_full;
+        // the host side: the tokenizer, the batches (every rank reads the global batch)
         p->host = o->tokenizer_bytes + 13.0 * o->batch * o->seq_len;
-        double persistent = p->weights_total + p->adapter + p->grads + p->optimizer + p->host;
+        double persistent = p->weights_total + p->adapter + p->grads + p->optimizer;
         double step = persistent + p->activations;
         double end = persistent + p->comm;
-        double stage = persistent + p->ckpt_staging;
         p->total = step > end ? step : end;
-        p->total_rank0 = p->total > stage ? p->total : stage;
-        p->total_infer = p->weights_total + p->adapter + p->kv_cache + p->host;
+        // a CPU run holds both sides in one memory; rank 0 stages checkpoints there too
+        p->total_cpu = p->total + p->host;
+        double stage = persistent + p->host + p->ckpt_staging;
+        p->total_cpu_rank0 = p->total_cpu > stage ? p->total_cpu : stage;
+        p->total_infer = p->weights_total + p->adapter + p->kv_cache;
     }
     molt_free(units);
     molt_free(lin_r);

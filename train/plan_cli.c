@@ -122,11 +122,12 @@ static void print_plan(const trn_plan_opts *o, const trn_plan *p, const char *mo
                        const char *quant, const char *tok, double cap_mib, bool cap_given,
                        double reserve_mib) {
     const mcfg *c = &o->cfg;
-    printf("molt plan: %s, %d rank%s (data %d x expert %d), base %s, %d rows x %d tokens "
+    printf("molt plan: %s, %d rank%s (data %d x expert %d), base %s, %d row%s x %d tokens "
            "per batch: %d row%s (%lld tokens) per rank\n", model, o->ranks,
-           o->ranks == 1 ? "" : "s", p->data, p->expert, quant, o->batch, o->seq_len, p->rows,
-           p->rows == 1 ? "" : "s", (long long)p->tokens);
-    printf("per rank:\n");
+           o->ranks == 1 ? "" : "s", p->data, p->expert, quant, o->batch,
+           o->batch == 1 ? "" : "s", o->seq_len, p->rows, p->rows == 1 ? "" : "s",
+           (long long)p->tokens);
+    printf("per rank, device side (a GPU, or the CPU's memory):\n");
     row("base weights", p->weights_total, "");
     char note[128];
     for (int g = 0; g < MDL_PG_COUNT; g++) {
@@ -149,18 +150,24 @@ static void print_plan(const trn_plan_opts *o, const trn_plan *p, const char *mo
     row("activations, checkpointing", p->act_ckpt, o->act_ckpt ? "(counted)" : "");
     row("  of which kernel workspace", p->workspace, "");
     row("communication buffers", p->comm, o->ranks > 1 ? "(gradient reduction bucket)" : "");
-    snprintf(note, sizeof note, "(%s)", *tok ? tok : "no tokenizer found");
-    row("host: tokenizer and batches", p->host, note);
-    row("total (training)", p->total, "");
-    row("rank 0 writing a checkpoint", p->total_rank0, "(stages the whole adapter, m, v)");
+    row("total (training, device)", p->total, "");
     snprintf(note, sizeof note, "(%d x %d tokens, f32 latents: generation, evaluation)",
              p->rows, o->seq_len);
     row("KV cache", p->kv_cache, note);
-    row("total (inference)", p->total_infer, "(weights, adapter, KV cache)");
-    double need = mib(p->total_rank0) + (cap_given ? reserve_mib : 0);
-    printf("fits: %s: %.1f MiB%s of %.1f MiB per rank%s\n", need <= cap_mib ? "yes" : "no",
-           need, cap_given ? " with the reserve" : "", cap_mib,
-           cap_given ? "" : " (this machine's memory / ranks)");
+    row("total (inference, device)", p->total_infer, "(weights, adapter, KV cache)");
+    printf("host side:\n");
+    snprintf(note, sizeof note, "(%s)", *tok ? tok : "no tokenizer found");
+    row("tokenizer and batches", p->host, note);
+    row("checkpoint staging (rank 0)", p->ckpt_staging, "(the whole adapter, m, v)");
+    row("total of a CPU run", p->total_cpu, "(device and host side in one memory)");
+    row("total of a CPU run, rank 0", p->total_cpu_rank0, "(while writing a checkpoint)");
+    double need = cap_given ? mib(p->total) + reserve_mib : mib(p->total_cpu_rank0);
+    if (cap_given)
+        printf("fits: %s: %.1f MiB with the %.0f MiB reserve, of %.1f MiB per device\n",
+               need <= cap_mib ? "yes" : "no", need, reserve_mib, cap_mib);
+    else
+        printf("fits: %s: %.1f MiB of %.1f MiB per rank (this machine's memory / ranks)\n",
+               need <= cap_mib ? "yes" : "no", need, cap_mib);
 }
 
 int trn_cmd_plan(int argc, char **argv) {
@@ -217,6 +224,6 @@ int trn_cmd_plan(int argc, char **argv) {
     if (!cap_given)
         cap = host_mib() / o.ranks;
     print_plan(&o, &p, model, quant ? quant : "f32", tok, cap, cap_given, res);
-    double need = mib(p.total_rank0) + (cap_given ? res : 0);
+    double need = cap_given ? mib(p.total) + res : mib(p.total_cpu_rank0);
     return need <= cap ? 0 : 1;
 }

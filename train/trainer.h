@@ -157,10 +157,13 @@ typedef struct {
     double activations;              // the one counted
     double workspace;                // the largest kernel scratch (inside the activations)
     double comm;                     // the gradient-reduction bucket
-    double kv_cache, ckpt_staging, host;
-    double total;                    // the training peak of a rank
-    double total_rank0;              // with a checkpoint being staged on rank 0
-    double total_infer;              // weights, adapter, KV cache, host
+    double kv_cache;                 // the latent cache of rows x seq_len tokens
+    double host;                     // host side: tokenizer and batches
+    double ckpt_staging;             // host side of rank 0 while it writes a checkpoint
+    double total;                    // the training peak of a rank's device (or CPU) side
+    double total_cpu;                // device and host side in one memory (a CPU run)
+    double total_cpu_rank0;          // the same with a checkpoint staged on rank 0
+    double total_infer;              // weights, adapter, KV cache
 } trn_plan;
 // The plan of one rank. MOLT_EARG when the layout does not fit the model or the batch.
 molt_status trn_plan_compute(const trn_plan_opts *o, trn_plan *p);
