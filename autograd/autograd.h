@@ -166,8 +166,11 @@ ag_tensor *ag_dropout(ag_ctx *c, ag_tensor *a, double p, ag_rng *rng);
 // Neural-network ops.
 ag_tensor *ag_embedding(ag_ctx *c, ag_tensor *table /* [V, C] */, ag_tensor *ids /* I32 [T] */);
 // y = x W^T, x [..., in], W [out, in] -> [..., out]. W may be frozen (no grad for W) while
-// x still receives dx = dy W. In inference (nothing recorded) the product is batch-invariant
-// (cpu/k_bi.h): a row's result does not depend on the other rows.
+// x still receives dx = dy W. In inference (not recorded: grad mode off, or neither operand
+// requires grad; reference kernels not forced) a row's result does not depend on the other
+// rows: each element is summed in an order fixed by `in` alone (bi_linear, cpu/k_bi.h), the
+// same bits for any row count, row order or thread count. Recorded (training), the forward
+// is a BLAS GEMM, whose rounding may change with the row count.
 ag_tensor *ag_linear(ag_ctx *c, ag_tensor *x, ag_tensor *w);
 // y = x * rsqrt(mean(x^2, last dim) + eps) * w, w [C].
 ag_tensor *ag_rmsnorm(ag_ctx *c, ag_tensor *x, ag_tensor *w, double eps);
@@ -219,7 +222,10 @@ ag_tensor *ag_moe_router(ag_ctx *c, ag_tensor *logits, const ag_router_config *c
                          ag_tensor **idx);
 // Routed experts with frozen weights. x [T, H], weights [T, k], idx I32 [T, k],
 // w_gate_up [E, 2I, H] (gate rows first), w_down [E, H, I] -> [T, H] = sum_j weights[t,j] *
-// down_e(silu(gate_e x) * up_e x). Gradients reach x and weights.
+// down_e(silu(gate_e x) * up_e x). Gradients reach x and weights. In inference (not
+// recorded, reference kernels not forced) a token's row does not depend on the other rows:
+// its products are batch-invariant (as ag_linear's) and its experts are added in
+// increasing expert order.
 ag_tensor *ag_moe_experts(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,
                           ag_tensor *w_gate_up, ag_tensor *w_down);
 
@@ -471,12 +477,15 @@ molt_status ag_qweight_nf4_restate(ag_qweight *q, const ag_nf4_dq_state *st,
 void ag_nf4_dq_encode(float *absmax, int64_t nb, uint8_t *codes, float *scales, float *offset);
 
 // y = x W^T with W a 2-D qweight [out, in]: x [..., in] (F32 or F64) -> [..., out]. Recorded
-// only when x requires grad; backward gives dx = dy W (W gets no gradient). In inference
-// (nothing recorded) a row's result does not depend on the other rows, as for ag_linear. The node keeps a
-// pointer to w, which must outlive the tape.
+// only when x requires grad; backward gives dx = dy W (W gets no gradient). The node keeps a
+// pointer to w, which must outlive the tape. In inference (not recorded, reference kernels
+// not forced) a row's result does not depend on the other rows, as for ag_linear
+// (bi_linear_q: weights decoded in registers, the bits of ag_linear on the dequantized
+// matrix); recorded, the forward goes through BLAS on dequantized tiles.
 ag_tensor *ag_linear_q(ag_ctx *c, ag_tensor *x, const ag_qweight *w);
 // ag_moe_experts with quantized experts: gate_up [E, 2I, H] (gate rows first) and down
-// [E, H, I] qweights (3-D, one matrix per expert); gradients reach x and weights.
+// [E, H, I] qweights (3-D, one matrix per expert); gradients reach x and weights. In
+// inference a token's row does not depend on the other rows, as for ag_moe_experts.
 ag_tensor *ag_moe_experts_q(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,
                             const ag_qweight *gate_up, const ag_qweight *down);
 

@@ -1,7 +1,8 @@
 // autograd/bench.c: `molt bench ops`: forward and backward throughput of ag_linear,
 // ag_attention and the fused loss ag_cross_entropy_linear (optimized CPU kernels, f32) next
-// to plain ag_blas_sgemm measured in the same run, printed as a table. Not here: end-to-end
-// model benchmarks or the CUDA kernels.
+// to plain ag_blas_sgemm measured in the same run, printed as a table; then the tables of the
+// batch-invariant inference products (bench_bi.c). Not here: end-to-end model benchmarks or
+// the CUDA kernels.
 #include "bench_util.h"
 #include "internal.h"
 
@@ -43,7 +44,9 @@ static void usage(FILE *f) {
     fprintf(f, "usage: " CMD " [--threads N] [--repeat R] [--quick]\n\n"
                "Times ag_linear, ag_attention and ag_cross_entropy_linear (f32, optimized CPU\n"
                "kernels), forward and backward, and ag_blas_sgemm on matching shapes in the\n"
-               "same run.\n\n");
+               "same run. Then the batch-invariant inference products (F32 and NF4 weights):\n"
+               "decode (T = 1, 8) in GB/s of weight bytes against a plain read of as many\n"
+               "bytes, prefill (T = 128, 512) in GFLOP/s against ag_blas_sgemm.\n\n");
     ag_bench_usage_opts(f);
 }
 
@@ -297,5 +300,5 @@ int ag_cmd_bench_ops(int argc, char **argv) {
         print_row(&rows[0]);
         print_row(&rows[1]);
     }
-    return 0;
+    return ag_bench_bi(&o);
 }

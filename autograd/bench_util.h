@@ -47,4 +47,8 @@ typedef molt_status (*ag_bench_run_fn)(void *user, double *seconds);
 molt_status ag_bench_best_of(const ag_bench_opts *o, ag_bench_run_fn run, void *user, int n,
                              double *best);
 
+// The batch-invariant inference products' tables of `molt bench ops` (bench_bi.c); returns
+// the exit status (1 after printing the error).
+int ag_bench_bi(const ag_bench_opts *o);
+
 #endif

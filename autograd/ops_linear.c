@@ -36,7 +36,8 @@ static molt_status linear_check(const ag_tensor *x, const ag_tensor *w) {
     return check_blas_size("linear", "out features", w->shape[0]);
 }
 
-// Contract in autograd.h. Nothing is saved: backward reads x and w themselves.
+// Contract in autograd.h. Nothing is saved: backward reads x and w themselves. Recorded
+// (training) the forward is one BLAS GEMM; otherwise it is bi_linear (cpu/k_bi.h).
 ag_tensor *ag_linear(ag_ctx *c, ag_tensor *x, ag_tensor *w) {
     if (linear_check(x, w) != MOLT_OK)
         return NULL;
@@ -46,20 +47,18 @@ ag_tensor *ag_linear(ag_ctx *c, ag_tensor *x, ag_tensor *w) {
     ag_tensor *y = ag_out_new(c, x->dtype, x->ndim, shape);
     if (!y)
         return NULL;
-    bool ref = ag_reference_kernels();
     ag_tensor *ins[2] = {x, w};
-    bool record = ag_should_record(c, 2, ins);
-    if (!ref && !record) { // inference: batch-invariant products (cpu/k_bi.h)
-        int nt = omp_get_max_threads();
-        if (x->dtype == AG_F32)
-            bi_linear_f32(y->data, x->data, w->data, T, out, in, nt);
-        else
-            bi_linear_f64(y->data, x->data, w->data, T, out, in, nt);
-    } else if (x->dtype == AG_F32)
+    bool ref = ag_reference_kernels(), rec = ag_should_record(c, 2, ins);
+    int nt = omp_get_max_threads();
+    if (x->dtype == AG_F32 && !ref && !rec) // inference: batch-invariant
+        bi_linear_f32(y->data, x->data, w->data, T, out, in, nt);
+    else if (x->dtype == AG_F32) // training (BLAS) or the reference
         (ref ? linear_fwd_ref_f32 : linear_fwd_f32)(y->data, x->data, w->data, T, in, out);
+    else if (!ref && !rec)
+        bi_linear_f64(y->data, x->data, w->data, T, out, in, nt);
     else
         (ref ? linear_fwd_ref_f64 : linear_fwd_f64)(y->data, x->data, w->data, T, in, out);
-    if (record && !ag_record(c, AG_OP_LINEAR, y, 2, ins))
+    if (rec && !ag_record(c, AG_OP_LINEAR, y, 2, ins))
         return NULL;
     return y;
 }

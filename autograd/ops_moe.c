@@ -18,6 +18,8 @@
 #include "internal.h"
 #include "cpu/kernels.h"
 
+#include <omp.h>
+
 #define ROUTER "moe_router"
 #define EXPERTS "moe_experts"
 
@@ -217,8 +219,10 @@ static void *experts_ws(const expert_dims *d, ag_dtype dt) {
     return ws;
 }
 
+// rec: the op is being recorded (training: BLAS); otherwise the batch-invariant products.
 static molt_status experts_fwd(ag_tensor *y, const ag_tensor *x, const ag_tensor *w,
-                               const ag_tensor *idx, const ag_tensor *gu, const ag_tensor *down) {
+                               const ag_tensor *idx, const ag_tensor *gu, const ag_tensor *down,
+                               bool rec) {
     expert_dims d = dims_of(x, w, gu);
     bool f32 = x->dtype == AG_F32;
     if (ag_reference_kernels()) {
@@ -233,7 +237,14 @@ static molt_status experts_fwd(ag_tensor *y, const ag_tensor *x, const ag_tensor
     void *ws = experts_ws(&d, x->dtype);
     if (!ws)
         return MOLT_ENOMEM;
-    if (f32)
+    int nt = omp_get_max_threads();
+    if (f32 && !rec)
+        moe_experts_fwd_bi_f32(y->data, x->data, w->data, idx->data, gu->data, down->data, d.T,
+                               d.k, d.E, d.H, d.I, nt, ws);
+    else if (!rec)
+        moe_experts_fwd_bi_f64(y->data, x->data, w->data, idx->data, gu->data, down->data, d.T,
+                               d.k, d.E, d.H, d.I, nt, ws);
+    else if (f32)
         moe_experts_fwd_f32(y->data, x->data, w->data, idx->data, gu->data, down->data, d.T, d.k,
                             d.E, d.H, d.I, ws);
     else
@@ -251,10 +262,11 @@ ag_tensor *ag_moe_experts(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor
     if (check_experts(x, weights, idx, w_gate_up, w_down) != MOLT_OK)
         return NULL;
     ag_tensor *y = ag_out_new(c, x->dtype, 2, x->shape);
-    if (!y || experts_fwd(y, x, weights, idx, w_gate_up, w_down) != MOLT_OK)
-        return NULL;
     ag_tensor *ins[5] = {x, weights, idx, w_gate_up, w_down};
-    if (ag_should_record(c, 5, ins) && !ag_record(c, AG_OP_MOE_EXPERTS, y, 5, ins))
+    bool rec = ag_should_record(c, 5, ins);
+    if (!y || experts_fwd(y, x, weights, idx, w_gate_up, w_down, rec) != MOLT_OK)
+        return NULL;
+    if (rec && !ag_record(c, AG_OP_MOE_EXPERTS, y, 5, ins))
         return NULL;
     return y;
 }

@@ -47,8 +47,10 @@ static molt_status linear_q_check(const ag_tensor *x, const ag_qweight *w) {
     return check_int(LINQ, "out features", w->rows);
 }
 
+// rec: the op is being recorded (training: the BLAS kernels); otherwise the batch-invariant
+// ones (cpu/k_bi.h).
 static molt_status linear_q_fwd(ag_tensor *y, const ag_tensor *x, const ag_qweight *w,
-                                bool infer) {
+                                bool rec) {
     kq_weight v;
     ag_qweight_view(&v, w);
     int64_t T = ag_rows(x);
@@ -59,20 +61,16 @@ static molt_status linear_q_fwd(ag_tensor *y, const ag_tensor *x, const ag_qweig
         return MOLT_OK;
     }
     int nt = omp_get_max_threads();
-    if (infer) { // batch-invariant products (cpu/k_bi.h)
-        void *ws = scratch(LINQ, f32 ? bi_linear_q_ws_bytes_f32(&v, T, nt)
-                                     : bi_linear_q_ws_bytes_f64(&v, T, nt));
-        if (!ws)
-            return MOLT_ENOMEM;
-        if (f32) bi_linear_q_f32(y->data, x->data, &v, 0, T, nt, ws);
-        else bi_linear_q_f64(y->data, x->data, &v, 0, T, nt, ws);
-        molt_free(ws);
-        return MOLT_OK;
-    }
-    void *ws = scratch(LINQ, f32 ? qlinear_ws_bytes_f32(&v, T, nt) : qlinear_ws_bytes_f64(&v, T, nt));
+    size_t bytes = rec && f32 ? qlinear_ws_bytes_f32(&v, T, nt)
+                   : rec      ? qlinear_ws_bytes_f64(&v, T, nt)
+                   : f32      ? bi_linear_q_ws_bytes_f32(&v, T, nt)
+                              : bi_linear_q_ws_bytes_f64(&v, T, nt);
+    void *ws = scratch(LINQ, bytes);
     if (!ws)
         return MOLT_ENOMEM;
-    if (f32) qlinear_fwd_f32(y->data, x->data, &v, 0, T, nt, ws);
+    if (!rec && f32) bi_linear_q_f32(y->data, x->data, &v, 0, T, nt, ws);
+    else if (!rec) bi_linear_q_f64(y->data, x->data, &v, 0, T, nt, ws);
+    else if (f32) qlinear_fwd_f32(y->data, x->data, &v, 0, T, nt, ws);
     else qlinear_fwd_f64(y->data, x->data, &v, 0, T, nt, ws);
     molt_free(ws);
     return MOLT_OK;
@@ -86,10 +84,10 @@ ag_tensor *ag_linear_q(ag_ctx *c, ag_tensor *x, const ag_qweight *w) {
     memcpy(shape, x->shape, sizeof shape);
     shape[x->ndim - 1] = w->rows;
     ag_tensor *y = ag_out_new(c, x->dtype, x->ndim, shape);
-    bool record = ag_should_record(c, 1, &x);
-    if (!y || linear_q_fwd(y, x, w, !record) != MOLT_OK)
+    bool rec = ag_should_record(c, 1, &x);
+    if (!y || linear_q_fwd(y, x, w, rec) != MOLT_OK)
         return NULL;
-    if (record) {
+    if (rec) {
         ag_node *n = ag_record(c, AG_OP_LINEAR_Q, y, 1, &x);
         if (!n)
             return NULL;
@@ -209,9 +207,10 @@ static molt_status experts_run_init(experts_run *r, const ag_tensor *idx, const 
     return r->ws ? MOLT_OK : MOLT_ENOMEM;
 }
 
+// rec: the op is being recorded (training: BLAS); otherwise the batch-invariant products.
 static molt_status experts_q_fwd(ag_tensor *y, const ag_tensor *x, const ag_tensor *w,
                                  const ag_tensor *idx, const ag_qweight *gu,
-                                 const ag_qweight *down) {
+                                 const ag_qweight *down, bool rec) {
     experts_run r;
     MOLT_TRY(experts_run_init(&r, idx, gu, down, x->dtype));
     bool f32 = x->dtype == AG_F32;
@@ -219,6 +218,12 @@ static molt_status experts_q_fwd(ag_tensor *y, const ag_tensor *x, const ag_tens
         qmoe_fwd_ref_f32(y->data, x->data, w->data, idx->data, &r.gu, &r.down, r.T, r.k);
     else if (!r.ws)
         qmoe_fwd_ref_f64(y->data, x->data, w->data, idx->data, &r.gu, &r.down, r.T, r.k);
+    else if (!rec && f32)
+        qmoe_fwd_bi_f32(y->data, x->data, w->data, idx->data, &r.gu, &r.down, r.T, r.k, r.nt,
+                        r.ws);
+    else if (!rec)
+        qmoe_fwd_bi_f64(y->data, x->data, w->data, idx->data, &r.gu, &r.down, r.T, r.k, r.nt,
+                        r.ws);
     else if (f32)
         qmoe_fwd_f32(y->data, x->data, w->data, idx->data, &r.gu, &r.down, r.T, r.k, r.nt, r.ws);
     else
@@ -234,10 +239,11 @@ ag_tensor *ag_moe_experts_q(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tens
     if (experts_q_check(x, weights, idx, gate_up, down) != MOLT_OK)
         return NULL;
     ag_tensor *y = ag_out_new(c, x->dtype, 2, x->shape);
-    if (!y || experts_q_fwd(y, x, weights, idx, gate_up, down) != MOLT_OK)
-        return NULL;
     ag_tensor *ins[3] = {x, weights, idx};
-    if (ag_should_record(c, 3, ins)) {
+    bool rec = ag_should_record(c, 3, ins);
+    if (!y || experts_q_fwd(y, x, weights, idx, gate_up, down, rec) != MOLT_OK)
+        return NULL;
+    if (rec) {
         ag_node *n = ag_record(c, AG_OP_MOE_EXPERTS_Q, y, 3, ins);
         const ag_qweight **saved = n ? ag_node_save(c, n, 2 * sizeof *saved) : NULL;
         if (!saved)

@@ -38,23 +38,52 @@ static attn_dims dims_of(const mcfg *cf) {
     return d;
 }
 
-// Softmax of sc[0..S) in place (max subtracted); returns the sum of the exponentials.
-static double softmax_inplace(double *sc, int64_t S) {
-    double mx = -INFINITY, sum = 0;
+// The inner loops run in float over LANES interleaved partial sums (element i to lane
+// i % LANES, lanes added pairwise at the end): a fixed order the compiler vectorizes; the
+// softmax normalization is summed in double. Every query row's result depends on that row
+// and its sequence's cache alone (batch-invariant).
+#define LANES 16
+
+static inline float dot_lanes(const float *a, const float *b, int64_t n) {
+    float acc[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++)
+            acc[j] += a[i + j] * b[i + j];
+    for (int j = 0; i < n; i++, j++)
+        acc[j] += a[i] * b[i];
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int j = 0; j < w; j++)
+            acc[j] += acc[j + w];
+    return acc[0];
+}
+
+static inline void axpy_f(float *y, float a, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        y[i] += a * x[i];
+}
+
+// sc[0..S) <- exp(sc - max) in place; returns the sum of the exponentials (in double).
+static double softmax_inplace(float *sc, int64_t S) {
+    float mx = -INFINITY;
     for (int64_t s = 0; s < S; s++)
         mx = sc[s] > mx ? sc[s] : mx;
+    double sum = 0;
     for (int64_t s = 0; s < S; s++) {
-        sc[s] = exp(sc[s] - mx);
+        sc[s] = expf(sc[s] - mx);
         sum += sc[s];
     }
     return sum;
 }
 
-static double dot_fd(const float *a, const float *b, int64_t n) {
-    double s = 0;
-    for (int64_t i = 0; i < n; i++)
-        s += (double)a[i] * b[i];
-    return s;
+// Pointers to rows 0..S-1 of layer l of sequence seq (NULL with a message when a row is
+// outside the reserved room).
+static const float **cache_rows(ag_ctx *c, const mdl_kvcache *kv, int seq, int l, int64_t S) {
+    const float **rows = ag_arena_alloc(&c->act, (size_t)(S > 0 ? S : 1) * sizeof *rows);
+    for (int64_t s = 0; rows && s < S; s++)
+        if (!(rows[s] = mdl_kv_row(kv, seq, l, (int)s)))
+            return NULL;
+    return rows;
 }
 
 // Score coefficient of query row i: the model's scale times its llama-4 temperature.
@@ -69,23 +98,23 @@ static double row_coef(const mdl_model *m, const ag_tensor *qtemp, int64_t i) {
 // keys 0..len+i.
 static void attend_expanded(float *out, const float *q, const float *key, const float *value,
                             const mdl_model *m, const ag_tensor *qtemp, attn_dims d,
-                            int64_t n, int64_t len, double *scratch, int64_t S) {
-#pragma omp parallel for schedule(static)
+                            int64_t n, int64_t len, float *scratch, int64_t S) {
+#pragma omp parallel for schedule(dynamic, 4) if (n * S * d.nh > 65536)
     for (int64_t k = 0; k < n * d.nh; k++) {
         int64_t i = k / d.nh, h = k % d.nh, vis = len + i + 1;
-        double *sc = scratch + (int64_t)omp_get_thread_num() * S;
+        float *sc = scratch + (int64_t)omp_get_thread_num() * S;
         const float *qi = q + k * d.dqk;
-        double coef = row_coef(m, qtemp, i);
+        float coef = (float)row_coef(m, qtemp, i);
         for (int64_t s = 0; s < vis; s++)
-            sc[s] = coef * dot_fd(qi, key + (s * d.nh + h) * d.dqk, d.dqk);
+            sc[s] = coef * dot_lanes(qi, key + (s * d.nh + h) * d.dqk, d.dqk);
         double sum = softmax_inplace(sc, vis);
         float *o = out + k * d.dv;
-        for (int64_t v = 0; v < d.dv; v++) {
-            double acc = 0;
-            for (int64_t s = 0; s < vis; s++)
-                acc += sc[s] * value[(s * d.nh + h) * d.dv + v];
-            o[v] = (float)(acc / sum);
-        }
+        memset(o, 0, (size_t)d.dv * sizeof *o);
+        for (int64_t s = 0; s < vis; s++)
+            axpy_f(o, sc[s], value + (s * d.nh + h) * d.dv, d.dv);
+        float inv = (float)(1.0 / sum);
+        for (int64_t v = 0; v < d.dv; v++)
+            o[v] *= inv;
     }
 }
 
@@ -109,7 +138,7 @@ static ag_tensor *cached_expanded(ag_ctx *c, const mdl_model *m, int l, const md
     if (mdl_attn_expand_r(c, m, l, lat, kr, r, &key, &value) != MOLT_OK)
         return NULL;
     ag_tensor *out = ag_tensor_new(&c->act, AG_F32, 3, (int64_t[]){n, d.nh, d.dv});
-    double *scratch = ag_arena_alloc(&c->act, (size_t)omp_get_max_threads() * S * sizeof *scratch);
+    float *scratch = ag_arena_alloc(&c->act, (size_t)omp_get_max_threads() * S * sizeof *scratch);
     if (!out || !scratch)
         return NULL;
     attend_expanded(out->data, q->data, key->data, value->data, m, qtemp, d, n, len, scratch,
@@ -120,10 +149,14 @@ static ag_tensor *cached_expanded(ag_ctx *c, const mdl_model *m, int l, const md
 // ---------------------------------------------------------------------------------------
 // Absorbed form
 
-// kv_b_proj's base weight as floats (a quantized one dequantized for this step).
-static const float *kv_b_base(ag_ctx *c, const mdl_lin *lin) {
+// kv_b_proj's base weight as floats (a quantized one as decoded at load, or for this step
+// when the model was quantized some other way).
+static const float *kv_b_base(ag_ctx *c, const mdl_layer *y) {
+    const mdl_lin *lin = &y->kv_b;
     if (!lin->qw)
         return lin->w->data;
+    if (y->kv_b_f32)
+        return y->kv_b_f32;
     ag_tensor *d = ag_qweight_dequantize(&c->act, lin->qw);
     return d ? d->data : NULL;
 }
@@ -138,62 +171,50 @@ typedef struct {
 // Per-thread scratch of the absorbed form: query in latent space, weighted latent sum,
 // low-rank intermediates, scores.
 typedef struct {
-    double *ql, *ctx, *u, *sc; // [RKV], [RKV], [r], [S]
+    float *ql, *ctx, *u, *sc; // [RKV], [RKV], [r], [S]
 } absorb_scratch;
 
 // One (query i, head h) of the absorbed form into o [DV]; w_uk/w_uv are head h's rows of the
-// base kv_b, lo its LoRA (rows of head h start at h * (DN + DV) in lo->b).
+// base kv_b, lo its LoRA (rows of head h start at h * (DN + DV) in lo->b); rows[0..vis) the
+// sequence's cache rows of this layer.
 static void absorb_one(float *o, const float *qi, const float *w_uk, const float *w_uv,
-                       const kvb_lora *lo, int64_t h, const mdl_kvcache *kv, int seq, int l,
-                       double coef, int64_t vis, attn_dims d, absorb_scratch t) {
-    for (int64_t r = 0; r < d.rkv; r++)
-        t.ql[r] = 0;
+                       const kvb_lora *lo, int64_t h, const float *const *rows, float coef,
+                       int64_t vis, attn_dims d, absorb_scratch t) {
+    memset(t.ql, 0, (size_t)d.rkv * sizeof *t.ql);
     for (int64_t j = 0; j < d.dn; j++) // ql = W_UK^T q_nope
-        for (int64_t r = 0; r < d.rkv; r++)
-            t.ql[r] += (double)qi[j] * w_uk[j * d.rkv + r];
+        axpy_f(t.ql, qi[j], w_uk + j * d.rkv, d.rkv);
     const float *bh = lo->a ? lo->b + h * (d.dn + d.dv) * lo->r : NULL;
     if (lo->a) { // + s A^T (B_UK^T q_nope)
         for (int64_t k = 0; k < lo->r; k++) {
             double u = 0;
             for (int64_t j = 0; j < d.dn; j++)
                 u += (double)qi[j] * bh[j * lo->r + k];
-            for (int64_t r = 0; r < d.rkv; r++)
-                t.ql[r] += lo->s * u * lo->a[k * d.rkv + r];
+            axpy_f(t.ql, (float)(lo->s * u), lo->a + k * d.rkv, d.rkv);
         }
     }
     const float *qr = qi + d.dn;
     for (int64_t s = 0; s < vis; s++) {
-        const float *row = mdl_kv_row(kv, seq, l, (int)s);
-        double acc = 0;
-        for (int64_t r = 0; r < d.rkv; r++)
-            acc += t.ql[r] * row[r];
-        t.sc[s] = coef * (acc + dot_fd(qr, row + d.rkv, d.dr));
+        const float *row = rows[s];
+        t.sc[s] = coef * (dot_lanes(t.ql, row, d.rkv) + dot_lanes(qr, row + d.rkv, d.dr));
     }
     double sum = softmax_inplace(t.sc, vis);
-    for (int64_t r = 0; r < d.rkv; r++)
-        t.ctx[r] = 0;
-    for (int64_t s = 0; s < vis; s++) {
-        const float *row = mdl_kv_row(kv, seq, l, (int)s);
-        for (int64_t r = 0; r < d.rkv; r++)
-            t.ctx[r] += t.sc[s] * row[r];
-    }
+    memset(t.ctx, 0, (size_t)d.rkv * sizeof *t.ctx);
+    for (int64_t s = 0; s < vis; s++)
+        axpy_f(t.ctx, t.sc[s], rows[s], d.rkv);
     if (lo->a) // u = A ctx
-        for (int64_t k = 0; k < lo->r; k++) {
-            double u = 0;
-            for (int64_t r = 0; r < d.rkv; r++)
-                u += lo->a[k * d.rkv + r] * t.ctx[r];
-            t.u[k] = u;
-        }
+        for (int64_t k = 0; k < lo->r; k++)
+            t.u[k] = dot_lanes(lo->a + k * d.rkv, t.ctx, d.rkv);
+    float inv = (float)(1.0 / sum);
     for (int64_t v = 0; v < d.dv; v++) { // out = W_UV (sum_s p_s c_s) (+ s B_UV A ctx)
-        double acc = 0;
-        for (int64_t r = 0; r < d.rkv; r++)
-            acc += (double)w_uv[v * d.rkv + r] * t.ctx[r];
+        float acc = dot_lanes(w_uv + v * d.rkv, t.ctx, d.rkv);
         if (lo->a) {
             const float *bv = bh + (d.dn + v) * lo->r;
+            float lr = 0;
             for (int64_t k = 0; k < lo->r; k++)
-                acc += lo->s * bv[k] * t.u[k];
+                lr += bv[k] * t.u[k];
+            acc += (float)lo->s * lr;
         }
-        o[v] = (float)(acc / sum);
+        o[v] = acc * inv;
     }
 }
 
@@ -202,24 +223,24 @@ static ag_tensor *cached_absorbed(ag_ctx *c, const mdl_model *m, int l, const md
                                   const kvb_lora *lo) {
     attn_dims d = dims_of(&m->cfg);
     int64_t n = q->shape[0], S = len + n;
-    const float *w = kv_b_base(c, &m->layers[l].kv_b);
+    const float *w = kv_b_base(c, &m->layers[l]);
+    const float **rows = cache_rows(c, kv, seq, l, S);
     ag_tensor *out = ag_tensor_new(&c->act, AG_F32, 3, (int64_t[]){n, d.nh, d.dv});
-    int64_t per = 2 * d.rkv + (lo->a ? lo->r : 0) + S;
-    double *scratch = ag_arena_alloc(&c->act,
-                                     (size_t)(omp_get_max_threads() * per) * sizeof *scratch);
-    if (!w || !out || !scratch)
+    int64_t lr = lo->a ? lo->r : 0, per = 2 * d.rkv + lr + S;
+    float *scratch = ag_arena_alloc(&c->act,
+                                    (size_t)(omp_get_max_threads() * per) * sizeof *scratch);
+    if (!w || !rows || !out || !scratch)
         return NULL;
     const float *qd = q->data;
     float *od = out->data;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 1) if (n * S * d.nh * d.rkv > 262144)
     for (int64_t k = 0; k < n * d.nh; k++) {
         int64_t i = k / d.nh, h = k % d.nh;
-        double *base = scratch + (int64_t)omp_get_thread_num() * per;
-        int64_t lr = lo->a ? lo->r : 0;
+        float *base = scratch + (int64_t)omp_get_thread_num() * per;
         absorb_scratch t = {base, base + d.rkv, base + 2 * d.rkv, base + 2 * d.rkv + lr};
         const float *w_uk = w + h * (d.dn + d.dv) * d.rkv, *w_uv = w_uk + d.dn * d.rkv;
-        absorb_one(od + k * d.dv, qd + k * d.dqk, w_uk, w_uv, lo, h, kv, seq, l,
-                   row_coef(m, qtemp, i), len + i + 1, d, t);
+        absorb_one(od + k * d.dv, qd + k * d.dqk, w_uk, w_uv, lo, h, rows,
+                   (float)row_coef(m, qtemp, i), len + i + 1, d, t);
     }
     return out;
 }

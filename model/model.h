@@ -214,6 +214,8 @@ typedef struct {
     mdl_mlp shared;         // shared expert (w NULL when n_shared_experts is 0 or dense)
     const ag_qweight *gate_up_q, *down_q; // quantized experts or NULL (then gate_up/down
                                           // are shape-only tensors)
+    const float *kv_b_f32;  // a quantized kv_b_proj decoded once at load [NH*(DN+DV), RKV],
+                            // for the absorbed decode form (NULL when kv_b is F32)
 } mdl_layer;
 
 // How tensors are named and laid out in a checkpoint.

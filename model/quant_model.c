@@ -330,6 +330,15 @@ molt_status mdl_load_quant_ex(const char *dir, const mdl_qspec *spec, ag_comm *e
         ag_arena_free(&s.scratch);
     }
     st_close(r);
+    // the absorbed decode form reads kv_b_proj whole at every step: decode a quantized one
+    // once here (NH*(DN+DV) x RKV floats per layer) instead of at every step
+    for (int l = 0; st == MOLT_OK && l < m->cfg.num_hidden_layers; l++) {
+        const ag_qweight *q = m->layers[l].kv_b.qw;
+        ag_tensor *d = q ? ag_qweight_dequantize(&m->arena, q) : NULL;
+        if (q && !d)
+            st = molt_err_wrap(MOLT_ENOMEM, "decoding kv_b_proj of layer %d", l);
+        m->layers[l].kv_b_f32 = d ? d->data : NULL;
+    }
     if (st != MOLT_OK)
         mdl_free(m);
     return st;

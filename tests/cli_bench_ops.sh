@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tests/cli_bench_ops.sh: `molt bench ops --quick` prints a fwd and a bwd row for every linear
-# and attention size and for the fused loss, each with positive timings and rates; bad
-# options are refused.
+# and attention size and for the fused loss, each with positive timings and rates, then the
+# batch-invariant products' decode and prefill rows (f32 and nf4); bad options are refused.
 . "$(dirname "$0")/harness/cli_lib.sh" "$@" || exit 1
 
 out=$("$molt" bench ops --quick --repeat 2 --threads 2) || fail "molt bench ops --quick exited $?"
@@ -24,6 +24,19 @@ bad=$(awk '($1 == "linear" || $1 == "attention" || ($1 == "ce_linear" && $3 == "
     for (i = 4; i <= 7; i++) if (!($i ~ /^[0-9.]+$/) || $i + 0 <= 0) print }' <<<"$out")
 [ -z "$bad" ] || fail "non-positive or missing numbers: $bad"
 grep -q "2 threads" <<<"$out" || fail "--threads 2 not reported: $out"
+# batch-invariant products: per quick shape and format, decode rows T = 1, 8 (ms GB/s
+# read_GB/s vs_read GFLOP/s) and prefill rows T = 128, 512 (ms GFLOP/s sgemm_GF vs_sgemm)
+grep -q "read_GB/s" <<<"$out" && grep -q "vs_sgemm = GFLOP/s / sgemm_GFLOP/s" <<<"$out" ||
+    fail "no batch-invariant tables: $out"
+for f in f32 nf4; do
+    for t in 1 8 128 512; do
+        n=$(awk -v f="$f" -v t="$t" '$1 == f && $2 == "quick" && $5 == t' <<<"$out" | wc -l)
+        [ "$n" -eq 2 ] || fail "expected 2 '$f' rows with T=$t, got $n: $out"
+    done
+done
+bad=$(awk '($1 == "f32" || $1 == "nf4") && $2 == "quick" {
+    for (i = 6; i <= NF; i++) if (!($i ~ /^[0-9.]+$/) || $i + 0 <= 0) print }' <<<"$out")
+[ -z "$bad" ] || fail "non-positive or missing numbers in the batch-invariant rows: $bad"
 
 "$molt" bench ops --bogus 2>/dev/null && fail "unknown option accepted"
 "$molt" bench ops --threads 0 2>"$tmp/err" && fail "--threads 0 accepted"

@@ -101,8 +101,9 @@ has "choice table" "$out" "digits_choice (task choice, 10 examples)"
 has "acc_norm row" "$out" "acc_norm"
 has "token_f1 replaced contains" "$out" "token_f1"
 has "per-category table" "$(cat "$tmp/ev2/report.md")" "short"
-computed=$(echo "$out" | sed -nE 's/.*prompt tokens computed ([0-9]+).*/\1/p')
-naive=$(echo "$out" | sed -nE 's/.*would compute ([0-9]+)\).*/\1/p')
+line=$(echo "$out" | grep '^digits_choice: prompt tokens computed')
+computed=$(echo "$line" | sed -nE 's/.*prompt tokens computed ([0-9]+).*/\1/p')
+naive=$(echo "$line" | sed -nE 's/.*would compute ([0-9]+)\).*/\1/p')
 [ -n "$computed" ] && [ "$computed" -lt "$naive" ] \
     && ok "contexts computed once: $computed prompt tokens, $naive one request per choice" \
     || bad "prompt tokens computed '$computed', naive '$naive'"

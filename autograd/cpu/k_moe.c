@@ -1,9 +1,12 @@
 // autograd/cpu/k_moe.c: MoE router and routed-expert kernels, reference loops and the
-// optimized (sorted by expert, BLAS) expert path. Not here: operand checks and the
-// choice between kernels (ops_moe.c), the router's logits GEMM (an ordinary linear).
+// optimized (sorted by expert, BLAS) expert path, and its inference form on the
+// batch-invariant products. Not here: operand checks and the choice between kernels
+// (ops_moe.c), the router's logits GEMM (an ordinary linear).
 #include "real.h"
 #include "k_moe.h"
 #include "k_nn.h"
+#include "k_quant.h"
+#include "k_bi.h"
 
 #include "k_blas.h"
 // OpenBLAS's cblas.h includes complex.h; its `I` would clash with the intermediate size.
@@ -286,6 +289,36 @@ void K(moe_experts_fwd)(real *y, const real *x, const real *w, const int32_t *id
             swiglu_rows(G, w, m.perm + r0, nb, I);
             R_GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nb, (int)H, (int)I, 1, G,
                    (int)I2, wd + e * H * I, (int)I, 0, O, (int)H);
+            K(moe_scatter_add)(y, O, m.perm + r0, nb, k, H);
+        }
+}
+
+// A (nb, I) = weight * silu(gate) * up from G (nb, 2I): swiglu_rows' values, packed.
+static void swiglu_pack(real *A, const real *G, const real *w, const int32_t *perm, int64_t nb,
+                        int64_t I) {
+    for (int64_t r = 0; r < nb; r++) {
+        real wt = w[perm[r]];
+        const real *g = G + r * 2 * I;
+        for (int64_t i = 0; i < I; i++)
+            A[r * I + i] = wt * g[i] * sigmoid(g[i]) * g[I + i];
+    }
+}
+
+void K(moe_experts_fwd_bi)(real *y, const real *x, const real *w, const int32_t *idx,
+                           const real *wgu, const real *wd, int64_t T, int64_t k, int64_t E,
+                           int64_t H, int64_t I, int nthreads, void *ws) {
+    moe_ws m = ws_layout(ws, T, k, E, H, I);
+    dispatch(&m, idx, T * k, E);
+    int64_t I2 = 2 * I;
+    real *X = m.buf, *G = X + ROWS * H, *O = G + ROWS * I2, *A = O + ROWS * H;
+    memset(y, 0, (size_t)(T * H) * sizeof(real));
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t r0 = m.off[e]; r0 < m.off[e + 1]; r0 += ROWS) {
+            int64_t nb = m.off[e + 1] - r0 < ROWS ? m.off[e + 1] - r0 : ROWS;
+            K(moe_gather)(X, x, m.perm + r0, nb, k, H);
+            K(bi_linear)(G, X, wgu + e * I2 * H, nb, I2, H, nthreads);
+            swiglu_pack(A, G, w, m.perm + r0, nb, I);
+            K(bi_linear)(O, A, wd + e * H * I, nb, H, I, nthreads);
             K(moe_scatter_add)(y, O, m.perm + r0, nb, k, H);
         }
 }

@@ -51,6 +51,12 @@ size_t K(moe_experts_ws_bytes)(int64_t T, int64_t k, int64_t E, int64_t H, int64
 void K(moe_experts_fwd)(real *y, const real *x, const real *w, const int32_t *idx,
                         const real *wgu, const real *wd, int64_t T, int64_t k, int64_t E,
                         int64_t H, int64_t I, void *ws);
+// Inference forward (same contract and workspace): the GEMMs are batch-invariant products
+// (bi_linear, k_bi.h), so a token's row depends on that token alone: the experts it chose
+// are added in increasing expert order whatever the other tokens are. nthreads as bi_linear.
+void K(moe_experts_fwd_bi)(real *y, const real *x, const real *w, const int32_t *idx,
+                           const real *wgu, const real *wd, int64_t T, int64_t k, int64_t E,
+                           int64_t H, int64_t I, int nthreads, void *ws);
 // Optimized backward (same contract as the reference one), three GEMMs per block of rows.
 void K(moe_experts_bwd)(real *dx, real *dw, const real *dy, const real *x, const real *w,
                         const int32_t *idx, const real *wgu, const real *wd, int64_t T,

@@ -6,6 +6,7 @@
 #include "real.h"
 #include "k_moe.h"
 #include "k_quant.h"
+#include "k_bi.h"
 
 #include "k_blas.h"
 // OpenBLAS's cblas.h includes complex.h; its `I` would clash with the intermediate size.
@@ -346,10 +347,16 @@ static void *carve(carver *c, size_t bytes) {
     return r;
 }
 
+// Scratch of the fused GEMMs: the training ones' or the batch-invariant ones' (qmoe_fwd_bi),
+// whichever is larger.
 static size_t qws_bytes(const kq_weight *gu, const kq_weight *down, int nthreads) {
     size_t a = K(qlinear_ws_bytes)(gu, ROWS, nthreads);
     size_t b = K(qlinear_ws_bytes)(down, ROWS, nthreads);
-    return a > b ? a : b;
+    size_t c = K(bi_linear_q_ws_bytes)(gu, ROWS, nthreads);
+    size_t d = K(bi_linear_q_ws_bytes)(down, ROWS, nthreads);
+    a = a > b ? a : b;
+    c = c > d ? c : d;
+    return a > c ? a : c;
 }
 
 // Lays the workspace out (base NULL: only counts) and returns its size.
@@ -408,6 +415,25 @@ void K(qmoe_fwd)(real *y, const real *x, const real *w, const int32_t *idx,
             K(qlinear_fwd)(m.G, m.X, gu, e, nb, nthreads, m.qws);
             swiglu_rows(m.A, m.G, w, m.perm + r0, nb, I);
             K(qlinear_fwd)(m.O, m.A, down, e, nb, nthreads, m.qws);
+            K(moe_scatter_add)(y, m.O, m.perm + r0, nb, k, H);
+        }
+}
+
+void K(qmoe_fwd_bi)(real *y, const real *x, const real *w, const int32_t *idx,
+                    const kq_weight *gu, const kq_weight *down, int64_t T, int64_t k,
+                    int nthreads, void *ws) {
+    qmoe_ws m;
+    qmoe_layout(&m, ws, gu, down, T, k, nthreads);
+    int64_t E = gu->n_mat, H = gu->cols, I = gu->rows / 2;
+    dispatch(&m, idx, T * k, E);
+    memset(y, 0, (size_t)(T * H) * sizeof(real));
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t r0 = m.off[e]; r0 < m.off[e + 1]; r0 += ROWS) {
+            int64_t nb = min64(m.off[e + 1] - r0, ROWS);
+            K(moe_gather)(m.X, x, m.perm + r0, nb, k, H);
+            K(bi_linear_q)(m.G, m.X, gu, e, nb, nthreads, m.qws);
+            swiglu_rows(m.A, m.G, w, m.perm + r0, nb, I);
+            K(bi_linear_q)(m.O, m.A, down, e, nb, nthreads, m.qws);
             K(moe_scatter_add)(y, m.O, m.perm + r0, nb, k, H);
         }
 }

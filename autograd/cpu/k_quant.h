@@ -74,6 +74,11 @@ size_t K(qmoe_ws_bytes)(const kq_weight *gu, const kq_weight *down, int64_t T, i
 void K(qmoe_fwd)(real *y, const real *x, const real *w, const int32_t *idx,
                  const kq_weight *gu, const kq_weight *down, int64_t T, int64_t k,
                  int nthreads, void *ws);
+// Inference forward (same contract and workspace) on the batch-invariant products
+// (bi_linear_q, k_bi.h): a token's row depends on that token alone.
+void K(qmoe_fwd_bi)(real *y, const real *x, const real *w, const int32_t *idx,
+                    const kq_weight *gu, const kq_weight *down, int64_t T, int64_t k,
+                    int nthreads, void *ws);
 void K(qmoe_bwd)(real *dx, real *dw, const real *dy, const real *x, const real *w,
                  const int32_t *idx, const kq_weight *gu, const kq_weight *down, int64_t T,
                  int64_t k, int nthreads, void *ws);

@@ -431,6 +431,11 @@ static void print_summary(const ev_run_opts *o, const ev_run_summary *sum) {
                    o->adapter_name[a], l, exp(l));
         }
     }
+    for (int d = 0; d < o->n_data; d++)
+        printf("%s: prompt tokens computed %lld (%lld from the prefix cache; one request per "
+               "example and choice would compute %lld)\n", o->data[d].name,
+               (long long)sum->data_computed[d], (long long)sum->data_cached[d],
+               (long long)sum->data_naive[d]);
     printf("molt eval: %lld examples x %d systems in %.1f s; prompt tokens computed %lld "
            "(%lld from the prefix cache; one request per example and choice would compute "
            "%lld)%s%lld bad records skipped\n",

@@ -338,6 +338,7 @@ typedef struct {
     int64_t tokens_computed;  // prompt tokens the engine computed for the whole run
     int64_t tokens_naive;     // what recomputing every choice's context would have computed
     int64_t tokens_cached;    // prompt tokens taken from the prefix cache
+    int64_t data_computed[EV_MAX_DATA], data_naive[EV_MAX_DATA], data_cached[EV_MAX_DATA];
     double seconds;           // wall time of the run (model load included)
     int64_t examples, bad;    // examples used, bad records skipped (all datasets)
 } ev_run_summary;

@@ -434,6 +434,8 @@ static molt_status run_dataset(const ev_run_opts *o, const ev_data_spec *d, cons
                      .max_tokens = d->max_tokens > 0 ? d->max_tokens : 64, .limit = o->limit,
                      .skip_bad = o->skip_bad};
     ev_items items;
+    eng_stats before, after;
+    eng_get_stats(eng, &before);
     molt_status st = ev_items_read(&x, d->path, &items);
     sum->bad += items.bad;
     if (st != MOLT_OK)
@@ -466,6 +468,10 @@ static molt_status run_dataset(const ev_run_opts *o, const ev_data_spec *d, cons
                                                        : NAN;
     sum->tokens_naive += r.naive;
     sum->examples += items.n;
+    eng_get_stats(eng, &after);
+    sum->data_computed[di] = after.prompt_tokens - before.prompt_tokens;
+    sum->data_cached[di] = after.prefix_hit_tokens - before.prefix_hit_tokens;
+    sum->data_naive[di] = r.naive;
     for (int64_t i = 0; i < r.n_units; i++)
         molt_free(r.u[i].text);
     for (int m = 0; m < r.n_tm; m++)

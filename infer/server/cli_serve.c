@@ -42,7 +42,7 @@ static const char usage_text[] =
     "                           /health (MOLT_API_KEY in the environment does the same)\n"
     "  --max-model-len N        prompt + generated tokens per sequence (default: the model's)\n"
     "  --max-num-seqs N         sequences in the batch (default 64)\n"
-    "  --max-batch-tokens N     tokens per engine step (default 2048)\n"
+    "  --max-batch-tokens N     tokens per engine step (default 512)\n"
     "  --kv-cache-mib N         KV cache memory (default 512); --block-tokens N per block (16)\n"
     "  --no-prefix-caching      do not share identical leading prompt blocks\n"
     "  --max-body-bytes N       larger request bodies get 413 (default 1048576)\n"
@@ -205,13 +205,15 @@ static int parse_args(int argc, char **argv, serve_args *a) {
             return -1;
         }
         if (!strcmp(argv[i], "--config")) {
-            if (i + 1 >= argc) {
+            if (i + 1 >= argc || !strncmp(argv[i + 1], "--", 2)) {
                 fprintf(stderr, "molt serve: --config needs a value\n");
                 return 2;
             }
             config = argv[++i];
+        } else if (!strncmp(argv[i], "--config=", 9)) {
+            config = argv[i] + 9;
         }
-        if (!strcmp(argv[i], "--adapter"))
+        if (!strcmp(argv[i], "--adapter") || !strncmp(argv[i], "--adapter=", 10))
             a->adapters_from_flags = true;
     }
     if (config && ykv_load(config, config_leaf, a) != MOLT_OK) {
@@ -221,27 +223,39 @@ static int parse_args(int argc, char **argv, serve_args *a) {
     for (int i = 1; i < argc; i++) {
         const char *o = argv[i];
         if (strncmp(o, "--", 2)) {
-            fprintf(stderr, "molt serve: unexpected argument '%s'\n%s", o, usage_text);
+            fprintf(stderr, "molt serve: unexpected argument '%s'\n(run 'molt serve --help' for "
+                    "the options)\n", o);
             return 2;
         }
-        if (!strcmp(o, "--config")) {
-            i++;
+        // --name VALUE or --name=VALUE (the common/opt.h conventions)
+        char name[64];
+        const char *eq = strchr(o, '='), *v = NULL;
+        snprintf(name, sizeof name, "%.*s", eq ? (int)(eq - o) : (int)strlen(o), o);
+        if (!strcmp(name, "--config")) {
+            i += eq ? 0 : 1;
             continue;
         }
-        const opt_def *d = find_opt(o + 2);
-        if (!d || strchr(o + 2, '_')) {
-            fprintf(stderr, "molt serve: unknown option '%s'\n%s", o, usage_text);
+        const opt_def *d = find_opt(name + 2);
+        if (!d || strchr(name + 2, '_')) {
+            fprintf(stderr, "molt serve: unknown option '%s'\n(run 'molt serve --help' for the "
+                    "options)\n", name);
             return 2;
         }
-        const char *v = "true";
-        if (d->kind != O_BOOL) {
-            if (i + 1 >= argc) {
-                fprintf(stderr, "molt serve: %s needs a value\n", o);
+        if (d->kind == O_BOOL) {
+            if (eq) {
+                fprintf(stderr, "molt serve: %s takes no value\n", name);
                 return 2;
             }
+            v = "true";
+        } else if (eq) {
+            v = eq + 1;
+        } else if (i + 1 < argc && strncmp(argv[i + 1], "--", 2)) {
             v = argv[++i];
+        } else {
+            fprintf(stderr, "molt serve: %s needs a value\n", name);
+            return 2;
         }
-        if (set_opt(a, d, v, o) != MOLT_OK) {
+        if (set_opt(a, d, v, name) != MOLT_OK) {
             fprintf(stderr, "molt serve: %s\n", molt_err_msg());
             return 2;
         }

@@ -1,0 +1,42 @@
+// autograd/cpu/k_bi_isa.h: what each instruction-set copy of the f32 batch-invariant kernels
+// (k_bi_avx512vbmi.c, k_bi_avx512.c, k_bi_avx2.c, k_bi_base.c, all built from k_bi_tmpl.h)
+// gives the driver in
+// k_bi.c: tile sizes and three tile kernels. Internal to autograd/cpu; the contracts of the
+// public kernels are in k_bi.h, the summation order in k_bi.c.
+#ifndef MOLT_CPU_K_BI_ISA_H
+#define MOLT_CPU_K_BI_ISA_H
+
+#include <stdint.h>
+
+#include "k_quant.h"
+
+// Largest tile any copy uses (rows of x, weight rows).
+#define BI_MR_CAP 8
+#define BI_NR_CAP 8
+
+typedef struct {
+    int mr, nr; // dense tile: up to mr rows of x against exactly nr weight rows
+    int qmr;    // quantized tile (weights decoded in registers): up to qmr rows of x against
+    int qnr[BI_MR_CAP + 1]; // exactly qnr[m] weight rows for m rows of x (1 <= m <= qmr)
+    // y[i * ldy + j] = dot(x[i], w[j]) over k < K for i < mr, j < n_out (n_out <= nr); all
+    // nr pointers of w are read (the driver repeats a row to pad a short tile). While at
+    // element k of row j it prefetches w[j] + k + pf (the next tile's rows: pf = nr * K for
+    // rows stored one after another).
+    void (*dense)(float *y, int64_t ldy, const float *const *x, int mr, const float *const *w,
+                  int n_out, int64_t K, int64_t pf);
+    // The same with weight rows rows[0..qnr[mr]) (flat row indices over all matrices) of a
+    // quantized view decoded in registers; not for F32 views, nor NF4 with cols % 64 != 0.
+    void (*quant)(float *y, int64_t ldy, const float *const *x, int mr, const kq_weight *w,
+                  const int64_t *rows, int n_out);
+    // dst (n, cols) = flat rows row0 .. row0 + n - 1 decoded (kq_dequant_range's values);
+    // same restrictions as quant.
+    void (*decode)(float *dst, const kq_weight *w, int64_t row0, int64_t n);
+    // A sum over p[0..n) that loads every element once with the copy's vector loads.
+    float (*read)(const float *p, int64_t n);
+} bi_kernels;
+
+// Defined only where the f32 kernels are built (MOLT_REAL == 32).
+extern const bi_kernels bi_kernels_avx512vbmi, bi_kernels_avx512, bi_kernels_avx2,
+    bi_kernels_base;
+
+#endif

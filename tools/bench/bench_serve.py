@@ -1,0 +1,286 @@
+#!/usr/bin/env python3
+"""Serving figures: molt serve under concurrent streaming load, against transformers + PEFT.
+
+Starts `molt serve` on a model (the `small` preset by default, NF4 base) with N LoRA adapters
+(r=16 on attention and routed experts, written once by `molt export --spec` into --work), then
+for each condition sends the same fixed set of requests (fixed prompts, a fixed output length:
+ignore_eos) at a given concurrency through the streaming completions API and measures output
+tokens/s, time to first token and inter-token latency (p50, p99):
+    base        every request on the base model
+    1, 8, 32, 128 distinct adapters, taken in turn by the requests
+    1 stream    the base condition at concurrency 1 (32 streams vs one)
+Then, side by side in the same run, transformers + PEFT serve the same requests of the
+32-adapter condition (tools/bench/hf_serve_baseline.py in the reference virtualenv:
+set_adapter per request, generate, the same threads), and the ratio is printed.
+
+Targets (issue 10): 128 adapters keep >= 85% of base-only throughput; 32 streams give >= 8x
+one stream; molt >= 10x transformers + PEFT. Only the standard library is used here; the
+baseline runs under --hf-python. Not part of tools/test.sh.
+
+Run: python3 tools/bench/bench_serve.py --molt build/molt [--model DIR | --preset small]
+        [--quant nf4] [--work DIR] [--concurrency 32] [--requests 64] [--prompt-tokens 64]
+        [--max-tokens 32] [--adapters 0,1,8,32,128] [--threads 2]
+        [--hf-python /work/venv-ref/bin/python] [--hf-requests 32]
+"""
+import argparse
+import http.client
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+TARGETS = ("q_a_proj+q_b_proj+kv_a_proj_with_mqa+kv_b_proj+o_proj+"
+           "experts.gate_up_proj+experts.down_proj")
+
+
+def pct(vals, p):
+    if not vals:
+        return float("nan")
+    s = sorted(vals)
+    k = (len(s) - 1) * p / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def run(cmd, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        sys.exit(f"bench_serve: {' '.join(cmd)} failed:\n{r.stderr}")
+    return r.stdout
+
+
+def prepare(args):
+    os.makedirs(args.work, exist_ok=True)
+    model = args.model
+    if not model:
+        model = os.path.join(args.work, args.preset)
+        if not os.path.exists(os.path.join(model, "config.json")):
+            print(f"bench_serve: writing the {args.preset} preset to {model}", flush=True)
+            run([args.molt, "init-model", "--preset", args.preset, "--seed", "1", "--out", model])
+    n = max(args.adapter_counts)
+    paths = []
+    for i in range(n):
+        p = os.path.join(args.work, f"adapter{i:03d}")
+        if not os.path.exists(os.path.join(p, "adapter_config.json")):
+            spec = f"r={args.rank},alpha={2 * args.rank},seed={i + 1},targets={TARGETS}"
+            run([args.molt, "export", "--model", model, "--spec", spec, "--format", "peft",
+                 "--out", p, "--force"])
+        paths.append(p)
+    print(f"bench_serve: {n} adapters (r={args.rank}, attention + experts) in {args.work}",
+          flush=True)
+    return model, paths
+
+
+class Server:
+    def __init__(self, args, model, adapters):
+        cmd = [args.molt, "serve", "--model", model, "--port", "0",
+               "--max-loaded-adapters", str(max(1, len(adapters))),
+               "--max-num-seqs", str(max(args.concurrency, 1)),
+               "--max-batch-tokens", str(args.max_batch_tokens),
+               "--kv-cache-mib", str(args.kv_cache_mib), "--access-log", "none"]
+        if args.quant != "none":
+            cmd += ["--base-quant", args.quant]
+        for i, p in enumerate(adapters):
+            cmd += ["--adapter", f"a{i:03d}={p}"]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env)
+        self.port = None
+        t0 = time.time()
+        for line in self.p.stdout:
+            print("  " + line.rstrip(), flush=True)
+            if "listening on" in line or "http://" in line:
+                tail = line.rsplit(":", 1)[-1]
+                digits = "".join(ch for ch in tail if ch.isdigit())
+                if digits:
+                    self.port = int(digits)
+                    break
+            if time.time() - t0 > 600:
+                break
+        if not self.port:
+            self.p.kill()
+            sys.exit("bench_serve: molt serve did not print its address:\n" + self.p.stderr.read())
+        threading.Thread(target=self.p.stdout.read, daemon=True).start()
+        threading.Thread(target=self.p.stderr.read, daemon=True).start()
+
+    def stop(self):
+        self.p.terminate()
+        try:
+            self.p.wait(60)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+
+
+def one_request(port, model, prompt, max_tokens):
+    """Streams one completion; returns (ttft, [inter-token gaps], tokens, total)."""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                       "temperature": 0, "ignore_eos": True, "stream": True,
+                       "stream_options": {"include_usage": True}})
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
+    t0 = time.perf_counter()
+    c.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    r = c.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]}")
+    first, last, gaps, tokens = None, None, [], 0
+    for raw in r:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        ev = json.loads(line[6:])
+        now = time.perf_counter()
+        if ev.get("usage"):
+            tokens = ev["usage"]["completion_tokens"]
+        if ev.get("choices"):
+            if first is None:
+                first = now - t0
+            elif last is not None:
+                gaps.append(now - last)
+            last = now
+    c.close()
+    return first or 0.0, gaps, tokens, time.perf_counter() - t0
+
+
+def condition(port, requests, concurrency):
+    """Sends requests [(model, prompt_ids, max_tokens)] at `concurrency`; returns figures."""
+    results = [None] * len(requests)
+    nxt = [0]
+    lock = threading.Lock()
+
+    def worker():
+        while True:
+            with lock:
+                i = nxt[0]
+                nxt[0] += 1
+            if i >= len(requests):
+                return
+            m, p, mt = requests[i]
+            results[i] = one_request(port, m, p, mt)
+
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    wall = time.perf_counter() - t0
+    toks = sum(r[2] for r in results)
+    ttft = [r[0] for r in results]
+    itl = [g for r in results for g in r[1]]
+    return {"tok_s": toks / wall, "tokens": toks, "wall_s": wall,
+            "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
+            "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
+
+
+def make_requests(args, models):
+    rng = random.Random(args.seed)
+    out = []
+    for i in range(args.requests):
+        prompt = [1] + [1000 + rng.randrange(100000) for _ in range(args.prompt_tokens - 1)]
+        out.append((models[i % len(models)], prompt, args.max_tokens))
+    return out
+
+
+def hf_baseline(args, model, adapters, reqs):
+    path = os.path.join(args.work, "hf_requests.jsonl")
+    with open(path, "w") as f:
+        for m, p, mt in reqs:
+            ad = None if m == "base" else m
+            f.write(json.dumps({"prompt_ids": p, "adapter": ad, "max_tokens": mt}) + "\n")
+    out = os.path.join(args.work, "hf_report.json")
+    used = sorted({m for m, _, _ in reqs if m != "base"})
+    cmd = [args.hf_python, os.path.join(os.path.dirname(__file__), "hf_serve_baseline.py"),
+           "--model", model, "--requests", path, "--threads", str(args.threads),
+           "--quant", args.quant if args.quant in ("none", "nf4") else "none", "--out", out]
+    for name in used:
+        cmd += ["--adapter", f"{name}={adapters[int(name[1:])]}"]
+    print("bench_serve: transformers + PEFT on the same requests ...", flush=True)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(r.stdout + r.stderr)
+        return None
+    print(r.stdout.strip())
+    with open(out) as f:
+        rep = json.load(f)
+    return rep
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--molt", required=True)
+    ap.add_argument("--model", help="model directory (default: write --preset into --work)")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--quant", default="nf4", help="molt --base-quant SPEC, or none")
+    ap.add_argument("--work", default="/tmp/molt-bench-serve")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--adapters", default="0,1,8,32,128",
+                    help="conditions: comma list of distinct adapter counts (0 = base only)")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-batch-tokens", type=int, default=512)
+    ap.add_argument("--kv-cache-mib", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--hf-python", help="python of a virtualenv with torch, transformers, peft")
+    ap.add_argument("--hf-requests", type=int, default=32,
+                    help="requests of the 32-adapter condition served by the baseline")
+    args = ap.parse_args()
+    args.adapter_counts = [int(x) for x in args.adapters.split(",")]
+    model, adapters = prepare(args)
+    srv = Server(args, model, adapters)
+    rows = []
+    try:
+        # warm-up: every adapter once, then the conditions
+        condition(srv.port, [(f"a{i:03d}", [1, 1000, 1001], 2) for i in range(len(adapters))]
+                  + [("base", [1, 1000, 1001], 2)], min(args.concurrency, 8))
+        for n in args.adapter_counts:
+            models = ["base"] if n == 0 else [f"a{i:03d}" for i in range(n)]
+            reqs = make_requests(args, models)
+            fig = condition(srv.port, reqs, args.concurrency)
+            fig["name"] = "base only" if n == 0 else f"{n} adapters"
+            rows.append(fig)
+            print(f"bench_serve: {fig['name']}: {fig['tok_s']:.1f} tok/s", flush=True)
+        single = condition(srv.port, make_requests(args, ["base"])[: max(4, args.requests // 8)], 1)
+        single["name"] = "base, 1 stream"
+        rows.append(single)
+    finally:
+        srv.stop()
+    print(f"\nmolt serve, {os.path.basename(model)} ({args.quant} base), {args.requests} "
+          f"requests x {args.max_tokens} output tokens, prompts of {args.prompt_tokens}, "
+          f"concurrency {args.concurrency}, {args.threads} threads")
+    print("| condition | output tok/s | TTFT p50 / p99 s | ITL p50 / p99 ms |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['tok_s']:.1f} | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | "
+              f"{1000 * r['itl_p50']:.0f} / {1000 * r['itl_p99']:.0f} |")
+    base = rows[0]["tok_s"] if args.adapter_counts[0] == 0 else None
+    for r in rows:
+        if base and r["name"].endswith("adapters"):
+            print(f"{r['name']}: {100 * r['tok_s'] / base:.1f}% of base-only throughput")
+    if base:
+        print(f"{args.concurrency} streams vs 1 stream: {base / single['tok_s']:.1f}x")
+    if args.hf_python:
+        n = 32 if 32 <= len(adapters) else len(adapters)
+        models = [f"a{i:03d}" for i in range(n)] if n else ["base"]
+        reqs = make_requests(args, models)[: args.hf_requests]
+        srv = Server(args, model, adapters)
+        try:
+            mine = condition(srv.port, reqs, args.concurrency)
+        finally:
+            srv.stop()
+        rep = hf_baseline(args, model, adapters, reqs)
+        if rep:
+            hf = rep["summary"]["output_tok_s"] if "summary" in rep else rep["output_tok_s"]
+            print(f"same {len(reqs)} requests over {n} adapters: molt serve {mine['tok_s']:.1f} "
+                  f"tok/s, transformers + PEFT {hf:.1f} tok/s: {mine['tok_s'] / hf:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
