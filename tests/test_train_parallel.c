@@ -9,6 +9,11 @@
 //   - 10 steps from scratch on each layout: the adapters agree within 1e-4;
 //   - checkpoints do not depend on the ranks: 10 steps on 4 ranks, resumed to 20 on 2 ranks
 //     and on 1, agree with 20 steps of one process;
+//   - the same with LoRA dropout (each rank draws the masks its rows have in the whole batch);
+//   - `molt forward` on 2 and 4 ranks (experts split over them) gives the logits of one
+//     process, with an adapter, on an F32 base, NF4 quantized on load and a pre-quantized
+//     NF4 checkpoint, on the tiny preset and on one whose expert stacks fill whole groups of
+//     the double quantization (both ways a shard keeps the whole stack's absmax);
 //   - a rank killed in the middle of step 7 ends the job with a non-zero status, the step-5
 //     checkpoint is intact and resumes to the same result; a rank that hangs (SIGSTOP) makes
 //     the others fail once parallel.timeout_s has passed, naming the collective and the rank.
@@ -206,6 +211,12 @@ static void gradients_agree(const char *tag, const char *const *extra) {
 START_TEST(gradients_f32) { gradients_agree("g", NULL); }
 END_TEST
 
+START_TEST(gradients_dropout) {
+    const char *extra[] = {"--set", "adapter.dropout=0.1", NULL};
+    gradients_agree("d", extra);
+}
+END_TEST
+
 START_TEST(gradients_nf4_checkpointing_accum) {
     const char *extra[] = {"--set", "model.quant=nf4", "--set",
                            "train.activation_checkpointing=true", "--set", "train.grad_accum=3",
@@ -320,6 +331,89 @@ START_TEST(hung_rank_times_out) {
 }
 END_TEST
 
+// A preset like tiny with wider experts: gate_up of one expert is 256 NF4 blocks (whole groups
+// of the double quantization), down 128 (half a group).
+static void write_wide(void) {
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "sed -e 's/\"hidden_size\": 32/\"hidden_size\": 64/' -e "
+             "'s/\"moe_intermediate_size\": 16/\"moe_intermediate_size\": 128/' "
+             "%s/configs/models/tiny.json > %s/wide.json", getenv("MOLT_SOURCE_DIR"), dir);
+    sh("%s%s", cmd, "");
+    char preset[128], tok[4096], out[128];
+    snprintf(preset, sizeof preset, "%s/wide.json", dir);
+    snprintf(tok, sizeof tok, "%s/configs/tokenizers/tekken.json", getenv("MOLT_SOURCE_DIR"));
+    snprintf(out, sizeof out, "%s/wide", dir);
+    mdl_init_opts o = {.preset = preset, .out_dir = out, .seed = 4, .tokenizer = tok};
+    ck_assert_ok(mdl_init_model(&o));
+}
+
+// molt forward on np ranks (np 1: one process) of `model` into FILE.
+static void forward(int np, const char *model, const char *out, const char *quant,
+                    const char *adapter) {
+    char m[128], t[128], o[128], log[160];
+    snprintf(m, sizeof m, "%s/%s", dir, model);
+    snprintf(t, sizeof t, "%s/tok.txt", dir);
+    snprintf(o, sizeof o, "%s/%s", dir, out);
+    snprintf(log, sizeof log, "%s/%s.log", dir, out);
+    char *argv[16] = {molt, "forward", "--model", m, "--tokens", t, "--out", o};
+    int n = 8;
+    if (quant) {
+        argv[n++] = "--base-quant";
+        argv[n++] = (char *)quant;
+    }
+    if (adapter) {
+        argv[n++] = "--adapter";
+        argv[n++] = (char *)adapter;
+    }
+    argv[n] = NULL;
+    int rc = mpi_env_launch(np, argv, NULL, log);
+    ck_assert_msg(rc == 0, "forward %s on %d ranks: exit %d (log %s)", out, np, rc, log);
+}
+
+START_TEST(forward_ranks) {
+    if (!mpi_env_available())
+        return;
+    char p[160];
+    snprintf(p, sizeof p, "%s/tok.txt", dir);
+    FILE *f = fopen(p, "w");
+    ck_assert_ptr_nonnull(f);
+    fprintf(f, "1 22 33 44 55\n1 100 200\n7 8 9 10 11 12 13\n1 5\n3 3 3 3 3 3 3 3 3\n");
+    fclose(f);
+    write_wide();
+    char cmd[4800];
+    snprintf(cmd, sizeof cmd, "%s quantize --model %s/wide --quant nf4 --out %s/wide-nf4 > "
+             "/dev/null", molt, dir, dir);
+    sh("%s%s", cmd, "");
+    // an adapter for the tiny model: the one the 10-step test trained (or train one here)
+    char ad[160];
+    snprintf(ad, sizeof ad, "%s/fw-ad/adapter.h5", dir);
+    const char *args[] = {"--set", "train.steps=2", NULL};
+    train_ok(1, "fw-ad", args, NULL);
+    struct {
+        const char *model, *quant, *adapter, *tag;
+    } cases[] = {{"base", NULL, ad, "f32"},
+                 {"base", "nf4", ad, "nf4"},
+                 {"wide", "nf4", NULL, "wide-nf4"},
+                 {"wide-nf4", NULL, NULL, "wide-prequant"}};
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        char one[64];
+        snprintf(one, sizeof one, "fw-%s-1.st", cases[c].tag);
+        forward(1, cases[c].model, one, cases[c].quant, cases[c].adapter);
+        for (int np = 2; np <= 4; np += 2) {
+            char many[64], a[160], b[160], worst[256] = "";
+            snprintf(many, sizeof many, "fw-%s-%d.st", cases[c].tag, np);
+            forward(np, cases[c].model, many, cases[c].quant, cases[c].adapter);
+            snprintf(a, sizeof a, "%s/%s", dir, one);
+            snprintf(b, sizeof b, "%s/%s", dir, many);
+            double r = max_rel(a, b, worst, sizeof worst);
+            fprintf(stderr, "forward %s on %d ranks: logits max rel %.3g\n", cases[c].tag, np, r);
+            ck_assert_msg(r <= 1e-5, "forward %s on %d ranks: %s differs by %g", cases[c].tag,
+                          np, worst, r);
+        }
+    }
+}
+END_TEST
+
 int main(void) {
     if (!mpi_env_available()) {
         fprintf(stderr, "test_train_parallel: no MPI launcher (MOLT_MPIEXEC): skipped\n");
@@ -330,8 +424,10 @@ int main(void) {
     tcase_add_unchecked_fixture(tc, setup_all, teardown_all);
     tcase_set_timeout(tc, 900);
     tcase_add_test(tc, gradients_f32);
+    tcase_add_test(tc, gradients_dropout);
     tcase_add_test(tc, gradients_nf4_checkpointing_accum);
     tcase_add_test(tc, ten_steps);
+    tcase_add_test(tc, forward_ranks);
     tcase_add_test(tc, checkpoints_move_between_rank_counts);
     tcase_add_test(tc, killed_rank);
     tcase_add_test(tc, hung_rank_times_out);
