@@ -414,6 +414,32 @@ START_TEST(forward_ranks) {
 }
 END_TEST
 
+// Layouts that cannot work end every rank with a message naming the keys.
+START_TEST(bad_layouts) {
+    if (!mpi_env_available())
+        return;
+    struct {
+        int np;
+        const char *a, *b, *want;
+    } cases[] = {
+        {4, "parallel.expert=3", "train.steps=1", "parallel.expert = 3 does not divide the 4"},
+        {2, "train.batch_size=3", "train.steps=1", "train.batch_size = 3 rows do not split"},
+        {2, "parallel.data=1", "parallel.expert=1", "1 x 1 = 1, but the job has 2 ranks"},
+        {3, "parallel.expert=3", "train.batch_size=3", "8 routed experts do not split evenly "
+                                                       "over 3 ranks"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        char out[32];
+        snprintf(out, sizeof out, "bad-%zu", i);
+        const char *args[] = {"--set", cases[i].a, "--set", cases[i].b, NULL};
+        int rc = train(cases[i].np, out, args, NULL);
+        ck_assert_msg(rc != 0, "%s: exit 0", cases[i].a);
+        ck_assert_msg(log_has(out, cases[i].want), "%s: no '%s' in %s/%s.log", cases[i].a,
+                      cases[i].want, dir, out);
+    }
+}
+END_TEST
+
 int main(void) {
     if (!mpi_env_available()) {
         fprintf(stderr, "test_train_parallel: no MPI launcher (MOLT_MPIEXEC): skipped\n");
@@ -431,6 +457,7 @@ int main(void) {
     tcase_add_test(tc, checkpoints_move_between_rank_counts);
     tcase_add_test(tc, killed_rank);
     tcase_add_test(tc, hung_rank_times_out);
+    tcase_add_test(tc, bad_layouts);
     suite_add_tcase(s, tc);
     return harness_run(s);
 }
