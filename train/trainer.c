@@ -1,11 +1,13 @@
 // train/trainer.c: the training loop of `molt train`: loads the tokenizer and the base model
 // (optionally quantized), attaches the LoRA adapter, streams packed batches, runs forward,
 // backward, gradient accumulation, clipping, AdamW and the schedule, evaluates, logs metrics,
-// writes checkpoints holding everything a bit-exact resume needs, and saves the adapter.
+// writes checkpoints holding everything a bit-exact resume needs, and saves the adapter. Across
+// ranks each rank runs this loop on its rows of every batch (its experts only, with expert
+// parallelism); gradients are reduced after the micro-batches and rank 0 writes the files.
 //
 // Not here: configuration parsing (config.c), the command line (cli.c), the optimizer,
 // schedules, checkpoint files and metrics formats (optim.c, schedule.c, checkpoint.c,
-// metrics.c).
+// metrics.c), the groups of ranks and the reductions (parallel.c).
 #include "trainer.h"
 
 #include <dirent.h>
