@@ -219,8 +219,8 @@ START_TEST(mpi_split) {
 END_TEST
 
 // The last rank enters a barrier 3 s late; the others wait at most 1 s and must fail naming
-// it. The barrier runs on a communicator of its own, left behind afterwards (its timed-out
-// requests complete once the late rank arrives).
+// it. The barrier runs on a communicator of its own, freed once the late rank has arrived
+// (the timed-out requests complete then).
 START_TEST(mpi_timeout_names_the_late_rank) {
     ag_comm *w = g_world, *g;
     int P = ag_comm_size(w), me = ag_comm_rank(w);
@@ -244,6 +244,7 @@ START_TEST(mpi_timeout_names_the_late_rank) {
     }
     ck_assert_ok(ag_comm_barrier(w));
     sleep(1); // the late notices and barrier requests of 'late' complete
+    ag_comm_free(g);
 }
 END_TEST
 

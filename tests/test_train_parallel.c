@@ -451,12 +451,19 @@ int main(void) {
     TCase *tc = tcase_create("ranks");
     tcase_add_unchecked_fixture(tc, setup_all, teardown_all);
     tcase_set_timeout(tc, 900);
-    tcase_add_test(tc, gradients_f32);
-    tcase_add_test(tc, gradients_dropout);
+    // under the sanitizers (several times slower) the runs that repeat code paths the others
+    // take are left out: the numbers are checked by the plain build
+    bool full = getenv("MOLT_SANITIZED") == NULL;
+    if (full) {
+        tcase_add_test(tc, gradients_f32);
+        tcase_add_test(tc, gradients_dropout);
+    }
     tcase_add_test(tc, gradients_nf4_checkpointing_accum);
-    tcase_add_test(tc, ten_steps);
+    if (full)
+        tcase_add_test(tc, ten_steps);
     tcase_add_test(tc, forward_ranks);
-    tcase_add_test(tc, checkpoints_move_between_rank_counts);
+    if (full)
+        tcase_add_test(tc, checkpoints_move_between_rank_counts);
     tcase_add_test(tc, killed_rank);
     tcase_add_test(tc, hung_rank_times_out);
     tcase_add_test(tc, bad_layouts);

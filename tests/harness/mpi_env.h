@@ -4,8 +4,8 @@
 // oversubscribed on this small machine: as root OpenMPI needs its allow-run-as-root
 // variables, waiting ranks yield their core (mpi_yield_when_idle), each rank runs one OpenMP
 // thread, and Check does not fork (CK_FORK=no: forking an MPI process is not allowed).
-// Under the sanitizers LeakSanitizer is told to ignore what the MPI libraries keep until exit
-// (tests/harness/lsan_mpi.supp).
+// Under the sanitizers the ranks look for leaks before MPI_Finalize (comm_mpi.c), and
+// LeakSanitizer is told to ignore what the MPI libraries keep (tests/harness/lsan_mpi.supp).
 #ifndef MOLT_TEST_MPI_ENV_H
 #define MOLT_TEST_MPI_ENV_H
 
