@@ -14,6 +14,7 @@
 //     process, with an adapter, on an F32 base, NF4 quantized on load and a pre-quantized
 //     NF4 checkpoint, on the tiny preset and on one whose expert stacks fill whole groups of
 //     the double quantization (both ways a shard keeps the whole stack's absmax);
+//   - `molt train --eval-only` with an adapter on 4 ranks prints one process's loss;
 //   - a rank killed in the middle of step 7 ends the job with a non-zero status, the step-5
 //     checkpoint is intact and resumes to the same result; a rank that hangs (SIGSTOP) makes
 //     the others fail once parallel.timeout_s has passed, naming the collective and the rank.
@@ -416,6 +417,38 @@ START_TEST(forward_ranks) {
 }
 END_TEST
 
+// The eval_loss line of a --eval-only log.
+static double eval_loss_of(const char *out) {
+    char path[160], line[512];
+    snprintf(path, sizeof path, "%s/%s.log", dir, out);
+    FILE *f = fopen(path, "r");
+    ck_assert_msg(f != NULL, "no %s", path);
+    double v = NAN;
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, "eval_loss ", 10))
+            v = strtod(line + 10, NULL);
+    fclose(f);
+    return v;
+}
+
+// molt train --eval-only with an adapter on 1 and 4 ranks (experts over 2 of them).
+START_TEST(eval_only_ranks) {
+    if (!mpi_env_available())
+        return;
+    const char *warm[] = {"--set", "train.steps=2", NULL};
+    train_ok(1, "ev-ad", warm, NULL);
+    char ad[160];
+    snprintf(ad, sizeof ad, "%s/ev-ad/adapter.h5", dir);
+    const char *one[] = {"--eval-only", "--adapter", ad, NULL};
+    const char *four[] = {"--eval-only", "--adapter", ad, "--set", "parallel.expert=2", NULL};
+    train_ok(1, "ev-1", one, NULL);
+    train_ok(4, "ev-4", four, NULL);
+    double a = eval_loss_of("ev-1"), b = eval_loss_of("ev-4");
+    fprintf(stderr, "eval-only: %.6f on one process, %.6f on 4 ranks\n", a, b);
+    ck_assert_msg(isfinite(a) && fabs(a - b) <= 1e-5 * fabs(a), "eval_loss %.6f vs %.6f", b, a);
+}
+END_TEST
+
 // Layouts that cannot work end every rank with a message naming the keys.
 START_TEST(bad_layouts) {
     if (!mpi_env_available())
@@ -462,6 +495,7 @@ int main(void) {
     if (full)
         tcase_add_test(tc, ten_steps);
     tcase_add_test(tc, forward_ranks);
+    tcase_add_test(tc, eval_only_ranks);
     if (full)
         tcase_add_test(tc, checkpoints_move_between_rank_counts);
     tcase_add_test(tc, killed_rank);
