@@ -346,7 +346,9 @@ static molt_status check_rows(const ag_comm *c, const char *what, const int64_t 
 
 molt_status ag_comm_alltoallv(ag_comm *c, const void *send, const int64_t *send_rows,
                               void *recv, const int64_t *recv_rows, int64_t row, ag_dtype dt) {
-    MOLT_TRY(check_args(c, AG_COMM_ALLTOALLV, send ? send : (const void *)c, row, dt));
+    MOLT_TRY(check_args(c, AG_COMM_ALLTOALLV, NULL, 0, dt)); // the communicator, the dtype
+    if (row < 1)
+        return molt_err(MOLT_EARG, "comm alltoallv: rows of %lld elements", (long long)row);
     MOLT_TRY(check_rows(c, "send_rows", send_rows));
     MOLT_TRY(check_rows(c, "recv_rows", recv_rows));
     int64_t ns = 0, nr = 0, off = 0;
@@ -515,7 +517,7 @@ molt_status ag_comm_alltoallv_t(ag_comm *c, const ag_tensor *send, const int64_t
     if (send->device != AG_CUDA)
         return ag_comm_alltoallv(c, send->data, send_rows, recv->data, recv_rows, row,
                                  send->dtype);
-    MOLT_TRY(check_args(c, AG_COMM_ALLTOALLV, send->data, row, send->dtype));
+    MOLT_TRY(check_args(c, AG_COMM_ALLTOALLV, NULL, 0, send->dtype));
     double t0 = cm_now();
     c->seq++;
     return timed_nccl(c, AG_COMM_ALLTOALLV, t0, off * row * (int64_t)ag_dtype_size(send->dtype),
