@@ -9,6 +9,7 @@
 
 #include <errno.h>
 #include <jansson.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -102,7 +103,8 @@ int lora_cmd_export(int argc, char **argv) {
         return fail(cmd);
     mdl_model m = {0};
     lora_adapter ad;
-    if (mdl_load(o.model, &m) != MOLT_OK)
+    // the model supplies shapes only: a pre-quantized base does as well
+    if (mdl_load_quant(o.model, NULL, &m) != MOLT_OK)
         return fail(cmd);
     if (fresh_or_load(&m, &o, &ad) != MOLT_OK) {
         mdl_free(&m);
@@ -164,6 +166,31 @@ static molt_status write_merged(const mdl_model *m, const cli_opts *o, const cha
     return mdl_save(m, to, &so);
 }
 
+// The base to merge into, in F32: a pre-quantized base (molt quantize) is dequantized, and
+// the merged weights then carry its quantization error.
+static molt_status load_base(const char *dir, mdl_model *m) {
+    MOLT_TRY(mdl_load_quant(dir, NULL, m));
+    if (m->n_qw == 0)
+        return MOLT_OK;
+    fprintf(stderr, "molt merge: %s is a pre-quantized base: its weights are dequantized to F32 "
+            "for the merge (the result keeps their quantization error)\n", dir);
+    return mdl_dequantize(m);
+}
+
+// Refuses merged weights that overflowed (an adapter of huge values).
+static molt_status check_merged(const lora_adapter *ad) {
+    for (int i = 0; i < ad->n_units; i++) {
+        const lora_unit *u = &ad->units[i];
+        const float *w = u->base ? u->base->data : NULL;
+        for (int64_t k = 0; w && k < u->base->numel; k++)
+            if (!isfinite(w[k]))
+                return molt_err(MOLT_EARG, "merge: %s overflows (a non-finite weight at element "
+                                "%lld): the adapter's values are too large; nothing was written",
+                                u->path, (long long)k);
+    }
+    return MOLT_OK;
+}
+
 int lora_cmd_merge(int argc, char **argv) {
     const char *cmd = "molt merge";
     cli_opts o = {0};
@@ -188,13 +215,15 @@ int lora_cmd_merge(int argc, char **argv) {
     // the output directory is checked before the (long) load and merge
     molt_status st = molt_outdir_begin(&d, o.out, o.force, "--out");
     if (st == MOLT_OK)
-        st = mdl_load(o.model, &m);
+        st = load_base(o.model, &m);
     if (st == MOLT_OK)
         st = lora_load_any(&m, o.adapter, false, &ad);
     if (st == MOLT_OK) {
         lora_print_table(&ad, stdout);
         st = lora_merge_into(&ad);
     }
+    if (st == MOLT_OK)
+        st = check_merged(&ad);
     if (st == MOLT_OK)
         st = write_merged(&m, &o, d.tmp, !strcmp(dt, "bf16"));
     if (st == MOLT_OK)

@@ -419,6 +419,8 @@ static molt_status attach_and_read(mdl_model *m, const lora_spec *spec, hid_t f,
         return molt_err_wrap(st, "%s: attaching the adapter's spec", file);
     out->spec.init = spec->init;
     st = read_tensors(f, file, out);
+    if (st == MOLT_OK)
+        st = lora_check_finite(out, file);
     if (st != MOLT_OK)
         lora_detach(out);
     return st;

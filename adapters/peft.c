@@ -208,11 +208,17 @@ static molt_status fill_tensor(const st_tensor *t, const lora_adapter *ad, const
                                int k, const char *file) {
     int64_t full[2];
     lora_unit_full_shape(ad, u, k, full);
-    if (t->ndim != 2 || t->shape[0] != full[0] || t->shape[1] != full[1])
-        return molt_err(MOLT_EFORMAT, "%s: tensor %s has %d dims [%lld, %lld], expected "
-                        "[%lld, %lld] f32", file, t->name, t->ndim, (long long)t->shape[0],
-                        (long long)(t->ndim > 1 ? t->shape[1] : 0), (long long)full[0],
-                        (long long)full[1]);
+    if (t->ndim != 2 || t->shape[0] != full[0] || t->shape[1] != full[1]) {
+        char have[24 * ST_MAX_DIMS + 4] = "[";
+        size_t at = 1;
+        for (int d = 0; d < t->ndim && at < sizeof have; d++) // every dim, however many
+            at += (size_t)snprintf(have + at, sizeof have - at, "%s%lld", d ? ", " : "",
+                                   (long long)t->shape[d]);
+        if (at < sizeof have)
+            snprintf(have + at, sizeof have - at, "]");
+        return molt_err(MOLT_EFORMAT, "%s: tensor %s has shape %s, expected [%lld, %lld] f32",
+                        file, t->name, have, (long long)full[0], (long long)full[1]);
+    }
     ag_arena tmp;
     ag_arena_init(&tmp, "adapter load", 1 << 16);
     ag_tensor *x;
@@ -263,6 +269,8 @@ static molt_status attach_and_fill(mdl_model *m, const lora_spec *spec, const st
     MOLT_TRY(lora_attach(m, &zs, wire, out));
     out->spec.init = spec->init;
     molt_status st = read_tensors(out, r, file);
+    if (st == MOLT_OK)
+        st = lora_check_finite(out, file);
     if (st != MOLT_OK)
         lora_detach(out);
     return st;
@@ -406,4 +414,21 @@ molt_status lora_import_peft(mdl_model *m, const char *dir, lora_wire wire,
     st = attach_and_fill(m, &spec, r, tpath, wire, out);
     st_close(r);
     return st;
+}
+
+molt_status lora_check_finite(const lora_adapter *ad, const char *file) {
+    for (int i = 0; i < 2 * ad->n_units; i++) {
+        const lora_unit *u = &ad->units[i / 2];
+        const ag_tensor *x = i % 2 ? u->b : u->a;
+        const float *v = x->data;
+        for (int64_t k = 0; k < x->numel; k++)
+            if (!isfinite(v[k])) {
+                char name[LORA_NAME_MAX + 64];
+                lora_peft_tensor_name(ad, u, i % 2, name, sizeof name);
+                return molt_err(MOLT_EFORMAT, "%s: tensor %s holds a non-finite value (%g at "
+                                "element %lld): refusing an adapter that would turn every "
+                                "output into NaN", file, name, (double)v[k], (long long)k);
+            }
+    }
+    return MOLT_OK;
 }

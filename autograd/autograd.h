@@ -110,6 +110,13 @@ typedef struct {
 // Sets up a context and makes sure the BLAS library is loaded (ag_blas_init): its error is
 // returned with the context usable for everything but BLAS-backed kernels.
 molt_status ag_ctx_init(ag_ctx *c);
+// A stop request for long computations (Ctrl-C, SIGTERM): a signal handler sets it with
+// ag_interrupt_set (async-signal-safe); the model forward checks it between layers and
+// ag_backward between nodes, and they return MOLT_EINTERRUPTED when it is set.
+void ag_interrupt_set(int sig);
+int ag_interrupt_pending(void); // the signal number, 0 when none
+void ag_interrupt_clear(void);
+
 // Loads the BLAS library (OpenBLAS) once, with as many threads (OPENBLAS_NUM_THREADS, else
 // OpenMP's count) as the free address space holds buffers for. MOLT_ENOMEM saying so when
 // not even one thread fits (ulimit -v), MOLT_EUNSUPPORTED when the library cannot be

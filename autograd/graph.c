@@ -1,6 +1,8 @@
 // autograd/graph.c: the context, the tape, the op table and the backward walk.
 #include "internal.h"
 
+#include <signal.h>
+
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -230,8 +232,16 @@ molt_status ag_backward(ag_ctx *c, ag_tensor *loss) {
     return ag_tape_backward(c);
 }
 
+static volatile sig_atomic_t interrupt_sig;
+void ag_interrupt_set(int sig) { interrupt_sig = sig ? sig : -1; }
+int ag_interrupt_pending(void) { return interrupt_sig; }
+void ag_interrupt_clear(void) { interrupt_sig = 0; }
+
 molt_status ag_tape_backward(ag_ctx *c) {
     for (int i = c->n_tape - 1; i >= 0; i--) {
+        if (interrupt_sig)
+            return molt_err(MOLT_EINTERRUPTED, "backward: interrupted (signal %d)",
+                            (int)interrupt_sig);
         ag_node *n = c->tape[i];
         if (n->out->grad) {
             double t0 = c->prof ? now_s() : 0;

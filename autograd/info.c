@@ -1,12 +1,15 @@
 // autograd/info.c: `molt info`: version, build features and the devices visible.
+#define _DEFAULT_SOURCE // realpath
 #include "autograd.h"
 
+#include "../common/datadir.h"
 #include "../common/opt.h"
 #include "../common/version.h"
 #include "comm/comm.h"
 
 #include <omp.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifdef MOLT_HAVE_CUDA
@@ -58,6 +61,17 @@ int ag_cmd_info(int argc, char **argv) {
                ag_comm_launched_size(), ag_comm_launched_size() == 1 ? "" : "es");
     else
         printf("  MPI:       no (libopenmpi-dev not found at build time: one process only)\n");
+    char presets[MOLT_DATA_PATH_MAX];
+    if (molt_data_find("models/tiny.json", presets, sizeof presets) == MOLT_OK) {
+        *strrchr(presets, '/') = 0; // .../models
+        *strrchr(presets, '/') = 0;
+        char *real = realpath(presets, NULL);
+        printf("data:        %s (model presets, tokenizers, example configs)\n",
+               real ? real : presets);
+        free(real); // from realpath
+    } else {
+        printf("data:        not found (set MOLT_DATA_DIR)\n");
+    }
     printf("devices:\n");
     printf("  cpu:       %d threads\n", omp_get_num_procs());
     ag_device_info info;

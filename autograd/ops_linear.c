@@ -335,6 +335,11 @@ static molt_status ce_forward(ag_tensor *const *in, int64_t chunk, double msum, 
                                      scale, &p.d);
         else ce_fwd_f64(lse, zt, p.work, h->data, w->data, targets->data, &p.d);
     }
+    if (ag_interrupt_pending()) { // the kernel stopped early: its results are incomplete
+        molt_free(zt);
+        ce_plan_free(&p);
+        return molt_err(MOLT_EINTERRUPTED, CE ": interrupted");
+    }
     double acc = 0;
     for (int64_t t = 0; t < T; t++) {
         double m = mask_at(mask, t);
@@ -468,5 +473,7 @@ molt_status ag_backward_ce_linear(ag_ctx *c, ag_node *n) {
         else ce_bwd_f64(pdh, pdw, p.work, h->data, w->data, tg, pm, scale, lse, &p.d);
     }
     ce_plan_free(&p);
+    if (ag_interrupt_pending()) // the kernel stopped early: the gradients are incomplete
+        return molt_err(MOLT_EINTERRUPTED, CE " backward: interrupted");
     return MOLT_OK;
 }

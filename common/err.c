@@ -18,7 +18,7 @@ static _Thread_local unsigned long alloc_count;
 
 static const char *const status_names[] = {
     "ok", "bad argument", "out of memory", "i/o error", "format error",
-    "device error", "unsupported", "internal error",
+    "device error", "unsupported", "internal error", "interrupted",
 };
 _Static_assert(sizeof(status_names) / sizeof(status_names[0]) == MOLT_STATUS_COUNT,
                "status_names must name every molt_status");

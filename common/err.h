@@ -18,6 +18,7 @@ typedef enum {
     MOLT_EDEVICE,      // accelerator missing or failing
     MOLT_EUNSUPPORTED, // valid request this build or op cannot serve
     MOLT_EINTERNAL,    // invariant broken inside molt (a bug)
+    MOLT_EINTERRUPTED, // a stop was requested (Ctrl-C, SIGTERM) and the work was abandoned
     MOLT_STATUS_COUNT
 } molt_status;
 

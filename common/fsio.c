@@ -411,8 +411,8 @@ static bool inside(const char *a, const char *b) {
     return !strncmp(a, b, n) && a[n] == '/';
 }
 
-molt_status molt_check_overlap(const char *out_opt, const char *out, const char *in_opt,
-                               const char *in) {
+static molt_status check_paths(const char *out_opt, const char *out, const char *in_opt,
+                               const char *in, bool holding) {
     if (!in || !out)
         return MOLT_OK;
     char *ro = resolve(out), *ri = resolve(in);
@@ -425,10 +425,20 @@ molt_status molt_check_overlap(const char *out_opt, const char *out, const char 
     else if (inside(ro, ri))
         st = molt_err(MOLT_EARG, "%s %s lies inside %s %s: refusing to write into an input",
                       out_opt, out, in_opt, in);
-    else if (inside(ri, ro))
+    else if (holding && inside(ri, ro))
         st = molt_err(MOLT_EARG, "%s %s lies inside %s %s, which the output would replace: "
                       "choose another %s", in_opt, in, out_opt, out, out_opt);
     molt_free(ro);
     molt_free(ri);
     return st;
+}
+
+molt_status molt_check_overlap(const char *out_opt, const char *out, const char *in_opt,
+                               const char *in) {
+    return check_paths(out_opt, out, in_opt, in, true);
+}
+
+molt_status molt_check_not_inside(const char *out_opt, const char *out, const char *in_opt,
+                                  const char *in) {
+    return check_paths(out_opt, out, in_opt, in, false);
 }

@@ -82,5 +82,9 @@ molt_status molt_mkdirs(const char *path);
 // "--model"). A NULL in is fine.
 molt_status molt_check_overlap(const char *out_opt, const char *out, const char *in_opt,
                                const char *in);
+// The same for an output that is written into but never replaced whole: only an out equal
+// to or inside in is refused.
+molt_status molt_check_not_inside(const char *out_opt, const char *out, const char *in_opt,
+                                  const char *in);
 
 #endif

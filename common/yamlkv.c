@@ -6,12 +6,26 @@
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <yaml.h>
 
 #define YKV_WHERE_MAX 1100
 
 static void where_str(char *buf, size_t cap, const char *path, const yaml_node_t *n) {
     snprintf(buf, cap, "%s:%d", path, (int)n->start_mark.line + 1);
+}
+
+// The line of an earlier key of map equal to the key of pair p, or 0 (YAML forbids
+// duplicate keys; libyaml does not check).
+static int earlier_duplicate(yaml_document_t *doc, yaml_node_t *map, yaml_node_pair_t *p) {
+    yaml_node_t *kn = yaml_document_get_node(doc, p->key);
+    for (yaml_node_pair_t *q = map->data.mapping.pairs.start; q < p; q++) {
+        yaml_node_t *qn = yaml_document_get_node(doc, q->key);
+        if (qn->type == YAML_SCALAR_NODE && kn->type == YAML_SCALAR_NODE &&
+            !strcmp((const char *)qn->data.scalar.value, (const char *)kn->data.scalar.value))
+            return (int)qn->start_mark.line + 1;
+    }
+    return 0;
 }
 
 static molt_status walk_map(yaml_document_t *doc, yaml_node_t *map, const char *prefix,
@@ -29,6 +43,10 @@ static molt_status walk_map(yaml_document_t *doc, yaml_node_t *map, const char *
                           (const char *)kn->data.scalar.value);
         if (kl < 0 || (size_t)kl >= sizeof key)
             return molt_err(MOLT_EARG, "config %s: key '%s...' is too long", where, prefix);
+        int dup = earlier_duplicate(doc, map, p);
+        if (dup)
+            return molt_err(MOLT_EARG, "config %s: key '%s' appears twice (first at line %d)",
+                            where, key, dup);
         if (vn->type == YAML_MAPPING_NODE) {
             MOLT_TRY(walk_map(doc, vn, key, path, fn, user));
             continue;
@@ -53,6 +71,9 @@ static molt_status walk_map(yaml_document_t *doc, yaml_node_t *map, const char *
 }
 
 molt_status ykv_load(const char *path, ykv_fn fn, void *user) {
+    struct stat sb;
+    if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode))
+        return molt_err(MOLT_EARG, "config %s is a directory (give the YAML file)", path);
     FILE *f = fopen(path, "rb");
     if (!f)
         return molt_err(MOLT_EIO, "config %s: cannot open: %s", path, strerror(errno));

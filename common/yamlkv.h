@@ -22,7 +22,7 @@ typedef molt_status (*ykv_fn)(void *user, ykv_event ev, const char *key, const c
                               const char *where);
 
 // Walks the file in document order. Errors (MOLT_EIO for a file that cannot be opened,
-// MOLT_EARG for YAML syntax and for structure: a top level that is not a mapping, keys that
+// MOLT_EARG for a directory, YAML syntax, a key repeated in one mapping, and structure: a top level that is not a mapping, keys that
 // are not plain scalars, list items that are not scalars) are reported as
 // "config FILE:LINE: ...". An empty file has no leaves.
 molt_status ykv_load(const char *path, ykv_fn fn, void *user);

@@ -9,6 +9,8 @@
 #include <time.h>
 
 #include "data.h"
+#include "../common/datadir.h"
+#include "../common/lineio.h"
 #include "../common/opt.h"
 
 // ---- shared ----------------------------------------------------------------------------
@@ -89,21 +91,25 @@ static int print_ids(tok_job *j, const char *text, size_t len) {
 }
 
 static int tokenize_jsonl(tok_job *j, const char *path) {
-    FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
-    if (!f) {
-        fprintf(stderr, "molt tokenize: %s: cannot open\n", path);
+    molt_lines r;
+    if (molt_lines_open(&r, path, 0) != MOLT_OK) {
+        fprintf(stderr, "molt tokenize: %s\n", molt_err_msg());
         return 1;
     }
-    char *line = NULL;
-    size_t cap = 0, lineno = 0;
-    ssize_t n;
     int rc = 0;
-    while (rc == 0 && (n = getline(&line, &cap, f)) >= 0) {
-        lineno++;
-        if (blank(line, (size_t)n))
+    bool eof = false;
+    while (rc == 0) {
+        if (molt_lines_next(&r, &eof) != MOLT_OK) { // a read error is not the end
+            fprintf(stderr, "molt tokenize: %s\n", molt_err_msg());
+            rc = 1;
+            break;
+        }
+        if (eof)
+            break;
+        if (blank(r.buf, r.len))
             continue;
         bool ok;
-        json_t *rec = record_text(line, (size_t)n, path, lineno, "molt tokenize", &ok);
+        json_t *rec = record_text(r.buf, r.len, path, (size_t)r.lineno, "molt tokenize", &ok);
         if (!ok) {
             rc = 1;
             break;
@@ -112,9 +118,7 @@ static int tokenize_jsonl(tok_job *j, const char *path) {
         rc = print_ids(j, json_string_value(text), json_string_length(text));
         json_decref(rec);
     }
-    free(line); // from getline: not ours to route through molt_free
-    if (f != stdin)
-        fclose(f);
+    molt_lines_close(&r);
     return rc;
 }
 
@@ -162,7 +166,8 @@ static const char bench_usage[] =
     "Encode throughput on one thread. The input is cut into lines (--text) or records\n"
     "(--jsonl), each encoded with tok_encode; passes repeat for at least S seconds\n"
     "(default 2) and the fastest pass is reported in MB/s (10^6 bytes per second).\n"
-    "Defaults: configs/tokenizers/tekken.json and configs/tokenizers/deepseek-v3-tokenizer.json,\n"
+    "Defaults: tokenizers/tekken.json and tokenizers/deepseek-v3-tokenizer.json of molt's data\n"
+    "directory (see molt info),\n"
     "--jsonl tests/fixtures/tokenizer/corpus.jsonl (paths from the current directory).\n"
     "  --tsv   one tab-separated line per tokenizer: file kind load_s bytes tokens mb_per_s\n"
     "  --data  instead: one epoch of a dataset file (.jsonl, .jsonl.zst, archive) through\n"
@@ -205,25 +210,33 @@ oom:
 
 // Reads lines (kept with their newline) or JSONL records' texts.
 static int bench_read(const char *path, bool jsonl, bench_input *in) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        fprintf(stderr, "molt bench tokenize: %s: cannot open\n", path);
+    molt_lines r;
+    if (molt_lines_open(&r, path, 0) != MOLT_OK) {
+        fprintf(stderr, "molt bench tokenize: %s\n", molt_err_msg());
         return 1;
     }
-    char *line = NULL;
-    size_t cap = 0, bcap = 0, ncap = 0, lineno = 0;
-    ssize_t n;
+    size_t bcap = 0, ncap = 0;
     int rc = 0;
-    while (rc == 0 && (n = getline(&line, &cap, f)) >= 0) {
-        lineno++;
-        if (!jsonl) {
-            rc = input_add(in, line, (size_t)n, &bcap, &ncap);
+    bool eof = false;
+    while (rc == 0) {
+        if (molt_lines_next(&r, &eof) != MOLT_OK) {
+            fprintf(stderr, "molt bench tokenize: %s\n", molt_err_msg());
+            rc = 1;
+            break;
+        }
+        if (eof)
+            break;
+        if (!jsonl) { // the line with its newline, as the text passes read it
+            r.buf[r.len] = '\n';
+            rc = input_add(in, r.buf, r.len + 1, &bcap, &ncap);
+            r.buf[r.len] = 0;
             continue;
         }
-        if (blank(line, (size_t)n))
+        if (blank(r.buf, r.len))
             continue;
         bool ok;
-        json_t *rec = record_text(line, (size_t)n, path, lineno, "molt bench tokenize", &ok);
+        json_t *rec = record_text(r.buf, r.len, path, (size_t)r.lineno, "molt bench tokenize",
+                                  &ok);
         if (!ok) {
             rc = 1;
             break;
@@ -232,8 +245,7 @@ static int bench_read(const char *path, bool jsonl, bench_input *in) {
         rc = input_add(in, json_string_value(t), json_string_length(t), &bcap, &ncap);
         json_decref(rec);
     }
-    free(line); // from getline
-    fclose(f);
+    molt_lines_close(&r);
     if (rc == 0 && in->n == 0) {
         fprintf(stderr, "molt bench tokenize: %s: no text\n", path);
         rc = 1;
@@ -344,9 +356,17 @@ int data_cmd_bench_tokenize(int argc, char **argv) {
     }
     const char **toks = tl.paths;
     int n_toks = tl.n;
+    static char found[2][MOLT_DATA_PATH_MAX];
     if (n_toks == 0) {
-        toks[n_toks++] = "configs/tokenizers/tekken.json";
-        toks[n_toks++] = "configs/tokenizers/deepseek-v3-tokenizer.json";
+        static const char *const rel[] = {"tokenizers/tekken.json",
+                                           "tokenizers/deepseek-v3-tokenizer.json"};
+        for (int k = 0; k < 2; k++) {
+            if (molt_data_find(rel[k], found[k], sizeof found[k]) != MOLT_OK) {
+                fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
+                return 1;
+            }
+            toks[n_toks++] = found[k];
+        }
     }
     if (data)
         return bench_data_pipeline(toks[0], data);

@@ -183,9 +183,17 @@ molt_status ds_record_encode(const chat_template *ct, ds_format format, const ch
         }
         size_t n = out->n - start;
         if (st == MOLT_OK && max_seq_len > 0 && n > (size_t)max_seq_len) {
-            if (truncate) {
+            // a trained token needs the token before it in the same example
+            bool trained = false;
+            for (size_t i = start + 1; truncate && i < start + (size_t)max_seq_len; i++)
+                trained |= out->mask[i] != 0;
+            if (truncate && trained) {
                 out->n = start + (size_t)max_seq_len;
                 info->truncated = true;
+            } else if (truncate) {
+                st = bad(info, DS_BAD_TOO_LONG, 1, "example has %zu tokens, more than "
+                         "max_seq_len %d, and cut there it keeps no trained token", n,
+                         max_seq_len);
             } else {
                 st = bad(info, DS_BAD_TOO_LONG, 1, "example has %zu tokens, more than "
                          "max_seq_len %d", n, max_seq_len);

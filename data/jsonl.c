@@ -250,10 +250,16 @@ static molt_status next_block(ds_reader *r, bool *eof) {
     }
 }
 
-// Appends up to the cap; the full length is counted in *total.
+// Appends up to the cap; the full length is counted in *total. A line more than four times
+// the cap is no record to skip but input that is not JSON lines (/dev/zero, a binary file):
+// an error, whatever the bad-record policy, rather than a scan without end.
 static molt_status keep(ds_reader *r, const char *s, size_t n, size_t *total) {
     size_t room = r->max_line > r->line.n ? r->max_line - r->line.n : 0;
     *total += n;
+    if (*total / 4 > r->max_line)
+        return molt_err(MOLT_EFORMAT, "%s: line %llu is longer than %zu bytes: not a JSON "
+                        "lines file?", r->path, (unsigned long long)r->lineno + 1,
+                        4 * r->max_line);
     return ds_buf_put(&r->line, s, n < room ? n : room);
 }
 

@@ -387,12 +387,27 @@ static void write_row(ds_loader *l, ds_batch *b, int out, size_t row) {
 
 static molt_status no_example(const ds_loader *l) {
     const ds_config *c = &l->cfg;
+    // what became of the records: the bad ones skipped, by reason
+    uint64_t bad[DS_BAD_COUNT], trunc, total = 0;
+    ds_loader_bad_counts(l, bad, &trunc);
+    char reasons[400] = "", why[512] = "";
+    size_t at = 0;
+    for (int k = 0; k < DS_BAD_COUNT && at < sizeof reasons; k++)
+        if (bad[k]) {
+            at += (size_t)snprintf(reasons + at, sizeof reasons - at, "%s%s %llu",
+                                   total ? ", " : "", ds_bad_reason_name((ds_bad_reason)k),
+                                   (unsigned long long)bad[k]);
+            total += bad[k];
+        }
+    if (total)
+        snprintf(why, sizeof why, " (%llu bad record%s skipped: %s)",
+                 (unsigned long long)total, total == 1 ? "" : "s", reasons);
     if (c->holdout_frac > 0)
-        return molt_err(MOLT_EFORMAT, "%s%s: no usable example %s the %g hold-out split",
+        return molt_err(MOLT_EFORMAT, "%s%s: no usable example %s the %g hold-out split%s",
                         c->inputs[0].path, c->n_inputs > 1 ? ", ..." : "",
-                        c->holdout_keep ? "held out by" : "left outside", c->holdout_frac);
-    return molt_err(MOLT_EFORMAT, "%s%s: no usable example in the data", c->inputs[0].path,
-                    c->n_inputs > 1 ? ", ..." : "");
+                        c->holdout_keep ? "held out by" : "left outside", c->holdout_frac, why);
+    return molt_err(MOLT_EFORMAT, "%s%s: no usable example in the data%s", c->inputs[0].path,
+                    c->n_inputs > 1 ? ", ..." : "", why);
 }
 
 molt_status ds_loader_next(ds_loader *l, ds_batch *b) {

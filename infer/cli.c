@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #define PATH_CAP 4096
+#define PROMPT_MAX (256 << 20) // bytes of a --prompt-file
 
 static const char gen_usage[] =
     "usage: molt generate --model DIR (--prompt TEXT | --prompt-file FILE) [--chat]\n"
@@ -40,6 +41,12 @@ static molt_status read_file(const char *path, char **out, size_t *len) {
     char *b = molt_malloc(cap);
     while (b && (k = fread(b + n, 1, cap - n - 1, f)) > 0) {
         n += k;
+        if (n > PROMPT_MAX) { // /dev/zero or a wrong file: refused before it fills memory
+            molt_free(b);
+            fclose(f);
+            return molt_err(MOLT_EARG, "prompt file %s is longer than %d MiB", path,
+                            PROMPT_MAX >> 20);
+        }
         if (cap - n - 1 == 0) {
             char *g = molt_realloc(b, cap * 2);
             if (!g) {
@@ -132,6 +139,7 @@ static int gen_parse(int argc, char **argv, gen_args *a) {
 
 // Loads the tokenizer named by --tokenizer, else the one in the model directory.
 static molt_status load_tokenizer(const gen_args *a, tok_tokenizer **t) {
+    MOLT_TRY(mdl_check_dir(a->model)); // a missing model says so, not "no tokenizer"
     if (a->tokenizer)
         return tok_load(a->tokenizer, t);
     static const char *const names[] = {"tekken.json", "tokenizer.json"};

@@ -5,6 +5,7 @@
 #include "infer.h"
 
 #include <jansson.h>
+#include <stdio.h>
 #include <string.h>
 #include <time.h>
 
@@ -181,10 +182,9 @@ molt_status inf_generate(const mdl_model *m, const int32_t *prompt, int n_prompt
     if (!prompt || n_prompt < 1 || o->max_tokens < 0)
         return molt_err(MOLT_EARG, "generate: %d prompt tokens, %d to generate", n_prompt,
                         o->max_tokens);
-    if ((int64_t)n_prompt + o->max_tokens > m->cfg.max_position_embeddings)
-        return molt_err(MOLT_EARG, "generate: %d prompt + %d new tokens exceed the model's %lld "
-                        "positions", n_prompt, o->max_tokens,
-                        (long long)m->cfg.max_position_embeddings);
+    char what[96];
+    snprintf(what, sizeof what, "generate: %d prompt + %d new tokens", n_prompt, o->max_tokens);
+    MOLT_TRY(mcfg_check_positions(&m->cfg, (int64_t)n_prompt + o->max_tokens, what));
     gen_state g = {0};
     molt_status s = MOLT_OK;
     if (o->bank) {

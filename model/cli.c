@@ -6,9 +6,12 @@
 
 #include "../autograd/comm/comm.h"
 #include "../common/fsio.h"
+#include "../common/lineio.h"
 #include "../common/opt.h"
+#include "../common/sysmem.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -146,23 +149,18 @@ static molt_status read_tokens(const char *path, int vocab, seqs *s) {
     memset(s, 0, sizeof *s);
     s->start = molt_calloc(16, sizeof *s->start);
     s->cap_seq = 16;
-    FILE *f = fopen(path, "r");
-    if (!f || !s->start) {
-        if (f)
-            fclose(f);
-        return molt_err(f ? MOLT_ENOMEM : MOLT_EIO, "%s: cannot open", path);
+    if (!s->start)
+        return molt_err(MOLT_ENOMEM, "%s: out of memory", path);
+    molt_lines r;
+    molt_status st = molt_lines_open(&r, path, 0);
+    bool eof = false;
+    while (st == MOLT_OK) {
+        st = molt_lines_next(&r, &eof); // a read error is an error, not the end
+        if (st != MOLT_OK || eof)
+            break;
+        st = parse_line(s, path, (int)r.lineno, r.buf, vocab);
     }
-    char *line = NULL;
-    size_t cap = 0;
-    molt_status st = MOLT_OK;
-    for (int lineno = 1; st == MOLT_OK && getline(&line, &cap, f) >= 0; lineno++) {
-        line[strcspn(line, "\n")] = 0;
-        st = parse_line(s, path, lineno, line, vocab);
-    }
-    free(line); // from getline
-    if (st == MOLT_OK && ferror(f))
-        st = molt_err(MOLT_EIO, "%s: read error", path);
-    fclose(f);
+    molt_lines_close(&r);
     if (st == MOLT_OK && s->n_seq == 0)
         st = molt_err(MOLT_EFORMAT, "%s: no token sequences", path);
     return st;
@@ -202,10 +200,28 @@ static molt_status forward_all(const mdl_model *m, const seqs *s, const char *ou
         return st;
     }
     ag_ctx_set_grad(&c, false);
+    char what[64];
     for (int i = 0; st == MOLT_OK && i < n; i++) {
         int64_t T = s->start[i + 1] - s->start[i];
         float *lg = NULL;
-        st = run_one(&c, m, s->ids + s->start[i], T, &lg);
+        snprintf(what, sizeof what, "sequence %d", i);
+        st = mcfg_check_positions(&m->cfg, T, what);
+        // activations, the logits in the arena and their copy, before any is allocated
+        uint64_t need = mdl_step_memory_bytes(&m->cfg, T, false, false) +
+                        2 * (uint64_t)T * (uint64_t)m->cfg.vocab_size * sizeof(float);
+        uint64_t have = molt_mem_available();
+        if (st == MOLT_OK && have && need > have)
+            st = molt_err(MOLT_ENOMEM, "out of memory: sequence %d (%lld tokens) needs about "
+                          "%.1f GiB for its activations and logits, and %.1f GiB of memory "
+                          "are available", i, (long long)T, (double)need / (1 << 30),
+                          (double)have / (1 << 30));
+        if (st == MOLT_OK)
+            st = run_one(&c, m, s->ids + s->start[i], T, &lg);
+        for (int64_t k = 0; st == MOLT_OK && k < T * m->cfg.vocab_size; k++)
+            if (!isfinite(lg[k]))
+                st = molt_err(MOLT_EARG, "sequence %d: its logits hold a non-finite value "
+                              "(position %lld): the model or the adapter overflows; nothing "
+                              "was written", i, (long long)(k / m->cfg.vocab_size));
         snprintf(names[i], sizeof names[i], "logits.%d", i);
         t[i] = (st_tensor){.name = names[i], .dtype = ST_F32, .ndim = 2,
                            .shape = {T, m->cfg.vocab_size}, .data = lg};

@@ -368,3 +368,11 @@ void mcfg_rope_config(const mcfg *cfg, ag_rope_config *out) {
                             .mscale = r->mscale,
                             .mscale_all_dim = r->mscale_all_dim};
 }
+
+molt_status mcfg_check_positions(const mcfg *c, int64_t n, const char *what) {
+    if (n <= c->max_position_embeddings)
+        return MOLT_OK;
+    return molt_err(MOLT_EARG, "%s: %lld positions, more than the model's "
+                    "max_position_embeddings %lld", what, (long long)n,
+                    (long long)c->max_position_embeddings);
+}

@@ -431,11 +431,15 @@ molt_status mdl_hidden(ag_ctx *c, const mdl_model *m, const mdl_batch *b, ag_ten
     MOLT_TRY(mdl_attn_inputs(c, m, b, &a));
     ag_tensor *h = mdl_embed(c, m, b->ids);
     bool ckpt = m->checkpoint_layers && c->grad_mode;
-    for (int l = 0; h && l < m->cfg.num_hidden_layers; l++)
+    for (int l = 0; h && l < m->cfg.num_hidden_layers; l++) {
+        if (ag_interrupt_pending()) // a stop request is acted on between layers
+            return molt_err(MOLT_EINTERRUPTED, "model forward: interrupted before layer %d", l);
         h = ckpt ? layer_checkpointed(c, m, l, h, &a) : mdl_layer_forward(c, m, l, h, &a);
+    }
     *hidden = h ? ag_rmsnorm(c, h, m->norm, m->cfg.rms_norm_eps) : NULL;
-    if (!*hidden)
-        return molt_err_wrap(MOLT_EARG, "model forward");
+    if (!*hidden) // an op that gave up on a stop request says interrupted
+        return molt_err_wrap(ag_interrupt_pending() ? MOLT_EINTERRUPTED : MOLT_EARG,
+                             "model forward");
     return MOLT_OK;
 }
 
@@ -475,7 +479,9 @@ molt_status mdl_forward(ag_ctx *c, const mdl_model *m, const mdl_batch *b, ag_te
                         "lm_head (quantize it only for inference)");
     else
         *out = fused_loss(c, &m->lm_head, h, b);
-    return *out ? MOLT_OK : molt_err_wrap(MOLT_EARG, "model forward");
+    return *out ? MOLT_OK
+                : molt_err_wrap(ag_interrupt_pending() ? MOLT_EINTERRUPTED : MOLT_EARG,
+                                "model forward");
 }
 
 // Argmax of the last row of the logits of prompt + generated tokens.

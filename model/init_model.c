@@ -5,6 +5,7 @@
 // (safetensors.c, save.c).
 #include "mdl_internal.h"
 
+#include "../common/datadir.h"
 #include "../common/fsio.h"
 
 #include <errno.h>
@@ -63,36 +64,6 @@ static bool is_file(const char *path) {
     return stat(path, &sb) == 0 && S_ISREG(sb.st_mode);
 }
 
-// Directory of the running executable into buf ("" when unknown).
-static void exe_dir(char *buf, size_t cap) {
-    ssize_t n = readlink("/proc/self/exe", buf, cap - 1);
-    buf[n > 0 ? n : 0] = 0;
-    char *slash = strrchr(buf, '/');
-    if (slash)
-        *slash = 0;
-    else
-        buf[0] = 0;
-}
-
-// The configs/ roots searched, in order; *n gets the count.
-static void config_roots(char roots[][PATH_CAP], int *n) {
-    const char *env = getenv("MOLT_PRESET_DIR"), *src = getenv("MOLT_SOURCE_DIR");
-    char exe[PATH_CAP];
-    exe_dir(exe, sizeof exe);
-    *n = 0;
-    // MOLT_PRESET_DIR names the models folder itself: its parent is the configs root
-    if (env && *env)
-        fmt_path(roots[(*n)++], PATH_CAP, "%s/..", env);
-    if (src && *src)
-        fmt_path(roots[(*n)++], PATH_CAP, "%s/configs", src);
-    if (exe[0]) {
-        fmt_path(roots[(*n)++], PATH_CAP, "%s/configs", exe);
-        fmt_path(roots[(*n)++], PATH_CAP, "%s/../configs", exe);
-        fmt_path(roots[(*n)++], PATH_CAP, "%s/../../configs", exe);
-    }
-    fmt_path(roots[(*n)++], PATH_CAP, "configs");
-}
-
 molt_status mdl_preset_find(const char *name, char *path, size_t cap) {
     if (!name || !*name)
         return molt_err(MOLT_EARG, "preset: empty name");
@@ -105,31 +76,15 @@ molt_status mdl_preset_find(const char *name, char *path, size_t cap) {
         fmt_path(path, cap, "%s", name);
         return MOLT_OK;
     }
-    char roots[6][PATH_CAP], tried[1024] = "";
-    int n;
-    config_roots(roots, &n);
-    const char *env = getenv("MOLT_PRESET_DIR");
-    size_t at = 0;
-    for (int i = 0; i < n; i++) {
-        char p[PATH_CAP + 300];
-        if (i == 0 && env && *env)
-            fmt_path(p, sizeof p, "%s/%s.json", env, name);
-        else
-            fmt_path(p, sizeof p, "%s/models/%s.json", roots[i], name);
-        if (is_file(p)) {
-            fmt_path(path, cap, "%s", p);
-            return MOLT_OK;
-        }
-        if (at < sizeof tried) {
-            fmt_path(tried + at, sizeof tried - at, "%s%s", i ? ", " : "", p);
-            at = strlen(tried);
-        }
-    }
-    return molt_err(MOLT_EIO, "preset '%s' not found (looked for %s; set MOLT_PRESET_DIR or "
-                    "pass a .json path)", name, tried);
+    char rel[PATH_CAP];
+    fmt_path(rel, sizeof rel, "models/%s.json", name);
+    if (molt_data_find(rel, path, cap) != MOLT_OK)
+        return molt_err_wrap(MOLT_EIO, "preset '%s' not found (pass a .json path, or see "
+                             "'molt info' for the data directory)", name);
+    return MOLT_OK;
 }
 
-// tekken.json beside the preset's folder (configs/tokenizers), else in the configs roots.
+// tekken.json beside the preset's folder (../tokenizers), else in the data roots.
 static molt_status tokenizer_find(const char *preset_path, char *out, size_t cap) {
     char dir[PATH_CAP];
     fmt_path(dir, sizeof dir, "%s", preset_path);
@@ -144,18 +99,10 @@ static molt_status tokenizer_find(const char *preset_path, char *out, size_t cap
         fmt_path(out, cap, "%s", p);
         return MOLT_OK;
     }
-    char roots[6][PATH_CAP];
-    int n;
-    config_roots(roots, &n);
-    for (int i = 0; i < n; i++) {
-        fmt_path(p, sizeof p, "%s/tokenizers/tekken.json", roots[i]);
-        if (is_file(p)) {
-            fmt_path(out, cap, "%s", p);
-            return MOLT_OK;
-        }
-    }
-    return molt_err(MOLT_EIO, "tokenizer tekken.json not found beside the presets or in "
-                    "configs/tokenizers (pass --tokenizer FILE, or --no-tokenizer)");
+    if (molt_data_find("tokenizers/tekken.json", out, cap) != MOLT_OK)
+        return molt_err_wrap(MOLT_EIO, "tokenizer tekken.json (pass --tokenizer FILE, or "
+                             "--no-tokenizer)");
+    return MOLT_OK;
 }
 
 // ---------------------------------------------------------------------------------------

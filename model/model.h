@@ -296,7 +296,11 @@ molt_status mdl_create(mdl_model *m, const mcfg *cfg);
 // `qscale_weight`; [E,1,1] for fused experts), which multiplies. Activation scales and the
 // vision tower of a wrapper are ignored. MOLT_EFORMAT names a missing tensor, an unexpected
 // one, or a shape mismatch (expected vs got); MOLT_EUNSUPPORTED an unsupported dtype.
+// A pre-quantized checkpoint (molt quantize) is MOLT_EUNSUPPORTED saying so: it loads
+// through mdl_load_quant. A missing dir is MOLT_EIO saying the directory is missing.
 molt_status mdl_load(const char *dir, mdl_model *m);
+// MOLT_OK when dir is an existing directory, else an error naming it as the model directory.
+molt_status mdl_check_dir(const char *dir);
 // Loads the weights of an already created model from an open reader (same rules).
 molt_status mdl_load_weights(mdl_model *m, const st_reader *r);
 void mdl_free(mdl_model *m); // zeroes m; a zeroed model is fine
@@ -428,11 +432,18 @@ typedef struct {
     int slot;           // adapter slot of the bank, -1 for the base alone
     int n_logits;       // logits of the last n_logits tokens (0..n)
 } mdl_span;
+// Estimated bytes of activations (and, when train, their gradients) of one forward over T
+// tokens of a model with config c, with or without activation checkpointing: an upper
+// bound for the presets (tests/test_mem_estimate.c), for refusing sizes that cannot fit.
+uint64_t mdl_step_memory_bytes(const mcfg *c, int64_t T, bool train, bool checkpointing);
+// MOLT_EARG when n positions exceed c's max_position_embeddings: "WHAT: N positions, more
+// than the model's max_position_embeddings M".
+molt_status mcfg_check_positions(const mcfg *c, int64_t n, const char *what);
 
 // ---- presets and commands -----------------------------------------------------------
-// Finds configs/models/NAME.json (NAME may also be a path to a .json file): searched in
-// $MOLT_PRESET_DIR, $MOLT_SOURCE_DIR/configs/models, then configs/models beside or above
-// the molt executable, then ./configs/models. path gets the file; MOLT_EIO lists the places.
+// Finds models/NAME.json in molt's data roots (common/datadir.h: the installation prefix,
+// $MOLT_DATA_DIR, beside the build tree); NAME may also be a path to a .json file. path
+// gets the file; MOLT_EIO lists the places.
 molt_status mdl_preset_find(const char *name, char *path, size_t cap);
 typedef struct {
     const char *preset;    // preset name or .json path
@@ -483,6 +494,10 @@ molt_status mdl_load_quant(const char *dir, const mdl_qspec *spec, mdl_model *m)
 // stores exactly what quantizing the whole stack gives for its experts.
 molt_status mdl_load_quant_ex(const char *dir, const mdl_qspec *spec, ag_comm *experts,
                               mdl_model *m);
+// Turns every quantized weight of m back into an F32 tensor (the quantized values, not the
+// original ones) and frees the quantized storage: for merging an adapter into a
+// pre-quantized base. MOLT_ENOMEM leaves the weights done so far in F32.
+molt_status mdl_dequantize(mdl_model *m);
 // Writes a pre-quantized checkpoint (HF names; NF4 state stored beside each weight in
 // bitsandbytes' quant_state convention, INT8 with .SCB, FP8 with _scale_inv) to path.
 molt_status mdl_save_quant(const mdl_model *m, const char *path);

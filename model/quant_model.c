@@ -311,6 +311,7 @@ molt_status mdl_load_quant_ex(const char *dir, const mdl_qspec *spec, ag_comm *e
     char path[4096];
     mcfg cfg;
     memset(m, 0, sizeof *m);
+    MOLT_TRY(mdl_check_dir(dir));
     snprintf(path, sizeof path, "%s/config.json", dir);
     MOLT_TRY(mcfg_load(path, &cfg));
     st_reader *r = NULL;
@@ -342,4 +343,39 @@ molt_status mdl_load_quant_ex(const char *dir, const mdl_qspec *spec, ag_comm *e
     if (st != MOLT_OK)
         mdl_free(m);
     return st;
+}
+
+molt_status mdl_dequantize(mdl_model *m) {
+    if (m->n_qw == 0)
+        return MOLT_OK;
+    int n = mdl_weight_list(m, NULL, 0);
+    w_entry *list = molt_malloc((size_t)n * sizeof *list);
+    if (!list)
+        return molt_err(MOLT_ENOMEM, "dequantizing the model: out of memory");
+    mdl_weight_list(m, list, n);
+    ag_arena scratch;
+    ag_arena_init(&scratch, "dequantization scratch", 16u << 20);
+    molt_status st = MOLT_OK;
+    for (int i = 0; st == MOLT_OK && i < n; i++) {
+        ag_tensor *t = list[i].t;
+        const ag_qweight *q = t->data ? NULL : mdl_q_of(m, t);
+        if (!q)
+            continue;
+        ag_tensor *d = ag_qweight_dequantize(&scratch, q);
+        st = d ? give_data(m, t) : molt_err_wrap(MOLT_ENOMEM, "dequantizing the model");
+        if (st == MOLT_OK)
+            memcpy(t->data, d->data, (size_t)t->numel * sizeof(float));
+        mdl_q_bind(m, t, NULL);
+        ag_arena_reset(&scratch);
+    }
+    ag_arena_free(&scratch);
+    molt_free(list);
+    if (st != MOLT_OK)
+        return st;
+    for (int i = 0; i < m->n_qw; i++)
+        ag_qweight_free(&m->qw[i]);
+    molt_free(m->qw);
+    m->qw = NULL;
+    m->n_qw = 0;
+    return MOLT_OK;
 }

@@ -4,9 +4,11 @@
 // every expected one found, so a misnamed or misshapen checkpoint fails with its name
 // instead of running with zeros. Not here: writing (save.c), the forward pass (forward.c).
 #include "mdl_internal.h"
+#include "mdl_quant.h"
 
 #include "../autograd/comm/comm.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -739,14 +741,31 @@ molt_status mdl_open_weights(const char *dir, st_reader **r) {
                     "consolidated.safetensors", dir);
 }
 
+molt_status mdl_check_dir(const char *dir) {
+    struct stat sb;
+    if (stat(dir, &sb) != 0)
+        return molt_err(MOLT_EIO, "model directory %s: %s", dir, strerror(errno));
+    if (!S_ISDIR(sb.st_mode))
+        return molt_err(MOLT_EARG, "model directory %s is not a directory (give the directory "
+                        "holding config.json and the weights)", dir);
+    return MOLT_OK;
+}
+
 molt_status mdl_load(const char *dir, mdl_model *m) {
     char path[4096];
     mcfg cfg;
     memset(m, 0, sizeof *m);
+    MOLT_TRY(mdl_check_dir(dir));
     snprintf(path, sizeof path, "%s/config.json", dir);
     MOLT_TRY(mcfg_load(path, &cfg));
     st_reader *r = NULL;
     MOLT_TRY(mdl_open_weights(dir, &r));
+    if (st_metadata(r, MDL_QUANT_META)) {
+        st_close(r);
+        return molt_err(MOLT_EUNSUPPORTED, "%s holds a pre-quantized checkpoint (written by molt "
+                        "quantize, %s): load it with mdl_load_quant, which keeps its "
+                        "quantization, then mdl_dequantize for F32 weights", dir, MDL_QUANT_META);
+    }
     molt_status st = mdl_create(m, &cfg);
     if (st == MOLT_OK)
         st = mdl_load_weights(m, r);

@@ -73,8 +73,11 @@ run "$molt" --version
 same "--version: status" "$rc" 0
 [[ "$out" =~ ^molt\ [0-9]+\.[0-9]+\.[0-9]+\ \(git\ [^\)]+\)$ ]] && ok "--version format" ||
     bad "--version: '$out'"
-if command -v git >/dev/null && head=$(git -C "$src" rev-parse --short=12 HEAD 2>/dev/null); then
-    has "--version names HEAD" "$out" "$head"
+# the commit named is one of this repository's (the one built; HEAD may have moved since)
+if command -v git >/dev/null && git -C "$src" rev-parse HEAD >/dev/null 2>&1; then
+    commit=$(sed -E 's/.*\(git (.*-g)?([0-9a-f]{7,40})(-dirty)?\)$/\2/' <<<"$out")
+    git -C "$src" cat-file -e "$commit^{commit}" 2>/dev/null && ok "--version names commit $commit" ||
+        bad "--version: '$out' names no commit of $src"
 fi
 info=$("$molt" info | head -1)
 same "molt info's first line is the version" "$info" "$out"

@@ -38,8 +38,13 @@ out=$("$molt" data inspect --data "$tmp/bad.jsonl" --tokenizer "$tok" --on-bad-r
     || fail "skip exited $?"
 grep -qx "records: 3 (text 3)" <<<"$out" || fail "skip counts: $out"
 grep -qx "bad records skipped: 1 (invalid JSON 1)" <<<"$out" || fail "skip reasons: $out"
+"$molt" data inspect --data "$tmp/good.jsonl" --tokenizer "$tok" --max-seq-len 21 \
+    --on-bad-record truncate | grep -qx "truncated: 1" || fail "truncate count"
+# cut at 8 tokens the chat example keeps no trained token: a bad record, not a truncation
 "$molt" data inspect --data "$tmp/good.jsonl" --tokenizer "$tok" --max-seq-len 8 \
-    --on-bad-record truncate | grep -qx "truncated: 2" || fail "truncate count"
+    --on-bad-record truncate >/dev/null 2>"$tmp/err" && fail "an empty truncation was kept"
+grep -q "good.jsonl:1:1: example has 19 tokens, more than max_seq_len 8, and cut there it keeps no trained token" \
+    "$tmp/err" || fail "empty truncation message: $(cat "$tmp/err")"
 ok "bad records: stop, skip, truncate"
 
 # compressed input reads the same

@@ -76,7 +76,7 @@ same "missing prompt file: status" "$rc" 1
 has_err "missing prompt file: message" "cannot open prompt file $tmp/missing.txt: No such file"
 run "$molt" generate --model "$tmp/nowhere" --prompt x
 same "missing model: status" "$rc" 1
-has_err "missing model: message" "no tokenizer in $tmp/nowhere"
+has_err "missing model: message" "model directory $tmp/nowhere: No such file or directory"
 run "$molt" generate --model "$m" --prompt x --temperature -1
 same "negative temperature: status" "$rc" 2
 has_err "negative temperature: message" "--temperature '-1' is not a number >= 0"
@@ -96,7 +96,7 @@ same "unknown option: status" "$rc" 2
 has_err "unknown option: message" "unknown option '--beam'"
 run "$molt" generate --model "$m" --prompt x --max-tokens 1000
 same "past the positions: status" "$rc" 1
-has_err "past the positions: message" "exceed the model's 512 positions"
+has_err "past the positions: message" "positions, more than the model's max_position_embeddings 512"
 run "$molt" generate --help
 same "--help: status" "$rc" 0
 

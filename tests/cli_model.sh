@@ -99,7 +99,7 @@ run "$molt" forward --model "$tmp/a" --tokens "$tmp/empty.txt" --out "$tmp/o"
 has_err "no sequences: message" "no token sequences"
 run "$molt" forward --model "$tmp/nowhere" --tokens "$tmp/tokens.txt" --out "$tmp/o"
 same "missing model: status" "$rc" 1
-has_err "missing model: message" "nowhere/config.json: cannot open"
+has_err "missing model: message" "model directory $tmp/nowhere: No such file or directory"
 [ ! -e "$tmp/o" ] && ok "no output on failure" || bad "output written despite failure"
 
 cli_done

@@ -62,7 +62,8 @@ done
 kill -INT $pid
 wait $pid
 same "SIGINT exit status" "$?" 130
-has "SIGINT message" "$(cat "$tmp/ierr")" "interrupted: checkpoint of step"
+has "SIGINT message" "$(cat "$tmp/ierr")" "interrupted by Ctrl-C (SIGINT)"
+has "SIGINT message: the checkpoint" "$(cat "$tmp/ierr")" ": checkpoint of step"
 n=$(ls "$tmp/int/checkpoints" | wc -l)
 same "one checkpoint after SIGINT" "$n" 1
 run "$molt" train --config "$tmp/c.yaml" --set output_dir="$tmp/int" --set train.steps=400 \

@@ -318,7 +318,7 @@ START_TEST(test_missing_files) {
     char dir[600], want[700];
     snprintf(dir, sizeof dir, "%s/nothing-here", tmp_dir);
     ck_assert_int_eq(mdl_load(dir, &m), MOLT_EIO);
-    snprintf(want, sizeof want, "%s/config.json: cannot open", dir);
+    snprintf(want, sizeof want, "model directory %s: No such file or directory", dir);
     ck_assert_str_eq(molt_err_msg(), want);
     ck_assert(write_config("no-weights", NULL, NULL));
     snprintf(dir, sizeof dir, "%s/no-weights", tmp_dir);

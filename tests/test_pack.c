@@ -495,7 +495,8 @@ START_TEST(test_loader_errors) {
     add_input(&c, tmp("allbad.jsonl"), 1);
     ck_assert_ok(ds_loader_open(&c, &l));
     ck_assert_int_eq(ds_loader_next(l, &b), MOLT_EFORMAT);
-    snprintf(want, sizeof want, "%s: no usable example in the data", tmp("allbad.jsonl"));
+    snprintf(want, sizeof want, "%s: no usable example in the data (2 bad records skipped: "
+             "invalid JSON 1, unknown format 1)", tmp("allbad.jsonl"));
     ck_assert_str_eq(molt_err_msg(), want);
     ds_loader_close(l);
     ds_batch_free(&b);

@@ -271,6 +271,26 @@ static void edit_tensors(const char *dir, const char *drop, const char *extra) {
     ck_assert_int_eq(rename(tmp, path), 0);
 }
 
+// Rewrites the shape of tensor name (same element count) in dir's adapter_model.safetensors.
+static void edit_shape(const char *dir, const char *name, int ndim, const int64_t *shape) {
+    char path[128];
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    st_reader *r;
+    ck_assert_ok(st_open(path, &r));
+    int n = st_count(r);
+    st_tensor *t = calloc((size_t)n + 1, sizeof *t);
+    for (int i = 0; i < n; i++) {
+        t[i] = *st_at(r, i);
+        if (!strcmp(t[i].name, name)) {
+            t[i].ndim = ndim;
+            memcpy(t[i].shape, shape, (size_t)ndim * sizeof *shape);
+        }
+    }
+    ck_assert_ok(st_write(path, t, n, NULL, 0));
+    st_close(r);
+    free(t);
+}
+
 static void expect_error(mdl_model *m, const char *dir, molt_status want, const char *fmt) {
     lora_adapter ad;
     char msg[1024];
@@ -308,9 +328,17 @@ START_TEST(test_import_errors) {
                  "%s/adapter_config.json: key \"r\" must be a positive integer");
     edit_config(dir, "r", json_integer(3));
     expect_error(&m, dir, MOLT_EFORMAT, "%s/adapter_model.safetensors: tensor base_model.model."
-                 "model.layers.0.self_attn.q_a_proj.lora_A.weight has 2 dims [2, 32], "
+                 "model.layers.0.self_attn.q_a_proj.lora_A.weight has shape [2, 32], "
                  "expected [3, 32] f32");
     edit_config(dir, "r", json_integer(2));
+    // the message shows every dim of a tensor with too many
+    const int64_t three[3] = {1, 2, 32};
+    edit_shape(dir, "base_model.model.model.layers.0.self_attn.q_a_proj.lora_A.weight", 3, three);
+    expect_error(&m, dir, MOLT_EFORMAT, "%s/adapter_model.safetensors: tensor base_model.model."
+                 "model.layers.0.self_attn.q_a_proj.lora_A.weight has shape [1, 2, 32], "
+                 "expected [2, 32] f32");
+    const int64_t two[2] = {2, 32};
+    edit_shape(dir, "base_model.model.model.layers.0.self_attn.q_a_proj.lora_A.weight", 2, two);
     edit_config(dir, "target_modules", json_pack("[s, s]", "q_a_proj", "q_proj"));
     expect_error(&m, dir, MOLT_EARG, "lora: target 'q_proj' matches no module of the model");
     edit_config(dir, "target_modules", json_pack("[s, s]", "q_a_proj", "o_proj"));

@@ -8,6 +8,8 @@
 #include "adapters/adapters.h"
 #include "train/trainer.h"
 
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -116,8 +118,8 @@ static void expect_error(const char *from, const char *to, char **sets, int n_se
 
 START_TEST(test_errors_name_key_and_line) {
     expect_error("  max_seq_len: 64\n", "  max_seq_len: lots\n", NULL, 0,
-                 "config %s:11: key 'data.max_seq_len': expected a positive integer, got "
-                 "'lots'");
+                 "config %s:11: key 'data.max_seq_len': expected an integer >= 2 (a row holds a "
+                 "token and the next one to predict), got 'lots'");
     expect_error("  grad_accum: 3\n", "  grad_acum: 3\n", NULL, 0,
                  "config %s:14: unknown key 'train.grad_acum' (run 'molt train --help' for "
                  "the list)");
@@ -218,6 +220,81 @@ START_TEST(test_resolved_yaml_roundtrips) {
 }
 END_TEST
 
+// The command-line and YAML conventions: --set takes YAML flow lists as well as comma lists,
+// a list given to a single-valued key is refused, duplicate YAML keys are an error (written
+// twice in one mapping, or once nested and once dotted), a directory is not a config file,
+// data.max_seq_len 1 gets a user-level message, data.train items take mixing weights
+// (FILE@W, W > 0, and no weights on evaluation files), train.on_nonfinite is stop or skip.
+START_TEST(test_conventions) {
+    char *flow[] = {"data.train=[x.jsonl, \"y z.jsonl\", w.jsonl@2.5]",
+                    "adapter.targets=[q_a_proj]", "train.on_nonfinite=skip"};
+    trn_config c;
+    ck_assert_ok(trn_config_load(yaml(base_yaml), flow, 3, &c));
+    unlink(g_path);
+    ck_assert_int_eq(c.n_train, 3);
+    ck_assert_str_eq(c.train_files[1], "y z.jsonl");
+    ck_assert_str_eq(c.train_files[2], "w.jsonl@2.5");
+    ck_assert(c.nonfinite_skip);
+    lora_spec sp;
+    ck_assert_ok(lora_spec_parse(c.adapter, &sp));
+    ck_assert_int_eq(sp.n_targets, 1);
+    char *text = trn_config_yaml(&c);
+    ck_assert_ptr_nonnull(strstr(text, "  on_nonfinite: skip\n"));
+    molt_free(text);
+    char *list_to_scalar[] = {"optim.lr=[1, 2]"};
+    expect_error("x", "x", list_to_scalar, 1,
+                 "config --set optim.lr=[1, 2]: key 'optim.lr' takes a single value, not a list");
+    char *bad_flow[] = {"data.train=[a, [b]]"};
+    expect_error("x", "x", bad_flow, 1,
+                 "config --set data.train=[a, [b]]: key 'data.train': list items must be "
+                 "scalars");
+    expect_error("  grad_accum: 3\n", "  grad_accum: 3\n  steps: 5\n", NULL, 0,
+                 "config %s:15: key 'train.steps' appears twice (first at line 13)");
+    expect_error("output_dir: out\n", "output_dir: out\ntrain.steps: 9\n", NULL, 0,
+                 "config %s:21: key 'train.steps' is set twice (first at line 13)");
+    expect_error("output_dir: out\n", "output_dir: out\ntrain:\n  seed: 3\n", NULL, 0,
+                 "config %s:21: key 'train' appears twice (first at line 12)");
+    expect_error("  max_seq_len: 64\n", "  max_seq_len: 1\n", NULL, 0,
+                 "config %s:11: key 'data.max_seq_len': expected an integer >= 2 (a row holds "
+                 "a token and the next one to predict), got '1'");
+    char *zero_w[] = {"data.train=a.jsonl@0"};
+    expect_error("x", "x", zero_w, 1,
+                 "config %s: key 'data.train': data input 'a.jsonl@0': mixing weight '0' is "
+                 "not a number > 0");
+    char *neg_w[] = {"data.train=a.jsonl@-1"};
+    expect_error("x", "x", neg_w, 1,
+                 "config %s: key 'data.train': data input 'a.jsonl@-1': mixing weight '-1' is "
+                 "not a number > 0");
+    char *eval_w[] = {"data.eval=e.jsonl@2"};
+    expect_error("x", "x", eval_w, 1,
+                 "config %s: key 'data.eval': 'e.jsonl@2': evaluation files take no mixing "
+                 "weight");
+    char *nf[] = {"train.on_nonfinite=ignore"};
+    expect_error("x", "x", nf, 1,
+                 "config --set train.on_nonfinite=ignore: key 'train.on_nonfinite': expected "
+                 "stop or skip, got 'ignore'");
+    ck_assert_int_eq(trn_config_load("/tmp", NULL, 0, &c), MOLT_EARG);
+    ck_assert_str_eq(molt_err_msg(), "config /tmp is a directory (give the YAML file)");
+}
+END_TEST
+
+// Every key of --help has its line of help.
+START_TEST(test_every_key_has_help) {
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    trn_config_print_keys(f);
+    fclose(f);
+    int lines = 0;
+    for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n"), lines++) {
+        char key[64], help[8];
+        ck_assert_msg(sscanf(line, " %63s %7s", key, help) == 2, "no help: '%s'", line);
+    }
+    ck_assert_int_ge(lines, 40);
+    free(buf);
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("trainer");
     TCase *tc = tcase_create("config");
@@ -228,6 +305,8 @@ int main(void) {
     tcase_add_test(tc, test_eval_split_errors);
     tcase_add_test(tc, test_yaml_syntax_error_has_line);
     tcase_add_test(tc, test_resolved_yaml_roundtrips);
+    tcase_add_test(tc, test_conventions);
+    tcase_add_test(tc, test_every_key_has_help);
     suite_add_tcase(s, tc);
     return harness_run(s);
 }

@@ -195,8 +195,10 @@ static molt_status write_dataset(hid_t grp, const char *path, man_entry *e, hid_
                : n_dims == 0 ? H5Screate(H5S_SCALAR)
                              : H5Screate_simple(n_dims, hd, NULL);
     hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
+    // contiguous, its space allocated at creation and not filled (the data follow at once)
     bool ok = sp >= 0 && dcpl >= 0 && H5Pset_layout(dcpl, H5D_CONTIGUOUS) >= 0 &&
-              H5Pset_alloc_time(dcpl, H5D_ALLOC_TIME_EARLY) >= 0;
+              H5Pset_alloc_time(dcpl, H5D_ALLOC_TIME_EARLY) >= 0 &&
+              H5Pset_fill_time(dcpl, H5D_FILL_TIME_NEVER) >= 0;
     hid_t ds = ok ? H5Dcreate2(grp, e->name, ft, sp, H5P_DEFAULT, dcpl, H5P_DEFAULT) : -1;
     ok = ds >= 0 && (n_dims < 0 || // a null dataspace holds no data
                      H5Dwrite(ds, mt, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) >= 0);
@@ -277,8 +279,8 @@ static molt_status write_groups(hid_t f, const char *path, const ckpt_state *s, 
 
 // Writes the HDF5 part of the file at path with an empty user block of *ub bytes, sized
 // for the manifest of e; the offsets of the data go into e.
-static molt_status write_hdf5(const char *path, const ckpt_state *s, man_entry *e, int n,
-                              uint64_t *ub) {
+static molt_status write_hdf5(const char *path, const ckpt_state *s, const char hex[65],
+                              man_entry *e, int n, uint64_t *ub) {
     uint64_t need = CKPT_HEADER_BYTES, data = 0;
     for (int i = 0; i < n; i++) {
         need += line_bound(&e[i]);
@@ -300,8 +302,6 @@ static molt_status write_hdf5(const char *path, const ckpt_state *s, man_entry *
     // a full disk is found here, before HDF5 writes: the data, HDF5's metadata (well below
     // 4 KiB per object) and the user block
     molt_status st = molt_h5_reserve(path, *ub + data + 4096 * (uint64_t)(n + 8) + (64 << 10));
-    char hex[65];
-    ckpt_state_digest(s, hex);
     if (st == MOLT_OK)
         st = write_attr_i64(f, path, "molt_format_version", CKPT_FORMAT_VERSION);
     if (st == MOLT_OK)
@@ -340,8 +340,8 @@ static molt_status hash_tail(FILE *f, long from, char hex[65], int64_t *n) {
 
 // Fills the user block: the manifest, then the header describing the rest of the file
 // (hashed after the manifest is in place); syncs the file.
-static molt_status write_header(const char *path, const ckpt_state *s, const man_entry *e,
-                                int n, uint64_t ub) {
+static molt_status write_header(const char *path, const ckpt_state *s, const char digest[65],
+                                const man_entry *e, int n, uint64_t ub) {
     FILE *f = fopen(path, "r+b");
     if (!f)
         return molt_err(MOLT_EIO, "cannot reopen %s: %s", path, strerror(errno));
@@ -361,12 +361,11 @@ static molt_status write_header(const char *path, const ckpt_state *s, const man
     if (st == MOLT_OK && (fseek(f, CKPT_HEADER_BYTES, SEEK_SET) != 0 ||
                           fwrite(man, 1, cap, f) != cap || fflush(f) != 0))
         st = molt_err(MOLT_EIO, "cannot write the manifest of %s: %s", path, strerror(errno));
-    char hex[65], digest[65], hdr[CKPT_HEADER_BYTES];
+    char hex[65], hdr[CKPT_HEADER_BYTES];
     int64_t tail = 0;
     if (st == MOLT_OK)
         st = hash_tail(f, CKPT_HEADER_BYTES, hex, &tail);
     if (st == MOLT_OK) {
-        ckpt_state_digest(s, digest);
         memset(hdr, 0, sizeof hdr);
         snprintf(hdr, sizeof hdr,
                  "%s\nversion %d\nsize %" PRId64 "\nuserblock %" PRIu64 "\nstep %" PRId64
@@ -418,10 +417,12 @@ molt_status ckpt_write(const char *output_dir, const ckpt_state *s, int keep_las
     man_entry *e = st == MOLT_OK ? list_entries(s, &n) : NULL;
     if (st == MOLT_OK && !e)
         st = molt_err(MOLT_ENOMEM, "checkpoint: out of memory");
+    char digest[65]; // of the contents: in the HDF5 attributes and in the header
+    ckpt_state_digest(s, digest);
     if (st == MOLT_OK)
-        st = write_hdf5(tmp, s, e, n, &ub);
+        st = write_hdf5(tmp, s, digest, e, n, &ub);
     if (st == MOLT_OK)
-        st = write_header(tmp, s, e, n, ub);
+        st = write_header(tmp, s, digest, e, n, ub);
     molt_free(e);
     if (st == MOLT_OK && rename(tmp, path) != 0)
         st = molt_err(MOLT_EIO, "cannot rename %s to %s: %s", tmp, path, strerror(errno));

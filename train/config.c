@@ -17,6 +17,8 @@
 #include "../adapters/adapters.h"
 #include "../common/yamlkv.h"
 
+#include <yaml.h>
+
 // Adapter keys are collected apart and turned into a compact lora spec at the end.
 typedef struct {
     trn_config c;
@@ -30,9 +32,12 @@ typedef struct {
     char targets[DS_MAX_INPUTS][TRN_PATH_MAX];
     char extra[TRN_SPEC_MAX];
     char spec[TRN_SPEC_MAX];
+    int yaml_line[64]; // per key (keys[] index): the YAML line that set it, 0 when none
 } cfg_all;
 
-typedef enum { K_STR, K_LIST, K_INT, K_I64, K_U64, K_DBL, K_BOOL, K_FORMAT, K_ONBAD, K_SCHED } kkind;
+typedef enum {
+    K_STR, K_LIST, K_INT, K_I64, K_U64, K_DBL, K_BOOL, K_FORMAT, K_ONBAD, K_SCHED, K_NONFINITE
+} kkind;
 
 typedef struct {
     const char *key;
@@ -57,13 +62,15 @@ static const key_def keys[] = {
     {"adapter.targets", K_LIST, F(targets), F(n_targets), 0, "module patterns"},
     {"adapter.extra", K_STR, F(extra), TRN_SPEC_MAX, 0, "more lora spec items"},
     {"adapter.spec", K_STR, F(spec), TRN_SPEC_MAX, 0, "whole lora spec (replaces the above)"},
-    {"data.train", K_LIST, F(c.train_files), F(c.n_train), 0, "training JSONL files"},
+    {"data.train", K_LIST, F(c.train_files), F(c.n_train), 0,
+     "training JSONL files; FILE@W mixes by weight W > 0 (passes per epoch)"},
     {"data.eval", K_LIST, F(c.eval_files), F(c.n_eval), 0, "evaluation JSONL files"},
     {"data.eval_split", K_DBL, F(c.eval_split), 0, 0,
      "fraction of data.train held out for eval, < 0.5 (by file name, line, train.seed)"},
     {"data.format", K_FORMAT, F(c.format), 0, 0, "auto | chat | alpaca | completion | text"},
     {"data.on_bad", K_ONBAD, F(c.on_bad), 0, 0, "stop | skip | truncate"},
-    {"data.max_seq_len", K_INT, F(c.max_seq_len), 0, 1, "tokens per row"},
+    {"data.max_seq_len", K_INT, F(c.max_seq_len), 0, 2,
+     "tokens per row (2 .. the model's max_position_embeddings)"},
     {"data.packing", K_BOOL, F(c.packing), 0, 0, "pack several examples per row"},
     {"data.shuffle", K_BOOL, F(c.shuffle), 0, 0, "shuffle training examples"},
     {"train.batch_size", K_INT, F(c.batch_size), 0, 1, "rows per micro-batch"},
@@ -71,7 +78,10 @@ static const key_def keys[] = {
     {"train.steps", K_I64, F(c.steps), 0, 0, "optimizer steps (0: from epochs)"},
     {"train.epochs", K_DBL, F(c.epochs), 0, 0, "passes over the data"},
     {"train.seed", K_U64, F(c.seed), 0, 0, "seed"},
-    {"train.activation_checkpointing", K_BOOL, F(c.activation_checkpointing), 0, 0, ""},
+    {"train.activation_checkpointing", K_BOOL, F(c.activation_checkpointing), 0, 0,
+     "recompute each layer in backward (less memory)"},
+    {"train.on_nonfinite", K_NONFINITE, F(c.nonfinite_skip), 0, 0,
+     "stop | skip: a NaN/inf loss, gradient norm or update stops training or skips the step"},
     {"train.log_every", K_INT, F(c.log_every), 0, 1, "steps between plain log lines"},
     {"optim.lr", K_DBL, F(c.lr), 0, 0, "peak learning rate"},
     {"optim.weight_decay", K_DBL, F(c.adamw.weight_decay), 0, 0, "decoupled weight decay"},
@@ -92,6 +102,7 @@ static const key_def keys[] = {
      "seconds a collective may wait before the job ends"},
 };
 #define N_KEYS ((int)(sizeof keys / sizeof *keys))
+_Static_assert(N_KEYS <= 64, "cfg_all.yaml_line holds one line per key");
 
 void trn_config_default(trn_config *c) {
     memset(c, 0, sizeof *c);
@@ -175,7 +186,10 @@ static molt_status set_scalar(cfg_all *a, const key_def *k, const char *v, const
     case K_U64:
         if (!parse_i64(v, &i) || (double)i < k->lo || (k->kind == K_INT && i > 1000000000))
             return bad_value(k, where, v,
-                             k->lo >= 1 ? "a positive integer" : "a non-negative integer");
+                             k->lo >= 2   ? "an integer >= 2 (a row holds a token and the next "
+                                            "one to predict)"
+                             : k->lo >= 1 ? "a positive integer"
+                                          : "a non-negative integer");
         if (k->kind == K_INT)
             *(int *)p = (int)i;
         else if (k->kind == K_I64)
@@ -206,6 +220,11 @@ static molt_status set_scalar(cfg_all *a, const key_def *k, const char *v, const
     case K_SCHED:
         if (sched_kind_parse(v, (sched_kind *)p) != MOLT_OK)
             return bad_value(k, where, v, "constant, linear or cosine");
+        return MOLT_OK;
+    case K_NONFINITE:
+        if (strcmp(v, "stop") && strcmp(v, "skip"))
+            return bad_value(k, where, v, "stop or skip");
+        *(bool *)p = !strcmp(v, "skip");
         return MOLT_OK;
     case K_LIST:
         break;
@@ -238,6 +257,14 @@ static molt_status yaml_leaf(void *user, ykv_event ev, const char *key, const ch
     const key_def *k = find_key(key);
     if (!k)
         return unknown_key(key, where);
+    if (ev != YKV_LIST_ITEM) { // the same key written two ways ("train.steps", train: {steps})
+        const char *colon = strrchr(where, ':');
+        int line = colon ? atoi(colon + 1) : 1, *first = &a->yaml_line[k - keys];
+        if (*first)
+            return molt_err(MOLT_EARG, "config %s: key '%s' is set twice (first at line %d)",
+                            where, key, *first);
+        *first = line > 0 ? line : 1;
+    }
     switch (ev) {
     case YKV_SCALAR:
         if (k->kind != K_LIST)
@@ -257,6 +284,37 @@ static molt_status yaml_leaf(void *user, ykv_event ev, const char *key, const ch
 
 static molt_status load_yaml(cfg_all *a, const char *path) { return ykv_load(path, yaml_leaf, a); }
 
+// The items of a YAML flow sequence ("[a, b]") given on the command line into list key k.
+static molt_status set_flow_list(cfg_all *a, const key_def *k, const char *v,
+                                 const char *where) {
+    yaml_parser_t parser;
+    yaml_document_t doc;
+    yaml_parser_initialize(&parser);
+    yaml_parser_set_input_string(&parser, (const unsigned char *)v, strlen(v));
+    if (!yaml_parser_load(&parser, &doc)) {
+        molt_status st = molt_err(MOLT_EARG, "config %s: key '%s': not a YAML list: %s", where,
+                                  k->key, parser.problem ? parser.problem : "syntax error");
+        yaml_parser_delete(&parser);
+        return st;
+    }
+    yaml_node_t *root = yaml_document_get_root_node(&doc);
+    molt_status st = MOLT_OK;
+    if (!root || root->type != YAML_SEQUENCE_NODE)
+        st = molt_err(MOLT_EARG, "config %s: key '%s': expected a list such as [a, b]", where,
+                      k->key);
+    for (yaml_node_item_t *it = root && st == MOLT_OK ? root->data.sequence.items.start : NULL;
+         it && it < root->data.sequence.items.top && st == MOLT_OK; it++) {
+        yaml_node_t *in = yaml_document_get_node(&doc, *it);
+        st = in->type == YAML_SCALAR_NODE
+                 ? list_add(a, k, (const char *)in->data.scalar.value, where)
+                 : molt_err(MOLT_EARG, "config %s: key '%s': list items must be scalars", where,
+                            k->key);
+    }
+    yaml_document_delete(&doc);
+    yaml_parser_delete(&parser);
+    return st;
+}
+
 static molt_status apply_set(cfg_all *a, const char *kv) {
     const char *eq = strchr(kv, '=');
     char key[256], where[300];
@@ -269,11 +327,17 @@ static molt_status apply_set(cfg_all *a, const char *kv) {
     if (!k)
         return unknown_key(key, where);
     const char *v = eq + 1;
-    if (k->kind != K_LIST)
+    if (k->kind != K_LIST) {
+        if (v[0] == '[')
+            return molt_err(MOLT_EARG, "config %s: key '%s' takes a single value, not a list",
+                            where, key);
         return set_scalar(a, k, v, where);
+    }
     *(int *)((char *)a + k->cap) = 0;
+    if (v[0] == '[') // a YAML flow list: [a, b]
+        return set_flow_list(a, k, v, where);
     char item[TRN_PATH_MAX];
-    while (*v) {
+    while (*v) { // a comma list: a,b
         const char *c = strchr(v, ',');
         size_t n = c ? (size_t)(c - v) : strlen(v);
         snprintf(item, sizeof item, "%.*s", (int)(n < sizeof item ? n : sizeof item - 1), v);
@@ -335,6 +399,20 @@ static molt_status check_required(const cfg_all *a, const char *path) {
     if (c->eval_split > 0 && c->n_eval)
         return molt_err(MOLT_EARG, "config %s: keys 'data.eval' and 'data.eval_split' "
                         "exclude each other (set 'data.eval=' to clear the files)", path);
+    char buf[TRN_PATH_MAX];
+    for (int i = 0; i < c->n_train; i++) {
+        ds_input in;
+        if (ds_input_parse(c->train_files[i], &in, buf, sizeof buf) != MOLT_OK)
+            return molt_err_wrap(MOLT_EARG, "config %s: key 'data.train'", path);
+    }
+    for (int i = 0; i < c->n_eval; i++) {
+        ds_input in;
+        if (ds_input_parse(c->eval_files[i], &in, buf, sizeof buf) != MOLT_OK)
+            return molt_err_wrap(MOLT_EARG, "config %s: key 'data.eval'", path);
+        if (in.weight != 1.0)
+            return molt_err(MOLT_EARG, "config %s: key 'data.eval': '%s': evaluation files "
+                            "take no mixing weight", path, c->eval_files[i]);
+    }
     return MOLT_OK;
 }
 
@@ -431,10 +509,11 @@ char *trn_config_yaml(const trn_config *c) {
         c->on_bad == DS_ON_BAD_STOP ? "stop" : c->on_bad == DS_ON_BAD_SKIP ? "skip" : "truncate",
         c->max_seq_len, c->packing ? "true" : "false", c->shuffle ? "true" : "false");
     put(&s, "train:\n  batch_size: %d\n  grad_accum: %d\n  steps: %lld\n  epochs: %.17g\n"
-            "  seed: %llu\n  activation_checkpointing: %s\n  log_every: %d\n",
+            "  seed: %llu\n  activation_checkpointing: %s\n  log_every: %d\n"
+            "  on_nonfinite: %s\n",
         c->batch_size, c->grad_accum, (long long)c->steps, c->epochs,
         (unsigned long long)c->seed, c->activation_checkpointing ? "true" : "false",
-        c->log_every);
+        c->log_every, c->nonfinite_skip ? "skip" : "stop");
     put(&s, "optim:\n  lr: %.17g\n  weight_decay: %.17g\n  beta1: %.17g\n  beta2: %.17g\n"
             "  eps: %.17g\n  max_grad_norm: %.17g\n",
         c->lr, c->adamw.weight_decay, c->adamw.beta1, c->adamw.beta2, c->adamw.eps,

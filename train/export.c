@@ -175,7 +175,7 @@ static int export_checkpoint(const export_opts *o) {
     if (st == MOLT_OK)
         st = config_of(&s, o->checkpoint, o->model, c);
     if (st == MOLT_OK)
-        st = mdl_load(c->model, &m);
+        st = mdl_load_quant(c->model, NULL, &m); // a pre-quantized base loads as stored
     if (st == MOLT_OK)
         attached = (st = adapter_of(&s, o->checkpoint, c, &m, LORA_WIRE_FILES, &ad)) == MOLT_OK;
     if (st == MOLT_OK)

@@ -133,6 +133,36 @@ static void adamw_update(float *p, const float *g, float *m, float *v, int64_t n
     }
 }
 
+// Whether one AdamW update of p (n) would leave p, m and v finite: the same arithmetic as
+// adamw_update, nothing written.
+static bool update_finite(const float *p, const float *g, const float *m, const float *v,
+                          int64_t n, const adamw_scalars *s, bool decay) {
+    bool ok = true;
+    for (int64_t i = 0; i < n; i++) {
+        float pi = decay ? p[i] * s->decay : p[i];
+        float mi = lerp_f(m[i], g[i], s->w1);
+        float vi = v[i] * s->b2;
+        vi = vi + s->c2 * g[i] * g[i];
+        float denom = sqrtf(vi) / s->bc2_sqrt + s->eps;
+        float pn = pi + s->neg_step * mi / denom;
+        ok &= isfinite(pn) && isfinite(mi) && isfinite(vi);
+    }
+    return ok;
+}
+
+int opt_adamw_nonfinite(const opt_adamw *o, double lr) {
+    for (int i = 0; i < o->n; i++) {
+        const ag_tensor *p = o->params[i];
+        if (!p->grad || p->grad->dtype != AG_F32 || p->grad->numel != p->numel)
+            continue;
+        adamw_scalars s = scalars_at(&o->cfg, lr, o->steps[i] + 1);
+        if (!update_finite(p->data, p->grad->data, o->m[i], o->v[i], p->numel, &s,
+                           o->cfg.weight_decay != 0))
+            return i;
+    }
+    return -1;
+}
+
 molt_status opt_adamw_step(opt_adamw *o, double lr) {
     if (!isfinite(lr) || lr < 0)
         return molt_err(MOLT_EARG, "adamw: learning rate must be finite and >= 0, got %g", lr);

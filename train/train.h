@@ -48,6 +48,10 @@ void opt_adamw_free(opt_adamw *o);
 // One update at learning rate lr. A parameter whose grad is NULL is skipped entirely (its
 // step count and moments stay), as torch skips parameters whose .grad is None.
 molt_status opt_adamw_step(opt_adamw *o, double lr);
+// The index of the first parameter whose next update at lr would make it (or its moments)
+// non-finite (overflow, 0/0 with eps 0, a non-finite gradient), or -1 when every update
+// stays finite. Changes nothing; costs about one update.
+int opt_adamw_nonfinite(const opt_adamw *o, double lr);
 
 // Global L2 gradient clipping as torch.nn.utils.clip_grad_norm_: the total norm over all
 // gradients (NULL grads ignored), coef = max_norm / (total + 1e-6) clamped to 1, every

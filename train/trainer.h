@@ -39,6 +39,8 @@ typedef struct {
     double epochs;                // train.epochs
     uint64_t seed;                // train.seed (data order and adapter init)
     bool activation_checkpointing; // train.activation_checkpointing: recompute each layer
+    bool nonfinite_skip;          // train.on_nonfinite: skip (true) or stop (false) a step
+                                  // whose loss, gradient norm or update is not finite
     int log_every;                // train.log_every: plain progress lines
     opt_adamw_config adamw;       // optim.beta1/beta2/eps/weight_decay
     double lr, max_grad_norm;     // optim.lr, optim.max_grad_norm (<= 0: no clipping)

@@ -2,11 +2,13 @@
 // bit-exact resume needs, the whole adapter and optimizer state whatever the ranks), resuming
 // from them, the adapter files at the end, and the gradient dump of the tests. Across ranks the
 // shards of routed-expert LoRA are gathered on replica 0 and rank 0 writes; every rank reads a
-// checkpoint and keeps its part. Not here: the loop (trainer.c), the file formats
-// (checkpoint.c, adapters/).
+// checkpoint and keeps its part; a checkpoint of another adapter spec, or holding a non-finite
+// value, is refused. Not here: the loop (trainer.c), the file formats (checkpoint.c,
+// adapters/), the spec comparison (preflight.c).
 #include "trn_internal.h"
 
 #include <dirent.h>
+#include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -100,10 +102,15 @@ long trn_env_long(const char *name) {
 }
 
 molt_status trn_save_ckpt(trn *t, double elapsed_run) {
-    if (!trn_par_gathers(&t->par))
+    if (!trn_par_gathers(&t->par)) {
+        t->last_ckpt_step = t->step;
         return MOLT_OK;
-    if (!trn_par_writes(&t->par))
-        return fill_ckpt(t, NULL);
+    }
+    if (!trn_par_writes(&t->par)) {
+        MOLT_TRY(fill_ckpt(t, NULL));
+        t->last_ckpt_step = t->step;
+        return MOLT_OK;
+    }
     ckpt_state s;
     ckpt_state_init(&s);
     double keep = t->elapsed_prev;
@@ -123,6 +130,8 @@ molt_status trn_save_ckpt(trn *t, double elapsed_run) {
     }
     ckpt_state_free(&s);
     molt_free(path);
+    if (st == MOLT_OK)
+        t->last_ckpt_step = t->step;
     if (st == MOLT_OK && trn_env_long("MOLT_TEST_KILL_AT_STEP") == t->step)
         raise(SIGKILL);
     return st;
@@ -146,14 +155,22 @@ static molt_status restore_tensor(trn *t, const ckpt_state *s, const char *file,
         return molt_err(MOLT_EFORMAT, "checkpoint %s: tensor '%s' has %lld elements, the "
                         "adapter %lld (another adapter spec?)", file, name,
                         (long long)ct->numel, (long long)(shape[0] * shape[1]));
+    for (int64_t k = 0; k < ct->numel; k++)
+        if (!isfinite(ct->data[k]))
+            return molt_err(MOLT_EFORMAT, "checkpoint %s: tensor '%s' holds a non-finite value "
+                            "(element %lld): resume from an earlier checkpoint", file, name,
+                            (long long)k);
     lora_shard_from_full(&t->ad, unit_of(t, i), i % 2, ct->data, dst);
     return MOLT_OK;
 }
 
 static molt_status restore(trn *t, const ckpt_state *s, const char *file) {
     char warn[1024], name[CKPT_NAME_MAX + 16];
+    const ckpt_blob *cfg = ckpt_get_blob(s, "config.resolved");
+    MOLT_TRY(trn_check_resume_spec(cfg ? (const char *)cfg->data : NULL, t->cfg->adapter,
+                                   file));
     MOLT_TRY(ckpt_check_hashes(s, file, &t->hashes, t->o->force, warn, sizeof warn));
-    if (*warn)
+    if (*warn && t->par.rank == 0)
         fprintf(stderr, "molt train: warning (--force): %s\n", warn);
     for (int i = 0; i < t->n_params; i++) {
         ag_tensor *p = t->params[i];

@@ -12,6 +12,7 @@
 #include "k_vexp.h"
 
 #include "k_blas.h"
+#include "../autograd.h"
 #include <stdbool.h>
 #include <string.h>
 
@@ -185,6 +186,8 @@ void K(ce_fwd)(double *lse, double *zt, void *work, const real *h, const real *w
             k.s[i] = 0;
         }
         for (int64_t v0 = 0; v0 < d->V; v0 += d->chunk) {
+            if (ag_interrupt_pending()) // a stop request: the caller discards the results
+                return;
             int64_t nv = min64(d->chunk, d->V - v0);
             logits_block(k.zbuf, hb, w, h2b, d, nt, v0, nv);
 #pragma omp parallel for schedule(static) if (nt * nv >= CE_PAR_MIN)
@@ -263,6 +266,8 @@ void K(ce_bwd)(real *dh, real *dw, void *work, const real *h, const real *w,
         real *dhb = dh ? grad_tile(dh, k.dhbuf, rows, nt, C) : NULL;
         real *dh2b = dh2 ? grad_tile(dh2, k.dh2buf, rows, nt, R) : NULL;
         for (int64_t v0 = 0; v0 < d->V; v0 += d->chunk) {
+            if (ag_interrupt_pending()) // a stop request: the caller discards the results
+                return;
             int64_t nv = min64(d->chunk, d->V - v0);
             logits_block(k.zbuf, hb, w, h2b, d, nt, v0, nv);
             dlogits_block(k.zbuf, rows, nt, v0, nv, targets, mask, scale, lse);
@@ -322,6 +327,8 @@ void K(ce_fwd_grad)(double *lse, double *zt, real *dh, void *work, const real *h
             k.s[i] = 0;
         }
         for (int64_t v0 = 0; v0 < d->V; v0 += d->chunk) {
+            if (ag_interrupt_pending()) // a stop request: the caller discards the results
+                return;
             int64_t nv = min64(d->chunk, d->V - v0);
             logits_block(k.zbuf, hb, w, NULL, d, nt, v0, nv);
 #pragma omp parallel for schedule(static) if (nt * nv >= CE_PAR_MIN)
