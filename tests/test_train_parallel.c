@@ -15,6 +15,8 @@
 //     NF4 checkpoint, on the tiny preset and on one whose expert stacks fill whole groups of
 //     the double quantization (both ways a shard keeps the whole stack's absmax);
 //   - `molt train --eval-only` with an adapter on 4 ranks prints one process's loss;
+//   - SIGTERM on one rank stops every rank after the same step, with its checkpoint, and
+//     the run resumes to one process's adapter;
 //   - a rank killed in the middle of step 7 ends the job with a non-zero status, the step-5
 //     checkpoint is intact and resumes to the same result; a rank that hangs (SIGSTOP) makes
 //     the others fail once parallel.timeout_s has passed, naming the collective and the rank.
@@ -334,6 +336,37 @@ START_TEST(hung_rank_times_out) {
 }
 END_TEST
 
+// SIGTERM on rank 1 in the middle of step 4 of a 2-rank run: both ranks finish that step and
+// stop after it (exit 130, the step-4 checkpoint, no later one), and the run resumes on 2
+// ranks to one process's adapter.
+START_TEST(signal_on_one_rank) {
+    if (!mpi_env_available())
+        return;
+    const char *args[] = {"--set", "parallel.expert=2", "--set", "checkpoint.every=3", NULL};
+    char *env[] = {"MOLT_TEST_TERM_RANK=1@4", NULL};
+    int rc = train(2, "s-2", args, env);
+    ck_assert_msg(rc == 130, "a stop request on one rank: exit %d, expected 130", rc);
+    ck_assert_msg(log_has("s-2", "interrupted by SIGTERM: checkpoint of step 4 written"),
+                  "no message about the stop after step 4");
+    char p[160];
+    struct stat sb;
+    snprintf(p, sizeof p, "%s/s-2/checkpoints/step-4.h5", dir);
+    ck_assert_msg(stat(p, &sb) == 0, "no checkpoint of the step the ranks stopped after");
+    snprintf(p, sizeof p, "%s/s-2/checkpoints/step-5.h5", dir);
+    ck_assert_msg(stat(p, &sb) != 0, "a rank went on after the stop request");
+    ck_assert_msg(!isnan(loss_at("s-2", 4)) && isnan(loss_at("s-2", 5)),
+                  "metrics do not end at step 4");
+    const char *resume[] = {"--set", "parallel.expert=2", "--resume", "auto", NULL};
+    train_ok(2, "s-2", resume, NULL);
+    train_ok(1, "s-1", NULL, NULL);
+    char worst[256] = "";
+    double r = adapter_rel("s-1", "s-2", worst, sizeof worst);
+    fprintf(stderr, "s-2: stopped after step 4 on 2 ranks, resumed to 10: adapter max rel %.3g "
+            "(%s)\n", r, worst);
+    ck_assert_msg(r <= 1e-4, "resumed after the stop: %s differs by %g relative", worst, r);
+}
+END_TEST
+
 // A preset like tiny with wider experts: gate_up of one expert is 256 NF4 blocks (whole groups
 // of the double quantization), down 128 (half a group).
 static void write_wide(void) {
@@ -499,6 +532,7 @@ int main(void) {
     if (full)
         tcase_add_test(tc, checkpoints_move_between_rank_counts);
     tcase_add_test(tc, killed_rank);
+    tcase_add_test(tc, signal_on_one_rank);
     tcase_add_test(tc, hung_rank_times_out);
     tcase_add_test(tc, bad_layouts);
     suite_add_tcase(s, tc);

@@ -327,16 +327,23 @@ static molt_status build_batch(ag_ctx *c, const ds_batch *b, int row0, int n, md
     return MOLT_OK;
 }
 
-// Test hooks of parallel runs: MOLT_TEST_KILL_RANK / MOLT_TEST_STOP_RANK = "R@S" make rank R
-// die (SIGKILL) or hang (SIGSTOP) in the middle of step S, after its first forward.
+// Test hooks of parallel runs: MOLT_TEST_KILL_RANK / MOLT_TEST_STOP_RANK /
+// MOLT_TEST_TERM_RANK = "R@S" make rank R die (SIGKILL), hang (SIGSTOP) or get a stop request
+// (SIGTERM) in the middle of step S, after its first forward (once: a second SIGTERM would
+// end the process).
 static void rank_hooks(const trn *t) {
-    const char *names[2] = {"MOLT_TEST_KILL_RANK", "MOLT_TEST_STOP_RANK"};
-    for (int i = 0; i < 2; i++) {
+    static int64_t done = -1;
+    if (done == t->step)
+        return;
+    done = t->step;
+    const char *names[3] = {"MOLT_TEST_KILL_RANK", "MOLT_TEST_STOP_RANK", "MOLT_TEST_TERM_RANK"};
+    const int sigs[3] = {SIGKILL, SIGSTOP, SIGTERM};
+    for (int i = 0; i < 3; i++) {
         const char *v = getenv(names[i]);
         int r = -1;
         long long s = -1;
         if (v && sscanf(v, "%d@%lld", &r, &s) == 2 && r == t->par.rank && s == t->step + 1)
-            raise(i == 0 ? SIGKILL : SIGSTOP);
+            raise(sigs[i]);
     }
 }
 
