@@ -188,6 +188,33 @@ static molt_status run_one(ag_ctx *c, const mdl_model *m, const int32_t *ids, in
     return MOLT_OK;
 }
 
+// Sequence i (T tokens) fits the model's positions and, with its activations, the logits in
+// the arena and their copy, the memory available: checked before anything is allocated.
+static molt_status check_seq(const mdl_model *m, int i, int64_t T) {
+    char what[64];
+    snprintf(what, sizeof what, "sequence %d", i);
+    MOLT_TRY(mcfg_check_positions(&m->cfg, T, what));
+    uint64_t need = mdl_step_memory_bytes(&m->cfg, T, false, false) +
+                    2 * (uint64_t)T * (uint64_t)m->cfg.vocab_size * sizeof(float);
+    uint64_t have = molt_mem_available();
+    if (have && need > have)
+        return molt_err(MOLT_ENOMEM, "out of memory: sequence %d (%lld tokens) needs about "
+                        "%.1f GiB for its activations and logits, and %.1f GiB of memory "
+                        "are available", i, (long long)T, (double)need / (1 << 30),
+                        (double)have / (1 << 30));
+    return MOLT_OK;
+}
+
+// Refuses logits lg [T, V] of sequence i holding a non-finite value.
+static molt_status check_logits(const mdl_model *m, int i, int64_t T, const float *lg) {
+    for (int64_t k = 0; k < T * m->cfg.vocab_size; k++)
+        if (!isfinite(lg[k]))
+            return molt_err(MOLT_EARG, "sequence %d: its logits hold a non-finite value "
+                            "(position %lld): the model or the adapter overflows; nothing "
+                            "was written", i, (long long)(k / m->cfg.vocab_size));
+    return MOLT_OK;
+}
+
 static molt_status forward_all(const mdl_model *m, const seqs *s, const char *out_path) {
     int n = s->n_seq;
     st_tensor *t = molt_calloc((size_t)n, sizeof *t);
@@ -200,28 +227,14 @@ static molt_status forward_all(const mdl_model *m, const seqs *s, const char *ou
         return st;
     }
     ag_ctx_set_grad(&c, false);
-    char what[64];
     for (int i = 0; st == MOLT_OK && i < n; i++) {
         int64_t T = s->start[i + 1] - s->start[i];
         float *lg = NULL;
-        snprintf(what, sizeof what, "sequence %d", i);
-        st = mcfg_check_positions(&m->cfg, T, what);
-        // activations, the logits in the arena and their copy, before any is allocated
-        uint64_t need = mdl_step_memory_bytes(&m->cfg, T, false, false) +
-                        2 * (uint64_t)T * (uint64_t)m->cfg.vocab_size * sizeof(float);
-        uint64_t have = molt_mem_available();
-        if (st == MOLT_OK && have && need > have)
-            st = molt_err(MOLT_ENOMEM, "out of memory: sequence %d (%lld tokens) needs about "
-                          "%.1f GiB for its activations and logits, and %.1f GiB of memory "
-                          "are available", i, (long long)T, (double)need / (1 << 30),
-                          (double)have / (1 << 30));
+        st = check_seq(m, i, T);
         if (st == MOLT_OK)
             st = run_one(&c, m, s->ids + s->start[i], T, &lg);
-        for (int64_t k = 0; st == MOLT_OK && k < T * m->cfg.vocab_size; k++)
-            if (!isfinite(lg[k]))
-                st = molt_err(MOLT_EARG, "sequence %d: its logits hold a non-finite value "
-                              "(position %lld): the model or the adapter overflows; nothing "
-                              "was written", i, (long long)(k / m->cfg.vocab_size));
+        if (st == MOLT_OK)
+            st = check_logits(m, i, T, lg);
         snprintf(names[i], sizeof names[i], "logits.%d", i);
         t[i] = (st_tensor){.name = names[i], .dtype = ST_F32, .ndim = 2,
                            .shape = {T, m->cfg.vocab_size}, .data = lg};
@@ -238,7 +251,8 @@ static molt_status forward_all(const mdl_model *m, const seqs *s, const char *ou
 
 // Across the ranks of the expert group w: in round k rank r runs sequence k*P + r (or, past
 // the last one, serves its experts), then the round's logits go to rank 0 (one all-to-all),
-// which writes the file.
+// which writes the file. Every rank checks every sequence's size before the first round;
+// rank 0 checks the logits it receives.
 static molt_status forward_ranks(const mdl_model *m, const seqs *s, const char *out_path,
                                  ag_comm *w) {
     int n = s->n_seq, P = ag_comm_size(w), me = ag_comm_rank(w);
@@ -255,6 +269,8 @@ static molt_status forward_ranks(const mdl_model *m, const seqs *s, const char *
         return st;
     }
     ag_ctx_set_grad(&c, false);
+    for (int i = 0; st == MOLT_OK && i < n; i++)
+        st = check_seq(m, i, s->start[i + 1] - s->start[i]);
     for (int k = 0; st == MOLT_OK && k * P < n; k++) {
         int i = k * P + me;
         float *lg = NULL, *recv = NULL;
@@ -285,6 +301,7 @@ static molt_status forward_ranks(const mdl_model *m, const seqs *s, const char *
                 break;
             }
             memcpy(mine, recv + off * V, (size_t)(recv_rows[p] * V) * sizeof *mine);
+            st = check_logits(m, j, recv_rows[p], mine);
             off += (int)recv_rows[p];
             snprintf(names[j], sizeof names[j], "logits.%d", j);
             t[j] = (st_tensor){.name = names[j], .dtype = ST_F32, .ndim = 2,

@@ -14,6 +14,7 @@
 //     process, with an adapter, on an F32 base, NF4 quantized on load and a pre-quantized
 //     NF4 checkpoint, on the tiny preset and on one whose expert stacks fill whole groups of
 //     the double quantization (both ways a shard keeps the whole stack's absmax);
+//     a sequence longer than the model's positions ends the job with one process's message;
 //   - `molt train --eval-only` with an adapter on 4 ranks prints one process's loss;
 //   - SIGTERM on one rank stops every rank after the same step, with its checkpoint, and
 //     the run resumes to one process's adapter;
@@ -450,6 +451,34 @@ START_TEST(forward_ranks) {
 }
 END_TEST
 
+// molt forward on 2 ranks with a sequence past max_position_embeddings (513 tokens, the third
+// of three, which rank 0 would run in the second round): the job fails at once with the
+// message of one process, and no logits file is written.
+START_TEST(forward_ranks_refuses_long_sequence) {
+    if (!mpi_env_available())
+        return;
+    char p[160], o[160], log[160], m[160];
+    snprintf(p, sizeof p, "%s/long.txt", dir);
+    FILE *f = fopen(p, "w");
+    ck_assert_ptr_nonnull(f);
+    fprintf(f, "1 2 3\n4 5 6\n");
+    for (int i = 0; i < 513; i++)
+        fprintf(f, "%s%d", i ? " " : "", 7 + i % 100);
+    fprintf(f, "\n");
+    fclose(f);
+    snprintf(m, sizeof m, "%s/base", dir);
+    snprintf(o, sizeof o, "%s/long.st", dir);
+    snprintf(log, sizeof log, "%s/long.st.log", dir);
+    char *argv[] = {molt, "forward", "--model", m, "--tokens", p, "--out", o, NULL};
+    int rc = mpi_env_launch(2, argv, NULL, log);
+    ck_assert_msg(rc != 0, "a 513-token sequence on 2 ranks: exit 0");
+    ck_assert_msg(log_has("long.st", "sequence 2: 513 positions, more than the model's "
+                                     "max_position_embeddings 512"), "no message in %s", log);
+    struct stat sb;
+    ck_assert_msg(stat(o, &sb) != 0, "logits written despite the error");
+}
+END_TEST
+
 // The eval_loss line of a --eval-only log.
 static double eval_loss_of(const char *out) {
     char path[160], line[512];
@@ -528,6 +557,7 @@ int main(void) {
     if (full)
         tcase_add_test(tc, ten_steps);
     tcase_add_test(tc, forward_ranks);
+    tcase_add_test(tc, forward_ranks_refuses_long_sequence);
     tcase_add_test(tc, eval_only_ranks);
     if (full)
         tcase_add_test(tc, checkpoints_move_between_rank_counts);
