@@ -5,6 +5,7 @@
 // 2 on bad usage.
 #include "trainer.h"
 
+#include "../common/datadir.h"
 #include "../common/opt.h"
 
 #include <errno.h>
@@ -84,6 +85,8 @@ static molt_status find_model(const char *model, const char *tok_opt, mcfg *cfg,
             if (is_file(path))
                 snprintf(tok, cap, "%s", path);
         }
+        if (!tok[0] && molt_data_find("tokenizers/tekken.json", path, sizeof path) == MOLT_OK)
+            snprintf(tok, cap, "%s", path); // else in the data directory (molt info)
     }
     if (tok_opt)
         snprintf(tok, cap, "%s", tok_opt);
