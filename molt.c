@@ -47,6 +47,8 @@ static const command commands[] = {
     {"export", trn_cmd_export, "adapter (file, PEFT dir or checkpoint) to PEFT or molt", NULL},
     {"merge", lora_cmd_merge, "adapter merged into the base weights (HF layout)", NULL},
     {"train", trn_cmd_train, "train a LoRA adapter from a YAML config (resumable)", NULL},
+    {"plan", trn_cmd_plan, "memory per rank of a training run (weights, adapter, activations)",
+     NULL},
     {"eval", ev_cmd_eval, "compare the base and adapters on eval sets (paired statistics)",
      NULL},
     {"report", ev_cmd_report, "charts of a training run's metrics.jsonl as one HTML page", NULL},

@@ -135,6 +135,10 @@ typedef struct {
 // LORA_WIRE_NONE). On failure nothing stays attached and *out is zeroed.
 molt_status lora_attach(mdl_model *m, const lora_spec *spec, lora_wire wire,
                         lora_adapter *out);
+// The units lora_attach would adapt on m with spec, their ranks and scales, without
+// allocating or wiring anything (a and b stay NULL): for memory plans (m may come from
+// mdl_create_plan). *units is molt_free'd by the caller. Errors as lora_attach's.
+molt_status lora_plan_units(mdl_model *m, const lora_spec *spec, lora_unit **units, int *n);
 // Clears the LoRA fields of the model's linears and frees the adapter (NULL-safe).
 void lora_detach(lora_adapter *ad);
 // Fills every B with N(0, std) from one ag_rng stream seeded with seed (units in order):
@@ -146,6 +150,24 @@ void lora_print_table(const lora_adapter *ad, FILE *f);
 int64_t lora_group_params(const lora_adapter *ad, lora_group g);
 // The unit with this path, or NULL.
 lora_unit *lora_find_unit(lora_adapter *ad, const char *path);
+
+// ---- shards of routed-expert units (adapters/shard.c) ----------------------------------
+// On a model holding experts [first, first + count) of E (expert parallelism, model.h's
+// mdl_experts_shard), a routed-expert unit holds its experts' part of PEFT's layout: A
+// [r*count, in] = rows first*r .. of the full A [r*E, in]; B [out, r*count] with column
+// k*count + e = the full B's column k*E + first + e. Files, checkpoints and initialization
+// always deal in full matrices (lora_attach draws the full A and keeps its rows, the loaders
+// read full tensors and keep their part). Other units are whole on every rank.
+bool lora_unit_is_shard(const lora_adapter *ad, const lora_unit *u);
+// The full shape of u's A (b false) or B.
+void lora_unit_full_shape(const lora_adapter *ad, const lora_unit *u, bool b, int64_t shape[2]);
+// shard[numel of u's A or B] = this model's part of the full matrix.
+void lora_shard_from_full(const lora_adapter *ad, const lora_unit *u, bool b, const float *full,
+                          float *shard);
+// full = the matrix whose parts are the shards of every rank of the expert group, given one
+// after the other in rank order (an allgather of the shards).
+void lora_full_from_shards(const lora_adapter *ad, const lora_unit *u, bool b,
+                           const float *shards, float *full);
 
 // ---- PEFT directories (adapters/peft.c) -----------------------------------------------
 // PEFT's tensor name of a unit's A or B (`base_model.model.<path>.lora_A.weight`; routed

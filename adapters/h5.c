@@ -312,9 +312,15 @@ static void space_str(hid_t sp, char *buf, size_t cap) {
         snprintf(buf + len, cap - len, "]");
 }
 
-// Reads dataset `name` into dst after checking its type (f32) and shape (dst's).
+// Reads dataset `name` (u's full A, or B when k is 1) into the unit after checking its type
+// (f32) and shape; a shard of routed experts keeps its part.
 static molt_status read_tensor(hid_t f, const char *file, const char *name,
-                               const lora_unit *u, ag_tensor *dst) {
+                               const lora_adapter *ad, const lora_unit *u, int k) {
+    ag_tensor *dst = k ? u->b : u->a;
+    int64_t full[2];
+    lora_unit_full_shape(ad, u, k, full);
+    bool shard = lora_unit_is_shard(ad, u);
+    float *buf = NULL;
     char why[300];
     htri_t there = H5Lexists(f, name, H5P_DEFAULT);
     if (there == 0)
@@ -330,7 +336,7 @@ static molt_status read_tensor(hid_t f, const char *file, const char *name,
     bool shape_ok = sp >= 0 && H5Sget_simple_extent_type(sp) == H5S_SIMPLE &&
                     H5Sget_simple_extent_ndims(sp) == 2 &&
                     H5Sget_simple_extent_dims(sp, dims, NULL) == 2 &&
-                    dims[0] == (hsize_t)dst->shape[0] && dims[1] == (hsize_t)dst->shape[1];
+                    dims[0] == (hsize_t)full[0] && dims[1] == (hsize_t)full[1];
     char have[96] = "?";
     molt_status st = MOLT_OK;
     if (!type_ok) {
@@ -342,11 +348,18 @@ static molt_status read_tensor(hid_t f, const char *file, const char *name,
         if (sp >= 0)
             space_str(sp, have, sizeof have);
         st = molt_err(MOLT_EFORMAT, "%s: dataset %s has shape %s, expected [%lld, %lld]", file,
-                      name, have, (long long)dst->shape[0], (long long)dst->shape[1]);
-    } else if (H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, dst->data) < 0) {
+                      name, have, (long long)full[0], (long long)full[1]);
+    } else if (!(buf = shard ? molt_malloc((size_t)(full[0] * full[1]) * sizeof *buf)
+                             : dst->data)) {
+        st = molt_err(MOLT_ENOMEM, "%s: out of memory reading %s", file, name);
+    } else if (H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf) < 0) {
         st = molt_err(MOLT_EFORMAT, "%s: dataset %s: its data cannot be read, the file is "
                       "damaged%s", file, name, h5_reason(why));
+    } else if (shard) {
+        lora_shard_from_full(ad, u, k, buf, dst->data);
     }
+    if (shard)
+        molt_free(buf); // (NULL when it was never allocated)
     if (sp >= 0)
         H5Sclose(sp);
     if (t >= 0)
@@ -378,7 +391,7 @@ static molt_status read_tensors(hid_t f, const char *file, lora_adapter *ad) {
         lora_unit *u = &ad->units[i / 2];
         char name[TNAME_CAP];
         lora_peft_tensor_name(ad, u, i % 2, name, sizeof name);
-        MOLT_TRY(read_tensor(f, file, name, u, i % 2 ? u->b : u->a));
+        MOLT_TRY(read_tensor(f, file, name, ad, u, i % 2));
     }
     // every expected name is there, so any more links are unexpected objects
     H5G_info_t gi;

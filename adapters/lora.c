@@ -392,12 +392,28 @@ static molt_status alloc_unit(lora_adapter *ad, lora_unit *u, ag_rng *rng) {
     u->a->requires_grad = u->b->requires_grad = true;
     ag_tensor_set_name(u->a, "lora_A");
     ag_tensor_set_name(u->b, "lora_B");
+    // a shard of routed experts draws the full A and keeps its rows: the same values, and
+    // the same draws left for the next units, as with every expert here
+    ag_arena tmp;
+    ag_arena_init(&tmp, "lora init", 1 << 16);
+    ag_tensor *a = u->a;
+    if (lora_unit_is_shard(ad, u) && ad->spec.init != LORA_INIT_ZERO) {
+        int64_t fs[2];
+        lora_unit_full_shape(ad, u, false, fs);
+        if (!(a = ag_tensor_new2(&tmp, AG_F32, fs[0], fs[1]))) {
+            ag_arena_free(&tmp);
+            return molt_err_wrap(MOLT_ENOMEM, "lora: initializing %s", u->path);
+        }
+    }
     if (ad->spec.init == LORA_INIT_KAIMING) {
         // kaiming_uniform_(a=sqrt(5)): gain sqrt(2/(1+5)), bound = gain*sqrt(3/fan_in)
         double bound = 1.0 / sqrt((double)u->in);
-        ag_fill_uniform(u->a, rng, -bound, bound);
+        ag_fill_uniform(a, rng, -bound, bound);
     } else if (ad->spec.init == LORA_INIT_GAUSSIAN)
-        ag_fill_normal(u->a, rng, 0.0, 1.0 / u->r);
+        ag_fill_normal(a, rng, 0.0, 1.0 / u->r);
+    if (a != u->a)
+        lora_shard_from_full(ad, u, false, a->data, u->a->data);
+    ag_arena_free(&tmp);
     int64_t n = (int64_t)u->r * u->n_exp * (u->in + u->out);
     ad->group_params[u->group] += n;
     ad->total_params += n;
@@ -540,6 +556,35 @@ molt_status lora_attach(mdl_model *m, const lora_spec *spec, lora_wire mode,
     return st;
 }
 
+molt_status lora_plan_units(mdl_model *m, const lora_spec *spec, lora_unit **units, int *n) {
+    *units = NULL;
+    *n = 0;
+    if (spec->r < 1 || spec->n_targets < 1)
+        return molt_err(MOLT_EARG, "lora: r = %d and %d targets (both must be positive)",
+                        spec->r, spec->n_targets);
+    unit_list all = {0};
+    lora_adapter tmp;
+    memset(&tmp, 0, sizeof tmp);
+    molt_status st = list_units(m, &all);
+    if (st == MOLT_OK)
+        st = select_units(spec, &all, &tmp); // tmp.units is all.u, kept ones first
+    if (st != MOLT_OK && !tmp.units)
+        molt_free(all.u);
+    for (int i = 0; st == MOLT_OK && i < tmp.n_units; i++) {
+        lora_unit *u = &tmp.units[i];
+        st = unit_rank(spec, u);
+        if (st == MOLT_OK && u->r == 0)
+            st = molt_err(MOLT_EARG, "lora: %s ends up with rank 0 (zero parameters)", u->path);
+    }
+    if (st != MOLT_OK) {
+        molt_free(tmp.units);
+        return st;
+    }
+    *units = tmp.units;
+    *n = tmp.n_units;
+    return MOLT_OK;
+}
+
 void lora_detach(lora_adapter *ad) {
     if (!ad)
         return;
@@ -565,8 +610,23 @@ void lora_detach(lora_adapter *ad) {
 void lora_randomize_b(lora_adapter *ad, uint64_t seed, double std) {
     ag_rng rng;
     ag_rng_seed(&rng, seed);
-    for (int i = 0; i < ad->n_units; i++)
-        ag_fill_normal(ad->units[i].b, &rng, 0.0, std);
+    for (int i = 0; i < ad->n_units; i++) {
+        lora_unit *u = &ad->units[i];
+        if (!lora_unit_is_shard(ad, u)) {
+            ag_fill_normal(u->b, &rng, 0.0, std);
+            continue;
+        }
+        int64_t fs[2];
+        lora_unit_full_shape(ad, u, true, fs);
+        ag_arena tmp;
+        ag_arena_init(&tmp, "lora b", 1 << 16);
+        ag_tensor *full = ag_tensor_new2(&tmp, AG_F32, fs[0], fs[1]);
+        if (full) { // (without memory B stays as it was: a test helper)
+            ag_fill_normal(full, &rng, 0.0, std);
+            lora_shard_from_full(ad, u, true, full->data, u->b->data);
+        }
+        ag_arena_free(&tmp);
+    }
 }
 
 int64_t lora_group_params(const lora_adapter *ad, lora_group g) {

@@ -203,24 +203,28 @@ molt_status lora_export_peft(const lora_adapter *ad, const char *dir, const char
 // ---------------------------------------------------------------------------------------
 // Reading tensors into an attached (zero-initialized) adapter
 
-static molt_status fill_tensor(const st_tensor *t, ag_tensor *dst, const char *file) {
-    if (t->ndim != 2 || t->shape[0] != dst->shape[0] || t->shape[1] != dst->shape[1]) {
-        char want[64], have[24 * ST_MAX_DIMS + 4] = "[";
+// Unit u's A (k 0) or B from t (the full matrix; a shard of routed experts keeps its part).
+static molt_status fill_tensor(const st_tensor *t, const lora_adapter *ad, const lora_unit *u,
+                               int k, const char *file) {
+    int64_t full[2];
+    lora_unit_full_shape(ad, u, k, full);
+    if (t->ndim != 2 || t->shape[0] != full[0] || t->shape[1] != full[1]) {
+        char have[24 * ST_MAX_DIMS + 4] = "[";
         size_t at = 1;
         for (int d = 0; d < t->ndim && at < sizeof have; d++) // every dim, however many
             at += (size_t)snprintf(have + at, sizeof have - at, "%s%lld", d ? ", " : "",
                                    (long long)t->shape[d]);
         if (at < sizeof have)
             snprintf(have + at, sizeof have - at, "]");
-        return molt_err(MOLT_EFORMAT, "%s: tensor %s has shape %s, expected %s", file, t->name,
-                        have, ag_shape_str(dst, want, sizeof want));
+        return molt_err(MOLT_EFORMAT, "%s: tensor %s has shape %s, expected [%lld, %lld] f32",
+                        file, t->name, have, (long long)full[0], (long long)full[1]);
     }
     ag_arena tmp;
     ag_arena_init(&tmp, "adapter load", 1 << 16);
     ag_tensor *x;
     molt_status st = st_to_f32(t, 1.0, &tmp, &x);
     if (st == MOLT_OK)
-        memcpy(dst->data, x->data, (size_t)dst->numel * sizeof(float));
+        lora_shard_from_full(ad, u, k, x->data, (k ? u->b : u->a)->data);
     ag_arena_free(&tmp);
     return st == MOLT_OK ? MOLT_OK : molt_err_wrap(st, "%s: tensor %s", file, t->name);
 }
@@ -236,7 +240,7 @@ static molt_status read_tensors(lora_adapter *ad, const st_reader *r, const char
             if (!t)
                 return molt_err(MOLT_EFORMAT, "%s: missing tensor %s (target %s)", file, name,
                                 u->path);
-            MOLT_TRY(fill_tensor(t, k ? u->b : u->a, file));
+            MOLT_TRY(fill_tensor(t, ad, u, k, file));
             used++;
         }
     if (used == n)

@@ -48,8 +48,12 @@ molt_status ag_arena_init_device(ag_arena *a, const char *name, ag_device dev, s
     return MOLT_OK;
 }
 
+// Chunks are not counted by the memory accounting (common/err.h): the bytes an arena hands
+// out are, as they go (untouched chunk space costs nothing but address space).
+static void chunk_free(ag_arena_chunk *ch) { molt_free_uncounted(ch); }
+
 static ag_arena_chunk *chunk_new(size_t cap) {
-    ag_arena_chunk *ch = molt_malloc(sizeof *ch + cap + ARENA_ALIGN);
+    ag_arena_chunk *ch = molt_malloc_uncounted(sizeof *ch + cap + ARENA_ALIGN);
     if (!ch)
         return NULL;
     ch->next = NULL;
@@ -102,6 +106,7 @@ void *ag_arena_alloc(ag_arena *a, size_t bytes) {
     void *p = ch->base + ch->off;
     ch->off += need;
     a->used += need;
+    molt_mem_adjust((long long)need);
     if (a->used > a->peak)
         a->peak = a->used;
     memset(p, 0, bytes);
@@ -125,15 +130,16 @@ void ag_arena_reset(ag_arena *a) {
         ag_arena_reset(a->meta);
         return;
     }
+    molt_mem_adjust(-(long long)a->used);
     ag_arena_chunk *keep = NULL;
     for (ag_arena_chunk *ch = a->head; ch;) {
         ag_arena_chunk *next = ch->next;
         if (!keep || ch->cap > keep->cap) {
             if (keep)
-                molt_free(keep);
+                chunk_free(keep);
             keep = ch;
         } else {
-            molt_free(ch);
+            chunk_free(ch);
         }
         ch = next;
     }
@@ -164,9 +170,10 @@ void ag_arena_free(ag_arena *a) {
         a->used = a->reserved = 0;
         return;
     }
+    molt_mem_adjust(-(long long)a->used);
     for (ag_arena_chunk *ch = a->head; ch;) {
         ag_arena_chunk *next = ch->next;
-        molt_free(ch);
+        chunk_free(ch);
         ch = next;
     }
     a->head = NULL;

@@ -121,6 +121,9 @@ typedef struct {
     bool prof_borrowed;      // prof belongs to a parent context (activation checkpointing)
     ag_arena dev_act;        // device activations, grads, saved state and op workspace;
                              // set up by ag_ctx_use_device, reset with act
+    int64_t row_offset;      // the first dim of this process's activations starts at this
+                             // row of the whole batch (data parallelism; 0 otherwise):
+                             // dropout masks follow the global row, whatever the split
 } ag_ctx;
 
 // Sets up a context and makes sure the BLAS library is loaded (ag_blas_init): its error is
@@ -329,6 +332,34 @@ ag_tensor *ag_moe_experts_multi(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_
                                 const ag_expert_stacks *w, ag_tensor *slot, int n,
                                 const ag_expert_lora *set);
 
+// ---- expert parallelism (autograd/ops_ep.c; the collectives are autograd/comm/comm.h) ----
+// The E routed experts are split in contiguous blocks over the ranks of a communicator (rank
+// p owns experts [p*E/size, (p+1)*E/size)). A route sends each routing slot (token t,
+// choice j) of this rank's tokens to the owner of expert idx[t, j]; the owner runs its
+// experts on the rows it receives without weights, and the results come back to be weighted
+// and summed per token. Both ops are collectives: every rank of the communicator calls them
+// in the same order (and, when recorded, their backward runs on every rank too).
+typedef struct ag_comm ag_comm;
+typedef struct ag_ep_route ag_ep_route;
+// Builds the route of idx I32 [T, k] (expert ids in [0, n_experts)) with optional per-token
+// tags I32 [T] (adapter slots; NULL = none) carried to the owners. idx NULL: this rank has no
+// tokens (it only serves its experts). Collective (two small all-to-alls); lives in c's
+// activation arena until the next step reset. NULL with a message on bad operands (E not
+// divisible by the ranks, idx out of range) or a failed collective.
+ag_ep_route *ag_ep_route_new(ag_ctx *c, ag_comm *comm, ag_tensor *idx, ag_tensor *tag,
+                             int64_t n_experts);
+int64_t ag_ep_route_rows(const ag_ep_route *r);         // R: rows this rank receives
+ag_tensor *ag_ep_route_local_idx(const ag_ep_route *r); // I32 [R, 1]: expert among this
+                                                        // rank's (NULL when R is 0)
+ag_tensor *ag_ep_route_tags(const ag_ep_route *r);      // I32 [R] tags (-1 without), or NULL
+// x [T, H] -> [R, H] (one zero placeholder row when R is 0): the rows routed to this rank's
+// experts, in rank order of their senders, each sender's in (t, j) order. For a route
+// without tokens x is any [1, H] tensor (only H and its dtype are used). Gradients reach x.
+ag_tensor *ag_ep_dispatch(ag_ctx *c, const ag_ep_route *r, ag_tensor *x);
+// y [R, H] (the experts' unweighted outputs of the received rows; any [1, H] tensor when R is
+// 0), w [T, k] (NULL for a route without tokens) -> [T, H]: out[t] = sum_j w[t, j] * y of
+// row (t, j) back from its owner ([1, H] zeros without tokens). Gradients reach y and w.
+ag_tensor *ag_ep_combine(ag_ctx *c, const ag_ep_route *r, ag_tensor *y, ag_tensor *w);
 
 // Mean cross-entropy of softmax(h W^T) against targets over tokens with mask[t] != 0,
 // computed in vocabulary chunks of `chunk` columns: the [T, V] logits are never held.
@@ -342,6 +373,13 @@ ag_tensor *ag_cross_entropy_linear(ag_ctx *c, ag_tensor *h, ag_tensor *w, ag_ten
 ag_tensor *ag_cross_entropy_linear2(ag_ctx *c, ag_tensor *h, ag_tensor *w, ag_tensor *h2,
                                     ag_tensor *w2, ag_tensor *targets, ag_tensor *mask,
                                     int64_t chunk);
+// The same with the summed loss divided by norm instead of the mask's sum (norm 0: the
+// mask's sum; a mask summing to 0 still gives 0): the rows of one rank of a batch split over
+// ranks give their share of the whole batch's mean, with the per-token gradients one process
+// computes.
+ag_tensor *ag_cross_entropy_linear_norm(ag_ctx *c, ag_tensor *h, ag_tensor *w, ag_tensor *h2,
+                                        ag_tensor *w2, ag_tensor *targets, ag_tensor *mask,
+                                        int64_t chunk, double norm);
 
 // ---- activation checkpointing (autograd/ops_checkpoint.c) ----
 // fn builds a sub-graph on c from inputs[0..n_in) (and whatever it captures through user)
@@ -470,6 +508,10 @@ ag_qopts ag_qopts_default(void);
 // it and then calls ag_qweight_check. On error *q is left empty (safe to free).
 molt_status ag_qweight_alloc(ag_qweight *q, ag_qformat format, int ndim, const int64_t *shape,
                              const ag_qopts *opts);
+// Bytes ag_qweight_alloc takes for such a qweight (its one allocation, 64-byte aligned
+// pieces); 0 for a bad format or shape. For memory plans.
+size_t ag_qweight_storage_bytes(ag_qformat format, int ndim, const int64_t *shape,
+                                const ag_qopts *opts);
 // Quantizes an F32 CPU tensor [out, in] or [E, out, in] (finite values) to `format`
 // (opts NULL = defaults). NF4 follows bitsandbytes' quantize_4bit (nf4, blocksize 64,
 // compress_statistics = nf4_double_quant) bit for bit; INT8 rounds w * 127 / absmax(row) to
@@ -493,6 +535,26 @@ void ag_qweight_free(ag_qweight *q);
 // Storage bits per parameter (8 * bytes / numel).
 double ag_qweight_bits_per_param(const ag_qweight *q);
 const char *ag_qformat_name(ag_qformat f);
+
+// Shards of NF4 expert stacks (autograd/quant_shard.c). The double-quantized absmax state of
+// a whole stack of n_blocks blocks: codes [n_blocks], scales [ceil(n_blocks / 256)], offset.
+typedef struct {
+    const uint8_t *codes;
+    const float *scales;
+    float offset;
+    int64_t n_blocks;
+} ag_nf4_dq_state;
+// q is NF4 with plain absmax and holds blocks [first_block, first_block + q->n_blocks) of a
+// stack whose double quantization is st. Re-expresses q's absmax as st stores them: double
+// quantized with st's codes, scales and offset when q's blocks start on a group of 256 and
+// end on one (or at the stack's end), else plain absmax holding the values st decodes to
+// (4.5 bits per parameter instead of 4.127). Either way q dequantizes bit for bit as the
+// whole stack does. On error q is unchanged.
+molt_status ag_qweight_nf4_restate(ag_qweight *q, const ag_nf4_dq_state *st,
+                                   int64_t first_block);
+// The double quantization of a stack's plain absmax (nb values, overwritten): what
+// ag_qweight_quantize stores (codes [nb], scales [ceil(nb / 256)], *offset).
+void ag_nf4_dq_encode(float *absmax, int64_t nb, uint8_t *codes, float *scales, float *offset);
 
 // y = x W^T with W a 2-D qweight [out, in]: x [..., in] (F32 or F64) -> [..., out]. Recorded
 // only when x requires grad; backward gives dx = dy W (W gets no gradient). The node keeps a

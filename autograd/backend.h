@@ -80,8 +80,11 @@ struct ag_backend {
                               const ag_tensor *u, const ag_tensor *dy);
     molt_status (*embedding_fwd)(ag_tensor *y, const ag_tensor *table, const ag_tensor *ids);
     molt_status (*embedding_bwd)(ag_tensor *dtable, const ag_tensor *dy, const ag_tensor *ids);
-    molt_status (*dropout_fwd)(ag_tensor *y, const ag_tensor *a, uint64_t seed, double p);
-    molt_status (*dropout_bwd)(ag_tensor *dx, const ag_tensor *dy, uint64_t seed, double p);
+    // first: the flat index of element 0 in the whole batch (the mask follows it)
+    molt_status (*dropout_fwd)(ag_tensor *y, const ag_tensor *a, uint64_t seed, double p,
+                               int64_t first);
+    molt_status (*dropout_bwd)(ag_tensor *dx, const ag_tensor *dy, uint64_t seed, double p,
+                               int64_t first);
     molt_status (*rope_fwd)(ag_tensor *y, const ag_tensor *x, const ag_tensor *pos,
                             const ag_rope_table *tb, int start);
     molt_status (*rope_bwd)(ag_tensor *dx, const ag_tensor *dy, const ag_tensor *pos,
@@ -168,8 +171,10 @@ molt_status ag_cpu_swiglu_bwd(ag_tensor *dg, ag_tensor *du, const ag_tensor *g,
                               const ag_tensor *u, const ag_tensor *dy);
 molt_status ag_cpu_embedding_fwd(ag_tensor *y, const ag_tensor *table, const ag_tensor *ids);
 molt_status ag_cpu_embedding_bwd(ag_tensor *dtable, const ag_tensor *dy, const ag_tensor *ids);
-molt_status ag_cpu_dropout_fwd(ag_tensor *y, const ag_tensor *a, uint64_t seed, double p);
-molt_status ag_cpu_dropout_bwd(ag_tensor *dx, const ag_tensor *dy, uint64_t seed, double p);
+molt_status ag_cpu_dropout_fwd(ag_tensor *y, const ag_tensor *a, uint64_t seed, double p,
+                               int64_t first);
+molt_status ag_cpu_dropout_bwd(ag_tensor *dx, const ag_tensor *dy, uint64_t seed, double p,
+                               int64_t first);
 molt_status ag_cpu_rope_fwd(ag_tensor *y, const ag_tensor *x, const ag_tensor *pos,
                             const ag_rope_table *tb, int start);
 molt_status ag_cpu_rope_bwd(ag_tensor *dx, const ag_tensor *dy, const ag_tensor *pos,

@@ -218,13 +218,16 @@ static molt_status cu_embedding_bwd(ag_tensor *dtable, const ag_tensor *dy, cons
                                                            dtable->shape[1]));
     return MOLT_OK;
 }
-static molt_status cu_dropout_fwd(ag_tensor *y, const ag_tensor *a, uint64_t seed, double p) {
-    CUDA_TRY("dropout", molt_cuda_dropout_fwd(dt_of(a), y->data, a->data, seed, p, a->numel));
+static molt_status cu_dropout_fwd(ag_tensor *y, const ag_tensor *a, uint64_t seed, double p,
+                                  int64_t first) {
+    CUDA_TRY("dropout",
+             molt_cuda_dropout_fwd(dt_of(a), y->data, a->data, seed, p, first, a->numel));
     return MOLT_OK;
 }
-static molt_status cu_dropout_bwd(ag_tensor *dx, const ag_tensor *dy, uint64_t seed, double p) {
+static molt_status cu_dropout_bwd(ag_tensor *dx, const ag_tensor *dy, uint64_t seed, double p,
+                                  int64_t first) {
     CUDA_TRY("dropout backward", molt_cuda_dropout_bwd(dt_of(dx), dx->data, dy->data, seed, p,
-                                                       dx->numel));
+                                                       first, dx->numel));
     return MOLT_OK;
 }
 

@@ -5,6 +5,7 @@
 #include "../common/datadir.h"
 #include "../common/opt.h"
 #include "../common/version.h"
+#include "comm/comm.h"
 
 #include <omp.h>
 #include <stdio.h>
@@ -57,7 +58,12 @@ int ag_cmd_info(int argc, char **argv) {
     printf("  BLAS:      %s\n", ag_blas_describe());
     printf("  OpenMP:    yes, %d threads\n", omp_get_max_threads());
     print_cuda();
-    printf("  MPI:       no (not built yet)\n");
+    if (ag_comm_have_mpi())
+        printf("  MPI:       compiled in (collectives: mpi for host tensors%s); %d process%s "
+               "launched\n", ag_comm_have_nccl() ? ", nccl for device tensors" : "",
+               ag_comm_launched_size(), ag_comm_launched_size() == 1 ? "" : "es");
+    else
+        printf("  MPI:       no (libopenmpi-dev not found at build time: one process only)\n");
     char presets[MOLT_DATA_PATH_MAX];
     if (molt_data_find("models/tiny.json", presets, sizeof presets) == MOLT_OK) {
         *strrchr(presets, '/') = 0; // .../models

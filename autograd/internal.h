@@ -38,9 +38,11 @@ typedef enum {
     AG_OP_CHECKPOINT,
     AG_OP_LORA_MULTI,
     AG_OP_MOE_EXPERTS_MULTI,
+    AG_OP_EP_DISPATCH,
+    AG_OP_EP_COMBINE,
     AG_OP_COUNT
 } ag_op;
-#define AG_OP_COUNT_EXPECTED 28
+#define AG_OP_COUNT_EXPECTED 30
 
 // A recorded op. Attributes go in f[]/i[]/ptr; state kept for backward in `saved`
 // (allocated by ag_node_save, released right after the node's backward runs or when the
@@ -154,6 +156,8 @@ molt_status ag_backward_moe_experts_lora_q(ag_ctx *c, ag_node *n);
 molt_status ag_backward_checkpoint(ag_ctx *c, ag_node *n);
 molt_status ag_backward_lora_multi(ag_ctx *c, ag_node *n);
 molt_status ag_backward_moe_experts_multi(ag_ctx *c, ag_node *n);
+molt_status ag_backward_ep_dispatch(ag_ctx *c, ag_node *n);
+molt_status ag_backward_ep_combine(ag_ctx *c, ag_node *n);
 
 // Runs c's tape backward from the grads already set on node outputs (no seeding), then
 // drops it. ag_backward seeds the loss and calls this; checkpoint recomputation too.

@@ -75,6 +75,7 @@ static ag_tensor *forward_recorded(ag_ctx *c, ag_checkpoint_fn fn, void *user, i
     ag_ctx sub;
     ag_ctx_init(&sub);
     ag_ctx_borrow_profile(&sub, c);
+    sub.row_offset = c->row_offset;
     ag_tensor *y = fn(&sub, inputs, user);
     ag_tensor *out = NULL;
     if (check_result(&sub, y, "forward") != MOLT_OK)
@@ -150,6 +151,7 @@ molt_status ag_backward_checkpoint(ag_ctx *c, ag_node *n) {
     ag_ctx sub;
     ag_ctx_init(&sub);
     ag_ctx_borrow_profile(&sub, c);
+    sub.row_offset = c->row_offset;
     molt_status st = backward_in(&sub, n, s);
     fold_peaks(c, &sub);
     ag_ctx_free(&sub);

@@ -434,12 +434,26 @@ ag_tensor *ag_cross_entropy_linear(ag_ctx *c, ag_tensor *h, ag_tensor *w, ag_ten
 ag_tensor *ag_cross_entropy_linear2(ag_ctx *c, ag_tensor *h, ag_tensor *w, ag_tensor *h2,
                                     ag_tensor *w2, ag_tensor *targets, ag_tensor *mask,
                                     int64_t chunk) {
+    return ag_cross_entropy_linear_norm(c, h, w, h2, w2, targets, mask, chunk, 0);
+}
+
+// Contract in autograd.h. The normalizer takes the place of the mask's sum everywhere (the
+// loss, the gradient scale saved for backward).
+ag_tensor *ag_cross_entropy_linear_norm(ag_ctx *c, ag_tensor *h, ag_tensor *w, ag_tensor *h2,
+                                        ag_tensor *w2, ag_tensor *targets, ag_tensor *mask,
+                                        int64_t chunk, double norm) {
     ag_tensor *ins[6] = {h, w, targets, mask, h2, w2};
     const ag_backend *be;
     double msum = 0;
     if (ce_check(ins, chunk, &be, &msum) != MOLT_OK)
         return NULL;
+    if (!(norm >= 0) || !isfinite(norm)) {
+        molt_err(MOLT_EARG, CE ": normalizer %g is not a finite number >= 0", norm);
+        return NULL;
+    }
     int64_t T = h->shape[0], C = h->shape[1], one = 1;
+    if (norm > 0 && msum > 0)
+        msum = norm;
     ag_tensor *y = NULL;
     bool record = ag_should_record(c, 6, ins);
     bool fused = record && be->ce_fuses && !ag_reference_kernels() && !h2 &&

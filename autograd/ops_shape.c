@@ -573,7 +573,10 @@ ag_tensor *ag_dropout(ag_ctx *c, ag_tensor *a, double p, ag_rng *rng) {
         return NULL;
     ag_rng before = *rng;
     uint64_t seed = ag_rng_next(rng);
-    if (AG_BE_CALL(be, dropout_fwd, "dropout", y, a, seed, p) != MOLT_OK) {
+    // a rank holding rows row_offset.. of a batch draws the masks those rows have in the
+    // whole batch (data parallelism: the same masks for any split)
+    int64_t first = c->row_offset * (a->numel / a->shape[0]);
+    if (AG_BE_CALL(be, dropout_fwd, "dropout", y, a, seed, p, first) != MOLT_OK) {
         *rng = before;
         return NULL;
     }
@@ -587,18 +590,21 @@ ag_tensor *ag_dropout(ag_ctx *c, ag_tensor *a, double p, ag_rng *rng) {
     }
     *saved = before;
     n->f[0] = p;
+    n->i[0] = first;
     return y;
 }
 
-molt_status ag_cpu_dropout_fwd(ag_tensor *y, const ag_tensor *a, uint64_t seed, double p) {
-    if (a->dtype == AG_F32) dropout_fwd_f32(y->data, a->data, seed, p, a->numel);
-    else dropout_fwd_f64(y->data, a->data, seed, p, a->numel);
+molt_status ag_cpu_dropout_fwd(ag_tensor *y, const ag_tensor *a, uint64_t seed, double p,
+                               int64_t first) {
+    if (a->dtype == AG_F32) dropout_fwd_f32(y->data, a->data, seed, p, first, a->numel);
+    else dropout_fwd_f64(y->data, a->data, seed, p, first, a->numel);
     return MOLT_OK;
 }
 
-molt_status ag_cpu_dropout_bwd(ag_tensor *dx, const ag_tensor *dy, uint64_t seed, double p) {
-    if (dx->dtype == AG_F32) dropout_bwd_f32(dx->data, dy->data, seed, p, dx->numel);
-    else dropout_bwd_f64(dx->data, dy->data, seed, p, dx->numel);
+molt_status ag_cpu_dropout_bwd(ag_tensor *dx, const ag_tensor *dy, uint64_t seed, double p,
+                               int64_t first) {
+    if (dx->dtype == AG_F32) dropout_bwd_f32(dx->data, dy->data, seed, p, first, dx->numel);
+    else dropout_bwd_f64(dx->data, dy->data, seed, p, first, dx->numel);
     return MOLT_OK;
 }
 
@@ -610,7 +616,8 @@ molt_status ag_backward_dropout(ag_ctx *c, ag_node *n) {
         return st;
     ag_rng r = *(const ag_rng *)n->saved;
     uint64_t seed = ag_rng_next(&r); // the same draw the forward made
-    return AG_BE_CALL(ag_backend_node(n), dropout_bwd, "dropout backward", g, dy, seed, n->f[0]);
+    return AG_BE_CALL(ag_backend_node(n), dropout_bwd, "dropout backward", g, dy, seed, n->f[0],
+                      n->i[0]);
 }
 
 // ---- embedding -------------------------------------------------------------------------

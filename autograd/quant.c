@@ -300,6 +300,17 @@ molt_status ag_qweight_alloc(ag_qweight *q, ag_qformat format, int ndim, const i
     return MOLT_OK;
 }
 
+size_t ag_qweight_storage_bytes(ag_qformat format, int ndim, const int64_t *shape,
+                                const ag_qopts *opts) {
+    if (check_shape_args("qweight_storage_bytes", format, ndim, shape) != MOLT_OK)
+        return 0;
+    ag_qopts o = opts ? *opts : ag_qopts_default();
+    ag_qweight t;
+    set_shape(&t, format, ndim, shape, &o);
+    q_sizes s = sizes_of(&t);
+    return round64(s.data) + round64(s.scale) + round64(s.absmax_q) + s.absmax_scale;
+}
+
 void ag_qweight_free(ag_qweight *q) {
     if (!q)
         return;
@@ -524,13 +535,19 @@ static molt_status nf4_quantize(ag_qweight *q, const float *x) {
         nf4_encode_block(p, am + b, x, numel, b);
     if (!q->nf4_double_quant)
         return MOLT_OK;
-    q->absmax_offset = ag_torch_style_sum_f32(am, nb) / (float)nb;
-    for (int64_t b = 0; b < nb; b++)
-        am[b] -= q->absmax_offset;
-    for (int64_t g = 0; g < q->n_blocks2; g++)
-        dq_encode_group(q->absmax_q, q->absmax_scale, am, nb, g);
+    ag_nf4_dq_encode(am, nb, q->absmax_q, q->absmax_scale, &q->absmax_offset);
     molt_free(am);
     return MOLT_OK;
+}
+
+void ag_nf4_dq_encode(float *absmax, int64_t nb, uint8_t *codes, float *scales, float *offset) {
+    tables_init();
+    *offset = ag_torch_style_sum_f32(absmax, nb) / (float)nb;
+    for (int64_t b = 0; b < nb; b++)
+        absmax[b] -= *offset;
+    int64_t ng = (nb + AG_NF4_DQ_BLOCK - 1) / AG_NF4_DQ_BLOCK;
+    for (int64_t g = 0; g < ng; g++)
+        dq_encode_group(codes, scales, absmax, nb, g);
 }
 
 // INT8: per row absmax a, scale a / 127, code round-half-even(x * (127 / a)).

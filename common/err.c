@@ -1,6 +1,12 @@
 // common/err.c: the per-thread error message and the allocation hook behind molt_malloc.
 #include "err.h"
 
+#include <stdatomic.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#define MOLT_HAVE_USABLE_SIZE 1
+#endif
+
 #include <stdarg.h>
 #include <string.h>
 
@@ -64,7 +70,84 @@ static int alloc_should_fail(void) {
     return 0;
 }
 
+// ---- accounting -----------------------------------------------------------------------
+
+static _Atomic long long mem_in_use, mem_peak;
+
+static size_t block_size(void *p) {
+#ifdef MOLT_HAVE_USABLE_SIZE
+    return p ? malloc_usable_size(p) : 0;
+#else
+    (void)p;
+    return 0;
+#endif
+}
+
+void molt_mem_adjust(long long delta) {
+    long long now = atomic_fetch_add_explicit(&mem_in_use, delta, memory_order_relaxed) + delta;
+    long long peak = atomic_load_explicit(&mem_peak, memory_order_relaxed);
+    while (now > peak &&
+           !atomic_compare_exchange_weak_explicit(&mem_peak, &peak, now, memory_order_relaxed,
+                                                  memory_order_relaxed))
+        ;
+}
+
+size_t molt_mem_in_use(void) {
+    long long v = atomic_load_explicit(&mem_in_use, memory_order_relaxed);
+    return v > 0 ? (size_t)v : 0;
+}
+
+size_t molt_mem_peak(void) {
+    long long v = atomic_load_explicit(&mem_peak, memory_order_relaxed);
+    return v > 0 ? (size_t)v : 0;
+}
+
+void molt_mem_peak_reset(void) {
+    atomic_store_explicit(&mem_peak, atomic_load_explicit(&mem_in_use, memory_order_relaxed),
+                          memory_order_relaxed);
+}
+
 void *molt_malloc(size_t n) {
+    if (alloc_should_fail())
+        return NULL;
+    void *p = malloc(n ? n : 1);
+    if (p) {
+        alloc_count++;
+        molt_mem_adjust((long long)block_size(p));
+    }
+    return p;
+}
+
+void *molt_calloc(size_t count, size_t size) {
+    if (alloc_should_fail())
+        return NULL;
+    void *p = calloc(count ? count : 1, size ? size : 1);
+    if (p) {
+        alloc_count++;
+        molt_mem_adjust((long long)block_size(p));
+    }
+    return p;
+}
+
+void *molt_realloc(void *p, size_t n) {
+    if (alloc_should_fail())
+        return NULL;
+    size_t old = block_size(p);
+    void *q = realloc(p, n ? n : 1);
+    if (q) {
+        alloc_count++;
+        molt_mem_adjust((long long)block_size(q) - (long long)old);
+    }
+    return q;
+}
+
+void molt_free(void *p) {
+    if (p)
+        molt_mem_adjust(-(long long)block_size(p));
+    free(p);
+}
+
+void *molt_malloc_uncounted(size_t n) {
     if (alloc_should_fail())
         return NULL;
     void *p = malloc(n ? n : 1);
@@ -73,25 +156,7 @@ void *molt_malloc(size_t n) {
     return p;
 }
 
-void *molt_calloc(size_t count, size_t size) {
-    if (alloc_should_fail())
-        return NULL;
-    void *p = calloc(count ? count : 1, size ? size : 1);
-    if (p)
-        alloc_count++;
-    return p;
-}
-
-void *molt_realloc(void *p, size_t n) {
-    if (alloc_should_fail())
-        return NULL;
-    void *q = realloc(p, n ? n : 1);
-    if (q)
-        alloc_count++;
-    return q;
-}
-
-void molt_free(void *p) { free(p); }
+void molt_free_uncounted(void *p) { free(p); }
 
 char *molt_strdup(const char *s) {
     size_t n = strlen(s) + 1;

@@ -67,4 +67,18 @@ void molt_alloc_fail_after(long n);
 // Number of successful allocations so far (for "allocates nothing" checks).
 unsigned long molt_alloc_count(void);
 
+// Memory accounting: bytes of live molt_malloc/calloc/realloc blocks (as the C library sizes
+// them), with arenas counting the bytes they hand out rather than the chunks they hold (see
+// molt_mem_adjust), over all threads; and the largest value it has had. Without glibc's
+// malloc_usable_size both stay 0.
+size_t molt_mem_in_use(void);
+size_t molt_mem_peak(void);
+void molt_mem_peak_reset(void); // the peak starts again from the current use
+// Adds delta to the count: arenas add each piece they hand out and take them back at reset.
+void molt_mem_adjust(long long delta);
+// molt_malloc and molt_free without the accounting (failure injection still applies): the
+// chunks of arenas, which count the pieces they hand out instead.
+void *molt_malloc_uncounted(size_t n);
+void molt_free_uncounted(void *p);
+
 #endif

@@ -4,6 +4,7 @@
 // Exit status: 0 success, 1 failure, 2 bad usage.
 #include "model.h"
 
+#include "../autograd/comm/comm.h"
 #include "../common/fsio.h"
 #include "../common/lineio.h"
 #include "../common/opt.h"
@@ -81,7 +82,10 @@ static const char fwd_usage[] =
     "lines are skipped) from position 0 and writes its F32 logits [T, V] as tensor\n"
     "logits.N, N counting the sequences from 0. --adapter: a PEFT directory or a molt\n"
     "adapter file applied to the base. --base-quant (see molt quantize --help)\n"
-    "quantizes the projections on load, e.g. nf4 or nf4,attention=bf16.\n";
+    "quantizes the projections on load, e.g. nf4 or nf4,attention=bf16.\n"
+    "Under mpirun (or srun) with N ranks the routed experts are split over the ranks (each\n"
+    "loads its n_routed_experts / N experts only), the sequences are shared out among the\n"
+    "ranks (a rank without one serves its experts to the others) and rank 0 writes FILE.\n";
 
 typedef struct {
     int32_t *ids; // all sequences back to back
@@ -184,6 +188,33 @@ static molt_status run_one(ag_ctx *c, const mdl_model *m, const int32_t *ids, in
     return MOLT_OK;
 }
 
+// Sequence i (T tokens) fits the model's positions and, with its activations, the logits in
+// the arena and their copy, the memory available: checked before anything is allocated.
+static molt_status check_seq(const mdl_model *m, int i, int64_t T) {
+    char what[64];
+    snprintf(what, sizeof what, "sequence %d", i);
+    MOLT_TRY(mcfg_check_positions(&m->cfg, T, what));
+    uint64_t need = mdl_step_memory_bytes(&m->cfg, T, false, false) +
+                    2 * (uint64_t)T * (uint64_t)m->cfg.vocab_size * sizeof(float);
+    uint64_t have = molt_mem_available();
+    if (have && need > have)
+        return molt_err(MOLT_ENOMEM, "out of memory: sequence %d (%lld tokens) needs about "
+                        "%.1f GiB for its activations and logits, and %.1f GiB of memory "
+                        "are available", i, (long long)T, (double)need / (1 << 30),
+                        (double)have / (1 << 30));
+    return MOLT_OK;
+}
+
+// Refuses logits lg [T, V] of sequence i holding a non-finite value.
+static molt_status check_logits(const mdl_model *m, int i, int64_t T, const float *lg) {
+    for (int64_t k = 0; k < T * m->cfg.vocab_size; k++)
+        if (!isfinite(lg[k]))
+            return molt_err(MOLT_EARG, "sequence %d: its logits hold a non-finite value "
+                            "(position %lld): the model or the adapter overflows; nothing "
+                            "was written", i, (long long)(k / m->cfg.vocab_size));
+    return MOLT_OK;
+}
+
 static molt_status forward_all(const mdl_model *m, const seqs *s, const char *out_path) {
     int n = s->n_seq;
     st_tensor *t = molt_calloc((size_t)n, sizeof *t);
@@ -196,28 +227,14 @@ static molt_status forward_all(const mdl_model *m, const seqs *s, const char *ou
         return st;
     }
     ag_ctx_set_grad(&c, false);
-    char what[64];
     for (int i = 0; st == MOLT_OK && i < n; i++) {
         int64_t T = s->start[i + 1] - s->start[i];
         float *lg = NULL;
-        snprintf(what, sizeof what, "sequence %d", i);
-        st = mcfg_check_positions(&m->cfg, T, what);
-        // activations, the logits in the arena and their copy, before any is allocated
-        uint64_t need = mdl_step_memory_bytes(&m->cfg, T, false, false) +
-                        2 * (uint64_t)T * (uint64_t)m->cfg.vocab_size * sizeof(float);
-        uint64_t have = molt_mem_available();
-        if (st == MOLT_OK && have && need > have)
-            st = molt_err(MOLT_ENOMEM, "out of memory: sequence %d (%lld tokens) needs about "
-                          "%.1f GiB for its activations and logits, and %.1f GiB of memory "
-                          "are available", i, (long long)T, (double)need / (1 << 30),
-                          (double)have / (1 << 30));
+        st = check_seq(m, i, T);
         if (st == MOLT_OK)
             st = run_one(&c, m, s->ids + s->start[i], T, &lg);
-        for (int64_t k = 0; st == MOLT_OK && k < T * m->cfg.vocab_size; k++)
-            if (!isfinite(lg[k]))
-                st = molt_err(MOLT_EARG, "sequence %d: its logits hold a non-finite value "
-                              "(position %lld): the model or the adapter overflows; nothing "
-                              "was written", i, (long long)(k / m->cfg.vocab_size));
+        if (st == MOLT_OK)
+            st = check_logits(m, i, T, lg);
         snprintf(names[i], sizeof names[i], "logits.%d", i);
         t[i] = (st_tensor){.name = names[i], .dtype = ST_F32, .ndim = 2,
                            .shape = {T, m->cfg.vocab_size}, .data = lg};
@@ -229,6 +246,78 @@ static molt_status forward_all(const mdl_model *m, const seqs *s, const char *ou
         molt_free((void *)t[i].data);
     molt_free(t);
     molt_free(names);
+    return st;
+}
+
+// Across the ranks of the expert group w: in round k rank r runs sequence k*P + r (or, past
+// the last one, serves its experts), then the round's logits go to rank 0 (one all-to-all),
+// which writes the file. Every rank checks every sequence's size before the first round;
+// rank 0 checks the logits it receives.
+static molt_status forward_ranks(const mdl_model *m, const seqs *s, const char *out_path,
+                                 ag_comm *w) {
+    int n = s->n_seq, P = ag_comm_size(w), me = ag_comm_rank(w);
+    int64_t V = m->cfg.vocab_size;
+    st_tensor *t = molt_calloc((size_t)n, sizeof *t);
+    char (*names)[32] = molt_calloc((size_t)n, sizeof *names);
+    int64_t *rows = molt_calloc(2 * (size_t)P, sizeof *rows);
+    ag_ctx c;
+    molt_status st = t && names && rows ? ag_ctx_init(&c) : molt_err(MOLT_ENOMEM, "out of memory");
+    if (st != MOLT_OK) {
+        molt_free(t);
+        molt_free(names);
+        molt_free(rows);
+        return st;
+    }
+    ag_ctx_set_grad(&c, false);
+    for (int i = 0; st == MOLT_OK && i < n; i++)
+        st = check_seq(m, i, s->start[i + 1] - s->start[i]);
+    for (int k = 0; st == MOLT_OK && k * P < n; k++) {
+        int i = k * P + me;
+        float *lg = NULL, *recv = NULL;
+        int64_t T = i < n ? s->start[i + 1] - s->start[i] : 0, total = 0;
+        if (i < n)
+            st = run_one(&c, m, s->ids + s->start[i], T, &lg);
+        else {
+            ag_ctx_step_reset(&c);
+            st = mdl_serve_experts(&c, m);
+        }
+        int64_t *send_rows = rows, *recv_rows = rows + P;
+        for (int p = 0; p < P; p++) {
+            int j = k * P + p;
+            send_rows[p] = p == 0 ? T : 0;
+            recv_rows[p] = me == 0 && j < n ? s->start[j + 1] - s->start[j] : 0;
+            total += recv_rows[p];
+        }
+        if (st == MOLT_OK && me == 0 && !(recv = molt_malloc((size_t)(total * V) * sizeof *recv)))
+            st = molt_err(MOLT_ENOMEM, "forward: out of memory for %lld logits",
+                          (long long)(total * V));
+        if (st == MOLT_OK)
+            st = ag_comm_alltoallv(w, lg, send_rows, recv, recv_rows, V, AG_F32);
+        for (int p = 0, off = 0; st == MOLT_OK && me == 0 && p < P && k * P + p < n; p++) {
+            int j = k * P + p;
+            float *mine = molt_malloc((size_t)(recv_rows[p] * V) * sizeof *mine);
+            if (!mine) {
+                st = molt_err(MOLT_ENOMEM, "forward: out of memory");
+                break;
+            }
+            memcpy(mine, recv + off * V, (size_t)(recv_rows[p] * V) * sizeof *mine);
+            st = check_logits(m, j, recv_rows[p], mine);
+            off += (int)recv_rows[p];
+            snprintf(names[j], sizeof names[j], "logits.%d", j);
+            t[j] = (st_tensor){.name = names[j], .dtype = ST_F32, .ndim = 2,
+                               .shape = {recv_rows[p], V}, .data = mine};
+        }
+        molt_free(lg);
+        molt_free(recv);
+    }
+    ag_ctx_free(&c);
+    if (st == MOLT_OK && me == 0)
+        st = st_write(out_path, t, n, NULL, 0);
+    for (int i = 0; i < n; i++)
+        molt_free((void *)t[i].data);
+    molt_free(t);
+    molt_free(names);
+    molt_free(rows);
     return st;
 }
 
@@ -259,29 +348,36 @@ int mdl_cmd_forward(int argc, char **argv, const mdl_adapter_hook *hook) {
         fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
         return 2;
     }
+    ag_comm *w = NULL;
+    if (ag_comm_world(0, &w) != MOLT_OK) {
+        fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
+        return 1;
+    }
+    bool ranks = ag_comm_size(w) > 1;
     mdl_model m;
-    if (mdl_load_quant(model, quant ? &qspec : NULL, &m) != MOLT_OK) {
-        fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
-        return 1;
-    }
+    memset(&m, 0, sizeof m);
     void *handle = NULL;
-    if (adapter && hook->attach(&m, adapter, &handle) != MOLT_OK) {
-        fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
-        mdl_free(&m);
-        return 1;
-    }
-    seqs s;
-    molt_status st = read_tokens(tokens, m.cfg.vocab_size, &s);
+    seqs s = {0};
+    molt_status st = mdl_load_quant_ex(model, quant ? &qspec : NULL, ranks ? w : NULL, &m);
+    if (st == MOLT_OK && adapter)
+        st = hook->attach(&m, adapter, &handle);
     if (st == MOLT_OK)
-        st = forward_all(&m, &s, out);
+        st = read_tokens(tokens, m.cfg.vocab_size, &s);
     if (st == MOLT_OK)
+        st = ranks ? forward_ranks(&m, &s, out, w) : forward_all(&m, &s, out);
+    if (st == MOLT_OK && ag_comm_rank(w) == 0)
         printf("wrote logits of %d sequence%s (%lld tokens) to %s\n", s.n_seq,
                s.n_seq == 1 ? "" : "s", (long long)s.n, out);
-    else
+    else if (st != MOLT_OK && ranks) {
+        char why[2200];
+        snprintf(why, sizeof why, "%s: %s", cmd, molt_err_msg());
+        ag_comm_abort(w, 1, why);
+    } else if (st != MOLT_OK)
         fprintf(stderr, "%s: %s\n", cmd, molt_err_msg());
     seqs_free(&s);
     if (handle)
         hook->detach(handle);
     mdl_free(&m);
+    ag_comm_free(w);
     return st == MOLT_OK ? 0 : 1;
 }

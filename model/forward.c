@@ -257,6 +257,63 @@ static ag_tensor *experts_banked(ag_ctx *c, const mdl_model *m, int l, ag_tensor
                                 &b->experts[(size_t)l * b->n_slots]);
 }
 
+// The model's own routed experts on rows x with weights w and expert indices idx (into the
+// experts this model holds).
+static ag_tensor *experts_here(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x, ag_tensor *w,
+                               ag_tensor *idx, const mdl_route *r) {
+    const mdl_layer *y = &m->layers[l];
+    const ag_expert_lora *el = &y->experts_lora;
+    bool elora = el->a_gate_up || el->a_down;
+    if (r && r->bank)
+        return experts_banked(c, m, l, x, w, idx, r);
+    if (elora && y->gate_up_q) // QLoRA: adapters over the frozen quantized experts
+        return ag_moe_experts_lora_q(c, x, w, idx, y->gate_up_q, y->down_q, el);
+    if (elora)
+        return ag_moe_experts_lora(c, x, w, idx, y->gate_up, y->down, el);
+    if (y->gate_up_q)
+        return ag_moe_experts_q(c, x, w, idx, y->gate_up_q, y->down_q);
+    return ag_moe_experts(c, x, w, idx, y->gate_up, y->down);
+}
+
+static bool needs_grad(const ag_tensor *t) { return t && t->requires_grad; }
+
+// Routed experts spread over the expert group (expert parallelism): the rows go to the
+// experts' owners, this rank runs its experts on the rows it receives (unweighted; with a
+// bank, each row under its token's adapter slot, carried as the row's tag), the results come
+// back weighted. x NULL: this rank has no tokens and only serves its experts (its dtype and
+// width from `like`).
+ag_tensor *mdl_experts_parallel(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x, ag_tensor *w,
+                                ag_tensor *idx, const mdl_route *r, ag_tensor *like) {
+    const mdl_layer *y = &m->layers[l];
+    ag_ep_route *rt = ag_ep_route_new(c, m->ep.comm, x ? idx : NULL,
+                                      x && r && r->bank ? r->slot : NULL,
+                                      m->cfg.n_routed_experts);
+    ag_tensor *xr = rt ? ag_ep_dispatch(c, rt, x ? x : like) : NULL;
+    if (!xr)
+        return NULL;
+    int64_t n = ag_ep_route_rows(rt);
+    ag_tensor *out;
+    if (n > 0) {
+        ag_tensor *ones = ag_tensor_new2(&c->act, xr->dtype, n, 1);
+        if (!ones)
+            return NULL;
+        for (int64_t i = 0; i < n; i++)
+            ag_set(ones, i, 1.0);
+        mdl_route here = {.bank = r ? r->bank : NULL, .slot = ag_ep_route_tags(rt)};
+        out = experts_here(c, m, l, xr, ones, ag_ep_route_local_idx(rt), r ? &here : NULL);
+    } else {
+        // nothing routed here: a placeholder marked as the experts' output would be, so that
+        // every rank records the combine alike
+        out = ag_tensor_new2(&c->act, xr->dtype, 1, xr->shape[1]);
+        const ag_expert_lora *el = &y->experts_lora;
+        if (out && c->grad_mode)
+            out->requires_grad = needs_grad(xr) || needs_grad(el->a_gate_up) ||
+                                 needs_grad(el->b_gate_up) || needs_grad(el->a_down) ||
+                                 needs_grad(el->b_down);
+    }
+    return out ? ag_ep_combine(c, rt, out, x ? w : NULL) : NULL;
+}
+
 ag_tensor *mdl_ffn_r(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x, const mdl_route *r) {
     const mdl_layer *y = layer_at(m, l);
     if (!y || !x)
@@ -265,25 +322,32 @@ ag_tensor *mdl_ffn_r(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x, const m
         return mlp(c, &y->dense, x, r);
     ag_tensor *idx = NULL, *logits = mdl_linear_r(c, x, &y->router, r);
     ag_tensor *w = logits ? ag_moe_router(c, logits, &m->router, &idx) : NULL;
-    const ag_expert_lora *el = &y->experts_lora;
-    bool elora = el->a_gate_up || el->a_down;
     ag_tensor *routed;
     if (!w)
         routed = NULL;
-    else if (r && r->bank)
-        routed = experts_banked(c, m, l, x, w, idx, r);
-    else if (elora && y->gate_up_q) // QLoRA: adapters over the frozen quantized experts
-        routed = ag_moe_experts_lora_q(c, x, w, idx, y->gate_up_q, y->down_q, el);
-    else if (elora)
-        routed = ag_moe_experts_lora(c, x, w, idx, y->gate_up, y->down, el);
-    else if (y->gate_up_q)
-        routed = ag_moe_experts_q(c, x, w, idx, y->gate_up_q, y->down_q);
+    else if (m->ep.comm)
+        routed = mdl_experts_parallel(c, m, l, x, w, idx, r, NULL);
     else
-        routed = ag_moe_experts(c, x, w, idx, y->gate_up, y->down);
+        routed = experts_here(c, m, l, x, w, idx, r);
     if (!routed || !y->shared.gate.w)
         return routed;
     ag_tensor *shared = mlp(c, &y->shared, x, r);
     return shared ? ag_add(c, routed, shared) : NULL;
+}
+
+molt_status mdl_serve_experts(ag_ctx *c, const mdl_model *m) {
+    if (!m->ep.comm)
+        return molt_err(MOLT_EARG, "serve experts: the model holds every expert (no expert "
+                        "group)");
+    bool grad = c->grad_mode;
+    ag_ctx_set_grad(c, false);
+    ag_tensor *like = ag_tensor_new2(&c->act, AG_F32, 1, m->cfg.hidden_size);
+    molt_status st = like ? MOLT_OK : molt_err_wrap(MOLT_ENOMEM, "serve experts");
+    for (int l = 0; st == MOLT_OK && l < m->cfg.num_hidden_layers; l++)
+        if (m->layers[l].moe && !mdl_experts_parallel(c, m, l, NULL, NULL, NULL, NULL, like))
+            st = molt_err_wrap(MOLT_EIO, "serve experts of layer %d", l);
+    ag_ctx_set_grad(c, grad);
+    return st;
 }
 
 ag_tensor *mdl_ffn(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x) {
@@ -388,7 +452,8 @@ ag_tensor *mdl_logits(ag_ctx *c, const mdl_model *m, ag_tensor *hidden) {
 // adapter arithmetic as mdl_linear, without [T, V] logits or a merged weight).
 static ag_tensor *fused_loss(ag_ctx *c, const mdl_lin *lin, ag_tensor *h, const mdl_batch *b) {
     if (!lin->lora_a)
-        return ag_cross_entropy_linear(c, h, lin->w, b->targets, b->mask, MDL_CE_CHUNK);
+        return ag_cross_entropy_linear_norm(c, h, lin->w, NULL, NULL, b->targets, b->mask,
+                                            MDL_CE_CHUNK, b->loss_norm);
     if (!lin->lora_b) {
         molt_err(MOLT_EARG, "mdl_linear: lora_a without lora_b");
         return NULL;
@@ -398,8 +463,8 @@ static ag_tensor *fused_loss(ag_ctx *c, const mdl_lin *lin, ag_tensor *h, const 
         xa = ag_dropout(c, h, lin->lora_dropout, lin->lora_rng);
     ag_tensor *xr = xa ? ag_linear(c, xa, lin->lora_a) : NULL;
     ag_tensor *h2 = xr ? ag_scale(c, xr, lin->lora_scale) : NULL;
-    return h2 ? ag_cross_entropy_linear2(c, h, lin->w, h2, lin->lora_b, b->targets, b->mask,
-                                         MDL_CE_CHUNK)
+    return h2 ? ag_cross_entropy_linear_norm(c, h, lin->w, h2, lin->lora_b, b->targets, b->mask,
+                                             MDL_CE_CHUNK, b->loss_norm)
               : NULL;
 }
 

@@ -58,8 +58,14 @@ bool mdl_loader_wrapped(const mdl_loader *ld);
 // Opens dir's weights (sharded index, model.safetensors or consolidated.safetensors).
 molt_status mdl_open_weights(const char *dir, st_reader **r);
 // mdl_create with shapes_only: projections, router, experts and an untied lm_head get
-// shape-only tensors (data NULL) for the caller to fill or replace by qweights.
-molt_status mdl_create_ex(mdl_model *m, const mcfg *cfg, bool shapes_only);
+// shape-only tensors (data NULL) for the caller to fill or replace by qweights. experts: the
+// expert group to shard the routed experts over (NULL: every expert; see mdl_experts_range).
+molt_status mdl_create_ex(mdl_model *m, const mcfg *cfg, bool shapes_only, ag_comm *experts);
+// The loader reads only the shard's experts of each stack (sh NULL or unsharded: all).
+void mdl_loader_experts(mdl_loader *ld, const mdl_experts_shard *sh, int64_t n_experts);
+// For a stack of `held` experts: how many the file holds and the first one the model holds.
+void mdl_loader_expert_span(const mdl_loader *ld, int64_t held, int64_t *n_file,
+                            int64_t *first);
 
 // Sets every mdl_lin's id (mdl_lin_at order); mdl_create_ex calls it.
 void mdl_lin_number(mdl_model *m);
@@ -83,6 +89,12 @@ molt_status mdl_attn_expand_r(ag_ctx *c, const mdl_model *m, int l, ag_tensor *l
 ag_tensor *mdl_attn_out_r(ag_ctx *c, const mdl_model *m, int l, ag_tensor *att,
                           const mdl_route *r);
 ag_tensor *mdl_ffn_r(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x, const mdl_route *r);
+// Layer l's routed experts over the expert group m->ep.comm: x [T, H] with router weights
+// w [T, k] and global expert ids idx [T, k] -> [T, H]. x NULL: this rank has no tokens and
+// only serves its experts to the others (like [1, H] gives the dtype and width; returns a
+// placeholder). Collective over the expert group.
+ag_tensor *mdl_experts_parallel(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x, ag_tensor *w,
+                                ag_tensor *idx, const mdl_route *r, ag_tensor *like);
 
 // The HF per-tensor FP8 scale suffix and the Mistral one.
 #define MDL_HF_SCALE "_scale_inv"    // appended to "<...>.weight" and fused expert names

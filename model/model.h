@@ -226,8 +226,21 @@ typedef enum {
     MDL_LAYOUT_COUNT
 } mdl_layout;
 
+// Expert parallelism: the routed experts of every MoE layer split in contiguous blocks over
+// the ranks of a communicator (autograd/comm/comm.h). A sharded model holds its block's base
+// weights only (read from the checkpoint's byte ranges of those experts, never the whole
+// stack): gate_up [count, 2I, H], down [count, H, I]; its MoE layers send each token's rows to
+// the experts' owners (ag_ep_dispatch) and take the results back (ag_ep_combine).
+// Everything else is replicated.
+typedef struct {
+    ag_comm *comm; // the expert group; NULL: every expert is here (then first 0, count E)
+    int first;     // this rank's experts are [first, first + count) of n_routed_experts
+    int count;
+} mdl_experts_shard;
+
 typedef struct {
     mcfg cfg;
+    mdl_experts_shard ep;   // which routed experts this model holds
     ag_arena arena;         // holds every weight below
     ag_tensor *embed;       // embed_tokens [V, H]
     mdl_layer *layers;      // [L]
@@ -241,6 +254,7 @@ typedef struct {
     ag_qweight *qw;         // [n_qw] storage of every quantized weight (owned), or NULL
     int n_qw;
     bool shapes_only;       // while creating: projections/experts get no data (quant load)
+    bool plan_only;         // made by mdl_create_plan: no tensor holds data
     bool checkpoint_layers; // grad mode: wrap each decoder layer in ag_checkpoint (its
                             // activations are recomputed in backward; same results)
 } mdl_model;
@@ -252,6 +266,8 @@ typedef struct {
     ag_tensor *seg;     // I32 [T] segment ids: token t attends to s <= t with seg[s] == seg[t]
     ag_tensor *targets; // I32 [T] next-token ids for the loss; NULL: logits are wanted
     ag_tensor *mask;    // F32 [T] loss weight per token (NULL = all ones); loss only
+    double loss_norm;   // the summed loss is divided by this (0: by the mask's sum): a rank's
+                        // rows of a batch split over ranks give their share of its mean
 } mdl_batch;
 
 // Per-batch attention inputs shared by all layers (see mdl_attn_inputs).
@@ -261,6 +277,13 @@ typedef struct {
     ag_tensor *qtemp; // F32 [T] llama-4 query temperature, or NULL when its beta is 0
 } mdl_attn_in;
 
+// The model's tensors as shapes only (no data anywhere), holding expert_count of the routed
+// experts per MoE layer (a shard's stacks): for memory plans and parameter counts, never for
+// a forward. MOLT_EARG when expert_count does not divide n_routed_experts.
+molt_status mdl_create_plan(mdl_model *m, const mcfg *cfg, int expert_count);
+// This rank's block of cfg's routed experts over the ranks of `experts` (NULL or one rank:
+// all of them). MOLT_EARG when the experts do not split evenly over the ranks.
+molt_status mdl_experts_range(const mcfg *cfg, ag_comm *experts, mdl_experts_shard *out);
 // Allocates zeroed weights for cfg in m->arena and sets up the rope table, attention
 // scale and router settings. mdl_load and mdl_init_random start here. On failure m is
 // freed (safe to mdl_free again).
@@ -338,6 +361,11 @@ ag_tensor *mdl_attention(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x,
                          const mdl_attn_in *a);
 // Feed-forward of layer l (x normalized): dense MLP, or routed experts + shared expert.
 ag_tensor *mdl_ffn(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x);
+// For a rank of a sharded model that has no tokens of its own while the other ranks of its
+// expert group run mdl_forward (or mdl_hidden): for every MoE layer in order, this rank's
+// experts run on the rows the others send (the collectives their forward makes). Inference
+// only (grad mode is off for the call).
+molt_status mdl_serve_experts(ag_ctx *c, const mdl_model *m);
 // One decoder layer: h + attn(norm(h)), then + ffn(norm(.)). h [T, H] -> [T, H].
 ag_tensor *mdl_layer_forward(ag_ctx *c, const mdl_model *m, int l, ag_tensor *h,
                              const mdl_attn_in *a);
@@ -459,6 +487,13 @@ const char *mdl_qspec_str(const mdl_qspec *q, char *buf, size_t cap);
 // (written by mdl_save_quant) loads its stored state as is and `spec` is ignored; spec NULL
 // with a plain checkpoint loads it unquantized. MOLT_EFORMAT names a corrupt tensor/field.
 molt_status mdl_load_quant(const char *dir, const mdl_qspec *spec, mdl_model *m);
+// mdl_load_quant holding only this rank's routed experts of the expert group `experts`
+// (NULL: all; see mdl_experts_shard). Collective over `experts` when NF4 with double
+// quantization is asked for the experts: the offset of the stack's absmax is the mean over
+// every expert, so the ranks exchange their absmax (1/64 of the stack's values) and each
+// stores exactly what quantizing the whole stack gives for its experts.
+molt_status mdl_load_quant_ex(const char *dir, const mdl_qspec *spec, ag_comm *experts,
+                              mdl_model *m);
 // Turns every quantized weight of m back into an F32 tensor (the quantized values, not the
 // original ones) and frees the quantized storage: for merging an adapter into a
 // pre-quantized base. MOLT_ENOMEM leaves the weights done so far in F32.
@@ -468,6 +503,22 @@ molt_status mdl_dequantize(mdl_model *m);
 molt_status mdl_save_quant(const mdl_model *m, const char *path);
 // Bytes held by the weights: F32 tensors with data plus every qweight's storage.
 size_t mdl_weight_bytes(const mdl_model *m);
+// The weights of one rank by group, as the loaders store them (model/plan.c): spec NULL for
+// F32; expert_count of the routed experts per MoE layer (a shard holds n_routed / expert).
+typedef enum {
+    MDL_PG_EMBED,
+    MDL_PG_NORMS,
+    MDL_PG_ATTENTION,
+    MDL_PG_ROUTER,
+    MDL_PG_SHARED,
+    MDL_PG_EXPERTS,
+    MDL_PG_DENSE,
+    MDL_PG_LM_HEAD,
+    MDL_PG_COUNT
+} mdl_plan_group;
+const char *mdl_plan_group_name(mdl_plan_group g);
+molt_status mdl_plan_weights(const mcfg *cfg, const mdl_qspec *spec, int expert_count,
+                             size_t bytes[MDL_PG_COUNT]);
 int mdl_cmd_quantize(int argc, char **argv);         // molt quantize
 int mdl_cmd_bench_quant_model(int argc, char **argv); // molt bench quant-model
 

@@ -191,7 +191,15 @@ molt_status mdl_save_quant(const mdl_model *m, const char *path) {
 typedef struct {
     mdl_loader *ld;
     const char *file, *name; // for messages
+    int64_t n_file, first;   // expert stacks: the file's experts, the model's first one
+    int64_t shape[3];        // the shape in the file ([n_file, ...] for a shard's stack)
 } qin;
+
+// Bytes of one expert matrix's share of a stored array of `total` bytes (n_file matrices),
+// and the offset of the model's first expert there.
+static size_t shard_off(const qin *in, size_t total) {
+    return in->n_file > 0 ? total / (size_t)in->n_file * (size_t)in->first : 0;
+}
 
 // The piece `name``suffix` (or `full` when not NULL) with the given dtype and element count
 // (count < 0: any).
@@ -244,7 +252,7 @@ static molt_status parse_state(qin *in, const ag_tensor *w, const st_tensor *blo
         st = bad_state(in, "shape does not match the model");
     for (int d = 0; st == MOLT_OK && d < w->ndim; d++) {
         json_t *v = json_array_get(sh, (size_t)d);
-        if (!json_is_integer(v) || json_integer_value(v) != w->shape[d])
+        if (!json_is_integer(v) || json_integer_value(v) != in->shape[d])
             st = bad_state(in, "shape does not match the model");
     }
     *dq = off != NULL;
@@ -268,30 +276,50 @@ static bool same_floats(const st_tensor *t, const float *want, int n) {
 static molt_status read_nf4(qin *in, const ag_tensor *w, const st_tensor *packed,
                             ag_qweight *q) {
     const st_tensor *blob, *absmax, *map, *nab = NULL, *nmap = NULL;
-    bool dq = false;
+    bool dq = false, shard = in->n_file != w->shape[0] && w->ndim == 3;
     float offset = 0;
     MOLT_TRY(piece(in, QS_SUFFIX, ST_U8, -1, &blob));
     MOLT_TRY(parse_state(in, w, blob, &dq, &offset));
+    int64_t per = w->ndim == 3 ? w->shape[1] * w->shape[2] : 0;
+    if (shard && per % AG_NF4_BLOCK != 0)
+        return molt_err(MOLT_EUNSUPPORTED, "%s: quantized weight '%s': expert matrices of %lld "
+                        "values are not whole 64-value blocks: cannot hold some experts only",
+                        in->file, in->name, (long long)per);
     ag_qopts o = ag_qopts_default();
-    o.nf4_double_quant = dq;
+    o.nf4_double_quant = dq && !shard; // a shard's absmax are restated below
     MOLT_TRY(ag_qweight_alloc(q, AG_Q_NF4, w->ndim, w->shape, &o));
     kq_weight v;
     ag_qweight_view(&v, q);
-    if (packed->numel != (q->numel + 1) / 2)
+    int64_t numel_file = shard ? in->n_file * per : q->numel;
+    int64_t nb_file = (numel_file + AG_NF4_BLOCK - 1) / AG_NF4_BLOCK;
+    int64_t b0 = shard ? in->first * per / AG_NF4_BLOCK : 0;
+    if (packed->numel != (numel_file + 1) / 2)
         return molt_err(MOLT_EFORMAT, "%s: quantized weight '%s' has %lld packed bytes, "
                         "expected %lld", in->file, in->name, (long long)packed->numel,
-                        (long long)((q->numel + 1) / 2));
-    MOLT_TRY(piece(in, ".absmax", dq ? ST_U8 : ST_F32, q->n_blocks, &absmax));
+                        (long long)((numel_file + 1) / 2));
+    MOLT_TRY(piece(in, ".absmax", dq ? ST_U8 : ST_F32, nb_file, &absmax));
     MOLT_TRY(piece(in, ".quant_map", ST_F32, 16, &map));
     if (!same_floats(map, v.nf4_code, 16))
         return molt_err(MOLT_EFORMAT, "%s: quantized weight '%s': quant_map is not the NF4 "
                         "code", in->file, in->name);
     if (dq) {
-        MOLT_TRY(piece(in, ".nested_absmax", ST_F32, q->n_blocks2, &nab));
+        MOLT_TRY(piece(in, ".nested_absmax", ST_F32,
+                       (nb_file + AG_NF4_DQ_BLOCK - 1) / AG_NF4_DQ_BLOCK, &nab));
         MOLT_TRY(piece(in, ".nested_quant_map", ST_F32, 256, &nmap));
         if (!same_floats(nmap, ag_dynamic_map(), 256))
             return molt_err(MOLT_EFORMAT, "%s: quantized weight '%s': nested_quant_map is not "
                             "the signed dynamic map", in->file, in->name);
+    }
+    if (shard) { // the model's experts' byte ranges, their blocks' absmax
+        memcpy(q->data, (const uint8_t *)packed->data + b0 * AG_NF4_BLOCK / 2,
+               (size_t)(q->numel + 1) / 2);
+        if (!dq) {
+            memcpy(q->scale, (const float *)absmax->data + b0, (size_t)q->n_blocks * 4);
+            return MOLT_OK;
+        }
+        ag_nf4_dq_state st = {.codes = absmax->data, .scales = nab->data, .offset = offset,
+                              .n_blocks = nb_file};
+        return ag_qweight_nf4_restate(q, &st, b0);
     }
     memcpy(q->data, packed->data, packed->nbytes);
     if (dq) {
@@ -305,7 +333,7 @@ static molt_status read_nf4(qin *in, const ag_tensor *w, const st_tensor *packed
 
 static molt_status read_scaled(qin *in, const ag_tensor *w, const st_tensor *t,
                                ag_qweight *q) {
-    int64_t n_mat = w->ndim == 3 ? w->shape[0] : 1, rows = w->shape[w->ndim - 2];
+    int64_t n_mat = w->ndim == 3 ? in->n_file : 1, rows = w->shape[w->ndim - 2];
     const st_tensor *s;
     ag_qopts o = ag_qopts_default();
     if (t->dtype == ST_I8) {
@@ -322,8 +350,11 @@ static molt_status read_scaled(qin *in, const ag_tensor *w, const st_tensor *t,
         o.fp8_per_row = s->numel == n_mat * rows && rows > 1;
         MOLT_TRY(ag_qweight_alloc(q, AG_Q_FP8, w->ndim, w->shape, &o));
     }
-    memcpy(q->data, t->data, t->nbytes);
-    memcpy(q->scale, s->data, s->nbytes);
+    // a shard takes its experts' byte ranges (all of it otherwise: offsets 0)
+    memcpy(q->data, (const uint8_t *)t->data + shard_off(in, t->nbytes), (size_t)q->numel);
+    memcpy(q->scale, (const uint8_t *)s->data + shard_off(in, s->nbytes),
+           s->nbytes / (size_t)(w->ndim == 3 ? in->n_file : 1) *
+               (size_t)(w->ndim == 3 ? w->shape[0] : 1));
     return MOLT_OK;
 }
 
@@ -331,7 +362,7 @@ static molt_status read_any(qin *in, const ag_tensor *w, const st_tensor *t, ag_
                             bool *found) {
     bool same = t->ndim == w->ndim;
     for (int d = 0; same && d < w->ndim; d++)
-        same = t->shape[d] == w->shape[d];
+        same = t->shape[d] == in->shape[d];
     if (t->dtype == ST_U8)
         return read_nf4(in, w, t, q);
     if (!same)
@@ -341,7 +372,8 @@ static molt_status read_any(qin *in, const ag_tensor *w, const st_tensor *t, ag_
     case ST_F32: *found = false; return MOLT_OK;
     case ST_BF16:
         MOLT_TRY(ag_qweight_alloc(q, AG_Q_BF16, w->ndim, w->shape, NULL));
-        memcpy(q->data, t->data, t->nbytes);
+        memcpy(q->data, (const uint8_t *)t->data + shard_off(in, t->nbytes),
+               (size_t)q->numel * 2);
         return MOLT_OK;
     case ST_I8:
     case ST_F8_E4M3: return read_scaled(in, w, t, q);
@@ -354,7 +386,13 @@ static molt_status read_any(qin *in, const ag_tensor *w, const st_tensor *t, ag_
 molt_status mdl_q_read(mdl_loader *ld, const w_entry *e, ag_qweight *q, bool *found) {
     char name[NAME_CAP];
     mdl_weight_name(e, MDL_LAYOUT_HF, mdl_loader_wrapped(ld), 0, 0, name, sizeof name);
-    qin in = {ld, mdl_loader_label(ld), name};
+    qin in = {ld, mdl_loader_label(ld), name, 0, 0, {0}};
+    for (int d = 0; d < e->t->ndim; d++)
+        in.shape[d] = e->t->shape[d];
+    if (e->t->ndim == 3) {
+        mdl_loader_expert_span(ld, e->t->shape[0], &in.n_file, &in.first);
+        in.shape[0] = in.n_file;
+    }
     *found = true;
     const st_tensor *t = mdl_loader_take(ld, name);
     if (!t)

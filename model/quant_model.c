@@ -6,6 +6,8 @@
 // pre-quantized file format (quant_io.c).
 #include "mdl_quant.h"
 
+#include "../autograd/comm/comm.h"
+
 #include <stdio.h>
 #include <string.h>
 
@@ -198,6 +200,29 @@ static molt_status keep_fp8(const ag_tensor *t, const uint8_t *codes, const floa
     return ag_qweight_check(q);
 }
 
+// A shard's NF4 expert stack q (plain absmax) given the double quantization the whole stack
+// gets: the ranks of the expert group exchange their absmax (experts in rank order are the
+// stack in order) and each keeps its blocks of the stack's state.
+static molt_status nf4_shard_dq(qload *s, const ag_tensor *t, ag_qweight *q) {
+    const mdl_experts_shard *sh = &s->m->ep;
+    int64_t per = t->shape[1] * t->shape[2];
+    if (per % AG_NF4_BLOCK != 0)
+        return molt_err(MOLT_EUNSUPPORTED, "expert parallelism with nf4: an expert matrix of "
+                        "%lld values is not a whole number of 64-value blocks", (long long)per);
+    int P = ag_comm_size(sh->comm);
+    int64_t nb = q->n_blocks, all_n = nb * P;
+    float *all = ag_arena_alloc(&s->scratch, (size_t)all_n * sizeof *all);
+    uint8_t *codes = ag_arena_alloc(&s->scratch, (size_t)all_n);
+    float *scales = ag_arena_alloc(&s->scratch, (size_t)(all_n / AG_NF4_DQ_BLOCK + 1) *
+                                                 sizeof *scales);
+    if (!all || !codes || !scales)
+        return molt_err_wrap(MOLT_ENOMEM, "quantizing");
+    MOLT_TRY(ag_comm_allgather(sh->comm, q->scale, all, nb, AG_F32));
+    ag_nf4_dq_state st = {.codes = codes, .scales = scales, .n_blocks = all_n};
+    ag_nf4_dq_encode(all, all_n, codes, scales, &st.offset);
+    return ag_qweight_nf4_restate(q, &st, (int64_t)sh->first * per / AG_NF4_BLOCK);
+}
+
 // Quantizes entry e from the file: F32 copy in the scratch arena, then the qweight.
 static molt_status quantize_entry(qload *s, const w_entry *e, ag_qformat f, ag_qweight *q) {
     ag_tensor *tmp = ag_tensor_new(&s->scratch, AG_F32, e->t->ndim, e->t->shape);
@@ -216,11 +241,15 @@ static molt_status quantize_entry(qload *s, const w_entry *e, ag_qformat f, ag_q
         if (st == MOLT_OK && is_fp8)
             st = keep_fp8(e->t, codes, rs, q);
     }
+    bool shard_dq = f == AG_Q_NF4 && s->spec->nf4_double_quant && e->t->ndim == 3 &&
+                    s->m->ep.comm != NULL;
     if (st == MOLT_OK && !is_fp8) {
         ag_qopts o = ag_qopts_default();
-        o.nf4_double_quant = s->spec->nf4_double_quant;
+        o.nf4_double_quant = s->spec->nf4_double_quant && !shard_dq;
         st = ag_qweight_quantize(q, tmp, f, &o);
     }
+    if (st == MOLT_OK && !is_fp8 && shard_dq)
+        st = nf4_shard_dq(s, e->t, q);
     ag_arena_reset(&s->scratch);
     return st;
 }
@@ -259,6 +288,8 @@ static molt_status load_all(qload *s, const st_reader *r) {
     }
     mdl_weight_list(m, list, n);
     molt_status st = mdl_loader_new(r, &s->ld);
+    if (st == MOLT_OK)
+        mdl_loader_experts(s->ld, &m->ep, m->cfg.n_routed_experts);
     int k = 0;
     for (int i = 0; st == MOLT_OK && i < n; i++)
         st = load_one(s, &list[i], &k);
@@ -272,6 +303,11 @@ static molt_status load_all(qload *s, const st_reader *r) {
 }
 
 molt_status mdl_load_quant(const char *dir, const mdl_qspec *spec, mdl_model *m) {
+    return mdl_load_quant_ex(dir, spec, NULL, m);
+}
+
+molt_status mdl_load_quant_ex(const char *dir, const mdl_qspec *spec, ag_comm *experts,
+                              mdl_model *m) {
     char path[4096];
     mcfg cfg;
     memset(m, 0, sizeof *m);
@@ -283,11 +319,11 @@ molt_status mdl_load_quant(const char *dir, const mdl_qspec *spec, mdl_model *m)
     bool pre = st_metadata(r, MDL_QUANT_META) != NULL;
     molt_status st;
     if (!pre && !spec) {
-        st = mdl_create(m, &cfg);
+        st = mdl_create_ex(m, &cfg, false, experts);
         if (st == MOLT_OK)
             st = mdl_load_weights(m, r);
     } else {
-        st = mdl_create_ex(m, &cfg, true);
+        st = mdl_create_ex(m, &cfg, true, experts);
         qload s = {.m = m, .spec = pre ? NULL : spec};
         ag_arena_init(&s.scratch, "quantization scratch", 16u << 20);
         if (st == MOLT_OK)

@@ -6,6 +6,8 @@
 #include "mdl_internal.h"
 #include "mdl_quant.h"
 
+#include "../autograd/comm/comm.h"
+
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -16,7 +18,7 @@
 // Allocation
 
 static ag_tensor *wnew(mdl_model *m, int ndim, const int64_t *shape) {
-    if (!m->shapes_only || ndim < 2)
+    if (!m->plan_only && (!m->shapes_only || ndim < 2))
         return ag_tensor_new(&m->arena, AG_F32, ndim, shape);
     // a quantizing loader decides later whether this matrix gets F32 data or a qweight
     ag_tensor *t = ag_arena_alloc(&m->arena, sizeof *t);
@@ -74,9 +76,10 @@ static bool layer_alloc(mdl_model *m, int l) {
     if (!y->moe)
         return mlp_alloc(m, &y->dense, c->intermediate_size);
     int64_t E = c->n_routed_experts, I = c->moe_intermediate_size, H = c->hidden_size;
+    int64_t own = m->ep.count; // a shard holds its own experts' stacks only
     y->router.w = W2(E, H);
-    y->gate_up = W3(E, 2 * I, H);
-    y->down = W3(E, H, I);
+    y->gate_up = W3(own, 2 * I, H);
+    y->down = W3(own, H, I);
     if (!y->router.w || !y->gate_up || !y->down)
         return false;
     return c->n_shared_experts == 0 ||
@@ -104,14 +107,59 @@ static molt_status derived_init(mdl_model *m) {
     return MOLT_OK;
 }
 
-molt_status mdl_create(mdl_model *m, const mcfg *cfg) { return mdl_create_ex(m, cfg, false); }
+molt_status mdl_create(mdl_model *m, const mcfg *cfg) {
+    return mdl_create_ex(m, cfg, false, NULL);
+}
 
-molt_status mdl_create_ex(mdl_model *m, const mcfg *cfg, bool shapes_only) {
+molt_status mdl_create_plan(mdl_model *m, const mcfg *cfg, int expert_count) {
+    memset(m, 0, sizeof *m);
+    if (expert_count < 1 || cfg->n_routed_experts % expert_count != 0)
+        return molt_err(MOLT_EARG, "model plan: %d experts of %d", expert_count,
+                        cfg->n_routed_experts);
+    // mdl_create_ex's steps with every tensor shape-only (no weight bytes at all)
+    m->cfg = *cfg;
+    m->plan_only = true;
+    m->ep = (mdl_experts_shard){.comm = NULL, .first = 0, .count = expert_count};
+    ag_arena_init(&m->arena, "weights (plan)", 1 << 20);
+    const mcfg *c = &m->cfg;
+    molt_status st = derived_init(m);
+    m->layers = st == MOLT_OK ? molt_calloc((size_t)c->num_hidden_layers, sizeof *m->layers)
+                              : NULL;
+    bool ok = m->layers && (m->embed = W2(c->vocab_size, c->hidden_size)) != NULL;
+    for (int l = 0; ok && l < c->num_hidden_layers; l++)
+        ok = layer_alloc(m, l);
+    ok = ok && (m->norm = W1(c->hidden_size)) != NULL;
+    if (ok)
+        m->lm_head.w = c->tie_word_embeddings ? m->embed : W2(c->vocab_size, c->hidden_size);
+    if (ok && m->lm_head.w)
+        mdl_lin_number(m);
+    if (!ok || !m->lm_head.w) {
+        mdl_free(m);
+        return st != MOLT_OK ? st : molt_err_wrap(MOLT_ENOMEM, "model plan");
+    }
+    return MOLT_OK;
+}
+
+molt_status mdl_experts_range(const mcfg *cfg, ag_comm *experts, mdl_experts_shard *out) {
+    int E = cfg->n_routed_experts, P = ag_comm_size(experts), r = ag_comm_rank(experts);
+    *out = (mdl_experts_shard){.comm = NULL, .first = 0, .count = E};
+    if (!experts || P == 1)
+        return MOLT_OK;
+    if (E < P || E % P != 0)
+        return molt_err(MOLT_EARG, "expert parallelism: %d routed experts do not split evenly "
+                        "over %d ranks (parallel.expert must divide n_routed_experts)", E, P);
+    *out = (mdl_experts_shard){.comm = experts, .first = r * (E / P), .count = E / P};
+    return MOLT_OK;
+}
+
+molt_status mdl_create_ex(mdl_model *m, const mcfg *cfg, bool shapes_only, ag_comm *experts) {
     memset(m, 0, sizeof *m);
     m->cfg = *cfg;
     ag_arena_init(&m->arena, "weights", 64u << 20);
     const mcfg *c = &m->cfg;
-    molt_status st = derived_init(m);
+    molt_status st = mdl_experts_range(cfg, experts, &m->ep);
+    if (st == MOLT_OK)
+        st = derived_init(m);
     if (st != MOLT_OK) {
         mdl_free(m);
         return st;
@@ -268,6 +316,8 @@ struct mdl_loader {
     bool wrapped;
     const char *label;  // file named in messages
     bool per_expert;    // some layer had one matrix per expert
+    int64_t e_first;    // expert stacks: the model holds experts [e_first, e_first + count)
+    int64_t e_total;    //   of e_total in the file (0: every expert, as the model's shape)
 };
 typedef struct mdl_loader loader;
 
@@ -415,22 +465,35 @@ static molt_status take(loader *ld, const char *name, int ndim, const int64_t *s
     return MOLT_OK;
 }
 
-// One whole tensor (2-D weights, norms; fused experts with one scale per expert).
+void mdl_loader_expert_span(const mdl_loader *ld, int64_t held, int64_t *n_file,
+                            int64_t *first) {
+    *n_file = ld->e_total > 0 ? ld->e_total : held;
+    *first = ld->e_total > 0 ? ld->e_first : 0;
+}
+
+// One whole tensor (2-D weights, norms; fused experts with one scale per expert). Of a
+// fused stack only the model's experts are read (their byte range of the file).
 static molt_status load_whole(loader *ld, const char *name, ag_tensor *dst) {
     const st_tensor *t;
-    MOLT_TRY(take(ld, name, dst->ndim, dst->shape, &t));
+    int64_t shape[3] = {dst->shape[0], dst->shape[1], dst->shape[2]}, n_file = 1, first = 0;
+    if (dst->ndim == 3)
+        mdl_loader_expert_span(ld, dst->shape[0], &n_file, &first);
+    shape[0] = dst->ndim == 3 ? n_file : shape[0];
+    MOLT_TRY(take(ld, name, dst->ndim, shape, &t));
     int64_t n_mat = dst->ndim == 3 ? dst->shape[0] : 1, per = dst->numel / n_mat;
-    double *s = molt_malloc((size_t)n_mat * sizeof *s);
+    double *s = molt_malloc((size_t)n_file * sizeof *s);
     if (!s)
         return molt_err(MOLT_ENOMEM, "%s: out of memory", name);
-    molt_status st = read_scales(ld, name, t, s, n_mat);
+    molt_status st = read_scales(ld, name, t, s, n_file);
     for (int64_t e = 0; st == MOLT_OK && e < n_mat; e++)
-        st = decode(ld, name, t, e * per, per, s[e], (float *)dst->data + e * per);
+        st = decode(ld, name, t, (first + e) * per, per, s[first + e],
+                    (float *)dst->data + e * per);
     molt_free(s);
     return st;
 }
 
-// One expert matrix [rows, cols] of a per-expert layout into dst at `offset` elements.
+// One expert matrix [rows, cols] of a per-expert layout into dst at `offset` elements;
+// offset < 0: another rank's expert, checked and marked used but not read.
 static molt_status load_expert_part(loader *ld, const w_entry *e, int expert, int part,
                                     int64_t rows, int64_t cols, int64_t offset) {
     char name[NAME_CAP];
@@ -439,18 +502,24 @@ static molt_status load_expert_part(loader *ld, const w_entry *e, int expert, in
     MOLT_TRY(take(ld, name, 2, (int64_t[]){rows, cols}, &t));
     double s;
     MOLT_TRY(read_scales(ld, name, t, &s, 1));
+    if (offset < 0)
+        return MOLT_OK;
     return decode(ld, name, t, 0, rows * cols, s, (float *)e->t->data + offset);
 }
 
 static molt_status load_experts_split(loader *ld, const w_entry *e) {
-    int64_t E = e->t->shape[0], R = e->t->shape[1], C = e->t->shape[2];
+    int64_t held = e->t->shape[0], R = e->t->shape[1], C = e->t->shape[2], E, first;
+    mdl_loader_expert_span(ld, held, &E, &first);
     for (int x = 0; x < E; x++) {
+        int64_t own = x - first; // index among the model's experts
+        bool mine = own >= 0 && own < held;
         if (e->kind == W_DOWN) {
-            MOLT_TRY(load_expert_part(ld, e, x, 0, R, C, x * R * C));
+            MOLT_TRY(load_expert_part(ld, e, x, 0, R, C, mine ? own * R * C : -1));
             continue;
         }
         for (int part = 0; part < 2; part++) // gate rows first, then up
-            MOLT_TRY(load_expert_part(ld, e, x, part, R / 2, C, (x * R + part * R / 2) * C));
+            MOLT_TRY(load_expert_part(ld, e, x, part, R / 2, C,
+                                      mine ? (own * R + part * R / 2) * C : -1));
     }
     return MOLT_OK;
 }
@@ -535,6 +604,11 @@ molt_status mdl_loader_new(const st_reader *r, mdl_loader **out) {
     return MOLT_OK;
 }
 
+void mdl_loader_experts(mdl_loader *ld, const mdl_experts_shard *sh, int64_t n_experts) {
+    ld->e_first = sh && sh->comm ? sh->first : 0;
+    ld->e_total = sh && sh->comm ? n_experts : 0;
+}
+
 void mdl_loader_free(mdl_loader *ld) {
     if (ld)
         molt_free(ld->used);
@@ -581,7 +655,9 @@ molt_status mdl_loader_fp8(mdl_loader *ld, const w_entry *e, uint8_t *codes, flo
     const ag_tensor *w = e->t;
     bool experts = e->kind == W_GATE_UP || e->kind == W_DOWN;
     int64_t n_mat = experts ? w->shape[0] : 1, R = w->shape[w->ndim - 2];
-    int64_t C = w->shape[w->ndim - 1];
+    int64_t C = w->shape[w->ndim - 1], n_file = n_mat, first = 0;
+    if (experts)
+        mdl_loader_expert_span(ld, n_mat, &n_file, &first);
     *is_fp8 = true;
     mdl_weight_name(e, ld->layout == MDL_LAYOUT_MISTRAL ? ld->layout : MDL_LAYOUT_HF,
                     ld->wrapped, 0, 0, name, sizeof name);
@@ -592,16 +668,16 @@ molt_status mdl_loader_fp8(mdl_loader *ld, const w_entry *e, uint8_t *codes, flo
             *is_fp8 = false;
             return MOLT_OK;
         }
-        double *s = molt_malloc((size_t)n_mat * sizeof *s);
+        double *s = molt_malloc((size_t)n_file * sizeof *s);
         if (!s)
             return molt_err(MOLT_ENOMEM, "%s: out of memory", name);
-        molt_status st = read_scales(ld, name, t, s, n_mat);
+        molt_status st = read_scales(ld, name, t, s, n_file);
         for (int64_t m = 0; st == MOLT_OK && m < n_mat; m++)
             for (int64_t r = 0; r < R; r++)
-                row_scale[m * R + r] = (float)s[m];
+                row_scale[m * R + r] = (float)s[first + m];
         molt_free(s);
-        if (st == MOLT_OK)
-            memcpy(codes, t->data, (size_t)w->numel);
+        if (st == MOLT_OK) // a shard's experts: their byte range of the stack
+            memcpy(codes, (const uint8_t *)t->data + first * R * C, (size_t)w->numel);
         return st;
     }
     mdl_layout lay = ld->layout == MDL_LAYOUT_MISTRAL ? ld->layout : MDL_LAYOUT_HF_PER_EXPERT;
@@ -609,7 +685,7 @@ molt_status mdl_loader_fp8(mdl_loader *ld, const w_entry *e, uint8_t *codes, flo
     int64_t rows = R / parts;
     for (int64_t x = 0; *is_fp8 && x < n_mat; x++)
         for (int p = 0; *is_fp8 && p < parts; p++) {
-            mdl_weight_name(e, lay, ld->wrapped, (int)x, p, name, sizeof name);
+            mdl_weight_name(e, lay, ld->wrapped, (int)(first + x), p, name, sizeof name);
             int64_t r0 = x * R + p * rows;
             MOLT_TRY(fp8_part(ld, name, rows, C, codes + r0 * C, row_scale + r0, is_fp8));
         }
@@ -632,8 +708,10 @@ molt_status mdl_load_weights(mdl_model *m, const st_reader *r) {
     mdl_loader *ld = NULL;
     molt_status st = list ? mdl_loader_new(r, &ld)
                           : molt_err(MOLT_ENOMEM, "loading weights: out of memory");
-    if (st == MOLT_OK)
+    if (st == MOLT_OK) {
         mdl_weight_list(m, list, n);
+        mdl_loader_experts(ld, &m->ep, m->cfg.n_routed_experts);
+    }
     for (int i = 0; st == MOLT_OK && i < n; i++)
         st = mdl_loader_entry(ld, &list[i]);
     if (st == MOLT_OK)

@@ -14,7 +14,7 @@ run cmake --install "$build" --prefix "$tmp/p"
 same "cmake --install" "$rc" 0
 for f in bin/molt share/molt/models/tiny.json share/molt/models/mistral-small-4.json \
     share/molt/tokenizers/tekken.json share/molt/tokenizers/deepseek-v3-tokenizer.json \
-    share/molt/train/quickstart.yaml share/molt/data/quickstart-train.jsonl; do
+    share/molt/train/quickstart.yaml share/molt/data/digits-train.jsonl; do
     [ -s "$tmp/p/$f" ] && ok "installed $f" || bad "missing $f"
 done
 # the data directory `molt info` reports, run from another directory without the

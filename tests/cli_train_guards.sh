@@ -21,8 +21,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 run "$molt" init-model --preset tiny --seed 1 --out "$tmp/base"
 same "init-model" "$rc" 0
-head -n 24 "$src/configs/data/quickstart-train.jsonl" >"$tmp/train.jsonl"
-head -n 4 "$src/configs/data/quickstart-eval.jsonl" >"$tmp/eval.jsonl"
+head -n 24 "$src/configs/data/digits-train.jsonl" >"$tmp/train.jsonl"
+head -n 4 "$src/configs/data/digits-eval.jsonl" >"$tmp/eval.jsonl"
 cat >"$tmp/c.yaml" <<YAML
 model: {path: $tmp/base}
 adapter: {r: 4, alpha: 8, targets: [q_a_proj, o_proj]}

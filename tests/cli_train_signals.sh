@@ -17,7 +17,7 @@ cp "$src/configs/tokenizers/tekken.json" "$tmp/base/"
 cat >"$tmp/c.yaml" <<YAML
 model: {path: $tmp/base}
 adapter: {r: 4, targets: [q_a_proj, o_proj]}
-data: {train: $src/configs/data/quickstart-train.jsonl, format: alpaca, max_seq_len: 1024}
+data: {train: $src/configs/data/digits-train.jsonl, format: alpaca, max_seq_len: 1024}
 train: {steps: 3, seed: 1}
 checkpoint: {every: 1, keep_last: 0}
 output_dir: $tmp/ref

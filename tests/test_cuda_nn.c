@@ -200,13 +200,14 @@ START_TEST(test_dropout_same_mask) {
     double ps[3] = {0.0, 0.1, 0.5};
     for (int k = 0; k < 3; k++) {
         void *dX = cu_up(x, n * 4), *dY = cu_alloc(n * 4), *dG = cu_up(g0, n * 4);
-        ck_cuda(molt_cuda_dropout_fwd(MOLT_CUDA_F32, dY, dX, seed, ps[k], n));
-        dropout_fwd_f32(ref, x, seed, ps[k], n);
+        int64_t first = k * 12345; // a rank's rows start inside the whole batch
+        ck_cuda(molt_cuda_dropout_fwd(MOLT_CUDA_F32, dY, dX, seed, ps[k], first, n));
+        dropout_fwd_f32(ref, x, seed, ps[k], first, n);
         cu_down(got, dY, n * 4);
         ck_same_bits(got, ref, n, "dropout fwd");
-        ck_cuda(molt_cuda_dropout_bwd(MOLT_CUDA_F32, dG, dX, seed, ps[k], n));
+        ck_cuda(molt_cuda_dropout_bwd(MOLT_CUDA_F32, dG, dX, seed, ps[k], first, n));
         memcpy(ref, g0, n * 4);
-        dropout_bwd_f32(ref, x, seed, ps[k], n);
+        dropout_bwd_f32(ref, x, seed, ps[k], first, n);
         cu_down(got, dG, n * 4);
         ck_same_bits(got, ref, n, "dropout bwd");
         cu_free_all();

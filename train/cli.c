@@ -5,6 +5,7 @@
 // Not here: the configuration keys (config.c), the training loop (trainer.c).
 #include "trainer.h"
 
+#include "../autograd/comm/comm.h"
 #include "../common/opt.h"
 
 #include <string.h>
@@ -21,6 +22,12 @@ static const char usage[] =
     "another base model or tokenizer is refused unless --force. Ctrl-C writes a checkpoint\n"
     "and exits. --eval-only prints the loss on data.eval of the base model, or of the base\n"
     "model with --adapter (a PEFT directory or molt adapter file), and trains nothing.\n"
+    "\n"
+    "Across processes: mpirun -np N molt train ... (or srun) runs N ranks, parallel.data x\n"
+    "parallel.expert = N (parallel.data defaults to N / parallel.expert). Each rank trains on\n"
+    "batch_size / N rows of every batch; the routed experts are split over parallel.expert\n"
+    "ranks. Rank 0 prints and writes every file; checkpoints do not depend on N. A rank that\n"
+    "fails, or a collective waiting longer than parallel.timeout_s, ends the whole job.\n"
     "\n"
     "keys:\n";
 
@@ -66,11 +73,23 @@ int trn_cmd_train(int argc, char **argv) {
         fprintf(stderr, "molt train: %s\n", molt_err_msg());
         rc = 2;
     }
-    bool interrupted = false;
-    if (rc == 0 && trn_run(c, &o, &interrupted) != MOLT_OK) {
+    ag_comm *world = NULL;
+    if (rc == 0 && ag_comm_world(c->par_timeout_s, &world) != MOLT_OK) {
         fprintf(stderr, "molt train: %s\n", molt_err_msg());
         rc = 1;
     }
+    o.world = world;
+    bool interrupted = false;
+    if (rc == 0 && trn_run(c, &o, &interrupted) != MOLT_OK) {
+        if (ag_comm_size(world) > 1) { // the others would wait for this rank: end them all
+            char why[2200];
+            snprintf(why, sizeof why, "molt train: %s", molt_err_msg());
+            ag_comm_abort(world, 1, why);
+        }
+        fprintf(stderr, "molt train: %s\n", molt_err_msg());
+        rc = 1;
+    }
+    ag_comm_free(world);
     if (rc == 0 && interrupted)
         rc = 130;
     molt_free(c);

@@ -96,6 +96,10 @@ static const key_def keys[] = {
     {"checkpoint.keep_last", K_INT, F(c.keep_last), 0, 0, "checkpoints kept (0: all)"},
     {"eval.every", K_INT, F(c.eval_every), 0, 0, "steps between evaluations"},
     {"eval.max_batches", K_INT, F(c.eval_max_batches), 0, 0, "batches per eval (0: all)"},
+    {"parallel.data", K_INT, F(c.par_data), 0, 0, "replicas (0: ranks / parallel.expert)"},
+    {"parallel.expert", K_INT, F(c.par_expert), 0, 1, "ranks the routed experts split over"},
+    {"parallel.timeout_s", K_DBL, F(c.par_timeout_s), 0, 0,
+     "seconds a collective may wait before the job ends"},
 };
 #define N_KEYS ((int)(sizeof keys / sizeof *keys))
 _Static_assert(N_KEYS <= 64, "cfg_all.yaml_line holds one line per key");
@@ -115,6 +119,8 @@ void trn_config_default(trn_config *c) {
     c->max_grad_norm = 1.0;
     c->schedule = SCHED_LINEAR;
     c->keep_last = 3;
+    c->par_expert = 1;
+    c->par_timeout_s = 300;
 }
 
 static void all_default(cfg_all *a) {
@@ -388,6 +394,8 @@ static molt_status check_required(const cfg_all *a, const char *path) {
     if (c->eval_split >= 0.5)
         return molt_err(MOLT_EARG, "config %s: key 'data.eval_split' must be below 0.5, got "
                         "%g", path, c->eval_split);
+    if (!(c->par_timeout_s > 0))
+        return molt_err(MOLT_EARG, "config %s: key 'parallel.timeout_s' must be > 0", path);
     if (c->eval_split > 0 && c->n_eval)
         return molt_err(MOLT_EARG, "config %s: keys 'data.eval' and 'data.eval_split' "
                         "exclude each other (set 'data.eval=' to clear the files)", path);
@@ -516,6 +524,8 @@ char *trn_config_yaml(const trn_config *c) {
     put_str(&s, c->output_dir);
     put(&s, "checkpoint:\n  every: %d\n  keep_last: %d\n", c->ckpt_every, c->keep_last);
     put(&s, "eval:\n  every: %d\n  max_batches: %d\n", c->eval_every, c->eval_max_batches);
+    put(&s, "parallel:\n  data: %d\n  expert: %d\n  timeout_s: %.17g\n", c->par_data,
+        c->par_expert, c->par_timeout_s);
     if (s.oom) {
         molt_free(s.buf);
         return NULL;

@@ -198,28 +198,25 @@ static float grad_norm_f(const ag_tensor *g) {
     return (float)sqrt(ss);
 }
 
-molt_status opt_clip_grad_norm(ag_tensor *const *params, int n, double max_norm,
-                               double *total_norm) {
+double opt_grad_sumsq(ag_tensor *const *params, int n) {
     // torch takes the norm of each gradient, then the norm of those norms.
     double ss = 0;
     for (int i = 0; i < n; i++) {
         const ag_tensor *g = params[i] ? params[i]->grad : NULL;
         if (!g)
             continue;
-        if (g->dtype != AG_F32)
-            return molt_err(MOLT_EARG, "clip_grad_norm: gradient of '%s' is %s, expected f32",
-                            params[i]->name, ag_dtype_name(g->dtype));
         double gn = grad_norm_f(g);
         ss += gn * gn;
     }
-    float total = (float)sqrt(ss);
-    if (total_norm)
-        *total_norm = total;
+    return ss;
+}
+
+void opt_clip_to(ag_tensor *const *params, int n, double max_norm, float total) {
     if (max_norm <= 0 || !isfinite(total))
-        return MOLT_OK;
+        return;
     float coef = (float)max_norm / (total + 1e-6f);
     if (coef >= 1.0f)
-        return MOLT_OK; // torch multiplies by the clamped 1.0, which changes nothing
+        return; // torch multiplies by the clamped 1.0, which changes nothing
     for (int i = 0; i < n; i++) {
         ag_tensor *g = params[i] ? params[i]->grad : NULL;
         if (!g)
@@ -228,6 +225,20 @@ molt_status opt_clip_grad_norm(ag_tensor *const *params, int n, double max_norm,
         for (int64_t j = 0; j < g->numel; j++)
             x[j] *= coef;
     }
+}
+
+molt_status opt_clip_grad_norm(ag_tensor *const *params, int n, double max_norm,
+                               double *total_norm) {
+    for (int i = 0; i < n; i++) {
+        const ag_tensor *g = params[i] ? params[i]->grad : NULL;
+        if (g && g->dtype != AG_F32)
+            return molt_err(MOLT_EARG, "clip_grad_norm: gradient of '%s' is %s, expected f32",
+                            params[i]->name, ag_dtype_name(g->dtype));
+    }
+    float total = (float)sqrt(opt_grad_sumsq(params, n));
+    if (total_norm)
+        *total_norm = total;
+    opt_clip_to(params, n, max_norm, total);
     return MOLT_OK;
 }
 

@@ -61,6 +61,11 @@ int opt_adamw_nonfinite(const opt_adamw *o, double lr);
 // disables clipping but still reports the norm. Non-finite norms are reported, not clipped.
 molt_status opt_clip_grad_norm(ag_tensor *const *params, int n, double max_norm,
                                double *total_norm);
+// The parts of opt_clip_grad_norm, for a norm over gradients spread across processes: the
+// sum of the squared float norms of params' f32 gradients (NULL grads ignored), and the
+// clipping of every gradient for a given total norm.
+double opt_grad_sumsq(ag_tensor *const *params, int n);
+void opt_clip_to(ag_tensor *const *params, int n, double max_norm, float total);
 // Multiplies every gradient by s (1/accum after accumulating micro-batches); NULL grads
 // are skipped.
 void opt_grads_scale(ag_tensor *const *params, int n, double s);

@@ -4,11 +4,16 @@
 // writes checkpoints, and saves the adapter. It checks its inputs before it commits (data,
 // outputs; sizes in preflight.c), stops a step whose loss or update is not finite, and acts
 // on Ctrl-C / SIGTERM between layers (the step in progress is abandoned and repeated on
-// resume).
+// resume; across ranks the step is finished, so that every rank stops after the same one).
+// Across ranks each rank runs this loop on its rows of every batch (its experts only, with
+// expert parallelism); gradients are reduced after the micro-batches and rank 0 writes the
+// files.
 //
-// Not here: configuration parsing (config.c), the command line (cli.c), the checkpoints of
-// a run and resuming (trn_resume.c), the optimizer, schedules, checkpoint files and metrics
-// formats (optim.c, schedule.c, checkpoint.c, metrics.c).
+// Not here: configuration parsing (config.c), the command line (cli.c), the optimizer,
+// schedules, checkpoint files and metrics formats (optim.c, schedule.c, checkpoint.c,
+// metrics.c), writing and resuming checkpoints and the adapter files (trn_state.c), the
+// pre-run size and spec checks (preflight.c), the groups of ranks and the reductions
+// (parallel.c).
 #include "trn_internal.h"
 
 #include <errno.h>
@@ -20,9 +25,9 @@
 #include <unistd.h>
 
 #include "../adapters/adapters.h"
+#include "../autograd/comm/comm.h"
 #include "../common/fsio.h"
 #include "../model/model.h"
-
 
 // Where a step started: what a checkpoint needs when the step is abandoned half-way.
 typedef struct {
@@ -32,10 +37,12 @@ typedef struct {
 } step_start;
 
 // The first stop signal asks for a stop: the forward and backward check it between layers
-// and nodes, the loop between steps, and a checkpoint is written. A second one leaves at
-// once: the checkpoints on disk are complete files (written under a temporary name and
-// renamed), so the newest one stays intact.
-static volatile sig_atomic_t g_stop;
+// and nodes, the loop between steps, and a checkpoint is written. Across ranks only the loop
+// checks it (g_abandon 0): a rank abandoning its step would leave the others waiting in the
+// step's collectives, so every rank finishes the step and they agree to stop after it. A
+// second signal leaves at once: the checkpoints on disk are complete files (written under a
+// temporary name and renamed), so the newest one stays intact.
+static volatile sig_atomic_t g_stop, g_abandon;
 static void on_signal(int sig) {
     if (g_stop) {
         static const char msg[] = "\nmolt train: second stop signal: exiting now (the last "
@@ -45,7 +52,8 @@ static void on_signal(int sig) {
         _exit(128 + sig);
     }
     g_stop = sig;
-    ag_interrupt_set(sig);
+    if (g_abandon)
+        ag_interrupt_set(sig);
 }
 
 static double now_s(void) {
@@ -119,15 +127,17 @@ static molt_status compute_hashes(const trn_config *c, const char *tok_path, ckp
 }
 
 // The base, quantized on load as model.quant says; a pre-quantized base (molt quantize)
-// keeps its own quantization whatever model.quant says.
+// keeps its own quantization whatever model.quant says. With expert parallelism, only this
+// rank's routed experts.
 static molt_status load_model(trn *t) {
     const trn_config *c = t->cfg;
     mdl_qspec q;
     bool none = !strcmp(c->quant, "none") || !*c->quant;
     if (!none && mdl_qspec_parse(c->quant, &q) != MOLT_OK)
         return molt_err_wrap(MOLT_EARG, "config key 'model.quant'");
-    MOLT_TRY(mdl_load_quant(c->model, none ? NULL : &q, &t->model));
-    if (none && t->model.n_qw > 0 && !t->o->quiet)
+    MOLT_TRY(mdl_load_quant_ex(c->model, none ? NULL : &q, trn_par_experts(&t->par),
+                               &t->model));
+    if (none && t->model.n_qw > 0 && !t->quiet)
         fprintf(stderr, "molt train: %s is a pre-quantized base: training on its stored "
                 "quantization (model.quant: none keeps it as it is)\n", c->model);
     return MOLT_OK;
@@ -138,12 +148,14 @@ static molt_status collect_params(trn *t) {
     int n = 2 * t->ad.n_units;
     t->params = molt_calloc((size_t)(n ? n : 1), sizeof *t->params);
     t->names = molt_calloc((size_t)(n ? n : 1), sizeof *t->names);
-    if (!t->params || !t->names)
+    t->shard = molt_calloc((size_t)(n ? n : 1), sizeof *t->shard);
+    if (!t->params || !t->names || !t->shard)
         return molt_err(MOLT_ENOMEM, "train: parameter list");
     for (int i = 0; i < t->ad.n_units; i++) {
         lora_unit *u = &t->ad.units[i];
         t->params[2 * i] = u->a;
         t->params[2 * i + 1] = u->b;
+        t->shard[2 * i] = t->shard[2 * i + 1] = lora_unit_is_shard(&t->ad, u);
         snprintf(t->names[2 * i], CKPT_NAME_MAX, "%.100s.lora_A", u->path);
         snprintf(t->names[2 * i + 1], CKPT_NAME_MAX, "%.100s.lora_B", u->path);
     }
@@ -267,11 +279,27 @@ static molt_status check_data(trn *t) {
 }
 
 // ---- one batch through the model --------------------------------------------------------
-// Flattens the (rows, seq_len) batch into one packed sequence of T tokens: segment ids are
-// made unique per row (padding gets its own segment per row) so rows never attend to one
-// another; targets are the next-token labels with weight 0 where there is none.
-static molt_status build_batch(ag_ctx *c, const ds_batch *b, mdl_batch *mb, double *weight) {
-    int64_t S = b->seq_len, T = (int64_t)b->rows_used * S;
+// Flattens rows [row0, row0 + n) of the (rows, seq_len) batch into one packed sequence of T
+// tokens: segment ids are made unique per row (padding gets its own segment per row) so rows
+// never attend to one another; targets are the next-token labels with weight 0 where there
+// is none. A rank without rows (the end of an epoch split over ranks) gets one padding token
+// that trains nothing: it still takes part in its expert group's all-to-alls.
+static molt_status build_batch(ag_ctx *c, const ds_batch *b, int row0, int n, mdl_batch *mb,
+                               double *weight) {
+    int64_t S = b->seq_len, T = (int64_t)n * S, base = (int64_t)row0 * S;
+    c->row_offset = base; // dropout masks as the whole batch has them
+    if (n == 0) {
+        ag_tensor *one[5] = {ag_tensor_new1(&c->act, AG_I32, 1), ag_tensor_new1(&c->act, AG_I32, 1),
+                             ag_tensor_new1(&c->act, AG_I32, 1), ag_tensor_new1(&c->act, AG_I32, 1),
+                             ag_tensor_new1(&c->act, AG_F32, 1)};
+        for (int i = 0; i < 5; i++)
+            if (!one[i])
+                return molt_err(MOLT_ENOMEM, "train: batch of one token");
+        *mb = (mdl_batch){.ids = one[0], .pos = one[1], .seg = one[2], .targets = one[3],
+                          .mask = one[4]};
+        *weight = 0;
+        return MOLT_OK;
+    }
     ag_tensor *ids = ag_tensor_new1(&c->act, AG_I32, T), *pos = ag_tensor_new1(&c->act, AG_I32, T);
     ag_tensor *seg = ag_tensor_new1(&c->act, AG_I32, T), *tg = ag_tensor_new1(&c->act, AG_I32, T);
     ag_tensor *mask = ag_tensor_new1(&c->act, AG_F32, T);
@@ -285,12 +313,12 @@ static molt_status build_batch(ag_ctx *c, const ds_batch *b, mdl_batch *mb, doub
     float *pm = mask->data;
     double w = 0;
     for (int64_t i = 0; i < T; i++) {
-        int64_t row = i / S;
-        pi[i] = b->ids[i];
-        pp[i] = b->pos[i];
-        ps[i] = (int32_t)(row * (S + 2) + (b->segment[i] ? b->segment[i] : S + 1));
-        pt[i] = labels[i] >= 0 ? labels[i] : 0;
-        pm[i] = labels[i] >= 0 ? 1.0f : 0.0f;
+        int64_t g = base + i, row = g / S;
+        pi[i] = b->ids[g];
+        pp[i] = b->pos[g];
+        ps[i] = (int32_t)(row * (S + 2) + (b->segment[g] ? b->segment[g] : S + 1));
+        pt[i] = labels[g] >= 0 ? labels[g] : 0;
+        pm[i] = labels[g] >= 0 ? 1.0f : 0.0f;
         w += pm[i];
     }
     molt_free(labels);
@@ -299,22 +327,55 @@ static molt_status build_batch(ag_ctx *c, const ds_batch *b, mdl_batch *mb, doub
     return MOLT_OK;
 }
 
-// Forward (and backward when train) of one batch; *loss is the mean loss over its targets,
-// *weight the number of targets (0: nothing to learn, no backward).
+// Test hooks of parallel runs: MOLT_TEST_KILL_RANK / MOLT_TEST_STOP_RANK /
+// MOLT_TEST_TERM_RANK = "R@S" make rank R die (SIGKILL), hang (SIGSTOP) or get a stop request
+// (SIGTERM) in the middle of step S, after its first forward (once: a second SIGTERM would
+// end the process).
+static void rank_hooks(const trn *t) {
+    static int64_t done = -1;
+    if (done == t->step)
+        return;
+    done = t->step;
+    const char *names[3] = {"MOLT_TEST_KILL_RANK", "MOLT_TEST_STOP_RANK", "MOLT_TEST_TERM_RANK"};
+    const int sigs[3] = {SIGKILL, SIGSTOP, SIGTERM};
+    for (int i = 0; i < 3; i++) {
+        const char *v = getenv(names[i]);
+        int r = -1;
+        long long s = -1;
+        if (v && sscanf(v, "%d@%lld", &r, &s) == 2 && r == t->par.rank && s == t->step + 1)
+            raise(sigs[i]);
+    }
+}
+
+// Forward (and backward when train) of one batch, this rank's rows of it; *loss is the mean
+// loss over the whole batch's targets, *weight their number (0: nothing to learn, no
+// backward on any rank). Each rank's loss is weighted by its share of the targets before
+// backward, so the gradients summed over ranks are those of the whole batch.
 static molt_status run_batch(trn *t, const ds_batch *b, bool train, double *loss,
                              double *weight) {
     mdl_batch mb;
     ag_ctx_step_reset(&t->ctx);
     ag_ctx_set_grad(&t->ctx, train);
-    MOLT_TRY(build_batch(&t->ctx, b, &mb, weight));
+    int row0, n;
+    trn_par_rows(&t->par, b->rows, b->rows_used, &row0, &n);
+    double mine;
+    MOLT_TRY(build_batch(&t->ctx, b, row0, n, &mb, &mine));
+    *weight = mine;
+    MOLT_TRY(trn_par_sum(&t->par, weight, 1));
     *loss = 0;
     if (*weight == 0)
         return MOLT_OK;
+    if (t->par.size > 1) // this rank's share of the batch's mean loss
+        mb.loss_norm = *weight;
     ag_tensor *out;
     MOLT_TRY(mdl_forward(&t->ctx, &t->model, &mb, &out));
     *loss = ag_get(out, 0);
-    if (train)
+    if (t->par.size > 1)
+        MOLT_TRY(trn_par_sum(&t->par, loss, 1));
+    if (train) {
+        rank_hooks(t);
         MOLT_TRY(ag_backward(&t->ctx, out));
+    }
     return MOLT_OK;
 }
 
@@ -352,7 +413,7 @@ static molt_status evaluate(trn *t, double *out, int64_t *n_tokens) {
 
 // ---- the loop ---------------------------------------------------------------------------
 static void progress(trn *t, double loss, double lr, double run_s, int64_t steps_run) {
-    if (t->o->quiet)
+    if (t->quiet)
         return;
     bool tty = isatty(STDERR_FILENO);
     bool last = t->step == t->total_steps;
@@ -391,26 +452,36 @@ static molt_status step_rewind(trn *t, const step_start *s) {
 }
 
 // Why the update of this step must not be applied (a non-finite loss, gradient norm or
-// update), into why; false when it may.
-static bool nonfinite(const trn *t, double loss, double gnorm, double lr, char *why,
-                      size_t cap) {
-    if (!isfinite(loss))
+// update), into why; false when it may. Across ranks every rank gets the same answer (a
+// routed-expert shard is checked where it lives).
+static molt_status nonfinite(const trn *t, double loss, double gnorm, double lr, char *why,
+                             size_t cap, bool *bad) {
+    *bad = true;
+    if (!isfinite(loss)) {
         snprintf(why, cap, "the loss is %s", isnan(loss) ? "NaN" : "infinite");
-    else if (!isfinite(gnorm))
-        snprintf(why, cap, "the gradient norm is %s", isnan(gnorm) ? "NaN" : "infinite");
-    else {
-        int i = opt_adamw_nonfinite(&t->opt, lr);
-        if (i < 0)
-            return false;
-        snprintf(why, cap, "the update of %s would not be finite (at lr %g)", t->names[i], lr);
+        return MOLT_OK;
     }
-    return true;
+    if (!isfinite(gnorm)) {
+        snprintf(why, cap, "the gradient norm is %s", isnan(gnorm) ? "NaN" : "infinite");
+        return MOLT_OK;
+    }
+    int i = opt_adamw_nonfinite(&t->opt, lr);
+    bool mine = i >= 0;
+    *bad = mine;
+    MOLT_TRY(trn_par_any(&t->par, bad));
+    if (mine)
+        snprintf(why, cap, "the update of %s would not be finite (at lr %g)", t->names[i], lr);
+    else if (*bad)
+        snprintf(why, cap, "the update of a routed-expert shard on another rank would not be "
+                 "finite (at lr %g)", lr);
+    return MOLT_OK;
 }
 
-// One optimizer step: grad_accum micro-batches, scaling, clipping, AdamW, schedule. A step
-// whose batches hold no target, or whose loss, gradient norm or update is not finite, is an
-// error naming the step (train.on_nonfinite: skip skips the update of the latter instead and
-// sets *skipped). MOLT_EINTERRUPTED when a stop request came before the update.
+// One optimizer step: grad_accum micro-batches, gradients reduced over the ranks, scaling,
+// clipping, AdamW, schedule. A step whose batches hold no target, or whose loss, gradient
+// norm or update is not finite, is an error naming the step (train.on_nonfinite: skip skips
+// the update of the latter instead and sets *skipped). MOLT_EINTERRUPTED when a stop request
+// came before the update.
 static molt_status train_step(trn *t, double *loss, double *gnorm, double *lr, bool *skipped) {
     const trn_config *c = t->cfg;
     int64_t step = t->step + 1;
@@ -422,7 +493,7 @@ static molt_status train_step(trn *t, double *loss, double *gnorm, double *lr, b
         MOLT_TRY(ds_loader_next(t->loader, &t->batch));
         MOLT_TRY(run_batch(t, &t->batch, true, &l, &w));
         sum += l;
-        targets += w;
+        targets += w; // the whole batch's, the same on every rank
         t->tokens += t->batch.n_tokens;
         t->tokens_run += t->batch.n_tokens;
     }
@@ -432,23 +503,32 @@ static molt_status train_step(trn *t, double *loss, double *gnorm, double *lr, b
                         "and gradient would be 0): check data.train and data.on_bad",
                         (long long)step);
     *loss = sum / c->grad_accum;
+    MOLT_TRY(trn_par_reduce_grads(&t->par, t->params, t->shard, t->n_params));
     if (c->grad_accum > 1)
         opt_grads_scale(t->params, t->n_params, 1.0 / c->grad_accum);
-    MOLT_TRY(opt_clip_grad_norm(t->params, t->n_params, c->max_grad_norm, gnorm));
+    MOLT_TRY(trn_dump_grads(t));
+    if (t->par.size > 1)
+        MOLT_TRY(trn_par_clip(&t->par, t->params, t->shard, t->n_params, c->max_grad_norm,
+                              gnorm));
+    else
+        MOLT_TRY(opt_clip_grad_norm(t->params, t->n_params, c->max_grad_norm, gnorm));
     *lr = sched_lr(&t->sched);
     if (ag_interrupt_pending())
         return molt_err(MOLT_EINTERRUPTED, "train: step %lld interrupted", (long long)step);
     char why[300];
-    if (nonfinite(t, *loss, *gnorm, *lr, why, sizeof why)) {
+    bool bad;
+    MOLT_TRY(nonfinite(t, *loss, *gnorm, *lr, why, sizeof why, &bad));
+    if (bad) {
         if (!c->nonfinite_skip)
             return molt_err(MOLT_EARG, "train: step %lld: %s: training stopped before this "
                             "update (the last checkpoint and adapter are as they were). Lower "
                             "optim.lr, set optim.max_grad_norm > 0, raise optim.eps, or set "
                             "train.on_nonfinite: skip", (long long)step, why);
         *skipped = true;
-        t->skipped++; // a warning even under --quiet
-        fprintf(stderr, "%smolt train: step %lld: %s: update skipped (train.on_nonfinite: "
-                "skip)\n", t->o->quiet ? "" : "\n", (long long)step, why);
+        t->skipped++;
+        if (t->par.rank == 0) // a warning even under --quiet
+            fprintf(stderr, "%smolt train: step %lld: %s: update skipped (train.on_nonfinite: "
+                    "skip)\n", t->o->quiet ? "" : "\n", (long long)step, why);
     } else {
         MOLT_TRY(opt_adamw_step(&t->opt, *lr));
     }
@@ -457,45 +537,17 @@ static molt_status train_step(trn *t, double *loss, double *gnorm, double *lr, b
     return MOLT_OK;
 }
 
-// Both forms of the adapter are written completely (the PEFT directory beside adapter/, the
-// HDF5 file under a temporary name) before either replaces the previous one, so a failure
-// leaves the two files of the same step as they were.
-static molt_status save_adapter(trn *t) {
-    char p[TRN_PATH_MAX + 64], *h5_tmp = NULL;
-    snprintf(p, sizeof p, "%s/adapter", t->cfg->output_dir);
-    molt_outdir d;
-    MOLT_TRY(molt_outdir_begin(&d, p, true, "adapter directory"));
-    molt_status st = lora_export_peft(&t->ad, d.tmp, t->cfg->model);
-    snprintf(p, sizeof p, "%s/adapter.h5", t->cfg->output_dir);
-    if (st == MOLT_OK)
-        st = molt_tmp_path(p, &h5_tmp);
-    if (st == MOLT_OK)
-        st = lora_save(&t->ad, h5_tmp);
-    if (st == MOLT_OK)
-        st = molt_outdir_commit(&d);
-    else
-        molt_outdir_abort(&d);
-    if (st == MOLT_OK)
-        st = molt_commit_tmp(h5_tmp, p);
-    else if (h5_tmp)
-        unlink(h5_tmp);
-    molt_free(h5_tmp);
-    MOLT_TRY(st);
-    if (!t->o->quiet)
-        fprintf(stderr, "molt train: adapter saved to %s/adapter (PEFT) and %s\n",
-                t->cfg->output_dir, p);
-    return MOLT_OK;
-}
-
 static const char *signal_name(int sig) {
     return sig == SIGINT ? "Ctrl-C (SIGINT)" : sig == SIGTERM ? "SIGTERM" : "a stop signal";
 }
 
-// The run stops on a stop request after step t->step, whose checkpoint is on disk.
+// The run stops on a stop request after step t->step, whose checkpoint is on disk. Across
+// ranks rank 0 says so (a rank that got no signal stops because another did).
 static molt_status report_stop(trn *t, const char *during, bool *interrupted) {
-    fprintf(stderr, "\nmolt train: interrupted by %s%s: checkpoint of step %lld written; "
-            "continue with --resume auto\n", signal_name((int)g_stop), during,
-            (long long)t->step);
+    if (t->par.rank == 0)
+        fprintf(stderr, "\nmolt train: interrupted by %s%s: checkpoint of step %lld written; "
+                "continue with --resume auto\n", signal_name((int)g_stop), during,
+                (long long)t->step);
     *interrupted = true;
     return MOLT_OK;
 }
@@ -513,8 +565,8 @@ static molt_status loop(trn *t, bool *interrupted) {
         if (st != MOLT_OK && ag_interrupt_pending()) // an op gave up on the stop request
             st = MOLT_EINTERRUPTED;
         if (st == MOLT_EINTERRUPTED) {
-            // abandoned before its update: back to where the step started, so that a resume
-            // runs it again exactly
+            // abandoned before its update (one process only): back to where the step
+            // started, so that a resume runs it again exactly
             ag_ctx_step_reset(&t->ctx);
             MOLT_TRY(step_rewind(t, &snap));
             if (t->step > t->last_ckpt_step)
@@ -538,12 +590,17 @@ static molt_status loop(trn *t, bool *interrupted) {
             r.has_eval = eval_st == MOLT_OK;
             snprintf(eval_err, sizeof eval_err, "%s", eval_st ? molt_err_msg() : "");
         }
-        MOLT_TRY(metrics_append(&t->mlog, &r));
+        if (t->mlog_open)
+            MOLT_TRY(metrics_append(&t->mlog, &r));
         progress(t, loss, lr, run_s, t->step - start);
-        if (r.has_eval && !t->o->quiet)
+        if (r.has_eval && !t->quiet)
             fprintf(stderr, "molt train: step %lld eval_loss %.4f\n", (long long)t->step,
                     r.eval_loss);
+        // a signal seen by one rank stops every rank after the same step
         bool stop = g_stop != 0;
+        MOLT_TRY(trn_par_any(&t->par, &stop));
+        if (stop && !g_stop)
+            g_stop = SIGTERM;
         // a failed evaluation still gets the checkpoint of its step before the run stops
         bool ckpt = last || stop || eval_st != MOLT_OK ||
                     (c->ckpt_every > 0 && t->step % c->ckpt_every == 0) ||
@@ -558,10 +615,20 @@ static molt_status loop(trn *t, bool *interrupted) {
         if (stop && !last)
             return report_stop(t, eval_st ? " during evaluation" : "", interrupted);
     }
-    if (t->skipped)
+    if (t->skipped && t->par.rank == 0)
         fprintf(stderr, "molt train: %lld step%s skipped for a non-finite loss or update\n",
                 (long long)t->skipped, t->skipped == 1 ? "" : "s");
-    return save_adapter(t);
+    MOLT_TRY(trn_save_adapter(t));
+    const char *prof = getenv("MOLT_PROFILE");
+    bool show = t->par.size > 1 || (prof && *prof && strcmp(prof, "0") != 0);
+    if (!show)
+        return MOLT_OK;
+    if (t->par.size > 1 && prof && *prof && strcmp(prof, "0") != 0) {
+        ag_comm_profile_print(t->par.world, stderr); // every rank: its own bytes and seconds
+        ag_comm_profile_print(t->par.ep, stderr);
+        ag_comm_profile_print(t->par.dp, stderr);
+    }
+    return trn_par_report(&t->par, t->quiet ? NULL : stderr, now_s() - t0, t->step - start);
 }
 
 // The files a run writes may not be, hold or lie inside what it reads, and output_dir may
@@ -592,6 +659,8 @@ static molt_status check_outputs(const trn_config *c, const char *tok) {
 // the sizes it takes, the data inputs, the output paths, then the tokenizer and the model.
 static molt_status setup(trn *t) {
     const trn_config *c = t->cfg;
+    MOLT_TRY(trn_par_init(&t->par, t->o->world, c));
+    t->quiet = t->o->quiet || t->par.rank != 0;
     char tok[TRN_PATH_MAX + 32];
     MOLT_TRY(tokenizer_path(c, tok, sizeof tok));
     MOLT_TRY(trn_check_sizes(c));
@@ -616,7 +685,7 @@ static molt_status setup_training(trn *t) {
     MOLT_TRY(lora_spec_parse(c->adapter, &spec));
     MOLT_TRY(lora_attach(&t->model, &spec, true, &t->ad));
     t->attached = true;
-    if (!t->o->quiet)
+    if (!t->quiet)
         lora_print_table(&t->ad, stderr);
     MOLT_TRY(collect_params(t));
     MOLT_TRY(opt_adamw_init(&t->opt, t->n_params, t->params, &c->adamw));
@@ -630,8 +699,10 @@ static molt_status setup_training(trn *t) {
 }
 
 // Once every check passed and any resume took: output_dir and its resolved configuration
-// (a refused run leaves both as they were).
+// (a refused run leaves both as they were). Rank 0 writes them.
 static molt_status start_outputs(trn *t) {
+    if (!trn_par_writes(&t->par))
+        return MOLT_OK;
     char p[TRN_PATH_MAX + 32];
     MOLT_TRY(mkdir_p(t->cfg->output_dir));
     snprintf(p, sizeof p, "%s/config.resolved.yaml", t->cfg->output_dir);
@@ -649,8 +720,9 @@ static molt_status eval_only(trn *t) {
     double loss;
     int64_t n;
     MOLT_TRY(evaluate(t, &loss, &n));
-    printf("eval_loss %.6f (%lld target tokens, %s)\n", loss, (long long)n,
-           t->o->eval_adapter ? t->o->eval_adapter : "base model");
+    if (trn_par_writes(&t->par))
+        printf("eval_loss %.6f (%lld target tokens, %s)\n", loss, (long long)n,
+               t->o->eval_adapter ? t->o->eval_adapter : "base model");
     return MOLT_OK;
 }
 
@@ -663,6 +735,7 @@ static void trn_free(trn *t) {
         opt_adamw_free(&t->opt);
     molt_free(t->params);
     molt_free(t->names);
+    molt_free(t->shard);
     if (t->attached)
         lora_detach(&t->ad);
     mdl_free(&t->model);
@@ -670,6 +743,7 @@ static void trn_free(trn *t) {
     chat_template_free(t->ct);
     tok_free(t->tok);
     molt_free(t->resolved);
+    trn_par_free(&t->par);
 }
 
 molt_status trn_run(const trn_config *c, const trn_run_opts *o, bool *interrupted) {
@@ -692,9 +766,11 @@ molt_status trn_run(const trn_config *c, const trn_run_opts *o, bool *interrupte
         t->last_ckpt_step = resumed ? t->step : -1;
         if (st == MOLT_OK)
             st = start_outputs(t);
-        if (st == MOLT_OK)
+        if (st == MOLT_OK && trn_par_writes(&t->par)) {
             st = metrics_open(&t->mlog, c->output_dir, resumed ? t->step : 0);
-        t->mlog_open = st == MOLT_OK;
+            t->mlog_open = st == MOLT_OK;
+        }
+        g_abandon = t->par.size == 1;
         struct sigaction sa = {.sa_handler = on_signal}, old_int, old_term;
         sigemptyset(&sa.sa_mask);
         sigaction(SIGINT, &sa, &old_int);

@@ -49,6 +49,9 @@ typedef struct {
     char output_dir[TRN_PATH_MAX];
     int ckpt_every, keep_last;    // checkpoint.every (0: at the end only), keep_last
     int eval_every, eval_max_batches; // eval.every (0: at the end only), eval.max_batches
+    int par_data;                 // parallel.data: replicas (0: ranks / parallel.expert)
+    int par_expert;               // parallel.expert: ranks the routed experts are split over
+    double par_timeout_s;         // parallel.timeout_s: a collective waiting longer fails
 } trn_config;
 
 // Fills c with the defaults (the required paths empty).
@@ -70,6 +73,7 @@ typedef struct {
     bool eval_only;      // evaluate (base, or base + eval_adapter) and exit
     const char *eval_adapter; // adapter file or PEFT directory for eval_only (may be NULL)
     bool quiet;          // no progress output
+    ag_comm *world;      // every rank of the job (autograd/comm/comm.h); NULL: one process
 } trn_run_opts;
 
 // Runs training (or evaluation) as configured. Writes output_dir/{config.resolved.yaml,
@@ -81,6 +85,47 @@ molt_status trn_run(const trn_config *c, const trn_run_opts *o, bool *interrupte
 // The known keys with a line of help each, for --help.
 void trn_config_print_keys(FILE *f);
 
+// ---- across ranks (train/parallel.c) ----------------------------------------------------
+// World rank r = d * expert + e: replica d of parallel.data holds expert block e of
+// parallel.expert. Each rank trains on batch_size / ranks rows of every batch.
+typedef struct {
+    ag_comm *world;        // not owned
+    ag_comm *ep;           // the ranks of replica d (expert group; NULL with one rank)
+    ag_comm *dp;           // the ranks holding expert block e (NULL with one rank)
+    int rank, size, data, expert, d, e;
+} trn_par;
+// Checks data x expert = ranks and batch_size % ranks == 0 (MOLT_EARG naming the keys), sets
+// the world's timeout and splits the groups (collective).
+molt_status trn_par_init(trn_par *p, ag_comm *world, const trn_config *c);
+void trn_par_free(trn_par *p);
+// The expert group to shard the model over (NULL when parallel.expert is 1).
+ag_comm *trn_par_experts(const trn_par *p);
+// This rank's rows [*row0, *row0 + *n) of a batch of `rows` rows, rows_used of them real
+// (*n may be 0 in the last batch of an epoch).
+void trn_par_rows(const trn_par *p, int rows, int rows_used, int *row0, int *n);
+// v[0..n) summed over the world; *flag true on every rank when it is true on one.
+molt_status trn_par_sum(const trn_par *p, double *v, int n);
+molt_status trn_par_any(const trn_par *p, bool *flag);
+// Gradients summed: params with shard[i] false over the world, shard[i] true (routed-expert
+// LoRA of a sharded model) over the replicas of the shard. Afterwards every parameter has a
+// gradient, the same on every rank that holds it.
+molt_status trn_par_reduce_grads(const trn_par *p, ag_tensor *const *params, const bool *shard,
+                                 int n);
+// opt_clip_grad_norm over the whole adapter: the shards' squares summed over the expert group.
+molt_status trn_par_clip(const trn_par *p, ag_tensor *const *params, const bool *shard, int n,
+                         double max_norm, double *total_norm);
+// Rank 0 writes files; the ranks of replica 0 take part in gathering shards.
+bool trn_par_writes(const trn_par *p);
+bool trn_par_gathers(const trn_par *p);
+// Prints (rank 0, f not NULL) each rank's memory peak (molt's data, common/err.h, and the
+// process's VmHWM) and, across ranks, its seconds in collectives against loop_s. Collective.
+molt_status trn_par_report(const trn_par *p, FILE *f, double loop_s, int64_t steps);
+// full = unit u's whole A (b false) or B from every rank's `local` (collective over the
+// expert group for a shard; a copy otherwise). Only ranks where trn_par_gathers is true call
+// it.
+molt_status trn_par_gather(const trn_par *p, const lora_adapter *ad, const lora_unit *u, bool b,
+                           const float *local, float *full);
+
 int trn_cmd_train(int argc, char **argv); // molt train
 // molt export: --checkpoint CKPT here (train/export.c), every other form is lora_cmd_export.
 int trn_cmd_export(int argc, char **argv);
@@ -90,5 +135,40 @@ int trn_cmd_export(int argc, char **argv);
 molt_status trn_checkpoint_adapter(mdl_model *m, const char *path, lora_wire wire,
                                    lora_adapter *out);
 int trn_cmd_bench_ckpt(int argc, char **argv); // molt bench ckpt (train/bench.c)
+
+// ---- memory plans (train/plan.c; the command in train/plan_cli.c) ------------------------
+typedef struct {
+    mcfg cfg;               // the model
+    int ranks, data, expert; // data 0: ranks / expert; expert 0: 1
+    mdl_qspec quant;        // the base's formats when quant_set (else f32)
+    bool quant_set;
+    lora_spec adapter;
+    int seq_len, batch;     // the global batch: batch rows of seq_len tokens
+    bool act_ckpt;          // count the activations with checkpointing
+    double tokenizer_bytes; // what loading the tokenizer takes (measured by the caller)
+} trn_plan_opts;
+// Bytes per rank (doubles: counts of bytes), parameters per rank.
+typedef struct {
+    int data, expert, rows;          // the layout, rows per rank
+    int64_t tokens;                  // tokens per rank and micro-batch
+    size_t weights[MDL_PG_COUNT];    // base weights by group
+    double weights_total;
+    double params_replicated, params_shard, params_full; // LoRA parameters
+    double adapter, grads, optimizer;
+    double act_plain, act_ckpt;      // activation peak without / with checkpointing
+    double activations;              // the one counted
+    double workspace;                // the largest kernel scratch (inside the activations)
+    double comm;                     // the gradient-reduction bucket
+    double kv_cache;                 // the latent cache of rows x seq_len tokens
+    double host;                     // host side: tokenizer and batches
+    double ckpt_staging;             // host side of rank 0 while it writes a checkpoint
+    double total;                    // the training peak of a rank's device (or CPU) side
+    double total_cpu;                // device and host side in one memory (a CPU run)
+    double total_cpu_rank0;          // the same with a checkpoint staged on rank 0
+    double total_infer;              // weights, adapter, KV cache
+} trn_plan;
+// The plan of one rank. MOLT_EARG when the layout does not fit the model or the batch.
+molt_status trn_plan_compute(const trn_plan_opts *o, trn_plan *p);
+int trn_cmd_plan(int argc, char **argv); // molt plan
 
 #endif

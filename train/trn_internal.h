@@ -1,5 +1,7 @@
-// train/trn_internal.h: what the files of the training loop share (trainer.c and the checks
-// made before and at resume, preflight.c). Not part of the train module's API.
+// train/trn_internal.h: what the files of the training loop share: the state of one run
+// (trainer.c, the loop), its checkpoints, resume and adapter files (trn_state.c) and the
+// checks made before the run and at resume (preflight.c). Not a public API (trainer.h has
+// that).
 #ifndef MOLT_TRN_INTERNAL_H
 #define MOLT_TRN_INTERNAL_H
 
@@ -36,15 +38,25 @@ typedef struct {
     int64_t skipped;                // steps skipped for a non-finite loss or update
     char paths[2][DS_MAX_INPUTS][TRN_PATH_MAX]; // the FILE of each data.train / data.eval
                                     // item (FILE@W), which the loaders point to
+    trn_par par;                    // the ranks (one process: a world of one)
+    bool quiet;                     // no progress output (--quiet, or not rank 0)
+    bool *shard;                    // [n_params] a routed-expert LoRA shard (expert parallel)
+    bool grads_dumped;              // MOLT_TEST_GRADS written
 } trn;
 
-// Writes the checkpoint of step t->step (elapsed_run: seconds of this run so far) and
-// records it in t->last_ckpt_step; the MOLT_TEST_KILL_* hooks kill the process here.
+// Writes a checkpoint of the current step (shards gathered on replica 0, rank 0 writes) and
+// records it in t->last_ckpt_step; elapsed_run: seconds of this run so far. Test hooks
+// MOLT_TEST_KILL_AT_STEP and MOLT_TEST_KILL_IN_CKPT_WRITE end the process around the write.
 molt_status trn_save_ckpt(trn *t, double elapsed_run);
 // Applies --resume (nothing, "auto" or a path): refuses checkpoints when there are some and
 // no --resume, restores the newest valid one (or the one named) after checking its base
-// model, tokenizer and adapter spec. *resumed tells whether a checkpoint was restored.
+// model, tokenizer and adapter spec, each rank keeping its part. *resumed tells whether a
+// checkpoint was restored.
 molt_status trn_maybe_resume(trn *t, bool *resumed);
+// MOLT_TEST_GRADS: the whole adapter's gradient of this run's first step, as safetensors.
+molt_status trn_dump_grads(trn *t);
+// The adapter as a PEFT directory and a molt adapter file (shards gathered, rank 0 writes).
+molt_status trn_save_adapter(trn *t);
 // The value of an integer environment variable (test hooks), -1 when unset.
 long trn_env_long(const char *name);
 

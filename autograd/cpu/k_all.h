@@ -13,3 +13,4 @@
 #include "k_bi.h"
 #include "k_lora_multi.h"
 #include "k_moe_multi.h"
+#include "k_ep.h"

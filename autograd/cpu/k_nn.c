@@ -180,15 +180,16 @@ static inline int dropout_keep(uint64_t seed, int64_t i, double p) {
     return (double)(z >> 11) * 0x1.0p-53 >= p;
 }
 
-void K(dropout_fwd)(real *y, const real *x, uint64_t seed, double p, int64_t n) {
+void K(dropout_fwd)(real *y, const real *x, uint64_t seed, double p, int64_t first, int64_t n) {
     real s = (real)(1.0 / (1.0 - p));
     for (int64_t i = 0; i < n; i++)
-        y[i] = dropout_keep(seed, i, p) ? x[i] * s : 0;
+        y[i] = dropout_keep(seed, first + i, p) ? x[i] * s : 0;
 }
 
-void K(dropout_bwd)(real *dx, const real *dy, uint64_t seed, double p, int64_t n) {
+void K(dropout_bwd)(real *dx, const real *dy, uint64_t seed, double p, int64_t first,
+                    int64_t n) {
     real s = (real)(1.0 / (1.0 - p));
     for (int64_t i = 0; i < n; i++)
-        if (dropout_keep(seed, i, p))
+        if (dropout_keep(seed, first + i, p))
             dx[i] += dy[i] * s;
 }

@@ -39,7 +39,10 @@ void K(embedding_bwd)(real *dtable, const real *dy, const int32_t *ids, int64_t 
 
 // Inverted dropout with the keep mask derived from (seed, element index) by a hash, so the
 // backward pass regenerates exactly the forward mask without storing it.
-void K(dropout_fwd)(real *y, const real *x, uint64_t seed, double p, int64_t n); // y, x (n)
-void K(dropout_bwd)(real *dx, const real *dy, uint64_t seed, double p, int64_t n); // dx += (n)
+// Element i's mask comes from index first + i (a rank's rows of a batch split over ranks).
+void K(dropout_fwd)(real *y, const real *x, uint64_t seed, double p, int64_t first,
+                    int64_t n);                                                  // y, x (n)
+void K(dropout_bwd)(real *dx, const real *dy, uint64_t seed, double p, int64_t first,
+                    int64_t n);                                                  // dx += (n)
 // One stable softmax row: y = exp(x - max) / sum, the sum accumulated in double.
 void K(softmax_row)(real *y, const real *x, int64_t n);                   // y, x (n)

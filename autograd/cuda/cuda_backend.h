@@ -92,10 +92,11 @@ int molt_cuda_embedding_fwd(molt_cuda_dtype dt, void *y, const void *table,
 int molt_cuda_embedding_bwd(molt_cuda_dtype dt, void *dtable, const void *dy,
                             const int32_t *ids, int64_t n, int64_t c);
 // inverted dropout with the CPU's counter-based keep mask (same seed -> same mask)
+// (element i draws the mask of flat index first + i)
 int molt_cuda_dropout_fwd(molt_cuda_dtype dt, void *y, const void *x, uint64_t seed, double p,
-                          int64_t n);
+                          int64_t first, int64_t n);
 int molt_cuda_dropout_bwd(molt_cuda_dtype dt, void *dx, const void *dy, uint64_t seed,
-                          double p, int64_t n);
+                          double p, int64_t first, int64_t n);
 
 // ---- linear and RMSNorm (k_linear.cu; cpu/k_linear.c) ------------------------------------
 // y (T, out) = x (T, in) w (out, in)^T, overwritten

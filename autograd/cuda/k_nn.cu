@@ -331,39 +331,41 @@ __device__ __forceinline__ bool dropout_keep(uint64_t seed, int64_t i, double p)
 
 template <typename T>
 __global__ static void dropout_fwd_kernel(T *y, const T *x, uint64_t seed, double p, float s,
-                                          int64_t n) {
-    GRID_LOOP(i, n) cu_st(y, i, dropout_keep(seed, i, p) ? __fmul_rn(cu_ld(x, i), s) : 0.0f);
+                                          int64_t first, int64_t n) {
+    GRID_LOOP(i, n) {
+        cu_st(y, i, dropout_keep(seed, first + i, p) ? __fmul_rn(cu_ld(x, i), s) : 0.0f);
+    }
 }
 
 template <typename T>
 __global__ static void dropout_bwd_kernel(T *dx, const T *dy, uint64_t seed, double p, float s,
-                                          int64_t n) {
+                                          int64_t first, int64_t n) {
     GRID_LOOP(i, n) {
-        if (dropout_keep(seed, i, p))
+        if (dropout_keep(seed, first + i, p))
             cu_st(dx, i, __fadd_rn(cu_ld(dx, i), __fmul_rn(cu_ld(dy, i), s)));
     }
 }
 
 extern "C" int molt_cuda_dropout_fwd(molt_cuda_dtype dt, void *y, const void *x, uint64_t seed,
-                                     double p, int64_t n) {
+                                     double p, int64_t first, int64_t n) {
     if (n <= 0)
         return 0;
     CU_TRY(cu_ready());
     float s = (float)(1.0 / (1.0 - p));
     DISPATCH(dt, (dropout_fwd_kernel<T><<<cu_blocks(n, EW_THREADS), EW_THREADS, 0,
-                                          cu_stream()>>>((T *)y, (const T *)x, seed, p, s, n)));
+                                          cu_stream()>>>((T *)y, (const T *)x, seed, p, s, first, n)));
     CU_LAUNCHED("dropout_fwd_kernel");
     return 0;
 }
 
 extern "C" int molt_cuda_dropout_bwd(molt_cuda_dtype dt, void *dx, const void *dy,
-                                     uint64_t seed, double p, int64_t n) {
+                                     uint64_t seed, double p, int64_t first, int64_t n) {
     if (n <= 0)
         return 0;
     CU_TRY(cu_ready());
     float s = (float)(1.0 / (1.0 - p));
     DISPATCH(dt, (dropout_bwd_kernel<T><<<cu_blocks(n, EW_THREADS), EW_THREADS, 0,
-                                          cu_stream()>>>((T *)dx, (const T *)dy, seed, p, s, n)));
+                                          cu_stream()>>>((T *)dx, (const T *)dy, seed, p, s, first, n)));
     CU_LAUNCHED("dropout_bwd_kernel");
     return 0;
 }
