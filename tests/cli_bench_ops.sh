@@ -37,8 +37,11 @@ for f in f32 nf4; do
         [ "$n" -eq 2 ] || fail "expected 2 '$f' rows with T=$t, got $n: $out"
     done
 done
+# the kernel's own time and rate must be positive; the baselines beside them (a plain read,
+# sgemm) and the ratios may print as 0.00 where a sanitizer build slows them past the
+# printed precision
 bad=$(awk '($1 == "f32" || $1 == "nf4") && $2 == "quick" {
-    for (i = 6; i <= NF; i++) if (!($i ~ /^[0-9.]+$/) || $i + 0 <= 0) print }' <<<"$out")
+    for (i = 6; i <= NF; i++) if (!($i ~ /^[0-9.]+$/) || (i <= 7 && $i + 0 <= 0)) print }' <<<"$out")
 [ -z "$bad" ] || fail "non-positive or missing numbers in the batch-invariant rows: $bad"
 
 "$molt" bench ops --bogus 2>/dev/null && fail "unknown option accepted"
