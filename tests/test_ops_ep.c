@@ -184,19 +184,9 @@ START_TEST(bad_routes) {
 }
 END_TEST
 
-static void launch(int np) {
-    if (!mpi_env_available()) {
-        fprintf(stderr, "test_ops_ep: no MPI launcher (MOLT_MPIEXEC): %d ranks not run\n", np);
-        return;
-    }
-    char *argv[] = {(char *)mpi_env_self(), NULL};
-    int rc = mpi_env_launch(np, argv, NULL, NULL);
-    ck_assert_msg(rc == 0, "%d ranks: the launcher exited with %d", np, rc);
-}
-
-START_TEST(two_ranks) { launch(2); }
+START_TEST(two_ranks) { mpi_env_run_self("test_ops_ep", 2); }
 END_TEST
-START_TEST(four_ranks) { launch(4); }
+START_TEST(four_ranks) { mpi_env_run_self("test_ops_ep", 4); }
 END_TEST
 
 // ---- as one of several ranks -----------------------------------------------------------------

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "autograd/comm/comm.h"
+#include "harness.h"
 
 bool mpi_env_is_rank(void) { return ag_comm_launched_size() > 1; }
 
@@ -92,4 +93,14 @@ int mpi_env_launch(int np, char *const *argv, char *const *env, const char *log_
     if (WIFEXITED(status))
         return WEXITSTATUS(status);
     return 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+}
+
+void mpi_env_run_self(const char *name, int np) {
+    if (!mpi_env_available()) {
+        fprintf(stderr, "%s: no MPI launcher (MOLT_MPIEXEC): %d ranks not run\n", name, np);
+        return;
+    }
+    char *argv[] = {(char *)mpi_env_self(), NULL};
+    int rc = mpi_env_launch(np, argv, NULL, NULL);
+    ck_assert_msg(rc == 0, "%d ranks: the launcher exited with %d", np, rc);
 }

@@ -22,5 +22,9 @@ const char *mpi_env_self(void);
 // log_path when it is not NULL. Returns the launcher's exit status, 77 when no launcher is
 // known, -1 when it could not be started.
 int mpi_env_launch(int np, char *const *argv, char *const *env, const char *log_path);
+// Inside a Check test: runs this program again as np ranks (they run its multi-rank suite)
+// and fails the test unless the launcher exits 0; without a launcher it says so on stderr,
+// naming the program `name`, and returns.
+void mpi_env_run_self(const char *name, int np);
 
 #endif
