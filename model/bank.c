@@ -129,8 +129,9 @@ molt_status mdl_bank_set_experts(mdl_bank *b, const mdl_model *m, int s, int l,
     const mdl_layer *y = &m->layers[l];
     if (!y->moe)
         return molt_err(MOLT_EARG, "adapter bank: layer %d has no routed experts", l);
-    int64_t E = m->cfg.n_routed_experts, I = m->cfg.moe_intermediate_size,
-            H = m->cfg.hidden_size, rE = (int64_t)el->r * E;
+    // a model holding some experts only (expert parallelism) takes their part of the LoRA
+    int64_t E = m->ep.count > 0 ? m->ep.count : m->cfg.n_routed_experts,
+            I = m->cfg.moe_intermediate_size, H = m->cfg.hidden_size, rE = (int64_t)el->r * E;
     bool ok = el->r >= 1 && isfinite(el->scale);
     if (el->a_gate_up)
         ok = ok && pair_fits(el->a_gate_up, el->b_gate_up, 2 * I, H) &&

@@ -279,7 +279,7 @@ static molt_status forward_ranks(const mdl_model *m, const seqs *s, const char *
             st = run_one(&c, m, s->ids + s->start[i], T, &lg);
         else {
             ag_ctx_step_reset(&c);
-            st = mdl_serve_experts(&c, m);
+            st = mdl_serve_experts(&c, m, NULL);
         }
         int64_t *send_rows = rows, *recv_rows = rows + P;
         for (int p = 0; p < P; p++) {

@@ -335,16 +335,18 @@ ag_tensor *mdl_ffn_r(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x, const m
     return shared ? ag_add(c, routed, shared) : NULL;
 }
 
-molt_status mdl_serve_experts(ag_ctx *c, const mdl_model *m) {
+molt_status mdl_serve_experts(ag_ctx *c, const mdl_model *m, const mdl_bank *bank) {
     if (!m->ep.comm)
         return molt_err(MOLT_EARG, "serve experts: the model holds every expert (no expert "
                         "group)");
     bool grad = c->grad_mode;
     ag_ctx_set_grad(c, false);
     ag_tensor *like = ag_tensor_new2(&c->act, AG_F32, 1, m->cfg.hidden_size);
+    mdl_route served = {.bank = bank, .slot = NULL}; // the rows' slots come with them
     molt_status st = like ? MOLT_OK : molt_err_wrap(MOLT_ENOMEM, "serve experts");
     for (int l = 0; st == MOLT_OK && l < m->cfg.num_hidden_layers; l++)
-        if (m->layers[l].moe && !mdl_experts_parallel(c, m, l, NULL, NULL, NULL, NULL, like))
+        if (m->layers[l].moe && !mdl_experts_parallel(c, m, l, NULL, NULL, NULL,
+                                                      bank ? &served : NULL, like))
             st = molt_err_wrap(MOLT_EIO, "serve experts of layer %d", l);
     ag_ctx_set_grad(c, grad);
     return st;

@@ -364,8 +364,11 @@ ag_tensor *mdl_ffn(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x);
 // For a rank of a sharded model that has no tokens of its own while the other ranks of its
 // expert group run mdl_forward (or mdl_hidden): for every MoE layer in order, this rank's
 // experts run on the rows the others send (the collectives their forward makes). Inference
-// only (grad mode is off for the call).
-molt_status mdl_serve_experts(ag_ctx *c, const mdl_model *m);
+// only (grad mode is off for the call). bank: the adapter bank the others' forward uses
+// (mdl_forward_spans), or NULL: each received row then runs under the adapter slot it
+// carries, as it would on its sender.
+struct mdl_bank;
+molt_status mdl_serve_experts(ag_ctx *c, const mdl_model *m, const struct mdl_bank *bank);
 // One decoder layer: h + attn(norm(h)), then + ffn(norm(.)). h [T, H] -> [T, H].
 ag_tensor *mdl_layer_forward(ag_ctx *c, const mdl_model *m, int l, ag_tensor *h,
                              const mdl_attn_in *a);
@@ -397,7 +400,7 @@ molt_status mdl_greedy(ag_ctx *c, const mdl_model *m, const int32_t *prompt, int
 int mdl_lin_count(const mdl_model *m);
 mdl_lin *mdl_lin_at(mdl_model *m, int id); // NULL when out of range
 
-typedef struct {
+typedef struct mdl_bank {
     int n_slots;              // adapters the bank can hold
     int n_lins, n_layers;     // of the model it was made for
     ag_lora_ab *lin;          // [n_lins * n_slots]: slot s on linear id at [id * n_slots + s]

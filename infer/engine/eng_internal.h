@@ -93,6 +93,8 @@ struct eng_engine {
     pthread_cond_t idle_cv; // the engine thread went idle or stopped
     pthread_t thread;
     bool started, stop, accepting, abort_all;
+    bool group_stop;        // expert group: every rank asked to stop (engine thread only)
+    bool group_broken;      // expert group: a collective failed; no more collectives
     eng_req *incoming, *incoming_tail; // submitted, not yet taken by the engine thread
     int n_incoming;
     eng_req *waiting;       // engine thread only: not running (new or preempted), FIFO

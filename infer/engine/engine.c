@@ -66,8 +66,8 @@ static molt_status load_all(eng_engine *e) {
     mdl_qspec q;
     if (o->base_quant && *o->base_quant)
         MOLT_TRY(mdl_qspec_parse(o->base_quant, &q));
-    MOLT_TRY(mdl_load_quant(o->model_dir, o->base_quant && *o->base_quant ? &q : NULL,
-                            &e->model));
+    MOLT_TRY(mdl_load_quant_ex(o->model_dir, o->base_quant && *o->base_quant ? &q : NULL,
+                               o->experts, &e->model));
     const mcfg *c = &e->model.cfg;
     if ((int64_t)tok_vocab_size(e->tok) > c->vocab_size)
         return molt_err(MOLT_EFORMAT, "engine: the tokenizer has %zu ids, the model %d",
@@ -132,11 +132,12 @@ molt_status eng_create(const eng_opts *o, eng_engine **out) {
 static void *engine_main(void *arg) {
     eng_engine *e = arg;
     pthread_mutex_lock(&e->mu);
-    while (!e->stop) {
+    // alone: until asked to stop; in an expert group: until every rank has asked
+    while (e->o.experts && !e->group_broken ? !e->group_stop : !e->stop) {
         pthread_mutex_unlock(&e->mu);
         bool did = eng_step(e);
         pthread_mutex_lock(&e->mu);
-        if (!did && !e->stop) {
+        if (!did && (!e->stop || e->o.experts)) {
             pthread_cond_broadcast(&e->idle_cv);
             // sleep until something arrives (submission, cancel, loaded adapter, shutdown);
             // a bounded wait, so that a missed signal costs at most a few milliseconds

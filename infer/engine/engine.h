@@ -38,6 +38,18 @@ typedef struct {
     bool no_prefix_caching;  // turn off the sharing of identical leading prompt blocks
     const char *tokenizer;   // tokenizer file; NULL = model_dir/tekken.json, else
                              // model_dir/tokenizer.json
+    struct ag_comm *experts; // expert group (autograd/comm/comm.h) or NULL: the routed
+                             // experts split over its ranks (mdl_load_quant_ex). Every rank
+                             // of the group runs its own engine on its own requests; their
+                             // steps go in lockstep (one small allreduce per step), a rank
+                             // with nothing to run serves its experts to the others, and the
+                             // threads stop together once every rank has asked to stop
+                             // (eng_shutdown on each). Only the engine thread then uses the
+                             // communicator, from eng_start until eng_shutdown returns.
+                             // Rows reach their experts' owners with their adapter slot, so
+                             // every rank registers the same adapters in the same order before
+                             // eng_start, all resident (at most max_loaded_adapters); adding
+                             // one after eng_start is refused.
 } eng_opts;
 void eng_opts_default(eng_opts *o);
 

@@ -241,10 +241,21 @@ molt_status eng_adapter_add(eng_engine *e, const char *name, const char *path) {
         return molt_err(MOLT_EARG, "adapter path must be 1 to %zu bytes",
                         sizeof e->entries->path - 1);
     pthread_mutex_lock(&e->mu);
-    bool taken = eng_find(e, name) != NULL;
+    bool taken = eng_find(e, name) != NULL, late = e->o.experts && e->started;
+    int n = 0;
+    for (eng_entry *x = e->entries; x; x = x->next)
+        n += !x->removed;
     pthread_mutex_unlock(&e->mu);
     if (taken)
         return molt_err(MOLT_EARG, "an adapter named `%s` is already loaded", name);
+    // an expert group's ranks must agree on every adapter's bank slot (engine.h)
+    if (late)
+        return molt_err(MOLT_EUNSUPPORTED, "adapter %s: an engine whose experts are split over "
+                        "ranks takes its adapters before it starts", name);
+    if (e->o.experts && n >= e->o.max_loaded_adapters)
+        return molt_err(MOLT_EARG, "adapter %s: an engine whose experts are split over ranks "
+                        "keeps every adapter resident; max_loaded_adapters is %d", name,
+                        e->o.max_loaded_adapters);
     lora_adapter *ad;
     MOLT_TRY(load_adapter(e, path, &ad));
     eng_entry *x = molt_calloc(1, sizeof *x);

@@ -5,8 +5,12 @@
 // later), then chunks of waiting prompts in arrival order within max_batch_tokens (a prompt's
 // leading blocks may come from the prefix cache). It runs the forward with every sequence's
 // adapter slot (mdl_forward_spans), then samples, delivers events and retires finished
-// sequences. Not here: the threads and request handles (engine.c), adapters (pool.c).
+// sequences. In an expert group (eng_opts.experts) the ranks' steps go in lockstep: one
+// allreduce per step says whether any rank has work; a rank without any serves its experts.
+// Not here: the threads and request handles (engine.c), adapters (pool.c).
 #include "eng_internal.h"
+
+#include "../../autograd/comm/comm.h"
 
 #include <math.h>
 #include <string.h>
@@ -456,36 +460,81 @@ static void publish_stats(eng_engine *e) {
     pthread_mutex_unlock(&e->mu);
 }
 
+// Expert group: whether any rank has work this step (*any) and whether every rank has asked
+// to stop (then e->group_stop). A failed collective ends the group's work here for good: the
+// requests fail with its message and the thread no longer takes part.
+static molt_status group_sync(eng_engine *e, bool have_work, bool *any) {
+    pthread_mutex_lock(&e->mu);
+    int32_t f[2] = {have_work, !e->stop}; // max over ranks: someone works, someone goes on
+    pthread_mutex_unlock(&e->mu);
+    molt_status st = ag_comm_allreduce(e->o.experts, f, 2, AG_I32, AG_COMM_MAX);
+    pthread_mutex_lock(&e->mu);
+    if (st != MOLT_OK)
+        e->group_broken = true;
+    else if (!f[1])
+        e->group_stop = true;
+    pthread_mutex_unlock(&e->mu);
+    *any = st == MOLT_OK && f[0];
+    return st;
+}
+
 bool eng_step(eng_engine *e) {
     take_incoming(e);
     pthread_mutex_lock(&e->mu);
     e->step++;
     eng_pool_sync(e);
-    bool abort_all = e->abort_all;
+    // a broken expert group cannot run a forward any more: what comes is aborted
+    bool group = e->o.experts && !e->group_broken;
+    bool abort_all = e->abort_all || (e->o.experts && e->group_broken);
     pthread_mutex_unlock(&e->mu);
     if (abort_all) {
         eng_finish_all(e, ENG_FINISH_ABORT);
         publish_stats(e);
-        return false;
+        if (!group)
+            return false;
     }
     cancel_requested(e);
     plan p = {0};
     int n_decode = plan_decode(e, &p);
     plan_prefill(e, &p, e->o.max_batch_tokens - n_decode);
+    bool any = p.n > 0;
+    molt_status st = MOLT_OK;
+    if (group && (st = group_sync(e, p.n > 0, &any)) != MOLT_OK) {
+        char msg[512];
+        snprintf(msg, sizeof msg, "engine step (expert group): %s", molt_err_msg());
+        for (int i = 0; i < p.n; i++)
+            fail(e, p.rq[i], st, msg);
+        eng_finish_all(e, ENG_FINISH_ABORT);
+        p.n = 0;
+        any = false;
+    }
     if (p.n == 0) {
         molt_free(p.sp);
         molt_free(p.rq);
+        if (any) { // the others run a forward: this rank's experts take part in it
+            ag_ctx_step_reset(&e->ctx);
+            if (mdl_serve_experts(&e->ctx, &e->model, &e->bank) != MOLT_OK) {
+                pthread_mutex_lock(&e->mu);
+                e->group_broken = true;
+                pthread_mutex_unlock(&e->mu);
+            }
+        }
         publish_stats(e);
-        return false;
+        return any;
     }
     ag_ctx_step_reset(&e->ctx);
     ag_tensor *logits = NULL;
-    molt_status st = mdl_forward_spans(&e->ctx, &e->model, &e->kv, &e->bank, p.sp, p.n, &logits);
+    st = mdl_forward_spans(&e->ctx, &e->model, &e->kv, &e->bank, p.sp, p.n, &logits);
     if (st != MOLT_OK) {
         char msg[512];
         snprintf(msg, sizeof msg, "engine step: %s", molt_err_msg());
         for (int i = 0; i < p.n; i++)
             fail(e, p.rq[i], st, msg);
+        if (group) { // a rank failed inside the group's forward: the others cannot go on
+            pthread_mutex_lock(&e->mu);
+            e->group_broken = true;
+            pthread_mutex_unlock(&e->mu);
+        }
     } else {
         deliver(e, &p, logits);
     }

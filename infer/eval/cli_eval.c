@@ -4,6 +4,7 @@
 // win over both. Not here: running (run.c).
 #include "run_internal.h"
 
+#include "../../autograd/comm/comm.h"
 #include "../../common/opt.h"
 #include "../../common/yamlkv.h"
 
@@ -47,7 +48,13 @@ static const char usage[] =
     "file holds the same settings as keys: model, base_quant, tokenizer, base, baseline, limit,\n"
     "seed, resamples, on_bad_record, out, kv_cache_mib, max_batch_tokens, adapters.NAME: PATH,\n"
     "and per dataset datasets.NAME.{path, task, metrics, max_tokens, stop, temperature, top_k,\n"
-    "top_p, seed}; --set KEY=VALUE sets one key (lists as [a, b] or a,b).\n";
+    "top_p, seed}; --set KEY=VALUE sets one key (lists as [a, b] or a,b).\n"
+    "\n"
+    "Under mpirun (or srun) with N ranks, example i runs on rank i %% N and rank 0 writes the\n"
+    "report (the same files as one process). parallel.expert=E (--set) splits the routed\n"
+    "experts over groups of E ranks (each holds 1/E of them; the group's engines step\n"
+    "together); parallel.data defaults to N / E; parallel.timeout_s (300) bounds every wait\n"
+    "on another rank.\n";
 
 // Everything the options and the suite file give, as text until checked.
 typedef struct {
@@ -124,7 +131,8 @@ static bool is_list_key(const char *key) {
 static bool known_key(const char *key) {
     static const char *const top[] = {"model", "base_quant", "tokenizer", "base", "baseline",
                                       "limit", "seed", "resamples", "on_bad_record", "out",
-                                      "kv_cache_mib", "max_batch_tokens"};
+                                      "kv_cache_mib", "max_batch_tokens", "parallel.data",
+                                      "parallel.expert", "parallel.timeout_s"};
     static const char *const field[] = {"path", "task", "metrics", "max_tokens", "stop",
                                         "temperature", "top_k", "top_p", "seed"};
     if (!strncmp(key, "adapters.", 9))
@@ -353,13 +361,19 @@ static int to_opts(const settings *s, ev_run_opts *o, char names[][128]) {
         o->adapter_path[at] = s->kv[i].value;
     }
     o->baseline = get(s, "baseline");
-    int64_t limit = 0, res = o->boot.n_resamples, kv = 0, mbt = 0;
-    if (!molt_opt_int(CMD, "limit", get(s, "limit"), 0, INT64_MAX / 2, &limit) ||
+    int64_t limit = 0, res = o->boot.n_resamples, kv = 0, mbt = 0, pd = 0, pe = 1;
+    if (!molt_opt_int(CMD, "parallel.data", get(s, "parallel.data"), 1, 1 << 20, &pd) ||
+        !molt_opt_int(CMD, "parallel.expert", get(s, "parallel.expert"), 1, 1 << 20, &pe) ||
+        !molt_opt_double(CMD, "parallel.timeout_s", get(s, "parallel.timeout_s"), 1e-3, 1e9,
+                         &o->par_timeout_s) ||
+        !molt_opt_int(CMD, "limit", get(s, "limit"), 0, INT64_MAX / 2, &limit) ||
         !molt_opt_int(CMD, "resamples", get(s, "resamples"), 1, 10000000, &res) ||
         !molt_opt_uint64(CMD, "seed", get(s, "seed"), &o->boot.seed) ||
         !molt_opt_int(CMD, "kv_cache_mib", get(s, "kv_cache_mib"), 1, 1 << 20, &kv) ||
         !molt_opt_int(CMD, "max_batch_tokens", get(s, "max_batch_tokens"), 1, 1 << 20, &mbt))
         return 2;
+    o->par_data = (int)pd;
+    o->par_expert = (int)pe;
     o->limit = limit;
     o->boot.n_resamples = (int)res;
     o->kv_cache_mib = (int)kv;
@@ -504,18 +518,29 @@ int ev_cmd_eval(int argc, char **argv) {
     if (rc == 0)
         rc = to_opts(&s, o, names);
     char *cfg = NULL;
+    ag_comm *world = NULL;
+    if (rc == 0 && ag_comm_world(o->par_timeout_s, &world) != MOLT_OK) {
+        fprintf(stderr, CMD ": %s\n", molt_err_msg());
+        rc = 1;
+    }
     if (rc == 0) {
         o->progress = !quiet;
+        o->world = world;
         cfg = config_json(o);
         o->config_json = cfg;
         ev_run_summary sum;
         if (ev_run(o, &sum) != MOLT_OK) {
-            fprintf(stderr, CMD ": %s\n", molt_err_msg());
+            char why[1024];
+            snprintf(why, sizeof why, CMD ": %s", molt_err_msg());
+            if (ag_comm_size(world) > 1) // the other ranks would wait for this one
+                ag_comm_abort(world, 1, why);
+            fprintf(stderr, "%s\n", why);
             rc = 1;
-        } else {
+        } else if (sum.rank == 0) {
             print_summary(o, &sum);
         }
     }
+    ag_comm_free(world);
     free(cfg);
     molt_free(o);
     molt_free(names);

@@ -328,6 +328,18 @@ typedef struct {
     int kv_cache_mib, max_batch_tokens, max_num_seqs; // engine sizes (0: defaults)
     bool progress;            // progress on stderr (a bar on a terminal, lines otherwise)
     const char *config_json;  // the resolved configuration, for report.json (NULL: {})
+    // Across ranks (mpirun): world (autograd/comm/comm.h) NULL or of one rank: one process.
+    // Otherwise example i of every dataset runs on rank i % ranks (all its systems), each
+    // rank with its own engine; with par_expert = E > 1 the routed experts are split over
+    // groups of E consecutive ranks (each rank holds n_routed_experts / E of them, their
+    // engines step together). Rank 0 gathers every result at the end and alone writes
+    // and prints the report: the same files as one process (an example's numbers do not
+    // depend on which requests share its batches). The final gather waits for a slower
+    // rank up to the world's timeout plus the time this rank's own share took.
+    struct ag_comm *world;
+    int par_expert;           // parallel.expert (0 or 1: every rank holds every expert)
+    int par_data;             // parallel.data (0: ranks / expert); data x expert = ranks
+    double par_timeout_s;     // parallel.timeout_s, for the caller's world (0: the default)
 } ev_run_opts;
 void ev_run_opts_default(ev_run_opts *o);
 
@@ -341,6 +353,8 @@ typedef struct {
     int64_t data_computed[EV_MAX_DATA], data_naive[EV_MAX_DATA], data_cached[EV_MAX_DATA];
     double seconds;           // wall time of the run (model load included)
     int64_t examples, bad;    // examples used, bad records skipped (all datasets)
+    int ranks, rank;          // the job's ranks and this one's (1 and 0 alone); counters
+                              // above are the whole job's, the report rank 0's alone
 } ev_run_summary;
 
 // Runs the evaluation: loads the model and adapters, reads every dataset, runs every

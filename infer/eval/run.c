@@ -10,9 +10,13 @@
 //             cache blocks come from the prefix cache);
 //   generate  one request generating the answer (stop strings end it).
 // Results fill the results model (results.c); the report is computed and written at the
-// end. Not here: reading records (records.c), statistics and files (stats.c, report.c).
+// end. Across ranks each rank runs its share of the examples (and, with the experts split,
+// its engine steps with its expert group's), then rank 0 gathers the results and alone
+// writes the report. Not here: reading records (records.c), statistics and files (stats.c,
+// report.c).
 #include "run_internal.h"
 
+#include "../../autograd/comm/comm.h"
 #include "../engine/engine.h"
 
 #include <math.h>
@@ -126,8 +130,8 @@ typedef struct {
     int64_t n_units, next_unit, units_done;
     flight *f;
     int n_f, cap_f;
-    double *sys_nll;    // [n_systems] token-weighted loss numerator
-    int64_t *sys_tok;
+    double *nll;        // loss: [item * n_systems + system] NLL of the trained tokens
+    int64_t *ntok;      // and how many they are
     int64_t naive;      // tokens a context-per-choice evaluation computes
     double t0, last_print;
 } runner;
@@ -224,8 +228,8 @@ static molt_status finish_unit(runner *r, unit *u) {
     case EV_TASK_LOSS:
         loss = u->ntok ? u->nll / (double)u->ntok : NAN;
         v[0] = loss;
-        r->sys_nll[u->sys] += u->nll;
-        r->sys_tok[u->sys] += u->ntok;
+        r->nll[u->item * r->sy->n + u->sys] = u->nll;
+        r->ntok[u->item * r->sy->n + u->sys] = u->ntok;
         break;
     case EV_TASK_CHOICE: {
         int best = 0, best_norm = 0;
@@ -426,9 +430,28 @@ static molt_status metric_defs(const ev_data_spec *d, runner *r, ev_metric_def *
     return MOLT_OK;
 }
 
+// What a dataset's run leaves for the end of the run (the gather across ranks and the
+// token-weighted losses): per example and system, the loss task's NLL and token count.
+typedef struct {
+    int64_t n_items;
+    double *nll;   // [n_items * n_systems]
+    int64_t *ntok;
+} part;
+
+static void part_free(part *p) {
+    molt_free(p->nll);
+    molt_free(p->ntok);
+    memset(p, 0, sizeof *p);
+}
+
+// Whether this rank runs example i (rank i % ranks).
+static bool mine(const ev_run_summary *sum, int64_t i) {
+    return i % sum->ranks == sum->rank;
+}
+
 static molt_status run_dataset(const ev_run_opts *o, const ev_data_spec *d, const systems *sy,
                                eng_engine *eng, const chat_template *ct, ev_dataset *ds,
-                               ev_run_summary *sum, int di) {
+                               ev_run_summary *sum, int di, part *pt) {
     ev_read_ctx x = {.task = d->task, .ct = ct, .tok = eng_tokenizer(eng),
                      .max_len = eng_max_model_len(eng),
                      .max_tokens = d->max_tokens > 0 ? d->max_tokens : 64, .limit = o->limit,
@@ -442,6 +465,7 @@ static molt_status run_dataset(const ev_run_opts *o, const ev_data_spec *d, cons
         return st;
     runner r = {.o = o, .d = d, .sy = sy, .eng = eng, .items = &items, .ds = ds,
                 .t0 = now_s()};
+    pt->n_items = items.n;
     ev_metric_def defs[EV_MAX_METRICS];
     int nm = 0;
     st = metric_defs(d, &r, defs, &nm);
@@ -450,22 +474,24 @@ static molt_status run_dataset(const ev_run_opts *o, const ev_data_spec *d, cons
                              sy->name, sy->baseline, nm, defs);
     for (int64_t i = 0; st == MOLT_OK && i < items.n; i++)
         st = ev_dataset_add(ds, items.it[i].id, items.it[i].category, items.it[i].target);
-    r.n_units = items.n * sy->n;
+    int64_t owned = 0;
+    for (int64_t i = 0; i < items.n; i++)
+        owned += mine(sum, i);
+    r.n_units = owned * sy->n;
     r.u = molt_calloc((size_t)(r.n_units > 0 ? r.n_units : 1), sizeof *r.u);
-    r.sys_nll = molt_calloc((size_t)sy->n, sizeof *r.sys_nll);
-    r.sys_tok = molt_calloc((size_t)sy->n, sizeof *r.sys_tok);
-    if (st == MOLT_OK && (!r.u || !r.sys_nll || !r.sys_tok))
+    size_t cells = (size_t)(items.n > 0 ? items.n : 1) * (size_t)sy->n;
+    pt->nll = r.nll = molt_calloc(cells, sizeof *r.nll);
+    pt->ntok = r.ntok = molt_calloc(cells, sizeof *r.ntok);
+    if (st == MOLT_OK && (!r.u || !r.nll || !r.ntok))
         st = molt_err(MOLT_ENOMEM, "eval: out of memory");
-    // system-major within each example: the systems of one example run side by side
-    for (int64_t i = 0; st == MOLT_OK && i < r.n_units; i++)
-        r.u[i] = (unit){.item = i / sy->n, .sys = (int)(i % sy->n)};
+    // this rank's examples; system-major within each: its systems run side by side
+    for (int64_t i = 0, k = 0; st == MOLT_OK && i < items.n; i++)
+        for (int s = 0; mine(sum, i) && s < sy->n; s++)
+            r.u[k++] = (unit){.item = i, .sys = s};
     if (st == MOLT_OK)
         st = drive(&r);
     for (int k = 0; k < r.n_f; k++)
         eng_release(r.f[k].q);
-    for (int s = 0; st == MOLT_OK && d->task == EV_TASK_LOSS && s < sy->n; s++)
-        sum->token_loss[di * sy->n + s] = r.sys_tok[s] ? r.sys_nll[s] / (double)r.sys_tok[s]
-                                                       : NAN;
     sum->tokens_naive += r.naive;
     sum->examples += items.n;
     eng_get_stats(eng, &after);
@@ -479,20 +505,19 @@ static molt_status run_dataset(const ev_run_opts *o, const ev_data_spec *d, cons
     molt_free(r.tm);
     molt_free(r.u);
     molt_free(r.f);
-    molt_free(r.sys_nll);
-    molt_free(r.sys_tok);
     ev_items_free(&items);
     return st;
 }
 
 // ---- the run ------------------------------------------------------------------------------------
 
-static molt_status make_engine(const ev_run_opts *o, const systems *sy, eng_engine **out) {
+static molt_status make_engine(const ev_run_opts *o, ag_comm *experts, eng_engine **out) {
     eng_opts eo;
     eng_opts_default(&eo);
     eo.model_dir = o->model_dir;
     eo.base_quant = o->base_quant;
     eo.tokenizer = o->tokenizer;
+    eo.experts = experts;
     eo.block_tokens = 8; // small blocks: a choice recomputes at most 7 context tokens
     if (o->kv_cache_mib > 0)
         eo.kv_cache_mib = o->kv_cache_mib;
@@ -514,8 +539,187 @@ static molt_status make_engine(const ev_run_opts *o, const systems *sy, eng_engi
         eng_free(*out);
         *out = NULL;
     }
-    (void)sy;
     return st;
+}
+
+// ---- across ranks ---------------------------------------------------------------------------------
+// Each rank other than 0 sends rank 0 its examples' results, in dataset, example and system
+// order: per (example, system) the example index (i64), the loss (f64), the NLL (f64) and
+// token count (i64) of the loss task, the metric values (f64 each), the prediction's length
+// (i32, -1 for none) and bytes. Rank 0 knows which examples each rank ran and checks the
+// indices it reads.
+
+typedef struct {
+    uint8_t *b;
+    size_t n, cap;
+} buf;
+
+static bool put(buf *w, const void *p, size_t n) {
+    if (w->n + n > w->cap) {
+        size_t cap = w->cap ? 2 * w->cap : 4096;
+        while (cap < w->n + n)
+            cap *= 2;
+        uint8_t *nb = molt_realloc(w->b, cap);
+        if (!nb)
+            return false;
+        w->b = nb;
+        w->cap = cap;
+    }
+    memcpy(w->b + w->n, p, n);
+    w->n += n;
+    return true;
+}
+
+static molt_status pack(const ev_dataset *ds, const part *pt, int n_data,
+                        const ev_run_summary *sum, buf *w) {
+    for (int d = 0; d < n_data; d++) {
+        int nm = ds[d].n_metrics, ns = ds[d].n_systems;
+        for (int64_t i = 0; i < pt[d].n_items; i++)
+            for (int s = 0; mine(sum, i) && s < ns; s++) {
+                const ev_example *x = &ds[d].ex[i];
+                int32_t len = x->pred[s] ? (int32_t)strlen(x->pred[s]) : -1;
+                size_t c = (size_t)i * (size_t)ns + (size_t)s;
+                if (!put(w, &i, sizeof i) || !put(w, &x->loss[s], sizeof(double)) ||
+                    !put(w, &pt[d].nll[c], sizeof(double)) ||
+                    !put(w, &pt[d].ntok[c], sizeof(int64_t)) ||
+                    !put(w, &x->values[(size_t)s * (size_t)nm], (size_t)nm * sizeof(double)) ||
+                    !put(w, &len, sizeof len) || (len > 0 && !put(w, x->pred[s], (size_t)len)))
+                    return molt_err(MOLT_ENOMEM, "eval: out of memory packing the results");
+            }
+    }
+    static const uint8_t zero[4] = {0};
+    return put(w, zero, (4 - w->n % 4) % 4) ? MOLT_OK
+                                            : molt_err(MOLT_ENOMEM, "eval: out of memory");
+}
+
+// Reads rank `from`'s results (b[0..n)) into the datasets.
+static molt_status unpack(ev_dataset *ds, part *pt, int n_data, int ranks, int from,
+                          const uint8_t *b, size_t n) {
+    size_t at = 0;
+#define TAKE(p, k)                                                                           \
+    do {                                                                                     \
+        if (at + (k) > n)                                                                    \
+            return molt_err(MOLT_EIO, "eval: rank %d's results end early (%zu bytes)", from, \
+                            n);                                                              \
+        memcpy((p), b + at, (k));                                                            \
+        at += (k);                                                                           \
+    } while (0)
+    double v[EV_MAX_METRICS];
+    for (int d = 0; d < n_data; d++) {
+        int nm = ds[d].n_metrics, ns = ds[d].n_systems;
+        for (int64_t i = from; i < pt[d].n_items; i += ranks)
+            for (int s = 0; s < ns; s++) {
+                int64_t item, ntok;
+                double loss, nll;
+                int32_t len;
+                TAKE(&item, sizeof item);
+                if (item != i)
+                    return molt_err(MOLT_EIO, "eval: rank %d sent example %lld of %s where "
+                                    "%lld was due", from, (long long)item, ds[d].name,
+                                    (long long)i);
+                TAKE(&loss, sizeof loss);
+                TAKE(&nll, sizeof nll);
+                TAKE(&ntok, sizeof ntok);
+                TAKE(v, (size_t)nm * sizeof *v);
+                TAKE(&len, sizeof len);
+                if (len < -1 || (len >= 0 && (size_t)len > n - at))
+                    return molt_err(MOLT_EIO, "eval: rank %d sent a prediction of %d bytes",
+                                    from, len);
+                char *pred = NULL;
+                if (len >= 0) {
+                    if (!(pred = molt_malloc((size_t)len + 1)))
+                        return molt_err(MOLT_ENOMEM, "eval: out of memory");
+                    memcpy(pred, b + at, (size_t)len);
+                    pred[len] = 0;
+                    at += (size_t)len;
+                }
+                size_t c = (size_t)i * (size_t)ns + (size_t)s;
+                pt[d].nll[c] = nll;
+                pt[d].ntok[c] = ntok;
+                molt_status st = ev_dataset_set(&ds[d], i, s, pred, loss, v);
+                molt_free(pred);
+                MOLT_TRY(st);
+            }
+    }
+#undef TAKE
+    return MOLT_OK;
+}
+
+// Brings every rank's results to rank 0 (one all-to-all of bytes, as i32 rows) and sums the
+// token counters over the ranks.
+static molt_status gather(ag_comm *w, ev_dataset *ds, part *pt, int n_data, ev_run_summary *sum,
+                          double waited_s) {
+    int P = sum->ranks;
+    double t = ag_comm_timeout(w);
+    ag_comm_set_timeout(w, t + waited_s); // a rank with a longer share is still working
+    double cnt[3 + 3 * EV_MAX_DATA] = {(double)sum->tokens_computed,
+                                       (double)sum->tokens_cached, (double)sum->tokens_naive};
+    for (int d = 0; d < n_data; d++) {
+        cnt[3 + 3 * d] = (double)sum->data_computed[d];
+        cnt[4 + 3 * d] = (double)sum->data_cached[d];
+        cnt[5 + 3 * d] = (double)sum->data_naive[d];
+    }
+    buf wb = {0};
+    int64_t *rows = molt_calloc((size_t)P * 2, sizeof *rows), *recv_rows = rows ? rows + P : NULL;
+    uint8_t *recv = NULL;
+    molt_status st = rows ? MOLT_OK : molt_err(MOLT_ENOMEM, "eval: out of memory");
+    if (st == MOLT_OK && sum->rank != 0)
+        st = pack(ds, pt, n_data, sum, &wb);
+    if (st == MOLT_OK) {
+        rows[0] = (int64_t)(wb.n / 4);
+        st = ag_comm_alltoall_counts(w, rows, recv_rows);
+    }
+    int64_t total = 0;
+    for (int r = 0; st == MOLT_OK && r < P; r++)
+        total += recv_rows[r];
+    if (st == MOLT_OK && !(recv = molt_malloc((size_t)(total > 0 ? total : 1) * 4)))
+        st = molt_err(MOLT_ENOMEM, "eval: out of memory for %lld bytes of results",
+                      (long long)total * 4);
+    static const int32_t nothing = 0; // rank 0 sends nothing
+    if (st == MOLT_OK)
+        st = ag_comm_alltoallv(w, wb.b ? (const void *)wb.b : &nothing, rows, recv, recv_rows, 1,
+                               AG_I32);
+    for (int64_t r = 1, off = 0; st == MOLT_OK && sum->rank == 0 && r < P; r++) {
+        off += recv_rows[r - 1];
+        st = unpack(ds, pt, n_data, P, (int)r, recv + off * 4, (size_t)recv_rows[r] * 4);
+    }
+    if (st == MOLT_OK)
+        st = ag_comm_allreduce(w, cnt, 3 + 3 * n_data, AG_F64, AG_COMM_SUM);
+    if (st == MOLT_OK) {
+        sum->tokens_computed = (int64_t)cnt[0];
+        sum->tokens_cached = (int64_t)cnt[1];
+        sum->tokens_naive = (int64_t)cnt[2];
+        for (int d = 0; d < n_data; d++) {
+            sum->data_computed[d] = (int64_t)cnt[3 + 3 * d];
+            sum->data_cached[d] = (int64_t)cnt[4 + 3 * d];
+            sum->data_naive[d] = (int64_t)cnt[5 + 3 * d];
+        }
+    }
+    ag_comm_set_timeout(w, t);
+    molt_free(wb.b);
+    molt_free(rows);
+    molt_free(recv);
+    return st;
+}
+
+// The job's layout: ranks, this rank, and the expert group (NULL when every rank holds
+// every expert).
+static molt_status layout(const ev_run_opts *o, ev_run_summary *sum, ag_comm **experts) {
+    *experts = NULL;
+    sum->ranks = o->world ? ag_comm_size(o->world) : 1;
+    sum->rank = o->world ? ag_comm_rank(o->world) : 0;
+    int E = o->par_expert > 0 ? o->par_expert : 1, P = sum->ranks;
+    if (P % E != 0)
+        return molt_err(MOLT_EARG, "eval: parallel.expert = %d does not divide the %d ranks", E,
+                        P);
+    int D = o->par_data > 0 ? o->par_data : P / E;
+    if (D * E != P)
+        return molt_err(MOLT_EARG, "eval: parallel.data x parallel.expert = %d x %d = %d, but "
+                        "the job has %d ranks", D, E, D * E, P);
+    if (E == 1)
+        return MOLT_OK;
+    // consecutive ranks form an expert group, as in molt train
+    return ag_comm_split(o->world, sum->rank / E, sum->rank % E, "expert", experts);
 }
 
 molt_status ev_run(const ev_run_opts *o, ev_run_summary *sum) {
@@ -528,18 +732,27 @@ molt_status ev_run(const ev_run_opts *o, ev_run_summary *sum) {
         return molt_err(MOLT_EARG, "eval: %d datasets (1 to %d)", o->n_data, EV_MAX_DATA);
     sum->n_systems = sy.n;
     sum->n_data = o->n_data;
+    ag_comm *experts = NULL;
+    MOLT_TRY(layout(o, sum, &experts));
+    ev_run_opts mine_o = *o;
+    mine_o.progress = o->progress && sum->rank == 0; // rank 0 shows its own share
     eng_engine *eng;
-    MOLT_TRY(make_engine(o, &sy, &eng));
+    molt_status st = make_engine(&mine_o, experts, &eng);
+    if (st != MOLT_OK) {
+        ag_comm_free(experts);
+        return st;
+    }
     chat_template *ct = NULL;
-    molt_status st = chat_template_new(eng_tokenizer(eng), NULL, &ct);
+    st = chat_template_new(eng_tokenizer(eng), NULL, &ct);
     ev_dataset *ds = molt_calloc((size_t)o->n_data, sizeof *ds);
-    if (st == MOLT_OK && !ds)
+    part *pt = molt_calloc((size_t)o->n_data, sizeof *pt);
+    if (st == MOLT_OK && (!ds || !pt))
         st = molt_err(MOLT_ENOMEM, "eval: out of memory");
     eng_stats before, after;
     eng_get_stats(eng, &before);
     int done = 0;
     for (int i = 0; st == MOLT_OK && i < o->n_data; i++) {
-        st = run_dataset(o, &o->data[i], &sy, eng, ct, &ds[i], sum, i);
+        st = run_dataset(&mine_o, &o->data[i], &sy, eng, ct, &ds[i], sum, i, &pt[i]);
         if (st == MOLT_OK)
             done = i + 1;
         else
@@ -548,23 +761,45 @@ molt_status ev_run(const ev_run_opts *o, ev_run_summary *sum) {
     eng_get_stats(eng, &after);
     sum->tokens_computed = after.prompt_tokens - before.prompt_tokens;
     sum->tokens_cached = after.prefix_hit_tokens - before.prefix_hit_tokens;
-    eng_free(eng);
+    eng_free(eng); // in an expert group: once every rank is done (the engines stop together)
+    ag_comm_free(experts);
     chat_template_free(ct);
+    if (st == MOLT_OK && sum->ranks > 1)
+        st = gather(o->world, ds, pt, done, sum, now_s() - t0);
+    // token-weighted losses, summed in example order (the same sums for any rank count)
+    for (int d = 0; st == MOLT_OK && sum->rank == 0 && d < done; d++) {
+        if (o->data[d].task != EV_TASK_LOSS)
+            continue;
+        for (int s = 0; s < sy.n; s++) {
+            double nll = 0;
+            int64_t tok = 0;
+            for (int64_t i = 0; i < pt[d].n_items; i++) {
+                nll += pt[d].nll[i * sy.n + s];
+                tok += pt[d].ntok[i * sy.n + s];
+            }
+            sum->token_loss[d * sy.n + s] = tok ? nll / (double)tok : NAN;
+        }
+    }
     ev_report rep = {0};
     const ev_dataset *dp[EV_MAX_DATA];
     for (int i = 0; i < done; i++)
         dp[i] = &ds[i];
     bool computed = false;
-    if (st == MOLT_OK && (st = ev_report_compute(&rep, dp, done, &o->boot)) == MOLT_OK)
-        computed = true;
-    if (st == MOLT_OK && o->out_dir)
-        st = ev_report_write(&rep, o->out_dir, o->config_json);
-    if (st == MOLT_OK)
-        ev_report_print(&rep, stdout);
+    if (st == MOLT_OK && sum->rank == 0) {
+        if ((st = ev_report_compute(&rep, dp, done, &o->boot)) == MOLT_OK)
+            computed = true;
+        if (st == MOLT_OK && o->out_dir)
+            st = ev_report_write(&rep, o->out_dir, o->config_json);
+        if (st == MOLT_OK)
+            ev_report_print(&rep, stdout);
+    }
     if (computed)
         ev_report_free(&rep);
     for (int i = 0; i < done; i++)
         ev_dataset_free(&ds[i]);
+    for (int i = 0; pt && i < o->n_data; i++)
+        part_free(&pt[i]);
+    molt_free(pt);
     molt_free(ds);
     sum->seconds = now_s() - t0;
     return st;
