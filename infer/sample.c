@@ -5,8 +5,13 @@
 #include "infer.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 void inf_sample_opts_default(inf_sample_opts *o) {
     *o = (inf_sample_opts){.temperature = 0, .top_k = 0, .top_p = 1, .seed = 0};
@@ -38,12 +43,66 @@ void inf_sampler_free(inf_sampler *s) {
     memset(s, 0, sizeof *s);
 }
 
-int32_t inf_argmax(const float *x, int64_t n) {
-    int64_t best = 0;
-    for (int64_t i = 1; i < n; i++)
-        if (x[i] > x[best])
+// The index of the first maximum of x[0..n) (NaN never wins) and whether x holds a NaN. The
+// vocabulary is read in blocks of 64: the block's maximum and NaN test first (4 lanes at a
+// time where SSE2 is there), then the block is scanned in order only when it holds a value
+// above the best so far; so the first maximum is found as by a plain scan.
+static int32_t argmax_nan(const float *x, int64_t n, bool *nan_seen) {
+    int64_t best = 0, i = 1;
+    float bv = x[0];
+    bool bad = isnan(x[0]);
+    for (; i + 64 <= n; i += 64) {
+        const float *b = x + i;
+        float m;
+#if defined(__SSE2__)
+        __m128 mv = _mm_loadu_ps(b), nv = _mm_cmpunord_ps(mv, mv);
+        for (int j = 4; j < 64; j += 4) {
+            __m128 v = _mm_loadu_ps(b + j);
+            mv = _mm_max_ps(v, mv); // a NaN in v leaves mv; NaNs are flagged below
+            nv = _mm_or_ps(nv, _mm_cmpunord_ps(v, v));
+        }
+        float lanes[4];
+        _mm_storeu_ps(lanes, mv);
+        bad |= _mm_movemask_ps(nv) != 0;
+        m = lanes[0];
+        for (int j = 1; j < 4; j++)
+            m = lanes[j] > m ? lanes[j] : m;
+#else
+        m = b[0];
+        for (int j = 0; j < 64; j++) {
+            bad |= isnan(b[j]);
+            m = b[j] > m ? b[j] : m;
+        }
+#endif
+        if (m > bv)
+            for (int j = 0; j < 64; j++)
+                if (b[j] > bv) {
+                    bv = b[j];
+                    best = i + j;
+                }
+    }
+    for (; i < n; i++) {
+        bad |= isnan(x[i]);
+        if (x[i] > bv) {
+            bv = x[i];
             best = i;
+        }
+    }
+    *nan_seen = bad;
     return (int32_t)best;
+}
+
+int32_t inf_argmax(const float *x, int64_t n) {
+    bool nan_seen;
+    return argmax_nan(x, n, &nan_seen);
+}
+
+// The first NaN of x[0..n), or -1.
+static int64_t first_nan(const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (isnan(x[i]))
+            return i;
+    return -1;
 }
 
 static molt_status ensure_cap(inf_sampler *s, int64_t V) {
@@ -162,11 +221,13 @@ molt_status inf_sample_dist(inf_sampler *s, const float *logits, int64_t V, int6
     if (V < 1 || V > INT32_MAX)
         return molt_err(MOLT_EARG, "sampling: vocabulary of %lld tokens", (long long)V);
     MOLT_TRY(ensure_cap(s, V));
-    for (int64_t i = 0; i < V; i++)
-        if (isnan(logits[i]))
-            return molt_err(MOLT_EARG, "sampling: logit %lld is NaN", (long long)i);
+    bool nan_seen;
+    int32_t top = argmax_nan(logits, V, &nan_seen); // one pass: greedy needs nothing more
+    if (nan_seen)
+        return molt_err(MOLT_EARG, "sampling: logit %lld is NaN",
+                        (long long)first_nan(logits, V));
     if (s->o.temperature == 0) {
-        s->cand[0] = inf_argmax(logits, V);
+        s->cand[0] = top;
         s->prob[0] = 1;
         s->n_cand = 1;
     } else

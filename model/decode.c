@@ -58,6 +58,26 @@ static inline float dot_lanes(const float *a, const float *b, int64_t n) {
     return acc[0];
 }
 
+// dot_lanes of a with each of b[0..4), the four at once (four independent chains of partial
+// sums instead of one: the same operations per dot, so the same bits).
+static inline void dot_lanes4(const float *a, const float *const b[4], int64_t n, float out[4]) {
+    float acc[4][LANES] = {{0}};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int r = 0; r < 4; r++)
+            for (int j = 0; j < LANES; j++)
+                acc[r][j] += a[i + j] * b[r][i + j];
+    for (int j = 0; i < n; i++, j++)
+        for (int r = 0; r < 4; r++)
+            acc[r][j] += a[i] * b[r][i];
+    for (int r = 0; r < 4; r++) {
+        for (int w = LANES / 2; w > 0; w /= 2)
+            for (int j = 0; j < w; j++)
+                acc[r][j] += acc[r][j + w];
+        out[r] = acc[r][0];
+    }
+}
+
 static inline void axpy_f(float *y, float a, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++)
         y[i] += a * x[i];
@@ -224,20 +244,37 @@ static void absorb_one(float *o, const float *qi, const float *w_uk, const float
         }
     }
     const float *qr = qi + d.dn;
-    for (int64_t s = 0; s < vis; s++) {
+    int64_t s = 0;
+    for (; s + 4 <= vis; s += 4) { // four cached rows at a time
+        const float *lat[4] = {rows[s], rows[s + 1], rows[s + 2], rows[s + 3]};
+        const float *rot[4] = {lat[0] + d.rkv, lat[1] + d.rkv, lat[2] + d.rkv, lat[3] + d.rkv};
+        float a[4], b[4];
+        dot_lanes4(t.ql, lat, d.rkv, a);
+        dot_lanes4(qr, rot, d.dr, b);
+        for (int r = 0; r < 4; r++)
+            t.sc[s + r] = coef * (a[r] + b[r]);
+    }
+    for (; s < vis; s++) {
         const float *row = rows[s];
         t.sc[s] = coef * (dot_lanes(t.ql, row, d.rkv) + dot_lanes(qr, row + d.rkv, d.dr));
     }
     double sum = softmax_inplace(t.sc, vis);
     memset(t.ctx, 0, (size_t)d.rkv * sizeof *t.ctx);
-    for (int64_t s = 0; s < vis; s++)
+    for (s = 0; s < vis; s++)
         axpy_f(t.ctx, t.sc[s], rows[s], d.rkv);
     if (lo->a) // u = A ctx
         for (int64_t k = 0; k < lo->r; k++)
             t.u[k] = dot_lanes(lo->a + k * d.rkv, t.ctx, d.rkv);
     float inv = (float)(1.0 / sum);
+    float wv[4] = {0};
     for (int64_t v = 0; v < d.dv; v++) { // out = W_UV (sum_s p_s c_s) (+ s B_UV A ctx)
-        float acc = dot_lanes(w_uv + v * d.rkv, t.ctx, d.rkv);
+        if (v % 4 == 0 && v + 4 <= d.dv) { // four rows of W_UV at a time
+            const float *wr[4] = {w_uv + v * d.rkv, w_uv + (v + 1) * d.rkv,
+                                  w_uv + (v + 2) * d.rkv, w_uv + (v + 3) * d.rkv};
+            dot_lanes4(t.ctx, wr, d.rkv, wv);
+        }
+        // dot_lanes(a, b) and dot_lanes(b, a) multiply the same pairs in the same order
+        float acc = v / 4 * 4 + 4 <= d.dv ? wv[v % 4] : dot_lanes(w_uv + v * d.rkv, t.ctx, d.rkv);
         if (lo->a) {
             const float *bv = bh + (d.dn + v) * lo->r;
             float lr = 0;
@@ -264,7 +301,9 @@ static ag_tensor *cached_absorbed(ag_ctx *c, const mdl_model *m, int l, const md
         return NULL;
     const float *qd = q->data;
     float *od = out->data;
-#pragma omp parallel for schedule(dynamic, 1) if (n * S * d.nh * d.rkv > 262144)
+    // each (query, head) costs about (DN + 2 S + DV) * RKV multiply-adds: a few heads are enough
+    // to share out (a decode step runs this once per sequence and layer)
+#pragma omp parallel for schedule(dynamic, 1) if (n * d.nh > 1 && n * S * d.nh * d.rkv > 32768)
     for (int64_t k = 0; k < n * d.nh; k++) {
         int64_t i = k / d.nh, h = k % d.nh;
         float *base = scratch + (int64_t)omp_get_thread_num() * per;

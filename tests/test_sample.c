@@ -229,6 +229,68 @@ START_TEST(test_errors) {
 }
 END_TEST
 
+// The blocked argmax against a plain first-maximum scan, on vocabularies whose length is not
+// a multiple of the block, with repeated maxima across blocks, -inf, and NaNs (a NaN never
+// wins; greedy sampling names the first one).
+static int32_t plain_argmax(const float *x, int64_t n) {
+    int64_t best = 0;
+    for (int64_t i = 1; i < n; i++)
+        if (x[i] > x[best])
+            best = i;
+    return (int32_t)best;
+}
+
+START_TEST(test_argmax_blocks) {
+    int64_t V = 131072 + 37;
+    float *x = malloc((size_t)V * sizeof *x);
+    ck_assert_ptr_nonnull(x);
+    for (int round = 0; round < 12; round++) {
+        uint64_t st = 0x9e3779b97f4a7c15ull * (uint64_t)(round + 1);
+        for (int64_t i = 0; i < V; i++) {
+            st = st * 6364136223846793005ull + 1442695040888963407ull;
+            x[i] = (float)((st >> 40) % 1000) / 100.0f - 5.0f; // many equal values
+        }
+        if (round % 3 == 1)
+            x[round * 1000 + 5] = INFINITY;
+        if (round % 3 == 2)
+            for (int64_t i = 0; i < V; i++)
+                x[i] = -INFINITY;
+        if (round == 5)
+            x[0] = 100; // the first element wins
+        if (round == 8)
+            x[V - 1] = 100; // the tail wins
+        ck_assert_int_eq(inf_argmax(x, V), plain_argmax(x, V));
+        for (int64_t n = 1; n < 200; n += 13)
+            ck_assert_int_eq(inf_argmax(x, n), plain_argmax(x, n));
+    }
+    // NaN: never the answer of the blocked scan; greedy sampling refuses it with its index
+    for (int64_t i = 0; i < V; i++)
+        x[i] = (float)(i % 977);
+    x[70000] = NAN;
+    ck_assert_int_eq(inf_argmax(x, V), plain_argmax(x, V));
+    inf_sample_opts o;
+    inf_sample_opts_default(&o);
+    inf_sampler s;
+    ck_assert_ok(inf_sampler_init(&s, &o));
+    int32_t t;
+    ck_assert_int_eq(inf_sample(&s, x, V, &t), MOLT_EARG);
+    ck_assert_str_eq(molt_err_msg(), "sampling: logit 70000 is NaN");
+    x[70000] = 1;
+    x[64 * 3 + 1] = NAN; // in a block
+    x[V - 2] = NAN;      // in the tail
+    ck_assert_int_eq(inf_sample(&s, x, V, &t), MOLT_EARG);
+    ck_assert_str_eq(molt_err_msg(), "sampling: logit 193 is NaN");
+    x[64 * 3 + 1] = 0;
+    ck_assert_int_eq(inf_sample(&s, x, V, &t), MOLT_EARG);
+    ck_assert_str_eq(molt_err_msg(), "sampling: logit 131107 is NaN");
+    x[V - 2] = 0;
+    ck_assert_ok(inf_sample(&s, x, V, &t));
+    ck_assert_int_eq(t, plain_argmax(x, V));
+    inf_sampler_free(&s);
+    free(x);
+}
+END_TEST
+
 // ---- UTF-8 streaming ---------------------------------------------------------------------
 
 // Pushes one piece and returns the bytes ready now (as a string, consumed).
@@ -262,6 +324,7 @@ static Suite *suite(void) {
     TCase *tc = tcase_create("sample");
     tcase_add_test(tc, test_dist_vs_brute_force);
     tcase_add_test(tc, test_greedy);
+    tcase_add_test(tc, test_argmax_blocks);
     tcase_add_test(tc, test_seed_determinism);
     tcase_add_test(tc, test_frequencies);
     tcase_add_test(tc, test_errors);

@@ -36,7 +36,7 @@
 #endif
 
 // Work below this many multiply-adds runs on one thread.
-#define BI_PAR_MIN ((int64_t)1 << 20)
+#define BI_PAR_MIN ((int64_t)1 << 17)
 // Bytes of f32 weights in one panel (one thread's unit of work, kept in its L2).
 #define BI_PANEL_BYTES ((int64_t)512 << 10)
 // Largest T for which quantized weights are decoded in registers.
