@@ -172,8 +172,9 @@ static void sort_cands(int32_t *cand, int64_t n, const double *w) {
 }
 
 // Fills s->w with exp((logit - max) / T) and returns their sum.
-static double tempered(inf_sampler *s, const float *logits, int64_t V) {
-    float mx = logits[inf_argmax(logits, V)];
+// top: the index of the largest logit.
+static double tempered(inf_sampler *s, const float *logits, int64_t V, int32_t top) {
+    float mx = logits[top];
     double sum = 0, t = s->o.temperature;
     for (int64_t i = 0; i < V; i++) {
         s->w[i] = exp(((double)logits[i] - mx) / t);
@@ -222,7 +223,7 @@ molt_status inf_sample_dist(inf_sampler *s, const float *logits, int64_t V, int6
         return molt_err(MOLT_EARG, "sampling: vocabulary of %lld tokens", (long long)V);
     MOLT_TRY(ensure_cap(s, V));
     bool nan_seen;
-    int32_t top = argmax_nan(logits, V, &nan_seen); // one pass: greedy needs nothing more
+    int32_t top = argmax_nan(logits, V, &nan_seen); // one pass: the NaN test and the maximum
     if (nan_seen)
         return molt_err(MOLT_EARG, "sampling: logit %lld is NaN",
                         (long long)first_nan(logits, V));
@@ -231,7 +232,7 @@ molt_status inf_sample_dist(inf_sampler *s, const float *logits, int64_t V, int6
         s->prob[0] = 1;
         s->n_cand = 1;
     } else
-        filter(s, V, tempered(s, logits, V));
+        filter(s, V, tempered(s, logits, V, top));
     *n = s->n_cand;
     *ids = s->cand;
     *probs = s->prob;

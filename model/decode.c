@@ -266,15 +266,18 @@ static void absorb_one(float *o, const float *qi, const float *w_uk, const float
         for (int64_t k = 0; k < lo->r; k++)
             t.u[k] = dot_lanes(lo->a + k * d.rkv, t.ctx, d.rkv);
     float inv = (float)(1.0 / sum);
-    float wv[4] = {0};
-    for (int64_t v = 0; v < d.dv; v++) { // out = W_UV (sum_s p_s c_s) (+ s B_UV A ctx)
-        if (v % 4 == 0 && v + 4 <= d.dv) { // four rows of W_UV at a time
-            const float *wr[4] = {w_uv + v * d.rkv, w_uv + (v + 1) * d.rkv,
-                                  w_uv + (v + 2) * d.rkv, w_uv + (v + 3) * d.rkv};
-            dot_lanes4(t.ctx, wr, d.rkv, wv);
-        }
-        // dot_lanes(a, b) and dot_lanes(b, a) multiply the same pairs in the same order
-        float acc = v / 4 * 4 + 4 <= d.dv ? wv[v % 4] : dot_lanes(w_uv + v * d.rkv, t.ctx, d.rkv);
+    // out = W_UV (sum_s p_s c_s) (+ s B_UV A ctx): the W_UV rows first, four at a time
+    // (dot_lanes(a, b) and dot_lanes(b, a) multiply the same pairs in the same order)
+    int64_t v = 0;
+    for (; v + 4 <= d.dv; v += 4) {
+        const float *wr[4] = {w_uv + v * d.rkv, w_uv + (v + 1) * d.rkv, w_uv + (v + 2) * d.rkv,
+                              w_uv + (v + 3) * d.rkv};
+        dot_lanes4(t.ctx, wr, d.rkv, o + v);
+    }
+    for (; v < d.dv; v++)
+        o[v] = dot_lanes(w_uv + v * d.rkv, t.ctx, d.rkv);
+    for (v = 0; v < d.dv; v++) {
+        float acc = o[v];
         if (lo->a) {
             const float *bv = bh + (d.dn + v) * lo->r;
             float lr = 0;

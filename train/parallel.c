@@ -27,15 +27,8 @@ molt_status trn_par_init(trn_par *p, ag_comm *world, const trn_config *c) {
     p->world = world;
     p->size = ag_comm_size(world);
     p->rank = ag_comm_rank(world);
-    p->expert = c->par_expert > 0 ? c->par_expert : 1;
-    if (p->size % p->expert != 0)
-        return molt_err(MOLT_EARG, "parallel: parallel.expert = %d does not divide the %d "
-                        "ranks", p->expert, p->size);
-    p->data = c->par_data > 0 ? c->par_data : p->size / p->expert;
-    if (p->data * p->expert != p->size)
-        return molt_err(MOLT_EARG, "parallel: parallel.data x parallel.expert = %d x %d = %d, "
-                        "but the job has %d ranks", p->data, p->expert, p->data * p->expert,
-                        p->size);
+    if (ag_comm_layout(p->size, c->par_expert, c->par_data, &p->data, &p->expert) != MOLT_OK)
+        return molt_err_wrap(MOLT_EARG, "parallel");
     if (c->batch_size % p->size != 0)
         return molt_err(MOLT_EARG, "parallel: train.batch_size = %d rows do not split evenly "
                         "over %d ranks (each rank trains on batch_size / ranks rows)",

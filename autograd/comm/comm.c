@@ -399,6 +399,18 @@ molt_status ag_comm_barrier(ag_comm *c) {
     return MOLT_OK;
 }
 
+molt_status ag_comm_layout(int ranks, int expert, int data, int *d, int *e) {
+    *e = expert > 0 ? expert : 1;
+    if (ranks % *e != 0)
+        return molt_err(MOLT_EARG, "parallel.expert = %d does not divide the %d ranks", *e,
+                        ranks);
+    *d = data > 0 ? data : ranks / *e;
+    if (*d * *e != ranks)
+        return molt_err(MOLT_EARG, "parallel.data x parallel.expert = %d x %d = %d, but the "
+                        "job has %d ranks", *d, *e, *d * *e, ranks);
+    return MOLT_OK;
+}
+
 void ag_comm_abort(ag_comm *c, int code, const char *why) {
     int wr = c ? ag_comm_world_rank(c, c->rank) : 0;
     fprintf(stderr, "molt: rank %d: %s: ending the job\n", wr, why && *why ? why : "error");

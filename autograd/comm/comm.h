@@ -54,6 +54,10 @@ bool ag_comm_have_nccl(void);
 // The number of processes a launcher started (OMPI_COMM_WORLD_SIZE, PMI_SIZE, PMIX_SIZE,
 // SLURM_NTASKS under srun), 1 when none did.
 int ag_comm_launched_size(void);
+// The layout parallel.data x parallel.expert of a job of `ranks`: *e = expert (0: 1), *d =
+// data (0: ranks / *e). MOLT_EARG when *e does not divide the ranks or *d x *e differs from
+// them (the message names the keys).
+molt_status ag_comm_layout(int ranks, int expert, int data, int *d, int *e);
 
 // The world: under a launcher with more than one process, initializes MPI (once per process;
 // the world is shared, freeing the last reference finalizes MPI) and returns an MPI world;

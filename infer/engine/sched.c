@@ -460,6 +460,13 @@ static void publish_stats(eng_engine *e) {
     pthread_mutex_unlock(&e->mu);
 }
 
+// Expert group: a collective or a forward of the group failed; no more collectives here.
+static void group_break(eng_engine *e) {
+    pthread_mutex_lock(&e->mu);
+    e->group_broken = true;
+    pthread_mutex_unlock(&e->mu);
+}
+
 // Expert group: whether any rank has work this step (*any) and whether every rank has asked
 // to stop (then e->group_stop). A failed collective ends the group's work here for good: the
 // requests fail with its message and the thread no longer takes part.
@@ -468,12 +475,13 @@ static molt_status group_sync(eng_engine *e, bool have_work, bool *any) {
     int32_t f[2] = {have_work, !e->stop}; // max over ranks: someone works, someone goes on
     pthread_mutex_unlock(&e->mu);
     molt_status st = ag_comm_allreduce(e->o.experts, f, 2, AG_I32, AG_COMM_MAX);
-    pthread_mutex_lock(&e->mu);
     if (st != MOLT_OK)
-        e->group_broken = true;
-    else if (!f[1])
+        group_break(e);
+    else if (!f[1]) {
+        pthread_mutex_lock(&e->mu);
         e->group_stop = true;
-    pthread_mutex_unlock(&e->mu);
+        pthread_mutex_unlock(&e->mu);
+    }
     *any = st == MOLT_OK && f[0];
     return st;
 }
@@ -513,11 +521,8 @@ bool eng_step(eng_engine *e) {
         molt_free(p.rq);
         if (any) { // the others run a forward: this rank's experts take part in it
             ag_ctx_step_reset(&e->ctx);
-            if (mdl_serve_experts(&e->ctx, &e->model, &e->bank) != MOLT_OK) {
-                pthread_mutex_lock(&e->mu);
-                e->group_broken = true;
-                pthread_mutex_unlock(&e->mu);
-            }
+            if (mdl_serve_experts(&e->ctx, &e->model, &e->bank) != MOLT_OK)
+                group_break(e);
         }
         publish_stats(e);
         return any;
@@ -530,11 +535,8 @@ bool eng_step(eng_engine *e) {
         snprintf(msg, sizeof msg, "engine step: %s", molt_err_msg());
         for (int i = 0; i < p.n; i++)
             fail(e, p.rq[i], st, msg);
-        if (group) { // a rank failed inside the group's forward: the others cannot go on
-            pthread_mutex_lock(&e->mu);
-            e->group_broken = true;
-            pthread_mutex_unlock(&e->mu);
-        }
+        if (group) // a rank failed inside the group's forward: the others cannot go on
+            group_break(e);
     } else {
         deliver(e, &p, logits);
     }

@@ -708,14 +708,9 @@ static molt_status layout(const ev_run_opts *o, ev_run_summary *sum, ag_comm **e
     *experts = NULL;
     sum->ranks = o->world ? ag_comm_size(o->world) : 1;
     sum->rank = o->world ? ag_comm_rank(o->world) : 0;
-    int E = o->par_expert > 0 ? o->par_expert : 1, P = sum->ranks;
-    if (P % E != 0)
-        return molt_err(MOLT_EARG, "eval: parallel.expert = %d does not divide the %d ranks", E,
-                        P);
-    int D = o->par_data > 0 ? o->par_data : P / E;
-    if (D * E != P)
-        return molt_err(MOLT_EARG, "eval: parallel.data x parallel.expert = %d x %d = %d, but "
-                        "the job has %d ranks", D, E, D * E, P);
+    int D, E;
+    if (ag_comm_layout(sum->ranks, o->par_expert, o->par_data, &D, &E) != MOLT_OK)
+        return molt_err_wrap(MOLT_EARG, "eval");
     if (E == 1)
         return MOLT_OK;
     // consecutive ranks form an expert group, as in molt train
