@@ -27,23 +27,7 @@ ranks() {
         "$MOLT_MPIEXEC" --oversubscribe -np "$np" "$molt" eval "$@"
 }
 
-run "$molt" init-model --preset tiny --seed 1 --out "$tmp/base"
-same "init-model" "$rc" 0
-head -n 40 "$src/configs/data/digits-train.jsonl" >"$tmp/train.jsonl"
-head -n 12 "$src/configs/data/digits-eval.jsonl" >"$tmp/eval.jsonl"
-cat >"$tmp/c.yaml" <<YAML
-model: {path: $tmp/base}
-adapter: {r: 4, alpha: 8, targets: [q_a_proj, o_proj, experts.gate_up_proj, experts.down_proj]}
-data: {train: $tmp/train.jsonl, eval: $tmp/eval.jsonl, format: alpaca, max_seq_len: 64}
-train: {steps: 6, seed: 2}
-optim: {lr: 0.02}
-output_dir: $tmp/run
-YAML
-run "$molt" train --config "$tmp/c.yaml" --quiet
-same "train adapter A (experts too)" "$rc" 0
-run "$molt" train --config "$tmp/c.yaml" --quiet --set output_dir="$tmp/run2" --set train.seed=5 \
-    --set adapter.r=2 --set adapter.targets=kv_b_proj,o_proj
-same "train adapter B" "$rc" 0
+eval_fixture
 python3 - "$tmp" <<'PY'
 import json, sys, random
 tmp = sys.argv[1]

@@ -62,3 +62,27 @@ header() {
 # metrics_fields FILE: the deterministic fields of a metrics.jsonl (tokens_per_s and
 # elapsed_s are wall-clock)
 metrics_fields() { sed -E 's/,"tokens_per_s":[^,}]*//; s/,"elapsed_s":[^,}]*//' "$1"; }
+
+# eval_fixture: what the `molt eval` tests evaluate: the tiny preset in $tmp/base, the first
+# 40 digits-train and 12 digits-eval records in $tmp/train.jsonl and $tmp/eval.jsonl, and two
+# adapters trained 8 steps from $tmp/c.yaml: A ($tmp/run; r=4 on q_a, o and the routed
+# experts) and B ($tmp/run2; r=2 on kv_b and o, another seed). Each step is a check.
+eval_fixture() {
+    run "$molt" init-model --preset tiny --seed 1 --out "$tmp/base"
+    same "init-model" "$rc" 0
+    head -n 40 "$src/configs/data/digits-train.jsonl" >"$tmp/train.jsonl"
+    head -n 12 "$src/configs/data/digits-eval.jsonl" >"$tmp/eval.jsonl"
+    cat >"$tmp/c.yaml" <<YAML
+model: {path: $tmp/base}
+adapter: {r: 4, alpha: 8, targets: [q_a_proj, o_proj, experts.gate_up_proj, experts.down_proj]}
+data: {train: $tmp/train.jsonl, eval: $tmp/eval.jsonl, format: alpaca, max_seq_len: 64}
+train: {steps: 8, seed: 2}
+optim: {lr: 0.02}
+output_dir: $tmp/run
+YAML
+    run "$molt" train --config "$tmp/c.yaml" --quiet
+    same "train adapter A" "$rc" 0
+    run "$molt" train --config "$tmp/c.yaml" --quiet --set output_dir="$tmp/run2" \
+        --set train.seed=5 --set adapter.r=2 --set adapter.targets=kv_b_proj,o_proj
+    same "train adapter B (another rank and targets)" "$rc" 0
+}
