@@ -431,10 +431,10 @@ static molt_status metric_defs(const ev_data_spec *d, runner *r, ev_metric_def *
 }
 
 // What a dataset's run leaves for the end of the run (the gather across ranks and the
-// token-weighted losses): per example and system, the loss task's NLL and token count.
+// token-weighted losses): per example and system, the loss task's NLL and token count (as
+// many examples as the dataset's results hold).
 typedef struct {
-    int64_t n_items;
-    double *nll;   // [n_items * n_systems]
+    double *nll;   // [n_examples * n_systems]
     int64_t *ntok;
 } part;
 
@@ -465,7 +465,6 @@ static molt_status run_dataset(const ev_run_opts *o, const ev_data_spec *d, cons
         return st;
     runner r = {.o = o, .d = d, .sy = sy, .eng = eng, .items = &items, .ds = ds,
                 .t0 = now_s()};
-    pt->n_items = items.n;
     ev_metric_def defs[EV_MAX_METRICS];
     int nm = 0;
     st = metric_defs(d, &r, defs, &nm);
@@ -574,7 +573,7 @@ static molt_status pack(const ev_dataset *ds, const part *pt, int n_data,
                         const ev_run_summary *sum, buf *w) {
     for (int d = 0; d < n_data; d++) {
         int nm = ds[d].n_metrics, ns = ds[d].n_systems;
-        for (int64_t i = 0; i < pt[d].n_items; i++)
+        for (int64_t i = 0; i < ds[d].n_examples; i++)
             for (int s = 0; mine(sum, i) && s < ns; s++) {
                 const ev_example *x = &ds[d].ex[i];
                 int32_t len = x->pred[s] ? (int32_t)strlen(x->pred[s]) : -1;
@@ -607,7 +606,7 @@ static molt_status unpack(ev_dataset *ds, part *pt, int n_data, int ranks, int f
     double v[EV_MAX_METRICS];
     for (int d = 0; d < n_data; d++) {
         int nm = ds[d].n_metrics, ns = ds[d].n_systems;
-        for (int64_t i = from; i < pt[d].n_items; i += ranks)
+        for (int64_t i = from; i < ds[d].n_examples; i += ranks)
             for (int s = 0; s < ns; s++) {
                 int64_t item, ntok;
                 double loss, nll;
@@ -768,7 +767,7 @@ molt_status ev_run(const ev_run_opts *o, ev_run_summary *sum) {
         for (int s = 0; s < sy.n; s++) {
             double nll = 0;
             int64_t tok = 0;
-            for (int64_t i = 0; i < pt[d].n_items; i++) {
+            for (int64_t i = 0; i < ds[d].n_examples; i++) {
                 nll += pt[d].nll[i * sy.n + s];
                 tok += pt[d].ntok[i * sy.n + s];
             }
