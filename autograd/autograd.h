@@ -209,6 +209,13 @@ ag_tensor *ag_linear(ag_ctx *c, ag_tensor *x, ag_tensor *w);
 // inference for any T). f32 only.
 void ag_bi_matmul(float *y, const float *x, const float *w, int64_t T, int64_t rows,
                   int64_t cols);
+// y[j] = dot(a, rows[j]) over K elements for j < n, each in bi_linear's fixed order (the bits
+// ag_bi_matmul gives for a against those rows); on the calling thread. f32 only.
+void ag_bi_dots(float *y, const float *a, const float *const *rows, int64_t n, int64_t K);
+// y[k] = sum over s < n of p[s] * rows[s][k] for k < K, y overwritten, the terms added in
+// increasing s from 0 (cpu/k_bi.h: bi_wsum): a fixed order, whatever else is computed beside
+// it; on the calling thread. f32 only.
+void ag_bi_wsum(float *y, const float *p, const float *const *rows, int64_t n, int64_t K);
 // y = x * rsqrt(mean(x^2, last dim) + eps) * w, w [C].
 ag_tensor *ag_rmsnorm(ag_ctx *c, ag_tensor *x, ag_tensor *w, double eps);
 ag_tensor *ag_softmax(ag_ctx *c, ag_tensor *x);               // over the last dim

@@ -100,6 +100,14 @@ void ag_bi_matmul(float *y, const float *x, const float *w, int64_t T, int64_t r
     bi_linear_f32(y, x, w, T, rows, cols, 1);
 }
 
+void ag_bi_dots(float *y, const float *a, const float *const *rows, int64_t n, int64_t K) {
+    bi_dots_f32(y, a, rows, n, K);
+}
+
+void ag_bi_wsum(float *y, const float *p, const float *const *rows, int64_t n, int64_t K) {
+    bi_wsum_f32(y, p, rows, n, K);
+}
+
 // dx += dy W whenever x requires grad (also with W frozen); dW += dy^T x only when W does.
 molt_status ag_backward_linear(ag_ctx *c, ag_node *n) {
     ag_tensor *x = n->in[0], *w = n->in[1], *dy = n->out->grad;

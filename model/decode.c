@@ -58,26 +58,6 @@ static inline float dot_lanes(const float *a, const float *b, int64_t n) {
     return acc[0];
 }
 
-// dot_lanes of a with each of b[0..4), the four at once (four independent chains of partial
-// sums instead of one: the same operations per dot, so the same bits).
-static inline void dot_lanes4(const float *a, const float *const b[4], int64_t n, float out[4]) {
-    float acc[4][LANES] = {{0}};
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int r = 0; r < 4; r++)
-            for (int j = 0; j < LANES; j++)
-                acc[r][j] += a[i + j] * b[r][i + j];
-    for (int j = 0; i < n; i++, j++)
-        for (int r = 0; r < 4; r++)
-            acc[r][j] += a[i] * b[r][i];
-    for (int r = 0; r < 4; r++) {
-        for (int w = LANES / 2; w > 0; w /= 2)
-            for (int j = 0; j < w; j++)
-                acc[r][j] += acc[r][j + w];
-        out[r] = acc[r][0];
-    }
-}
-
 static inline void axpy_f(float *y, float a, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++)
         y[i] += a * x[i];
@@ -219,10 +199,11 @@ typedef struct {
     double s;
 } kvb_lora;
 
-// Per-thread scratch of the absorbed form: query in latent space, weighted latent sum,
-// low-rank intermediates, scores.
+// Per-thread scratch of the absorbed form: query in latent space followed by its rope part,
+// weighted latent sum, low-rank intermediates, scores; row pointers into W_UK and W_UV.
 typedef struct {
-    float *ql, *ctx, *u, *sc; // [RKV], [RKV], [r], [S]
+    float *ql, *ctx, *u, *sc; // [RKV + DR], [RKV], [r], [S]
+    const float **pr;         // [max(DN, DV)]
 } absorb_scratch;
 
 // One (query i, head h) of the absorbed form into o [DV]; w_uk/w_uv are head h's rows of the
@@ -231,9 +212,9 @@ typedef struct {
 static void absorb_one(float *o, const float *qi, const float *w_uk, const float *w_uv,
                        const kvb_lora *lo, int64_t h, const float *const *rows, float coef,
                        int64_t vis, attn_dims d, absorb_scratch t) {
-    memset(t.ql, 0, (size_t)d.rkv * sizeof *t.ql);
-    for (int64_t j = 0; j < d.dn; j++) // ql = W_UK^T q_nope
-        axpy_f(t.ql, qi[j], w_uk + j * d.rkv, d.rkv);
+    for (int64_t j = 0; j < d.dn; j++) // ql = W_UK^T q_nope: W_UK's rows weighted by q_nope
+        t.pr[j] = w_uk + j * d.rkv;
+    ag_bi_wsum(t.ql, qi, t.pr, d.dn, d.rkv);
     const float *bh = lo->a ? lo->b + h * (d.dn + d.dv) * lo->r : NULL;
     if (lo->a) { // + s A^T (B_UK^T q_nope)
         for (int64_t k = 0; k < lo->r; k++) {
@@ -243,40 +224,22 @@ static void absorb_one(float *o, const float *qi, const float *w_uk, const float
             axpy_f(t.ql, (float)(lo->s * u), lo->a + k * d.rkv, d.rkv);
         }
     }
-    const float *qr = qi + d.dn;
-    int64_t s = 0;
-    for (; s + 4 <= vis; s += 4) { // four cached rows at a time
-        const float *lat[4] = {rows[s], rows[s + 1], rows[s + 2], rows[s + 3]};
-        const float *rot[4] = {lat[0] + d.rkv, lat[1] + d.rkv, lat[2] + d.rkv, lat[3] + d.rkv};
-        float a[4], b[4];
-        dot_lanes4(t.ql, lat, d.rkv, a);
-        dot_lanes4(qr, rot, d.dr, b);
-        for (int r = 0; r < 4; r++)
-            t.sc[s + r] = coef * (a[r] + b[r]);
-    }
-    for (; s < vis; s++) {
-        const float *row = rows[s];
-        t.sc[s] = coef * (dot_lanes(t.ql, row, d.rkv) + dot_lanes(qr, row + d.rkv, d.dr));
-    }
+    // scores: [ql | q_rope] against whole cache rows [latent | rope key]
+    memcpy(t.ql + d.rkv, qi + d.dn, (size_t)d.dr * sizeof *t.ql);
+    ag_bi_dots(t.sc, t.ql, rows, vis, d.rkv + d.dr);
+    for (int64_t s = 0; s < vis; s++)
+        t.sc[s] *= coef;
     double sum = softmax_inplace(t.sc, vis);
-    memset(t.ctx, 0, (size_t)d.rkv * sizeof *t.ctx);
-    for (s = 0; s < vis; s++)
-        axpy_f(t.ctx, t.sc[s], rows[s], d.rkv);
+    ag_bi_wsum(t.ctx, t.sc, rows, vis, d.rkv); // sum_s p_s c_s
     if (lo->a) // u = A ctx
         for (int64_t k = 0; k < lo->r; k++)
             t.u[k] = dot_lanes(lo->a + k * d.rkv, t.ctx, d.rkv);
     float inv = (float)(1.0 / sum);
-    // out = W_UV (sum_s p_s c_s) (+ s B_UV A ctx): the W_UV rows first, four at a time
-    // (dot_lanes(a, b) and dot_lanes(b, a) multiply the same pairs in the same order)
-    int64_t v = 0;
-    for (; v + 4 <= d.dv; v += 4) {
-        const float *wr[4] = {w_uv + v * d.rkv, w_uv + (v + 1) * d.rkv, w_uv + (v + 2) * d.rkv,
-                              w_uv + (v + 3) * d.rkv};
-        dot_lanes4(t.ctx, wr, d.rkv, o + v);
-    }
-    for (; v < d.dv; v++)
-        o[v] = dot_lanes(w_uv + v * d.rkv, t.ctx, d.rkv);
-    for (v = 0; v < d.dv; v++) {
+    // out = W_UV (sum_s p_s c_s) (+ s B_UV A ctx): the W_UV rows first
+    for (int64_t v = 0; v < d.dv; v++)
+        t.pr[v] = w_uv + v * d.rkv;
+    ag_bi_dots(o, t.ctx, t.pr, d.dv, d.rkv);
+    for (int64_t v = 0; v < d.dv; v++) {
         float acc = o[v];
         if (lo->a) {
             const float *bv = bh + (d.dn + v) * lo->r;
@@ -297,10 +260,13 @@ static ag_tensor *cached_absorbed(ag_ctx *c, const mdl_model *m, int l, const md
     const float *w = kv_b_base(c, &m->layers[l]);
     const float **rows = cache_rows(c, kv, seq, l, S);
     ag_tensor *out = ag_tensor_new(&c->act, AG_F32, 3, (int64_t[]){n, d.nh, d.dv});
-    int64_t lr = lo->a ? lo->r : 0, per = 2 * d.rkv + lr + S;
+    int64_t lr = lo->a ? lo->r : 0, per = 2 * d.rkv + d.dr + lr + S;
+    int64_t nptr = d.dn > d.dv ? d.dn : d.dv;
     float *scratch = ag_arena_alloc(&c->act,
                                     (size_t)(omp_get_max_threads() * per) * sizeof *scratch);
-    if (!w || !rows || !out || !scratch)
+    const float **ptrs = ag_arena_alloc(&c->act,
+                                        (size_t)(omp_get_max_threads() * nptr) * sizeof *ptrs);
+    if (!w || !rows || !out || !scratch || !ptrs)
         return NULL;
     const float *qd = q->data;
     float *od = out->data;
@@ -309,8 +275,10 @@ static ag_tensor *cached_absorbed(ag_ctx *c, const mdl_model *m, int l, const md
 #pragma omp parallel for schedule(dynamic, 1) if (n * d.nh > 1 && n * S * d.nh * d.rkv > 32768)
     for (int64_t k = 0; k < n * d.nh; k++) {
         int64_t i = k / d.nh, h = k % d.nh;
-        float *base = scratch + (int64_t)omp_get_thread_num() * per;
-        absorb_scratch t = {base, base + d.rkv, base + 2 * d.rkv, base + 2 * d.rkv + lr};
+        int th = omp_get_thread_num();
+        float *base = scratch + (int64_t)th * per;
+        absorb_scratch t = {base, base + d.rkv + d.dr, base + 2 * d.rkv + d.dr,
+                            base + 2 * d.rkv + d.dr + lr, ptrs + (int64_t)th * nptr};
         const float *w_uk = w + h * (d.dn + d.dv) * d.rkv, *w_uv = w_uk + d.dn * d.rkv;
         absorb_one(od + k * d.dv, qd + k * d.dqk, w_uk, w_uv, lo, h, rows,
                    (float)row_coef(m, qtemp, i), len + i + 1, d, t);

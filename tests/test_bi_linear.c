@@ -588,6 +588,121 @@ static void check_experts_invariant(const moe_case *m, const ag_qweight *qgu,
 }
 
 // _i = 0: dense experts; 1: NF4 + DQ; 2: INT8.
+// ---- dots and weighted sums over row pointers ----------------------------------------------
+
+// K: below a vector, not a multiple of 16, one and several times the registers of a weighted
+// sum (128 floats in the AVX-512F copy), and past them; n: a partial tile and several.
+static const int64_t rowset_k[] = {1, 15, 17, 64, 128, 160, 300};
+static const int64_t rowset_n[] = {1, 5, 13, 40};
+#define N_RK 7
+#define N_RN 4
+
+// n rows of K values, each its own allocation (as paged cache rows are), and a dense copy.
+static float **rowset(int64_t n, int64_t K, uint64_t seed, float *dense) {
+    float **r = malloc((size_t)n * sizeof *r);
+    ck_assert_ptr_nonnull(r);
+    for (int64_t j = 0; j < n; j++) {
+        r[j] = rand_x(K, seed + (uint64_t)j);
+        memcpy(dense + j * K, r[j], (size_t)K * sizeof *dense);
+    }
+    return r;
+}
+
+static void rowset_free(float **r, int64_t n) {
+    for (int64_t j = 0; j < n; j++)
+        free(r[j]);
+    free(r);
+}
+
+// bi_dots gives bi_linear's bits for the same vector against the same rows, on every copy,
+// and stays within float rounding of the f64 sums.
+START_TEST(test_dots) {
+    int64_t K = rowset_k[_i % N_RK], n = rowset_n[_i / N_RK];
+    float *dense = alloc_f(n * K), *a = rand_x(K, 50), *y = alloc_f(n), *want = alloc_f(n);
+    float **rows = rowset(n, K, 60, dense);
+    for (int isa = bi_isa_best(); isa >= 0; isa--) {
+        bi_set_isa(isa);
+        bi_dots_f32(y, a, (const float *const *)rows, n, K);
+        bi_linear_f32(want, a, dense, 1, n, K, 1);
+        char what[96];
+        snprintf(what, sizeof what, "dots %s n=%lld K=%lld", bi_isa_name(isa), (long long)n,
+                 (long long)K);
+        same_rows(what, y, want, NULL, 1, n);
+        for (int64_t j = 0; j < n; j++) {
+            double ref = 0, mag = 0;
+            for (int64_t k = 0; k < K; k++) {
+                ref += (double)a[k] * rows[j][k];
+                mag += fabs((double)a[k] * rows[j][k]);
+            }
+            ck_assert_msg(fabs(y[j] - ref) <= 1e-6 * mag + 1e-30, "%s row %lld: %g vs %g",
+                          what, (long long)j, (double)y[j], ref);
+        }
+    }
+    bi_set_isa(-1);
+    rowset_free(rows, n);
+    free(dense);
+    free(a);
+    free(y);
+    free(want);
+}
+END_TEST
+
+// bi_wsum adds p[s] * rows[s][k] in increasing s from 0 with one fused multiply-add per term
+// (fmaf) in the FMA copies and a product then a sum in the baseline copy: the same bits as
+// those loops, for every element and copy.
+START_TEST(test_wsum) {
+    int64_t K = rowset_k[_i % N_RK], n = rowset_n[_i / N_RK];
+    float *dense = alloc_f(n * K), *p = rand_x(n, 70), *y = alloc_f(K);
+    float **rows = rowset(n, K, 80, dense);
+    for (int isa = bi_isa_best(); isa >= 0; isa--) {
+        bi_set_isa(isa);
+        bi_wsum_f32(y, p, (const float *const *)rows, n, K);
+        for (int64_t k = 0; k < K; k++) {
+            float acc = 0;
+            for (int64_t s = 0; s < n; s++) {
+                if (isa == BI_ISA_BASE) {
+                    volatile float prod = p[s] * rows[s][k]; // rounded on its own
+                    acc = acc + prod;
+                } else {
+                    acc = fmaf(p[s], rows[s][k], acc);
+                }
+            }
+            ck_assert_msg(memcmp(&acc, &y[k], sizeof acc) == 0,
+                          "wsum %s n=%lld K=%lld element %lld: %.9g vs %.9g", bi_isa_name(isa),
+                          (long long)n, (long long)K, (long long)k, (double)y[k], (double)acc);
+        }
+    }
+    bi_set_isa(-1);
+    // f64: the plain sums
+    double *pd = malloc((size_t)n * sizeof *pd), *yd = malloc((size_t)K * sizeof *yd);
+    double **rd = malloc((size_t)n * sizeof *rd);
+    ck_assert(pd && yd && rd);
+    for (int64_t s = 0; s < n; s++) {
+        pd[s] = p[s];
+        rd[s] = malloc((size_t)K * sizeof **rd);
+        ck_assert_ptr_nonnull(rd[s]);
+        for (int64_t k = 0; k < K; k++)
+            rd[s][k] = rows[s][k];
+    }
+    bi_wsum_f64(yd, pd, (const double *const *)rd, n, K);
+    for (int64_t k = 0; k < K; k++) {
+        double ref = 0;
+        for (int64_t s = 0; s < n; s++)
+            ref += pd[s] * rd[s][k];
+        ck_assert(yd[k] == ref);
+    }
+    for (int64_t s = 0; s < n; s++)
+        free(rd[s]);
+    free(rd);
+    free(pd);
+    free(yd);
+    rowset_free(rows, n);
+    free(dense);
+    free(p);
+    free(y);
+}
+END_TEST
+
 START_TEST(test_experts_invariant) {
     ag_arena a;
     ag_arena_init(&a, "t", 0);
@@ -623,6 +738,8 @@ int main(void) {
     tcase_add_test(tc, test_ag_linear);
     tcase_add_loop_test(tc, test_ag_linear_q, 0, N_FMTS);
     tcase_add_loop_test(tc, test_experts_invariant, 0, 3);
+    tcase_add_loop_test(tc, test_dots, 0, N_RK * N_RN);
+    tcase_add_loop_test(tc, test_wsum, 0, N_RK * N_RN);
     suite_add_tcase(s, tc);
     return harness_run(s);
 }

@@ -163,6 +163,22 @@ void K(bi_linear)(real *y, const real *x, const real *w, int64_t T, int64_t rows
     }
 }
 
+void K(bi_dots)(real *y, const real *a, const real *const *rows, int64_t n, int64_t K) {
+    const bi_kernels *kn = copies[bi_isa()];
+    const float *x[1] = {a};
+    for (int64_t o = 0; o < n; o += kn->nr) {
+        int cnt = (int)min64(kn->nr, n - o);
+        const float *wr[BI_NR_CAP];
+        for (int j = 0; j < kn->nr; j++)
+            wr[j] = rows[o + (j < cnt ? j : cnt - 1)];
+        kn->dense(y + o, 0, x, 1, wr, cnt, K, 0);
+    }
+}
+
+void K(bi_wsum)(real *y, const real *p, const real *const *rows, int64_t n, int64_t K) {
+    copies[bi_isa()]->wsum(y, p, rows, n, K);
+}
+
 // ---- quantized --------------------------------------------------------------------------------
 
 static int use_registers(const kq_weight *w, int64_t T) {
@@ -256,6 +272,20 @@ void K(bi_linear)(real *y, const real *x, const real *w, int64_t T, int64_t rows
     for (int64_t o = 0; o < rows; o++)
         for (int64_t t = 0; t < T; t++)
             y[t * rows + o] = dot_fixed(x + t * cols, w + o * cols, cols);
+}
+
+void K(bi_dots)(real *y, const real *a, const real *const *rows, int64_t n, int64_t K) {
+    for (int64_t j = 0; j < n; j++)
+        y[j] = dot_fixed(a, rows[j], K);
+}
+
+void K(bi_wsum)(real *y, const real *p, const real *const *rows, int64_t n, int64_t K) {
+    for (int64_t k = 0; k < K; k++) {
+        real acc = 0;
+        for (int64_t s = 0; s < n; s++)
+            acc += p[s] * rows[s][k];
+        y[k] = acc;
+    }
 }
 
 // Weight rows decoded per tile (per thread).

@@ -46,6 +46,14 @@ void K(bi_linear)(real *y,       // y (T, rows)
                   const real *w, // w (rows, cols)
                   int64_t T, int64_t rows, int64_t cols, int nthreads);
 
+// y[j] = dot(a, rows[j]) over K elements for j < n, each in bi_linear's order (the bits of
+// bi_linear with x = a and weight rows rows[0..n)); on the calling thread.
+void K(bi_dots)(real *y, const real *a, const real *const *rows, int64_t n, int64_t K);
+// y[k] = sum over s < n of p[s] * rows[s][k] for k < K (y overwritten): for each k the terms
+// are added in increasing s onto a sum starting at 0, each one multiply-add (fused in the
+// AVX-512F and AVX2 copies, multiply then add in the baseline and in f64); on the calling
+// thread. Nothing depends on which other rows are in the call besides rows[0..n).
+void K(bi_wsum)(real *y, const real *p, const real *const *rows, int64_t n, int64_t K);
 // Bytes of workspace bi_linear_q needs for T rows with up to nthreads threads.
 size_t K(bi_linear_q_ws_bytes)(const kq_weight *w, int64_t T, int nthreads);
 // y (T, rows) = x (T, cols) . W_e^T for matrix e of a quantized weight view (any format,

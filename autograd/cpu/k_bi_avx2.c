@@ -45,6 +45,7 @@ static inline void v_store(float *p, V v) {
 static inline V v_fma(V a, V b, V c) {
     return (V){_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
 }
+static inline V v_set1(float a) { return (V){_mm256_set1_ps(a), _mm256_set1_ps(a)}; }
 
 static inline float v_hsum(V v) {
     __m256 a = _mm256_add_ps(v.lo, v.hi);

@@ -17,6 +17,8 @@ typedef __m512 V;
 #define BI_QMR 8
 #define BI_QNR_MAX 4
 #define BI_QNR_OF(mr) ((mr) <= 4 ? 4 : 2)
+// vectors of output a weighted sum keeps in registers
+#define BI_WS_V 8
 
 static inline V v_zero(void) { return _mm512_setzero_ps(); }
 static inline V v_load(const float *p) { return _mm512_loadu_ps(p); }
@@ -25,6 +27,7 @@ static inline V v_loadn(const float *p, int n) {
 }
 static inline void v_store(float *p, V v) { _mm512_storeu_ps(p, v); }
 static inline V v_fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+static inline V v_set1(float a) { return _mm512_set1_ps(a); }
 
 // Lanes l and l+8, then l and l+4, l and l+2, l and l+1.
 static inline float v_hsum(V v) {

@@ -34,6 +34,12 @@ static inline V v_loadn(const float *p, int n) {
     return v;
 }
 static inline void v_store(float *p, V v) { memcpy(p, v.l, sizeof v.l); }
+static inline V v_set1(float a) {
+    V v;
+    for (int l = 0; l < 16; l++)
+        v.l[l] = a;
+    return v;
+}
 static inline V v_fma(V a, V b, V c) {
     for (int l = 0; l < 16; l++)
         c.l[l] += a.l[l] * b.l[l];

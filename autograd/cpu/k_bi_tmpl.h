@@ -2,7 +2,7 @@
 // once over a 16-lane vector and compiled by each instruction-set file (k_bi_avx512.c,
 // k_bi_avx2.c, k_bi_base.c), which defines before including this:
 //   V                         16 floats, lane l = element k with k % 16 == l
-//   v_zero(), v_load(p), v_loadn(p, n) (lanes >= n are 0), v_store(p, v)
+//   v_zero(), v_set1(a), v_load(p), v_loadn(p, n) (lanes >= n are 0), v_store(p, v)
 //   v_fma(a, b, c)            c + a * b per lane, rounded once where the copy has FMA
 //   v_hsum(v)                 ((v0+v8)+(v4+v12))+... : the fixed tree of k_bi.c
 //   v_bf16(p), v_i8(p, s), v_fp8(p, s)   16 weights decoded (times the row scale s)
@@ -249,6 +249,44 @@ TM_INLINE void tm_decode_rows(float *dst, const kq_weight *w, int64_t row0, int6
     }
 }
 
+// ---- weighted sum of rows --------------------------------------------------------------------
+
+#ifndef BI_WS_V
+#define BI_WS_V 4
+#endif
+
+// y[k] = sum over s < n, in increasing s, of p[s] * rows[s][k] (k < K), each term one v_fma
+// onto the running sum from 0: BI_WS_V vectors of y stay in registers while every row goes
+// by, then the next BI_WS_V; the last K % 16 elements as a vector with zeros past the end.
+static void tm_wsum(float *y, const float *p, const float *const *rows, int64_t n, int64_t K) {
+    int64_t k = 0;
+    for (; k + 16 * BI_WS_V <= K; k += 16 * BI_WS_V) {
+        V acc[BI_WS_V];
+#pragma GCC unroll 8
+        for (int v = 0; v < BI_WS_V; v++)
+            acc[v] = v_zero();
+        for (int64_t s = 0; s < n; s++) {
+            V ps = v_set1(p[s]);
+            const float *r = rows[s] + k;
+#pragma GCC unroll 8
+            for (int v = 0; v < BI_WS_V; v++)
+                acc[v] = v_fma(ps, v_load(r + 16 * v), acc[v]);
+        }
+#pragma GCC unroll 8
+        for (int v = 0; v < BI_WS_V; v++)
+            v_store(y + k + 16 * v, acc[v]);
+    }
+    for (; k < K; k += 16) {
+        int m = K - k < 16 ? (int)(K - k) : 16;
+        V acc = v_zero();
+        for (int64_t s = 0; s < n; s++)
+            acc = v_fma(v_set1(p[s]), v_loadn(rows[s] + k, m), acc);
+        float t[16];
+        v_store(t, acc);
+        memcpy(y + k, t, (size_t)m * sizeof *t);
+    }
+}
+
 // ---- plain read (the benchmarks' bandwidth yardstick) -----------------------------------------
 
 static float tm_read(const float *p, int64_t n) {
@@ -374,4 +412,5 @@ const bi_kernels BI_TABLE = {
     .mr = BI_MR, .nr = BI_NR, .qmr = BI_QMR,
     .qnr = {0, BI_QNR_OF(1), BI_QNR_OF(2), BI_QNR_OF(3), BI_QNR_OF(4), BI_QNR_OF(5),
             BI_QNR_OF(6), BI_QNR_OF(7), BI_QNR_OF(8)},
-    .dense = tm_dense_any, .quant = tm_quant_any, .decode = tm_decode_any, .read = tm_read};
+    .dense = tm_dense_any, .quant = tm_quant_any, .decode = tm_decode_any, .wsum = tm_wsum,
+    .read = tm_read};
