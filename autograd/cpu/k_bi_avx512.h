@@ -67,6 +67,49 @@ static inline void v_hsum16(const V *a, float *out) {
             out[4 * r + q] = t[4 * q + r];
 }
 
+// v_hsum of a[0..8) into out[0..8), the same four levels on 8 sums (two per vector after the
+// first level, four after the second, eight after the third).
+#define BI_HSUM8 1
+static inline void v_hsum8(const V *a, float *out) {
+    V r1[4], r2[2];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) // l + (l+8)
+        r1[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                              _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xee));
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; i++) // l + (l+4): quarter q of r2[i] is sum 4i + q
+        r2[i] = _mm512_add_ps(_mm512_shuffle_f32x4(r1[2 * i], r1[2 * i + 1], 0x88),
+                              _mm512_shuffle_f32x4(r1[2 * i], r1[2 * i + 1], 0xdd));
+    V r3 = _mm512_add_ps(_mm512_shuffle_ps(r2[0], r2[1], 0x44), // l + (l+2)
+                         _mm512_shuffle_ps(r2[0], r2[1], 0xee));
+    V r4 = _mm512_add_ps(r3, _mm512_movehdup_ps(r3)); // l + (l+1)
+    float t[16];
+    _mm512_storeu_ps(t, r4);
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; q++) { // lane 4q holds sum q, lane 4q + 2 sum 4 + q
+        out[q] = t[4 * q];
+        out[4 + q] = t[4 * q + 2];
+    }
+}
+
+// v_hsum of a[0..4) into out[0..4), the same four levels on 4 sums.
+#define BI_HSUM4 1
+static inline void v_hsum4(const V *a, float *out) {
+    V r1a = _mm512_add_ps(_mm512_shuffle_f32x4(a[0], a[1], 0x44), // l + (l+8)
+                          _mm512_shuffle_f32x4(a[0], a[1], 0xee));
+    V r1b = _mm512_add_ps(_mm512_shuffle_f32x4(a[2], a[3], 0x44),
+                          _mm512_shuffle_f32x4(a[2], a[3], 0xee));
+    V r2 = _mm512_add_ps(_mm512_shuffle_f32x4(r1a, r1b, 0x88), // l + (l+4): quarter q is sum q
+                         _mm512_shuffle_f32x4(r1a, r1b, 0xdd));
+    V r3 = _mm512_add_ps(r2, _mm512_shuffle_ps(r2, r2, 0xee)); // l + (l+2) in lanes 0, 1
+    V r4 = _mm512_add_ps(r3, _mm512_movehdup_ps(r3));           // l + (l+1) in lane 0
+    float t[16];
+    _mm512_storeu_ps(t, r4);
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; q++)
+        out[q] = t[4 * q];
+}
+
 static inline V v_bf16(const unsigned char *p) {
     __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));

@@ -33,6 +33,14 @@ TM_INLINE void tm_reduce(float *y, int64_t ldy, const V *acc, const int mr, cons
     int n = mr * nr, g = 0;
     for (; g + 16 <= n; g += 16)
         v_hsum16(acc + g, s + g);
+#ifdef BI_HSUM8
+    for (; g + 8 <= n; g += 8)
+        v_hsum8(acc + g, s + g);
+#endif
+#ifdef BI_HSUM4
+    for (; g + 4 <= n; g += 4)
+        v_hsum4(acc + g, s + g);
+#endif
 #pragma GCC unroll 16
     for (; g < n; g++)
         s[g] = v_hsum(acc[g]);
