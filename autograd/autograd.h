@@ -219,6 +219,10 @@ void ag_bi_wsum(float *y, const float *p, const float *const *rows, int64_t n, i
 // y = x * rsqrt(mean(x^2, last dim) + eps) * w, w [C].
 ag_tensor *ag_rmsnorm(ag_ctx *c, ag_tensor *x, ag_tensor *w, double eps);
 ag_tensor *ag_softmax(ag_ctx *c, ag_tensor *x);               // over the last dim
+// z[i] = exp(z[i] - sub) for i < n in place, returning the sum of the new values: the
+// vectorized exp of the fused loss (cpu/k_vexp.h), each element a function of its own value
+// alone and the sum in an order fixed by n; on the calling thread. f32 only.
+double ag_vexp_sum(float *z, int64_t n, float sub);
 ag_tensor *ag_swiglu(ag_ctx *c, ag_tensor *gate, ag_tensor *up); // silu(gate) * up
 
 // Rotary embedding tables: inverse frequencies for the rotary dims (YaRN-corrected when the

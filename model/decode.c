@@ -38,10 +38,11 @@ static attn_dims dims_of(const mcfg *cf) {
     return d;
 }
 
-// The inner loops run in float over LANES interleaved partial sums (element i to lane
-// i % LANES, lanes added pairwise at the end): a fixed order the compiler vectorizes; the
-// softmax normalization is summed in double. Every query row's result depends on that row
-// and its sequence's cache alone (batch-invariant).
+// The products run in the batch-invariant kernels' fixed orders (ag_bi_matmul, ag_bi_dots,
+// ag_bi_wsum), the softmax through ag_vexp_sum, and the few loops left here (the kv_b LoRA
+// of the absorbed form) over LANES interleaved partial sums (element i to lane i % LANES,
+// lanes added pairwise at the end). Every query row's result depends on that row and its
+// sequence's cache alone (batch-invariant).
 #define LANES 16
 
 static inline float dot_lanes(const float *a, const float *b, int64_t n) {
@@ -63,17 +64,13 @@ static inline void axpy_f(float *y, float a, const float *x, int64_t n) {
         y[i] += a * x[i];
 }
 
-// sc[0..S) <- exp(sc - max) in place; returns the sum of the exponentials (in double).
+// sc[0..S) <- exp(sc - max) in place (the vectorized exp of ag_vexp_sum); returns the sum
+// of the exponentials.
 static double softmax_inplace(float *sc, int64_t S) {
     float mx = -INFINITY;
     for (int64_t s = 0; s < S; s++)
         mx = sc[s] > mx ? sc[s] : mx;
-    double sum = 0;
-    for (int64_t s = 0; s < S; s++) {
-        sc[s] = expf(sc[s] - mx);
-        sum += sc[s];
-    }
-    return sum;
+    return ag_vexp_sum(sc, S, mx);
 }
 
 // Pointers to rows 0..S-1 of layer l of sequence seq (NULL with a message when a row is
