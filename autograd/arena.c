@@ -82,9 +82,8 @@ static void *device_alloc(ag_arena *a, size_t bytes) {
     return p;
 }
 
-void *ag_arena_alloc(ag_arena *a, size_t bytes) {
-    if (a->device != AG_CPU)
-        return device_alloc(a, bytes);
+// `bytes` from the host arena a, not zeroed.
+static void *host_alloc(ag_arena *a, size_t bytes) {
     size_t need = (bytes + ARENA_ALIGN - 1) & ~(size_t)(ARENA_ALIGN - 1);
     if (need < bytes) {
         molt_err(MOLT_ENOMEM, "arena %s: request of %zu bytes overflows", a->name, bytes);
@@ -109,8 +108,20 @@ void *ag_arena_alloc(ag_arena *a, size_t bytes) {
     molt_mem_adjust((long long)need);
     if (a->used > a->peak)
         a->peak = a->used;
-    memset(p, 0, bytes);
     return p;
+}
+
+void *ag_arena_alloc(ag_arena *a, size_t bytes) {
+    if (a->device != AG_CPU)
+        return device_alloc(a, bytes);
+    void *p = host_alloc(a, bytes);
+    if (p)
+        memset(p, 0, bytes);
+    return p;
+}
+
+void *ag_arena_alloc_uninit(ag_arena *a, size_t bytes) {
+    return a->device != AG_CPU ? device_alloc(a, bytes) : host_alloc(a, bytes);
 }
 
 void *ag_arena_alloc_meta(ag_arena *a, size_t bytes) {

@@ -51,6 +51,9 @@ void ag_arena_init(ag_arena *a, const char *name, size_t chunk_bytes);
 // MOLT_EDEVICE when the device has no backend or the allocation fails.
 molt_status ag_arena_init_device(ag_arena *a, const char *name, ag_device dev, size_t bytes);
 void *ag_arena_alloc(ag_arena *a, size_t bytes); // NULL and an error message on failure
+// The same without zeroing the bytes of a host arena (a device arena still zeroes them): for
+// outputs that their kernel writes in full.
+void *ag_arena_alloc_uninit(ag_arena *a, size_t bytes);
 void ag_arena_reset(ag_arena *a);
 void ag_arena_free(ag_arena *a);
 // Device arenas: everything allocated after a mark is given back by rewinding to it
@@ -76,6 +79,8 @@ typedef struct ag_tensor {
 
 // New zero-filled tensor in arena `a`; NULL (with message) on bad shape or no memory.
 ag_tensor *ag_tensor_new(ag_arena *a, ag_dtype dt, int ndim, const int64_t *shape);
+// The same with the data not zeroed on the host (ag_arena_alloc_uninit).
+ag_tensor *ag_tensor_new_uninit(ag_arena *a, ag_dtype dt, int ndim, const int64_t *shape);
 ag_tensor *ag_tensor_new2(ag_arena *a, ag_dtype dt, int64_t d0, int64_t d1);
 ag_tensor *ag_tensor_new1(ag_arena *a, ag_dtype dt, int64_t d0);
 void ag_tensor_set_name(ag_tensor *t, const char *name);

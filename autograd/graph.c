@@ -187,6 +187,12 @@ ag_tensor *ag_out_new_on(ag_ctx *c, ag_device dev, ag_dtype dt, int ndim,
     return a ? ag_tensor_new(a, dt, ndim, shape) : NULL;
 }
 
+ag_tensor *ag_out_new_uninit_on(ag_ctx *c, ag_device dev, ag_dtype dt, int ndim,
+                                const int64_t *shape) {
+    ag_arena *a = ag_ctx_arena(c, dev);
+    return a ? ag_tensor_new_uninit(a, dt, ndim, shape) : NULL;
+}
+
 bool ag_should_record(const ag_ctx *c, int n, ag_tensor *const *ins) {
     if (!c->grad_mode)
         return false;

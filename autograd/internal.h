@@ -72,6 +72,9 @@ ag_tensor *ag_out_new(ag_ctx *c, ag_dtype dt, int ndim, const int64_t *shape);
 // arena (set up on first use, see ag_ctx_use_device).
 ag_tensor *ag_out_new_on(ag_ctx *c, ag_device dev, ag_dtype dt, int ndim,
                          const int64_t *shape);
+// ag_out_new_on for an output its kernel writes in full (not zeroed on the host).
+ag_tensor *ag_out_new_uninit_on(ag_ctx *c, ag_device dev, ag_dtype dt, int ndim,
+                                const int64_t *shape);
 // The arena of dev's activations (NULL with a message when it cannot be set up).
 ag_arena *ag_ctx_arena(ag_ctx *c, ag_device dev);
 // A host arena's piece, or for a device arena a piece of its host arena (tensor structs).

@@ -83,7 +83,8 @@ ag_tensor *ag_linear(ag_ctx *c, ag_tensor *x, ag_tensor *w) {
     int64_t shape[AG_MAX_DIMS];
     memcpy(shape, x->shape, sizeof shape);
     shape[x->ndim - 1] = w->shape[0];
-    ag_tensor *y = ag_out_new_on(c, x->device, x->dtype, x->ndim, shape);
+    // every forward kernel writes y in full (bi_linear, a GEMM with beta 0, the reference)
+    ag_tensor *y = ag_out_new_uninit_on(c, x->device, x->dtype, x->ndim, shape);
     if (!y)
         return NULL;
     ag_tensor *ins[2] = {x, w};

@@ -89,8 +89,11 @@ ag_tensor *ag_linear_q(ag_ctx *c, ag_tensor *x, const ag_qweight *w) {
     int64_t shape[AG_MAX_DIMS];
     memcpy(shape, x->shape, sizeof shape);
     shape[x->ndim - 1] = w->rows;
-    ag_tensor *y = ag_out_new_on(c, x->device, x->dtype, x->ndim, shape);
     bool rec = ag_should_record(c, 1, &x);
+    // inference on the host runs bi_linear_q, which writes y in full
+    bool full = !rec && x->device == AG_CPU && !ag_reference_kernels();
+    ag_tensor *y = full ? ag_out_new_uninit_on(c, x->device, x->dtype, x->ndim, shape)
+                        : ag_out_new_on(c, x->device, x->dtype, x->ndim, shape);
     if (!y || AG_BE_CALL(be, linear_q_fwd, LINQ, c, y, x, w, rec) != MOLT_OK)
         return NULL;
     if (rec) {

@@ -18,7 +18,8 @@ const char *ag_dtype_name(ag_dtype dt) {
 }
 size_t ag_dtype_size(ag_dtype dt) { return (unsigned)dt < AG_DTYPE_COUNT ? dtype_sizes[dt] : 0; }
 
-ag_tensor *ag_tensor_new(ag_arena *a, ag_dtype dt, int ndim, const int64_t *shape) {
+static ag_tensor *tensor_new(ag_arena *a, ag_dtype dt, int ndim, const int64_t *shape,
+                             bool zero) {
     if ((unsigned)dt >= AG_DTYPE_COUNT) {
         molt_err(MOLT_EARG, "tensor: unknown dtype %d", (int)dt);
         return NULL;
@@ -43,7 +44,8 @@ ag_tensor *ag_tensor_new(ag_arena *a, ag_dtype dt, int ndim, const int64_t *shap
     ag_tensor *t = ag_arena_alloc_meta(a, sizeof *t);
     if (!t)
         return NULL;
-    t->data = ag_arena_alloc(a, (size_t)numel * dtype_sizes[dt]);
+    size_t bytes = (size_t)numel * dtype_sizes[dt];
+    t->data = zero ? ag_arena_alloc(a, bytes) : ag_arena_alloc_uninit(a, bytes);
     if (!t->data)
         return NULL;
     t->dtype = dt;
@@ -54,6 +56,14 @@ ag_tensor *ag_tensor_new(ag_arena *a, ag_dtype dt, int ndim, const int64_t *shap
     t->numel = numel;
     t->arena = a;
     return t;
+}
+
+ag_tensor *ag_tensor_new(ag_arena *a, ag_dtype dt, int ndim, const int64_t *shape) {
+    return tensor_new(a, dt, ndim, shape, true);
+}
+
+ag_tensor *ag_tensor_new_uninit(ag_arena *a, ag_dtype dt, int ndim, const int64_t *shape) {
+    return tensor_new(a, dt, ndim, shape, false);
 }
 
 ag_tensor *ag_tensor_new2(ag_arena *a, ag_dtype dt, int64_t d0, int64_t d1) {
