@@ -178,8 +178,15 @@ TM_INLINE void tm_quant(float *y, int64_t ldy, const float *const *x, const kq_w
 #pragma GCC unroll 8
         for (int j = 0; j < NR; j++)
             b0[j] = rows[j] * (K / 64);
+        // the rows 2 NR further on (two tiles ahead, when the rows are consecutive), one
+        // cache line at a time: weights streamed from memory arrive before their tile
+        const int64_t ahead = 2 * (int64_t)NR * (K / 2);
         for (; k < K; k += 64) {
             NL lut[BI_QNR_MAX];
+            if ((k & 127) == 0)
+#pragma GCC unroll 8
+                for (int j = 0; j < NR; j++)
+                    __builtin_prefetch(p[j] + ahead + k / 2, 0, 3);
 #pragma GCC unroll 8
             for (int j = 0; j < NR; j++)
                 lut[j] = nl_make(w->nf4_code, tm_absmax(w, b0[j] + k / 64));
