@@ -108,6 +108,8 @@ typedef struct {
     ag_tensor *base;          // the frozen base weight [out, in] or [E, out, in]
     ag_tensor *a;             // [r * n_exp, in]
     ag_tensor *b;             // [out, r * n_exp]
+    ag_tensor *bp;            // routed experts after lora_pack_experts: b re-laid per expert
+                              // [n_exp, out, r] (ag_expert_lora's bp_*), else NULL
 } lora_unit;
 
 typedef struct {
@@ -215,6 +217,10 @@ void lora_set_checkpoint_loader(lora_checkpoint_loader fn);
 // its linear, the routed-expert units of each layer as one ag_expert_lora. The slot is
 // cleared first; the bank refers to ad's tensors, which must outlive the slot.
 molt_status lora_bank_put(const lora_adapter *ad, const mdl_model *m, mdl_bank *b, int s);
+// Gives every routed-expert unit of ad (F32) its B re-laid per expert (lora_unit.bp, in ad's
+// parameter arena: as many bytes again as those B), which lora_bank_put then hands to the
+// batched expert kernel: serving reads one expert's B as one block. Idempotent.
+molt_status lora_pack_experts(lora_adapter *ad);
 // Largest rank over ad's units.
 int lora_max_rank(const lora_adapter *ad);
 

@@ -30,7 +30,31 @@ static molt_status experts_of(const lora_adapter *ad, int l, ag_expert_lora *el)
     const lora_unit *any = gu ? gu : dn;
     *el = (ag_expert_lora){.a_gate_up = gu ? gu->a : NULL, .b_gate_up = gu ? gu->b : NULL,
                            .a_down = dn ? dn->a : NULL, .b_down = dn ? dn->b : NULL,
-                           .r = any->r, .scale = any->scale};
+                           .r = any->r, .scale = any->scale,
+                           .bp_gate_up = gu ? gu->bp : NULL, .bp_down = dn ? dn->bp : NULL};
+    return MOLT_OK;
+}
+
+molt_status lora_pack_experts(lora_adapter *ad) {
+    for (int i = 0; i < ad->n_units; i++) {
+        lora_unit *u = &ad->units[i];
+        if (u->group != LORA_GROUP_EXPERTS || u->bp || !u->b || u->b->dtype != AG_F32)
+            continue;
+        int64_t out = u->b->shape[0], r = u->r, E = r > 0 ? u->b->shape[1] / r : 0;
+        if (E < 1 || E * r != u->b->shape[1])
+            return molt_err(MOLT_EARG, "lora: %s: B %lld x %lld is not rank %d times experts",
+                            u->path, (long long)out, (long long)u->b->shape[1], u->r);
+        ag_tensor *bp = ag_tensor_new_uninit(&ad->params, AG_F32, 3, (int64_t[]){E, out, r});
+        if (!bp)
+            return molt_err_wrap(MOLT_ENOMEM, "lora: %s: re-laying B per expert", u->path);
+        const float *b = u->b->data;
+        float *d = bp->data;
+        for (int64_t o = 0; o < out; o++) // b row by row, each written to its E experts
+            for (int64_t q = 0; q < r; q++)
+                for (int64_t e = 0; e < E; e++)
+                    d[(e * out + o) * r + q] = b[(o * r + q) * E + e];
+        u->bp = bp;
+    }
     return MOLT_OK;
 }
 

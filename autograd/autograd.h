@@ -294,6 +294,10 @@ typedef struct {
     ag_tensor *b_down;    // [H, r*E]
     int r;                // rank per expert
     double scale;         // lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA
+    // Optional, forward only (ag_moe_experts_multi's optimized kernel): b_gate_up and b_down
+    // re-laid per expert, [E, 2I, r] and [E, H, r] (element [e, o, q] = b[o, q*E + e]), so
+    // that one expert's B is read without touching the others'. NULL: gathered per call.
+    ag_tensor *bp_gate_up, *bp_down;
 } ag_expert_lora;
 // ag_moe_experts with the adapters applied (never merged: the optimized kernel uses the
 // low-rank products). Gradients reach x, weights and every LoRA matrix that requires grad;

@@ -234,7 +234,7 @@ static lora_run run_of_q(ag_tensor *const *in, const ag_qweight *gu, const ag_qw
 // Optimized kernels for element type S (f32/f64, real type R).
 #define DEFINE_FAST(S, R)                                                                     \
     static void fast_fwd_##S(void *y, const lora_run *p, void *ws) {                          \
-        moe_lora_##S l = {p->agu, p->bgu, p->ad, p->bd, p->r, (R)p->s};                        \
+        moe_lora_##S l = {p->agu, p->bgu, p->ad, p->bd, p->r, (R)p->s, NULL, NULL};            \
         if (p->quant)                                                                         \
             moe_experts_lora_q_fwd_##S(y, p->x, p->w, p->idx, &p->qgu, &p->qd, &l, p->T, p->k, \
                                        p->E, p->H, p->I, ws);                                 \
@@ -244,7 +244,7 @@ static lora_run run_of_q(ag_tensor *const *in, const ag_qweight *gu, const ag_qw
     }                                                                                         \
     static void fast_bwd_##S(const lora_grads *g, const void *dy, const lora_run *p,          \
                              void *ws) {                                                      \
-        moe_lora_##S l = {p->agu, p->bgu, p->ad, p->bd, p->r, (R)p->s};                        \
+        moe_lora_##S l = {p->agu, p->bgu, p->ad, p->bd, p->r, (R)p->s, NULL, NULL};            \
         moe_lora_grad_##S lg = {g->agu, g->bgu, g->ad, g->bd};                                \
         if (p->quant)                                                                         \
             moe_experts_lora_q_bwd_##S(g->dx, g->dw, &lg, dy, p->x, p->w, p->idx, &p->qgu,    \
@@ -508,7 +508,8 @@ static bool grads_of(ag_node *n, ag_experts_grads *g, molt_status *st) {
 
 // The node's LoRA, rebuilt from its inputs and attributes.
 static ag_expert_lora lora_of(const ag_node *n) {
-    return (ag_expert_lora){n->in[5], n->in[6], n->in[7], n->in[8], (int)n->i[0], n->f[0]};
+    return (ag_expert_lora){n->in[5], n->in[6], n->in[7], n->in[8], (int)n->i[0], n->f[0], NULL,
+                            NULL};
 }
 
 molt_status ag_backward_moe_experts_lora(ag_ctx *c, ag_node *n) {

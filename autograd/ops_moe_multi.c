@@ -173,7 +173,9 @@ static molt_status ref_fwd(ag_tensor *y, ag_tensor *x, ag_tensor *w, ag_tensor *
             ls[s] = (moe_lora_##S){l->a_gate_up ? l->a_gate_up->data : NULL,                  \
                                    l->b_gate_up ? l->b_gate_up->data : NULL,                  \
                                    l->a_down ? l->a_down->data : NULL,                        \
-                                   l->b_down ? l->b_down->data : NULL, l->r, (R)l->scale};    \
+                                   l->b_down ? l->b_down->data : NULL, l->r, (R)l->scale,     \
+                                   l->bp_gate_up ? l->bp_gate_up->data : NULL,                \
+                                   l->bp_down ? l->bp_down->data : NULL};                     \
         }                                                                                     \
         int64_t T = x->shape[0], k = w->shape[1], H = x->shape[1];                            \
         int nt = omp_get_max_threads();                                                       \
@@ -303,7 +305,7 @@ molt_status ag_backward_moe_experts_multi(ag_ctx *c, ag_node *nd) {
         status = molt_err(MOLT_ENOMEM, OP ": out of memory in backward");
     for (int s = 0; status == MOLT_OK && s < n; s++)
         set[s] = (ag_expert_lora){nd->in[6 + 4 * s], nd->in[7 + 4 * s], nd->in[8 + 4 * s],
-                                  nd->in[9 + 4 * s], sv->r[s], scales[s]};
+                                  nd->in[9 + 4 * s], sv->r[s], scales[s], NULL, NULL};
     for (int g = -1; status == MOLT_OK && g < n; g++) {
         int64_t m = group_rows(rows, nd->in[3]->data, T, g, n, set);
         bool lora_grad = g >= 0 && ((set[g].a_gate_up && (set[g].a_gate_up->requires_grad ||

@@ -94,7 +94,7 @@ static ag_tensor *ep_build(ag_ctx *c, ag_tensor **in, void *user) {
         return NULL;
     ag_tensor *y;
     int64_t n = ag_ep_route_rows(rt);
-    ag_expert_lora l = {in[3], in[4], in[5], in[6], R, 0.7};
+    ag_expert_lora l = {in[3], in[4], in[5], in[6], R, 0.7, NULL, NULL};
     if (n > 0) {
         ag_tensor *ones = ag_tensor_new2(&c->act, in[0]->dtype, n, 1);
         for (int64_t i = 0; i < n; i++)
@@ -109,7 +109,7 @@ static ag_tensor *ep_build(ag_ctx *c, ag_tensor **in, void *user) {
 // The reference on one process: all experts, in = {x, w, idx, full A_gu, B_gu, A_d, B_d}.
 static ag_tensor *ref_build(ag_ctx *c, ag_tensor **in, void *user) {
     world *w = user;
-    ag_expert_lora l = {in[3], in[4], in[5], in[6], R, 0.7};
+    ag_expert_lora l = {in[3], in[4], in[5], in[6], R, 0.7, NULL, NULL};
     return ag_moe_experts_lora(c, in[0], in[1], in[2], w->gu_all, w->dn_all, &l);
 }
 

@@ -23,7 +23,8 @@ typedef struct {
 
 static ag_tensor *build_lora(ag_ctx *c, ag_tensor **in, void *user) {
     const lattr *at = user;
-    ag_expert_lora l = {in[IN_AGU], in[IN_BGU], in[IN_AD], in[IN_BD], at->r, at->s};
+    ag_expert_lora l = {in[IN_AGU], in[IN_BGU], in[IN_AD], in[IN_BD], at->r, at->s, NULL,
+                        NULL};
     return ag_moe_experts_lora(c, in[IN_X], in[IN_W], in[IN_IDX], in[IN_GU], in[IN_D], &l);
 }
 

@@ -49,14 +49,14 @@ static const qfmt fmts[] = {
 
 static ag_tensor *build_q(ag_ctx *c, ag_tensor **in, void *user) {
     const qcase *q = user;
-    ag_expert_lora l = {in[IN_AGU], in[IN_BGU], in[IN_AD], in[IN_BD], q->r, q->s};
+    ag_expert_lora l = {in[IN_AGU], in[IN_BGU], in[IN_AD], in[IN_BD], q->r, q->s, NULL, NULL};
     return ag_moe_experts_lora_q(c, in[IN_X], in[IN_W], in[IN_IDX], &q->gu, &q->down, &l);
 }
 
 // The dense op on the decoded stacks (in[IN_GU], in[IN_D] must hold them).
 static ag_tensor *build_dense(ag_ctx *c, ag_tensor **in, void *user) {
     const qcase *q = user;
-    ag_expert_lora l = {in[IN_AGU], in[IN_BGU], in[IN_AD], in[IN_BD], q->r, q->s};
+    ag_expert_lora l = {in[IN_AGU], in[IN_BGU], in[IN_AD], in[IN_BD], q->r, q->s, NULL, NULL};
     return ag_moe_experts_lora(c, in[IN_X], in[IN_W], in[IN_IDX], in[IN_GU], in[IN_D], &l);
 }
 

@@ -21,9 +21,9 @@ enum { X, W, IDX, SLOT, GU, D, A0GU, B0GU, A0D, B0D, A1GU, B1GU, N_INPUTS };
 static const double scales[N_AD] = {1.5, -0.75, 1.0};
 
 static void set_of(ag_tensor **in, ag_expert_lora *set) {
-    set[0] = (ag_expert_lora){in[A0GU], in[B0GU], in[A0D], in[B0D], 2, scales[0]};
-    set[1] = (ag_expert_lora){in[A1GU], in[B1GU], NULL, NULL, 1, scales[1]};
-    set[2] = (ag_expert_lora){NULL, NULL, NULL, NULL, 0, scales[2]};
+    set[0] = (ag_expert_lora){in[A0GU], in[B0GU], in[A0D], in[B0D], 2, scales[0], NULL, NULL};
+    set[1] = (ag_expert_lora){in[A1GU], in[B1GU], NULL, NULL, 1, scales[1], NULL, NULL};
+    set[2] = (ag_expert_lora){NULL, NULL, NULL, NULL, 0, scales[2], NULL, NULL};
 }
 
 static ag_tensor *build(ag_ctx *c, ag_tensor **in, void *user) {
@@ -151,6 +151,48 @@ static void check_invariance(ag_tensor **in, const ag_expert_stacks *st) {
     omp_set_num_threads(2);
     ag_ctx_free(&c);
 }
+
+// b [out, r*E] re-laid per expert [E, out, r] (element [e, o, q] = b[o, q*E + e]).
+static ag_tensor *per_expert(ag_arena *a, const ag_tensor *b, int64_t r) {
+    int64_t out = b->shape[0], E = b->shape[1] / r;
+    ag_tensor *p = ag_tensor_new(a, AG_F32, 3, (int64_t[]){E, out, r});
+    ck_assert_tensor(p);
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t o = 0; o < out; o++)
+            for (int64_t q = 0; q < r; q++)
+                ((float *)p->data)[(e * out + o) * r + q] =
+                    ((const float *)b->data)[o * r * E + q * E + e];
+    return p;
+}
+
+// With every B also given re-laid per expert (bp_*, what serving hands the kernel) the
+// output has the same bits as with B gathered per call.
+START_TEST(test_per_expert_b_same_bits) {
+    ag_arena a;
+    ag_arena_init(&a, "t", 0);
+    ag_rng r;
+    ag_rng_seed(&r, 3);
+    ag_tensor *in64[N_INPUTS], *in[N_INPUTS];
+    make_inputs(&a, &r, T_, in64);
+    to_f32(&a, in64, in);
+    ag_ctx c;
+    ck_assert_ok(ag_ctx_init(&c));
+    ag_ctx_set_grad(&c, false);
+    ag_expert_lora set[N_AD];
+    set_of(in, set);
+    ag_expert_stacks st = {in[GU], in[D], NULL, NULL};
+    ag_tensor *y = ag_moe_experts_multi(&c, in[X], in[W], in[IDX], &st, in[SLOT], N_AD, set);
+    ck_assert_tensor(y);
+    set[0].bp_gate_up = per_expert(&a, in[B0GU], 2);
+    set[0].bp_down = per_expert(&a, in[B0D], 2);
+    set[1].bp_gate_up = per_expert(&a, in[B1GU], 1);
+    ag_tensor *yp = ag_moe_experts_multi(&c, in[X], in[W], in[IDX], &st, in[SLOT], N_AD, set);
+    ck_assert_tensor(yp);
+    ck_assert(memcmp(y->data, yp->data, (size_t)y->numel * sizeof(float)) == 0);
+    ag_ctx_free(&c);
+    ag_arena_free(&a);
+}
+END_TEST
 
 START_TEST(test_tokens_do_not_depend_on_the_batch) {
     ag_arena a;
@@ -280,6 +322,7 @@ int main(void) {
     tcase_set_timeout(tc, 300);
     tcase_add_test(tc, test_tokens_match_their_adapter_alone);
     tcase_add_test(tc, test_tokens_do_not_depend_on_the_batch);
+    tcase_add_test(tc, test_per_expert_b_same_bits);
     tcase_add_test(tc, test_quantized_fast_matches_reference);
     tcase_add_test(tc, test_gradients);
     tcase_add_test(tc, test_errors);

@@ -17,6 +17,9 @@ typedef struct {
     const real *b_d;  // b_d (H, r*E)
     int64_t r;
     real s;           // scaling: alpha / r, or alpha / sqrt(r) with rsLoRA
+    // Optional (read by moe_multi_fwd only): b_gu and b_d re-laid per expert, (E, 2I, r) and
+    // (E, H, r), the same values: expert e's B is then one contiguous block.
+    const real *bp_gu, *bp_d;
 } K(moe_lora);
 
 // Gradient buffers of the four LoRA matrices (same shapes), accumulated; NULL when not

@@ -81,13 +81,16 @@ static void expert_prod(real *y, const real *x, int64_t m, const real *dense,
         K(bi_linear)(y, x, dense + e * out * in, m, out, in, 1);
 }
 
-// G (m, out) += s * ((X A_e^T) B_e^T) for the rows of one adapter, A_e = rows e*r.. of a.
+// G (m, out) += s * ((X A_e^T) B_e^T) for the rows of one adapter, A_e = rows e*r.. of a;
+// B_e from bp (E, out, r) when the adapter has it re-laid, else gathered from b into Bp.
 static void lora_add(real *G, int64_t ldg, const real *X, int64_t m, int64_t in, int64_t out,
-                     const real *a, const real *b, int64_t r, real s, int64_t E, int64_t e,
-                     real *U, real *D, real *Bp) {
+                     const real *a, const real *b, const real *bp, int64_t r, real s, int64_t E,
+                     int64_t e, real *U, real *D, real *Bp) {
     K(bi_linear)(U, X, a + e * r * in, m, r, in, 1);
-    pack_b(Bp, b, out, r, E, e);
-    K(bi_linear)(D, U, Bp, m, out, r, 1);
+    const real *be = bp ? bp + e * out * r : Bp;
+    if (!bp)
+        pack_b(Bp, b, out, r, E, e);
+    K(bi_linear)(D, U, be, m, out, r, 1);
     for (int64_t i = 0; i < m; i++)
         for (int64_t o = 0; o < out; o++)
             G[i * ldg + o] += D[i * out + o] * s;
@@ -120,7 +123,7 @@ static void expert_block(const multi_ws *m, int64_t p0, int64_t nb, int64_t e, c
             i1++;
         if (a >= 0 && set[a].a_gu)
             lora_add(G + i0 * I2, I2, X + i0 * H, i1 - i0, H, I2, set[a].a_gu, set[a].b_gu,
-                     set[a].r, set[a].s, E, e, U, D, Bp);
+                     set[a].bp_gu, set[a].r, set[a].s, E, e, U, D, Bp);
         i0 = i1;
     }
     for (int64_t i = 0; i < nb; i++) { // Z into X's room (X is no longer needed)
@@ -137,8 +140,8 @@ static void expert_block(const multi_ws *m, int64_t p0, int64_t nb, int64_t e, c
         while (i1 < nb && adapter_of(slot, m->perm[p0 + i1] / k, set, n) == a)
             i1++;
         if (a >= 0 && set[a].a_d)
-            lora_add(O + i0 * H, H, X + i0 * I, i1 - i0, I, H, set[a].a_d, set[a].b_d, set[a].r,
-                     set[a].s, E, e, U, D, Bp);
+            lora_add(O + i0 * H, H, X + i0 * I, i1 - i0, I, H, set[a].a_d, set[a].b_d,
+                     set[a].bp_d, set[a].r, set[a].s, E, e, U, D, Bp);
         i0 = i1;
     }
     memcpy(m->rows + p0 * H, O, (size_t)(nb * H) * sizeof(real));

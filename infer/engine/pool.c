@@ -34,6 +34,11 @@ static molt_status load_adapter(eng_engine *e, const char *path, lora_adapter **
         molt_free(ad);
         return st;
     }
+    // routed-expert B re-laid per expert for the batched kernel (off the engine thread)
+    if ((st = lora_pack_experts(ad)) != MOLT_OK) {
+        free_adapter(ad);
+        return st;
+    }
     *out = ad;
     return MOLT_OK;
 }

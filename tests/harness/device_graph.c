@@ -74,7 +74,7 @@ ag_tensor *dg_build(ag_ctx *c, const dg_inputs *g) {
     ag_router_config rc = {.top_k = 2, .n_group = 1, .topk_group = 1, .norm_topk_prob = true,
                            .scaling = 1.0};
     ag_tensor *idx = NULL, *rw = ag_moe_router(c, ag_linear(c, x, g->router), &rc, &idx);
-    ag_expert_lora l = {g->agu, g->bgu, g->ad, g->bd, R, 0.5};
+    ag_expert_lora l = {g->agu, g->bgu, g->ad, g->bd, R, 0.5, NULL, NULL};
     ag_tensor *y = ag_moe_experts_lora(c, x, rw, idx, g->gu, g->down, &l);
     ag_tensor *z = ag_scale(c, ag_add(c, x, y), 0.5);
     ag_tensor *h2 = ag_linear(c, z, g->a2); // a LoRA on the output projection
