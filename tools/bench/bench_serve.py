@@ -240,12 +240,11 @@ def main():
     srv = Server(args, model, adapters)
     rows = []
     try:
-        # warm-up: every adapter once, then one full batch of the base condition (the
-        # server's buffers grow to a whole batch's size on its first such step), then the
-        # conditions
+        # warm-up: every adapter once, then the base condition once unmeasured (the server's
+        # buffers grow to their steady size over its first full batches), then the conditions
         condition(srv.port, [(f"a{i:03d}", [1, 1000, 1001], 2) for i in range(len(adapters))]
                   + [("base", [1, 1000, 1001], 2)], min(args.concurrency, 8))
-        condition(srv.port, make_requests(args, ["base"])[: args.concurrency], args.concurrency)
+        condition(srv.port, make_requests(args, ["base"]), args.concurrency)
         for n in args.adapter_counts:
             models = ["base"] if n == 0 else [f"a{i:03d}" for i in range(n)]
             reqs = make_requests(args, models)
