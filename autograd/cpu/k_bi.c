@@ -140,6 +140,13 @@ static void dense_tile(const bi_kernels *kn, float *y, const float *x, const flo
 // panel, which stays in L2 (prefill).
 static void dense_panel(const bi_kernels *kn, float *y, const float *x, const float *w,
                         int64_t T, int64_t rows, int64_t cols, int64_t o0, int64_t o1) {
+    if (cols <= 16) { // one vector per row (a LoRA's B): 16 rows at a time, sums reduced together
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t o = o0; o < o1; o += 16)
+                kn->shortk(y + t * rows + o, x + t * cols, w + (o - o0) * cols,
+                           (int)min64(16, o1 - o), cols);
+        return;
+    }
     if (T * cols * 4 <= BI_X_L1_BYTES) {
         for (int64_t o = o0; o < o1; o += kn->nr)
             for (int64_t t0 = 0; t0 < T; t0 += kn->mr)

@@ -31,6 +31,9 @@ typedef struct {
     // dst (n, cols) = flat rows row0 .. row0 + n - 1 decoded (kq_dequant_range's values);
     // same restrictions as quant.
     void (*decode)(float *dst, const kq_weight *w, int64_t row0, int64_t n);
+    // y[j] = dot(x, w + j * K) for j < n, with n <= 16 and K <= 16 (weight rows one after
+    // another): dense's bits, the 16 sums reduced together.
+    void (*shortk)(float *y, const float *x, const float *w, int n, int64_t K);
     // y[k] = sum over s < n of p[s] * rows[s][k] for k < K, s increasing, one fused
     // multiply-add per term (multiply, then add, in the baseline copy) from 0.
     void (*wsum)(float *y, const float *p, const float *const *rows, int64_t n, int64_t K);

@@ -264,6 +264,21 @@ TM_INLINE void tm_decode_rows(float *dst, const kq_weight *w, int64_t row0, int6
     }
 }
 
+// ---- rows of at most one vector ---------------------------------------------------------------
+
+// y[j] = dot(x, w + j * K) for j < n (n <= 16, K <= 16): each row's one product vector (lanes
+// past K zero, as tm_dense's last step from a zero sum), the 16 sums through v_hsum16 (rows
+// past n repeat the last one and are dropped).
+static void tm_shortk(float *y, const float *x, const float *w, int n, int64_t K) {
+    V xv = v_loadn(x, (int)K), acc[16];
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; j++)
+        acc[j] = v_fma(xv, v_loadn(w + (j < n ? j : n - 1) * K, (int)K), v_zero());
+    float s[16];
+    v_hsum16(acc, s);
+    memcpy(y, s, (size_t)n * sizeof *s);
+}
+
 // ---- weighted sum of rows --------------------------------------------------------------------
 
 #ifndef BI_WS_V
@@ -427,5 +442,6 @@ const bi_kernels BI_TABLE = {
     .mr = BI_MR, .nr = BI_NR, .qmr = BI_QMR,
     .qnr = {0, BI_QNR_OF(1), BI_QNR_OF(2), BI_QNR_OF(3), BI_QNR_OF(4), BI_QNR_OF(5),
             BI_QNR_OF(6), BI_QNR_OF(7), BI_QNR_OF(8)},
-    .dense = tm_dense_any, .quant = tm_quant_any, .decode = tm_decode_any, .wsum = tm_wsum,
+    .dense = tm_dense_any, .quant = tm_quant_any, .decode = tm_decode_any,
+    .shortk = tm_shortk, .wsum = tm_wsum,
     .read = tm_read};

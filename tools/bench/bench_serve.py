@@ -5,7 +5,9 @@ Starts `molt serve` on a model (the `small` preset by default, NF4 base) with N 
 (r=16 on attention and routed experts, written once by `molt export --spec` into --work), then
 for each condition sends the same fixed set of requests (fixed prompts, a fixed output length:
 ignore_eos) at a given concurrency through the streaming completions API and measures output
-tokens/s, time to first token and inter-token latency (p50, p99):
+tokens/s, time to first token and inter-token latency (p50, p99) on its second pass (the
+first, unmeasured and on other prompts, lets the server's buffers grow to the condition's
+steady size without filling the prefix cache with the measured prompts):
     base        every request on the base model
     1, 8, 32, 128 distinct adapters, taken in turn by the requests
     1 stream    the base condition at concurrency 1 (32 streams vs one)
@@ -180,8 +182,8 @@ def condition(port, requests, concurrency):
             "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
 
 
-def make_requests(args, models):
-    rng = random.Random(args.seed)
+def make_requests(args, models, seed=None):
+    rng = random.Random(args.seed if seed is None else seed)
     out = []
     for i in range(args.requests):
         prompt = [1] + [1000 + rng.randrange(100000) for _ in range(args.prompt_tokens - 1)]
@@ -240,19 +242,25 @@ def main():
     srv = Server(args, model, adapters)
     rows = []
     try:
-        # warm-up: every adapter once, then the base condition once unmeasured (the server's
-        # buffers grow to their steady size over its first full batches), then the conditions
+        # warm-up: every adapter once; then each condition runs twice and the second pass is
+        # measured (the server's buffers grow to a condition's steady size over its first
+        # full batches, and the first batches with adapters need room the base does not);
+        # the first pass has prompts of its own, so the measured one finds none of its
+        # prompts in the prefix cache
         condition(srv.port, [(f"a{i:03d}", [1, 1000, 1001], 2) for i in range(len(adapters))]
                   + [("base", [1, 1000, 1001], 2)], min(args.concurrency, 8))
-        condition(srv.port, make_requests(args, ["base"]), args.concurrency)
         for n in args.adapter_counts:
             models = ["base"] if n == 0 else [f"a{i:03d}" for i in range(n)]
             reqs = make_requests(args, models)
+            condition(srv.port, make_requests(args, models, args.seed + 1000 + n),
+                      args.concurrency)
             fig = condition(srv.port, reqs, args.concurrency)
             fig["name"] = "base only" if n == 0 else f"{n} adapters"
             rows.append(fig)
             print(f"bench_serve: {fig['name']}: {fig['tok_s']:.1f} tok/s", flush=True)
-        single = condition(srv.port, make_requests(args, ["base"])[: max(4, args.requests // 8)], 1)
+        # prompts of its own too: the base condition's are in the prefix cache by now
+        single = condition(srv.port, make_requests(args, ["base"], args.seed + 2000)
+                           [: max(4, args.requests // 8)], 1)
         single["name"] = "base, 1 stream"
         rows.append(single)
     finally:
@@ -277,6 +285,8 @@ def main():
         reqs = make_requests(args, models)[: args.hf_requests]
         srv = Server(args, model, adapters)
         try:
+            condition(srv.port, make_requests(args, models, args.seed + 999)[: len(reqs)],
+                      args.concurrency)  # unmeasured, other prompts, as above
             mine = condition(srv.port, reqs, args.concurrency)
         finally:
             srv.stop()
