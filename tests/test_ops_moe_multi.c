@@ -60,6 +60,16 @@ static void to_f32(ag_arena *a, ag_tensor **in64, ag_tensor **in) {
         in[i] = gc_clone(a, in64[i], AG_F32);
 }
 
+// A fresh arena a with make_inputs' F64 inputs for T tokens (rng seed `seed`) and their F32
+// copies.
+static void inputs_f32(ag_arena *a, uint64_t seed, int64_t T, ag_tensor **in64, ag_tensor **in) {
+    ag_arena_init(a, "t", 0);
+    ag_rng r;
+    ag_rng_seed(&r, seed);
+    make_inputs(a, &r, T, in64);
+    to_f32(a, in64, in);
+}
+
 // Row t of every per-token input, as a batch of one token.
 static void one_row(ag_ctx *c, ag_tensor **in, int64_t t, ag_tensor **out) {
     memcpy(out, in, N_INPUTS * sizeof *out);
@@ -71,12 +81,8 @@ static void one_row(ag_ctx *c, ag_tensor **in, int64_t t, ag_tensor **out) {
 // Each token against the single-adapter op (or the frozen experts) on that token alone.
 START_TEST(test_tokens_match_their_adapter_alone) {
     ag_arena a;
-    ag_arena_init(&a, "t", 0);
-    ag_rng r;
-    ag_rng_seed(&r, 1);
     ag_tensor *in64[N_INPUTS], *in[N_INPUTS];
-    make_inputs(&a, &r, T_, in64);
-    to_f32(&a, in64, in);
+    inputs_f32(&a, 1, T_, in64, in);
     ag_expert_lora set[N_AD];
     set_of(in, set);
     for (int ref = 0; ref < 2; ref++) {
@@ -169,12 +175,8 @@ static ag_tensor *per_expert(ag_arena *a, const ag_tensor *b, int64_t r) {
 // output has the same bits as with B gathered per call.
 START_TEST(test_per_expert_b_same_bits) {
     ag_arena a;
-    ag_arena_init(&a, "t", 0);
-    ag_rng r;
-    ag_rng_seed(&r, 3);
     ag_tensor *in64[N_INPUTS], *in[N_INPUTS];
-    make_inputs(&a, &r, T_, in64);
-    to_f32(&a, in64, in);
+    inputs_f32(&a, 3, T_, in64, in);
     ag_ctx c;
     ck_assert_ok(ag_ctx_init(&c));
     ag_ctx_set_grad(&c, false);
@@ -196,12 +198,8 @@ END_TEST
 
 START_TEST(test_tokens_do_not_depend_on_the_batch) {
     ag_arena a;
-    ag_arena_init(&a, "t", 0);
-    ag_rng r;
-    ag_rng_seed(&r, 2);
     ag_tensor *in64[N_INPUTS], *in[N_INPUTS];
-    make_inputs(&a, &r, 40, in64);
-    to_f32(&a, in64, in);
+    inputs_f32(&a, 2, 40, in64, in);
     ag_expert_stacks dense = {in[GU], in[D], NULL, NULL};
     check_invariance(in, &dense);
     ag_qformat fmts[2] = {AG_Q_NF4, AG_Q_INT8};
@@ -222,12 +220,8 @@ END_TEST
 // ag_moe_experts_lora_q / ag_moe_experts_q).
 START_TEST(test_quantized_fast_matches_reference) {
     ag_arena a;
-    ag_arena_init(&a, "t", 0);
-    ag_rng r;
-    ag_rng_seed(&r, 3);
     ag_tensor *in64[N_INPUTS], *in[N_INPUTS];
-    make_inputs(&a, &r, T_, in64);
-    to_f32(&a, in64, in);
+    inputs_f32(&a, 3, T_, in64, in);
     ag_expert_lora set[N_AD];
     set_of(in, set);
     ag_qformat fmts[3] = {AG_Q_NF4, AG_Q_INT8, AG_Q_BF16};
@@ -283,12 +277,8 @@ END_TEST
 
 START_TEST(test_errors) {
     ag_arena a;
-    ag_arena_init(&a, "t", 0);
-    ag_rng r;
-    ag_rng_seed(&r, 5);
     ag_tensor *in64[N_INPUTS], *in[N_INPUTS];
-    make_inputs(&a, &r, 4, in64);
-    to_f32(&a, in64, in);
+    inputs_f32(&a, 5, 4, in64, in);
     ag_ctx c;
     ag_ctx_init(&c);
     ((int32_t *)in[SLOT]->data)[2] = N_AD;
