@@ -22,8 +22,11 @@
 // than the decode buffer up to T = 16 even where that decodes twice); above that each panel
 // is decoded once into the thread's workspace and the dense kernel runs on it (prefill: the
 // decode is spread over T rows). Both give the same values, so the same bits. NF4 with
-// cols % 64 != 0 (rows starting inside a block) is decoded through kq_dequant_range. f64
-// (gradient checks) runs plain loops in the same order.
+// cols % 64 != 0 (rows starting inside a block) is decoded through kq_dequant_range. Rows of
+// at most 16 columns (one vector, a LoRA's B) go 16 weight rows at a time, their 16 sums
+// reduced together; the tree is the same. bi_dots is the tile kernel over row pointers;
+// bi_wsum (a weighted sum of rows, summed over rows, not along them) has its own order,
+// stated in k_bi.h. f64 (gradient checks) runs plain loops in the same orders.
 #include "real.h"
 #include "k_quant.h"
 #include "k_bi.h"
