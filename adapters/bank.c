@@ -40,20 +40,9 @@ molt_status lora_pack_experts(lora_adapter *ad) {
         lora_unit *u = &ad->units[i];
         if (u->group != LORA_GROUP_EXPERTS || u->bp || !u->b || u->b->dtype != AG_F32)
             continue;
-        int64_t out = u->b->shape[0], r = u->r, E = r > 0 ? u->b->shape[1] / r : 0;
-        if (E < 1 || E * r != u->b->shape[1])
-            return molt_err(MOLT_EARG, "lora: %s: B %lld x %lld is not rank %d times experts",
-                            u->path, (long long)out, (long long)u->b->shape[1], u->r);
-        ag_tensor *bp = ag_tensor_new_uninit(&ad->params, AG_F32, 3, (int64_t[]){E, out, r});
-        if (!bp)
-            return molt_err_wrap(MOLT_ENOMEM, "lora: %s: re-laying B per expert", u->path);
-        const float *b = u->b->data;
-        float *d = bp->data;
-        for (int64_t o = 0; o < out; o++) // b row by row, each written to its E experts
-            for (int64_t q = 0; q < r; q++)
-                for (int64_t e = 0; e < E; e++)
-                    d[(e * out + o) * r + q] = b[(o * r + q) * E + e];
-        u->bp = bp;
+        molt_status st = ag_expert_b_per_expert(&ad->params, u->b, u->r, &u->bp);
+        if (st != MOLT_OK)
+            return molt_err_wrap(st, "lora: %s: re-laying B per expert", u->path);
     }
     return MOLT_OK;
 }

@@ -351,6 +351,10 @@ typedef struct {
 ag_tensor *ag_moe_experts_multi(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,
                                 const ag_expert_stacks *w, ag_tensor *slot, int n,
                                 const ag_expert_lora *set);
+// An expert LoRA's B [out, r*E] (F32) re-laid per expert into *bp, a new tensor of arena a,
+// [E, out, r]: ag_expert_lora's bp_gate_up / bp_down. MOLT_EARG when b is not F32, not 2-D
+// or not r times a whole number of experts wide; MOLT_ENOMEM.
+molt_status ag_expert_b_per_expert(ag_arena *a, const ag_tensor *b, int r, ag_tensor **bp);
 
 // ---- expert parallelism (autograd/ops_ep.c; the collectives are autograd/comm/comm.h) ----
 // The E routed experts are split in contiguous blocks over the ranks of a communicator (rank

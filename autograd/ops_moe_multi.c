@@ -195,6 +195,21 @@ static molt_status ref_fwd(ag_tensor *y, ag_tensor *x, ag_tensor *w, ag_tensor *
 DEFINE_FAST(f32, float)
 DEFINE_FAST(f64, double)
 
+molt_status ag_expert_b_per_expert(ag_arena *a, const ag_tensor *b, int r, ag_tensor **bp) {
+    *bp = NULL;
+    if (b->dtype != AG_F32 || b->ndim != 2 || r < 1 || b->shape[1] % r != 0)
+        return molt_err(MOLT_EARG, OP ": B of %d dims, %lld wide, is not an F32 [out, r*E] for "
+                        "rank %d", b->ndim, (long long)b->shape[b->ndim - 1], r);
+    int64_t out = b->shape[0], E = b->shape[1] / r;
+    ag_tensor *t = ag_tensor_new_uninit(a, AG_F32, 3, (int64_t[]){E, out, r});
+    if (!t)
+        return MOLT_ENOMEM;
+    for (int64_t e = 0; e < E; e++)
+        moe_lora_b_expert_f32((float *)t->data + e * out * r, b->data, out, r, E, e);
+    *bp = t;
+    return MOLT_OK;
+}
+
 // Contract in autograd.h. Node inputs: x, weights, idx, slot, gate_up, down (NULL when
 // quantized), then a_gu, b_gu, a_d, b_d of every adapter.
 ag_tensor *ag_moe_experts_multi(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,

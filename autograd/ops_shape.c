@@ -724,9 +724,9 @@ molt_status ag_cpu_softmax_bwd(ag_tensor *dx, const ag_tensor *y, const ag_tenso
     return MOLT_OK;
 }
 
-// Softmax over the last dim, max-subtracted so large inputs do not overflow.
 double ag_vexp_sum(float *z, int64_t n, float sub) { return vexp_sum_f32(z, n, sub); }
 
+// Softmax over the last dim, max-subtracted so large inputs do not overflow.
 ag_tensor *ag_softmax(ag_ctx *c, ag_tensor *x) {
     if (ag_check_float("softmax", "x", x) != MOLT_OK)
         return NULL;

@@ -171,8 +171,8 @@ static ag_tensor *per_expert(ag_arena *a, const ag_tensor *b, int64_t r) {
     return p;
 }
 
-// With every B also given re-laid per expert (bp_*, what serving hands the kernel) the
-// output has the same bits as with B gathered per call.
+// With every B also given re-laid per expert (bp_*, what serving hands the kernel, made by
+// ag_expert_b_per_expert) the output has the same bits as with B gathered per call.
 START_TEST(test_per_expert_b_same_bits) {
     ag_arena a;
     ag_tensor *in64[N_INPUTS], *in[N_INPUTS];
@@ -185,9 +185,20 @@ START_TEST(test_per_expert_b_same_bits) {
     ag_expert_stacks st = {in[GU], in[D], NULL, NULL};
     ag_tensor *y = ag_moe_experts_multi(&c, in[X], in[W], in[IDX], &st, in[SLOT], N_AD, set);
     ck_assert_tensor(y);
-    set[0].bp_gate_up = per_expert(&a, in[B0GU], 2);
-    set[0].bp_down = per_expert(&a, in[B0D], 2);
-    set[1].bp_gate_up = per_expert(&a, in[B1GU], 1);
+    // ag_expert_b_per_expert (what serving's adapter loader calls) lays B out as stated
+    const struct {
+        int in, r;
+        ag_tensor **bp;
+    } re[3] = {{B0GU, 2, &set[0].bp_gate_up}, {B0D, 2, &set[0].bp_down},
+               {B1GU, 1, &set[1].bp_gate_up}};
+    for (int i = 0; i < 3; i++) {
+        ck_assert_ok(ag_expert_b_per_expert(&a, in[re[i].in], re[i].r, re[i].bp));
+        ag_tensor *want = per_expert(&a, in[re[i].in], re[i].r);
+        ck_assert(memcmp((*re[i].bp)->data, want->data, (size_t)want->numel * sizeof(float)) == 0);
+    }
+    ag_tensor *none;
+    ck_assert_int_eq(ag_expert_b_per_expert(&a, in[B0GU], 3, &none), MOLT_EARG); // 8 % 3
+    ck_assert_ptr_null(none);
     ag_tensor *yp = ag_moe_experts_multi(&c, in[X], in[W], in[IDX], &st, in[SLOT], N_AD, set);
     ck_assert_tensor(yp);
     ck_assert(memcmp(y->data, yp->data, (size_t)y->numel * sizeof(float)) == 0);

@@ -65,8 +65,8 @@ static int32_t adapter_of(const int32_t *slot, int64_t t, const K(moe_lora) *set
     return s >= 0 && s < n && (set[s].a_gu || set[s].a_d) ? s : -1;
 }
 
-// Expert e's B_e from b (out, r*E) into bp (out, r): bp[o, q] = b[o, q*E + e].
-static void pack_b(real *bp, const real *b, int64_t out, int64_t r, int64_t E, int64_t e) {
+void K(moe_lora_b_expert)(real *bp, const real *b, int64_t out, int64_t r, int64_t E,
+                          int64_t e) {
     for (int64_t o = 0; o < out; o++)
         for (int64_t q = 0; q < r; q++)
             bp[o * r + q] = b[o * r * E + q * E + e];
@@ -89,7 +89,7 @@ static void lora_add(real *G, int64_t ldg, const real *X, int64_t m, int64_t in,
     K(bi_linear)(U, X, a + e * r * in, m, r, in, 1);
     const real *be = bp ? bp + e * out * r : Bp;
     if (!bp)
-        pack_b(Bp, b, out, r, E, e);
+        K(moe_lora_b_expert)(Bp, b, out, r, E, e);
     K(bi_linear)(D, U, be, m, out, r, 1);
     for (int64_t i = 0; i < m; i++)
         for (int64_t o = 0; o < out; o++)

@@ -16,6 +16,9 @@ typedef struct {
     const kq_weight *qd;  // quantized down (E matrices (H, I)), or NULL
 } K(moe_stacks);
 
+// Expert e's B_e from b (out, r*E), PEFT's layout, into bp (out, r): bp[o, q] = b[o, q*E + e].
+void K(moe_lora_b_expert)(real *bp, const real *b, int64_t out, int64_t r, int64_t E,
+                          int64_t e);
 // Bytes of workspace moe_multi_fwd needs with a team of nthreads threads.
 size_t K(moe_multi_ws_bytes)(const K(moe_stacks) *st, const K(moe_lora) *set, int n,
                              int64_t T, int64_t k, int64_t E, int64_t H, int64_t I,
