@@ -1,5 +1,7 @@
-// autograd/arena.c: bump allocators by lifetime. A host arena's reset keeps the largest
-// chunk so that a steady training loop stops allocating after its first step. A device
+// autograd/arena.c: bump allocators by lifetime. A host arena's reset leaves one chunk: the
+// largest, or, when the step spilled over several, a new one holding the whole of its
+// high-water mark with its pages touched, so that a steady loop (training steps, serving
+// steps) neither allocates nor faults pages in after its first step. A device
 // arena is one block taken from its device's backend at init and never grows (the device
 // allocator is slow and fragments; an op must never allocate); its tensor structs go to a
 // host arena beside it.
@@ -142,6 +144,22 @@ void ag_arena_reset(ag_arena *a) {
         return;
     }
     molt_mem_adjust(-(long long)a->used);
+    if (a->head && a->head->next && a->peak > a->chunk_bytes)
+        a->chunk_bytes = a->peak;
+    ag_arena_chunk *one = a->head && a->head->next ? chunk_new(a->chunk_bytes) : NULL;
+    if (one) { // the step spilled over chunks: the next one gets a single chunk, mapped now
+        for (ag_arena_chunk *ch = a->head; ch;) {
+            ag_arena_chunk *next = ch->next;
+            chunk_free(ch);
+            ch = next;
+        }
+        for (size_t off = 0; off < one->cap; off += 4096)
+            one->base[off] = 0;
+        a->head = one;
+        a->reserved = one->cap;
+        a->used = 0;
+        return;
+    }
     ag_arena_chunk *keep = NULL;
     for (ag_arena_chunk *ch = a->head; ch;) {
         ag_arena_chunk *next = ch->next;

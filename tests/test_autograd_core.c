@@ -27,6 +27,49 @@ START_TEST(test_arena_alignment_and_reset) {
 }
 END_TEST
 
+// A step that spills over several chunks leaves, after its reset, one chunk that holds the
+// whole step: the same step again takes no new chunk, and the chunk is kept over resets.
+// Without memory for that chunk the reset keeps the largest one, as before.
+static void arena_step(ag_arena *a) {
+    for (int i = 0; i < 10; i++) {
+        unsigned char *p = ag_arena_alloc(a, 200);
+        ck_assert_ptr_nonnull(p);
+        p[199] = 1;
+    }
+}
+
+START_TEST(test_arena_spilled_step_gets_one_chunk) {
+    ag_arena a;
+    ag_arena_init(&a, "t", 256);
+    arena_step(&a);
+    ck_assert_uint_eq(a.peak, 10 * 256);
+    ck_assert_uint_eq(a.reserved, 10 * 256);
+    ag_arena_reset(&a);
+    ck_assert_uint_eq(a.used, 0);
+    ck_assert_uint_eq(a.reserved, 10 * 256); // one chunk of the step's high-water mark
+    for (int k = 0; k < 2; k++) {
+        unsigned long before = molt_alloc_count();
+        arena_step(&a);
+        ck_assert_uint_eq(molt_alloc_count(), before);
+        ag_arena_reset(&a);
+        ck_assert_uint_eq(a.reserved, 10 * 256);
+    }
+    ag_arena_free(&a);
+
+    ag_arena_init(&a, "t", 256);
+    arena_step(&a);
+    molt_alloc_fail_after(0);
+    ag_arena_reset(&a); // no memory for the merged chunk: the largest (one of 256) is kept
+    molt_alloc_fail_after(-1);
+    ck_assert_uint_eq(a.reserved, 256);
+    ck_assert_uint_eq(a.used, 0);
+    arena_step(&a);
+    ag_arena_reset(&a);
+    ck_assert_uint_eq(a.reserved, 10 * 256);
+    ag_arena_free(&a);
+}
+END_TEST
+
 START_TEST(test_arena_alloc_failure_keeps_state) {
     ag_arena a;
     ag_arena_init(&a, "t", 64);
@@ -251,6 +294,7 @@ int main(void) {
     TCase *tc = tcase_create("core");
     tcase_add_test(tc, test_arena_alignment_and_reset);
     tcase_add_test(tc, test_arena_alloc_failure_keeps_state);
+    tcase_add_test(tc, test_arena_spilled_step_gets_one_chunk);
     tcase_add_test(tc, test_tensor_shapes_and_errors);
     tcase_add_test(tc, test_bf16_f16_roundtrip);
     tcase_add_test(tc, test_rng_reproducible);
