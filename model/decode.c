@@ -39,30 +39,9 @@ static attn_dims dims_of(const mcfg *cf) {
 }
 
 // The products run in the batch-invariant kernels' fixed orders (ag_bi_matmul, ag_bi_dots,
-// ag_bi_wsum), the softmax through ag_vexp_sum, and the few loops left here (the kv_b LoRA
-// of the absorbed form) over LANES interleaved partial sums (element i to lane i % LANES,
-// lanes added pairwise at the end). Every query row's result depends on that row and its
-// sequence's cache alone (batch-invariant).
-#define LANES 16
-
-static inline float dot_lanes(const float *a, const float *b, int64_t n) {
-    float acc[LANES] = {0};
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int j = 0; j < LANES; j++)
-            acc[j] += a[i + j] * b[i + j];
-    for (int j = 0; i < n; i++, j++)
-        acc[j] += a[i] * b[i];
-    for (int w = LANES / 2; w > 0; w /= 2)
-        for (int j = 0; j < w; j++)
-            acc[j] += acc[j + w];
-    return acc[0];
-}
-
-static inline void axpy_f(float *y, float a, const float *x, int64_t n) {
-    for (int64_t i = 0; i < n; i++)
-        y[i] += a * x[i];
-}
+// ag_bi_wsum; the kv_b LoRA of the absorbed form too), the softmax through ag_vexp_sum.
+// Every query row's result depends on that row and its sequence's cache alone
+// (batch-invariant).
 
 // sc[0..S) <- exp(sc - max) in place (the vectorized exp of ag_vexp_sum); returns the sum
 // of the exponentials.
@@ -200,7 +179,8 @@ typedef struct {
 // weighted latent sum, low-rank intermediates, scores; row pointers into W_UK and W_UV.
 typedef struct {
     float *ql, *ctx, *u, *sc; // [RKV + DR], [RKV], [r], [S]
-    const float **pr;         // [max(DN, DV)]
+    float *wt, *lv;           // with a LoRA: weights [DN + r], its W_UV-side terms [DV]
+    const float **pr;         // [max(DN + r, DV)]
 } absorb_scratch;
 
 // One (query i, head h) of the absorbed form into o [DV]; w_uk/w_uv are head h's rows of the
@@ -209,18 +189,25 @@ typedef struct {
 static void absorb_one(float *o, const float *qi, const float *w_uk, const float *w_uv,
                        const kvb_lora *lo, int64_t h, const float *const *rows, float coef,
                        int64_t vis, attn_dims d, absorb_scratch t) {
+    const float *bh = lo->a ? lo->b + h * (d.dn + d.dv) * lo->r : NULL;
+    int64_t nw = d.dn;
     for (int64_t j = 0; j < d.dn; j++) // ql = W_UK^T q_nope: W_UK's rows weighted by q_nope
         t.pr[j] = w_uk + j * d.rkv;
-    ag_bi_wsum(t.ql, qi, t.pr, d.dn, d.rkv);
-    const float *bh = lo->a ? lo->b + h * (d.dn + d.dv) * lo->r : NULL;
-    if (lo->a) { // + s A^T (B_UK^T q_nope)
+    const float *wq = qi;
+    if (lo->a) { // + s A^T u with u = B_UK^T q_nope: A's rows join the weighted sum
+        const float **pb = t.pr + d.dn;
+        for (int64_t j = 0; j < d.dn; j++)
+            pb[j] = bh + j * lo->r;
+        ag_bi_wsum(t.u, qi, pb, d.dn, lo->r);
+        memcpy(t.wt, qi, (size_t)d.dn * sizeof *t.wt);
         for (int64_t k = 0; k < lo->r; k++) {
-            double u = 0;
-            for (int64_t j = 0; j < d.dn; j++)
-                u += (double)qi[j] * bh[j * lo->r + k];
-            axpy_f(t.ql, (float)(lo->s * u), lo->a + k * d.rkv, d.rkv);
+            t.wt[d.dn + k] = (float)lo->s * t.u[k];
+            t.pr[d.dn + k] = lo->a + k * d.rkv;
         }
+        wq = t.wt;
+        nw += lo->r;
     }
+    ag_bi_wsum(t.ql, wq, t.pr, nw, d.rkv);
     // scores: [ql | q_rope] against whole cache rows [latent | rope key]
     memcpy(t.ql + d.rkv, qi + d.dn, (size_t)d.dr * sizeof *t.ql);
     ag_bi_dots(t.sc, t.ql, rows, vis, d.rkv + d.dr);
@@ -228,25 +215,23 @@ static void absorb_one(float *o, const float *qi, const float *w_uk, const float
         t.sc[s] *= coef;
     double sum = softmax_inplace(t.sc, vis);
     ag_bi_wsum(t.ctx, t.sc, rows, vis, d.rkv); // sum_s p_s c_s
-    if (lo->a) // u = A ctx
-        for (int64_t k = 0; k < lo->r; k++)
-            t.u[k] = dot_lanes(lo->a + k * d.rkv, t.ctx, d.rkv);
     float inv = (float)(1.0 / sum);
-    // out = W_UV (sum_s p_s c_s) (+ s B_UV A ctx): the W_UV rows first
+    // out = W_UV (sum_s p_s c_s) (+ s B_UV A ctx)
     for (int64_t v = 0; v < d.dv; v++)
         t.pr[v] = w_uv + v * d.rkv;
     ag_bi_dots(o, t.ctx, t.pr, d.dv, d.rkv);
-    for (int64_t v = 0; v < d.dv; v++) {
-        float acc = o[v];
-        if (lo->a) {
-            const float *bv = bh + (d.dn + v) * lo->r;
-            float lr = 0;
-            for (int64_t k = 0; k < lo->r; k++)
-                lr += bv[k] * t.u[k];
-            acc += (float)lo->s * lr;
-        }
-        o[v] = acc * inv;
+    if (lo->a) {
+        for (int64_t k = 0; k < lo->r; k++) // u = A ctx
+            t.pr[k] = lo->a + k * d.rkv;
+        ag_bi_dots(t.u, t.ctx, t.pr, lo->r, d.rkv);
+        for (int64_t v = 0; v < d.dv; v++)
+            t.pr[v] = bh + (d.dn + v) * lo->r;
+        ag_bi_dots(t.lv, t.u, t.pr, d.dv, lo->r);
+        for (int64_t v = 0; v < d.dv; v++)
+            o[v] += (float)lo->s * t.lv[v];
     }
+    for (int64_t v = 0; v < d.dv; v++)
+        o[v] *= inv;
 }
 
 static ag_tensor *cached_absorbed(ag_ctx *c, const mdl_model *m, int l, const mdl_kvcache *kv,
@@ -258,7 +243,9 @@ static ag_tensor *cached_absorbed(ag_ctx *c, const mdl_model *m, int l, const md
     const float **rows = cache_rows(c, kv, seq, l, S);
     ag_tensor *out = ag_tensor_new(&c->act, AG_F32, 3, (int64_t[]){n, d.nh, d.dv});
     int64_t lr = lo->a ? lo->r : 0, per = 2 * d.rkv + d.dr + lr + S;
-    int64_t nptr = d.dn > d.dv ? d.dn : d.dv;
+    if (lo->a)
+        per += d.dn + lr + d.dv;
+    int64_t nptr = d.dn + lr > d.dv ? d.dn + lr : d.dv;
     float *scratch = ag_arena_alloc(&c->act,
                                     (size_t)(omp_get_max_threads() * per) * sizeof *scratch);
     const float **ptrs = ag_arena_alloc(&c->act,
@@ -274,8 +261,9 @@ static ag_tensor *cached_absorbed(ag_ctx *c, const mdl_model *m, int l, const md
         int64_t i = k / d.nh, h = k % d.nh;
         int th = omp_get_thread_num();
         float *base = scratch + (int64_t)th * per;
-        absorb_scratch t = {base, base + d.rkv + d.dr, base + 2 * d.rkv + d.dr,
-                            base + 2 * d.rkv + d.dr + lr, ptrs + (int64_t)th * nptr};
+        float *sc = base + 2 * d.rkv + d.dr + lr, *wt = sc + S;
+        absorb_scratch t = {base, base + d.rkv + d.dr, base + 2 * d.rkv + d.dr, sc,
+                            wt, wt + d.dn + lr, ptrs + (int64_t)th * nptr};
         const float *w_uk = w + h * (d.dn + d.dv) * d.rkv, *w_uv = w_uk + d.dn * d.rkv;
         absorb_one(od + k * d.dv, qd + k * d.dqk, w_uk, w_uv, lo, h, rows,
                    (float)row_coef(m, qtemp, i), len + i + 1, d, t);

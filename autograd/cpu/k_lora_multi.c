@@ -1,6 +1,7 @@
 // autograd/cpu/k_lora_multi.c: several LoRA adapters over one batch, each row with its own
 // (contracts in k_lora_multi.h). The optimized kernels group the rows by adapter: one
-// gather, two low-rank products and one scatter per adapter present, whatever the ranks.
+// gather, two low-rank products and one scatter per adapter present, whatever the ranks;
+// in the forward the adapters present are shared out over the threads.
 #include "real.h"
 #include "k_quant.h"
 #include "k_bi.h"
@@ -82,9 +83,9 @@ static int64_t max_rank(const K(lora_ab) *set, int n) {
 size_t K(lora_multi_ws_bytes)(const K(lora_ab) *set, int n, int64_t T, int64_t in,
                               int64_t out) {
     int64_t r = max_rank(set, n);
-    // row order, then the forward's gathered x, h, d or the backward's gathered x and dy,
-    // g, h and dx rows
-    return (size_t)T * sizeof(int64_t) +
+    // row order and the forward's group starts, then the forward's gathered x, h, d or the
+    // backward's gathered x and dy, g, h and dx rows
+    return (size_t)(T + n + 1) * sizeof(int64_t) +
            (size_t)T * (size_t)(2 * in + 2 * out + 2 * r) * sizeof(real) + 64;
 }
 
@@ -105,22 +106,35 @@ static void gather(real *dst, const real *src, const int64_t *rows, int64_t m, i
 void K(lora_multi_fwd)(real *y, const real *x, const int32_t *slot, const K(lora_ab) *set,
                        int n, int64_t T, int64_t in, int64_t out, int nthreads, void *ws) {
     int64_t r = max_rank(set, n);
-    int64_t *rows = ws;
-    real *xg = (real *)(rows + T), *h = xg + T * in, *d = h + T * r;
+    int64_t *rows = ws, *start = rows + T; // group s: rows[start[s] .. start[s + 1])
+    real *xg = (real *)(start + n + 1), *h = xg + T * in, *d = h + T * r;
     memset(y, 0, (size_t)(T * out) * sizeof(real));
+    int64_t at = 0;
+    int groups = 0;
     for (int s = 0; s < n; s++) {
-        if (!set[s].a)
-            continue;
-        int64_t m = rows_of(rows, slot, T, s);
+        start[s] = at;
+        int64_t m = set[s].a ? rows_of(rows + at, slot, T, s) : 0;
+        at += m;
+        groups += m > 0;
+    }
+    start[n] = at;
+    // Several groups go to the threads whole, each product on one thread; a lone group's
+    // products use the threads. Either way a row's bits are the same (k_bi.h).
+    int team = groups > 1 && nthreads > 1 ? nthreads : 1, inner = team > 1 ? 1 : nthreads;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team) if (team > 1)
+    for (int s = 0; s < n; s++) {
+        int64_t g0 = start[s], m = start[s + 1] - g0;
         if (m == 0)
             continue;
         const K(lora_ab) *l = &set[s];
-        gather(xg, x, rows, m, in);
-        K(bi_linear)(h, xg, l->a, m, l->r, in, nthreads);
-        K(bi_linear)(d, h, l->b, m, out, l->r, nthreads);
+        const int64_t *gr = rows + g0;
+        real *xs = xg + g0 * in, *hs = h + g0 * r, *ds = d + g0 * out;
+        gather(xs, x, gr, m, in);
+        K(bi_linear)(hs, xs, l->a, m, l->r, in, inner);
+        K(bi_linear)(ds, hs, l->b, m, out, l->r, inner);
         for (int64_t i = 0; i < m; i++) {
-            real *yt = y + rows[i] * out;
-            const real *dt = d + i * out;
+            real *yt = y + gr[i] * out;
+            const real *dt = ds + i * out;
             for (int64_t o = 0; o < out; o++)
                 yt[o] = dt[o] * l->s;
         }
