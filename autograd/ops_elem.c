@@ -27,7 +27,8 @@ static ag_tensor *binary(ag_ctx *c, ag_op op, ag_tensor *a, ag_tensor *b) {
     const ag_backend *be;
     if (check_binary(ag_op_name(op), a, b, &be) != MOLT_OK)
         return NULL;
-    ag_tensor *y = ag_out_new_on(c, a->device, a->dtype, a->ndim, a->shape);
+    // every backend's add and mul write y in full
+    ag_tensor *y = ag_out_new_uninit_on(c, a->device, a->dtype, a->ndim, a->shape);
     if (!y)
         return NULL;
     molt_status st = op == AG_OP_ADD ? AG_BE_CALL(be, add, "add", y, a, b)

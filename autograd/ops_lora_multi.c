@@ -119,7 +119,8 @@ ag_tensor *ag_lora_multi(ag_ctx *c, ag_tensor *x, ag_tensor *slot, int n,
     if (check(x, slot, n, set, out) != MOLT_OK)
         return NULL;
     int64_t T = x->shape[0], in = x->shape[1];
-    ag_tensor *y = ag_out_new(c, x->dtype, 2, (int64_t[]){T, out});
+    // both kernels write y in full (rows of no adapter as zeros)
+    ag_tensor *y = ag_out_new_uninit_on(c, AG_CPU, x->dtype, 2, (int64_t[]){T, out});
     if (!y)
         return NULL;
     bool f32 = x->dtype == AG_F32, ref = ag_reference_kernels();
