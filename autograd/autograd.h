@@ -28,7 +28,8 @@ size_t ag_dtype_size(ag_dtype dt);
 
 // ---------------------------------------------------------------------------------------
 // Arenas: bump allocators by lifetime (weights, params, per-step activations, KV pages).
-// Host arenas hand out 64-byte aligned pieces from chunks; reset keeps the largest chunk.
+// Host arenas hand out 64-byte aligned pieces from chunks; reset leaves one chunk (the
+// largest, or one of the high-water mark with its pages touched when the step spilled).
 // Device arenas (ag_arena_init_device) hold ONE block of device memory, taken at init and
 // carved in 256-byte aligned pieces: no device allocation per op; a request that does not
 // fit is an error naming the arena and its sizes. The tensor structs of a device arena live
