@@ -191,14 +191,11 @@ static void absorb_one(float *o, const float *qi, const float *w_uk, const float
                        int64_t vis, attn_dims d, absorb_scratch t) {
     const float *bh = lo->a ? lo->b + h * (d.dn + d.dv) * lo->r : NULL;
     int64_t nw = d.dn;
-    for (int64_t j = 0; j < d.dn; j++) // ql = W_UK^T q_nope: W_UK's rows weighted by q_nope
-        t.pr[j] = w_uk + j * d.rkv;
     const float *wq = qi;
     if (lo->a) { // + s A^T u with u = B_UK^T q_nope: A's rows join the weighted sum
-        const float **pb = t.pr + d.dn;
         for (int64_t j = 0; j < d.dn; j++)
-            pb[j] = bh + j * lo->r;
-        ag_bi_wsum(t.u, qi, pb, d.dn, lo->r);
+            t.pr[j] = bh + j * lo->r;
+        ag_bi_wsum(t.u, qi, t.pr, d.dn, lo->r);
         memcpy(t.wt, qi, (size_t)d.dn * sizeof *t.wt);
         for (int64_t k = 0; k < lo->r; k++) {
             t.wt[d.dn + k] = (float)lo->s * t.u[k];
@@ -207,6 +204,8 @@ static void absorb_one(float *o, const float *qi, const float *w_uk, const float
         wq = t.wt;
         nw += lo->r;
     }
+    for (int64_t j = 0; j < d.dn; j++) // ql = W_UK^T q_nope: W_UK's rows weighted by q_nope
+        t.pr[j] = w_uk + j * d.rkv;
     ag_bi_wsum(t.ql, wq, t.pr, nw, d.rkv);
     // scores: [ql | q_rope] against whole cache rows [latent | rope key]
     memcpy(t.ql + d.rkv, qi + d.dn, (size_t)d.dr * sizeof *t.ql);
