@@ -15,6 +15,7 @@
 #include "model/model.h"
 
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -351,6 +352,63 @@ START_TEST(test_absorbed_vs_expanded) {
 }
 END_TEST
 
+// Absorbed against expanded with a kv_b LoRA for 24 queries at once on 2 threads: enough
+// (query, head) pairs that the absorbed form shares them out, each thread in its own
+// scratch (the tiny preset has DV < 2 DN, where the LoRA's row pointers once ran past a
+// thread's share).
+START_TEST(test_absorbed_many_queries_lora) {
+    mdl_model m;
+    load_preset(0, &m);
+    ag_arena pa;
+    ag_arena_init(&pa, "lora", 0);
+    ag_rng r;
+    ag_rng_seed(&r, 9);
+    mdl_lin *kvb = &m.layers[0].kv_b;
+    kvb->lora_a = ag_tensor_new2(&pa, AG_F32, 4, kvb->w->shape[1]);
+    kvb->lora_b = ag_tensor_new2(&pa, AG_F32, kvb->w->shape[0], 4);
+    ag_fill_normal(kvb->lora_a, &r, 0, 0.3);
+    ag_fill_normal(kvb->lora_b, &r, 0, 0.3);
+    kvb->lora_scale = 0.7;
+    int32_t ids[20];
+    some_ids(ids, 20, 3, m.cfg.vocab_size);
+    ag_ctx c;
+    mdl_kvcache kv;
+    int seq, n = 24;
+    ck_assert_ok(ag_ctx_init(&c));
+    ck_assert_ok(mdl_kv_init(&kv, &m.cfg, 8, 0));
+    ck_assert_ok(mdl_kv_seq_open(&kv, &seq));
+    ag_tensor *lg;
+    ck_assert_ok(mdl_forward_cached(&c, &m, &kv, seq, ids, 20, MDL_ATTN_EXPANDED, false, &lg));
+    ck_assert_ok(mdl_kv_reserve(&kv, seq, n));
+    ag_tensor *x = ag_tensor_new2(&c.act, AG_F32, n, m.cfg.hidden_size);
+    ag_tensor *pos = ag_tensor_new1(&c.act, AG_I32, n), *lat, *kr;
+    ag_fill_normal(x, &r, 0, 1);
+    for (int i = 0; i < n; i++)
+        ((int32_t *)pos->data)[i] = 20 + i;
+    ag_tensor *q = mdl_attn_query(&c, &m, 0, x, pos);
+    ck_assert_ok(mdl_attn_latent(&c, &m, 0, x, pos, &lat, &kr));
+    for (int i = 0; i < n; i++) {
+        float *row = mdl_kv_row(&kv, seq, 0, 20 + i);
+        memcpy(row, (float *)lat->data + i * kv.rkv, (size_t)kv.rkv * sizeof(float));
+        memcpy(row + kv.rkv, (float *)kr->data + i * kv.dr, (size_t)kv.dr * sizeof(float));
+    }
+    omp_set_num_threads(2);
+    for (int rep = 0; rep < 200; rep++) {
+        ag_tensor *a = mdl_attn_cached(&c, &m, 0, &kv, seq, q, NULL, MDL_ATTN_ABSORBED);
+        ag_tensor *e = mdl_attn_cached(&c, &m, 0, &kv, seq, q, NULL, MDL_ATTN_EXPANDED);
+        ck_assert_tensor(a);
+        ck_assert_tensor(e);
+        double rel = gc_max_rel_diff(a, e);
+        ck_assert_msg(rel <= 1e-6, "pass %d: absorbed vs expanded %.3g", rep, rel);
+    }
+    mdl_kv_free(&kv);
+    ag_ctx_free(&c);
+    kvb->lora_a = kvb->lora_b = NULL;
+    ag_arena_free(&pa);
+    mdl_free(&m);
+}
+END_TEST
+
 // Positions continue from the cache length; a failed step changes nothing; sequences
 // decoded in turn in one cache match their own full forwards.
 START_TEST(test_positions_and_sequences) {
@@ -485,6 +543,7 @@ static Suite *suite(void) {
     tcase_add_test(tc, test_prefix_blocks);
     tcase_add_loop_test(tc, test_cached_vs_full, 0, 4);
     tcase_add_test(tc, test_absorbed_vs_expanded);
+    tcase_add_test(tc, test_absorbed_many_queries_lora);
     tcase_add_test(tc, test_positions_and_sequences);
     tcase_add_loop_test(tc, test_greedy_fixture, 0, 2);
     suite_add_tcase(s, tc);
