@@ -144,21 +144,15 @@ void ag_arena_reset(ag_arena *a) {
         return;
     }
     molt_mem_adjust(-(long long)a->used);
-    if (a->head && a->head->next && a->peak > a->chunk_bytes)
+    // grow the default so the next step fits in one chunk
+    if (a->head && a->peak > a->chunk_bytes)
         a->chunk_bytes = a->peak;
-    ag_arena_chunk *one = a->head && a->head->next ? chunk_new(a->chunk_bytes) : NULL;
-    if (one) { // the step spilled over chunks: the next one gets a single chunk, mapped now
-        for (ag_arena_chunk *ch = a->head; ch;) {
-            ag_arena_chunk *next = ch->next;
-            chunk_free(ch);
-            ch = next;
-        }
-        for (size_t off = 0; off < one->cap; off += 4096)
-            one->base[off] = 0;
-        a->head = one;
-        a->reserved = one->cap;
-        a->used = 0;
-        return;
+    // a step that spilled over chunks gets one of its high-water mark (no smaller than any
+    // other, so it is the one kept below); without memory for it, the largest is kept
+    ag_arena_chunk *fresh = a->head && a->head->next ? chunk_new(a->chunk_bytes) : NULL;
+    if (fresh) {
+        fresh->next = a->head;
+        a->head = fresh;
     }
     ag_arena_chunk *keep = NULL;
     for (ag_arena_chunk *ch = a->head; ch;) {
@@ -178,10 +172,10 @@ void ag_arena_reset(ag_arena *a) {
         keep->next = NULL;
         keep->off = 0;
         a->reserved = keep->cap;
-        // grow the default so the next step fits in one chunk
-        if (a->peak > a->chunk_bytes)
-            a->chunk_bytes = a->peak;
     }
+    if (fresh) // its pages mapped now, once the old chunks are gone
+        for (size_t off = 0; off < fresh->cap; off += 4096)
+            fresh->base[off] = 0;
     a->used = 0;
 }
 

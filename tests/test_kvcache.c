@@ -287,6 +287,34 @@ START_TEST(test_cached_vs_full) {
 }
 END_TEST
 
+// A random rank-`rank` LoRA (scale 0.7) on kv_b_proj, its matrices in pa.
+static void add_kvb_lora(mdl_lin *kvb, ag_arena *pa, ag_rng *r, int64_t rank) {
+    kvb->lora_a = ag_tensor_new2(pa, AG_F32, rank, kvb->w->shape[1]);
+    kvb->lora_b = ag_tensor_new2(pa, AG_F32, kvb->w->shape[0], rank);
+    ag_fill_normal(kvb->lora_a, r, 0, 0.3);
+    ag_fill_normal(kvb->lora_b, r, 0, 0.3);
+    kvb->lora_scale = 0.7;
+}
+
+// n random hidden rows at positions p0 .. p0+n-1 of layer l: their latents written into the
+// cache rows there (reserved), their queries returned.
+static ag_tensor *new_queries(ag_ctx *c, const mdl_model *m, int l, mdl_kvcache *kv, int seq,
+                              int p0, int n, ag_rng *r) {
+    ag_tensor *x = ag_tensor_new2(&c->act, AG_F32, n, m->cfg.hidden_size);
+    ag_fill_normal(x, r, 0, 1);
+    ag_tensor *pos = ag_tensor_new1(&c->act, AG_I32, n), *lat, *kr;
+    for (int i = 0; i < n; i++)
+        ((int32_t *)pos->data)[i] = p0 + i;
+    ag_tensor *q = mdl_attn_query(c, m, l, x, pos);
+    ck_assert_ok(mdl_attn_latent(c, m, l, x, pos, &lat, &kr));
+    for (int i = 0; i < n; i++) {
+        float *row = mdl_kv_row(kv, seq, l, p0 + i);
+        memcpy(row, (float *)lat->data + i * kv->rkv, (size_t)kv->rkv * sizeof(float));
+        memcpy(row + kv->rkv, (float *)kr->data + i * kv->dr, (size_t)kv->dr * sizeof(float));
+    }
+    return q;
+}
+
 // Absorbed against expanded attention on the same cache, layer by layer, with and
 // without a LoRA on kv_b_proj (the absorbed form must see the merged weight); and the
 // LoRA model's cached logits against its full forward.
@@ -298,14 +326,8 @@ START_TEST(test_absorbed_vs_expanded) {
     ag_rng r;
     ag_rng_seed(&r, 5);
     for (int with_lora = 0; with_lora < 2; with_lora++) {
-        if (with_lora) {
-            mdl_lin *kvb = &m.layers[1].kv_b;
-            kvb->lora_a = ag_tensor_new2(&pa, AG_F32, 3, kvb->w->shape[1]);
-            kvb->lora_b = ag_tensor_new2(&pa, AG_F32, kvb->w->shape[0], 3);
-            ag_fill_normal(kvb->lora_a, &r, 0, 0.3);
-            ag_fill_normal(kvb->lora_b, &r, 0, 0.3);
-            kvb->lora_scale = 0.7;
-        }
+        if (with_lora)
+            add_kvb_lora(&m.layers[1].kv_b, &pa, &r, 3);
         int32_t ids[21];
         some_ids(ids, 21, 11, m.cfg.vocab_size);
         ag_ctx c;
@@ -319,15 +341,7 @@ START_TEST(test_absorbed_vs_expanded) {
         // the attention of one more token (queries at position 20) both ways, per layer
         ck_assert_ok(mdl_kv_reserve(&kv, seq, 1));
         for (int l = 0; l < m.cfg.num_hidden_layers; l++) {
-            ag_tensor *x = ag_tensor_new2(&c.act, AG_F32, 1, m.cfg.hidden_size);
-            ag_fill_normal(x, &r, 0, 1);
-            ag_tensor *pos = ag_tensor_new1(&c.act, AG_I32, 1), *lat, *kr;
-            ((int32_t *)pos->data)[0] = 20;
-            ag_tensor *q = mdl_attn_query(&c, &m, l, x, pos);
-            ck_assert_ok(mdl_attn_latent(&c, &m, l, x, pos, &lat, &kr));
-            float *row = mdl_kv_row(&kv, seq, l, 20);
-            memcpy(row, lat->data, (size_t)kv.rkv * sizeof(float));
-            memcpy(row + kv.rkv, kr->data, (size_t)kv.dr * sizeof(float));
+            ag_tensor *q = new_queries(&c, &m, l, &kv, seq, 20, 1, &r);
             ag_tensor *a = mdl_attn_cached(&c, &m, l, &kv, seq, q, NULL, MDL_ATTN_ABSORBED);
             ag_tensor *e = mdl_attn_cached(&c, &m, l, &kv, seq, q, NULL, MDL_ATTN_EXPANDED);
             ck_assert_tensor(a);
@@ -364,11 +378,7 @@ START_TEST(test_absorbed_many_queries_lora) {
     ag_rng r;
     ag_rng_seed(&r, 9);
     mdl_lin *kvb = &m.layers[0].kv_b;
-    kvb->lora_a = ag_tensor_new2(&pa, AG_F32, 4, kvb->w->shape[1]);
-    kvb->lora_b = ag_tensor_new2(&pa, AG_F32, kvb->w->shape[0], 4);
-    ag_fill_normal(kvb->lora_a, &r, 0, 0.3);
-    ag_fill_normal(kvb->lora_b, &r, 0, 0.3);
-    kvb->lora_scale = 0.7;
+    add_kvb_lora(kvb, &pa, &r, 4);
     int32_t ids[20];
     some_ids(ids, 20, 3, m.cfg.vocab_size);
     ag_ctx c;
@@ -380,18 +390,7 @@ START_TEST(test_absorbed_many_queries_lora) {
     ag_tensor *lg;
     ck_assert_ok(mdl_forward_cached(&c, &m, &kv, seq, ids, 20, MDL_ATTN_EXPANDED, false, &lg));
     ck_assert_ok(mdl_kv_reserve(&kv, seq, n));
-    ag_tensor *x = ag_tensor_new2(&c.act, AG_F32, n, m.cfg.hidden_size);
-    ag_tensor *pos = ag_tensor_new1(&c.act, AG_I32, n), *lat, *kr;
-    ag_fill_normal(x, &r, 0, 1);
-    for (int i = 0; i < n; i++)
-        ((int32_t *)pos->data)[i] = 20 + i;
-    ag_tensor *q = mdl_attn_query(&c, &m, 0, x, pos);
-    ck_assert_ok(mdl_attn_latent(&c, &m, 0, x, pos, &lat, &kr));
-    for (int i = 0; i < n; i++) {
-        float *row = mdl_kv_row(&kv, seq, 0, 20 + i);
-        memcpy(row, (float *)lat->data + i * kv.rkv, (size_t)kv.rkv * sizeof(float));
-        memcpy(row + kv.rkv, (float *)kr->data + i * kv.dr, (size_t)kv.dr * sizeof(float));
-    }
+    ag_tensor *q = new_queries(&c, &m, 0, &kv, seq, 20, n, &r);
     omp_set_num_threads(2);
     for (int rep = 0; rep < 200; rep++) {
         ag_tensor *a = mdl_attn_cached(&c, &m, 0, &kv, seq, q, NULL, MDL_ATTN_ABSORBED);
