@@ -11,10 +11,14 @@
 #include "infer/infer.h"
 #include "model/model.h"
 
+#include <dirent.h>
 #include <math.h>
+#include <omp.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #define N_AD 2
@@ -510,11 +514,64 @@ START_TEST(test_shutdown) {
 }
 END_TEST
 
+// Threads of this process (Linux: the entries of /proc/self/task).
+static int n_threads(void) {
+    DIR *d = opendir("/proc/self/task");
+    if (!d)
+        return -1;
+    int n = 0;
+    for (struct dirent *x; (x = readdir(d));)
+        n += x->d_name[0] != '.';
+    closedir(d);
+    return n;
+}
+
+typedef struct {
+    int before, after;
+    molt_status st;
+} create_probe;
+
+// On a thread that has never run an OpenMP region: eng_create with 2 OpenMP threads, and the
+// process's thread count before and after (waiting up to 2 s for exiting threads to go).
+static void *create_on_fresh_thread(void *arg) {
+    create_probe *p = arg;
+    omp_set_num_threads(2);
+    p->before = n_threads();
+    eng_opts o;
+    eng_opts_default(&o);
+    o.model_dir = dir;
+    o.base_quant = "nf4,lm_head=nf4"; // lm_head: enough blocks to quantize in parallel
+    eng_engine *e;
+    p->st = eng_create(&o, &e);
+    if (p->st != MOLT_OK)
+        return NULL;
+    for (int i = 0; i < 200 && (p->after = n_threads()) != p->before; i++)
+        nanosleep(&(struct timespec){0, 10 * 1000 * 1000}, NULL);
+    eng_free(e);
+    return NULL;
+}
+
+// Loading the model runs parallel regions; their OpenMP workers must not stay behind on the
+// thread that called eng_create (the server's main thread), where they would sit beside the
+// engine thread's own team for the whole run. Before eng_start, the engine has started no
+// thread that is still there.
+START_TEST(test_create_leaves_no_threads) {
+    create_probe p = {0};
+    pthread_t t;
+    ck_assert_int_eq(pthread_create(&t, NULL, create_on_fresh_thread, &p), 0);
+    ck_assert_int_eq(pthread_join(t, NULL), 0);
+    ck_assert_ok(p.st);
+    ck_assert_int_gt(p.before, 0);
+    ck_assert_int_eq(p.after, p.before);
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("engine");
     TCase *tc = tcase_create("core");
     tcase_set_timeout(tc, 900);
     tcase_add_unchecked_fixture(tc, setup_all, teardown_all);
+    tcase_add_test(tc, test_create_leaves_no_threads);
     tcase_add_test(tc, test_mixed_batch_equals_solo_runs);
     tcase_add_test(tc, test_preemption_keeps_outputs);
     tcase_add_test(tc, test_prefix_cache);

@@ -4,6 +4,9 @@
 #include "eng_internal.h"
 
 #include <errno.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -104,6 +107,42 @@ static molt_status load_all(eng_engine *e) {
     return MOLT_OK;
 }
 
+// load_all runs on a thread of its own that ends with it. OpenMP's worker threads belong to the
+// thread whose parallel regions started them and stay, idle, until that thread exits: loaded on
+// the caller, they would outlive the load beside the engine thread's own team, and libgomp,
+// then counting more threads than cores, shortens its spin-wait at barriers to almost nothing.
+// Each of a serving step's many parallel regions would put its workers to sleep and wake them.
+// The load thread uses as many OpenMP threads as the caller would have.
+typedef struct {
+    eng_engine *e;
+    int threads;
+    molt_status st;
+    char msg[2048];
+} load_job;
+
+static void *load_main(void *arg) {
+    load_job *j = arg;
+#ifdef _OPENMP
+    omp_set_num_threads(j->threads);
+#endif
+    j->st = load_all(j->e);
+    if (j->st != MOLT_OK)
+        snprintf(j->msg, sizeof j->msg, "%s", molt_err_msg());
+    return NULL;
+}
+
+static molt_status load_on_own_thread(eng_engine *e) {
+    load_job j = {.e = e, .threads = 1};
+#ifdef _OPENMP
+    j.threads = omp_get_max_threads();
+#endif
+    pthread_t t;
+    if (pthread_create(&t, NULL, load_main, &j) != 0)
+        return load_all(e); // no thread to spare: the load still works, only less well after
+    pthread_join(t, NULL);
+    return j.st == MOLT_OK ? MOLT_OK : molt_err(j.st, "%s", j.msg);
+}
+
 molt_status eng_create(const eng_opts *o, eng_engine **out) {
     *out = NULL;
     MOLT_TRY(check_opts(o));
@@ -118,7 +157,7 @@ molt_status eng_create(const eng_opts *o, eng_engine **out) {
     pthread_cond_init(&e->load_cv, NULL);
     e->accepting = true;
     e->next_uid = 0;
-    molt_status st = load_all(e);
+    molt_status st = load_on_own_thread(e);
     if (st != MOLT_OK) {
         eng_free(e);
         return st;

@@ -6,6 +6,9 @@
 #include "eng_internal.h"
 
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 eng_entry *eng_find(eng_engine *e, const char *name) {
     for (eng_entry *x = e->entries; x; x = x->next)
@@ -167,6 +170,11 @@ void eng_pool_sync(eng_engine *e) {
 
 static void *loader_main(void *arg) {
     eng_engine *e = arg;
+#ifdef _OPENMP
+    // one thread: a team of this thread's would stay beside the engine's (see load_main in
+    // engine.c), and loading is not worth taking a core from the running sequences
+    omp_set_num_threads(1);
+#endif
     pthread_mutex_lock(&e->mu);
     for (;;) {
         while (!e->stop && e->n_load == 0)
