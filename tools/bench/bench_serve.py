@@ -25,11 +25,12 @@ Run: python3 tools/bench/bench_serve.py --molt build/molt [--model DIR | --prese
         [--hf-python /work/venv-ref/bin/python] [--hf-requests 32]
 """
 import argparse
-import http.client
 import json
 import os
 import random
 import re
+import selectors
+import socket
 import statistics
 import subprocess
 import sys
@@ -121,58 +122,118 @@ class Server:
             self.p.kill()
 
 
-def one_request(port, model, prompt, max_tokens):
-    """Streams one completion; returns (ttft, [inter-token gaps], tokens, total)."""
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                       "temperature": 0, "ignore_eos": True, "stream": True,
-                       "stream_options": {"include_usage": True}})
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
-    t0 = time.perf_counter()
-    c.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-    r = c.getresponse()
-    if r.status != 200:
-        raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]}")
-    first, last, gaps, tokens = None, None, [], 0
-    for raw in r:
-        line = raw.decode().strip()
-        if not line.startswith("data: ") or line == "data: [DONE]":
-            continue
+class Stream:
+    """One streaming completion on a raw socket: the HTTP/1.1 response is read as it comes,
+    its chunked body decoded and split into server-sent events. Every event read in one
+    recv() gets that recv's time."""
+
+    def __init__(self, port, model, prompt, max_tokens):
+        body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                           "temperature": 0, "ignore_eos": True, "stream": True,
+                           "stream_options": {"include_usage": True}}).encode()
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n").encode()
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.t0 = time.perf_counter()
+        self.sock.sendall(head + body)
+        self.raw = b""       # bytes not decoded yet
+        self.sse = b""       # decoded body not split into events yet
+        self.status = None
+        self.chunk_left = -1  # bytes left in the current chunk (-1: a size line is next)
+        self.crlf = False     # a chunk's closing CRLF is next
+        self.done = False
+        self.first, self.last, self.gaps, self.tokens = None, None, [], 0
+
+    def feed(self, data, now):
+        """Takes the bytes of one recv(); an empty one is the end of the connection."""
+        if not data:
+            if not self.done:
+                raise RuntimeError(f"connection closed mid-response (HTTP {self.status}): "
+                                   f"{(self.raw + self.sse)[:300]!r}")
+            return
+        self.raw += data
+        if self.status is None:
+            end = self.raw.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, self.raw = self.raw[:end].decode("latin-1"), self.raw[end + 4:]
+            self.status = int(head.split(None, 2)[1])
+            if self.status != 200 or "chunked" not in head.lower():
+                raise RuntimeError(f"HTTP {self.status}: {head[:300]}")
+        while self.raw and not self.done:
+            if self.crlf:  # the CRLF that ends a chunk's data
+                if len(self.raw) < 2:
+                    break
+                self.raw, self.crlf = self.raw[2:], False
+            if self.chunk_left < 0:
+                eol = self.raw.find(b"\r\n")
+                if eol < 0:
+                    break
+                size = int(self.raw[:eol].split(b";")[0], 16)
+                self.raw = self.raw[eol + 2:]
+                if size == 0:
+                    self.done = True
+                    break
+                self.chunk_left = size
+            take = self.raw[:self.chunk_left]
+            self.sse += take
+            self.raw = self.raw[len(take):]
+            self.chunk_left -= len(take)
+            if self.chunk_left == 0:
+                self.chunk_left, self.crlf = -1, True
+        *events, self.sse = self.sse.split(b"\n\n")
+        for e in events:
+            self.event(e.strip(), now)
+
+    def event(self, line, now):
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            return
         ev = json.loads(line[6:])
-        now = time.perf_counter()
+        if ev.get("error"):
+            raise RuntimeError(f"stream error: {ev['error']}")
         if ev.get("usage"):
-            tokens = ev["usage"]["completion_tokens"]
+            self.tokens = ev["usage"]["completion_tokens"]
         if ev.get("choices"):
-            if first is None:
-                first = now - t0
-            elif last is not None:
-                gaps.append(now - last)
-            last = now
-    c.close()
-    return first or 0.0, gaps, tokens, time.perf_counter() - t0
+            if self.first is None:
+                self.first = now - self.t0
+            elif self.last is not None:
+                self.gaps.append(now - self.last)
+            self.last = now
+
+    def result(self):
+        return self.first or 0.0, self.gaps, self.tokens, time.perf_counter() - self.t0
 
 
 def condition(port, requests, concurrency):
-    """Sends requests [(model, prompt_ids, max_tokens)] at `concurrency`; returns figures."""
+    """Sends requests [(model, prompt_ids, max_tokens)] at `concurrency` from one thread (a
+    selector over raw sockets, so that the client takes as little of the machine's CPU as it
+    can); returns figures."""
     results = [None] * len(requests)
-    nxt = [0]
-    lock = threading.Lock()
-
-    def worker():
-        while True:
-            with lock:
-                i = nxt[0]
-                nxt[0] += 1
-            if i >= len(requests):
-                return
-            m, p, mt = requests[i]
-            results[i] = one_request(port, m, p, mt)
-
+    sel = selectors.DefaultSelector()
+    nxt = 0
     t0 = time.perf_counter()
-    ts = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+
+    def start():
+        nonlocal nxt
+        m, p, mt = requests[nxt]
+        s = Stream(port, m, p, mt)
+        sel.register(s.sock, selectors.EVENT_READ, (nxt, s))
+        nxt += 1
+
+    while nxt < len(requests) and nxt < concurrency:
+        start()
+    while sel.get_map():
+        for key, _ in sel.select():
+            i, s = key.data
+            data = s.sock.recv(1 << 16)
+            s.feed(data, time.perf_counter())
+            if s.done or not data:
+                sel.unregister(s.sock)
+                s.sock.close()
+                results[i] = s.result()
+                if nxt < len(requests):
+                    start()
     wall = time.perf_counter() - t0
     toks = sum(r[2] for r in results)
     ttft = [r[0] for r in results]
