@@ -56,6 +56,8 @@ molt_status inf_sample_dist(inf_sampler *s, const float *logits, int64_t V, int6
 molt_status inf_sample(inf_sampler *s, const float *logits, int64_t V, int32_t *tok);
 // Index of the largest value (first on ties), as torch.argmax.
 int32_t inf_argmax(const float *x, int64_t n);
+// The same index (the greedy draw), or -1 when x holds a NaN. Thread-safe.
+int32_t inf_argmax_no_nan(const float *x, int64_t n);
 
 // ---- generation (generate.c) --------------------------------------------------------
 typedef void (*inf_text_fn)(void *user, const char *text, size_t n);

@@ -44,9 +44,9 @@ void inf_sampler_free(inf_sampler *s) {
 }
 
 // The index of the first maximum of x[0..n) (NaN never wins) and whether x holds a NaN. The
-// vocabulary is read in blocks of 64: the block's maximum and NaN test first (4 lanes at a
-// time where SSE2 is there), then the block is scanned in order only when it holds a value
-// above the best so far; so the first maximum is found as by a plain scan.
+// vocabulary is read in blocks of 64: the block's maximum and NaN test first (four groups of 4
+// lanes where SSE2 is there), then the block is scanned in order only when it holds a value
+// above the best so far or a NaN; so the first maximum is found as by a plain scan.
 static int32_t argmax_nan(const float *x, int64_t n, bool *nan_seen) {
     int64_t best = 0, i = 1;
     float bv = x[0];
@@ -55,18 +55,31 @@ static int32_t argmax_nan(const float *x, int64_t n, bool *nan_seen) {
         const float *b = x + i;
         float m;
 #if defined(__SSE2__)
-        __m128 mv = _mm_loadu_ps(b), nv = _mm_cmpunord_ps(mv, mv);
-        for (int j = 4; j < 64; j += 4) {
-            __m128 v = _mm_loadu_ps(b + j);
-            mv = _mm_max_ps(v, mv); // a NaN in v leaves mv; NaNs are flagged below
-            nv = _mm_or_ps(nv, _mm_cmpunord_ps(v, v));
+        // four independent maxima (a single chain would wait on each max's latency)
+        __m128 m0 = _mm_loadu_ps(b), m1 = _mm_loadu_ps(b + 4), m2 = _mm_loadu_ps(b + 8),
+               m3 = _mm_loadu_ps(b + 12);
+        __m128 n0 = _mm_or_ps(_mm_cmpunord_ps(m0, m0), _mm_cmpunord_ps(m1, m1)),
+               n1 = _mm_or_ps(_mm_cmpunord_ps(m2, m2), _mm_cmpunord_ps(m3, m3));
+        for (int j = 16; j < 64; j += 16) {
+            __m128 v0 = _mm_loadu_ps(b + j), v1 = _mm_loadu_ps(b + j + 4),
+                   v2 = _mm_loadu_ps(b + j + 8), v3 = _mm_loadu_ps(b + j + 12);
+            m0 = _mm_max_ps(v0, m0); // a NaN in v leaves m; NaNs are flagged below
+            m1 = _mm_max_ps(v1, m1);
+            m2 = _mm_max_ps(v2, m2);
+            m3 = _mm_max_ps(v3, m3);
+            n0 = _mm_or_ps(n0, _mm_or_ps(_mm_cmpunord_ps(v0, v0), _mm_cmpunord_ps(v1, v1)));
+            n1 = _mm_or_ps(n1, _mm_or_ps(_mm_cmpunord_ps(v2, v2), _mm_cmpunord_ps(v3, v3)));
         }
+        __m128 mv = _mm_max_ps(_mm_max_ps(m0, m1), _mm_max_ps(m2, m3));
         float lanes[4];
         _mm_storeu_ps(lanes, mv);
-        bad |= _mm_movemask_ps(nv) != 0;
+        bool block_nan = _mm_movemask_ps(_mm_or_ps(n0, n1)) != 0;
+        bad |= block_nan;
         m = lanes[0];
         for (int j = 1; j < 4; j++)
             m = lanes[j] > m ? lanes[j] : m;
+        if (block_nan) // the lanes' maximum may be a NaN: the scan below decides
+            m = INFINITY;
 #else
         m = b[0];
         for (int j = 0; j < 64; j++) {
@@ -95,6 +108,12 @@ static int32_t argmax_nan(const float *x, int64_t n, bool *nan_seen) {
 int32_t inf_argmax(const float *x, int64_t n) {
     bool nan_seen;
     return argmax_nan(x, n, &nan_seen);
+}
+
+int32_t inf_argmax_no_nan(const float *x, int64_t n) {
+    bool nan_seen;
+    int32_t top = argmax_nan(x, n, &nan_seen);
+    return nan_seen ? -1 : top;
 }
 
 // The first NaN of x[0..n), or -1.

@@ -286,6 +286,15 @@ START_TEST(test_argmax_blocks) {
     x[V - 2] = 0;
     ck_assert_ok(inf_sample(&s, x, V, &t));
     ck_assert_int_eq(t, plain_argmax(x, V));
+    ck_assert_int_eq(inf_argmax_no_nan(x, V), plain_argmax(x, V));
+    // a NaN in the block that holds the maximum, in the same lane, after the values so far
+    // have reached the block's others: the block is still read
+    int64_t b = 1 + 64 * 1000; // blocks start at index 1
+    x[b] = NAN;
+    x[b + 16] = 5000;
+    ck_assert_int_eq(inf_argmax(x, V), b + 16);
+    ck_assert_int_eq(inf_argmax(x, V), plain_argmax(x, V));
+    ck_assert_int_eq(inf_argmax_no_nan(x, V), -1);
     inf_sampler_free(&s);
     free(x);
 }

@@ -154,20 +154,23 @@ static bool is_stop(const eng_engine *e, const eng_req *q, int32_t t) {
     return !q->r.ignore_eos && eng_is_eos(e, t);
 }
 
-// Samples q's next token from its logits row, delivers it, and ends q when it should stop.
-// Returns false when q ended.
-static bool next_token(eng_engine *e, eng_req *q, const float *row) {
+// Samples q's next token from its logits row (greedy: the argmax `top` found beforehand, or -1
+// to find it here), delivers it, and ends q when it should stop. Returns false when q ended.
+static bool next_token(eng_engine *e, eng_req *q, const float *row, int32_t top) {
     int64_t V = e->model.cfg.vocab_size;
     int n_gen = q->n_tokens - q->r.n_prompt;
     if (n_gen >= q->r.max_tokens) {
         finish(e, q, ENG_FINISH_LENGTH);
         return false;
     }
-    e->smp.o = q->r.sample;
-    e->smp.rng = q->rng;
-    int32_t tok;
-    molt_status st = inf_sample(&e->smp, row, V, &tok);
-    q->rng = e->smp.rng;
+    int32_t tok = top;
+    molt_status st = MOLT_OK;
+    if (tok < 0) { // a sampled draw, or a NaN that inf_sample reports
+        e->smp.o = q->r.sample;
+        e->smp.rng = q->rng;
+        st = inf_sample(&e->smp, row, V, &tok);
+        q->rng = e->smp.rng;
+    }
     if (st != MOLT_OK) {
         fail(e, q, st, molt_err_msg());
         return false;
@@ -398,8 +401,31 @@ static void prompt_logprobs(eng_engine *e, eng_req *q, const mdl_span *s, const 
     }
 }
 
+// top[i]: the argmax of the last logits row of greedy span i, -1 for the others (and for a row
+// holding a NaN). A step has a row to sample per running sequence, each a full vocabulary to
+// scan: the threads share them.
+static void greedy_tops(const eng_engine *e, const plan *p, const ag_tensor *logits,
+                        int32_t *top) {
+    int64_t V = e->model.cfg.vocab_size, row = 0;
+    int n_greedy = 0;
+    for (int i = 0; i < p->n; i++) {
+        row += p->sp[i].n_logits;
+        bool greedy = p->sp[i].n_logits > 0 && p->rq[i]->r.sample.temperature == 0;
+        top[i] = greedy ? (int32_t)(row - 1) : -1; // the row for now, the token below
+        n_greedy += greedy;
+    }
+    const float *x = (const float *)logits->data;
+#pragma omp parallel for schedule(static) if (n_greedy > 1)
+    for (int i = 0; i < p->n; i++)
+        if (top[i] >= 0)
+            top[i] = inf_argmax_no_nan(x + (int64_t)top[i] * V, V);
+}
+
 static void deliver(eng_engine *e, plan *p, const ag_tensor *logits) {
     int64_t V = e->model.cfg.vocab_size, row = 0;
+    int32_t *top = logits ? molt_malloc((size_t)p->n * sizeof *top) : NULL;
+    if (top)
+        greedy_tops(e, p, logits, top);
     for (int i = 0; i < p->n; i++) {
         eng_req *q = p->rq[i];
         const mdl_span *s = &p->sp[i];
@@ -422,7 +448,7 @@ static void deliver(eng_engine *e, plan *p, const ag_tensor *logits) {
             finish(e, q, ENG_FINISH_LENGTH);
             continue;
         }
-        if (!next_token(e, q, rows + (int64_t)(s->n_logits - 1) * V))
+        if (!next_token(e, q, rows + (int64_t)(s->n_logits - 1) * V, top ? top[i] : -1))
             continue;
         if (q->state == RQ_WAITING) { // prompt done: it decodes from now on
             list_remove(&e->waiting, q);
@@ -432,6 +458,7 @@ static void deliver(eng_engine *e, plan *p, const ag_tensor *logits) {
             e->n_running++;
         }
     }
+    molt_free(top);
 }
 
 // ---- the step ---------------------------------------------------------------------------------------
