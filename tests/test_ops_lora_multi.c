@@ -4,6 +4,7 @@
 // is in the batch, gradients w.r.t. x and every A and B by finite differences, f32 vs f64,
 // optimized vs reference kernels, and the operand errors.
 #include "harness/harness.h"
+#include "harness/thread_probe.h"
 
 #include <math.h>
 #include <omp.h>
@@ -137,6 +138,42 @@ START_TEST(test_row_results_do_not_depend_on_the_batch) {
 }
 END_TEST
 
+// Rows of one adapter (a lone group): its two products use the threads, called outside any
+// parallel region. From inside one, even one that runs on a single thread, their own regions
+// would be nested ones, which OpenMP runs on threads it starts for that region alone (a
+// thread per product per call). Sizes big enough for the products to take a team.
+START_TEST(test_one_group_starts_no_threads) {
+    omp_set_num_threads(2);
+    ag_arena a;
+    ag_arena_init(&a, "t", 0);
+    ag_rng r;
+    ag_rng_seed(&r, 3);
+    int64_t T = 64, in = 512, rank = 16, out = 512; // 64 * 16 * 512 multiply-adds per product
+    ag_tensor *x = ag_tensor_new2(&a, AG_F32, T, in), *slot = ag_tensor_new1(&a, AG_I32, T);
+    ag_tensor *A = ag_tensor_new2(&a, AG_F32, rank, in), *B = ag_tensor_new2(&a, AG_F32, out, rank);
+    ck_assert(x && slot && A && B);
+    ag_fill_uniform(x, &r, -1, 1);
+    ag_fill_uniform(A, &r, -1, 1);
+    ag_fill_uniform(B, &r, -1, 1);
+    for (int64_t t = 0; t < T; t++)
+        ((int32_t *)slot->data)[t] = t % 3 ? 0 : -1; // adapter 0, and some base rows
+    ag_lora_ab set[1] = {{A, B, 0.5}};
+    ag_ctx c;
+    ag_ctx_init(&c);
+    ag_ctx_set_grad(&c, false);
+    long before = 0;
+    for (int i = 0; i < 12; i++) {
+        if (i == 2)
+            before = harness_threads_started();
+        ag_ctx_step_reset(&c);
+        ck_assert_tensor(ag_lora_multi(&c, x, slot, 1, set, out));
+    }
+    ck_assert_int_eq(harness_threads_started(), before);
+    ag_ctx_free(&c);
+    ag_arena_free(&a);
+}
+END_TEST
+
 START_TEST(test_gradients) {
     ag_arena a;
     ag_arena_init(&a, "t", 0);
@@ -217,6 +254,7 @@ int main(void) {
     tcase_set_timeout(tc, 300);
     tcase_add_test(tc, test_rows_match_each_adapter_alone);
     tcase_add_test(tc, test_row_results_do_not_depend_on_the_batch);
+    tcase_add_test(tc, test_one_group_starts_no_threads);
     tcase_add_test(tc, test_gradients);
     tcase_add_test(tc, test_errors);
     suite_add_tcase(s, tc);

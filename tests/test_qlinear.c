@@ -5,9 +5,11 @@
 // optimized against reference kernels; gradient accumulation, what gets recorded, and the
 // exact error messages.
 #include "harness/harness.h"
+#include "harness/thread_probe.h"
 #include "autograd/internal.h"
 
 #include <math.h>
+#include <omp.h>
 #include <string.h>
 
 // ---- helpers --------------------------------------------------------------------------------
@@ -182,6 +184,35 @@ START_TEST(test_linear_q_accumulates_and_records) {
     ag_ctx_free(&c);
     ag_qweight_free(&q1);
     ag_qweight_free(&q2);
+    ag_arena_free(&a);
+}
+END_TEST
+
+// A product too small for a team of threads (under 4 Mflop) runs its tiles' GEMMs outside any
+// parallel region: inside one, even one that runs on a single thread, the BLAS library's own
+// parallel region would be a nested one, which OpenMP runs on threads it starts for that
+// region alone (a thread or more per GEMM). Forward and backward, after a warm-up.
+START_TEST(test_linear_q_small_starts_no_threads) {
+    omp_set_num_threads(2);
+    ag_arena a;
+    ag_arena_init(&a, "t", 0);
+    ag_rng r;
+    ag_rng_seed(&r, 600);
+    int64_t ws[2] = {64, 64}, xs[2] = {448, 64}; // 2 * 448 * 64 * 64 = 3.7 Mflop
+    ag_qweight q;
+    make_qw(&q, &a, AG_Q_NF4, 2, ws, 601, false);
+    ag_tensor *x = rand_f32(&a, &r, 2, xs, true);
+    long before = 0;
+    for (int i = 0; i < 12; i++) {
+        if (i == 2)
+            before = harness_threads_started();
+        ag_ctx c;
+        ag_ctx_init(&c);
+        ck_assert_ok(ag_backward(&c, weighted_loss(&c, ag_linear_q(&c, x, &q), 7)));
+        ag_ctx_free(&c);
+    }
+    ck_assert_int_eq(harness_threads_started(), before);
+    ag_qweight_free(&q);
     ag_arena_free(&a);
 }
 END_TEST
@@ -376,6 +407,7 @@ int main(void) {
     tcase_add_loop_test(tl, test_linear_q_gradcheck, 0, 4);
     tcase_add_test(tl, test_linear_q_accumulates_and_records);
     tcase_add_test(tl, test_linear_q_errors);
+    tcase_add_test(tl, test_linear_q_small_starts_no_threads);
     suite_add_tcase(s, tl);
     TCase *tm = tcase_create("moe_experts_q");
     tcase_add_loop_test(tm, test_moe_q_matches_dequantized, 0, 9);

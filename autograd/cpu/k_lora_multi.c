@@ -103,6 +103,28 @@ static void gather(real *dst, const real *src, const int64_t *rows, int64_t m, i
         memcpy(dst + i * w, src + rows[i] * w, (size_t)w * sizeof(real));
 }
 
+// Group s's rows (rows[start[s] .. start[s + 1])) of y: gathered, through A and B on
+// `threads` threads, scaled and put back.
+static void group_fwd(real *y, const real *x, const int64_t *rows, const int64_t *start,
+                      const K(lora_ab) *set, int s, int64_t r, int64_t in, int64_t out,
+                      real *xg, real *h, real *d, int threads) {
+    int64_t g0 = start[s], m = start[s + 1] - g0;
+    if (m == 0)
+        return;
+    const K(lora_ab) *l = &set[s];
+    const int64_t *gr = rows + g0;
+    real *xs = xg + g0 * in, *hs = h + g0 * r, *ds = d + g0 * out;
+    gather(xs, x, gr, m, in);
+    K(bi_linear)(hs, xs, l->a, m, l->r, in, threads);
+    K(bi_linear)(ds, hs, l->b, m, out, l->r, threads);
+    for (int64_t i = 0; i < m; i++) {
+        real *yt = y + gr[i] * out;
+        const real *dt = ds + i * out;
+        for (int64_t o = 0; o < out; o++)
+            yt[o] = dt[o] * l->s;
+    }
+}
+
 void K(lora_multi_fwd)(real *y, const real *x, const int32_t *slot, const K(lora_ab) *set,
                        int n, int64_t T, int64_t in, int64_t out, int nthreads, void *ws) {
     int64_t r = max_rank(set, n);
@@ -119,25 +141,17 @@ void K(lora_multi_fwd)(real *y, const real *x, const int32_t *slot, const K(lora
     }
     start[n] = at;
     // Several groups go to the threads whole, each product on one thread; a lone group's
-    // products use the threads. Either way a row's bits are the same (k_bi.h).
-    int team = groups > 1 && nthreads > 1 ? nthreads : 1, inner = team > 1 ? 1 : nthreads;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(team) if (team > 1)
-    for (int s = 0; s < n; s++) {
-        int64_t g0 = start[s], m = start[s + 1] - g0;
-        if (m == 0)
-            continue;
-        const K(lora_ab) *l = &set[s];
-        const int64_t *gr = rows + g0;
-        real *xs = xg + g0 * in, *hs = h + g0 * r, *ds = d + g0 * out;
-        gather(xs, x, gr, m, in);
-        K(bi_linear)(hs, xs, l->a, m, l->r, in, inner);
-        K(bi_linear)(ds, hs, l->b, m, out, l->r, inner);
-        for (int64_t i = 0; i < m; i++) {
-            real *yt = y + gr[i] * out;
-            const real *dt = ds + i * out;
-            for (int64_t o = 0; o < out; o++)
-                yt[o] = dt[o] * l->s;
-        }
+    // products use the threads. Either way a row's bits are the same (k_bi.h). The lone
+    // group's products are not called from inside a parallel region, even an inactive one:
+    // their own regions would then be nested ones, which OpenMP runs on threads it starts
+    // for each region instead of its pool's.
+    if (groups > 1 && nthreads > 1) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+        for (int s = 0; s < n; s++)
+            group_fwd(y, x, rows, start, set, s, r, in, out, xg, h, d, 1);
+    } else {
+        for (int s = 0; s < n; s++)
+            group_fwd(y, x, rows, start, set, s, r, in, out, xg, h, d, nthreads);
     }
 }
 

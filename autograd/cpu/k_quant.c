@@ -178,11 +178,25 @@ static int64_t fwd_tile_rows(const kq_weight *w, int team) {
     return even < R ? even : R;
 }
 
+// Rows [ti R, ti R + R) of y: that tile of W_e decoded into buf, then one GEMM. A GEMM
+// called from inside a parallel region that runs on one thread (an `if` that failed) may
+// open a team of its own there (OpenBLAS's OpenMP build does), and such nested teams run on
+// threads that OpenMP starts for each region rather than its pool's: a team of one calls
+// this outside any region.
+static void fwd_tile(real *y, const real *x, const kq_weight *w, int64_t e, int64_t T,
+                     int64_t ti, int64_t R, real *buf) {
+    int64_t rows = w->rows, cols = w->cols, r0 = ti * R, nr = min64(R, rows - r0);
+    K(kq_dequant_range)(buf, w, (e * rows + r0) * cols, nr * cols);
+    R_GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)nr, (int)cols, 1, x,
+           (int)cols, buf, (int)cols, 0, y + r0, (int)rows);
+}
+
 void K(qlinear_fwd)(real *y, const real *x, const kq_weight *w, int64_t e, int64_t T,
                     int nthreads, void *ws) {
-    int64_t rows = w->rows, cols = w->cols;
+    int64_t rows = w->rows;
 #if MOLT_REAL == 32
     if (w->format == KQ_F32) { // nothing to decode: one GEMM on the stored matrix
+        int64_t cols = w->cols;
         R_GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)rows, (int)cols, 1, x,
                (int)cols, (const float *)w->data + e * rows * cols, (int)cols, 0, y, (int)rows);
         return;
@@ -192,15 +206,15 @@ void K(qlinear_fwd)(real *y, const real *x, const kq_weight *w, int64_t e, int64
     int64_t R = fwd_tile_rows(w, team), n_tiles = (rows + R - 1) / R, B = buf_elems(w);
     if (team > n_tiles)
         team = (int)n_tiles;
-    int nb = blas_single_begin(team);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(team) if (team > 1)
-    for (int64_t ti = 0; ti < n_tiles; ti++) {
-        real *buf = (real *)ws + (size_t)omp_get_thread_num() * (size_t)B;
-        int64_t r0 = ti * R, nr = min64(R, rows - r0);
-        K(kq_dequant_range)(buf, w, (e * rows + r0) * cols, nr * cols);
-        R_GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)nr, (int)cols, 1, x,
-               (int)cols, buf, (int)cols, 0, y + r0, (int)rows);
+    if (team == 1) { // not inside a region, even an inactive one: see fwd_tile
+        for (int64_t ti = 0; ti < n_tiles; ti++)
+            fwd_tile(y, x, w, e, T, ti, R, ws);
+        return;
     }
+    int nb = blas_single_begin(team);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team)
+    for (int64_t ti = 0; ti < n_tiles; ti++)
+        fwd_tile(y, x, w, e, T, ti, R, (real *)ws + (size_t)omp_get_thread_num() * (size_t)B);
     blas_single_end(team, nb);
 }
 
@@ -244,8 +258,13 @@ void K(qlinear_bwd_x)(real *dx, const real *dy, const kq_weight *w, int64_t e, i
     int64_t S = strip_cols(w, team), n_strips = (cols + S - 1) / S, B = buf_elems(w);
     if (team > n_strips)
         team = (int)n_strips;
+    if (team == 1) { // outside any region, as in qlinear_fwd
+        for (int64_t si = 0; si < n_strips; si++)
+            bwd_strip(dx, dy, w, e, T, si * S, min64(S, cols - si * S), ws, B);
+        return;
+    }
     int nb = blas_single_begin(team);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(team) if (team > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team)
     for (int64_t si = 0; si < n_strips; si++) {
         real *buf = (real *)ws + (size_t)omp_get_thread_num() * (size_t)B;
         int64_t c0 = si * S;
