@@ -83,9 +83,9 @@ static int64_t max_rank(const K(lora_ab) *set, int n) {
 size_t K(lora_multi_ws_bytes)(const K(lora_ab) *set, int n, int64_t T, int64_t in,
                               int64_t out) {
     int64_t r = max_rank(set, n);
-    // row order and the forward's group starts, then the forward's gathered x, h, d or the
-    // backward's gathered x and dy, g, h and dx rows
-    return (size_t)(T + n + 1) * sizeof(int64_t) +
+    // row order, the forward's group starts and list of groups present, then the forward's
+    // gathered x, h, d or the backward's gathered x and dy, g, h and dx rows
+    return (size_t)(T + 2 * n + 1) * sizeof(int64_t) +
            (size_t)T * (size_t)(2 * in + 2 * out + 2 * r) * sizeof(real) + 64;
 }
 
@@ -128,18 +128,27 @@ static void group_fwd(real *y, const real *x, const int64_t *rows, const int64_t
 void K(lora_multi_fwd)(real *y, const real *x, const int32_t *slot, const K(lora_ab) *set,
                        int n, int64_t T, int64_t in, int64_t out, int nthreads, void *ws) {
     int64_t r = max_rank(set, n);
-    int64_t *rows = ws, *start = rows + T; // group s: rows[start[s] .. start[s + 1])
-    real *xg = (real *)(start + n + 1), *h = xg + T * in, *d = h + T * r;
+    // group s: rows[start[s] .. start[s + 1]), in increasing order (a counting sort by slot,
+    // one pass over the rows whatever n is); present[0 .. groups): the slots with rows
+    int64_t *rows = ws, *start = rows + T, *present = start + n + 1;
+    real *xg = (real *)(present + n), *h = xg + T * in, *d = h + T * r;
     memset(y, 0, (size_t)(T * out) * sizeof(real));
-    int64_t at = 0;
+    memset(start, 0, (size_t)(n + 1) * sizeof *start);
+    for (int64_t t = 0; t < T; t++)
+        if (has(set, n, slot[t]))
+            start[slot[t] + 1]++;
+    for (int s = 0; s < n; s++)
+        start[s + 1] += start[s];
+    for (int64_t t = 0; t < T; t++) // start[s] moves to the end of group s ...
+        if (has(set, n, slot[t]))
+            rows[start[slot[t]]++] = t;
+    for (int s = n; s > 0; s--) // ... and back
+        start[s] = start[s - 1];
+    start[0] = 0;
     int groups = 0;
-    for (int s = 0; s < n; s++) {
-        start[s] = at;
-        int64_t m = set[s].a ? rows_of(rows + at, slot, T, s) : 0;
-        at += m;
-        groups += m > 0;
-    }
-    start[n] = at;
+    for (int s = 0; s < n; s++)
+        if (start[s + 1] > start[s])
+            present[groups++] = s;
     // Several groups go to the threads whole, each product on one thread; a lone group's
     // products use the threads. Either way a row's bits are the same (k_bi.h). The lone
     // group's products are not called from inside a parallel region, even an inactive one:
@@ -147,11 +156,11 @@ void K(lora_multi_fwd)(real *y, const real *x, const int32_t *slot, const K(lora
     // for each region instead of its pool's.
     if (groups > 1 && nthreads > 1) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-        for (int s = 0; s < n; s++)
-            group_fwd(y, x, rows, start, set, s, r, in, out, xg, h, d, 1);
+        for (int g = 0; g < groups; g++)
+            group_fwd(y, x, rows, start, set, (int)present[g], r, in, out, xg, h, d, 1);
     } else {
-        for (int s = 0; s < n; s++)
-            group_fwd(y, x, rows, start, set, s, r, in, out, xg, h, d, nthreads);
+        for (int g = 0; g < groups; g++)
+            group_fwd(y, x, rows, start, set, (int)present[g], r, in, out, xg, h, d, nthreads);
     }
 }
 
