@@ -5,6 +5,7 @@
 // messages, and a fixture written by PEFT itself (tools/reference/expert_lora_reference.py).
 #include "harness/harness.h"
 #include "harness/moe_lora_cases.h"
+#include "harness/thread_probe.h"
 #include "autograd/internal.h"
 #include "model/model.h"
 
@@ -221,6 +222,41 @@ START_TEST(test_fast_vs_ref_expert_team) {
 }
 END_TEST
 
+// Tokens routed to two experts only: too few busy experts for a team, so the experts run one
+// after another on this thread, and their GEMMs (big enough for OpenBLAS to thread) are
+// called outside any parallel region. Inside one, even one that runs on a single thread,
+// OpenBLAS's own region would be a nested one, which OpenMP runs on threads it starts for
+// that region alone. Forward and backward, after a warm-up.
+START_TEST(test_few_busy_experts_start_no_threads) {
+    const lcase d = {1024, 9, 2, 64, 48, 4, 1.0, true, true};
+    omp_set_num_threads(2);
+    ag_arena a;
+    ag_arena_init(&a, "t", 0);
+    ag_rng r;
+    ag_rng_seed(&r, 400);
+    ag_tensor *in64[N_IN], *in[N_IN];
+    make_inputs(&a, &r, &d, true, in64);
+    for (int64_t i = 0; i < d.T * d.k; i++)
+        ((int32_t *)in64[IN_IDX]->data)[i] = (int32_t)(i % 2); // experts 0 and 1
+    for (int i = 0; i < N_IN; i++)
+        in[i] = in64[i]->dtype == AG_F64 ? gc_clone(&a, in64[i], AG_F32) : in64[i];
+    lattr at = {d.r, d.s};
+    long before = 0;
+    for (int i = 0; i < 8; i++) {
+        if (i == 2)
+            before = harness_threads_started();
+        ag_ctx c;
+        ag_ctx_init(&c);
+        ag_tensor *y = build_lora(&c, in, &at);
+        ck_assert_tensor(y);
+        ck_assert_ok(ag_backward(&c, ag_sum(&c, y)));
+        ag_ctx_free(&c);
+    }
+    ck_assert_int_eq(harness_threads_started(), before);
+    ag_arena_free(&a);
+}
+END_TEST
+
 START_TEST(test_tape_and_frozen_base) {
     const lcase d = {4, 3, 2, 4, 3, 2, 1.0, true, true};
     ag_arena a;
@@ -415,6 +451,7 @@ int main(void) {
     tcase_add_test(tc, test_gradcheck);
     tcase_add_test(tc, test_fast_vs_ref);
     tcase_add_test(tc, test_fast_vs_ref_expert_team);
+    tcase_add_test(tc, test_few_busy_experts_start_no_threads);
     tcase_add_test(tc, test_tape_and_frozen_base);
     tcase_add_test(tc, test_errors);
     tcase_add_test(tc, test_peft_fixture);

@@ -186,6 +186,9 @@ static void dispatch(lora_ws *w, const int32_t *idx, int64_t n, int64_t E) {
 
 // Threads for the expert loop: 1 (experts in order, threaded GEMMs) below about 4 Mflop or
 // with fewer than two busy experts per thread, else the whole team.
+// A team of one runs the experts outside any parallel region, not in one that an `if` leaves
+// to one thread: the experts' GEMMs may open OpenBLAS's own region, which inside such a region
+// is a nested one, and OpenMP runs nested regions on threads it starts for each of them.
 static int expert_team(const lora_ws *w, int64_t E, int64_t n_slots, int64_t H, int64_t I) {
     int busy = 0;
     for (int64_t e = 0; e < E; e++)
@@ -342,18 +345,24 @@ static void lora_fwd(real *y, const real *x, const real *w, const int32_t *idx,
         pack_b(m.bgu, lora->b_gu, E, 2 * I, r);
     if (lora->a_d)
         pack_b(m.bd, lora->b_d, E, H, r);
-    int team = expert_team(&m, E, T * k, H, I), nblas = blas_single_begin(team);
+    int team = expert_team(&m, E, T * k, H, I);
     size_t per = buf_reals(H, I, r);
-#pragma omp parallel num_threads(team) if (team > 1)
-    {
-        int tid = omp_get_thread_num();
-        real *buf = m.buf + (size_t)tid * per;
-        real *dec = m.dec ? m.dec + (size_t)tid * dec_reals(H, I) : NULL;
-#pragma omp for schedule(dynamic, 1)
+    if (team == 1) { // outside any region: see expert_team
         for (int64_t e = 0; e < E; e++)
-            expert_fwd(&m, buf, dec, x, w, src, lora, e, k, H, I);
+            expert_fwd(&m, m.buf, m.dec, x, w, src, lora, e, k, H, I);
+    } else {
+        int nblas = blas_single_begin(team);
+#pragma omp parallel num_threads(team)
+        {
+            int tid = omp_get_thread_num();
+            real *buf = m.buf + (size_t)tid * per;
+            real *dec = m.dec ? m.dec + (size_t)tid * dec_reals(H, I) : NULL;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t e = 0; e < E; e++)
+                expert_fwd(&m, buf, dec, x, w, src, lora, e, k, H, I);
+        }
+        blas_single_end(team, nblas);
     }
-    blas_single_end(team, nblas);
     gather_tokens(y, &m, T, k, H, 0);
 }
 
@@ -460,19 +469,26 @@ static void lora_bwd(real *dx, real *dw, const K(moe_lora_grad) *g, const real *
         memset(dbgu, 0, (size_t)(E * 2 * I * r) * sizeof(real));
     if (dbd)
         memset(dbd, 0, (size_t)(E * H * r) * sizeof(real));
-    int team = expert_team(&m, E, T * k, H, I), nblas = blas_single_begin(team);
+    int team = expert_team(&m, E, T * k, H, I);
     size_t per = buf_reals(H, I, r);
-#pragma omp parallel num_threads(team) if (team > 1)
-    {
-        int tid = omp_get_thread_num();
-        real *buf = m.buf + (size_t)tid * per;
-        real *dec = m.dec ? m.dec + (size_t)tid * dec_reals(H, I) : NULL;
-#pragma omp for schedule(dynamic, 1)
+    if (team == 1) { // outside any region, as in lora_fwd
         for (int64_t e = 0; e < E; e++)
-            expert_bwd(&m, buf, dec, dw, g, dbgu, dbd, dy, x, w, src, lora, e, k, H, I,
+            expert_bwd(&m, m.buf, m.dec, dw, g, dbgu, dbd, dy, x, w, src, lora, e, k, H, I,
                        dx != NULL);
+    } else {
+        int nblas = blas_single_begin(team);
+#pragma omp parallel num_threads(team)
+        {
+            int tid = omp_get_thread_num();
+            real *buf = m.buf + (size_t)tid * per;
+            real *dec = m.dec ? m.dec + (size_t)tid * dec_reals(H, I) : NULL;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t e = 0; e < E; e++)
+                expert_bwd(&m, buf, dec, dw, g, dbgu, dbd, dy, x, w, src, lora, e, k, H, I,
+                           dx != NULL);
+        }
+        blas_single_end(team, nblas);
     }
-    blas_single_end(team, nblas);
     if (dx)
         gather_tokens(dx, &m, T, k, H, 1);
     if (dbgu)
