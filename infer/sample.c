@@ -78,15 +78,17 @@ static int32_t argmax_nan(const float *x, int64_t n, bool *nan_seen) {
         m = lanes[0];
         for (int j = 1; j < 4; j++)
             m = lanes[j] > m ? lanes[j] : m;
-        if (block_nan) // the lanes' maximum may be a NaN: the scan below decides
-            m = INFINITY;
 #else
+        bool block_nan = false;
         m = b[0];
         for (int j = 0; j < 64; j++) {
-            bad |= isnan(b[j]);
+            block_nan |= isnan(b[j]);
             m = b[j] > m ? b[j] : m;
         }
+        bad |= block_nan;
 #endif
+        if (block_nan) // the maximum found may be a NaN: the scan below decides
+            m = INFINITY;
         if (m > bv)
             for (int j = 0; j < 64; j++)
                 if (b[j] > bv) {

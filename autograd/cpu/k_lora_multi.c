@@ -83,19 +83,34 @@ static int64_t max_rank(const K(lora_ab) *set, int n) {
 size_t K(lora_multi_ws_bytes)(const K(lora_ab) *set, int n, int64_t T, int64_t in,
                               int64_t out) {
     int64_t r = max_rank(set, n);
-    // row order, the forward's group starts and list of groups present, then the forward's
+    // row order, group starts and the groups present (group_rows), then the forward's
     // gathered x, h, d or the backward's gathered x and dy, g, h and dx rows
     return (size_t)(T + 2 * n + 1) * sizeof(int64_t) +
            (size_t)T * (size_t)(2 * in + 2 * out + 2 * r) * sizeof(real) + 64;
 }
 
-// The rows of slot s, in order, into rows[0..); returns their count.
-static int64_t rows_of(int64_t *rows, const int32_t *slot, int64_t T, int32_t s) {
-    int64_t m = 0;
+// Groups the rows by adapter in one pass whatever n is (a counting sort by slot): group s is
+// rows[start[s] .. start[s + 1]), in increasing order; rows of no adapter (slot -1, or one
+// without matrices) are in none. present[0 .. the count returned): the slots with rows.
+static int group_rows(int64_t *rows, int64_t *start, int64_t *present, const int32_t *slot,
+                      const K(lora_ab) *set, int n, int64_t T) {
+    memset(start, 0, (size_t)(n + 1) * sizeof *start);
     for (int64_t t = 0; t < T; t++)
-        if (slot[t] == s)
-            rows[m++] = t;
-    return m;
+        if (has(set, n, slot[t]))
+            start[slot[t] + 1]++;
+    for (int s = 0; s < n; s++)
+        start[s + 1] += start[s];
+    for (int64_t t = 0; t < T; t++) // start[s] moves to the end of group s ...
+        if (has(set, n, slot[t]))
+            rows[start[slot[t]]++] = t;
+    for (int s = n; s > 0; s--) // ... and back
+        start[s] = start[s - 1];
+    start[0] = 0;
+    int groups = 0;
+    for (int s = 0; s < n; s++)
+        if (start[s + 1] > start[s])
+            present[groups++] = s;
+    return groups;
 }
 
 static void gather(real *dst, const real *src, const int64_t *rows, int64_t m, int64_t w) {
@@ -128,27 +143,10 @@ static void group_fwd(real *y, const real *x, const int64_t *rows, const int64_t
 void K(lora_multi_fwd)(real *y, const real *x, const int32_t *slot, const K(lora_ab) *set,
                        int n, int64_t T, int64_t in, int64_t out, int nthreads, void *ws) {
     int64_t r = max_rank(set, n);
-    // group s: rows[start[s] .. start[s + 1]), in increasing order (a counting sort by slot,
-    // one pass over the rows whatever n is); present[0 .. groups): the slots with rows
-    int64_t *rows = ws, *start = rows + T, *present = start + n + 1;
+    int64_t *rows = ws, *start = rows + T, *present = start + n + 1; // see group_rows
     real *xg = (real *)(present + n), *h = xg + T * in, *d = h + T * r;
     memset(y, 0, (size_t)(T * out) * sizeof(real));
-    memset(start, 0, (size_t)(n + 1) * sizeof *start);
-    for (int64_t t = 0; t < T; t++)
-        if (has(set, n, slot[t]))
-            start[slot[t] + 1]++;
-    for (int s = 0; s < n; s++)
-        start[s + 1] += start[s];
-    for (int64_t t = 0; t < T; t++) // start[s] moves to the end of group s ...
-        if (has(set, n, slot[t]))
-            rows[start[slot[t]]++] = t;
-    for (int s = n; s > 0; s--) // ... and back
-        start[s] = start[s - 1];
-    start[0] = 0;
-    int groups = 0;
-    for (int s = 0; s < n; s++)
-        if (start[s + 1] > start[s])
-            present[groups++] = s;
+    int groups = group_rows(rows, start, present, slot, set, n, T);
     // Several groups go to the threads whole, each product on one thread; a lone group's
     // products use the threads. Either way a row's bits are the same (k_bi.h). The lone
     // group's products are not called from inside a parallel region, even an inactive one:
@@ -168,15 +166,14 @@ void K(lora_multi_bwd)(real *dx, real *const *da, real *const *db, const real *d
                        const real *x, const int32_t *slot, const K(lora_ab) *set, int n,
                        int64_t T, int64_t in, int64_t out, void *ws) {
     int64_t r = max_rank(set, n);
-    int64_t *rows = ws;
-    real *xg = (real *)(rows + T), *dyg = xg + T * in, *g = dyg + T * out, *h = g + T * r,
+    int64_t *all = ws, *start = all + T, *present = start + n + 1; // see group_rows
+    real *xg = (real *)(present + n), *dyg = xg + T * in, *g = dyg + T * out, *h = g + T * r,
          *dxg = h + T * r;
-    for (int s = 0; s < n; s++) {
-        if (!set[s].a)
-            continue;
-        int64_t m = rows_of(rows, slot, T, s);
-        if (m == 0)
-            continue;
+    int groups = group_rows(all, start, present, slot, set, n, T);
+    for (int gi = 0; gi < groups; gi++) {
+        int s = (int)present[gi];
+        const int64_t *rows = all + start[s];
+        int64_t m = start[s + 1] - start[s];
         const K(lora_ab) *l = &set[s];
         int M = (int)m, R = (int)l->r, IN = (int)in, OUT = (int)out;
         gather(xg, x, rows, m, in);
