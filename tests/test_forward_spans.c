@@ -3,7 +3,8 @@
 // adapter wired alone (attention, MLP, shared and routed experts, router and lm_head
 // adapted; adapters of different ranks side by side), a sequence's logits and cache rows
 // have the same bits whatever else is in the batch and however its prompt is chunked (F32
-// and NF4 bases), and bad spans are refused without changing any sequence.
+// and NF4 bases), the adapters' slots in the bank do not matter, and bad spans are refused
+// without changing any sequence.
 #include "harness/harness.h"
 #include "adapters/adapters.h"
 #include "model/model.h"
@@ -249,6 +250,71 @@ START_TEST(test_invariance_on_a_quantized_base) {
 }
 END_TEST
 
+// Three sequences (adapter 0, adapter 1, base), a prompt step and two decode steps, on `bank`
+// with the adapters at slots sa and sb: all their logits, on the heap.
+static float *three_seqs(mdl_model *m, const mdl_bank *bank, int sa, int sb) {
+    int64_t V = m->cfg.vocab_size;
+    enum { P = 6, G = 2 };
+    int32_t ids[3][P + G];
+    for (int k = 0; k < 3; k++)
+        some_ids(ids[k], P + G, 70 + k, (int)V);
+    ag_ctx c;
+    ck_assert_ok(ag_ctx_init(&c));
+    mdl_kvcache kv;
+    ck_assert_ok(mdl_kv_init(&kv, &m->cfg, 4, 0));
+    int seq[3], slot[3] = {sa, sb, -1};
+    for (int k = 0; k < 3; k++)
+        ck_assert_ok(mdl_kv_seq_open(&kv, &seq[k]));
+    float *out = malloc((size_t)(3 * (P + G)) * (size_t)V * sizeof(float)), *at = out;
+    for (int step = 0; step <= G; step++) {
+        int n = step == 0 ? P : 1, from = step == 0 ? 0 : P + step - 1;
+        mdl_span sp[3];
+        for (int k = 0; k < 3; k++)
+            sp[k] = (mdl_span){seq[k], &ids[k][from], n, step == 0 ? n : 0, slot[k], n};
+        ag_ctx_step_reset(&c);
+        ag_tensor *lg;
+        ck_assert_ok(mdl_forward_spans(&c, m, &kv, bank, sp, 3, &lg));
+        memcpy(at, lg->data, (size_t)lg->numel * sizeof(float));
+        at += lg->numel;
+    }
+    mdl_kv_free(&kv);
+    ag_ctx_free(&c);
+    return out;
+}
+
+// A step runs on the slots its spans use, renumbered (the bank's other adapters are not
+// walked): adapters at slots 5 and 2 of a bank of 6 whose other slots hold adapters too give
+// the same bits as the same adapters at slots 0 and 1 of a bank of 2.
+START_TEST(test_slots_of_a_large_bank) {
+    mdl_model m = {0};
+    tiny(&m);
+    lora_adapter ad[N_AD];
+    for (int i = 0; i < N_AD; i++)
+        adapter(&m, i, LORA_WIRE_NONE, &ad[i]);
+    mdl_bank small, large;
+    ck_assert_ok(mdl_bank_init(&small, &m, 2));
+    ck_assert_ok(mdl_bank_init(&large, &m, 6));
+    ck_assert_ok(lora_bank_put(&ad[0], &m, &small, 0));
+    ck_assert_ok(lora_bank_put(&ad[1], &m, &small, 1));
+    int put[4][2] = {{0, 1}, {2, 1}, {3, 0}, {5, 0}}; // slot, adapter
+    for (int i = 0; i < 4; i++)
+        ck_assert_ok(lora_bank_put(&ad[put[i][1]], &m, &large, put[i][0]));
+    float *want = three_seqs(&m, &small, 0, 1), *got = three_seqs(&m, &large, 5, 2);
+    size_t n = (size_t)(3 * 8) * (size_t)m.cfg.vocab_size;
+    ck_assert_msg(!memcmp(want, got, n * sizeof(float)), "slots 5 and 2 of 6 differ from 0 and 1");
+    float *swapped = three_seqs(&m, &large, 3, 0); // the same adapters at other slots
+    ck_assert(!memcmp(want, swapped, n * sizeof(float)));
+    free(want);
+    free(got);
+    free(swapped);
+    mdl_bank_free(&small);
+    mdl_bank_free(&large);
+    for (int i = 0; i < N_AD; i++)
+        lora_detach(&ad[i]);
+    mdl_free(&m);
+}
+END_TEST
+
 START_TEST(test_bad_spans) {
     mdl_model m = {0};
     tiny(&m);
@@ -294,6 +360,7 @@ int main(void) {
     tcase_add_test(tc, test_matches_each_adapter_alone);
     tcase_add_test(tc, test_sequences_do_not_depend_on_the_batch);
     tcase_add_test(tc, test_invariance_on_a_quantized_base);
+    tcase_add_test(tc, test_slots_of_a_large_bank);
     tcase_add_test(tc, test_bad_spans);
     suite_add_tcase(s, tc);
     return harness_run(s);
