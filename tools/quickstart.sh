@@ -154,7 +154,9 @@ echo "== 7/7 molt serve: the base and the adapter over HTTP"
 server=$!
 trap 'kill -9 "$server" 2>/dev/null || true' EXIT
 port=""
-for _ in $(seq 1 300); do
+# the model loads and quantizes before the server listens: up to 2 minutes on a busy machine
+# (the loop stops as soon as the port shows, or the server exits)
+for _ in $(seq 1 1200); do
     port=$(sed -n 's|.*listening on http://[^ ]*:\([0-9][0-9]*\)$|\1|p' "$out/serve.out")
     [ -n "$port" ] && break
     kill -0 "$server" 2>/dev/null || { cat "$out/serve.log" >&2; echo "quickstart: molt serve exited" >&2; exit 1; }
