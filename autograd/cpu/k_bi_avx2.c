@@ -24,6 +24,9 @@ typedef struct {
     __m256 lo, hi; // lanes 0-7, 8-15
 } V;
 
+// A weight vector stays in registers for the rows of x that read it (k_bi_tmpl.h).
+#define BI_KEEP(v) __asm__("" : "+x"((v).lo), "+x"((v).hi))
+
 #define BI_MR 2
 #define BI_NR 2
 #define BI_QMR 2

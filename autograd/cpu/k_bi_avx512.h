@@ -10,6 +10,11 @@
 
 typedef __m512 V;
 
+// A weight vector read by up to 4 multiply-adds stays in a register: folded into each (as the
+// compiler did for 3 rows of x) it took a load per multiply-add, and the 3-row tile, bound by
+// its loads, ran slower than the 4-row one.
+#define BI_KEEP(v) __asm__("" : "+v"(v))
+
 #define BI_MR 4
 #define BI_NR 6
 // up to 4 rows of x against 4 weight rows, 5 to 8 rows against 2 (each decoded vector

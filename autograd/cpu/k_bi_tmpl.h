@@ -16,6 +16,13 @@
 
 #define TM_INLINE static inline __attribute__((always_inline))
 
+#ifndef BI_KEEP
+// Keeps v in a register, so that the compiler does not fold its load into every instruction
+// that reads it: a vector read by several multiply-adds is loaded once (copies whose loads
+// fold define it).
+#define BI_KEEP(v) ((void)0)
+#endif
+
 #ifndef BI_HSUM16
 // v_hsum of a[0..16) into out[0..16) (copies may do the 16 at once).
 static inline void v_hsum16(const V *a, float *out) {
@@ -127,12 +134,16 @@ TM_INLINE void tm_dense(float *y, int64_t ldy, const float *const *x, const floa
     for (; k + 16 <= K; k += 16) {
         V xv[BI_MR];
 #pragma GCC unroll 8
-        for (int i = 0; i < MR; i++)
+        for (int i = 0; i < MR; i++) {
             xv[i] = v_load(x[i] + k);
+            BI_KEEP(xv[i]);
+        }
 #pragma GCC unroll 8
         for (int j = 0; j < BI_NR; j++) {
             __builtin_prefetch(w[j] + k + pf, 0, 3);
             V wv = v_load(w[j] + k);
+            if (MR > 1) // one load for MR multiply-adds, not one folded into each
+                BI_KEEP(wv);
 #pragma GCC unroll 8
             for (int i = 0; i < MR; i++)
                 acc[i][j] = v_fma(xv[i], wv, acc[i][j]);
