@@ -1,13 +1,16 @@
 // autograd/cpu/k_blas.h: the BLAS functions the kernels call (ag_blas_*, the cblas routines of
 // the same names, loaded at run time by autograd/blas.c), and what kernels that call BLAS from
-// inside their own OpenMP team share. OpenBLAS built on pthreads would start its own threads inside the team's, oversubscribe
-// the cores and stall (measured: 20-30x slower), so it is held at one thread for the
-// duration of the team's region and restored afterwards (the OpenMP build runs single-
-// threaded inside a parallel region by itself, and the calls change nothing there).
+// inside their own OpenMP team share. OpenBLAS built on pthreads would start its own threads
+// inside the team's, oversubscribe the cores and stall (measured: 20-30x slower), so it is
+// held at one thread for the duration of the team's region and restored afterwards (the
+// OpenMP build runs single-threaded inside a parallel region by itself, and the calls change
+// nothing there).
 #ifndef MOLT_CPU_K_BLAS_H
 #define MOLT_CPU_K_BLAS_H
 
 #include <cblas.h> // the CBLAS enums (CblasRowMajor, ...); the calls go through ag_blas_*
+#include <omp.h>
+#include <stdint.h>
 
 // cblas_sgemm and friends with the CBLAS enums as ints; they load OpenBLAS on first use.
 void ag_blas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha,
@@ -36,6 +39,25 @@ static inline int blas_single_begin(int team) {
 static inline void blas_single_end(int team, int n) {
     if (team > 1 && n > 1)
         ag_blas_set_threads(n);
+}
+
+// body(ctx, i, tid) for i in [0, n), iterations that call BLAS: over `team` threads, one
+// iteration at a time (dynamic), OpenBLAS held at one thread meanwhile; a team of one runs
+// them in order, tid 0, outside any parallel region. Not in a region that an `if` leaves to
+// one thread: a GEMM called there may open a team of its own (OpenBLAS's OpenMP build does),
+// and OpenMP runs such nested teams on threads it starts for each region, not its pool's.
+static inline void blas_team_loop(int team, int64_t n, void (*body)(void *ctx, int64_t i, int tid),
+                                  void *ctx) {
+    if (team <= 1) {
+        for (int64_t i = 0; i < n; i++)
+            body(ctx, i, 0);
+        return;
+    }
+    int nb = blas_single_begin(team);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team)
+    for (int64_t i = 0; i < n; i++)
+        body(ctx, i, omp_get_thread_num());
+    blas_single_end(team, nb);
 }
 
 #endif

@@ -185,10 +185,7 @@ static void dispatch(lora_ws *w, const int32_t *idx, int64_t n, int64_t E) {
 }
 
 // Threads for the expert loop: 1 (experts in order, threaded GEMMs) below about 4 Mflop or
-// with fewer than two busy experts per thread, else the whole team.
-// A team of one runs the experts outside any parallel region, not in one that an `if` leaves
-// to one thread: the experts' GEMMs may open OpenBLAS's own region, which inside such a region
-// is a nested one, and OpenMP runs nested regions on threads it starts for each of them.
+// with fewer than two busy experts per thread, else the whole team (blas_team_loop).
 static int expert_team(const lora_ws *w, int64_t E, int64_t n_slots, int64_t H, int64_t I) {
     int busy = 0;
     for (int64_t e = 0; e < E; e++)
@@ -335,6 +332,34 @@ static void expert_fwd(const lora_ws *m, real *buf, real *dec, const real *x, co
     }
 }
 
+// The expert loop's operands (blas_team_loop's ctx); the backward's fields are unused by the
+// forward.
+typedef struct {
+    const lora_ws *m;
+    const real *x, *w;
+    const wsrc *src;
+    const K(moe_lora) *lora;
+    int64_t k, H, I;
+    real *dw, *dbgu, *dbd;
+    const K(moe_lora_grad) *g;
+    const real *dy;
+    int want_dx;
+} expert_job;
+
+// Thread tid's buffers in the workspace (buf_reals and dec_reals of them each).
+static real *thread_buf(const expert_job *j, int tid) {
+    return j->m->buf + (size_t)tid * buf_reals(j->H, j->I, j->lora->r);
+}
+static real *thread_dec(const expert_job *j, int tid) {
+    return j->m->dec ? j->m->dec + (size_t)tid * dec_reals(j->H, j->I) : NULL;
+}
+
+static void expert_fwd_body(void *ctx, int64_t e, int tid) {
+    const expert_job *j = ctx;
+    expert_fwd(j->m, thread_buf(j, tid), thread_dec(j, tid), j->x, j->w, j->src, j->lora, e,
+               j->k, j->H, j->I);
+}
+
 static void lora_fwd(real *y, const real *x, const real *w, const int32_t *idx,
                      const wsrc *src, const K(moe_lora) *lora, int64_t T, int64_t k, int64_t E,
                      int64_t H, int64_t I, void *ws) {
@@ -345,24 +370,8 @@ static void lora_fwd(real *y, const real *x, const real *w, const int32_t *idx,
         pack_b(m.bgu, lora->b_gu, E, 2 * I, r);
     if (lora->a_d)
         pack_b(m.bd, lora->b_d, E, H, r);
-    int team = expert_team(&m, E, T * k, H, I);
-    size_t per = buf_reals(H, I, r);
-    if (team == 1) { // outside any region: see expert_team
-        for (int64_t e = 0; e < E; e++)
-            expert_fwd(&m, m.buf, m.dec, x, w, src, lora, e, k, H, I);
-    } else {
-        int nblas = blas_single_begin(team);
-#pragma omp parallel num_threads(team)
-        {
-            int tid = omp_get_thread_num();
-            real *buf = m.buf + (size_t)tid * per;
-            real *dec = m.dec ? m.dec + (size_t)tid * dec_reals(H, I) : NULL;
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t e = 0; e < E; e++)
-                expert_fwd(&m, buf, dec, x, w, src, lora, e, k, H, I);
-        }
-        blas_single_end(team, nblas);
-    }
+    expert_job j = {.m = &m, .x = x, .w = w, .src = src, .lora = lora, .k = k, .H = H, .I = I};
+    blas_team_loop(expert_team(&m, E, T * k, H, I), E, expert_fwd_body, &j);
     gather_tokens(y, &m, T, k, H, 0);
 }
 
@@ -451,6 +460,12 @@ static void expert_bwd(const lora_ws *m, real *buf, real *dec, real *dw,
     }
 }
 
+static void expert_bwd_body(void *ctx, int64_t e, int tid) {
+    const expert_job *j = ctx;
+    expert_bwd(j->m, thread_buf(j, tid), thread_dec(j, tid), j->dw, j->g, j->dbgu, j->dbd, j->dy,
+               j->x, j->w, j->src, j->lora, e, j->k, j->H, j->I, j->want_dx);
+}
+
 static void lora_bwd(real *dx, real *dw, const K(moe_lora_grad) *g, const real *dy,
                      const real *x, const real *w, const int32_t *idx, const wsrc *src,
                      const K(moe_lora) *lora, int64_t T, int64_t k, int64_t E, int64_t H,
@@ -469,26 +484,9 @@ static void lora_bwd(real *dx, real *dw, const K(moe_lora_grad) *g, const real *
         memset(dbgu, 0, (size_t)(E * 2 * I * r) * sizeof(real));
     if (dbd)
         memset(dbd, 0, (size_t)(E * H * r) * sizeof(real));
-    int team = expert_team(&m, E, T * k, H, I);
-    size_t per = buf_reals(H, I, r);
-    if (team == 1) { // outside any region, as in lora_fwd
-        for (int64_t e = 0; e < E; e++)
-            expert_bwd(&m, m.buf, m.dec, dw, g, dbgu, dbd, dy, x, w, src, lora, e, k, H, I,
-                       dx != NULL);
-    } else {
-        int nblas = blas_single_begin(team);
-#pragma omp parallel num_threads(team)
-        {
-            int tid = omp_get_thread_num();
-            real *buf = m.buf + (size_t)tid * per;
-            real *dec = m.dec ? m.dec + (size_t)tid * dec_reals(H, I) : NULL;
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t e = 0; e < E; e++)
-                expert_bwd(&m, buf, dec, dw, g, dbgu, dbd, dy, x, w, src, lora, e, k, H, I,
-                           dx != NULL);
-        }
-        blas_single_end(team, nblas);
-    }
+    expert_job j = {.m = &m, .x = x, .w = w, .src = src, .lora = lora, .k = k, .H = H, .I = I,
+                    .dw = dw, .g = g, .dbgu = dbgu, .dbd = dbd, .dy = dy, .want_dx = dx != NULL};
+    blas_team_loop(expert_team(&m, E, T * k, H, I), E, expert_bwd_body, &j);
     if (dx)
         gather_tokens(dx, &m, T, k, H, 1);
     if (dbgu)

@@ -178,17 +178,26 @@ static int64_t fwd_tile_rows(const kq_weight *w, int team) {
     return even < R ? even : R;
 }
 
-// Rows [ti R, ti R + R) of y: that tile of W_e decoded into buf, then one GEMM. A GEMM
-// called from inside a parallel region that runs on one thread (an `if` that failed) may
-// open a team of its own there (OpenBLAS's OpenMP build does), and such nested teams run on
-// threads that OpenMP starts for each region rather than its pool's: a team of one calls
-// this outside any region.
-static void fwd_tile(real *y, const real *x, const kq_weight *w, int64_t e, int64_t T,
-                     int64_t ti, int64_t R, real *buf) {
-    int64_t rows = w->rows, cols = w->cols, r0 = ti * R, nr = min64(R, rows - r0);
-    K(kq_dequant_range)(buf, w, (e * rows + r0) * cols, nr * cols);
-    R_GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)nr, (int)cols, 1, x,
-           (int)cols, buf, (int)cols, 0, y + r0, (int)rows);
+// One product's operands for the tile and strip loops (blas_team_loop's ctx): R rows of W_e
+// per tile (forward) or S columns per strip (backward), B decoded weights per thread.
+typedef struct {
+    real *y;          // y, or dx
+    const real *x;    // x, or dy
+    const kq_weight *w;
+    int64_t e, T, R, S, B;
+    real *ws;         // (team, B)
+} tile_job;
+
+// Tile ti of the forward: rows [ti R, ti R + R) of y, that tile of W_e decoded into the
+// thread's buffer, then one GEMM.
+static void fwd_tile(void *ctx, int64_t ti, int tid) {
+    const tile_job *j = ctx;
+    const kq_weight *w = j->w;
+    int64_t rows = w->rows, cols = w->cols, r0 = ti * j->R, nr = min64(j->R, rows - r0);
+    real *buf = j->ws + (size_t)tid * (size_t)j->B;
+    K(kq_dequant_range)(buf, w, (j->e * rows + r0) * cols, nr * cols);
+    R_GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)j->T, (int)nr, (int)cols, 1, j->x,
+           (int)cols, buf, (int)cols, 0, j->y + r0, (int)rows);
 }
 
 void K(qlinear_fwd)(real *y, const real *x, const kq_weight *w, int64_t e, int64_t T,
@@ -206,16 +215,8 @@ void K(qlinear_fwd)(real *y, const real *x, const kq_weight *w, int64_t e, int64
     int64_t R = fwd_tile_rows(w, team), n_tiles = (rows + R - 1) / R, B = buf_elems(w);
     if (team > n_tiles)
         team = (int)n_tiles;
-    if (team == 1) { // not inside a region, even an inactive one: see fwd_tile
-        for (int64_t ti = 0; ti < n_tiles; ti++)
-            fwd_tile(y, x, w, e, T, ti, R, ws);
-        return;
-    }
-    int nb = blas_single_begin(team);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(team)
-    for (int64_t ti = 0; ti < n_tiles; ti++)
-        fwd_tile(y, x, w, e, T, ti, R, (real *)ws + (size_t)omp_get_thread_num() * (size_t)B);
-    blas_single_end(team, nb);
+    tile_job j = {.y = y, .x = x, .w = w, .e = e, .T = T, .R = R, .B = B, .ws = ws};
+    blas_team_loop(team, n_tiles, fwd_tile, &j);
 }
 
 // Columns per strip of dx: all of them for one thread, else an even share rounded up to
@@ -242,6 +243,14 @@ static void bwd_strip(real *dx, const real *dy, const kq_weight *w, int64_t e, i
     }
 }
 
+// Strip si of the backward (blas_team_loop's body), on the thread's buffer.
+static void bwd_strip_body(void *ctx, int64_t si, int tid) {
+    const tile_job *j = ctx;
+    int64_t c0 = si * j->S;
+    bwd_strip(j->y, j->x, j->w, j->e, j->T, c0, min64(j->S, j->w->cols - c0),
+              j->ws + (size_t)tid * (size_t)j->B, j->B);
+}
+
 void K(qlinear_bwd_x)(real *dx, const real *dy, const kq_weight *w, int64_t e, int64_t T,
                       int nthreads, void *ws) {
     int64_t cols = w->cols;
@@ -258,19 +267,8 @@ void K(qlinear_bwd_x)(real *dx, const real *dy, const kq_weight *w, int64_t e, i
     int64_t S = strip_cols(w, team), n_strips = (cols + S - 1) / S, B = buf_elems(w);
     if (team > n_strips)
         team = (int)n_strips;
-    if (team == 1) { // outside any region, as in qlinear_fwd
-        for (int64_t si = 0; si < n_strips; si++)
-            bwd_strip(dx, dy, w, e, T, si * S, min64(S, cols - si * S), ws, B);
-        return;
-    }
-    int nb = blas_single_begin(team);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(team)
-    for (int64_t si = 0; si < n_strips; si++) {
-        real *buf = (real *)ws + (size_t)omp_get_thread_num() * (size_t)B;
-        int64_t c0 = si * S;
-        bwd_strip(dx, dy, w, e, T, c0, min64(S, cols - c0), buf, B);
-    }
-    blas_single_end(team, nb);
+    tile_job j = {.y = dx, .x = dy, .w = w, .e = e, .T = T, .S = S, .B = B, .ws = ws};
+    blas_team_loop(team, n_strips, bwd_strip_body, &j);
 }
 
 // ---- routed experts, reference -------------------------------------------------------------
