@@ -72,6 +72,10 @@ static double row_coef(const mdl_model *m, const ag_tensor *qtemp, int64_t i) {
 
 // Query rows attended together (one work item: a head and up to QROWS consecutive rows).
 #define QROWS 8
+// The expanded form shares its work out over the threads from this many elements of keys
+// and values gathered per head, and from this many multiply-adds of scores and outputs.
+#define XP_COPY_MIN 16384
+#define XP_MADD_MIN (1 << 18)
 
 // out [n, NH, DV] from q [n, NH, DQK], key [S, NH, DQK], value [S, NH, DV]; query i sees
 // keys 0..len+i. Per head the keys are gathered into kh [S, DQK] and the values transposed
@@ -84,7 +88,7 @@ static void attend_expanded(float *out, const float *q, const float *key, const 
                             const mdl_model *m, const ag_tensor *qtemp, attn_dims d,
                             int64_t n, int64_t len, float *scratch, float *ws, int64_t S) {
     float *kall = ws, *vall = ws + d.nh * S * d.dqk;
-#pragma omp parallel for schedule(static) if (S * d.nh * (d.dqk + d.dv) > 65536)
+#pragma omp parallel for schedule(static) if (S * d.nh * (d.dqk + d.dv) > XP_COPY_MIN)
     for (int64_t h = 0; h < d.nh; h++) {
         float *kh = kall + h * S * d.dqk, *vt = vall + h * d.dv * S;
         for (int64_t s = 0; s < S; s++) {
@@ -95,7 +99,7 @@ static void attend_expanded(float *out, const float *q, const float *key, const 
         }
     }
     int64_t nb = (n + QROWS - 1) / QROWS, per = QROWS * (d.dqk + S + d.dv);
-#pragma omp parallel for schedule(dynamic, 1) if (n * S * d.nh > 65536)
+#pragma omp parallel for schedule(dynamic, 1) if (n * S * d.nh * (d.dqk + d.dv) > XP_MADD_MIN)
     for (int64_t k = 0; k < nb * d.nh; k++) {
         int64_t i0 = (k / d.nh) * QROWS, h = k % d.nh;
         int64_t nr = n - i0 < QROWS ? n - i0 : QROWS;
@@ -128,8 +132,8 @@ static ag_tensor *cached_expanded(ag_ctx *c, const mdl_model *m, int l, const md
                                   const mdl_route *r) {
     attn_dims d = dims_of(&m->cfg);
     int64_t n = q->shape[0], S = len + n;
-    ag_tensor *lat = ag_tensor_new2(&c->act, AG_F32, S, d.rkv);
-    ag_tensor *kr = ag_tensor_new2(&c->act, AG_F32, S, d.dr);
+    ag_tensor *lat = ag_tensor_new_uninit(&c->act, AG_F32, 2, (int64_t[]){S, d.rkv});
+    ag_tensor *kr = ag_tensor_new_uninit(&c->act, AG_F32, 2, (int64_t[]){S, d.dr});
     if (!lat || !kr)
         return NULL;
     for (int64_t s = 0; s < S; s++) {
@@ -142,10 +146,11 @@ static ag_tensor *cached_expanded(ag_ctx *c, const mdl_model *m, int l, const md
     ag_tensor *key, *value;
     if (mdl_attn_expand_r(c, m, l, lat, kr, r, &key, &value) != MOLT_OK)
         return NULL;
-    ag_tensor *out = ag_tensor_new(&c->act, AG_F32, 3, (int64_t[]){n, d.nh, d.dv});
+    ag_tensor *out = ag_tensor_new_uninit(&c->act, AG_F32, 3, (int64_t[]){n, d.nh, d.dv});
     size_t per = (size_t)(QROWS * (d.dqk + S + d.dv));
-    float *scratch = ag_arena_alloc(&c->act, (size_t)omp_get_max_threads() * per * sizeof *scratch);
-    float *ws = ag_arena_alloc(&c->act, (size_t)(d.nh * S * (d.dqk + d.dv)) * sizeof *ws);
+    float *scratch = ag_arena_alloc_uninit(&c->act, (size_t)omp_get_max_threads() * per *
+                                                        sizeof *scratch);
+    float *ws = ag_arena_alloc_uninit(&c->act, (size_t)(d.nh * S * (d.dqk + d.dv)) * sizeof *ws);
     if (!out || !scratch || !ws)
         return NULL;
     attend_expanded(out->data, q->data, key->data, value->data, m, qtemp, d, n, len, scratch,
@@ -233,41 +238,79 @@ static void absorb_one(float *o, const float *qi, const float *w_uk, const float
         o[v] *= inv;
 }
 
+// A sequence of the absorbed form: its cache rows of the layer and its kv_b LoRA.
+typedef struct {
+    const float *const *rows;
+    kvb_lora lo;
+} absorb_seq;
+
+// A query of the absorbed form: its row of q [NH, DQK] and of the output [NH, DV], its
+// sequence (an index into the absorb_seq array), the cache rows it sees, its score
+// coefficient.
+typedef struct {
+    const float *q;
+    float *o;
+    int seq;
+    int64_t vis;
+    float coef;
+} absorb_query;
+
+// Every (query, head) of qs[0..nq) through absorb_one, in one loop shared out over the
+// threads: a decode step runs this once per layer for all its sequences. Each item reads
+// its own sequence's rows and LoRA alone, so the bits do not depend on the other queries.
+static molt_status absorb_queries(ag_ctx *c, const mdl_model *m, int l, const absorb_seq *sq,
+                                  int nseq, const absorb_query *qs, int64_t nq) {
+    attn_dims d = dims_of(&m->cfg);
+    int64_t smax = 0, rmax = 0, work = 0;
+    for (int64_t i = 0; i < nq; i++) {
+        smax = qs[i].vis > smax ? qs[i].vis : smax;
+        work += qs[i].vis;
+    }
+    for (int s = 0; s < nseq; s++)
+        rmax = sq[s].lo.a && sq[s].lo.r > rmax ? sq[s].lo.r : rmax;
+    // per thread: ql [RKV + DR], ctx [RKV], u [r], scores [S], then with a LoRA wt [DN + r]
+    // and lv [DV] (r and S at their largest over the queries)
+    int64_t per = 2 * d.rkv + d.dr + rmax + smax + (rmax > 0 ? d.dn + rmax + d.dv : 0);
+    int64_t nptr = d.dn + rmax > d.dv ? d.dn + rmax : d.dv, nt = omp_get_max_threads();
+    const float *w = kv_b_base(c, &m->layers[l]);
+    float *scratch = ag_arena_alloc_uninit(&c->act, (size_t)(nt * per) * sizeof *scratch);
+    const float **ptrs = ag_arena_alloc_uninit(&c->act, (size_t)(nt * nptr) * sizeof *ptrs);
+    if (!w || !scratch || !ptrs)
+        return molt_err_wrap(MOLT_ENOMEM, "cached attention (absorbed)");
+    // each (query, head) costs about (DN + 2 S + DV) * RKV multiply-adds: a few heads are enough
+    // to share out
+#pragma omp parallel for schedule(dynamic, 1) if (nq * d.nh > 1 && work * d.nh * d.rkv > 32768)
+    for (int64_t k = 0; k < nq * d.nh; k++) {
+        const absorb_query *a = &qs[k / d.nh];
+        const absorb_seq *q = &sq[a->seq];
+        int64_t h = k % d.nh;
+        int th = omp_get_thread_num();
+        float *base = scratch + (int64_t)th * per;
+        float *sc = base + 2 * d.rkv + d.dr + rmax, *wt = sc + smax;
+        absorb_scratch t = {base, base + d.rkv + d.dr, base + 2 * d.rkv + d.dr, sc,
+                            wt, wt + d.dn + rmax, ptrs + (int64_t)th * nptr};
+        const float *w_uk = w + h * (d.dn + d.dv) * d.rkv, *w_uv = w_uk + d.dn * d.rkv;
+        absorb_one(a->o + h * d.dv, a->q + h * d.dqk, w_uk, w_uv, &q->lo, h, q->rows, a->coef,
+                   a->vis, d, t);
+    }
+    return MOLT_OK;
+}
+
 static ag_tensor *cached_absorbed(ag_ctx *c, const mdl_model *m, int l, const mdl_kvcache *kv,
                                   int seq, ag_tensor *q, ag_tensor *qtemp, int64_t len,
                                   const kvb_lora *lo) {
     attn_dims d = dims_of(&m->cfg);
-    int64_t n = q->shape[0], S = len + n;
-    const float *w = kv_b_base(c, &m->layers[l]);
-    const float **rows = cache_rows(c, kv, seq, l, S);
-    ag_tensor *out = ag_tensor_new(&c->act, AG_F32, 3, (int64_t[]){n, d.nh, d.dv});
-    int64_t lr = lo->a ? lo->r : 0, per = 2 * d.rkv + d.dr + lr + S;
-    if (lo->a)
-        per += d.dn + lr + d.dv;
-    int64_t nptr = d.dn + lr > d.dv ? d.dn + lr : d.dv;
-    float *scratch = ag_arena_alloc(&c->act,
-                                    (size_t)(omp_get_max_threads() * per) * sizeof *scratch);
-    const float **ptrs = ag_arena_alloc(&c->act,
-                                        (size_t)(omp_get_max_threads() * nptr) * sizeof *ptrs);
-    if (!w || !rows || !out || !scratch || !ptrs)
+    int64_t n = q->shape[0];
+    absorb_seq sq = {cache_rows(c, kv, seq, l, len + n), *lo};
+    ag_tensor *out = ag_tensor_new_uninit(&c->act, AG_F32, 3, (int64_t[]){n, d.nh, d.dv});
+    absorb_query *qs = ag_arena_alloc_uninit(&c->act, (size_t)n * sizeof *qs);
+    if (!sq.rows || !out || !qs)
         return NULL;
-    const float *qd = q->data;
-    float *od = out->data;
-    // each (query, head) costs about (DN + 2 S + DV) * RKV multiply-adds: a few heads are enough
-    // to share out (a decode step runs this once per sequence and layer)
-#pragma omp parallel for schedule(dynamic, 1) if (n * d.nh > 1 && n * S * d.nh * d.rkv > 32768)
-    for (int64_t k = 0; k < n * d.nh; k++) {
-        int64_t i = k / d.nh, h = k % d.nh;
-        int th = omp_get_thread_num();
-        float *base = scratch + (int64_t)th * per;
-        float *sc = base + 2 * d.rkv + d.dr + lr, *wt = sc + S;
-        absorb_scratch t = {base, base + d.rkv + d.dr, base + 2 * d.rkv + d.dr, sc,
-                            wt, wt + d.dn + lr, ptrs + (int64_t)th * nptr};
-        const float *w_uk = w + h * (d.dn + d.dv) * d.rkv, *w_uv = w_uk + d.dn * d.rkv;
-        absorb_one(od + k * d.dv, qd + k * d.dqk, w_uk, w_uv, lo, h, rows,
-                   (float)row_coef(m, qtemp, i), len + i + 1, d, t);
-    }
-    return out;
+    for (int64_t i = 0; i < n; i++)
+        qs[i] = (absorb_query){(const float *)q->data + i * d.nh * d.dqk,
+                               (float *)out->data + i * d.nh * d.dv, 0, len + i + 1,
+                               (float)row_coef(m, qtemp, i)};
+    return absorb_queries(c, m, l, &sq, 1, qs, n) == MOLT_OK ? out : NULL;
 }
 
 // The kv_b LoRA the absorbed form of a sequence uses: the slot's in the bank, else the one
@@ -368,42 +411,59 @@ static ag_tensor *filled_i32(ag_ctx *c, int64_t n, int32_t v) {
     return t;
 }
 
-// Attention of span s's queries (rows of q/qtemp) over its sequence's cache -> [n, NH, DV]:
-// the first n_expanded queries in the expanded form, the others absorbed.
-static ag_tensor *span_attention(ag_ctx *c, const mdl_model *m, int l, const mdl_kvcache *kv,
-                                 const span_plan *p, int s, ag_tensor *q, ag_tensor *qtemp) {
+// The expanded queries of span s (its first n_expanded rows of q/qtemp) over its sequence's
+// cache, into their rows of att [T, NH, DV].
+static molt_status span_expanded(ag_ctx *c, const mdl_model *m, int l, const mdl_kvcache *kv,
+                                 const span_plan *p, int s, ag_tensor *q, ag_tensor *qtemp,
+                                 ag_tensor *att) {
     const mdl_span *sp = &p->sp[s];
-    int64_t r0 = p->row0[s], n = sp->n, ne = sp->n_expanded;
+    int64_t r0 = p->row0[s], ne = sp->n_expanded;
     attn_dims d = dims_of(&m->cfg);
-    ag_tensor *out = ag_tensor_new(&c->act, AG_F32, 3, (int64_t[]){n, d.nh, d.dv});
-    if (!out)
-        return NULL;
-    if (ne > 0) {
-        ag_tensor *qe = ag_slice(c, q, 0, r0, ne), *te = qtemp ? ag_slice(c, qtemp, 0, r0, ne)
-                                                                : NULL;
-        int64_t S = p->len[s] + ne;
-        mdl_route rt = {p->bank, p->bank ? filled_i32(c, S, p->slot[s]) : NULL};
-        if (!qe || (p->bank && !rt.slot))
-            return NULL;
-        ag_tensor *o = cached_expanded(c, m, l, kv, sp->seq, qe, te, p->len[s],
-                                       p->bank ? &rt : NULL);
-        if (!o)
-            return NULL;
-        memcpy(out->data, o->data, (size_t)o->numel * sizeof(float));
+    ag_tensor *qe = ag_slice(c, q, 0, r0, ne), *te = qtemp ? ag_slice(c, qtemp, 0, r0, ne) : NULL;
+    int64_t S = p->len[s] + ne;
+    mdl_route rt = {p->bank, p->bank ? filled_i32(c, S, p->slot[s]) : NULL};
+    if (!qe || (qtemp && !te) || (p->bank && !rt.slot))
+        return molt_err_wrap(MOLT_ENOMEM, "cached attention (expanded)");
+    ag_tensor *o = cached_expanded(c, m, l, kv, sp->seq, qe, te, p->len[s], p->bank ? &rt : NULL);
+    if (!o)
+        return molt_err_wrap(MOLT_EARG, "cached attention (expanded)");
+    memcpy((float *)att->data + r0 * d.nh * d.dv, o->data, (size_t)o->numel * sizeof(float));
+    return MOLT_OK;
+}
+
+// The absorbed queries of every span (each span's rows after its n_expanded ones) over their
+// sequences' caches, into their rows of att [T, NH, DV], in one absorb_queries.
+static molt_status spans_absorbed(ag_ctx *c, const mdl_model *m, int l, const mdl_kvcache *kv,
+                                  const span_plan *p, const ag_tensor *q, const ag_tensor *qtemp,
+                                  ag_tensor *att) {
+    attn_dims d = dims_of(&m->cfg);
+    int64_t nq = 0;
+    for (int s = 0; s < p->n_spans; s++)
+        nq += p->sp[s].n - p->sp[s].n_expanded;
+    if (nq == 0)
+        return MOLT_OK;
+    absorb_seq *sq = ag_arena_alloc_uninit(&c->act, (size_t)p->n_spans * sizeof *sq);
+    absorb_query *qs = ag_arena_alloc_uninit(&c->act, (size_t)nq * sizeof *qs);
+    if (!sq || !qs)
+        return molt_err_wrap(MOLT_ENOMEM, "cached attention (absorbed)");
+    int64_t k = 0;
+    for (int s = 0; s < p->n_spans; s++) {
+        const mdl_span *sp = &p->sp[s];
+        int64_t ne = sp->n_expanded;
+        sq[s] = (absorb_seq){0};
+        if (ne == sp->n)
+            continue;
+        MOLT_TRY(kvb_lora_of(m, l, p->bank, p->slot[s], &sq[s].lo));
+        if (!(sq[s].rows = cache_rows(c, kv, sp->seq, l, p->len[s] + sp->n)))
+            return molt_err_wrap(MOLT_EARG, "cached attention (absorbed)");
+        for (int64_t i = ne; i < sp->n; i++, k++) {
+            int64_t row = p->row0[s] + i;
+            qs[k] = (absorb_query){(const float *)q->data + row * d.nh * d.dqk,
+                                   (float *)att->data + row * d.nh * d.dv, s, p->len[s] + i + 1,
+                                   (float)row_coef(m, qtemp, row)};
+        }
     }
-    if (ne < n) {
-        ag_tensor *qa = ag_slice(c, q, 0, r0 + ne, n - ne);
-        ag_tensor *ta = qtemp ? ag_slice(c, qtemp, 0, r0 + ne, n - ne) : NULL;
-        kvb_lora lo;
-        if (!qa || kvb_lora_of(m, l, p->bank, p->slot[s], &lo) != MOLT_OK)
-            return NULL;
-        ag_tensor *o = cached_absorbed(c, m, l, kv, sp->seq, qa, ta, p->len[s] + ne, &lo);
-        if (!o)
-            return NULL;
-        memcpy((float *)out->data + ne * d.nh * d.dv, o->data,
-               (size_t)o->numel * sizeof(float));
-    }
-    return out;
+    return absorb_queries(c, m, l, sq, p->n_spans, qs, nq);
 }
 
 // One decoder layer over the whole batch with per-span cached attention.
@@ -421,16 +481,15 @@ static ag_tensor *layer_spans(ag_ctx *c, const mdl_model *m, int l, mdl_kvcache 
         if (store_latents(kv, p->sp[s].seq, l, p->len[s], lat, kr, p->row0[s], p->sp[s].n) !=
             MOLT_OK)
             return NULL;
-    ag_tensor *att = ag_tensor_new(&c->act, AG_F32, 3, (int64_t[]){p->T, d.nh, d.dv});
+    ag_tensor *att = ag_tensor_new_uninit(&c->act, AG_F32, 3, (int64_t[]){p->T, d.nh, d.dv});
     if (!att)
         return NULL;
-    for (int s = 0; s < p->n_spans; s++) {
-        ag_tensor *o = span_attention(c, m, l, kv, p, s, q, a->qtemp);
-        if (!o)
+    for (int s = 0; s < p->n_spans; s++)
+        if (p->sp[s].n_expanded > 0 &&
+            span_expanded(c, m, l, kv, p, s, q, a->qtemp, att) != MOLT_OK)
             return NULL;
-        memcpy((float *)att->data + p->row0[s] * d.nh * d.dv, o->data,
-               (size_t)o->numel * sizeof(float));
-    }
+    if (spans_absorbed(c, m, l, kv, p, q, a->qtemp, att) != MOLT_OK)
+        return NULL;
     ag_tensor *ao = mdl_attn_out_r(c, m, l, att, r);
     h = ao ? ag_add(c, h, ao) : NULL;
     ag_tensor *f = h ? mdl_ffn_r(c, m, l, ag_rmsnorm(c, h, y->mlp_norm, eps), r) : NULL;

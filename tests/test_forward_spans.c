@@ -250,6 +250,78 @@ START_TEST(test_invariance_on_a_quantized_base) {
 }
 END_TEST
 
+// A span whose first tokens are expanded and the rest absorbed (a preempted sequence computed
+// again: prompt tokens expanded, its generated ones absorbed) gives the bits of the same
+// tokens in two steps, the expanded ones first and then the others absorbed: logits of every
+// absorbed row and cache rows. Both runs have other sequences beside them (a decode on
+// another adapter, a prefill on the base), whose absorbed rows come before and after the
+// span's in the batch.
+START_TEST(test_span_part_expanded) {
+    mdl_model m = {0};
+    tiny(&m);
+    int64_t V = m.cfg.vocab_size;
+    enum { N = 7, NE = 3, NY = 9 };
+    int32_t x[N], y[NY], z[4];
+    some_ids(x, N, 81, (int)V);
+    some_ids(y, NY, 82, (int)V);
+    some_ids(z, 4, 83, (int)V);
+    lora_adapter ad[N_AD];
+    mdl_bank bank;
+    ck_assert_ok(mdl_bank_init(&bank, &m, N_AD));
+    for (int i = 0; i < N_AD; i++) {
+        adapter(&m, i, LORA_WIRE_NONE, &ad[i]);
+        ck_assert_ok(lora_bank_put(&ad[i], &m, &bank, i));
+    }
+    ag_ctx c;
+    ck_assert_ok(ag_ctx_init(&c));
+    mdl_kvcache kv;
+    ck_assert_ok(mdl_kv_init(&kv, &m.cfg, 6, 0));
+    int sx1, sx2, sz1, sz2, sy1, sy2;
+    ck_assert_ok(mdl_kv_seq_open(&kv, &sx1));
+    ck_assert_ok(mdl_kv_seq_open(&kv, &sx2));
+    ck_assert_ok(mdl_kv_seq_open(&kv, &sz1));
+    ck_assert_ok(mdl_kv_seq_open(&kv, &sz2));
+    ck_assert_ok(mdl_kv_seq_open(&kv, &sy1));
+    ck_assert_ok(mdl_kv_seq_open(&kv, &sy2));
+    ag_tensor *lg;
+    // z (adapter 1) has 3 tokens in the cache in both runs, then decodes beside x
+    mdl_span zp[2] = {{sz1, z, 3, 3, 1, 0}, {sz2, z, 3, 3, 1, 0}};
+    ck_assert_ok(mdl_forward_spans(&c, &m, &kv, &bank, zp, 2, &lg));
+    // one step: z decodes, x (adapter 0) has NE tokens expanded and N - NE absorbed, y prefills
+    mdl_span one[3] = {{sz1, &z[3], 1, 0, 1, 1}, {sx1, x, N, NE, 0, N - NE},
+                       {sy1, y, NY, NY, -1, 1}};
+    ag_ctx_step_reset(&c);
+    ck_assert_ok(mdl_forward_spans(&c, &m, &kv, &bank, one, 3, &lg));
+    float *want = malloc((size_t)(N - NE + 1) * (size_t)V * sizeof(float));
+    memcpy(want, lg->data, (size_t)(N - NE + 1) * (size_t)V * sizeof(float)); // z, then x
+    // two steps: x's expanded tokens beside y's prefill, then its absorbed ones beside z
+    mdl_span first[2] = {{sy2, y, NY, NY, -1, 1}, {sx2, x, NE, NE, 0, 0}};
+    ag_ctx_step_reset(&c);
+    ck_assert_ok(mdl_forward_spans(&c, &m, &kv, &bank, first, 2, &lg));
+    mdl_span second[2] = {{sx2, &x[NE], N - NE, 0, 0, N - NE}, {sz2, &z[3], 1, 0, 1, 1}};
+    ag_ctx_step_reset(&c);
+    ck_assert_ok(mdl_forward_spans(&c, &m, &kv, &bank, second, 2, &lg));
+    for (int i = 0; i < N - NE; i++)
+        ck_assert_msg(!memcmp((float *)lg->data + (int64_t)i * V, want + (int64_t)(i + 1) * V,
+                              (size_t)V * sizeof(float)),
+                      "absorbed row %d of the part-expanded span differs from its own step", i);
+    ck_assert_msg(!memcmp((float *)lg->data + (int64_t)(N - NE) * V, want,
+                          (size_t)V * sizeof(float)),
+                  "the decode beside it differs");
+    for (int l = 0; l < m.cfg.num_hidden_layers; l++)
+        for (int t = 0; t < N; t++)
+            ck_assert(!memcmp(mdl_kv_row(&kv, sx1, l, t), mdl_kv_row(&kv, sx2, l, t),
+                              (size_t)kv.width * sizeof(float)));
+    free(want);
+    mdl_kv_free(&kv);
+    ag_ctx_free(&c);
+    mdl_bank_free(&bank);
+    for (int i = 0; i < N_AD; i++)
+        lora_detach(&ad[i]);
+    mdl_free(&m);
+}
+END_TEST
+
 // Three sequences (adapter 0, adapter 1, base), a prompt step and two decode steps, on `bank`
 // with the adapters at slots sa and sb: all their logits, on the heap.
 static float *three_seqs(mdl_model *m, const mdl_bank *bank, int sa, int sb) {
@@ -361,6 +433,7 @@ int main(void) {
     tcase_add_test(tc, test_sequences_do_not_depend_on_the_batch);
     tcase_add_test(tc, test_invariance_on_a_quantized_base);
     tcase_add_test(tc, test_slots_of_a_large_bank);
+    tcase_add_test(tc, test_span_part_expanded);
     tcase_add_test(tc, test_bad_spans);
     suite_add_tcase(s, tc);
     return harness_run(s);
