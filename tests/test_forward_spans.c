@@ -150,6 +150,30 @@ START_TEST(test_matches_each_adapter_alone) {
 }
 END_TEST
 
+// The N_AD adapters attached to m unwired, at slots 0.. of a new bank of N_AD.
+static void adapters_in_bank(mdl_model *m, lora_adapter *ad, mdl_bank *bank) {
+    ck_assert_ok(mdl_bank_init(bank, m, N_AD));
+    for (int i = 0; i < N_AD; i++) {
+        adapter(m, i, LORA_WIRE_NONE, &ad[i]);
+        ck_assert_ok(lora_bank_put(&ad[i], m, bank, i));
+    }
+}
+
+static void adapters_free(lora_adapter *ad, mdl_bank *bank) {
+    mdl_bank_free(bank);
+    for (int i = 0; i < N_AD; i++)
+        lora_detach(&ad[i]);
+}
+
+// Sequences a and b hold the same bits in cache rows 0..n-1 of every layer.
+static void same_cache_rows(const mdl_kvcache *kv, int a, int b, int n, int layers) {
+    for (int l = 0; l < layers; l++)
+        for (int t = 0; t < n; t++)
+            ck_assert_msg(!memcmp(mdl_kv_row(kv, a, l, t), mdl_kv_row(kv, b, l, t),
+                                  (size_t)kv->width * sizeof(float)),
+                          "cache row %d of layer %d differs", t, l);
+}
+
 // Sequence X (adapter slot 1): 7 prompt tokens and 3 generated ones. Run alone (prompt in one
 // span) and in a crowd (prompt in chunks of 3 and 4 next to other sequences' prefill chunks
 // and decode steps of other adapters): its logits and its cache rows have the same bits.
@@ -162,11 +186,7 @@ static void check_invariance(mdl_model *m) {
     some_ids(z, N, 53, (int)V);
     lora_adapter ad[N_AD];
     mdl_bank bank;
-    ck_assert_ok(mdl_bank_init(&bank, m, N_AD));
-    for (int i = 0; i < N_AD; i++) {
-        adapter(m, i, LORA_WIRE_NONE, &ad[i]);
-        ck_assert_ok(lora_bank_put(&ad[i], m, &bank, i));
-    }
+    adapters_in_bank(m, ad, &bank);
     ag_ctx c;
     ck_assert_ok(ag_ctx_init(&c));
     mdl_kvcache kv;
@@ -208,16 +228,11 @@ static void check_invariance(mdl_model *m) {
                               (size_t)V * sizeof(float)),
                       "decode step %d differs in the crowd", g);
     }
-    for (int l = 0; l < m->cfg.num_hidden_layers; l++)
-        for (int t = 0; t < N; t++)
-            ck_assert(!memcmp(mdl_kv_row(&kv, sx, l, t), mdl_kv_row(&kv, sx2, l, t),
-                              (size_t)kv.width * sizeof(float)));
+    same_cache_rows(&kv, sx, sx2, N, m->cfg.num_hidden_layers);
     free(alone);
     mdl_kv_free(&kv);
     ag_ctx_free(&c);
-    mdl_bank_free(&bank);
-    for (int i = 0; i < N_AD; i++)
-        lora_detach(&ad[i]);
+    adapters_free(ad, &bank);
 }
 
 START_TEST(test_sequences_do_not_depend_on_the_batch) {
@@ -267,11 +282,7 @@ START_TEST(test_span_part_expanded) {
     some_ids(z, 4, 83, (int)V);
     lora_adapter ad[N_AD];
     mdl_bank bank;
-    ck_assert_ok(mdl_bank_init(&bank, &m, N_AD));
-    for (int i = 0; i < N_AD; i++) {
-        adapter(&m, i, LORA_WIRE_NONE, &ad[i]);
-        ck_assert_ok(lora_bank_put(&ad[i], &m, &bank, i));
-    }
+    adapters_in_bank(&m, ad, &bank);
     ag_ctx c;
     ck_assert_ok(ag_ctx_init(&c));
     mdl_kvcache kv;
@@ -308,16 +319,11 @@ START_TEST(test_span_part_expanded) {
     ck_assert_msg(!memcmp((float *)lg->data + (int64_t)(N - NE) * V, want,
                           (size_t)V * sizeof(float)),
                   "the decode beside it differs");
-    for (int l = 0; l < m.cfg.num_hidden_layers; l++)
-        for (int t = 0; t < N; t++)
-            ck_assert(!memcmp(mdl_kv_row(&kv, sx1, l, t), mdl_kv_row(&kv, sx2, l, t),
-                              (size_t)kv.width * sizeof(float)));
+    same_cache_rows(&kv, sx1, sx2, N, m.cfg.num_hidden_layers);
     free(want);
     mdl_kv_free(&kv);
     ag_ctx_free(&c);
-    mdl_bank_free(&bank);
-    for (int i = 0; i < N_AD; i++)
-        lora_detach(&ad[i]);
+    adapters_free(ad, &bank);
     mdl_free(&m);
 }
 END_TEST
