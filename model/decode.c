@@ -14,8 +14,9 @@
 //             directly, and W_UV (the next DV rows) is applied once to the probability-
 //             weighted sum of latents.
 // A batched forward (mdl_forward_spans) runs several sequences' new tokens through one pass
-// of the layers, projections shared, attention per sequence; with an adapter bank each
-// sequence uses its own adapter (forward.c's route). LoRA on kv_b_proj enters the absorbed
+// of the layers, projections shared, attention per sequence (each over its own cache rows; the
+// absorbed queries of all sequences in one loop over (query, head)); with an adapter bank
+// each sequence uses its own adapter (forward.c's route). LoRA on kv_b_proj enters the absorbed
 // form in low rank: q_nope -> W_UK^T q + s A^T (B_UK^T q) and W_UV c + s B_UV (A c), never a
 // merged weight.
 // Not here: the cache's storage (kvcache.c), sampling and the decode loop (infer/).
