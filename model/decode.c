@@ -283,7 +283,7 @@ static molt_status absorb_queries(ag_ctx *c, const mdl_model *m, int l, const ab
 #pragma omp parallel for schedule(dynamic, 1) if (nq * d.nh > 1 && work * d.nh * d.rkv > 32768)
     for (int64_t k = 0; k < nq * d.nh; k++) {
         const absorb_query *a = &qs[k / d.nh];
-        const absorb_seq *q = &sq[a->seq];
+        const absorb_seq *as = &sq[a->seq];
         int64_t h = k % d.nh;
         int th = omp_get_thread_num();
         float *base = scratch + (int64_t)th * per;
@@ -291,7 +291,7 @@ static molt_status absorb_queries(ag_ctx *c, const mdl_model *m, int l, const ab
         absorb_scratch t = {base, base + d.rkv + d.dr, base + 2 * d.rkv + d.dr, sc,
                             wt, wt + d.dn + rmax, ptrs + (int64_t)th * nptr};
         const float *w_uk = w + h * (d.dn + d.dv) * d.rkv, *w_uv = w_uk + d.dn * d.rkv;
-        absorb_one(a->o + h * d.dv, a->q + h * d.dqk, w_uk, w_uv, &q->lo, h, q->rows, a->coef,
+        absorb_one(a->o + h * d.dv, a->q + h * d.dqk, w_uk, w_uv, &as->lo, h, as->rows, a->coef,
                    a->vis, d, t);
     }
     return MOLT_OK;

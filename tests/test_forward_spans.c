@@ -269,8 +269,8 @@ END_TEST
 // again: prompt tokens expanded, its generated ones absorbed) gives the bits of the same
 // tokens in two steps, the expanded ones first and then the others absorbed: logits of every
 // absorbed row and cache rows. Both runs have other sequences beside them (a decode on
-// another adapter, a prefill on the base), whose absorbed rows come before and after the
-// span's in the batch.
+// another adapter, a prefill on the base); the decode's absorbed row comes before the span's
+// in the one-step run and after it in the two-step run.
 START_TEST(test_span_part_expanded) {
     mdl_model m = {0};
     tiny(&m);
