@@ -197,6 +197,36 @@ START_TEST(test_invariance_dense) {
 }
 END_TEST
 
+// Dense bi_linear over several panels per thread, with enough rows of x that each group of
+// rows meets the whole panel and the later passes bring in the thread's next panel: every
+// row of a 200-row product has the bits of that row alone (which streams the weights once
+// per tile), for 1-3 threads and every copy. y starts as NaN, so a panel that no thread
+// computes shows.
+START_TEST(test_dense_panels) {
+    const int64_t rows = 5000, cols = 64, T = 200;
+    float *w = rand_x(rows * cols, 21), *x = rand_x(T * cols, 22);
+    float *one = alloc_f(T * rows), *y = alloc_f(T * rows);
+    for (int isa = bi_isa_best(); isa >= 0; isa--) {
+        bi_set_isa(isa);
+        for (int64_t t = 0; t < T; t++)
+            bi_linear_f32(one + t * rows, x + t * cols, w, 1, rows, cols, 1);
+        for (int nt = 1; nt <= 3; nt++) {
+            for (int64_t i = 0; i < T * rows; i++)
+                y[i] = NAN;
+            bi_linear_f32(y, x, w, T, rows, cols, nt);
+            char what[64];
+            snprintf(what, sizeof what, "dense panels %s threads=%d", bi_isa_name(isa), nt);
+            same_rows(what, y, one, NULL, T, rows);
+        }
+    }
+    bi_set_isa(-1);
+    free(w);
+    free(x);
+    free(one);
+    free(y);
+}
+END_TEST
+
 // ---- one order for every format, and across copies ---------------------------------------
 
 // bi_linear_q on matrix 1 == bi_linear on that matrix dequantized (kq_dequant_range's
@@ -730,6 +760,7 @@ int main(void) {
     tcase_set_timeout(tc, 600);
     tcase_add_loop_test(tc, test_invariance, 0, N_FMTS * N_SIZES);
     tcase_add_loop_test(tc, test_invariance_dense, 0, N_SIZES);
+    tcase_add_test(tc, test_dense_panels);
     tcase_add_loop_test(tc, test_quant_equals_dequantized, 0, N_FMTS * N_SIZES);
     tcase_add_test(tc, test_fp8_every_code);
     tcase_add_loop_test(tc, test_copies_agree, 0, N_FMTS * N_SIZES);

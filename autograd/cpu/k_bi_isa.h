@@ -21,9 +21,10 @@ typedef struct {
     // y[i * ldy + j] = dot(x[i], w[j]) over k < K for i < mr, j < n_out (n_out <= nr); all
     // nr pointers of w are read (the driver repeats a row to pad a short tile). While at
     // element k of row j it prefetches w[j] + k + pf (the next tile's rows: pf = nr * K for
-    // rows stored one after another).
+    // rows stored one after another) into L1; unless far is NULL, it also brings the K * 4
+    // bytes from far into L2, one cache line per 16 elements of K.
     void (*dense)(float *y, int64_t ldy, const float *const *x, int mr, const float *const *w,
-                  int n_out, int64_t K, int64_t pf);
+                  int n_out, int64_t K, int64_t pf, const char *far);
     // The same with weight rows rows[0..qnr[mr]) (flat row indices over all matrices) of a
     // quantized view decoded in registers; not for F32 views, nor NF4 with cols % 64 != 0.
     void (*quant)(float *y, int64_t ldy, const float *const *x, int mr, const kq_weight *w,

@@ -123,7 +123,7 @@ TM_INLINE V tm_tail(const kq_weight *w, int fmt, const unsigned char *row, int64
 // ---- dense tile ----------------------------------------------------------------------------
 
 TM_INLINE void tm_dense(float *y, int64_t ldy, const float *const *x, const float *const *w,
-                        int n_out, int64_t K, int64_t pf, const int MR) {
+                        int n_out, int64_t K, int64_t pf, const char *far, const int MR) {
     V acc[BI_MR][BI_NR];
 #pragma GCC unroll 8
     for (int i = 0; i < MR; i++)
@@ -132,6 +132,8 @@ TM_INLINE void tm_dense(float *y, int64_t ldy, const float *const *x, const floa
             acc[i][j] = v_zero();
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
+        if (far)
+            __builtin_prefetch(far + k * 4, 0, 2);
         V xv[BI_MR];
 #pragma GCC unroll 8
         for (int i = 0; i < MR; i++) {
@@ -349,8 +351,9 @@ static float tm_read(const float *p, int64_t n) {
 
 #define TM_DENSE(MR)                                                                          \
     static void tm_dense_##MR(float *y, int64_t ldy, const float *const *x,                   \
-                              const float *const *w, int n_out, int64_t K, int64_t pf) {      \
-        tm_dense(y, ldy, x, w, n_out, K, pf, MR);                                             \
+                              const float *const *w, int n_out, int64_t K, int64_t pf,        \
+                              const char *far) {                                              \
+        tm_dense(y, ldy, x, w, n_out, K, pf, far, MR);                                        \
     }
 #define TM_QUANT(MR)                                                                          \
     static void tm_quant_##MR(float *y, int64_t ldy, const float *const *x,                   \
@@ -397,18 +400,19 @@ TM_QUANT(8)
 #endif
 
 static void tm_dense_any(float *y, int64_t ldy, const float *const *x, int mr,
-                         const float *const *w, int n_out, int64_t K, int64_t pf) {
+                         const float *const *w, int n_out, int64_t K, int64_t pf,
+                         const char *far) {
     switch (mr) {
 #if BI_MR >= 4
-    case 4: tm_dense_4(y, ldy, x, w, n_out, K, pf); break;
+    case 4: tm_dense_4(y, ldy, x, w, n_out, K, pf, far); break;
 #endif
 #if BI_MR >= 3
-    case 3: tm_dense_3(y, ldy, x, w, n_out, K, pf); break;
+    case 3: tm_dense_3(y, ldy, x, w, n_out, K, pf, far); break;
 #endif
 #if BI_MR >= 2
-    case 2: tm_dense_2(y, ldy, x, w, n_out, K, pf); break;
+    case 2: tm_dense_2(y, ldy, x, w, n_out, K, pf, far); break;
 #endif
-    default: tm_dense_1(y, ldy, x, w, n_out, K, pf); break;
+    default: tm_dense_1(y, ldy, x, w, n_out, K, pf, far); break;
     }
 }
 
