@@ -18,19 +18,20 @@
 // register-blocked kernel. When x fits in L1 (decode) each tile of weight rows meets every
 // row of x before the next tile is read, and the next tile's rows are prefetched meanwhile;
 // otherwise (prefill, or a decode batch of many rows) each group of rows of x meets the
-// whole panel, which stays in L2 while x streams past it. There bi_linear's passes after the
-// first, which read the panel from L2, also bring the thread's next panel into L2, one line
-// per step along K, so that the next panel's first pass does not wait on memory (131072 x
-// 512 with 31 rows, 2 threads: about 12% faster). Quantized weights are decoded
-// in registers for T <= BI_REG_T (up to 8 rows of x per decoded vector: measured faster
-// than the decode buffer up to T = 16 even where that decodes twice); above that each panel
-// is decoded once into the thread's workspace and the dense kernel runs on it (prefill: the
-// decode is spread over T rows). Both give the same values, so the same bits. NF4 with
-// cols % 64 != 0 (rows starting inside a block) is decoded through kq_dequant_range. Rows of
-// at most 16 columns (one vector, a LoRA's B) go 16 weight rows at a time, their 16 sums
-// reduced together; the tree is the same. bi_dots is the tile kernel over row pointers;
-// bi_wsum (a weighted sum of rows, summed over rows, not along them) has its own order,
-// stated in k_bi.h. f64 (gradient checks) runs plain loops in the same orders.
+// whole panel, which stays in L2 while x streams past it. There bi_linear's tile calls
+// also bring the thread's next panel into L2, a row each (one line per step along K),
+// spread evenly over all the panel's passes, so that the next panel's first pass does not
+// wait on memory (131072 x 512 with 31 rows, 2 threads: about 15% faster). Quantized
+// weights are decoded in registers for T <= BI_REG_T (up to 8 rows of x per decoded
+// vector: measured faster than the decode buffer up to T = 16 even where that decodes
+// twice); above that each panel is decoded once into the thread's workspace and the dense
+// kernel runs on it (prefill: the decode is spread over T rows). Both give the same values,
+// so the same bits. NF4 with cols % 64 != 0 (rows starting inside a block) is decoded
+// through kq_dequant_range. Rows of at most 16 columns (one vector, a LoRA's B) go 16 weight
+// rows at a time, their 16 sums reduced together; the tree is the same. bi_dots is the tile
+// kernel over row pointers; bi_wsum (a weighted sum of rows, summed over rows, not along
+// them) has its own order, stated in k_bi.h. f64 (gradient checks) runs plain loops in the
+// same orders.
 #include "real.h"
 #include "k_quant.h"
 #include "k_bi.h"
@@ -161,16 +162,19 @@ static void dense_panel(const bi_kernels *kn, float *y, const float *x, const fl
                 dense_tile(kn, y, x, w, T, rows, cols, t0, o0, o, o1, NULL);
         return;
     }
-    // the passes after the first read the panel from L2: each tile call of theirs brings
-    // cols * 4 bytes of the next panel into L2, one line per step along K
-    int64_t bytes = next ? n_next * 4 : 0, done = 0;
+    // the next panel's rows dealt out evenly over the panel's tile calls: call c brings in
+    // row a when its share [a, b) is not empty (one row a call: with more rows than calls,
+    // the rest of the share is left to the hardware)
+    int64_t chunk = cols * 4, n_chunks = next ? n_next * 4 / chunk : 0;
+    int64_t tiles = (o1 - o0 + kn->nr - 1) / kn->nr;
+    int64_t calls = (T + kn->mr - 1) / kn->mr * tiles;
+    int64_t c = 0;
     for (int64_t t0 = 0; t0 < T; t0 += kn->mr)
-        for (int64_t o = o0; o < o1; o += kn->nr) {
+        for (int64_t o = o0; o < o1; o += kn->nr, c++) {
             const char *far = NULL;
-            if (t0 > 0 && done + cols * 4 <= bytes) {
-                far = (const char *)next + done;
-                done += cols * 4;
-            }
+            int64_t a = c * n_chunks / calls, b = (c + 1) * n_chunks / calls;
+            if (b > a)
+                far = (const char *)next + a * chunk;
             dense_tile(kn, y, x, w, T, rows, cols, t0, o0, o, o1, far);
         }
 }
