@@ -48,7 +48,7 @@ static void usage(FILE *f) {
                "Times ag_linear, ag_attention and ag_cross_entropy_linear (f32, optimized CPU\n"
                "kernels), forward and backward, and ag_blas_sgemm on matching shapes in the\n"
                "same run. Then the batch-invariant inference products (F32 and NF4 weights):\n"
-               "decode (T = 1, 8) in GB/s of weight bytes against a plain read of as many\n"
+               "decode (T = 1, 8, 32) in GB/s of weight bytes against a plain read of as many\n"
                "bytes, prefill (T = 128, 512) in GFLOP/s against ag_blas_sgemm.\n\n");
     ag_bench_usage_opts(f);
 }

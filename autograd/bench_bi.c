@@ -1,5 +1,5 @@
 // autograd/bench_bi.c: the batch-invariant inference products in `molt bench ops`: decode
-// (T = 1 and 8) as GB/s of weight bytes next to a plain read of as many bytes (bi_read, the
+// (T = 1, 8 and 32) as GB/s of weight bytes next to a plain read of as many bytes (bi_read, the
 // same threads, the same run), and prefill (T = 128, 512) as GFLOP/s next to sgemm on
 // the same shape (the dequantized matrix for NF4), for dense F32 and NF4 weights at shapes of
 // the small preset and of Mistral Small 4. Not here: the training kernels' rows (bench.c),
@@ -30,7 +30,10 @@ static const bi_shape shapes_full[] = {
 };
 static const bi_shape shapes_quick[] = {{"quick", "a", 96, 128, true},
                                         {"quick", "b", 70, 192, true}};
-static const int64_t t_decode[] = {1, 8}, t_prefill[] = {128, 512};
+// decode: one sequence, a few, and a serving step's batch (32 sequences)
+static const int64_t t_decode[] = {1, 8, 32}, t_prefill[] = {128, 512};
+#define N_DECODE 3
+#define N_PREFILL 2
 
 // The parts of one timed run, in the order they run.
 enum { PART_BI, PART_BASE, N_PARTS };
@@ -105,7 +108,8 @@ static void print_row(const bi_run *b, const double *t) {
 // Times one shape in one format at every T of its tables, printing into the decode table
 // (section 0) or the prefill one (section 1).
 static molt_status bench_shape(const ag_bench_opts *o, const bi_shape *s, bool nf4, int section) {
-    int64_t rows = s->rows, cols = s->cols, tmax = section ? t_prefill[1] : t_decode[1];
+    int64_t rows = s->rows, cols = s->cols;
+    int64_t tmax = section ? t_prefill[N_PREFILL - 1] : t_decode[N_DECODE - 1];
     ag_arena a;
     ag_arena_init(&a, "bench", 0);
     ag_rng r;
@@ -139,7 +143,7 @@ static molt_status bench_shape(const ag_bench_opts *o, const bi_shape *s, bool n
     if (b.rd)
         memset(b.rd, 0, (size_t)b.bytes_w);
     const int64_t *ts = section ? t_prefill : t_decode;
-    for (int i = 0; st == MOLT_OK && i < 2; i++) {
+    for (int i = 0; st == MOLT_OK && i < (section ? N_PREFILL : N_DECODE); i++) {
         b.T = ts[i];
         double work = b.decode ? (double)b.bytes_w / 1e9 : 2.0 * (double)(b.T * rows * cols) / 1e11;
         b.inner = (int)fmin(200, fmax(1, 0.01 / work)); // ~10 ms at 1 GB/s or 100 GFLOP/s
