@@ -145,10 +145,11 @@ static void dense_tile(const bi_kernels *kn, float *y, const float *x, const flo
 // y (T, columns [o0, o1) of rows) from weight rows w[0 .. o1-o0) (stride cols). When x fits
 // in L1 each tile of weight rows meets every row of x before the next is read (decode:
 // the weights come from memory once); otherwise each group of rows of x meets the whole
-// panel, which stays in L2 (prefill).
+// panel, which stays in L2 (prefill), and brings the next_rows rows at `next` (the thread's
+// next panel; NULL: none) into L2 meanwhile.
 static void dense_panel(const bi_kernels *kn, float *y, const float *x, const float *w,
                         int64_t T, int64_t rows, int64_t cols, int64_t o0, int64_t o1,
-                        const float *next, int64_t n_next) {
+                        const float *next, int64_t next_rows) {
     if (cols <= 16) { // one vector per row (a LoRA's B): 16 rows at a time, sums reduced together
         for (int64_t t = 0; t < T; t++)
             for (int64_t o = o0; o < o1; o += 16)
@@ -165,16 +166,15 @@ static void dense_panel(const bi_kernels *kn, float *y, const float *x, const fl
     // the next panel's rows dealt out evenly over the panel's tile calls: call c brings in
     // row a when its share [a, b) is not empty (one row a call: with more rows than calls,
     // the rest of the share is left to the hardware)
-    int64_t chunk = cols * 4, n_chunks = next ? n_next * 4 / chunk : 0;
     int64_t tiles = (o1 - o0 + kn->nr - 1) / kn->nr;
     int64_t calls = (T + kn->mr - 1) / kn->mr * tiles;
     int64_t c = 0;
     for (int64_t t0 = 0; t0 < T; t0 += kn->mr)
         for (int64_t o = o0; o < o1; o += kn->nr, c++) {
             const char *far = NULL;
-            int64_t a = c * n_chunks / calls, b = (c + 1) * n_chunks / calls;
+            int64_t a = c * next_rows / calls, b = (c + 1) * next_rows / calls;
             if (b > a)
-                far = (const char *)next + a * chunk;
+                far = (const char *)(next + a * cols);
             dense_tile(kn, y, x, w, T, rows, cols, t0, o0, o, o1, far);
         }
 }
@@ -190,8 +190,9 @@ void K(bi_linear)(real *y, const real *x, const real *w, int64_t T, int64_t rows
         int64_t p0 = n_pan * me / nt, p1 = n_pan * (me + 1) / nt;
         for (int64_t p = p0; p < p1; p++) {
             int64_t o0 = p * P, o1 = min64(rows, o0 + P);
-            int64_t n_next = p + 1 < p1 ? (min64(rows, o1 + P) - o1) * cols : 0;
-            dense_panel(kn, y, x, w + o0 * cols, T, rows, cols, o0, o1, w + o1 * cols, n_next);
+            int64_t next_rows = p + 1 < p1 ? min64(rows, o1 + P) - o1 : 0;
+            dense_panel(kn, y, x, w + o0 * cols, T, rows, cols, o0, o1, w + o1 * cols,
+                        next_rows);
         }
     }
 }
