@@ -32,8 +32,8 @@ static const bi_shape shapes_quick[] = {{"quick", "a", 96, 128, true},
                                         {"quick", "b", 70, 192, true}};
 // decode: one sequence, a few, and a serving step's batch (32 sequences)
 static const int64_t t_decode[] = {1, 8, 32}, t_prefill[] = {128, 512};
-#define N_DECODE 3
-#define N_PREFILL 2
+#define N_DECODE (int)(sizeof t_decode / sizeof *t_decode)
+#define N_PREFILL (int)(sizeof t_prefill / sizeof *t_prefill)
 
 // The parts of one timed run, in the order they run.
 enum { PART_BI, PART_BASE, N_PARTS };
