@@ -73,7 +73,7 @@ static ag_arena_chunk *chunk_new(size_t cap) {
     ch->base = (unsigned char *)((p + ARENA_ALIGN - 1) & ~(uintptr_t)(ARENA_ALIGN - 1));
 #ifdef MADV_HUGEPAGE
     if (cap >= ARENA_HUGE_MIN) { // advice only: nothing changes where the kernel declines
-        uintptr_t lo = (p + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+        uintptr_t lo = ((uintptr_t)ch->base + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
         uintptr_t hi = ((uintptr_t)ch->base + cap) & ~(HUGE_PAGE - 1);
         if (hi > lo)
             (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
