@@ -42,6 +42,7 @@ typedef struct {
     const bi_shape *s;
     int64_t T;
     bool nf4, decode;  // NF4 (else dense F32); decode: the baseline is a read, else sgemm
+    const uint16_t *bx; // the bf16-pair packed matrix (timed instead of bi_linear) or NULL
     int nt;
     const float *x, *w; // x (T, cols); w: the f32 (or dequantized) matrix
     kq_weight v;        // NF4 view
@@ -55,7 +56,9 @@ typedef struct {
 static double run_bi(bi_run *b) {
     int64_t rows = b->s->rows, cols = b->s->cols;
     double t0 = ag_bench_now();
-    if (b->nf4)
+    if (b->bx)
+        bx_linear(b->y, b->x, b->bx, b->T, rows, cols, b->nt, b->ws);
+    else if (b->nf4)
         bi_linear_q_f32(b->y, b->x, &b->v, 0, b->T, b->nt, b->ws);
     else
         bi_linear_f32(b->y, b->x, b->w, b->T, rows, cols, b->nt);
@@ -94,7 +97,8 @@ static void print_row(const bi_run *b, const double *t) {
     if (b->decode) {
         double gb = (double)b->bytes_w / t[PART_BI] * 1e-9;
         double rb = (double)b->bytes_w / t[PART_BASE] * 1e-9;
-        printf("%-4s %-30s %4lld %9.3f %9.2f %9.2f %8.3f %9.2f\n", b->nf4 ? "nf4" : "f32", shape,
+        printf("%-4s %-30s %4lld %9.3f %9.2f %9.2f %8.3f %9.2f\n",
+               b->bx ? "bx" : b->nf4 ? "nf4" : "f32", shape,
                (long long)b->T, t[PART_BI] * 1e3, gb, rb, gb / rb,
                ag_bench_gflops(flops, t[PART_BI]));
     } else {
@@ -105,9 +109,10 @@ static void print_row(const bi_run *b, const double *t) {
     fflush(stdout);
 }
 
-// Times one shape in one format at every T of its tables, printing into the decode table
-// (section 0) or the prefill one (section 1).
-static molt_status bench_shape(const ag_bench_opts *o, const bi_shape *s, bool nf4, int section) {
+// Times one shape in one format (0 F32, 1 NF4, 2 bf16 pairs) at every T of its tables,
+// printing into the decode table (section 0) or the prefill one (section 1).
+static molt_status bench_shape(const ag_bench_opts *o, const bi_shape *s, int fmt, int section) {
+    bool nf4 = fmt == 1;
     int64_t rows = s->rows, cols = s->cols;
     int64_t tmax = section ? t_prefill[N_PREFILL - 1] : t_decode[N_DECODE - 1];
     ag_arena a;
@@ -138,6 +143,13 @@ static molt_status bench_shape(const ag_bench_opts *o, const bi_shape *s, bool n
             b.bytes_w = (int64_t)q.bytes;
         }
     }
+    if (st == MOLT_OK && fmt == 2) {
+        uint16_t *p = ag_arena_alloc_uninit(&a, bx_pack_bytes(rows, cols));
+        if (p)
+            bx_pack(p, b.w, rows, cols, b.nt);
+        b.bx = p;
+        st = p ? MOLT_OK : MOLT_ENOMEM;
+    }
     if (st == MOLT_OK && b.decode && !(b.rd = ag_arena_alloc(&a, (size_t)b.bytes_w + 64)))
         st = MOLT_ENOMEM;
     if (b.rd)
@@ -147,7 +159,8 @@ static molt_status bench_shape(const ag_bench_opts *o, const bi_shape *s, bool n
         b.T = ts[i];
         double work = b.decode ? (double)b.bytes_w / 1e9 : 2.0 * (double)(b.T * rows * cols) / 1e11;
         b.inner = (int)fmin(200, fmax(1, 0.01 / work)); // ~10 ms at 1 GB/s or 100 GFLOP/s
-        size_t wsb = nf4 ? bi_linear_q_ws_bytes_f32(&b.v, b.T, b.nt) : 0;
+        size_t wsb = nf4 ? bi_linear_q_ws_bytes_f32(&b.v, b.T, b.nt)
+                     : fmt == 2 ? bx_ws_bytes(b.T, cols, b.nt) : 0;
         b.ws = molt_malloc(wsb ? wsb : 1);
         double t[N_PARTS];
         st = b.ws ? ag_bench_best_of(o, run_once, &b, N_PARTS, t) : MOLT_ENOMEM;
@@ -169,6 +182,9 @@ int ag_bench_bi(const ag_bench_opts *o) {
            "read_GB/s = a plain vector read of as many bytes, same threads, same run;\n"
            "vs_read = GB/s / read_GB/s. Each figure is the fastest call (short calls repeated,\n"
            "alternating with the baseline's).\n");
+    if (bx_amx())
+        printf("bx: the F32 matrix as bf16 hi + lo pairs on AMX tiles (bx_linear; serving's\n"
+               "vocabulary projection), 4 bytes/weight.\n");
     printf("%-4s %-30s %4s %9s %9s %9s %8s %9s\n", "fmt", "shape", "T", "ms", "GB/s",
            "read_GB/s", "vs_read", "GFLOP/s");
     for (int sec = 0; sec < 2; sec++) {
@@ -181,8 +197,8 @@ int ag_bench_bi(const ag_bench_opts *o) {
         for (size_t i = 0; i < n; i++) {
             if (sec == 1 && !ss[i].prefill)
                 continue;
-            for (int f = 0; f < 2; f++)
-                if (bench_shape(o, &ss[i], f == 1, sec) != MOLT_OK) {
+            for (int f = 0; f < (sec == 0 && bx_amx() ? 3 : 2); f++)
+                if (bench_shape(o, &ss[i], f, sec) != MOLT_OK) {
                     fprintf(stderr, "molt bench ops: %s\n", molt_err_msg());
                     return 1;
                 }

@@ -12,7 +12,7 @@ static const char *const op_names[] = {
     "expand", "dropout", "embedding", "linear", "rmsnorm", "softmax", "swiglu", "rope",
     "attention", "moe_router", "moe_experts", "cross_entropy_linear", "linear_q",
     "moe_experts_q", "moe_experts_lora", "moe_experts_lora_q", "checkpoint", "lora_multi",
-    "moe_experts_multi", "ep_dispatch", "ep_combine",
+    "moe_experts_multi", "ep_dispatch", "ep_combine", "linear_bx",
 };
 static const ag_backward_fn op_backward[] = {
     ag_backward_add, ag_backward_mul, ag_backward_scale, ag_backward_sum,
@@ -23,7 +23,7 @@ static const ag_backward_fn op_backward[] = {
     ag_backward_moe_experts, ag_backward_ce_linear, ag_backward_linear_q,
     ag_backward_moe_experts_q, ag_backward_moe_experts_lora, ag_backward_moe_experts_lora_q,
     ag_backward_checkpoint, ag_backward_lora_multi, ag_backward_moe_experts_multi,
-    ag_backward_ep_dispatch, ag_backward_ep_combine,
+    ag_backward_ep_dispatch, ag_backward_ep_combine, ag_backward_linear_bx,
 };
 _Static_assert(AG_OP_COUNT == AG_OP_COUNT_EXPECTED, "update the op tables for the new op");
 _Static_assert(sizeof(op_names) / sizeof(op_names[0]) == AG_OP_COUNT, "op_names");

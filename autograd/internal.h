@@ -40,9 +40,10 @@ typedef enum {
     AG_OP_MOE_EXPERTS_MULTI,
     AG_OP_EP_DISPATCH,
     AG_OP_EP_COMBINE,
+    AG_OP_LINEAR_BX,
     AG_OP_COUNT
 } ag_op;
-#define AG_OP_COUNT_EXPECTED 30
+#define AG_OP_COUNT_EXPECTED 31
 
 // A recorded op. Attributes go in f[]/i[]/ptr; state kept for backward in `saved`
 // (allocated by ag_node_save, released right after the node's backward runs or when the
@@ -153,6 +154,7 @@ molt_status ag_backward_moe_router(ag_ctx *c, ag_node *n);
 molt_status ag_backward_moe_experts(ag_ctx *c, ag_node *n);
 molt_status ag_backward_ce_linear(ag_ctx *c, ag_node *n);
 molt_status ag_backward_linear_q(ag_ctx *c, ag_node *n);
+molt_status ag_backward_linear_bx(ag_ctx *c, ag_node *n);
 molt_status ag_backward_moe_experts_q(ag_ctx *c, ag_node *n);
 molt_status ag_backward_moe_experts_lora(ag_ctx *c, ag_node *n);
 molt_status ag_backward_moe_experts_lora_q(ag_ctx *c, ag_node *n);

@@ -165,6 +165,8 @@ static molt_status run_bench(const bench_args *a) {
     t0 = now_s();
     if (st == MOLT_OK)
         st = mdl_load_quant(path, a->base_quant ? &qs : NULL, &m);
+    if (st == MOLT_OK) // as molt serve and molt generate run it
+        st = mdl_pack_head(&m, NULL);
     double t_load = now_s() - t0, rss, hwm;
     if (dir[0])
         remove_dir(dir);
@@ -198,6 +200,7 @@ static molt_status run_bench(const bench_args *a) {
                mdl_weight_bytes(&m) / 1048576.0, omp_get_max_threads());
         if (a->preset)
             printf("; preset written in %.2f s", t_write);
+        printf("; vocabulary projection %s", m.lm_head.bx ? "on AMX (bf16 hi + lo)" : "F32");
         printf("\n| model | load s | VmRSS MiB (loaded / end) | VmHWM MiB | attention | "
                "prompt tokens | prefill tok/s | decode tokens | decode tok/s |\n"
                "|---|---|---|---|---|---|---|---|---|\n");

@@ -179,6 +179,8 @@ static molt_status run_generate(gen_args *a) {
         st = mdl_qspec_parse(a->base_quant, &qs);
     if (st == MOLT_OK)
         st = mdl_load_quant(a->model, a->base_quant ? &qs : NULL, &m);
+    if (st == MOLT_OK) // serving's vocabulary projection, so that both give the same tokens
+        st = mdl_pack_head(&m, NULL);
     void *adapter = NULL;
     mdl_bank bank = {0};
     if (st == MOLT_OK)

@@ -32,7 +32,10 @@ ag_tensor *mdl_linear_r(ag_ctx *c, ag_tensor *x, const mdl_lin *lin, const mdl_r
         return NULL;
     }
     // a quantized base: the adapter below still sees the un-quantized activations x
-    ag_tensor *y = lin->qw ? ag_linear_q(c, x, lin->qw) : ag_linear(c, x, lin->w);
+    // a packed head multiplies on AMX (mdl_pack_head)
+    ag_tensor *y = lin->qw   ? ag_linear_q(c, x, lin->qw)
+                   : lin->bx ? ag_linear_bx(c, x, lin->bx)
+                             : ag_linear(c, x, lin->w);
     if (y && r && r->bank) {
         if (lin->lora_a) {
             molt_err(MOLT_EARG, "mdl_linear: a bank of adapters on a model that carries one");
@@ -479,6 +482,9 @@ molt_status mdl_forward(ag_ctx *c, const mdl_model *m, const mdl_batch *b, ag_te
     else if (m->lm_head.qw)
         return molt_err(MOLT_EUNSUPPORTED, "model forward: the fused loss needs an unquantized "
                         "lm_head (quantize it only for inference)");
+    else if (!m->lm_head.w->data)
+        return molt_err(MOLT_EUNSUPPORTED, "model forward: the fused loss needs the F32 lm_head, "
+                        "which mdl_pack_head packed for inference");
     else
         *out = fused_loss(c, &m->lm_head, h, b);
     return *out ? MOLT_OK

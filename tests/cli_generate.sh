@@ -107,6 +107,14 @@ same "bench generate: status" "$rc" 0
     ok "bench generate: one row per attention form" || bad "bench table: $out"
 run "$molt" bench generate --model "$m" --prompt-tokens 4 --gen-tokens 2
 same "bench generate --model: status" "$rc" 0
+# the vocabulary projection: on AMX where the processor has AMX-BF16, F32 with MOLT_AMX=0
+if grep -q amx_bf16 /proc/cpuinfo && grep -q amx_tile /proc/cpuinfo; then
+    has "bench generate: AMX head" "$out" "vocabulary projection on AMX"
+else
+    has "bench generate: F32 head without AMX" "$out" "vocabulary projection F32"
+fi
+MOLT_AMX=0 run "$molt" bench generate --model "$m" --prompt-tokens 4 --gen-tokens 2
+has "bench generate: MOLT_AMX=0 keeps F32" "$out" "vocabulary projection F32"
 run "$molt" bench generate --prompt-tokens 4
 same "bench without a model: status" "$rc" 2
 has_err "bench without a model: message" "give exactly one of --model and --preset"

@@ -235,15 +235,21 @@ static void check_invariance(mdl_model *m) {
     adapters_free(ad, &bank);
 }
 
+// _i = 1: with the vocabulary projection packed for AMX (where the processor has it).
 START_TEST(test_sequences_do_not_depend_on_the_batch) {
     mdl_model m = {0};
     tiny(&m);
+    bool packed = false;
+    if (_i)
+        ck_assert_ok(mdl_pack_head(&m, &packed));
+    ck_assert(packed == (_i && ag_bx_available()));
     check_invariance(&m);
     mdl_free(&m);
 }
 END_TEST
 
-// The same on an NF4 base (quantized projections and experts).
+// The same on an NF4 base (quantized projections and experts), its head packed for AMX where
+// the processor has it (what molt serve runs).
 START_TEST(test_invariance_on_a_quantized_base) {
     char dir[] = "/tmp/molt-spans-XXXXXX";
     ck_assert_ptr_nonnull(mkdtemp(dir));
@@ -257,6 +263,7 @@ START_TEST(test_invariance_on_a_quantized_base) {
     mdl_model m = {0};
     ck_assert_ok(mdl_load_quant(dir, &q, &m));
     ck_assert_ptr_nonnull(m.layers[1].gate_up_q);
+    ck_assert_ok(mdl_pack_head(&m, NULL));
     check_invariance(&m);
     mdl_free(&m);
     char cmd[300];
@@ -436,7 +443,7 @@ int main(void) {
     TCase *tc = tcase_create("core");
     tcase_set_timeout(tc, 600);
     tcase_add_test(tc, test_matches_each_adapter_alone);
-    tcase_add_test(tc, test_sequences_do_not_depend_on_the_batch);
+    tcase_add_loop_test(tc, test_sequences_do_not_depend_on_the_batch, 0, 2);
     tcase_add_test(tc, test_invariance_on_a_quantized_base);
     tcase_add_test(tc, test_slots_of_a_large_bank);
     tcase_add_test(tc, test_span_part_expanded);

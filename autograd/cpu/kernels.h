@@ -17,4 +17,6 @@
 #undef real
 #undef K
 
+#include "k_bx.h"
+
 #endif

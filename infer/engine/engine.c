@@ -71,6 +71,7 @@ static molt_status load_all(eng_engine *e) {
         MOLT_TRY(mdl_qspec_parse(o->base_quant, &q));
     MOLT_TRY(mdl_load_quant_ex(o->model_dir, o->base_quant && *o->base_quant ? &q : NULL,
                                o->experts, &e->model));
+    MOLT_TRY(mdl_pack_head(&e->model, NULL));
     const mcfg *c = &e->model.cfg;
     if ((int64_t)tok_vocab_size(e->tok) > c->vocab_size)
         return molt_err(MOLT_EFORMAT, "engine: the tokenizer has %zu ids, the model %d",
@@ -268,6 +269,7 @@ int eng_max_model_len(const eng_engine *e) { return e->max_model_len; }
 int eng_vocab_size(const eng_engine *e) { return e->model.cfg.vocab_size; }
 int eng_kv_capacity_tokens(const eng_engine *e) { return e->kv.max_blocks * e->kv.block_tokens; }
 int32_t eng_eos(const eng_engine *e) { return e->eos; }
+bool eng_head_amx(const eng_engine *e) { return e->model.lm_head.bx != NULL; }
 
 bool eng_is_eos(const eng_engine *e, int32_t t) {
     const mcfg *c = &e->model.cfg;

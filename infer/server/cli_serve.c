@@ -50,7 +50,11 @@ static const char usage_text[] =
     "  --access-log FILE        one JSON line per request (default - = stderr; none: off)\n"
     "  --config FILE.yaml       the same keys without the dashes (port: 8000, adapter:\n"
     "                           [a=PATH, b=PATH], allow-runtime-adapters: true); flags on the\n"
-    "                           command line win\n";
+    "                           command line win\n"
+    "On a processor with AMX-BF16 an F32 lm_head is packed at load as bf16 hi + lo pairs and\n"
+    "multiplied on AMX tiles (logits a few 1e-6 of the largest away from F32; an untied\n"
+    "head takes no added memory); MOLT_AMX=0 in the environment keeps F32. molt generate\n"
+    "does the same.\n";
 
 typedef struct {
     eng_opts eng;
@@ -282,6 +286,8 @@ static void print_startup(const serve_args *a, eng_engine *e, srv_server *s) {
     molt_free(list);
     printf("molt serve: KV cache %d tokens (%d blocks of %d)\n", eng_kv_capacity_tokens(e),
            st.kv_blocks_total, st.block_tokens);
+    printf("molt serve: vocabulary projection %s\n",
+           eng_head_amx(e) ? "on AMX (bf16 hi + lo products)" : "F32");
     printf("molt serve: runtime adapters %s%s%s\n",
            a->srv.allow_runtime_adapters ? "allowed under " : "off",
            a->srv.allow_runtime_adapters && a->srv.adapter_dir ? a->srv.adapter_dir : "",

@@ -92,6 +92,10 @@ const tok_tokenizer *eng_tokenizer(const eng_engine *e) { return e->tok; }
 int eng_max_model_len(const eng_engine *e) { return e->max_len; }
 int eng_vocab_size(const eng_engine *e) { return e->vocab; }
 int eng_kv_capacity_tokens(const eng_engine *e) { return e->o.kv_cache_mib * 4 * 16; }
+bool eng_head_amx(const eng_engine *e) {
+    (void)e;
+    return false; // no model
+}
 int32_t eng_eos(const eng_engine *e) { return tok_eos(e->tok); }
 bool eng_is_eos(const eng_engine *e, int32_t t) { return t == tok_eos(e->tok); }
 bool eng_healthy(eng_engine *e) { return e != NULL; }
