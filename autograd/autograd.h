@@ -237,7 +237,9 @@ typedef struct {
 bool ag_bx_available(void);
 // Packs the F32 host matrix w [rows, cols] into arena a (nthreads threads).
 molt_status ag_bx_pack(ag_arena *a, const ag_tensor *w, int nthreads, ag_bxweight *out);
-// Packs w over its own bytes (rows a multiple of 16, columns of 32): out takes w's data and
+// True when w's packed form takes exactly its bytes (rows a multiple of 16, columns of 32).
+bool ag_bx_packs_in_place(const ag_tensor *w);
+// Packs w over its own bytes (ag_bx_packs_in_place): out takes w's data and
 // w is left shape-only (data NULL). MOLT_ENOMEM (w unchanged) without memory for one
 // panel's copy (512 rows).
 molt_status ag_bx_pack_in_place(ag_tensor *w, int nthreads, ag_bxweight *out);

@@ -11,13 +11,22 @@
 
 bool ag_bx_available(void) { return bx_amx(); }
 
+// A weight either packing takes: an F32 host matrix holding data.
+static molt_status check_weight(const ag_tensor *w) {
+    if (w && w->dtype == AG_F32 && w->ndim == 2 && w->device == AG_CPU && w->data)
+        return MOLT_OK;
+    char b[80];
+    return molt_err(MOLT_EARG, LINBX ": the weight is %s, expected an F32 host matrix",
+                    w ? ag_shape_str(w, b, sizeof b) : "NULL");
+}
+
+bool ag_bx_packs_in_place(const ag_tensor *w) {
+    return w && w->ndim == 2 && bx_pack_in_place_ok(w->shape[0], w->shape[1]);
+}
+
 molt_status ag_bx_pack(ag_arena *a, const ag_tensor *w, int nthreads, ag_bxweight *out) {
     memset(out, 0, sizeof *out);
-    if (!w || w->dtype != AG_F32 || w->ndim != 2 || w->device != AG_CPU) {
-        char b[80];
-        return molt_err(MOLT_EARG, LINBX ": the weight is %s, expected an F32 host matrix",
-                        w ? ag_shape_str(w, b, sizeof b) : "NULL");
-    }
+    MOLT_TRY(check_weight(w));
     int64_t rows = w->shape[0], cols = w->shape[1];
     uint16_t *d = ag_arena_alloc_uninit(a, bx_pack_bytes(rows, cols));
     if (!d)
@@ -30,12 +39,10 @@ molt_status ag_bx_pack(ag_arena *a, const ag_tensor *w, int nthreads, ag_bxweigh
 
 molt_status ag_bx_pack_in_place(ag_tensor *w, int nthreads, ag_bxweight *out) {
     memset(out, 0, sizeof *out);
+    MOLT_TRY(check_weight(w));
     char b[80];
-    if (!w || w->dtype != AG_F32 || w->ndim != 2 || w->device != AG_CPU || !w->data)
-        return molt_err(MOLT_EARG, LINBX ": the weight is %s, expected an F32 host matrix",
-                        w ? ag_shape_str(w, b, sizeof b) : "NULL");
     int64_t rows = w->shape[0], cols = w->shape[1];
-    if (!bx_pack_in_place_ok(rows, cols))
+    if (!ag_bx_packs_in_place(w))
         return molt_err(MOLT_EARG, LINBX ": %s cannot be packed over itself (rows a multiple "
                         "of %d and columns of %d)", ag_shape_str(w, b, sizeof b), BX_RT, BX_KT);
     if (!bx_pack_in_place(w->data, rows, cols, nthreads))

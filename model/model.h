@@ -507,7 +507,7 @@ molt_status mdl_load_quant_ex(const char *dir, const mdl_qspec *spec, ag_comm *e
 // multiple of 16 and columns of 32 is packed over its own bytes and lm_head.w keeps only
 // its shape (data NULL: no memory added; the fused training loss then refuses the model);
 // otherwise the packed copy goes into m's arena. Sets *packed (may be NULL) to whether it
-// packed; a quantized or absent head, or no AMX, is left as it is (MOLT_OK).
+// packed; a quantized, absent or already packed head, or no AMX, is left as it is (MOLT_OK).
 molt_status mdl_pack_head(mdl_model *m, bool *packed);
 // Turns every quantized weight of m back into an F32 tensor (the quantized values, not the
 // original ones) and frees the quantized storage: for merging an adapter into a

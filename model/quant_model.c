@@ -303,17 +303,16 @@ static molt_status load_all(qload *s, const st_reader *r) {
     return st;
 }
 
-static bool bx_fits(const ag_tensor *w) { return w->shape[0] % 16 == 0 && w->shape[1] % 32 == 0; }
-
 molt_status mdl_pack_head(mdl_model *m, bool *packed) {
     if (packed)
         *packed = false;
     const ag_tensor *w = m->lm_head.w;
-    if (m->lm_head.qw || !w || !w->data || w->dtype != AG_F32 || !ag_bx_available())
+    if (m->lm_head.bx || m->lm_head.qw || !w || !w->data || w->dtype != AG_F32 ||
+        !ag_bx_available())
         return MOLT_OK;
     // over the F32 matrix when its bytes are the head's alone (the embeddings keep theirs)
     int nt = omp_get_max_threads();
-    if (w != m->embed && bx_fits(w))
+    if (w != m->embed && ag_bx_packs_in_place(w))
         MOLT_TRY(ag_bx_pack_in_place(m->lm_head.w, nt, &m->head_bx));
     else
         MOLT_TRY(ag_bx_pack(&m->arena, w, nt, &m->head_bx));

@@ -194,11 +194,16 @@ void bx_linear_bwd_x(float *dx, const float *dy, const uint16_t *wp, int64_t T, 
 
 // ---- AMX ----------------------------------------------------------------------------------
 
+// The workspace: x's halves (a 2 KiB tile pair per K tile and row tile), then per thread
+// the partial sums of a panel's blocks for one sweep and a 1 KiB tile for edge stores.
+static size_t ws_x_bytes(int64_t RB, int64_t KT) { return (size_t)(KT * RB) * 2048; }
+static size_t ws_thread_bytes(int64_t RB) {
+    return (size_t)(BX_PANEL * min64(RB, BX_SWEEP)) * 1024 + 1024;
+}
+
 size_t bx_ws_bytes(int64_t T, int64_t cols, int nthreads) {
     int64_t RB = up(T, BX_RT), KT = up(cols, BX_KT);
-    size_t x_bytes = (size_t)(KT * RB) * 2048;
-    size_t per_thread = (size_t)(BX_PANEL * min64(RB, BX_SWEEP)) * 1024 + 1024; // bx_linear's
-    return x_bytes + (size_t)(nthreads > 0 ? nthreads : 1) * per_thread;
+    return ws_x_bytes(RB, KT) + (size_t)(nthreads > 0 ? nthreads : 1) * ws_thread_bytes(RB);
 }
 
 #if BX_HAVE_AMX
@@ -354,8 +359,8 @@ void bx_linear(float *y, const float *x, const uint16_t *wp, int64_t T, int64_t 
     int team = T * rows * cols < BX_PAR_MIN || nthreads < 1 ? 1 : nthreads;
     if (team > NP)
         team = (int)NP;
-    char *per = (char *)ws + (size_t)(KT * RB) * 2048;
-    size_t per_bytes = (size_t)(BX_PANEL * min64(RB, BX_SWEEP)) * 1024 + 1024;
+    char *per = (char *)ws + ws_x_bytes(RB, KT);
+    size_t per_bytes = ws_thread_bytes(RB);
 #pragma omp parallel num_threads(team)
     {
         int id = omp_get_thread_num(), n = omp_get_num_threads();
