@@ -377,6 +377,12 @@ typedef struct {
 ag_tensor *ag_moe_experts_multi(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,
                                 const ag_expert_stacks *w, ag_tensor *slot, int n,
                                 const ag_expert_lora *set);
+// ag_moe_experts_multi where the tokens t with bx[t] != 0 (bx [T], NULL: none) take the
+// quantized experts' base products as ag_linear_q_rows does (dense stacks ignore bx). The
+// reference kernels compute every row in F32.
+ag_tensor *ag_moe_experts_multi_rows(ag_ctx *c, ag_tensor *x, ag_tensor *weights,
+                                     ag_tensor *idx, const ag_expert_stacks *w, ag_tensor *slot,
+                                     int n, const ag_expert_lora *set, const uint8_t *bx);
 // An expert LoRA's B [out, r*E] (F32) re-laid per expert into *bp, a new tensor of arena a,
 // [E, out, r]: ag_expert_lora's bp_gate_up / bp_down. MOLT_EARG when b is not F32, not 2-D
 // or not r times a whole number of experts wide; MOLT_ENOMEM.
@@ -613,6 +619,16 @@ void ag_nf4_dq_encode(float *absmax, int64_t nb, uint8_t *codes, float *scales, 
 // (bi_linear_q: weights decoded in registers, the bits of ag_linear on the dequantized
 // matrix); recorded, the forward goes through BLAS on dequantized tiles.
 ag_tensor *ag_linear_q(ag_ctx *c, ag_tensor *x, const ag_qweight *w);
+// ag_linear_q where the rows t with bx[t] != 0 (bx [rows of x], NULL: none) take the
+// bf16-pair products of cpu/k_bx.h instead (bxq_linear: W's decoded values and x split into
+// bf16 hi + lo, three products summed in f32, batch-invariant; a few 1e-6 of the largest
+// output from F32), on AMX when ag_bxq_available(), else (and with the reference kernels
+// forced) through the plain-C reference of the same products. Inference uses it for prompt
+// rows, whose products dominate prefill. x F32 on the host when any row is marked.
+// Recorded, backward is ag_linear_q's (dx = dy W for every row).
+ag_tensor *ag_linear_q_rows(ag_ctx *c, ag_tensor *x, const ag_qweight *w, const uint8_t *bx);
+// True when bxq_linear runs on this processor (ag_bx_available and AVX512-BF16).
+bool ag_bxq_available(void);
 // ag_moe_experts with quantized experts: gate_up [E, 2I, H] (gate rows first) and down
 // [E, H, I] qweights (3-D, one matrix per expert); gradients reach x and weights. In
 // inference a token's row does not depend on the other rows, as for ag_moe_experts.

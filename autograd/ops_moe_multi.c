@@ -146,7 +146,7 @@ static molt_status ref_fwd(ag_tensor *y, ag_tensor *x, ag_tensor *w, ag_tensor *
 #define DEFINE_FAST(S, R)                                                                     \
     static molt_status fast_fwd_##S(ag_tensor *y, ag_tensor *x, ag_tensor *w, ag_tensor *idx, \
                                     const ag_expert_stacks *st, ag_tensor *slot, int n,       \
-                                    const ag_expert_lora *set) {                              \
+                                    const ag_expert_lora *set, const uint8_t *bx) {           \
         kq_weight qg, qd;                                                                     \
         moe_stacks_##S ms = {NULL, NULL, NULL, NULL};                                         \
         int64_t E, I;                                                                         \
@@ -186,8 +186,8 @@ static molt_status ref_fwd(ag_tensor *y, ag_tensor *x, ag_tensor *w, ag_tensor *
             return molt_err(MOLT_ENOMEM, OP ": out of memory for a %zu-byte workspace",       \
                             bytes);                                                           \
         }                                                                                     \
-        moe_multi_fwd_##S(y->data, x->data, w->data, idx->data, slot->data, &ms, ls, n, T, k, \
-                          E, H, I, nt, ws);                                                   \
+        moe_multi_fwd_##S(y->data, x->data, w->data, idx->data, slot->data, bx, &ms, ls, n, T, \
+                          k, E, H, I, nt, ws);                                                \
         molt_free(ws);                                                                        \
         molt_free(ls);                                                                        \
         return MOLT_OK;                                                                       \
@@ -215,8 +215,20 @@ molt_status ag_expert_b_per_expert(ag_arena *a, const ag_tensor *b, int r, ag_te
 ag_tensor *ag_moe_experts_multi(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_tensor *idx,
                                 const ag_expert_stacks *st, ag_tensor *slot, int n,
                                 const ag_expert_lora *set) {
+    return ag_moe_experts_multi_rows(c, x, weights, idx, st, slot, n, set, NULL);
+}
+
+ag_tensor *ag_moe_experts_multi_rows(ag_ctx *c, ag_tensor *x, ag_tensor *weights,
+                                     ag_tensor *idx, const ag_expert_stacks *st, ag_tensor *slot,
+                                     int n, const ag_expert_lora *set, const uint8_t *bx) {
     if (check(x, weights, idx, st, slot, n, set) != MOLT_OK)
         return NULL;
+    if (bx && x->dtype != AG_F32) {
+        char b[80];
+        molt_err(MOLT_EARG, OP ": x %s has rows marked for the bf16-pair products, which take "
+                 "F32", ag_shape_str(x, b, sizeof b));
+        return NULL;
+    }
     ag_tensor *y = ag_out_new(c, x->dtype, 2, x->shape);
     if (!y)
         return NULL;
@@ -224,9 +236,9 @@ ag_tensor *ag_moe_experts_multi(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_
     if (ag_reference_kernels())
         status = ref_fwd(y, x, weights, idx, st, slot, n, set);
     else if (x->dtype == AG_F32)
-        status = fast_fwd_f32(y, x, weights, idx, st, slot, n, set);
+        status = fast_fwd_f32(y, x, weights, idx, st, slot, n, set, bx);
     else
-        status = fast_fwd_f64(y, x, weights, idx, st, slot, n, set);
+        status = fast_fwd_f64(y, x, weights, idx, st, slot, n, set, NULL);
     if (status != MOLT_OK)
         return NULL;
     int n_in = 6 + 4 * n;

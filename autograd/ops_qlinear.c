@@ -105,6 +105,111 @@ ag_tensor *ag_linear_q(ag_ctx *c, ag_tensor *x, const ag_qweight *w) {
     return y;
 }
 
+bool ag_bxq_available(void) { return bxq_available(); }
+
+// Rows of x (T, C) whose mark equals `want`, gathered into dst; returns how many.
+static int64_t gather_rows(float *dst, const float *x, const uint8_t *bx, int64_t T, int64_t C,
+                           bool want) {
+    int64_t n = 0;
+    for (int64_t t = 0; t < T; t++)
+        if ((bx[t] != 0) == want)
+            memcpy(dst + (n++) * C, x + t * C, (size_t)C * sizeof *dst);
+    return n;
+}
+
+// y rows of one kind from src (their rows in order).
+static void scatter_rows(float *y, const float *src, const uint8_t *bx, int64_t T, int64_t C,
+                         bool want) {
+    int64_t n = 0;
+    for (int64_t t = 0; t < T; t++)
+        if ((bx[t] != 0) == want)
+            memcpy(y + t * C, src + (n++) * C, (size_t)C * sizeof *y);
+}
+
+// y (T, rows) of the marked rows x (T, cols), contiguous.
+static molt_status bxq_rows(ag_ctx *c, float *y, const float *x, const kq_weight *v, int64_t T) {
+    if (ag_reference_kernels() || !bxq_available()) {
+        bxq_linear_ref(y, x, v, 0, T);
+        return MOLT_OK;
+    }
+    int nt = omp_get_max_threads();
+    void *ws = ag_arena_alloc_uninit(&c->act, bxq_ws_bytes(v, T, nt)); // 64-byte aligned
+    if (!ws)
+        return molt_err(MOLT_ENOMEM, LINQ ": out of memory for the bf16-pair workspace");
+    bxq_linear(y, x, v, 0, T, nt, ws);
+    return MOLT_OK;
+}
+
+// The F32 rows (T, cols) through the batch-invariant kernel (or the reference).
+static molt_status f32_rows(float *y, const float *x, const kq_weight *v, int64_t T) {
+    if (ag_reference_kernels()) {
+        qlinear_fwd_ref_f32(y, x, v, 0, T);
+        return MOLT_OK;
+    }
+    int nt = omp_get_max_threads();
+    void *ws = scratch(LINQ, bi_linear_q_ws_bytes_f32(v, T, nt));
+    if (!ws)
+        return MOLT_ENOMEM;
+    bi_linear_q_f32(y, x, v, 0, T, nt, ws);
+    molt_free(ws);
+    return MOLT_OK;
+}
+
+// Contract in autograd.h.
+ag_tensor *ag_linear_q_rows(ag_ctx *c, ag_tensor *x, const ag_qweight *w, const uint8_t *bx) {
+    const ag_backend *be;
+    if (!bx || linear_q_check(x, w, &be) != MOLT_OK)
+        return bx ? NULL : ag_linear_q(c, x, w);
+    int64_t T = ag_rows(x), marked = 0;
+    for (int64_t t = 0; t < T; t++)
+        marked += bx[t] != 0;
+    if (marked == 0)
+        return ag_linear_q(c, x, w);
+    char b[80];
+    if (x->device != AG_CPU || x->dtype != AG_F32) {
+        molt_err(MOLT_EARG, LINQ ": x %s has rows marked for the bf16-pair products, which take "
+                 "F32 on the host", ag_shape_str(x, b, sizeof b));
+        return NULL;
+    }
+    int64_t shape[AG_MAX_DIMS], R = w->rows, C = w->cols;
+    memcpy(shape, x->shape, sizeof shape);
+    shape[x->ndim - 1] = R;
+    ag_tensor *y = ag_out_new_uninit_on(c, AG_CPU, AG_F32, x->ndim, shape);
+    if (!y)
+        return NULL;
+    kq_weight v;
+    ag_qweight_view(&v, w);
+    float *yd = y->data;
+    const float *xd = x->data;
+    if (marked == T) {
+        if (bxq_rows(c, yd, xd, &v, T) != MOLT_OK)
+            return NULL;
+    } else {
+        int64_t rest = T - marked;
+        float *xa = ag_arena_alloc_uninit(&c->act, (size_t)(T * C) * sizeof *xa);
+        float *ya = ag_arena_alloc_uninit(&c->act, (size_t)(T * R) * sizeof *ya);
+        if (!xa || !ya) {
+            molt_err(MOLT_ENOMEM, LINQ ": out of memory for the rows' copies");
+            return NULL;
+        }
+        gather_rows(xa, xd, bx, T, C, true);
+        if (bxq_rows(c, ya, xa, &v, marked) != MOLT_OK)
+            return NULL;
+        scatter_rows(yd, ya, bx, T, R, true);
+        gather_rows(xa, xd, bx, T, C, false);
+        if (f32_rows(ya, xa, &v, rest) != MOLT_OK)
+            return NULL;
+        scatter_rows(yd, ya, bx, T, R, false);
+    }
+    if (ag_should_record(c, 1, &x)) {
+        ag_node *n = ag_record(c, AG_OP_LINEAR_Q, y, 1, &x);
+        if (!n)
+            return NULL;
+        n->ptr = w;
+    }
+    return y;
+}
+
 molt_status ag_cpu_linear_q_bwd(ag_ctx *c, ag_tensor *dx, const ag_tensor *dy,
                                 const ag_qweight *w) {
     (void)c;

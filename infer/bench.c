@@ -167,6 +167,8 @@ static molt_status run_bench(const bench_args *a) {
         st = mdl_load_quant(path, a->base_quant ? &qs : NULL, &m);
     if (st == MOLT_OK) // as molt serve and molt generate run it
         st = mdl_pack_head(&m, NULL);
+    if (st == MOLT_OK)
+        mdl_prompts_on_amx(&m, NULL);
     double t_load = now_s() - t0, rss, hwm;
     if (dir[0])
         remove_dir(dir);
@@ -201,6 +203,7 @@ static molt_status run_bench(const bench_args *a) {
         if (a->preset)
             printf("; preset written in %.2f s", t_write);
         printf("; vocabulary projection %s", m.lm_head.bx ? "on AMX (bf16 hi + lo)" : "F32");
+        printf("; prompt products %s", m.prompt_bx ? "on AMX (bf16 hi + lo)" : "F32");
         printf("\n| model | load s | VmRSS MiB (loaded / end) | VmHWM MiB | attention | "
                "prompt tokens | prefill tok/s | decode tokens | decode tok/s |\n"
                "|---|---|---|---|---|---|---|---|---|\n");

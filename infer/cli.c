@@ -181,6 +181,8 @@ static molt_status run_generate(gen_args *a) {
         st = mdl_load_quant(a->model, a->base_quant ? &qs : NULL, &m);
     if (st == MOLT_OK) // serving's vocabulary projection, so that both give the same tokens
         st = mdl_pack_head(&m, NULL);
+    if (st == MOLT_OK) // and its prompt products
+        mdl_prompts_on_amx(&m, NULL);
     void *adapter = NULL;
     mdl_bank bank = {0};
     if (st == MOLT_OK)

@@ -422,7 +422,7 @@ static molt_status span_expanded(ag_ctx *c, const mdl_model *m, int l, const mdl
     attn_dims d = dims_of(&m->cfg);
     ag_tensor *qe = ag_slice(c, q, 0, r0, ne), *te = qtemp ? ag_slice(c, qtemp, 0, r0, ne) : NULL;
     int64_t S = p->len[s] + ne;
-    mdl_route rt = {p->bank, p->bank ? filled_i32(c, S, p->slot[s]) : NULL};
+    mdl_route rt = {p->bank, p->bank ? filled_i32(c, S, p->slot[s]) : NULL, NULL};
     if (!qe || (qtemp && !te) || (p->bank && !rt.slot))
         return molt_err_wrap(MOLT_ENOMEM, "cached attention (expanded)");
     ag_tensor *o = cached_expanded(c, m, l, kv, sp->seq, qe, te, p->len[s], p->bank ? &rt : NULL);
@@ -519,7 +519,7 @@ static molt_status spans_logits(ag_ctx *c, const mdl_model *m, const span_plan *
         }
     }
     ag_tensor *hn = ag_rmsnorm(c, rows, m->norm, m->cfg.rms_norm_eps);
-    mdl_route r = {p->bank, rslot};
+    mdl_route r = {p->bank, rslot, NULL};
     *logits = hn ? mdl_linear_r(c, hn, &m->lm_head, p->bank ? &r : NULL) : NULL;
     return *logits ? MOLT_OK : molt_err_wrap(MOLT_EARG, "batched forward (lm_head)");
 }
@@ -543,12 +543,23 @@ static molt_status run_spans(ag_ctx *c, const mdl_model *m, mdl_kvcache *kv,
             ((int32_t *)slot->data)[t] = p->slot[s];
         }
     }
+    // prompt rows (each span's first n_expanded) for the bf16-pair products, when any
+    uint8_t *bx = NULL;
+    if (m->prompt_bx) {
+        int64_t marked = 0;
+        for (int s = 0; s < p->n_spans; s++)
+            marked += p->sp[s].n_expanded;
+        if (marked > 0 && !(bx = ag_arena_alloc(&c->act, (size_t)T)))
+            return molt_err_wrap(MOLT_ENOMEM, "batched forward");
+        for (int s = 0; bx && s < p->n_spans; s++)
+            memset(bx + p->row0[s], 1, (size_t)p->sp[s].n_expanded);
+    }
     mdl_attn_in a;
     MOLT_TRY(mdl_attn_inputs(c, m, &b, &a));
-    mdl_route r = {p->bank, slot};
+    mdl_route r = {p->bank, slot, bx};
     ag_tensor *h = mdl_embed(c, m, b.ids);
     for (int l = 0; h && l < m->cfg.num_hidden_layers; l++)
-        h = layer_spans(c, m, l, kv, p, h, &a, p->bank ? &r : NULL);
+        h = layer_spans(c, m, l, kv, p, h, &a, p->bank || bx ? &r : NULL);
     if (!h)
         return molt_err_wrap(MOLT_EARG, "batched forward (layer stack)");
     return spans_logits(c, m, p, h, slot, logits);

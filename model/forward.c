@@ -33,9 +33,10 @@ ag_tensor *mdl_linear_r(ag_ctx *c, ag_tensor *x, const mdl_lin *lin, const mdl_r
     }
     // a quantized base: the adapter below still sees the un-quantized activations x
     // a packed head multiplies on AMX (mdl_pack_head)
-    ag_tensor *y = lin->qw   ? ag_linear_q(c, x, lin->qw)
-                   : lin->bx ? ag_linear_bx(c, x, lin->bx)
-                             : ag_linear(c, x, lin->w);
+    ag_tensor *y = lin->qw && r && r->bx ? ag_linear_q_rows(c, x, lin->qw, r->bx)
+                   : lin->qw                ? ag_linear_q(c, x, lin->qw)
+                   : lin->bx                ? ag_linear_bx(c, x, lin->bx)
+                                            : ag_linear(c, x, lin->w);
     if (y && r && r->bank) {
         if (lin->lora_a) {
             molt_err(MOLT_EARG, "mdl_linear: a bank of adapters on a model that carries one");
@@ -245,7 +246,8 @@ static ag_tensor *mlp(ag_ctx *c, const mdl_mlp *p, ag_tensor *x, const mdl_route
 }
 
 // Routed experts under a bank: every token's adapter through ag_moe_experts_multi (also when
-// no adapter has expert LoRA here: its products are batch-invariant).
+// no adapter has expert LoRA here: its products are batch-invariant); without a bank, the
+// base's quantized experts with prompt rows marked for the bf16 pairs.
 static ag_tensor *experts_banked(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x,
                                  ag_tensor *w, ag_tensor *idx, const mdl_route *r) {
     const mdl_layer *y = &m->layers[l];
@@ -256,8 +258,10 @@ static ag_tensor *experts_banked(ag_ctx *c, const mdl_model *m, int l, ag_tensor
     ag_expert_stacks st = y->gate_up_q ? (ag_expert_stacks){NULL, NULL, y->gate_up_q, y->down_q}
                                        : (ag_expert_stacks){y->gate_up, y->down, NULL, NULL};
     const mdl_bank *b = r->bank;
-    return ag_moe_experts_multi(c, x, w, idx, &st, r->slot, b->n_slots,
-                                &b->experts[(size_t)l * b->n_slots]);
+    if (!b) // prompt rows on the bf16 pairs, no adapters
+        return ag_moe_experts_multi_rows(c, x, w, idx, &st, r->slot, 0, NULL, r->bx);
+    return ag_moe_experts_multi_rows(c, x, w, idx, &st, r->slot, b->n_slots,
+                                     &b->experts[(size_t)l * b->n_slots], r->bx);
 }
 
 // The model's own routed experts on rows x with weights w and expert indices idx (into the
@@ -267,7 +271,7 @@ static ag_tensor *experts_here(ag_ctx *c, const mdl_model *m, int l, ag_tensor *
     const mdl_layer *y = &m->layers[l];
     const ag_expert_lora *el = &y->experts_lora;
     bool elora = el->a_gate_up || el->a_down;
-    if (r && r->bank)
+    if (r && (r->bank || (r->bx && y->gate_up_q && !elora)))
         return experts_banked(c, m, l, x, w, idx, r);
     if (elora && y->gate_up_q) // QLoRA: adapters over the frozen quantized experts
         return ag_moe_experts_lora_q(c, x, w, idx, y->gate_up_q, y->down_q, el);

@@ -75,7 +75,9 @@ void mdl_lin_number(mdl_model *m);
 // public functions are these with a NULL route; decode.c's batched forward passes one.
 typedef struct {
     const mdl_bank *bank;
-    ag_tensor *slot; // I32 [rows] slot per row, -1 = base alone
+    ag_tensor *slot;   // I32 [rows] slot per row, -1 = base alone
+    const uint8_t *bx; // [rows] or NULL: rows whose quantized products are the bf16 pairs
+                       // (ag_linear_q_rows; the batched forward's prompt rows)
 } mdl_route;
 ag_tensor *mdl_linear_r(ag_ctx *c, ag_tensor *x, const mdl_lin *lin, const mdl_route *r);
 ag_tensor *mdl_attn_query_r(ag_ctx *c, const mdl_model *m, int l, ag_tensor *x, ag_tensor *pos,

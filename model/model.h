@@ -256,6 +256,8 @@ typedef struct {
     ag_qweight *qw;         // [n_qw] storage of every quantized weight (owned), or NULL
     int n_qw;
     ag_bxweight head_bx;    // lm_head packed for AMX by mdl_pack_head (data NULL otherwise)
+    bool prompt_bx;         // mdl_forward_spans runs prompt rows' quantized products as bf16
+                            // pairs (mdl_prompts_on_amx)
     bool shapes_only;       // while creating: projections/experts get no data (quant load)
     bool plan_only;         // made by mdl_create_plan: no tensor holds data
     bool checkpoint_layers; // grad mode: wrap each decoder layer in ag_checkpoint (its
@@ -509,6 +511,13 @@ molt_status mdl_load_quant_ex(const char *dir, const mdl_qspec *spec, ag_comm *e
 // otherwise the packed copy goes into m's arena. Sets *packed (may be NULL) to whether it
 // packed; a quantized, absent or already packed head, or no AMX, is left as it is (MOLT_OK).
 molt_status mdl_pack_head(mdl_model *m, bool *packed);
+// Inference on AMX for the prompt: from now on mdl_forward_spans gives the expanded (prompt)
+// rows of its spans the bf16-pair products (ag_linear_q_rows, ag_moe_experts_multi_rows) on
+// every quantized linear and routed expert; generated rows keep the F32 products. Prompt
+// tokens are recomputed as prompt tokens (n_expanded), so a sequence's bits stay the same
+// whatever its batch. Only where ag_bxq_available(), on a model with quantized weights and no
+// expert group; *on (may be NULL) says whether it was switched on.
+void mdl_prompts_on_amx(mdl_model *m, bool *on);
 // Turns every quantized weight of m back into an F32 tensor (the quantized values, not the
 // original ones) and frees the quantized storage: for merging an adapter into a
 // pre-quantized base. MOLT_ENOMEM leaves the weights done so far in F32.

@@ -322,6 +322,15 @@ molt_status mdl_pack_head(mdl_model *m, bool *packed) {
     return MOLT_OK;
 }
 
+void mdl_prompts_on_amx(mdl_model *m, bool *on) {
+    bool host = m->n_qw > 0;
+    for (int i = 0; i < m->n_qw; i++)
+        host = host && m->qw[i].device == AG_CPU;
+    m->prompt_bx = host && !m->ep.comm && ag_bxq_available();
+    if (on)
+        *on = m->prompt_bx;
+}
+
 molt_status mdl_load_quant(const char *dir, const mdl_qspec *spec, mdl_model *m) {
     return mdl_load_quant_ex(dir, spec, NULL, m);
 }

@@ -115,6 +115,16 @@ else
 fi
 MOLT_AMX=0 run "$molt" bench generate --model "$m" --prompt-tokens 4 --gen-tokens 2
 has "bench generate: MOLT_AMX=0 keeps F32" "$out" "vocabulary projection F32"
+# the prompt's quantized products: on AMX (with AVX512-BF16) for a quantized base only
+run "$molt" bench generate --model "$m" --base-quant nf4 --prompt-tokens 4 --gen-tokens 2
+if grep -q amx_bf16 /proc/cpuinfo && grep -q avx512_bf16 /proc/cpuinfo; then
+    has "bench generate: NF4 prompt products on AMX" "$out" "prompt products on AMX"
+else
+    has "bench generate: NF4 prompt products F32 without AMX" "$out" "prompt products F32"
+fi
+has "bench generate: F32 base keeps F32 prompt products" "$(MOLT_AMX=1 "$molt" bench generate --model "$m" --prompt-tokens 4 --gen-tokens 2 2>&1)" "prompt products F32"
+MOLT_AMX=0 run "$molt" bench generate --model "$m" --base-quant nf4 --prompt-tokens 4 --gen-tokens 2
+has "bench generate: MOLT_AMX=0 keeps F32 prompt products" "$out" "prompt products F32"
 run "$molt" bench generate --prompt-tokens 4
 same "bench without a model: status" "$rc" 2
 has_err "bench without a model: message" "give exactly one of --model and --preset"

@@ -19,6 +19,7 @@ serve_start api --model "$tmp/m" --served-model-name tiny --adapter "ad1=$tmp/ad
 has "start-up line: adapters" "$(cat "$tmp/api.out")" "ad1 = $tmp/ad1"
 has "start-up line: KV capacity" "$(cat "$tmp/api.out")" "KV cache"
 has "start-up line: vocabulary projection" "$(cat "$tmp/api.out")" "vocabulary projection"
+has "start-up line: prompt products" "$(cat "$tmp/api.out")" "prompt tokens' quantized products"
 
 if "$py" "$src/tests/harness/serve_client.py" suite "$url" "$api_key" tiny ad1 "$generated" "$generated_ad" \
     >"$tmp/suite.log" 2>&1; then

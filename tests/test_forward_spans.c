@@ -248,10 +248,9 @@ START_TEST(test_sequences_do_not_depend_on_the_batch) {
 }
 END_TEST
 
-// The same on an NF4 base (quantized projections and experts), its head packed for AMX where
-// the processor has it (what molt serve runs).
-START_TEST(test_invariance_on_a_quantized_base) {
-    char dir[] = "/tmp/molt-spans-XXXXXX";
+// The tiny preset written to dir and loaded with an NF4 base; prompts: its prompt rows on
+// the bf16 pairs where the processor has them (mdl_prompts_on_amx).
+static void nf4_tiny(mdl_model *m, char *dir, bool prompts) {
     ck_assert_ptr_nonnull(mkdtemp(dir));
     const char *src = getenv("MOLT_SOURCE_DIR");
     char preset[4096];
@@ -260,15 +259,32 @@ START_TEST(test_invariance_on_a_quantized_base) {
     ck_assert_ok(mdl_init_model(&o));
     mdl_qspec q;
     ck_assert_ok(mdl_qspec_parse("nf4", &q));
-    mdl_model m = {0};
-    ck_assert_ok(mdl_load_quant(dir, &q, &m));
-    ck_assert_ptr_nonnull(m.layers[1].gate_up_q);
-    ck_assert_ok(mdl_pack_head(&m, NULL));
-    check_invariance(&m);
-    mdl_free(&m);
+    ck_assert_ok(mdl_load_quant(dir, &q, m));
+    ck_assert_ptr_nonnull(m->layers[1].gate_up_q);
+    bool on = false;
+    if (prompts)
+        mdl_prompts_on_amx(m, &on);
+    ck_assert(on == (prompts && ag_bxq_available()));
+    if (prompts && !on)
+        printf("nf4_tiny: no AMX-BF16 here: the prompt rows stay F32\n");
+}
+
+static void rm_dir(const char *dir) {
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     ck_assert_int_eq(system(cmd), 0);
+}
+
+// The same on an NF4 base (quantized projections and experts), its head packed for AMX where
+// the processor has it (what molt serve runs); _i = 1: its prompt rows' products too.
+START_TEST(test_invariance_on_a_quantized_base) {
+    char dir[] = "/tmp/molt-spans-XXXXXX";
+    mdl_model m = {0};
+    nf4_tiny(&m, dir, _i == 1);
+    ck_assert_ok(mdl_pack_head(&m, NULL));
+    check_invariance(&m);
+    mdl_free(&m);
+    rm_dir(dir);
 }
 END_TEST
 
@@ -278,10 +294,8 @@ END_TEST
 // absorbed row and cache rows. Both runs have other sequences beside them (a decode on
 // another adapter, a prefill on the base); the decode's absorbed row comes before the span's
 // in the one-step run and after it in the two-step run.
-START_TEST(test_span_part_expanded) {
-    mdl_model m = {0};
-    tiny(&m);
-    int64_t V = m.cfg.vocab_size;
+static void check_part_expanded(mdl_model *m) {
+    int64_t V = m->cfg.vocab_size;
     enum { N = 7, NE = 3, NY = 9 };
     int32_t x[N], y[NY], z[4];
     some_ids(x, N, 81, (int)V);
@@ -289,11 +303,11 @@ START_TEST(test_span_part_expanded) {
     some_ids(z, 4, 83, (int)V);
     lora_adapter ad[N_AD];
     mdl_bank bank;
-    adapters_in_bank(&m, ad, &bank);
+    adapters_in_bank(m, ad, &bank);
     ag_ctx c;
     ck_assert_ok(ag_ctx_init(&c));
     mdl_kvcache kv;
-    ck_assert_ok(mdl_kv_init(&kv, &m.cfg, 6, 0));
+    ck_assert_ok(mdl_kv_init(&kv, &m->cfg, 6, 0));
     int sx1, sx2, sz1, sz2, sy1, sy2;
     ck_assert_ok(mdl_kv_seq_open(&kv, &sx1));
     ck_assert_ok(mdl_kv_seq_open(&kv, &sx2));
@@ -304,21 +318,21 @@ START_TEST(test_span_part_expanded) {
     ag_tensor *lg;
     // z (adapter 1) has 3 tokens in the cache in both runs, then decodes beside x
     mdl_span zp[2] = {{sz1, z, 3, 3, 1, 0}, {sz2, z, 3, 3, 1, 0}};
-    ck_assert_ok(mdl_forward_spans(&c, &m, &kv, &bank, zp, 2, &lg));
+    ck_assert_ok(mdl_forward_spans(&c, m, &kv, &bank, zp, 2, &lg));
     // one step: z decodes, x (adapter 0) has NE tokens expanded and N - NE absorbed, y prefills
     mdl_span one[3] = {{sz1, &z[3], 1, 0, 1, 1}, {sx1, x, N, NE, 0, N - NE},
                        {sy1, y, NY, NY, -1, 1}};
     ag_ctx_step_reset(&c);
-    ck_assert_ok(mdl_forward_spans(&c, &m, &kv, &bank, one, 3, &lg));
+    ck_assert_ok(mdl_forward_spans(&c, m, &kv, &bank, one, 3, &lg));
     float *want = malloc((size_t)(N - NE + 1) * (size_t)V * sizeof(float));
     memcpy(want, lg->data, (size_t)(N - NE + 1) * (size_t)V * sizeof(float)); // z, then x
     // two steps: x's expanded tokens beside y's prefill, then its absorbed ones beside z
     mdl_span first[2] = {{sy2, y, NY, NY, -1, 1}, {sx2, x, NE, NE, 0, 0}};
     ag_ctx_step_reset(&c);
-    ck_assert_ok(mdl_forward_spans(&c, &m, &kv, &bank, first, 2, &lg));
+    ck_assert_ok(mdl_forward_spans(&c, m, &kv, &bank, first, 2, &lg));
     mdl_span second[2] = {{sx2, &x[NE], N - NE, 0, 0, N - NE}, {sz2, &z[3], 1, 0, 1, 1}};
     ag_ctx_step_reset(&c);
-    ck_assert_ok(mdl_forward_spans(&c, &m, &kv, &bank, second, 2, &lg));
+    ck_assert_ok(mdl_forward_spans(&c, m, &kv, &bank, second, 2, &lg));
     for (int i = 0; i < N - NE; i++)
         ck_assert_msg(!memcmp((float *)lg->data + (int64_t)i * V, want + (int64_t)(i + 1) * V,
                               (size_t)V * sizeof(float)),
@@ -326,12 +340,26 @@ START_TEST(test_span_part_expanded) {
     ck_assert_msg(!memcmp((float *)lg->data + (int64_t)(N - NE) * V, want,
                           (size_t)V * sizeof(float)),
                   "the decode beside it differs");
-    same_cache_rows(&kv, sx1, sx2, N, m.cfg.num_hidden_layers);
+    same_cache_rows(&kv, sx1, sx2, N, m->cfg.num_hidden_layers);
     free(want);
     mdl_kv_free(&kv);
     ag_ctx_free(&c);
     adapters_free(ad, &bank);
+}
+
+// _i = 1: on an NF4 base whose prompt rows take the bf16 pairs (the recomputed span's
+// expanded rows must take them again, its absorbed rows must not).
+START_TEST(test_span_part_expanded) {
+    mdl_model m = {0};
+    char dir[] = "/tmp/molt-spans-XXXXXX";
+    if (_i)
+        nf4_tiny(&m, dir, true);
+    else
+        tiny(&m);
+    check_part_expanded(&m);
     mdl_free(&m);
+    if (_i)
+        rm_dir(dir);
 }
 END_TEST
 
@@ -444,9 +472,9 @@ int main(void) {
     tcase_set_timeout(tc, 600);
     tcase_add_test(tc, test_matches_each_adapter_alone);
     tcase_add_loop_test(tc, test_sequences_do_not_depend_on_the_batch, 0, 2);
-    tcase_add_test(tc, test_invariance_on_a_quantized_base);
+    tcase_add_loop_test(tc, test_invariance_on_a_quantized_base, 0, 2);
     tcase_add_test(tc, test_slots_of_a_large_bank);
-    tcase_add_test(tc, test_span_part_expanded);
+    tcase_add_loop_test(tc, test_span_part_expanded, 0, 2);
     tcase_add_test(tc, test_bad_spans);
     suite_add_tcase(s, tc);
     return harness_run(s);

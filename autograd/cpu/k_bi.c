@@ -41,6 +41,7 @@
 
 #if MOLT_REAL == 32
 #include "k_bi_isa.h"
+#include "k_bx.h"
 #endif
 
 // Work below this many multiply-adds runs on one thread.
@@ -250,6 +251,17 @@ static void quant_panel(const bi_kernels *kn, float *y, const float *x, const kq
             kn->quant(y + t0 * rows + o, rows, xr, mr, w, rf, n);
         }
     }
+}
+
+// Contract in k_bx.h: the values bi_linear_q multiplies, rows [row0, row0 + n) of the
+// flattened weight, into dst (n, cols).
+void bi_decode_f32(float *dst, const kq_weight *w, int64_t row0, int64_t n) {
+    if (w->format == KQ_F32)
+        memcpy(dst, (const float *)w->data + row0 * w->cols, (size_t)(n * w->cols) * sizeof *dst);
+    else if (aligned_rows(w))
+        copies[bi_isa()]->decode(dst, w, row0, n);
+    else
+        K(kq_dequant_range)(dst, w, row0 * w->cols, n * w->cols);
 }
 
 void K(bi_linear_q)(real *y, const real *x, const kq_weight *w, int64_t e, int64_t T,

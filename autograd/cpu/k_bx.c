@@ -1,5 +1,6 @@
-// autograd/cpu/k_bx.c: the bf16-pair product on AMX tiles (contracts and the order in
-// k_bx.h): packing, the tile kernel, its plain-C reference and backward rule.
+// autograd/cpu/k_bx.c: the bf16-pair products on AMX tiles (contracts and the order in
+// k_bx.h): the vocabulary projection's packing, tile kernel, plain-C reference and backward
+// rule; then the prompt rows' product on decoded weights (bxq_linear, at the end).
 //
 // Layout. The weight matrix is cut into blocks of BX_RT rows; a block's tile for K tile kt
 // holds its hi plane (BX_KT/2 pair rows of BX_RT x 2 bf16: element (n, k) at
@@ -23,6 +24,7 @@
 
 #if MOLT_REAL == 32
 
+#include "k_quant.h"
 #include "k_bx.h"
 #include "../../common/err.h"
 
@@ -190,6 +192,64 @@ void bx_linear_bwd_x(float *dx, const float *dy, const uint16_t *wp, int64_t T, 
                         d[kk] += g * w[n][kk];
                 }
         }
+}
+
+// ---- prompt rows: halves, workspace, reference ----------------------------------------------
+
+// Weight rows decoded and split per panel (a thread's unit of work).
+#define BQ_PANEL 32
+
+uint16_t bxq_half(float v) {
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) // NaN: kept, made quiet
+        return (uint16_t)((u >> 16) | 0x40u);
+    if ((u & 0x7f800000u) == 0 && (u & 0x7fffffu) != 0) // subnormal: taken as zero
+        return (uint16_t)((u >> 16) & 0x8000u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static void bq_split(float v, double *hi, double *lo) {
+    uint16_t h = bxq_half(v);
+    float hf = bx_bf16(h);
+    *hi = hf;
+    *lo = bx_bf16(bxq_half(v - hf));
+}
+
+// Workspace: x's halves (a 2 KiB tile pair per token tile and K tile), then per thread the
+// panel's decoded rows (f32), its tiles (hi + lo, 4 bytes an element) and 2 KiB for sums.
+static size_t bq_x_bytes(int64_t T, int64_t cols) {
+    return (size_t)(up(T, 2 * BX_RT) * 2 * up(cols, BX_KT)) * 2048;
+}
+static size_t bq_thread_bytes(int64_t cols) {
+    return (size_t)BQ_PANEL * (size_t)cols * 4 + (size_t)(BQ_PANEL * up(cols, BX_KT)) * 128 +
+           4096;
+}
+
+size_t bxq_ws_bytes(const kq_weight *w, int64_t T, int nthreads) {
+    size_t per = (bq_thread_bytes(w->cols) + 63) / 64 * 64;
+    return bq_x_bytes(T, w->cols) + (size_t)(nthreads > 0 ? nthreads : 1) * per;
+}
+
+void bxq_linear_ref(float *y, const float *x, const kq_weight *w, int64_t e, int64_t T) {
+    int64_t rows = w->rows, cols = w->cols;
+    float *row = malloc((size_t)cols * sizeof *row);
+    if (!row)
+        abort(); // a test-sized reference: no way to report
+    for (int64_t o = 0; o < rows; o++) {
+        bi_decode_f32(row, w, e * rows + o, 1);
+        for (int64_t t = 0; t < T; t++) {
+            double s = 0;
+            for (int64_t k = 0; k < cols; k++) {
+                double wh, wl, xh, xl;
+                bq_split(row[k], &wh, &wl);
+                bq_split(x[t * cols + k], &xh, &xl);
+                s += wh * xh + wl * xh + wh * xl;
+            }
+            y[t * rows + o] = (float)s;
+        }
+    }
+    free(row);
 }
 
 // ---- AMX ----------------------------------------------------------------------------------
@@ -370,6 +430,231 @@ void bx_linear(float *y, const float *x, const uint16_t *wp, int64_t T, int64_t 
     }
 }
 
+
+// ---- prompt rows on AMX ---------------------------------------------------------------------
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")
+#endif
+
+bool bxq_available(void) {
+    static int state = -1; // benign race, as in bx_amx
+    if (state < 0) {
+        __builtin_cpu_init();
+        state = bx_amx() && __builtin_cpu_supports("avx512bf16");
+    }
+    return state == 1;
+}
+
+// The halves of the n (<= 32, the rest zero) values at v: 32 bf16 each, in order.
+static inline void bq_split32(const float *v, int64_t n, __m512i *hi, __m512i *lo) {
+    __mmask16 m0 = n >= 16 ? (__mmask16)0xffff : n > 0 ? (__mmask16)((1u << n) - 1) : 0;
+    __mmask16 m1 = n >= 32 ? (__mmask16)0xffff : n > 16 ? (__mmask16)((1u << (n - 16)) - 1) : 0;
+    __m512 a = _mm512_maskz_loadu_ps(m0, v), b = _mm512_maskz_loadu_ps(m1, v + 16);
+    __m512i h = (__m512i)_mm512_cvtne2ps_pbh(b, a);
+    __m512 ha = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+    __m512 hb = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+    *hi = h;
+    *lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(b, hb), _mm512_sub_ps(a, ha));
+}
+
+// x's halves as B tiles: for token tile tb and K tile kt, the pair (k, k+1) of token t at
+// 32-bit element (k/2) * 16 + t of the hi tile, then the lo tile.
+static void bq_prep_x(uint16_t *xs, const float *x, int64_t T, int64_t cols, int64_t tb) {
+    int64_t KT = up(cols, BX_KT);
+    const __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
+                                                           5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(16));
+    for (int64_t kt = 0; kt < KT; kt++) {
+        uint16_t *h = xs + (tb * KT + kt) * 1024, *l = h + 512;
+        for (int64_t t = 0; t < BX_RT; t++) {
+            int64_t row = tb * BX_RT + t;
+            __m512i vh, vl;
+            if (row < T) {
+                bq_split32(x + row * cols + kt * BX_KT, cols - kt * BX_KT, &vh, &vl);
+            } else {
+                vh = _mm512_setzero_si512();
+                vl = vh;
+            }
+            _mm512_i32scatter_epi32((int *)(void *)h + t, at, vh, 4);
+            _mm512_i32scatter_epi32((int *)(void *)l + t, at, vl, 4);
+        }
+    }
+}
+
+// Rows [r0, r0 + n) of matrix e as A tiles: block b, K tile kt at (b * KT + kt) * 1024, hi
+// then lo, row r of the tile the 32 elements of the block's row r; rows are decoded one at a
+// time into f (cols floats, which stays in L1) and the blocks padded with zero rows to an
+// even count.
+// NF4 rows whose blocks start on a byte (cols a multiple of 64): each block's 16 values
+// (code * absmax in f32, the values bi_decode_f32 gives) are split once, and each weight's
+// halves looked up from its nibble (weight 2i the high nibble of byte i).
+static void bq_nf4_row(uint16_t *h, const kq_weight *w, int64_t row) {
+    int64_t cols = w->cols, nb = cols / 64;
+    const uint8_t *p = (const uint8_t *)w->data + row * (cols / 2);
+    const __m512 code = _mm512_loadu_ps(w->nf4_code);
+    for (int64_t b = 0; b < nb; b++) {
+        int64_t i = row * nb + b;
+        float am = w->absmax_q
+                       ? w->dyn_code[w->absmax_q[i]] * w->absmax_scale[i / 256] + w->absmax_offset
+                       : w->scale[i];
+        float lut[16];
+        _mm512_storeu_ps(lut, _mm512_mul_ps(code, _mm512_set1_ps(am)));
+        __m512i th, tl;
+        bq_split32(lut, 16, &th, &tl);
+        for (int u = 0; u < 2; u++, h += 1024) {
+            __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + b * 32 + u * 16)));
+            __m512i ix = _mm512_or_si512(_mm512_srli_epi32(d, 4),
+                                         _mm512_slli_epi32(_mm512_and_si512(d, _mm512_set1_epi32(15)), 16));
+            _mm512_storeu_si512(h, _mm512_permutexvar_epi16(ix, th));
+            _mm512_storeu_si512(h + 512, _mm512_permutexvar_epi16(ix, tl));
+        }
+    }
+}
+
+static void bq_prep_w(uint16_t *a, float *f, const kq_weight *w, int64_t r0, int64_t n) {
+    int64_t cols = w->cols, KT = up(cols, BX_KT), NR = up(n, 2 * BX_RT) * 2 * BX_RT;
+    int nf4 = w->format == KQ_NF4 && cols % 64 == 0;
+    for (int64_t row = 0; row < NR; row++) {
+        uint16_t *h = a + (row / BX_RT * KT) * 1024 + row % BX_RT * 32;
+        if (row < n && nf4) {
+            bq_nf4_row(h, w, r0 + row);
+            continue;
+        }
+        if (row < n)
+            bi_decode_f32(f, w, r0 + row, 1);
+        for (int64_t kt = 0; kt < KT; kt++, h += 1024) {
+            __m512i vh, vl;
+            if (row < n) {
+                bq_split32(f + kt * BX_KT, cols - kt * BX_KT, &vh, &vl);
+            } else {
+                vh = _mm512_setzero_si512();
+                vl = vh;
+            }
+            _mm512_storeu_si512(h, vh);
+            _mm512_storeu_si512(h + 512, vl);
+        }
+    }
+}
+
+// y's columns o0 .. o0+15 (weight rows) and rows t0 .. t0+15 from a tile of sums held as
+// [weight row][token] in c, the parts that exist.
+static void bq_store(float *y, const float *c, int64_t T, int64_t rows, int64_t t0, int64_t o0) {
+    int64_t tn = min64(BX_RT, T - t0), on = min64(BX_RT, rows - o0);
+    for (int64_t t = 0; t < tn; t++) {
+        float *yr = y + (t0 + t) * rows + o0;
+        for (int64_t o = 0; o < on; o++)
+            yr[o] = c[o * BX_RT + t];
+    }
+}
+
+// Panel rows [o0, o0 + n) of y against every row of x, two blocks by two token tiles at a
+// time: the four sums in tiles 0-3, the blocks' halves in 4-5 and x's in 6-7, loaded so that
+// each product finds its operands (hi w . hi x for all four, then hi w . lo x, then
+// lo w . hi x). The panel's blocks and x's token tiles are padded with zeros to even counts.
+static void bq_panel(float *y, const uint16_t *a, const uint16_t *xs, int64_t T, int64_t rows,
+                     int64_t cols, int64_t o0, int64_t n, float *c) {
+    int64_t KT = up(cols, BX_KT), NB = up(n, BX_RT), TB = up(T, BX_RT);
+    for (int64_t b = 0; b < NB; b += 2) {
+        const uint16_t *A0 = a + b * KT * 1024, *A1 = A0 + KT * 1024;
+        for (int64_t tb = 0; tb < TB; tb += 2) {
+            const uint16_t *B0 = xs + tb * KT * 1024, *B1 = B0 + KT * 1024;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t kt = 0; kt < KT; kt++) {
+                int64_t at = kt * 1024;
+                _tile_loadd(4, A0 + at, 64);
+                _tile_loadd(5, A1 + at, 64);
+                _tile_loadd(6, B0 + at, 64);
+                _tile_loadd(7, B1 + at, 64);
+                _tile_dpbf16ps(0, 4, 6); // hi w . hi x
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+                _tile_loadd(6, B0 + at + 512, 64);
+                _tile_loadd(7, B1 + at + 512, 64);
+                _tile_dpbf16ps(0, 4, 6); // hi w . lo x
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+                _tile_loadd(4, A0 + at + 512, 64);
+                _tile_loadd(5, A1 + at + 512, 64);
+                _tile_loadd(6, B0 + at, 64);
+                _tile_loadd(7, B1 + at, 64);
+                _tile_dpbf16ps(0, 4, 6); // lo w . hi x
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+            int64_t t0 = tb * BX_RT, oa = o0 + b * BX_RT, ob = oa + BX_RT;
+            _tile_stored(0, c, 64);
+            _tile_stored(1, c + 256, 64);
+            _tile_stored(2, c + 512, 64);
+            _tile_stored(3, c + 768, 64);
+            bq_store(y, c, T, rows, t0, oa);
+            if (t0 + BX_RT < T)
+                bq_store(y, c + 256, T, rows, t0 + BX_RT, oa);
+            if (ob < o0 + n) {
+                bq_store(y, c + 512, T, rows, t0, ob);
+                if (t0 + BX_RT < T)
+                    bq_store(y, c + 768, T, rows, t0 + BX_RT, ob);
+            }
+        }
+    }
+}
+
+void bxq_linear(float *y, const float *x, const kq_weight *w, int64_t e, int64_t T,
+                int nthreads, void *ws) {
+    int64_t rows = w->rows, cols = w->cols;
+    if (T < 1 || rows < 1)
+        return;
+    int64_t TB = up(T, 2 * BX_RT) * 2, NP = up(rows, BQ_PANEL);
+    int team = T * rows * cols < BX_PAR_MIN || nthreads < 1 ? 1 : nthreads;
+    if (team > NP && team > TB)
+        team = (int)(NP > TB ? NP : TB);
+    uint16_t *xs = ws;
+    char *per = (char *)ws + bq_x_bytes(T, cols);
+    size_t per_bytes = (bq_thread_bytes(cols) + 63) / 64 * 64;
+#pragma omp parallel num_threads(team)
+    {
+        char *mine = per + (size_t)omp_get_thread_num() * per_bytes;
+        float *f = (float *)(void *)mine;
+        uint16_t *a = (uint16_t *)(void *)(mine + (size_t)BQ_PANEL * (size_t)cols * 4);
+        float *c = (float *)(void *)(mine + per_bytes - 4096);
+#pragma omp for schedule(static)
+        for (int64_t tb = 0; tb < TB; tb++)
+            bq_prep_x(xs, x, T, cols, tb);
+        tile_cfg cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        for (int i = 0; i < 8; i++) {
+            cfg.rows[i] = BX_RT;
+            cfg.colsb[i] = 64;
+        }
+        _tile_loadconfig(&cfg);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t p = 0; p < NP; p++) {
+            int64_t o0 = p * BQ_PANEL, n = min64(BQ_PANEL, rows - o0);
+            bq_prep_w(a, f, w, e * rows + o0, n);
+            bq_panel(y, a, xs, T, rows, cols, o0, n, c);
+        }
+        _tile_release();
+    }
+}
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
 #else
 
 bool bx_amx(void) { return false; }
@@ -378,6 +663,14 @@ void bx_linear(float *y, const float *x, const uint16_t *wp, int64_t T, int64_t 
                int64_t cols, int nthreads, void *ws) {
     (void)y, (void)x, (void)wp, (void)T, (void)rows, (void)cols, (void)nthreads, (void)ws;
     abort(); // callers ask bx_amx() first
+}
+
+bool bxq_available(void) { return false; }
+
+void bxq_linear(float *y, const float *x, const kq_weight *w, int64_t e, int64_t T,
+                int nthreads, void *ws) {
+    (void)y, (void)x, (void)w, (void)e, (void)T, (void)nthreads, (void)ws;
+    abort(); // callers ask bxq_available() first
 }
 
 #endif

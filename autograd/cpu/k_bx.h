@@ -67,4 +67,35 @@ void bx_linear_ref(float *y, const float *x, const uint16_t *wp, int64_t T, int6
 void bx_linear_bwd_x(float *dx, const float *dy, const uint16_t *wp, int64_t T, int64_t rows,
                      int64_t cols);
 
+
+// ---- the layers' products on prompt rows (prefill) -----------------------------------------
+// Needs kq_weight (k_quant.h) declared first, as cpu/kernels.h does.
+//
+// The same three products, for a weight of any format (F32 included) decoded panel by panel
+// as bi_linear_q decodes it, with the roles of the operands swapped: the weight rows are the
+// A operand (16 rows of 32 elements a tile, no re-layout) and x the B operand, so the
+// decoded weights are split once per call and x's halves are shared by every panel. The
+// halves here are what AVX512-BF16 conversion gives: bf16(v) rounded to nearest even with
+// a subnormal v taken as zero (bxq_half), lo = bf16(v - hi) the same way. y[t, o] is the f32
+// sum over K tiles in increasing k, within a tile hi(w)hi(x), lo(w)hi(x), hi(w)lo(x), each
+// one instruction adding its 32 terms. Nothing depends on T, on the other rows of x or on
+// the threads (they split the weight rows), so it is batch-invariant like bi_linear_q, with
+// other numbers: a few 1e-6 of the largest output away from the f32 product.
+
+// True when bx_amx() is and the processor converts to bf16 (AVX512-BF16).
+bool bxq_available(void);
+// The hi half of v as bxq_linear computes it (lo: bxq_half(v - bf16 value of hi)).
+uint16_t bxq_half(float v);
+// The values bi_linear_q multiplies: rows [row0, row0 + n) of the flattened weight (matrix
+// e's row o is row e * rows + o), into dst (n, cols) (k_bi.c).
+void bi_decode_f32(float *dst, const kq_weight *w, int64_t row0, int64_t n);
+// Bytes of workspace bxq_linear needs for T rows with up to nthreads threads.
+size_t bxq_ws_bytes(const kq_weight *w, int64_t T, int nthreads);
+// y (T, w->rows) = x (T, w->cols) . W_e^T on AMX (above), y overwritten; ws holds
+// bxq_ws_bytes(w, T, nthreads) bytes aligned to 64. Only when bxq_available() is true.
+void bxq_linear(float *y, const float *x, const kq_weight *w, int64_t e, int64_t T,
+                int nthreads, void *ws);
+// The reference: the same three products of the same halves, summed in f64, in plain C.
+void bxq_linear_ref(float *y, const float *x, const kq_weight *w, int64_t e, int64_t T);
+
 #endif

@@ -13,6 +13,9 @@
 #include "k_bi.h"
 #include "k_moe_lora.h"
 #include "k_moe_multi.h"
+#if MOLT_REAL == 32
+#include "k_bx.h"
+#endif
 
 #include <omp.h>
 #include <string.h>
@@ -38,19 +41,29 @@ static int64_t thread_reals(int64_t H, int64_t I, int64_t r) {
     return ROWS * (H + 2 * I + H + r + wide) + wide * r;
 }
 
+// Bytes of one thread's decode scratch: bi_linear_q's, then (f32) bxq_linear's.
+static size_t bi_bytes(const K(moe_stacks) *st) {
+    size_t a = K(bi_linear_q_ws_bytes)(st->qgu, ROWS, 1);
+    size_t b = K(bi_linear_q_ws_bytes)(st->qd, ROWS, 1);
+    return ((a > b ? a : b) + 63) / 64 * 64;
+}
+
 static size_t qws_bytes(const K(moe_stacks) *st) {
     if (!st->qgu)
         return 0;
-    size_t a = K(bi_linear_q_ws_bytes)(st->qgu, ROWS, 1);
-    size_t b = K(bi_linear_q_ws_bytes)(st->qd, ROWS, 1);
-    return (a > b ? a : b) + 64;
+    size_t n = bi_bytes(st) + 64;
+#if MOLT_REAL == 32
+    size_t a = bxq_ws_bytes(st->qgu, ROWS, 1), b = bxq_ws_bytes(st->qd, ROWS, 1);
+    n += ((a > b ? a : b) + 63) / 64 * 64;
+#endif
+    return n;
 }
 
 size_t K(moe_multi_ws_bytes)(const K(moe_stacks) *st, const K(moe_lora) *set, int n,
                              int64_t T, int64_t k, int64_t E, int64_t H, int64_t I,
                              int nthreads) {
     int team = nthreads < 1 ? 1 : nthreads;
-    int64_t keys = E * (n + 1);
+    int64_t keys = 2 * E * (n + 1);
     size_t b = (size_t)(keys + 1) * sizeof(int64_t) * 2   // off, cur
                + (size_t)(T * k) * sizeof(int32_t) * 3    // key, perm, inv
                + (size_t)(T * k * H) * sizeof(real)       // per-slot output rows
@@ -72,13 +85,30 @@ void K(moe_lora_b_expert)(real *bp, const real *b, int64_t out, int64_t r, int64
             bp[o * r + q] = b[o * r * E + q * E + e];
 }
 
-// y (m, out) = x (m, in) . W_e^T for expert e of a dense or quantized stack.
-static void expert_prod(real *y, const real *x, int64_t m, const real *dense,
-                        const kq_weight *q, int64_t e, int64_t out, int64_t in, void *qws) {
-    if (q)
-        K(bi_linear_q)(y, x, q, e, m, 1, qws);
-    else
+// y (m, out) = x (m, in) . W_e^T for expert e of a dense or quantized stack; rows [nf, m) of
+// a quantized one through bxq_linear (f32; qws: bi_linear_q's scratch, then bxq_linear's).
+static void expert_prod(real *y, const real *x, int64_t m, int64_t nf, const real *dense,
+                        const kq_weight *q, int64_t e, int64_t out, int64_t in, void *qws,
+                        size_t bi_off) {
+    if (!q) {
         K(bi_linear)(y, x, dense + e * out * in, m, out, in, 1);
+        return;
+    }
+#if MOLT_REAL == 32
+    if (nf < m) {
+        if (nf > 0)
+            K(bi_linear_q)(y, x, q, e, nf, 1, qws);
+        void *bws = (char *)qws + bi_off;
+        if (bxq_available())
+            bxq_linear(y + nf * out, x + nf * in, q, e, m - nf, 1, bws);
+        else
+            bxq_linear_ref(y + nf * out, x + nf * in, q, e, m - nf);
+        return;
+    }
+#else
+    (void)nf, (void)bi_off;
+#endif
+    K(bi_linear_q)(y, x, q, e, m, 1, qws);
 }
 
 // G (m, out) += s * ((X A_e^T) B_e^T) for the rows of one adapter, A_e = rows e*r.. of a;
@@ -105,16 +135,17 @@ typedef struct {
     unsigned char *qws; // (team, qws_bytes) per-thread decode scratch
 } multi_ws;
 
-static void expert_block(const multi_ws *m, int64_t p0, int64_t nb, int64_t e, const real *x,
-                         const real *w, const int32_t *slot, const K(moe_stacks) *st,
-                         const K(moe_lora) *set, int n, int64_t k, int64_t E, int64_t H,
-                         int64_t I, real *tb, void *qws) {
+static void expert_block(const multi_ws *m, int64_t p0, int64_t nb, int64_t nf, int64_t e,
+                         const real *x, const real *w, const int32_t *slot,
+                         const K(moe_stacks) *st, const K(moe_lora) *set, int n, int64_t k,
+                         int64_t E, int64_t H, int64_t I, real *tb, void *qws) {
     int64_t I2 = 2 * I, r = max_rank(set, n), wide = max64(I2, H);
     real *X = tb, *G = X + ROWS * H, *O = G + ROWS * I2, *U = O + ROWS * H, *D = U + ROWS * r,
          *Bp = D + ROWS * wide;
     for (int64_t i = 0; i < nb; i++)
         memcpy(X + i * H, x + (m->perm[p0 + i] / k) * H, (size_t)H * sizeof(real));
-    expert_prod(G, X, nb, st->gu, st->qgu, e, I2, H, qws);
+    size_t bo = st->qgu ? bi_bytes(st) : 0;
+    expert_prod(G, X, nb, nf, st->gu, st->qgu, e, I2, H, qws, bo);
     // runs of one adapter inside the block (the sort put them together)
     for (int64_t i0 = 0; i0 < nb;) {
         int32_t a = adapter_of(slot, m->perm[p0 + i0] / k, set, n);
@@ -133,7 +164,7 @@ static void expert_block(const multi_ws *m, int64_t p0, int64_t nb, int64_t e, c
             X[i * I + j] = wt * g * sigmoid(g) * G[i * I2 + I + j];
         }
     }
-    expert_prod(O, X, nb, st->down, st->qd, e, H, I, qws);
+    expert_prod(O, X, nb, nf, st->down, st->qd, e, H, I, qws, bo);
     for (int64_t i0 = 0; i0 < nb;) {
         int32_t a = adapter_of(slot, m->perm[p0 + i0] / k, set, n);
         int64_t i1 = i0 + 1;
@@ -148,11 +179,12 @@ static void expert_block(const multi_ws *m, int64_t p0, int64_t nb, int64_t e, c
 }
 
 void K(moe_multi_fwd)(real *y, const real *x, const real *w, const int32_t *idx,
-                      const int32_t *slot, const K(moe_stacks) *st, const K(moe_lora) *set,
-                      int n, int64_t T, int64_t k, int64_t E, int64_t H, int64_t I,
-                      int nthreads, void *ws) {
+                      const int32_t *slot, const uint8_t *bx, const K(moe_stacks) *st,
+                      const K(moe_lora) *set, int n, int64_t T, int64_t k, int64_t E, int64_t H,
+                      int64_t I, int nthreads, void *ws) {
     int team = nthreads < 1 ? 1 : nthreads;
-    int64_t keys = E * (n + 1), S = T * k;
+    // keys: (expert, kind, adapter); kind 1 = a row for bxq_linear, sorted after kind 0
+    int64_t A = n + 1, keys = 2 * E * A, S = T * k;
     multi_ws m;
     m.off = ws;
     int64_t *cur = m.off + keys + 1;
@@ -162,10 +194,12 @@ void K(moe_multi_fwd)(real *y, const real *x, const real *w, const int32_t *idx,
     m.rows = (real *)(((uintptr_t)(m.inv + S) + 63) & ~(uintptr_t)63);
     m.tbuf = m.rows + S * H;
     int64_t per = thread_reals(H, I, max_rank(set, n));
-    m.qws = (unsigned char *)(m.tbuf + team * per);
+    m.qws = (unsigned char *)(((uintptr_t)(m.tbuf + team * per) + 63) & ~(uintptr_t)63);
     size_t qper = qws_bytes(st);
-    for (int64_t s = 0; s < S; s++)
-        key[s] = (int32_t)(idx[s] * (n + 1) + adapter_of(slot, s / k, set, n) + 1);
+    for (int64_t s = 0; s < S; s++) {
+        int kind = bx && st->qgu && bx[s / k] != 0;
+        key[s] = (int32_t)((idx[s] * 2 + kind) * A + adapter_of(slot, s / k, set, n) + 1);
+    }
     memset(m.off, 0, (size_t)(keys + 1) * sizeof(int64_t));
     for (int64_t s = 0; s < S; s++)
         m.off[key[s] + 1]++;
@@ -180,17 +214,18 @@ void K(moe_multi_fwd)(real *y, const real *x, const real *w, const int32_t *idx,
     }
     int busy = 0;
     for (int64_t e = 0; e < E; e++)
-        busy += m.off[(e + 1) * (n + 1)] > m.off[e * (n + 1)];
+        busy += m.off[(e + 1) * 2 * A] > m.off[e * 2 * A];
     int nt = busy < team ? (busy > 0 ? busy : 1) : team;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int64_t e = 0; e < E; e++) {
         int th = omp_get_thread_num();
         real *tb = m.tbuf + th * per;
         void *qws = m.qws + (size_t)th * qper;
-        int64_t lo = m.off[e * (n + 1)], hi = m.off[(e + 1) * (n + 1)];
+        int64_t lo = m.off[e * 2 * A], mid = m.off[e * 2 * A + A], hi = m.off[(e + 1) * 2 * A];
         for (int64_t p0 = lo; p0 < hi; p0 += ROWS) {
             int64_t nb = hi - p0 < ROWS ? hi - p0 : ROWS;
-            expert_block(&m, p0, nb, e, x, w, slot, st, set, n, k, E, H, I, tb, qws);
+            int64_t nf = mid - p0 < 0 ? 0 : mid - p0 > nb ? nb : mid - p0;
+            expert_block(&m, p0, nb, nf, e, x, w, slot, st, set, n, k, E, H, I, tb, qws);
         }
     }
     for (int64_t t = 0; t < T; t++) {

@@ -72,6 +72,7 @@ static molt_status load_all(eng_engine *e) {
     MOLT_TRY(mdl_load_quant_ex(o->model_dir, o->base_quant && *o->base_quant ? &q : NULL,
                                o->experts, &e->model));
     MOLT_TRY(mdl_pack_head(&e->model, NULL));
+    mdl_prompts_on_amx(&e->model, NULL);
     const mcfg *c = &e->model.cfg;
     if ((int64_t)tok_vocab_size(e->tok) > c->vocab_size)
         return molt_err(MOLT_EFORMAT, "engine: the tokenizer has %zu ids, the model %d",
@@ -270,6 +271,7 @@ int eng_vocab_size(const eng_engine *e) { return e->model.cfg.vocab_size; }
 int eng_kv_capacity_tokens(const eng_engine *e) { return e->kv.max_blocks * e->kv.block_tokens; }
 int32_t eng_eos(const eng_engine *e) { return e->eos; }
 bool eng_head_amx(const eng_engine *e) { return e->model.lm_head.bx != NULL; }
+bool eng_prompt_amx(const eng_engine *e) { return e->model.prompt_bx; }
 
 bool eng_is_eos(const eng_engine *e, int32_t t) {
     const mcfg *c = &e->model.cfg;

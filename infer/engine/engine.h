@@ -71,6 +71,7 @@ int eng_max_model_len(const eng_engine *e);
 int eng_vocab_size(const eng_engine *e);
 int eng_kv_capacity_tokens(const eng_engine *e);         // blocks in the pool x block_tokens
 bool eng_head_amx(const eng_engine *e); // the vocabulary projection runs on AMX (mdl_pack_head)
+bool eng_prompt_amx(const eng_engine *e); // prompt rows' quantized products too (mdl_prompts_on_amx)
 int32_t eng_eos(const eng_engine *e);                    // the tokenizer's </s>, or -1
 // Whether t ends a sequence by itself: the tokenizer's </s> or an eos id of the model's
 // config (what stops a request unless ignore_eos).

@@ -53,7 +53,9 @@ static const char usage_text[] =
     "                           command line win\n"
     "On a processor with AMX-BF16 an F32 lm_head is packed at load as bf16 hi + lo pairs and\n"
     "multiplied on AMX tiles (logits a few 1e-6 of the largest away from F32; an untied\n"
-    "head takes no added memory); MOLT_AMX=0 in the environment keeps F32. molt generate\n"
+    "head takes no added memory). With AVX512-BF16 as well, the prompt tokens of a quantized\n"
+    "base (not the generated ones) take the same bf16-pair products in every quantized\n"
+    "linear and routed expert. MOLT_AMX=0 in the environment keeps both F32. molt generate\n"
     "does the same.\n";
 
 typedef struct {
@@ -288,6 +290,8 @@ static void print_startup(const serve_args *a, eng_engine *e, srv_server *s) {
            st.kv_blocks_total, st.block_tokens);
     printf("molt serve: vocabulary projection %s\n",
            eng_head_amx(e) ? "on AMX (bf16 hi + lo products)" : "F32");
+    printf("molt serve: prompt tokens' quantized products %s\n",
+           eng_prompt_amx(e) ? "on AMX (bf16 hi + lo products)" : "F32");
     printf("molt serve: runtime adapters %s%s%s\n",
            a->srv.allow_runtime_adapters ? "allowed under " : "off",
            a->srv.allow_runtime_adapters && a->srv.adapter_dir ? a->srv.adapter_dir : "",

@@ -96,6 +96,10 @@ bool eng_head_amx(const eng_engine *e) {
     (void)e;
     return false; // no model
 }
+bool eng_prompt_amx(const eng_engine *e) {
+    (void)e;
+    return false;
+}
 int32_t eng_eos(const eng_engine *e) { return tok_eos(e->tok); }
 bool eng_is_eos(const eng_engine *e, int32_t t) { return t == tok_eos(e->tok); }
 bool eng_healthy(eng_engine *e) { return e != NULL; }
