@@ -219,7 +219,7 @@ static void bq_split(float v, double *hi, double *lo) {
 // Workspace: x's halves (a 2 KiB tile pair per token tile and K tile), then per thread the
 // panel's decoded rows (f32), its tiles (hi + lo, 4 bytes an element) and 2 KiB for sums.
 static size_t bq_x_bytes(int64_t T, int64_t cols) {
-    return (size_t)(up(T, 2 * BX_RT) * 2 * up(cols, BX_KT)) * 2048;
+    return (size_t)(up(T, BX_RT) * up(cols, BX_KT)) * 2048;
 }
 static size_t bq_thread_bytes(int64_t cols) {
     return (size_t)BQ_PANEL * (size_t)cols * 4 + (size_t)(BQ_PANEL * up(cols, BX_KT)) * 128 +
@@ -463,34 +463,56 @@ static inline void bq_split32(const float *v, int64_t n, __m512i *hi, __m512i *l
     *lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(b, hb), _mm512_sub_ps(a, ha));
 }
 
+// r[i][j] -> r[j][i] for 16 rows of 16 32-bit elements.
+static inline void bq_tr16(__m512i *r) {
+    __m512i a[16], b[16];
+    for (int k = 0; k < 16; k += 2) {
+        a[k] = _mm512_unpacklo_epi32(r[k], r[k + 1]);
+        a[k + 1] = _mm512_unpackhi_epi32(r[k], r[k + 1]);
+    }
+    for (int m = 0; m < 16; m += 4) {
+        b[m] = _mm512_unpacklo_epi64(a[m], a[m + 2]);
+        b[m + 1] = _mm512_unpackhi_epi64(a[m], a[m + 2]);
+        b[m + 2] = _mm512_unpacklo_epi64(a[m + 1], a[m + 3]);
+        b[m + 3] = _mm512_unpackhi_epi64(a[m + 1], a[m + 3]);
+    }
+    for (int q = 0; q < 4; q++) {
+        __m512i c0 = _mm512_shuffle_i32x4(b[q], b[4 + q], 0x44);
+        __m512i c1 = _mm512_shuffle_i32x4(b[q], b[4 + q], 0xee);
+        __m512i c2 = _mm512_shuffle_i32x4(b[8 + q], b[12 + q], 0x44);
+        __m512i c3 = _mm512_shuffle_i32x4(b[8 + q], b[12 + q], 0xee);
+        r[q] = _mm512_shuffle_i32x4(c0, c2, 0x88);
+        r[4 + q] = _mm512_shuffle_i32x4(c0, c2, 0xdd);
+        r[8 + q] = _mm512_shuffle_i32x4(c1, c3, 0x88);
+        r[12 + q] = _mm512_shuffle_i32x4(c1, c3, 0xdd);
+    }
+}
+
 // x's halves as B tiles: for token tile tb and K tile kt, the pair (k, k+1) of token t at
 // 32-bit element (k/2) * 16 + t of the hi tile, then the lo tile.
 static void bq_prep_x(uint16_t *xs, const float *x, int64_t T, int64_t cols, int64_t tb) {
     int64_t KT = up(cols, BX_KT);
-    const __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
-                                                           5, 4, 3, 2, 1, 0),
-                                          _mm512_set1_epi32(16));
     for (int64_t kt = 0; kt < KT; kt++) {
         uint16_t *h = xs + (tb * KT + kt) * 1024, *l = h + 512;
+        __m512i vh[16], vl[16];
         for (int64_t t = 0; t < BX_RT; t++) {
             int64_t row = tb * BX_RT + t;
-            __m512i vh, vl;
             if (row < T) {
-                bq_split32(x + row * cols + kt * BX_KT, cols - kt * BX_KT, &vh, &vl);
+                bq_split32(x + row * cols + kt * BX_KT, cols - kt * BX_KT, &vh[t], &vl[t]);
             } else {
-                vh = _mm512_setzero_si512();
-                vl = vh;
+                vh[t] = _mm512_setzero_si512();
+                vl[t] = vh[t];
             }
-            _mm512_i32scatter_epi32((int *)(void *)h + t, at, vh, 4);
-            _mm512_i32scatter_epi32((int *)(void *)l + t, at, vl, 4);
+        }
+        bq_tr16(vh);
+        bq_tr16(vl);
+        for (int p = 0; p < 16; p++) {
+            _mm512_storeu_si512(h + p * 32, vh[p]);
+            _mm512_storeu_si512(l + p * 32, vl[p]);
         }
     }
 }
 
-// Rows [r0, r0 + n) of matrix e as A tiles: block b, K tile kt at (b * KT + kt) * 1024, hi
-// then lo, row r of the tile the 32 elements of the block's row r; rows are decoded one at a
-// time into f (cols floats, which stays in L1) and the blocks padded with zero rows to an
-// even count.
 // NF4 rows whose blocks start on a byte (cols a multiple of 64): each block's 16 values
 // (code * absmax in f32, the values bi_decode_f32 gives) are split once, and each weight's
 // halves looked up from its nibble (weight 2i the high nibble of byte i).
@@ -546,17 +568,70 @@ static void bq_prep_w(uint16_t *a, float *f, const kq_weight *w, int64_t r0, int
 // [weight row][token] in c, the parts that exist.
 static void bq_store(float *y, const float *c, int64_t T, int64_t rows, int64_t t0, int64_t o0) {
     int64_t tn = min64(BX_RT, T - t0), on = min64(BX_RT, rows - o0);
-    for (int64_t t = 0; t < tn; t++) {
-        float *yr = y + (t0 + t) * rows + o0;
-        for (int64_t o = 0; o < on; o++)
-            yr[o] = c[o * BX_RT + t];
+    __m512i r[16];
+    for (int i = 0; i < 16; i++)
+        r[i] = _mm512_loadu_si512(c + i * BX_RT);
+    bq_tr16(r);
+    __mmask16 m = on >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << on) - 1);
+    for (int64_t t = 0; t < tn; t++)
+        _mm512_mask_storeu_epi32(y + (t0 + t) * rows + o0, m, r[t]);
+}
+
+// Sums 0 and 2: blocks A0, A1 against one token tile B0 (x's hi then lo).
+static inline void bq_one(const uint16_t *A0, const uint16_t *A1, const uint16_t *B0,
+                          int64_t KT) {
+    for (int64_t kt = 0; kt < KT; kt++) {
+        int64_t at = kt * 1024;
+        _tile_loadd(4, A0 + at, 64);
+        _tile_loadd(5, A1 + at, 64);
+        _tile_loadd(6, B0 + at, 64);
+        _tile_loadd(7, B0 + at + 512, 64);
+        _tile_dpbf16ps(0, 4, 6); // hi w . hi x
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(0, 4, 7); // hi w . lo x
+        _tile_dpbf16ps(2, 5, 7);
+        _tile_loadd(4, A0 + at + 512, 64);
+        _tile_loadd(5, A1 + at + 512, 64);
+        _tile_dpbf16ps(0, 4, 6); // lo w . hi x
+        _tile_dpbf16ps(2, 5, 6);
+    }
+}
+
+// Sums 0-3: blocks A0, A1 against token tiles B0, B1.
+static inline void bq_two(const uint16_t *A0, const uint16_t *A1, const uint16_t *B0,
+                          const uint16_t *B1, int64_t KT) {
+    for (int64_t kt = 0; kt < KT; kt++) {
+        int64_t at = kt * 1024;
+        _tile_loadd(4, A0 + at, 64);
+        _tile_loadd(5, A1 + at, 64);
+        _tile_loadd(6, B0 + at, 64);
+        _tile_loadd(7, B1 + at, 64);
+        _tile_dpbf16ps(0, 4, 6); // hi w . hi x
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+        _tile_loadd(6, B0 + at + 512, 64);
+        _tile_loadd(7, B1 + at + 512, 64);
+        _tile_dpbf16ps(0, 4, 6); // hi w . lo x
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+        _tile_loadd(4, A0 + at + 512, 64);
+        _tile_loadd(5, A1 + at + 512, 64);
+        _tile_loadd(6, B0 + at, 64);
+        _tile_loadd(7, B1 + at, 64);
+        _tile_dpbf16ps(0, 4, 6); // lo w . hi x
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
     }
 }
 
 // Panel rows [o0, o0 + n) of y against every row of x, two blocks by two token tiles at a
 // time: the four sums in tiles 0-3, the blocks' halves in 4-5 and x's in 6-7, loaded so that
 // each product finds its operands (hi w . hi x for all four, then hi w . lo x, then
-// lo w . hi x). The panel's blocks and x's token tiles are padded with zeros to even counts.
+// lo w . hi x; a last odd token tile goes alone). The panel's blocks are padded with zeros
+// to an even count.
 static void bq_panel(float *y, const uint16_t *a, const uint16_t *xs, int64_t T, int64_t rows,
                      int64_t cols, int64_t o0, int64_t n, float *c) {
     int64_t KT = up(cols, BX_KT), NB = up(n, BX_RT), TB = up(T, BX_RT);
@@ -568,31 +643,10 @@ static void bq_panel(float *y, const uint16_t *a, const uint16_t *xs, int64_t T,
             _tile_zero(1);
             _tile_zero(2);
             _tile_zero(3);
-            for (int64_t kt = 0; kt < KT; kt++) {
-                int64_t at = kt * 1024;
-                _tile_loadd(4, A0 + at, 64);
-                _tile_loadd(5, A1 + at, 64);
-                _tile_loadd(6, B0 + at, 64);
-                _tile_loadd(7, B1 + at, 64);
-                _tile_dpbf16ps(0, 4, 6); // hi w . hi x
-                _tile_dpbf16ps(1, 4, 7);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
-                _tile_loadd(6, B0 + at + 512, 64);
-                _tile_loadd(7, B1 + at + 512, 64);
-                _tile_dpbf16ps(0, 4, 6); // hi w . lo x
-                _tile_dpbf16ps(1, 4, 7);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
-                _tile_loadd(4, A0 + at + 512, 64);
-                _tile_loadd(5, A1 + at + 512, 64);
-                _tile_loadd(6, B0 + at, 64);
-                _tile_loadd(7, B1 + at, 64);
-                _tile_dpbf16ps(0, 4, 6); // lo w . hi x
-                _tile_dpbf16ps(1, 4, 7);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
-            }
+            if (tb + 1 == TB) // a last token tile alone: the same products, sums 0 and 2
+                bq_one(A0, A1, B0, KT);
+            else
+                bq_two(A0, A1, B0, B1, KT);
             int64_t t0 = tb * BX_RT, oa = o0 + b * BX_RT, ob = oa + BX_RT;
             _tile_stored(0, c, 64);
             _tile_stored(1, c + 256, 64);
@@ -615,7 +669,7 @@ void bxq_linear(float *y, const float *x, const kq_weight *w, int64_t e, int64_t
     int64_t rows = w->rows, cols = w->cols;
     if (T < 1 || rows < 1)
         return;
-    int64_t TB = up(T, 2 * BX_RT) * 2, NP = up(rows, BQ_PANEL);
+    int64_t TB = up(T, BX_RT), NP = up(rows, BQ_PANEL);
     int team = T * rows * cols < BX_PAR_MIN || nthreads < 1 ? 1 : nthreads;
     if (team > NP && team > TB)
         team = (int)(NP > TB ? NP : TB);

@@ -77,7 +77,7 @@ void bx_linear_bwd_x(float *dx, const float *dy, const uint16_t *wp, int64_t T, 
 // decoded weights are split once per call and x's halves are shared by every panel. The
 // halves here are what AVX512-BF16 conversion gives: bf16(v) rounded to nearest even with
 // a subnormal v taken as zero (bxq_half), lo = bf16(v - hi) the same way. y[t, o] is the f32
-// sum over K tiles in increasing k, within a tile hi(w)hi(x), lo(w)hi(x), hi(w)lo(x), each
+// sum over K tiles in increasing k, within a tile hi(w)hi(x), hi(w)lo(x), lo(w)hi(x), each
 // one instruction adding its 32 terms. Nothing depends on T, on the other rows of x or on
 // the threads (they split the weight rows), so it is batch-invariant like bi_linear_q, with
 // other numbers: a few 1e-6 of the largest output away from the f32 product.
