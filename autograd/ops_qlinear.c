@@ -181,9 +181,24 @@ ag_tensor *ag_linear_q_rows(ag_ctx *c, ag_tensor *x, const ag_qweight *w, const 
     ag_qweight_view(&v, w);
     float *yd = y->data;
     const float *xd = x->data;
-    if (marked == T) {
+    if (4 * marked >= 3 * T) {
+        // (nearly) all marked: every row through bxq_linear in place (no copies of the
+        // marked rows), then the few others again in F32 over theirs
         if (bxq_rows(c, yd, xd, &v, T) != MOLT_OK)
             return NULL;
+        int64_t rest = T - marked;
+        if (rest > 0) {
+            float *xb = ag_arena_alloc_uninit(&c->act, (size_t)(rest * C) * sizeof *xb);
+            float *yb = ag_arena_alloc_uninit(&c->act, (size_t)(rest * R) * sizeof *yb);
+            if (!xb || !yb) {
+                molt_err(MOLT_ENOMEM, LINQ ": out of memory for the rows' copies");
+                return NULL;
+            }
+            gather_rows(xb, xd, bx, T, C, false);
+            if (f32_rows(yb, xb, &v, rest) != MOLT_OK)
+                return NULL;
+            scatter_rows(yd, yb, bx, T, R, false);
+        }
     } else {
         int64_t rest = T - marked;
         float *xa = ag_arena_alloc_uninit(&c->act, (size_t)(T * C) * sizeof *xa);
