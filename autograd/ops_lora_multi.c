@@ -116,8 +116,19 @@ static void scratch_free(scratch *sc) {
 // x, slot, then a and b of every adapter (NULL for none).
 ag_tensor *ag_lora_multi(ag_ctx *c, ag_tensor *x, ag_tensor *slot, int n,
                          const ag_lora_ab *set, int64_t out) {
+    return ag_lora_multi_rows(c, x, slot, n, set, out, NULL);
+}
+
+ag_tensor *ag_lora_multi_rows(ag_ctx *c, ag_tensor *x, ag_tensor *slot, int n,
+                              const ag_lora_ab *set, int64_t out, const uint8_t *bx) {
     if (check(x, slot, n, set, out) != MOLT_OK)
         return NULL;
+    if (bx && x->dtype != AG_F32) {
+        char b[80];
+        molt_err(MOLT_EARG, OP ": x %s has rows marked for the bf16-pair products, which take "
+                 "F32", ag_shape_str(x, b, sizeof b));
+        return NULL;
+    }
     int64_t T = x->shape[0], in = x->shape[1];
     // both kernels write y in full (rows of no adapter as zeros)
     ag_tensor *y = ag_out_new_uninit_on(c, AG_CPU, x->dtype, 2, (int64_t[]){T, out});
@@ -134,10 +145,18 @@ ag_tensor *ag_lora_multi(ag_ctx *c, ag_tensor *x, ag_tensor *slot, int n,
         lora_multi_fwd_ref_f32(y->data, x->data, slot->data, sc.v32, n, T, in, out);
     else if (ref)
         lora_multi_fwd_ref_f64(y->data, x->data, slot->data, sc.v64, n, T, in, out);
-    else if (f32)
-        lora_multi_fwd_f32(y->data, x->data, slot->data, sc.v32, n, T, in, out, nt, sc.ws);
-    else
-        lora_multi_fwd_f64(y->data, x->data, slot->data, sc.v64, n, T, in, out, nt, sc.ws);
+    else if (f32) {
+        void *bws = NULL;
+        if (bx && !(bws = ag_arena_alloc_uninit(&c->act, lora_multi_bx_ws_bytes_f32(
+                                                             sc.v32, n, T, in, nt)))) {
+            scratch_free(&sc);
+            return NULL;
+        }
+        lora_multi_fwd_f32(y->data, x->data, slot->data, bx, sc.v32, n, T, in, out, nt, sc.ws,
+                           bws);
+    } else
+        lora_multi_fwd_f64(y->data, x->data, slot->data, NULL, sc.v64, n, T, in, out, nt, sc.ws,
+                           NULL);
     scratch_free(&sc);
     int n_in = 2 + 2 * n;
     ag_tensor **ins = molt_calloc((size_t)n_in, sizeof *ins);

@@ -22,8 +22,8 @@ static ag_tensor *bank_terms(ag_ctx *c, ag_tensor *x, const mdl_lin *lin, const 
     if (lin->id < 0 || lin->id >= b->n_lins || b->lin_users[lin->id] == 0)
         return NULL;
     int64_t out = lin->w ? lin->w->shape[0] : lin->qw->rows;
-    return ag_lora_multi(c, x, r->slot, b->n_slots, &b->lin[(size_t)lin->id * b->n_slots],
-                         out);
+    return ag_lora_multi_rows(c, x, r->slot, b->n_slots, &b->lin[(size_t)lin->id * b->n_slots],
+                              out, r->bx);
 }
 
 ag_tensor *mdl_linear_r(ag_ctx *c, ag_tensor *x, const mdl_lin *lin, const mdl_route *r) {

@@ -14,7 +14,8 @@
 //    differences; operand errors;
 //  - ag_moe_experts_multi_rows: a marked token's row has the same bits alone or in any
 //    batch, with or without adapters; unmarked tokens keep ag_moe_experts_multi's bits;
-//    close to the reference.
+//    close to the reference;
+//  - ag_lora_multi_rows: the same for the adapters' low-rank terms (ranks 4-16).
 #include "harness/harness.h"
 #include "autograd/quant_internal.h"
 
@@ -489,6 +490,56 @@ START_TEST(test_moe_rows) {
 }
 END_TEST
 
+// ---- ag_lora_multi_rows ----------------------------------------------------------------------
+
+START_TEST(test_lora_rows) {
+    enum { T = 40, IN = 96, OUT = 80, N = 3 };
+    ag_arena a;
+    ag_arena_init(&a, "lora", 0);
+    ag_lora_ab set[N];
+    for (int s = 0; s < N; s++) // ranks 16, 4 and 12
+        set[s] = (ag_lora_ab){filled(&a, s == 1 ? 4 : 16 - 4 * (s / 2), IN, 90 + s, 0.3),
+                              filled(&a, OUT, s == 1 ? 4 : 16 - 4 * (s / 2), 95 + s, 0.3), 0.75};
+    ag_ctx c;
+    ck_assert_ok(ag_ctx_init(&c));
+    ag_ctx_set_grad(&c, false);
+    ag_tensor *x = ag_tensor_new2(&c.act, AG_F32, T, IN), *slot = ag_tensor_new1(&c.act, AG_I32, T);
+    ck_assert(x && slot);
+    float *xr = rand_x(T * IN, 12);
+    memcpy(x->data, xr, sizeof(float) * T * IN);
+    uint8_t mark[T];
+    for (int t = 0; t < T; t++) {
+        ((int32_t *)slot->data)[t] = t % (N + 1) - 1;
+        mark[t] = (uint8_t)(t % 5 != 2);
+    }
+    ag_tensor *y = ag_lora_multi_rows(&c, x, slot, N, set, OUT, mark);
+    ag_tensor *yf = ag_lora_multi(&c, x, slot, N, set, OUT);
+    ck_assert(y && yf);
+    double md = 0, my = 0;
+    for (int t = 0; t < T; t++) {
+        const float *got = (const float *)y->data + t * OUT;
+        ag_tensor *x1 = ag_slice(&c, x, 0, t, 1), *s1 = ag_slice(&c, slot, 0, t, 1);
+        ag_tensor *y1 = ag_lora_multi_rows(&c, x1, s1, N, set, OUT, &mark[t]);
+        ck_assert_tensor(y1);
+        ck_assert_msg(!memcmp(got, y1->data, OUT * sizeof(float)), "row %d alone differs", t);
+        if (!mark[t])
+            ck_assert_msg(!memcmp(got, (float *)yf->data + t * OUT, OUT * sizeof(float)),
+                          "unmarked row %d differs from ag_lora_multi", t);
+        for (int o = 0; o < OUT; o++) {
+            md = fmax(md, fabs((double)got[o] - ((float *)yf->data)[t * OUT + o]));
+            my = fmax(my, fabs((double)((float *)yf->data)[t * OUT + o]));
+        }
+    }
+    ck_assert_msg(md <= 2e-5 * my, "marked rows %.3g from F32 (max %.3g)", md, my);
+    ck_assert_msg(md > 0, "no marked row changed: the marks were ignored");
+    ag_tensor *x64 = ag_tensor_new2(&c.act, AG_F64, T, IN);
+    ck_assert_ptr_null(ag_lora_multi_rows(&c, x64, slot, N, set, OUT, mark));
+    free(xr);
+    ag_ctx_free(&c);
+    ag_arena_free(&a);
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("bxq_linear");
     TCase *tc = tcase_create("core");
@@ -499,6 +550,7 @@ int main(void) {
     tcase_add_loop_test(tc, test_op_rows, 0, 2);
     tcase_add_test(tc, test_op_backward);
     tcase_add_test(tc, test_moe_rows);
+    tcase_add_test(tc, test_lora_rows);
     suite_add_tcase(s, tc);
     return harness_run(s);
 }

@@ -180,22 +180,31 @@ static void dense_panel(const bi_kernels *kn, float *y, const float *x, const fl
         }
 }
 
+// Thread me of nt's run of panels.
+static void dense_run(const bi_kernels *kn, float *y, const float *x, const float *w, int64_t T,
+                      int64_t rows, int64_t cols, int64_t P, int64_t n_pan, int me, int nt) {
+    int64_t p0 = n_pan * me / nt, p1 = n_pan * (me + 1) / nt;
+    for (int64_t p = p0; p < p1; p++) {
+        int64_t o0 = p * P, o1 = min64(rows, o0 + P);
+        int64_t next_rows = p + 1 < p1 ? min64(rows, o1 + P) - o1 : 0;
+        dense_panel(kn, y, x, w + o0 * cols, T, rows, cols, o0, o1, w + o1 * cols, next_rows);
+    }
+}
+
+// One thread runs on the caller's thread, outside any parallel region: inside another
+// one (an expert or an adapter group per thread) a region of its own, even of one thread,
+// would be a nested region that OpenMP sets up (and allocates for) at every call.
 void K(bi_linear)(real *y, const real *x, const real *w, int64_t T, int64_t rows, int64_t cols,
                   int nthreads) {
     const bi_kernels *kn = copies[bi_isa()];
     int team = team_for(T, rows, cols, nthreads);
     int64_t P = panel_rows(rows, cols, kn->nr, team), n_pan = (rows + P - 1) / P;
-#pragma omp parallel num_threads(team) if (team > 1)
-    {
-        int nt = omp_get_num_threads(), me = omp_get_thread_num();
-        int64_t p0 = n_pan * me / nt, p1 = n_pan * (me + 1) / nt;
-        for (int64_t p = p0; p < p1; p++) {
-            int64_t o0 = p * P, o1 = min64(rows, o0 + P);
-            int64_t next_rows = p + 1 < p1 ? min64(rows, o1 + P) - o1 : 0;
-            dense_panel(kn, y, x, w + o0 * cols, T, rows, cols, o0, o1, w + o1 * cols,
-                        next_rows);
-        }
+    if (team == 1) {
+        dense_run(kn, y, x, w, T, rows, cols, P, n_pan, 0, 1);
+        return;
     }
+#pragma omp parallel num_threads(team)
+    dense_run(kn, y, x, w, T, rows, cols, P, n_pan, omp_get_thread_num(), omp_get_num_threads());
 }
 
 void K(bi_dots)(real *y, const real *a, const real *const *rows, int64_t n, int64_t K) {
@@ -264,6 +273,22 @@ void bi_decode_f32(float *dst, const kq_weight *w, int64_t row0, int64_t n) {
         K(kq_dequant_range)(dst, w, row0 * w->cols, n * w->cols);
 }
 
+// Panel p (rows of P) of matrix e: decoded in registers, or into buf and multiplied there.
+static void quant_panel_any(const bi_kernels *kn, float *y, const float *x, const kq_weight *w,
+                            int64_t e, int64_t T, int64_t P, int64_t p, int reg, float *buf) {
+    int64_t rows = w->rows, cols = w->cols;
+    int64_t o0 = p * P, o1 = min64(rows, o0 + P);
+    if (reg) {
+        quant_panel(kn, y, x, w, e, T, o0, o1);
+        return;
+    }
+    if (aligned_rows(w))
+        kn->decode(buf, w, e * rows + o0, o1 - o0);
+    else
+        K(kq_dequant_range)(buf, w, (e * rows + o0) * cols, (o1 - o0) * cols);
+    dense_panel(kn, y, x, buf, T, rows, cols, o0, o1, NULL, 0);
+}
+
 void K(bi_linear_q)(real *y, const real *x, const kq_weight *w, int64_t e, int64_t T,
                     int nthreads, void *ws) {
     int64_t rows = w->rows, cols = w->cols;
@@ -278,21 +303,16 @@ void K(bi_linear_q)(real *y, const real *x, const kq_weight *w, int64_t e, int64
     int64_t n_pan = (rows + P - 1) / P;
     if (team > n_pan)
         team = (int)n_pan;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(team) if (team > 1)
-    for (int64_t p = 0; p < n_pan; p++) {
-        int64_t o0 = p * P, o1 = min64(rows, o0 + P);
-        if (reg) {
-            quant_panel(kn, y, x, w, e, T, o0, o1);
-            continue;
-        }
-        float *buf = (float *)ws + (size_t)omp_get_thread_num() * (size_t)buf_rows(w, kn) *
-                                       (size_t)cols;
-        if (aligned_rows(w))
-            kn->decode(buf, w, e * rows + o0, o1 - o0);
-        else
-            K(kq_dequant_range)(buf, w, (e * rows + o0) * cols, (o1 - o0) * cols);
-        dense_panel(kn, y, x, buf, T, rows, cols, o0, o1, NULL, 0);
+    if (team <= 1) { // on the caller's thread (see bi_linear)
+        for (int64_t p = 0; p < n_pan; p++)
+            quant_panel_any(kn, y, x, w, e, T, P, p, reg, ws);
+        return;
     }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team)
+    for (int64_t p = 0; p < n_pan; p++)
+        quant_panel_any(kn, y, x, w, e, T, P, p, reg,
+                        (float *)ws + (size_t)omp_get_thread_num() * (size_t)buf_rows(w, kn) *
+                                          (size_t)cols);
 }
 
 #else // f64: plain loops in the same order (multiply, then add)

@@ -664,6 +664,32 @@ static void bq_panel(float *y, const uint16_t *a, const uint16_t *xs, int64_t T,
     }
 }
 
+// The tile configuration of bxq_linear: eight tiles of 16 rows of 64 bytes.
+static void bq_config(void) {
+    tile_cfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.rows[i] = BX_RT;
+        cfg.colsb[i] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+// Panel p of matrix e: decoded and split into a, then against every row of x.
+static void bq_panel_at(float *y, const kq_weight *w, int64_t e, const uint16_t *xs, int64_t T,
+                        int64_t p, char *mine) {
+    int64_t rows = w->rows, cols = w->cols, o0 = p * BQ_PANEL, n = min64(BQ_PANEL, rows - o0);
+    size_t per_bytes = (bq_thread_bytes(cols) + 63) / 64 * 64;
+    float *f = (float *)(void *)mine;
+    uint16_t *a = (uint16_t *)(void *)(mine + (size_t)BQ_PANEL * (size_t)cols * 4);
+    float *c = (float *)(void *)(mine + per_bytes - 4096);
+    bq_prep_w(a, f, w, e * rows + o0, n);
+    bq_panel(y, a, xs, T, rows, cols, o0, n, c);
+}
+
+// One thread runs on the caller's thread, outside any parallel region (as bi_linear does:
+// no nested region to set up per call inside an expert's or an adapter group's thread).
 void bxq_linear(float *y, const float *x, const kq_weight *w, int64_t e, int64_t T,
                 int nthreads, void *ws) {
     int64_t rows = w->rows, cols = w->cols;
@@ -676,29 +702,25 @@ void bxq_linear(float *y, const float *x, const kq_weight *w, int64_t e, int64_t
     uint16_t *xs = ws;
     char *per = (char *)ws + bq_x_bytes(T, cols);
     size_t per_bytes = (bq_thread_bytes(cols) + 63) / 64 * 64;
+    if (team == 1) {
+        for (int64_t tb = 0; tb < TB; tb++)
+            bq_prep_x(xs, x, T, cols, tb);
+        bq_config();
+        for (int64_t p = 0; p < NP; p++)
+            bq_panel_at(y, w, e, xs, T, p, per);
+        _tile_release();
+        return;
+    }
 #pragma omp parallel num_threads(team)
     {
         char *mine = per + (size_t)omp_get_thread_num() * per_bytes;
-        float *f = (float *)(void *)mine;
-        uint16_t *a = (uint16_t *)(void *)(mine + (size_t)BQ_PANEL * (size_t)cols * 4);
-        float *c = (float *)(void *)(mine + per_bytes - 4096);
 #pragma omp for schedule(static)
         for (int64_t tb = 0; tb < TB; tb++)
             bq_prep_x(xs, x, T, cols, tb);
-        tile_cfg cfg;
-        memset(&cfg, 0, sizeof cfg);
-        cfg.palette = 1;
-        for (int i = 0; i < 8; i++) {
-            cfg.rows[i] = BX_RT;
-            cfg.colsb[i] = 64;
-        }
-        _tile_loadconfig(&cfg);
+        bq_config();
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t p = 0; p < NP; p++) {
-            int64_t o0 = p * BQ_PANEL, n = min64(BQ_PANEL, rows - o0);
-            bq_prep_w(a, f, w, e * rows + o0, n);
-            bq_panel(y, a, xs, T, rows, cols, o0, n, c);
-        }
+        for (int64_t p = 0; p < NP; p++)
+            bq_panel_at(y, w, e, xs, T, p, mine);
         _tile_release();
     }
 }

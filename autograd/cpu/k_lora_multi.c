@@ -6,9 +6,13 @@
 #include "k_quant.h"
 #include "k_bi.h"
 #include "k_lora_multi.h"
+#if MOLT_REAL == 32
+#include "k_bx.h"
+#endif
 
 #include "k_blas.h"
 #include <stdbool.h>
+#include <omp.h>
 #include <string.h>
 
 static bool has(const K(lora_ab) *set, int n, int32_t s) {
@@ -83,29 +87,56 @@ static int64_t max_rank(const K(lora_ab) *set, int n) {
 size_t K(lora_multi_ws_bytes)(const K(lora_ab) *set, int n, int64_t T, int64_t in,
                               int64_t out) {
     int64_t r = max_rank(set, n);
-    // row order, group starts and the groups present (group_rows), then the forward's
-    // gathered x, h, d or the backward's gathered x and dy, g, h and dx rows
-    return (size_t)(T + 2 * n + 1) * sizeof(int64_t) +
+    // row order, group starts, the groups present and where each group's marked rows start
+    // (group_rows), then the forward's gathered x, h, d or the backward's gathered x and dy,
+    // g, h and dx rows
+    return (size_t)(T + 3 * n + 2) * sizeof(int64_t) +
            (size_t)T * (size_t)(2 * in + 2 * out + 2 * r) * sizeof(real) + 64;
+}
+
+// bxq_linear's scratch per thread for the marked rows of one group (A's and B's products).
+static size_t bx_thread_bytes(int64_t r, int64_t T, int64_t in) {
+#if MOLT_REAL == 32
+    kq_weight v = {.format = KQ_F32, .n_mat = 1, .rows = r, .cols = in > r ? in : r};
+    return (bxq_ws_bytes(&v, T, 1) + 63) / 64 * 64;
+#else
+    (void)r, (void)T, (void)in;
+    return 0;
+#endif
+}
+
+size_t K(lora_multi_bx_ws_bytes)(const K(lora_ab) *set, int n, int64_t T, int64_t in,
+                                 int nthreads) {
+    return (size_t)(nthreads > 0 ? nthreads : 1) * bx_thread_bytes(max_rank(set, n), T, in) +
+           64;
 }
 
 // Groups the rows by adapter in one pass whatever n is (a counting sort by slot): group s is
 // rows[start[s] .. start[s + 1]), in increasing order; rows of no adapter (slot -1, or one
 // without matrices) are in none. present[0 .. the count returned): the slots with rows.
-static int group_rows(int64_t *rows, int64_t *start, int64_t *present, const int32_t *slot,
-                      const K(lora_ab) *set, int n, int64_t T) {
+// With bx (T, or NULL: none marked), a group's unmarked rows come first and its marked ones
+// from mark[s] on (mark may be NULL then).
+static int group_rows(int64_t *rows, int64_t *start, int64_t *present, int64_t *mark,
+                      const int32_t *slot, const uint8_t *bx, const K(lora_ab) *set, int n,
+                      int64_t T) {
     memset(start, 0, (size_t)(n + 1) * sizeof *start);
     for (int64_t t = 0; t < T; t++)
         if (has(set, n, slot[t]))
             start[slot[t] + 1]++;
     for (int s = 0; s < n; s++)
         start[s + 1] += start[s];
-    for (int64_t t = 0; t < T; t++) // start[s] moves to the end of group s ...
-        if (has(set, n, slot[t]))
-            rows[start[slot[t]]++] = t;
+    for (int pass = 0; pass < (bx ? 2 : 1); pass++) { // start[s] moves on through group s
+        for (int64_t t = 0; t < T; t++)
+            if (has(set, n, slot[t]) && (!bx || (bx[t] != 0) == (pass == 1)))
+                rows[start[slot[t]]++] = t;
+        if (pass == 0 && mark)
+            memcpy(mark, start, (size_t)n * sizeof *mark);
+    }
     for (int s = n; s > 0; s--) // ... and back
         start[s] = start[s - 1];
     start[0] = 0;
+    if (mark && !bx)
+        memcpy(mark, start + 1, (size_t)n * sizeof *mark);
     int groups = 0;
     for (int s = 0; s < n; s++)
         if (start[s + 1] > start[s])
@@ -120,18 +151,36 @@ static void gather(real *dst, const real *src, const int64_t *rows, int64_t m, i
 
 // Group s's rows (rows[start[s] .. start[s + 1])) of y: gathered, through A and B on
 // `threads` threads, scaled and put back.
+// The marked rows [k, m) go through bxq_linear (f32; bws its scratch).
 static void group_fwd(real *y, const real *x, const int64_t *rows, const int64_t *start,
-                      const K(lora_ab) *set, int s, int64_t r, int64_t in, int64_t out,
-                      real *xg, real *h, real *d, int threads) {
-    int64_t g0 = start[s], m = start[s + 1] - g0;
+                      const int64_t *mark, const K(lora_ab) *set, int s, int64_t r, int64_t in,
+                      int64_t out, real *xg, real *h, real *d, int threads, void *bws) {
+    int64_t g0 = start[s], m = start[s + 1] - g0, k = mark[s] - g0;
     if (m == 0)
         return;
     const K(lora_ab) *l = &set[s];
     const int64_t *gr = rows + g0;
     real *xs = xg + g0 * in, *hs = h + g0 * r, *ds = d + g0 * out;
     gather(xs, x, gr, m, in);
-    K(bi_linear)(hs, xs, l->a, m, l->r, in, threads);
-    K(bi_linear)(ds, hs, l->b, m, out, l->r, threads);
+    if (k > 0) {
+        K(bi_linear)(hs, xs, l->a, k, l->r, in, threads);
+        K(bi_linear)(ds, hs, l->b, k, out, l->r, threads);
+    }
+#if MOLT_REAL == 32
+    if (k < m) {
+        kq_weight va = {.format = KQ_F32, .n_mat = 1, .rows = l->r, .cols = in, .data = l->a};
+        kq_weight vb = {.format = KQ_F32, .n_mat = 1, .rows = out, .cols = l->r, .data = l->b};
+        if (bxq_available()) {
+            bxq_linear(hs + k * l->r, xs + k * in, &va, 0, m - k, 1, bws);
+            bxq_linear(ds + k * out, hs + k * l->r, &vb, 0, m - k, 1, bws);
+        } else {
+            bxq_linear_ref(hs + k * l->r, xs + k * in, &va, 0, m - k);
+            bxq_linear_ref(ds + k * out, hs + k * l->r, &vb, 0, m - k);
+        }
+    }
+#else
+    (void)bws;
+#endif
     for (int64_t i = 0; i < m; i++) {
         real *yt = y + gr[i] * out;
         const real *dt = ds + i * out;
@@ -140,13 +189,20 @@ static void group_fwd(real *y, const real *x, const int64_t *rows, const int64_t
     }
 }
 
-void K(lora_multi_fwd)(real *y, const real *x, const int32_t *slot, const K(lora_ab) *set,
-                       int n, int64_t T, int64_t in, int64_t out, int nthreads, void *ws) {
+void K(lora_multi_fwd)(real *y, const real *x, const int32_t *slot, const uint8_t *bx,
+                       const K(lora_ab) *set, int n, int64_t T, int64_t in, int64_t out,
+                       int nthreads, void *ws, void *bx_ws) {
     int64_t r = max_rank(set, n);
     int64_t *rows = ws, *start = rows + T, *present = start + n + 1; // see group_rows
-    real *xg = (real *)(present + n), *h = xg + T * in, *d = h + T * r;
+    int64_t *mark = present + n;
+    real *xg = (real *)(mark + n + 1), *h = xg + T * in, *d = h + T * r;
     memset(y, 0, (size_t)(T * out) * sizeof(real));
-    int groups = group_rows(rows, start, present, slot, set, n, T);
+#if MOLT_REAL != 32
+    bx = NULL; // the bf16 pairs are f32 only
+#endif
+    int groups = group_rows(rows, start, present, mark, slot, bx, set, n, T);
+    size_t per = bx ? bx_thread_bytes(r, T, in) : 0;
+    char *bws = bx_ws ? (char *)(((uintptr_t)bx_ws + 63) & ~(uintptr_t)63) : NULL;
     // Several groups go to the threads whole, each product on one thread; a lone group's
     // products use the threads. Either way a row's bits are the same (k_bi.h). The lone
     // group's products are not called from inside a parallel region, even an inactive one:
@@ -155,10 +211,12 @@ void K(lora_multi_fwd)(real *y, const real *x, const int32_t *slot, const K(lora
     if (groups > 1 && nthreads > 1) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
         for (int g = 0; g < groups; g++)
-            group_fwd(y, x, rows, start, set, (int)present[g], r, in, out, xg, h, d, 1);
+            group_fwd(y, x, rows, start, mark, set, (int)present[g], r, in, out, xg, h, d, 1,
+                      bws ? bws + (size_t)omp_get_thread_num() * per : NULL);
     } else {
         for (int g = 0; g < groups; g++)
-            group_fwd(y, x, rows, start, set, (int)present[g], r, in, out, xg, h, d, nthreads);
+            group_fwd(y, x, rows, start, mark, set, (int)present[g], r, in, out, xg, h, d,
+                      nthreads, bws);
     }
 }
 
@@ -169,7 +227,7 @@ void K(lora_multi_bwd)(real *dx, real *const *da, real *const *db, const real *d
     int64_t *all = ws, *start = all + T, *present = start + n + 1; // see group_rows
     real *xg = (real *)(present + n), *dyg = xg + T * in, *g = dyg + T * out, *h = g + T * r,
          *dxg = h + T * r;
-    int groups = group_rows(all, start, present, slot, set, n, T);
+    int groups = group_rows(all, start, present, NULL, slot, NULL, set, n, T);
     for (int gi = 0; gi < groups; gi++) {
         int s = (int)present[gi];
         const int64_t *rows = all + start[s];

@@ -36,8 +36,14 @@ size_t K(lora_multi_ws_bytes)(const K(lora_ab) *set, int n, int64_t T, int64_t i
 // batch-invariant products (k_bi.h), h = x A^T then d = h B^T, and scaled: y = d * s, the
 // same arithmetic as linear -> linear -> scale on one adapter, and a row's result depends
 // on that row alone.
-void K(lora_multi_fwd)(real *y, const real *x, const int32_t *slot, const K(lora_ab) *set,
-                       int n, int64_t T, int64_t in, int64_t out, int nthreads, void *ws);
+// bx (T) or NULL: rows t with bx[t] != 0 take both products as bf16 pairs (bxq_linear,
+// k_bx.h; f32 only), bx_ws then holding lora_multi_bx_ws_bytes.
+void K(lora_multi_fwd)(real *y, const real *x, const int32_t *slot, const uint8_t *bx,
+                       const K(lora_ab) *set, int n, int64_t T, int64_t in, int64_t out,
+                       int nthreads, void *ws, void *bx_ws);
+// Bytes of lora_multi_fwd's bx_ws for a team of nthreads threads.
+size_t K(lora_multi_bx_ws_bytes)(const K(lora_ab) *set, int n, int64_t T, int64_t in,
+                                 int nthreads);
 // Optimized backward (BLAS per group), same contract as the reference.
 void K(lora_multi_bwd)(real *dx, real *const *da, real *const *db, const real *dy,
                        const real *x, const int32_t *slot, const K(lora_ab) *set, int n,

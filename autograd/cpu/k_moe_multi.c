@@ -126,6 +126,48 @@ static void lora_add(real *G, int64_t ldg, const real *X, int64_t m, int64_t in,
             G[i * ldg + o] += D[i * out + o] * s;
 }
 
+#if MOLT_REAL == 32
+// lora_add for rows marked for bxq_linear: both low-rank products as bf16 pairs on AMX (or
+// their reference), A_e and B_e read as F32 matrices; bws: bxq_linear's scratch.
+static void lora_add_bx(real *G, int64_t ldg, const real *X, int64_t m, int64_t in,
+                        int64_t out, const real *a, const real *b, const real *bp, int64_t r,
+                        real s, int64_t E, int64_t e, real *U, real *D, real *Bp, void *bws) {
+    const real *be = bp ? bp + e * out * r : Bp;
+    if (!bp)
+        K(moe_lora_b_expert)(Bp, b, out, r, E, e);
+    kq_weight va = {.format = KQ_F32, .n_mat = 1, .rows = r, .cols = in, .data = a + e * r * in};
+    kq_weight vb = {.format = KQ_F32, .n_mat = 1, .rows = out, .cols = r, .data = be};
+    if (bxq_available()) {
+        bxq_linear(U, X, &va, 0, m, 1, bws);
+        bxq_linear(D, U, &vb, 0, m, 1, bws);
+    } else {
+        bxq_linear_ref(U, X, &va, 0, m);
+        bxq_linear_ref(D, U, &vb, 0, m);
+    }
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t o = 0; o < out; o++)
+            G[i * ldg + o] += D[i * out + o] * s;
+}
+#endif
+
+// lora_add over rows [i0, i1) of a block whose rows from nf on are marked for bxq_linear.
+static void lora_add_rows(real *G, int64_t ldg, const real *X, int64_t i0, int64_t i1,
+                          int64_t nf, int64_t in, int64_t out, const real *a, const real *b,
+                          const real *bp, int64_t r, real s, int64_t E, int64_t e, real *U,
+                          real *D, real *Bp, void *bws) {
+    int64_t mid = nf < i0 ? i0 : nf > i1 ? i1 : nf;
+    if (mid > i0)
+        lora_add(G + i0 * ldg, ldg, X + i0 * in, mid - i0, in, out, a, b, bp, r, s, E, e, U, D,
+                 Bp);
+#if MOLT_REAL == 32
+    if (i1 > mid)
+        lora_add_bx(G + mid * ldg, ldg, X + mid * in, i1 - mid, in, out, a, b, bp, r, s, E, e,
+                    U, D, Bp, bws);
+#else
+    (void)bws;
+#endif
+}
+
 typedef struct {
     int64_t *off;       // (keys + 1) first sorted position of each (expert, adapter) key
     int32_t *perm;      // (T*k) slot at each sorted position
@@ -145,6 +187,7 @@ static void expert_block(const multi_ws *m, int64_t p0, int64_t nb, int64_t nf, 
     for (int64_t i = 0; i < nb; i++)
         memcpy(X + i * H, x + (m->perm[p0 + i] / k) * H, (size_t)H * sizeof(real));
     size_t bo = st->qgu ? bi_bytes(st) : 0;
+    void *bws = (char *)qws + bo; // bxq_linear's scratch (marked rows: quantized stacks only)
     expert_prod(G, X, nb, nf, st->gu, st->qgu, e, I2, H, qws, bo);
     // runs of one adapter inside the block (the sort put them together)
     for (int64_t i0 = 0; i0 < nb;) {
@@ -153,8 +196,8 @@ static void expert_block(const multi_ws *m, int64_t p0, int64_t nb, int64_t nf, 
         while (i1 < nb && adapter_of(slot, m->perm[p0 + i1] / k, set, n) == a)
             i1++;
         if (a >= 0 && set[a].a_gu)
-            lora_add(G + i0 * I2, I2, X + i0 * H, i1 - i0, H, I2, set[a].a_gu, set[a].b_gu,
-                     set[a].bp_gu, set[a].r, set[a].s, E, e, U, D, Bp);
+            lora_add_rows(G, I2, X, i0, i1, nf, H, I2, set[a].a_gu, set[a].b_gu, set[a].bp_gu,
+                          set[a].r, set[a].s, E, e, U, D, Bp, bws);
         i0 = i1;
     }
     for (int64_t i = 0; i < nb; i++) { // Z into X's room (X is no longer needed)
@@ -171,8 +214,8 @@ static void expert_block(const multi_ws *m, int64_t p0, int64_t nb, int64_t nf, 
         while (i1 < nb && adapter_of(slot, m->perm[p0 + i1] / k, set, n) == a)
             i1++;
         if (a >= 0 && set[a].a_d)
-            lora_add(O + i0 * H, H, X + i0 * I, i1 - i0, I, H, set[a].a_d, set[a].b_d,
-                     set[a].bp_d, set[a].r, set[a].s, E, e, U, D, Bp);
+            lora_add_rows(O, H, X, i0, i1, nf, I, H, set[a].a_d, set[a].b_d, set[a].bp_d,
+                          set[a].r, set[a].s, E, e, U, D, Bp, bws);
         i0 = i1;
     }
     memcpy(m->rows + p0 * H, O, (size_t)(nb * H) * sizeof(real));
