@@ -361,9 +361,14 @@ ag_tensor *ag_lora_multi(ag_ctx *c, ag_tensor *x, ag_tensor *slot, int n,
 // ag_lora_multi where the rows t with bx[t] != 0 (bx [T], NULL: none) take both low-rank
 // products as bf16 pairs (cpu/k_bx.h's bxq_linear on A and B as F32 matrices), as
 // ag_linear_q_rows does for the base; x F32 then. The reference kernels compute every row
-// in F32. Recorded, backward is ag_lora_multi's.
+// in F32. Recorded, backward is ag_lora_multi's. acc (or NULL): the base projection the
+// terms go onto; when nothing is recorded (and the reference kernels are not forced) the
+// terms are added into acc's rows in place, the bits of ag_add(acc, terms) on rows with an
+// adapter, rows without one left as they are, and acc is returned; otherwise the terms
+// are returned, for the caller to add.
 ag_tensor *ag_lora_multi_rows(ag_ctx *c, ag_tensor *x, ag_tensor *slot, int n,
-                              const ag_lora_ab *set, int64_t out, const uint8_t *bx);
+                              const ag_lora_ab *set, int64_t out, const uint8_t *bx,
+                              ag_tensor *acc);
 // Routed-expert stacks for ag_moe_experts_multi: dense (gate_up [E, 2I, H], down [E, H, I],
 // frozen) or quantized (3-D qweights of the same shapes); exactly one pair is set.
 typedef struct {

@@ -116,11 +116,12 @@ static void scratch_free(scratch *sc) {
 // x, slot, then a and b of every adapter (NULL for none).
 ag_tensor *ag_lora_multi(ag_ctx *c, ag_tensor *x, ag_tensor *slot, int n,
                          const ag_lora_ab *set, int64_t out) {
-    return ag_lora_multi_rows(c, x, slot, n, set, out, NULL);
+    return ag_lora_multi_rows(c, x, slot, n, set, out, NULL, NULL);
 }
 
 ag_tensor *ag_lora_multi_rows(ag_ctx *c, ag_tensor *x, ag_tensor *slot, int n,
-                              const ag_lora_ab *set, int64_t out, const uint8_t *bx) {
+                              const ag_lora_ab *set, int64_t out, const uint8_t *bx,
+                              ag_tensor *acc) {
     if (check(x, slot, n, set, out) != MOLT_OK)
         return NULL;
     if (bx && x->dtype != AG_F32) {
@@ -130,34 +131,6 @@ ag_tensor *ag_lora_multi_rows(ag_ctx *c, ag_tensor *x, ag_tensor *slot, int n,
         return NULL;
     }
     int64_t T = x->shape[0], in = x->shape[1];
-    // both kernels write y in full (rows of no adapter as zeros)
-    ag_tensor *y = ag_out_new_uninit_on(c, AG_CPU, x->dtype, 2, (int64_t[]){T, out});
-    if (!y)
-        return NULL;
-    bool f32 = x->dtype == AG_F32, ref = ag_reference_kernels();
-    scratch sc;
-    if (scratch_new(&sc, set, n, f32, T, in, out, !ref) != MOLT_OK) {
-        scratch_free(&sc);
-        return NULL;
-    }
-    int nt = omp_get_max_threads();
-    if (ref && f32)
-        lora_multi_fwd_ref_f32(y->data, x->data, slot->data, sc.v32, n, T, in, out);
-    else if (ref)
-        lora_multi_fwd_ref_f64(y->data, x->data, slot->data, sc.v64, n, T, in, out);
-    else if (f32) {
-        void *bws = NULL;
-        if (bx && !(bws = ag_arena_alloc_uninit(&c->act, lora_multi_bx_ws_bytes_f32(
-                                                             sc.v32, n, T, in, nt)))) {
-            scratch_free(&sc);
-            return NULL;
-        }
-        lora_multi_fwd_f32(y->data, x->data, slot->data, bx, sc.v32, n, T, in, out, nt, sc.ws,
-                           bws);
-    } else
-        lora_multi_fwd_f64(y->data, x->data, slot->data, NULL, sc.v64, n, T, in, out, nt, sc.ws,
-                           NULL);
-    scratch_free(&sc);
     int n_in = 2 + 2 * n;
     ag_tensor **ins = molt_calloc((size_t)n_in, sizeof *ins);
     if (!ins) {
@@ -170,8 +143,37 @@ ag_tensor *ag_lora_multi_rows(ag_ctx *c, ag_tensor *x, ag_tensor *slot, int n,
         ins[2 + 2 * s] = set[s].a;
         ins[3 + 2 * s] = set[s].b;
     }
-    bool ok = true;
-    if (ag_should_record(c, n_in, ins)) {
+    bool rec = ag_should_record(c, n_in, ins), ref = ag_reference_kernels();
+    bool f32 = x->dtype == AG_F32;
+    // in place into acc: not recorded, optimized kernels, acc a host [T, out] of x's type
+    bool in_place = acc && !rec && !ref && acc->device == AG_CPU && acc->dtype == x->dtype &&
+                    acc->ndim == 2 && acc->shape[0] == T && acc->shape[1] == out;
+    // both kernels write y in full (rows of no adapter as zeros)
+    ag_tensor *y = in_place ? acc
+                            : ag_out_new_uninit_on(c, AG_CPU, x->dtype, 2, (int64_t[]){T, out});
+    scratch sc;
+    molt_status st = y ? scratch_new(&sc, set, n, f32, T, in, out, !ref) : MOLT_ENOMEM;
+    int nt = omp_get_max_threads();
+    void *bws = NULL;
+    if (st == MOLT_OK && f32 && !ref && bx &&
+        !(bws = ag_arena_alloc_uninit(&c->act, lora_multi_bx_ws_bytes_f32(sc.v32, n, T, in, nt))))
+        st = MOLT_ENOMEM;
+    if (st != MOLT_OK)
+        ;
+    else if (ref && f32)
+        lora_multi_fwd_ref_f32(y->data, x->data, slot->data, sc.v32, n, T, in, out);
+    else if (ref)
+        lora_multi_fwd_ref_f64(y->data, x->data, slot->data, sc.v64, n, T, in, out);
+    else if (f32)
+        lora_multi_fwd_f32(y->data, x->data, slot->data, bx, sc.v32, n, T, in, out, nt, sc.ws,
+                           bws, in_place);
+    else
+        lora_multi_fwd_f64(y->data, x->data, slot->data, NULL, sc.v64, n, T, in, out, nt, sc.ws,
+                           NULL, in_place);
+    if (y)
+        scratch_free(&sc);
+    bool ok = st == MOLT_OK;
+    if (ok && rec) {
         ag_node *nd = ag_record(c, AG_OP_LORA_MULTI, y, n_in, ins);
         double *scales = nd ? ag_node_save(c, nd, (size_t)(n > 0 ? n : 1) * sizeof *scales)
                             : NULL;

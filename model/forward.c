@@ -15,15 +15,17 @@
 // Loss chunk over the vocabulary: bounds the [T, chunk] scratch of the fused loss.
 #define MDL_CE_CHUNK 8192
 
-// The bank's adapters on this linear, one per row of x by the route's slots (NULL when the
-// bank has none here).
-static ag_tensor *bank_terms(ag_ctx *c, ag_tensor *x, const mdl_lin *lin, const mdl_route *r) {
+// y plus the bank's adapters on this linear, one per row of x by the route's slots (y
+// itself when the bank has none here; the terms go into y in place outside grad mode).
+static ag_tensor *bank_terms(ag_ctx *c, ag_tensor *x, ag_tensor *y, const mdl_lin *lin,
+                             const mdl_route *r) {
     const mdl_bank *b = r->bank;
     if (lin->id < 0 || lin->id >= b->n_lins || b->lin_users[lin->id] == 0)
-        return NULL;
+        return y;
     int64_t out = lin->w ? lin->w->shape[0] : lin->qw->rows;
-    return ag_lora_multi_rows(c, x, r->slot, b->n_slots, &b->lin[(size_t)lin->id * b->n_slots],
-                              out, r->bx);
+    ag_tensor *d = ag_lora_multi_rows(c, x, r->slot, b->n_slots,
+                                      &b->lin[(size_t)lin->id * b->n_slots], out, r->bx, y);
+    return !d || d == y ? d : ag_add(c, y, d);
 }
 
 ag_tensor *mdl_linear_r(ag_ctx *c, ag_tensor *x, const mdl_lin *lin, const mdl_route *r) {
@@ -42,8 +44,7 @@ ag_tensor *mdl_linear_r(ag_ctx *c, ag_tensor *x, const mdl_lin *lin, const mdl_r
             molt_err(MOLT_EARG, "mdl_linear: a bank of adapters on a model that carries one");
             return NULL;
         }
-        ag_tensor *d = bank_terms(c, x, lin, r);
-        return d ? ag_add(c, y, d) : y;
+        return bank_terms(c, x, y, lin, r);
     }
     if (!y || !lin->lora_a)
         return y;

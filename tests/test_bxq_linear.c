@@ -15,7 +15,8 @@
 //  - ag_moe_experts_multi_rows: a marked token's row has the same bits alone or in any
 //    batch, with or without adapters; unmarked tokens keep ag_moe_experts_multi's bits;
 //    close to the reference;
-//  - ag_lora_multi_rows: the same for the adapters' low-rank terms (ranks 4-16).
+//  - ag_lora_multi_rows: the same for the adapters' low-rank terms (ranks 4-16), and the
+//    terms added in place onto a base projection with ag_add's bits.
 #include "harness/harness.h"
 #include "autograd/quant_internal.h"
 
@@ -512,14 +513,14 @@ START_TEST(test_lora_rows) {
         ((int32_t *)slot->data)[t] = t % (N + 1) - 1;
         mark[t] = (uint8_t)(t % 5 != 2);
     }
-    ag_tensor *y = ag_lora_multi_rows(&c, x, slot, N, set, OUT, mark);
+    ag_tensor *y = ag_lora_multi_rows(&c, x, slot, N, set, OUT, mark, NULL);
     ag_tensor *yf = ag_lora_multi(&c, x, slot, N, set, OUT);
     ck_assert(y && yf);
     double md = 0, my = 0;
     for (int t = 0; t < T; t++) {
         const float *got = (const float *)y->data + t * OUT;
         ag_tensor *x1 = ag_slice(&c, x, 0, t, 1), *s1 = ag_slice(&c, slot, 0, t, 1);
-        ag_tensor *y1 = ag_lora_multi_rows(&c, x1, s1, N, set, OUT, &mark[t]);
+        ag_tensor *y1 = ag_lora_multi_rows(&c, x1, s1, N, set, OUT, &mark[t], NULL);
         ck_assert_tensor(y1);
         ck_assert_msg(!memcmp(got, y1->data, OUT * sizeof(float)), "row %d alone differs", t);
         if (!mark[t])
@@ -533,7 +534,32 @@ START_TEST(test_lora_rows) {
     ck_assert_msg(md <= 2e-5 * my, "marked rows %.3g from F32 (max %.3g)", md, my);
     ck_assert_msg(md > 0, "no marked row changed: the marks were ignored");
     ag_tensor *x64 = ag_tensor_new2(&c.act, AG_F64, T, IN);
-    ck_assert_ptr_null(ag_lora_multi_rows(&c, x64, slot, N, set, OUT, mark));
+    ck_assert_ptr_null(ag_lora_multi_rows(&c, x64, slot, N, set, OUT, mark, NULL));
+    // onto a base projection in place: the bits of adding the terms, rows of no adapter
+    // (slot -1) as they were, a negative zero included
+    ag_tensor *base = filled(&c.act, T, OUT, 77, 1.0), *keep = ag_tensor_new2(&c.act, AG_F32, T, OUT);
+    ck_assert(base && keep);
+    ((float *)base->data)[0] = -0.0f; // row 0 has slot -1
+    memcpy(keep->data, base->data, sizeof(float) * T * OUT);
+    ag_tensor *sum = ag_add(&c, keep, y);
+    ag_tensor *in = ag_lora_multi_rows(&c, x, slot, N, set, OUT, mark, base);
+    ck_assert_ptr_eq(in, base);
+    for (int t = 0; t < T; t++) {
+        const float *want = ((int32_t *)slot->data)[t] < 0 ? (const float *)keep->data + t * OUT
+                                                           : (const float *)sum->data + t * OUT;
+        ck_assert_msg(!memcmp((float *)base->data + t * OUT, want, OUT * sizeof(float)),
+                      "row %d in place", t);
+    }
+    ck_assert(signbit(((float *)base->data)[0]));
+    // recorded (grad mode), the terms come back for the caller to add
+    ag_ctx_set_grad(&c, true);
+    set[0].a->requires_grad = true;
+    ag_tensor *rec = ag_lora_multi_rows(&c, x, slot, N, set, OUT, mark, base);
+    ck_assert_tensor(rec);
+    ck_assert_ptr_ne(rec, base);
+    ck_assert(!memcmp(rec->data, y->data, sizeof(float) * T * OUT));
+    set[0].a->requires_grad = false;
+    ag_ctx_set_grad(&c, false);
     free(xr);
     ag_ctx_free(&c);
     ag_arena_free(&a);

@@ -152,16 +152,20 @@ static void gather(real *dst, const real *src, const int64_t *rows, int64_t m, i
 // Group s's rows (rows[start[s] .. start[s + 1])) of y: gathered, through A and B on
 // `threads` threads, scaled and put back.
 // The marked rows [k, m) go through bxq_linear (f32; bws its scratch).
+// With acc, y's rows get the terms added (y + d * s, as an add after the op would give).
 static void group_fwd(real *y, const real *x, const int64_t *rows, const int64_t *start,
                       const int64_t *mark, const K(lora_ab) *set, int s, int64_t r, int64_t in,
-                      int64_t out, real *xg, real *h, real *d, int threads, void *bws) {
+                      int64_t out, real *xg, real *h, real *d, int threads, void *bws, bool acc) {
     int64_t g0 = start[s], m = start[s + 1] - g0, k = mark[s] - g0;
     if (m == 0)
         return;
     const K(lora_ab) *l = &set[s];
     const int64_t *gr = rows + g0;
     real *xs = xg + g0 * in, *hs = h + g0 * r, *ds = d + g0 * out;
-    gather(xs, x, gr, m, in);
+    if (m == 1) // one row (a decode step's adapter): read where it is
+        xs = (real *)(uintptr_t)(x + gr[0] * in);
+    else
+        gather(xs, x, gr, m, in);
     if (k > 0) {
         K(bi_linear)(hs, xs, l->a, k, l->r, in, threads);
         K(bi_linear)(ds, hs, l->b, k, out, l->r, threads);
@@ -184,19 +188,26 @@ static void group_fwd(real *y, const real *x, const int64_t *rows, const int64_t
     for (int64_t i = 0; i < m; i++) {
         real *yt = y + gr[i] * out;
         const real *dt = ds + i * out;
-        for (int64_t o = 0; o < out; o++)
-            yt[o] = dt[o] * l->s;
+        if (acc)
+            for (int64_t o = 0; o < out; o++) {
+                real v = dt[o] * l->s;
+                yt[o] = yt[o] + v;
+            }
+        else
+            for (int64_t o = 0; o < out; o++)
+                yt[o] = dt[o] * l->s;
     }
 }
 
 void K(lora_multi_fwd)(real *y, const real *x, const int32_t *slot, const uint8_t *bx,
                        const K(lora_ab) *set, int n, int64_t T, int64_t in, int64_t out,
-                       int nthreads, void *ws, void *bx_ws) {
+                       int nthreads, void *ws, void *bx_ws, bool acc) {
     int64_t r = max_rank(set, n);
     int64_t *rows = ws, *start = rows + T, *present = start + n + 1; // see group_rows
     int64_t *mark = present + n;
     real *xg = (real *)(mark + n + 1), *h = xg + T * in, *d = h + T * r;
-    memset(y, 0, (size_t)(T * out) * sizeof(real));
+    if (!acc)
+        memset(y, 0, (size_t)(T * out) * sizeof(real));
 #if MOLT_REAL != 32
     bx = NULL; // the bf16 pairs are f32 only
 #endif
@@ -212,11 +223,11 @@ void K(lora_multi_fwd)(real *y, const real *x, const int32_t *slot, const uint8_
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
         for (int g = 0; g < groups; g++)
             group_fwd(y, x, rows, start, mark, set, (int)present[g], r, in, out, xg, h, d, 1,
-                      bws ? bws + (size_t)omp_get_thread_num() * per : NULL);
+                      bws ? bws + (size_t)omp_get_thread_num() * per : NULL, acc);
     } else {
         for (int g = 0; g < groups; g++)
             group_fwd(y, x, rows, start, mark, set, (int)present[g], r, in, out, xg, h, d,
-                      nthreads, bws);
+                      nthreads, bws, acc);
     }
 }
 

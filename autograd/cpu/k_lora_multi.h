@@ -4,6 +4,7 @@
 // n adapters ("slots"), adapter s of rank r_s. Row t uses slot[t]: -1 (or an adapter with no
 // matrices here) contributes nothing. Operands are validated by the op (ops_lora_multi.c).
 #include <stddef.h>
+#include <stdbool.h>
 #include <stdint.h>
 
 // One adapter on this module: delta = s * (x A^T) B^T.
@@ -37,10 +38,12 @@ size_t K(lora_multi_ws_bytes)(const K(lora_ab) *set, int n, int64_t T, int64_t i
 // same arithmetic as linear -> linear -> scale on one adapter, and a row's result depends
 // on that row alone.
 // bx (T) or NULL: rows t with bx[t] != 0 take both products as bf16 pairs (bxq_linear,
-// k_bx.h; f32 only), bx_ws then holding lora_multi_bx_ws_bytes.
+// k_bx.h; f32 only), bx_ws then holding lora_multi_bx_ws_bytes. acc: y holds values that
+// the terms are added to (y + d * s per element, rows of no adapter left as they are)
+// instead of being overwritten.
 void K(lora_multi_fwd)(real *y, const real *x, const int32_t *slot, const uint8_t *bx,
                        const K(lora_ab) *set, int n, int64_t T, int64_t in, int64_t out,
-                       int nthreads, void *ws, void *bx_ws);
+                       int nthreads, void *ws, void *bx_ws, bool acc);
 // Bytes of lora_multi_fwd's bx_ws for a team of nthreads threads.
 size_t K(lora_multi_bx_ws_bytes)(const K(lora_ab) *set, int n, int64_t T, int64_t in,
                                  int nthreads);
