@@ -358,9 +358,9 @@ typedef struct {
 // every A and B that requires grad. Add the result to the base projection.
 ag_tensor *ag_lora_multi(ag_ctx *c, ag_tensor *x, ag_tensor *slot, int n,
                          const ag_lora_ab *set, int64_t out);
-// ag_lora_multi where the rows t with bx[t] != 0 (bx [T], NULL: none) take both low-rank
-// products as bf16 pairs (cpu/k_bx.h's bxq_linear on A and B as F32 matrices), as
-// ag_linear_q_rows does for the base; x F32 then. The reference kernels compute every row
+// ag_lora_multi where the rows t with bx[t] != 0 (bx [T], NULL: none) take the second
+// low-rank product, (x A^T) B^T, as bf16 pairs (cpu/k_bx.h's bxq_linear on B as an F32
+// matrix; x A^T stays F32), as ag_linear_q_rows does for the base; x F32 then. The reference kernels compute every row
 // in F32. Recorded, backward is ag_lora_multi's. acc (or NULL): the base projection the
 // terms go onto; when nothing is recorded (and the reference kernels are not forced) the
 // terms are added into acc's rows in place, the bits of ag_add(acc, terms) on rows with an
@@ -389,8 +389,9 @@ ag_tensor *ag_moe_experts_multi(ag_ctx *c, ag_tensor *x, ag_tensor *weights, ag_
                                 const ag_expert_stacks *w, ag_tensor *slot, int n,
                                 const ag_expert_lora *set);
 // ag_moe_experts_multi where the tokens t with bx[t] != 0 (bx [T], NULL: none) take the
-// quantized experts' base products as ag_linear_q_rows does (dense stacks ignore bx). The
-// reference kernels compute every row in F32.
+// quantized experts' base products as ag_linear_q_rows does, and their adapters' second
+// low-rank product as ag_lora_multi_rows does (dense stacks ignore bx). The reference
+// kernels compute every row in F32.
 ag_tensor *ag_moe_experts_multi_rows(ag_ctx *c, ag_tensor *x, ag_tensor *weights,
                                      ag_tensor *idx, const ag_expert_stacks *w, ag_tensor *slot,
                                      int n, const ag_expert_lora *set, const uint8_t *bx);

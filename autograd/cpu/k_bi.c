@@ -203,6 +203,21 @@ void K(bi_linear)(real *y, const real *x, const real *w, int64_t T, int64_t rows
         dense_run(kn, y, x, w, T, rows, cols, P, n_pan, 0, 1);
         return;
     }
+    if (n_pan < 2 * team && T >= 4 * team * kn->mr) {
+        // a thin weight (a LoRA's A) and many rows of x: the threads split x's rows instead,
+        // each against the whole weight (a row's products are the same either way)
+        int64_t chunk = (T + team - 1) / team;
+        chunk = (chunk + kn->mr - 1) / kn->mr * kn->mr;
+        int64_t P1 = panel_rows(rows, cols, kn->nr, 1), n1 = (rows + P1 - 1) / P1;
+#pragma omp parallel num_threads(team)
+        {
+            int64_t t0 = min64(T, chunk * omp_get_thread_num()), t1 = min64(T, t0 + chunk);
+            if (t1 > t0)
+                dense_run(kn, y + t0 * rows, x + t0 * cols, w, t1 - t0, rows, cols, P1, n1, 0,
+                          1);
+        }
+        return;
+    }
 #pragma omp parallel num_threads(team)
     dense_run(kn, y, x, w, T, rows, cols, P, n_pan, omp_get_thread_num(), omp_get_num_threads());
 }

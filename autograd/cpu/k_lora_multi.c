@@ -94,13 +94,14 @@ size_t K(lora_multi_ws_bytes)(const K(lora_ab) *set, int n, int64_t T, int64_t i
            (size_t)T * (size_t)(2 * in + 2 * out + 2 * r) * sizeof(real) + 64;
 }
 
-// bxq_linear's scratch per thread for the marked rows of one group (A's and B's products).
+// bxq_linear's scratch per thread for the marked rows of one group (B's product: r columns).
 static size_t bx_thread_bytes(int64_t r, int64_t T, int64_t in) {
+    (void)in;
 #if MOLT_REAL == 32
-    kq_weight v = {.format = KQ_F32, .n_mat = 1, .rows = r, .cols = in > r ? in : r};
+    kq_weight v = {.format = KQ_F32, .n_mat = 1, .rows = 1, .cols = r};
     return (bxq_ws_bytes(&v, T, 1) + 63) / 64 * 64;
 #else
-    (void)r, (void)T, (void)in;
+    (void)r, (void)T;
     return 0;
 #endif
 }
@@ -162,29 +163,31 @@ static void group_fwd(real *y, const real *x, const int64_t *rows, const int64_t
     const K(lora_ab) *l = &set[s];
     const int64_t *gr = rows + g0;
     real *xs = xg + g0 * in, *hs = h + g0 * r, *ds = d + g0 * out;
-    if (m == 1) // one row (a decode step's adapter): read where it is
+    int64_t run = 1; // consecutive rows in order (one adapter's prompt, or one row): in place
+    while (run < m && gr[run] == gr[0] + run)
+        run++;
+    if (run == m)
         xs = (real *)(uintptr_t)(x + gr[0] * in);
     else
         gather(xs, x, gr, m, in);
-    if (k > 0) {
-        K(bi_linear)(hs, xs, l->a, k, l->r, in, threads);
+    // x A^T in F32 for every row (at a prompt's row counts the F32 kernel is as fast as
+    // splitting x would be); h B^T of the marked rows as bf16 pairs
+    K(bi_linear)(hs, xs, l->a, m, l->r, in, threads);
+    if (k > 0)
         K(bi_linear)(ds, hs, l->b, k, out, l->r, threads);
-    }
 #if MOLT_REAL == 32
     if (k < m) {
-        kq_weight va = {.format = KQ_F32, .n_mat = 1, .rows = l->r, .cols = in, .data = l->a};
         kq_weight vb = {.format = KQ_F32, .n_mat = 1, .rows = out, .cols = l->r, .data = l->b};
-        if (bxq_available()) {
-            bxq_linear(hs + k * l->r, xs + k * in, &va, 0, m - k, 1, bws);
+        if (bxq_available())
             bxq_linear(ds + k * out, hs + k * l->r, &vb, 0, m - k, 1, bws);
-        } else {
-            bxq_linear_ref(hs + k * l->r, xs + k * in, &va, 0, m - k);
+        else
             bxq_linear_ref(ds + k * out, hs + k * l->r, &vb, 0, m - k);
-        }
     }
 #else
     (void)bws;
 #endif
+    // the rows back, on the threads when this group has them (a lone group)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && m * out >= 65536)
     for (int64_t i = 0; i < m; i++) {
         real *yt = y + gr[i] * out;
         const real *dt = ds + i * out;

@@ -37,7 +37,7 @@ size_t K(lora_multi_ws_bytes)(const K(lora_ab) *set, int n, int64_t T, int64_t i
 // batch-invariant products (k_bi.h), h = x A^T then d = h B^T, and scaled: y = d * s, the
 // same arithmetic as linear -> linear -> scale on one adapter, and a row's result depends
 // on that row alone.
-// bx (T) or NULL: rows t with bx[t] != 0 take both products as bf16 pairs (bxq_linear,
+// bx (T) or NULL: rows t with bx[t] != 0 take h B^T as bf16 pairs (bxq_linear,
 // k_bx.h; f32 only), bx_ws then holding lora_multi_bx_ws_bytes. acc: y holds values that
 // the terms are added to (y + d * s per element, rows of no adapter left as they are)
 // instead of being overwritten.

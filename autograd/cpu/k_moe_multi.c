@@ -127,23 +127,20 @@ static void lora_add(real *G, int64_t ldg, const real *X, int64_t m, int64_t in,
 }
 
 #if MOLT_REAL == 32
-// lora_add for rows marked for bxq_linear: both low-rank products as bf16 pairs on AMX (or
-// their reference), A_e and B_e read as F32 matrices; bws: bxq_linear's scratch.
+// lora_add for rows marked for bxq_linear: X A_e^T in F32, then the product with B_e (read
+// as an F32 matrix) as bf16 pairs on AMX (or their reference); bws: bxq_linear's scratch.
 static void lora_add_bx(real *G, int64_t ldg, const real *X, int64_t m, int64_t in,
                         int64_t out, const real *a, const real *b, const real *bp, int64_t r,
                         real s, int64_t E, int64_t e, real *U, real *D, real *Bp, void *bws) {
     const real *be = bp ? bp + e * out * r : Bp;
     if (!bp)
         K(moe_lora_b_expert)(Bp, b, out, r, E, e);
-    kq_weight va = {.format = KQ_F32, .n_mat = 1, .rows = r, .cols = in, .data = a + e * r * in};
     kq_weight vb = {.format = KQ_F32, .n_mat = 1, .rows = out, .cols = r, .data = be};
-    if (bxq_available()) {
-        bxq_linear(U, X, &va, 0, m, 1, bws);
+    K(bi_linear)(U, X, a + e * r * in, m, r, in, 1); // F32: as fast here as splitting X
+    if (bxq_available())
         bxq_linear(D, U, &vb, 0, m, 1, bws);
-    } else {
-        bxq_linear_ref(U, X, &va, 0, m);
+    else
         bxq_linear_ref(D, U, &vb, 0, m);
-    }
     for (int64_t i = 0; i < m; i++)
         for (int64_t o = 0; o < out; o++)
             G[i * ldg + o] += D[i * out + o] * s;

@@ -23,9 +23,10 @@ void K(moe_lora_b_expert)(real *bp, const real *b, int64_t out, int64_t r, int64
 size_t K(moe_multi_ws_bytes)(const K(moe_stacks) *st, const K(moe_lora) *set, int n,
                              int64_t T, int64_t k, int64_t E, int64_t H, int64_t I,
                              int nthreads);
-// bx (T) or NULL: tokens t with bx[t] != 0 take a quantized expert's base products as
-// bxq_linear computes them (k_bx.h; f32 only, where bxq_available(), else the f32 products),
-// their rows sorted after the others' within each expert.
+// bx (T) or NULL: tokens t with bx[t] != 0 take a quantized expert's base products, and
+// their adapters' (X A_e^T) B_e^T, as bxq_linear computes them (k_bx.h; f32 only: on AMX
+// where bxq_available(), else its reference), their rows sorted after the others' within
+// each expert.
 // y (T, H) overwritten: y[t] = sum_j w[t,j] * expert_e(x_t), e = idx[t,j], expert e with the
 // LoRA of adapter slot[t] (-1: none) on its two matrices. The base products of an expert run
 // once over all its rows, whatever their adapters (a quantized expert is decoded once per
