@@ -97,13 +97,13 @@ static void print_row(const bi_run *b, const double *t) {
     if (b->decode) {
         double gb = (double)b->bytes_w / t[PART_BI] * 1e-9;
         double rb = (double)b->bytes_w / t[PART_BASE] * 1e-9;
-        printf("%-4s %-30s %4lld %9.3f %9.2f %9.2f %8.3f %9.2f\n",
+        printf("%-4s %-30s %4lld %9.4f %9.2f %9.2f %8.3f %9.2f\n",
                b->bx ? "bx" : b->nf4 ? "nf4" : "f32", shape,
                (long long)b->T, t[PART_BI] * 1e3, gb, rb, gb / rb,
                ag_bench_gflops(flops, t[PART_BI]));
     } else {
         double gf = ag_bench_gflops(flops, t[PART_BI]), sg = ag_bench_gflops(flops, t[PART_BASE]);
-        printf("%-4s %-30s %4lld %9.3f %9.2f %9.2f %8.3f\n", b->nf4 ? "nf4" : "f32", shape,
+        printf("%-4s %-30s %4lld %9.4f %9.2f %9.2f %8.3f\n", b->nf4 ? "nf4" : "f32", shape,
                (long long)b->T, t[PART_BI] * 1e3, gf, sg, gf / sg);
     }
     fflush(stdout);
