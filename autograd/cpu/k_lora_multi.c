@@ -153,6 +153,19 @@ static void gather(real *dst, const real *src, const int64_t *rows, int64_t m, i
 // Group s's rows (rows[start[s] .. start[s + 1])) of y: gathered, through A and B on
 // `threads` threads, scaled and put back.
 // The marked rows [k, m) go through bxq_linear (f32; bws its scratch).
+// One row of terms d * s into yt: added to it with acc (as an add after the op would give),
+// else written.
+static void put_row(real *yt, const real *dt, real s, int64_t out, bool acc) {
+    if (acc)
+        for (int64_t o = 0; o < out; o++) {
+            real v = dt[o] * s;
+            yt[o] = yt[o] + v;
+        }
+    else
+        for (int64_t o = 0; o < out; o++)
+            yt[o] = dt[o] * s;
+}
+
 // With acc, y's rows get the terms added (y + d * s, as an add after the op would give).
 static void group_fwd(real *y, const real *x, const int64_t *rows, const int64_t *start,
                       const int64_t *mark, const K(lora_ab) *set, int s, int64_t r, int64_t in,
@@ -186,19 +199,15 @@ static void group_fwd(real *y, const real *x, const int64_t *rows, const int64_t
 #else
     (void)bws;
 #endif
-    // the rows back, on the threads when this group has them (a lone group)
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && m * out >= 65536)
-    for (int64_t i = 0; i < m; i++) {
-        real *yt = y + gr[i] * out;
-        const real *dt = ds + i * out;
-        if (acc)
-            for (int64_t o = 0; o < out; o++) {
-                real v = dt[o] * l->s;
-                yt[o] = yt[o] + v;
-            }
-        else
-            for (int64_t o = 0; o < out; o++)
-                yt[o] = dt[o] * l->s;
+    // the rows back, on the threads when this group has them (a lone group; a group on one
+    // thread of the groups' region opens no region of its own)
+    if (threads > 1 && m * out >= 65536) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t i = 0; i < m; i++)
+            put_row(y + gr[i] * out, ds + i * out, l->s, out, acc);
+    } else {
+        for (int64_t i = 0; i < m; i++)
+            put_row(y + gr[i] * out, ds + i * out, l->s, out, acc);
     }
 }
 

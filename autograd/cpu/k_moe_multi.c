@@ -184,7 +184,7 @@ static void expert_block(const multi_ws *m, int64_t p0, int64_t nb, int64_t nf, 
     for (int64_t i = 0; i < nb; i++)
         memcpy(X + i * H, x + (m->perm[p0 + i] / k) * H, (size_t)H * sizeof(real));
     size_t bo = st->qgu ? bi_bytes(st) : 0;
-    void *bws = (char *)qws + bo; // bxq_linear's scratch (marked rows: quantized stacks only)
+    void *bws = qws ? (char *)qws + bo : NULL; // bxq_linear's (marked rows: quantized only)
     expert_prod(G, X, nb, nf, st->gu, st->qgu, e, I2, H, qws, bo);
     // runs of one adapter inside the block (the sort put them together)
     for (int64_t i0 = 0; i0 < nb;) {
