@@ -676,6 +676,10 @@ static void bq_config(void) {
     _tile_loadconfig(&cfg);
 }
 
+// The tiles given back (a function of its own: bxq_linear, declared in k_bx.h outside the
+// target region, must not use the tile instructions itself).
+static void bq_release(void) { _tile_release(); }
+
 // Panel p of matrix e: decoded and split into a, then against every row of x.
 static void bq_panel_at(float *y, const kq_weight *w, int64_t e, const uint16_t *xs, int64_t T,
                         int64_t p, char *mine) {
@@ -708,7 +712,7 @@ void bxq_linear(float *y, const float *x, const kq_weight *w, int64_t e, int64_t
         bq_config();
         for (int64_t p = 0; p < NP; p++)
             bq_panel_at(y, w, e, xs, T, p, per);
-        _tile_release();
+        bq_release();
         return;
     }
 #pragma omp parallel num_threads(team)
@@ -721,7 +725,7 @@ void bxq_linear(float *y, const float *x, const kq_weight *w, int64_t e, int64_t
 #pragma omp for schedule(dynamic, 1)
         for (int64_t p = 0; p < NP; p++)
             bq_panel_at(y, w, e, xs, T, p, mine);
-        _tile_release();
+        bq_release();
     }
 }
 
