@@ -360,10 +360,10 @@ ag_tensor *ag_lora_multi(ag_ctx *c, ag_tensor *x, ag_tensor *slot, int n,
                          const ag_lora_ab *set, int64_t out);
 // ag_lora_multi where the rows t with bx[t] != 0 (bx [T], NULL: none) take the second
 // low-rank product, (x A^T) B^T, as bf16 pairs (cpu/k_bx.h's bxq_linear on B as an F32
-// matrix; x A^T stays F32), as ag_linear_q_rows does for the base; x F32 then. The reference kernels compute every row
-// in F32. Recorded, backward is ag_lora_multi's. acc (or NULL): the base projection the
-// terms go onto; when nothing is recorded (and the reference kernels are not forced) the
-// terms are added into acc's rows in place, the bits of ag_add(acc, terms) on rows with an
+// matrix; x A^T stays F32), as ag_linear_q_rows does for the base; x F32 then. The
+// reference kernels compute every row in F32. Recorded, backward is ag_lora_multi's. acc
+// (or NULL): the base projection the terms go onto; when nothing is recorded (and the
+// reference kernels are not forced) the terms are added into acc's rows in place, the bits of ag_add(acc, terms) on rows with an
 // adapter, rows without one left as they are, and acc is returned; otherwise the terms
 // are returned, for the caller to add.
 ag_tensor *ag_lora_multi_rows(ag_ctx *c, ag_tensor *x, ag_tensor *slot, int n,

@@ -151,27 +151,30 @@ ag_tensor *ag_lora_multi_rows(ag_ctx *c, ag_tensor *x, ag_tensor *slot, int n,
     // both kernels write y in full (rows of no adapter as zeros)
     ag_tensor *y = in_place ? acc
                             : ag_out_new_uninit_on(c, AG_CPU, x->dtype, 2, (int64_t[]){T, out});
+    if (!y) {
+        molt_free(ins);
+        return NULL;
+    }
     scratch sc;
-    molt_status st = y ? scratch_new(&sc, set, n, f32, T, in, out, !ref) : MOLT_ENOMEM;
+    molt_status st = scratch_new(&sc, set, n, f32, T, in, out, !ref);
     int nt = omp_get_max_threads();
-    void *bws = NULL;
+    void *bws = NULL; // the marked rows' bxq_linear scratch (f32, optimized kernels)
     if (st == MOLT_OK && f32 && !ref && bx &&
-        !(bws = ag_arena_alloc_uninit(&c->act, lora_multi_bx_ws_bytes_f32(sc.v32, n, T, in, nt))))
+        !(bws = ag_arena_alloc_uninit(&c->act, lora_multi_bx_ws_bytes_f32(sc.v32, n, T, nt))))
         st = MOLT_ENOMEM;
-    if (st != MOLT_OK)
-        ;
-    else if (ref && f32)
-        lora_multi_fwd_ref_f32(y->data, x->data, slot->data, sc.v32, n, T, in, out);
-    else if (ref)
-        lora_multi_fwd_ref_f64(y->data, x->data, slot->data, sc.v64, n, T, in, out);
-    else if (f32)
-        lora_multi_fwd_f32(y->data, x->data, slot->data, bx, sc.v32, n, T, in, out, nt, sc.ws,
-                           bws, in_place);
-    else
-        lora_multi_fwd_f64(y->data, x->data, slot->data, NULL, sc.v64, n, T, in, out, nt, sc.ws,
-                           NULL, in_place);
-    if (y)
-        scratch_free(&sc);
+    if (st == MOLT_OK) {
+        if (ref && f32)
+            lora_multi_fwd_ref_f32(y->data, x->data, slot->data, sc.v32, n, T, in, out);
+        else if (ref)
+            lora_multi_fwd_ref_f64(y->data, x->data, slot->data, sc.v64, n, T, in, out);
+        else if (f32)
+            lora_multi_fwd_f32(y->data, x->data, slot->data, bx, sc.v32, n, T, in, out, nt,
+                               sc.ws, bws, in_place);
+        else
+            lora_multi_fwd_f64(y->data, x->data, slot->data, NULL, sc.v64, n, T, in, out, nt,
+                               sc.ws, NULL, in_place);
+    }
+    scratch_free(&sc);
     bool ok = st == MOLT_OK;
     if (ok && rec) {
         ag_node *nd = ag_record(c, AG_OP_LORA_MULTI, y, n_in, ins);

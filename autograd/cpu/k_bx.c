@@ -252,6 +252,14 @@ void bxq_linear_ref(float *y, const float *x, const kq_weight *w, int64_t e, int
     free(row);
 }
 
+void bxq_linear_any(float *y, const float *x, const kq_weight *w, int64_t e, int64_t T,
+                    int nthreads, void *ws) {
+    if (bxq_available())
+        bxq_linear(y, x, w, e, T, nthreads, ws);
+    else
+        bxq_linear_ref(y, x, w, e, T);
+}
+
 // ---- AMX ----------------------------------------------------------------------------------
 
 // The workspace: x's halves (a 2 KiB tile pair per K tile and row tile), then per thread
@@ -530,9 +538,10 @@ static void bq_nf4_row(uint16_t *h, const kq_weight *w, int64_t row) {
         __m512i th, tl;
         bq_split32(lut, 16, &th, &tl);
         for (int u = 0; u < 2; u++, h += 1024) {
-            __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + b * 32 + u * 16)));
-            __m512i ix = _mm512_or_si512(_mm512_srli_epi32(d, 4),
-                                         _mm512_slli_epi32(_mm512_and_si512(d, _mm512_set1_epi32(15)), 16));
+            const __m128i *q = (const __m128i *)(p + b * 32 + u * 16);
+            __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(q));
+            __m512i lo = _mm512_and_si512(d, _mm512_set1_epi32(15));
+            __m512i ix = _mm512_or_si512(_mm512_srli_epi32(d, 4), _mm512_slli_epi32(lo, 16));
             _mm512_storeu_si512(h, _mm512_permutexvar_epi16(ix, th));
             _mm512_storeu_si512(h + 512, _mm512_permutexvar_epi16(ix, tl));
         }

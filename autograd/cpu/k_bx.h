@@ -97,5 +97,9 @@ void bxq_linear(float *y, const float *x, const kq_weight *w, int64_t e, int64_t
                 int nthreads, void *ws);
 // The reference: the same three products of the same halves, summed in f64, in plain C.
 void bxq_linear_ref(float *y, const float *x, const kq_weight *w, int64_t e, int64_t T);
+// bxq_linear where bxq_available(), else bxq_linear_ref (ws unused then): the numbers of the
+// bf16 pairs on any processor.
+void bxq_linear_any(float *y, const float *x, const kq_weight *w, int64_t e, int64_t T,
+                    int nthreads, void *ws);
 
 #endif

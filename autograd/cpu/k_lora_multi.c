@@ -95,8 +95,7 @@ size_t K(lora_multi_ws_bytes)(const K(lora_ab) *set, int n, int64_t T, int64_t i
 }
 
 // bxq_linear's scratch per thread for the marked rows of one group (B's product: r columns).
-static size_t bx_thread_bytes(int64_t r, int64_t T, int64_t in) {
-    (void)in;
+static size_t bx_thread_bytes(int64_t r, int64_t T) {
 #if MOLT_REAL == 32
     kq_weight v = {.format = KQ_F32, .n_mat = 1, .rows = 1, .cols = r};
     return (bxq_ws_bytes(&v, T, 1) + 63) / 64 * 64;
@@ -106,9 +105,8 @@ static size_t bx_thread_bytes(int64_t r, int64_t T, int64_t in) {
 #endif
 }
 
-size_t K(lora_multi_bx_ws_bytes)(const K(lora_ab) *set, int n, int64_t T, int64_t in,
-                                 int nthreads) {
-    return (size_t)(nthreads > 0 ? nthreads : 1) * bx_thread_bytes(max_rank(set, n), T, in) +
+size_t K(lora_multi_bx_ws_bytes)(const K(lora_ab) *set, int n, int64_t T, int nthreads) {
+    return (size_t)(nthreads > 0 ? nthreads : 1) * bx_thread_bytes(max_rank(set, n), T) +
            64;
 }
 
@@ -150,9 +148,6 @@ static void gather(real *dst, const real *src, const int64_t *rows, int64_t m, i
         memcpy(dst + i * w, src + rows[i] * w, (size_t)w * sizeof(real));
 }
 
-// Group s's rows (rows[start[s] .. start[s + 1])) of y: gathered, through A and B on
-// `threads` threads, scaled and put back.
-// The marked rows [k, m) go through bxq_linear (f32; bws its scratch).
 // One row of terms d * s into yt: added to it with acc (as an add after the op would give),
 // else written.
 static void put_row(real *yt, const real *dt, real s, int64_t out, bool acc) {
@@ -166,7 +161,9 @@ static void put_row(real *yt, const real *dt, real s, int64_t out, bool acc) {
             yt[o] = dt[o] * s;
 }
 
-// With acc, y's rows get the terms added (y + d * s, as an add after the op would give).
+// Group s's rows (rows[start[s] .. start[s + 1])) of y: gathered (unless consecutive),
+// through A and B on `threads` threads, scaled and put back (put_row). The marked rows
+// [k, m) take h B^T through bxq_linear_any (f32; bws its scratch).
 static void group_fwd(real *y, const real *x, const int64_t *rows, const int64_t *start,
                       const int64_t *mark, const K(lora_ab) *set, int s, int64_t r, int64_t in,
                       int64_t out, real *xg, real *h, real *d, int threads, void *bws, bool acc) {
@@ -191,10 +188,7 @@ static void group_fwd(real *y, const real *x, const int64_t *rows, const int64_t
 #if MOLT_REAL == 32
     if (k < m) {
         kq_weight vb = {.format = KQ_F32, .n_mat = 1, .rows = out, .cols = l->r, .data = l->b};
-        if (bxq_available())
-            bxq_linear(ds + k * out, hs + k * l->r, &vb, 0, m - k, 1, bws);
-        else
-            bxq_linear_ref(ds + k * out, hs + k * l->r, &vb, 0, m - k);
+        bxq_linear_any(ds + k * out, hs + k * l->r, &vb, 0, m - k, 1, bws);
     }
 #else
     (void)bws;
@@ -224,7 +218,7 @@ void K(lora_multi_fwd)(real *y, const real *x, const int32_t *slot, const uint8_
     bx = NULL; // the bf16 pairs are f32 only
 #endif
     int groups = group_rows(rows, start, present, mark, slot, bx, set, n, T);
-    size_t per = bx ? bx_thread_bytes(r, T, in) : 0;
+    size_t per = bx ? bx_thread_bytes(r, T) : 0;
     char *bws = bx_ws ? (char *)(((uintptr_t)bx_ws + 63) & ~(uintptr_t)63) : NULL;
     // Several groups go to the threads whole, each product on one thread; a lone group's
     // products use the threads. Either way a row's bits are the same (k_bi.h). The lone

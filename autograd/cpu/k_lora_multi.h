@@ -45,8 +45,7 @@ void K(lora_multi_fwd)(real *y, const real *x, const int32_t *slot, const uint8_
                        const K(lora_ab) *set, int n, int64_t T, int64_t in, int64_t out,
                        int nthreads, void *ws, void *bx_ws, bool acc);
 // Bytes of lora_multi_fwd's bx_ws for a team of nthreads threads.
-size_t K(lora_multi_bx_ws_bytes)(const K(lora_ab) *set, int n, int64_t T, int64_t in,
-                                 int nthreads);
+size_t K(lora_multi_bx_ws_bytes)(const K(lora_ab) *set, int n, int64_t T, int nthreads);
 // Optimized backward (BLAS per group), same contract as the reference.
 void K(lora_multi_bwd)(real *dx, real *const *da, real *const *db, const real *dy,
                        const real *x, const int32_t *slot, const K(lora_ab) *set, int n,

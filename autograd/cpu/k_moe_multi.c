@@ -98,11 +98,7 @@ static void expert_prod(real *y, const real *x, int64_t m, int64_t nf, const rea
     if (nf < m) {
         if (nf > 0)
             K(bi_linear_q)(y, x, q, e, nf, 1, qws);
-        void *bws = (char *)qws + bi_off;
-        if (bxq_available())
-            bxq_linear(y + nf * out, x + nf * in, q, e, m - nf, 1, bws);
-        else
-            bxq_linear_ref(y + nf * out, x + nf * in, q, e, m - nf);
+        bxq_linear_any(y + nf * out, x + nf * in, q, e, m - nf, 1, (char *)qws + bi_off);
         return;
     }
 #else
@@ -113,39 +109,28 @@ static void expert_prod(real *y, const real *x, int64_t m, int64_t nf, const rea
 
 // G (m, out) += s * ((X A_e^T) B_e^T) for the rows of one adapter, A_e = rows e*r.. of a;
 // B_e from bp (E, out, r) when the adapter has it re-laid, else gathered from b into Bp.
+// bws (f32): the rows are marked, and the product with B_e (read as an F32 matrix) goes
+// through bxq_linear_any with that scratch; X A_e^T stays F32 (as fast there as splitting X).
 static void lora_add(real *G, int64_t ldg, const real *X, int64_t m, int64_t in, int64_t out,
                      const real *a, const real *b, const real *bp, int64_t r, real s, int64_t E,
-                     int64_t e, real *U, real *D, real *Bp) {
+                     int64_t e, real *U, real *D, real *Bp, void *bws) {
     K(bi_linear)(U, X, a + e * r * in, m, r, in, 1);
     const real *be = bp ? bp + e * out * r : Bp;
     if (!bp)
         K(moe_lora_b_expert)(Bp, b, out, r, E, e);
-    K(bi_linear)(D, U, be, m, out, r, 1);
-    for (int64_t i = 0; i < m; i++)
-        for (int64_t o = 0; o < out; o++)
-            G[i * ldg + o] += D[i * out + o] * s;
-}
-
 #if MOLT_REAL == 32
-// lora_add for rows marked for bxq_linear: X A_e^T in F32, then the product with B_e (read
-// as an F32 matrix) as bf16 pairs on AMX (or their reference); bws: bxq_linear's scratch.
-static void lora_add_bx(real *G, int64_t ldg, const real *X, int64_t m, int64_t in,
-                        int64_t out, const real *a, const real *b, const real *bp, int64_t r,
-                        real s, int64_t E, int64_t e, real *U, real *D, real *Bp, void *bws) {
-    const real *be = bp ? bp + e * out * r : Bp;
-    if (!bp)
-        K(moe_lora_b_expert)(Bp, b, out, r, E, e);
-    kq_weight vb = {.format = KQ_F32, .n_mat = 1, .rows = out, .cols = r, .data = be};
-    K(bi_linear)(U, X, a + e * r * in, m, r, in, 1); // F32: as fast here as splitting X
-    if (bxq_available())
-        bxq_linear(D, U, &vb, 0, m, 1, bws);
-    else
-        bxq_linear_ref(D, U, &vb, 0, m);
+    if (bws) {
+        kq_weight vb = {.format = KQ_F32, .n_mat = 1, .rows = out, .cols = r, .data = be};
+        bxq_linear_any(D, U, &vb, 0, m, 1, bws);
+    } else
+#else
+    (void)bws;
+#endif
+        K(bi_linear)(D, U, be, m, out, r, 1);
     for (int64_t i = 0; i < m; i++)
         for (int64_t o = 0; o < out; o++)
             G[i * ldg + o] += D[i * out + o] * s;
 }
-#endif
 
 // lora_add over rows [i0, i1) of a block whose rows from nf on are marked for bxq_linear.
 static void lora_add_rows(real *G, int64_t ldg, const real *X, int64_t i0, int64_t i1,
@@ -155,14 +140,10 @@ static void lora_add_rows(real *G, int64_t ldg, const real *X, int64_t i0, int64
     int64_t mid = nf < i0 ? i0 : nf > i1 ? i1 : nf;
     if (mid > i0)
         lora_add(G + i0 * ldg, ldg, X + i0 * in, mid - i0, in, out, a, b, bp, r, s, E, e, U, D,
-                 Bp);
-#if MOLT_REAL == 32
+                 Bp, NULL);
     if (i1 > mid)
-        lora_add_bx(G + mid * ldg, ldg, X + mid * in, i1 - mid, in, out, a, b, bp, r, s, E, e,
-                    U, D, Bp, bws);
-#else
-    (void)bws;
-#endif
+        lora_add(G + mid * ldg, ldg, X + mid * in, i1 - mid, in, out, a, b, bp, r, s, E, e, U,
+                 D, Bp, bws);
 }
 
 typedef struct {
